@@ -1,0 +1,28 @@
+"""The feature cache: one writer (``CacheWriter``) and one reader (``CacheReader``).
+
+Layout of a cache directory::
+
+    cache.json                      provenance and identity (models, checkpoints, sizes, format)
+    vocabularies/<name>.parquet     category_id, name, frequency, text embedding
+    shards/<NNNNNN>/                one committed shard (made visible by one rename)
+        images.parquet              one row per image: id, file, size, status, token range
+        boxes.parquet               one row per box: image id, x1 y1 x2 y2, category id, score
+        features.zarr/              zarr v3: clip_maps (images, tokens, width) and
+                                    box_tokens (boxes, 256), float16, one zarr shard file each
+    shards/.tmp-<NNNNNN>-<pid>/     a shard being written: never read
+"""
+
+from .format import FORMAT_VERSION, CacheFormatError, Provenance
+from .reader import CachedImage, CacheReader, Vocabulary
+from .writer import CacheWriter, ImageFeatures
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CacheFormatError",
+    "CacheReader",
+    "CacheWriter",
+    "CachedImage",
+    "ImageFeatures",
+    "Provenance",
+    "Vocabulary",
+]

@@ -1,0 +1,129 @@
+"""Names, schemas and provenance of the cache format, shared by its writer and its reader."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+
+PROVENANCE_FILE = "cache.json"
+SHARDS_DIR = "shards"
+VOCAB_DIR = "vocabularies"
+IMAGES_FILE = "images.parquet"
+BOXES_FILE = "boxes.parquet"
+FEATURES_DIR = "features.zarr"
+CLIP_MAPS = "clip_maps"
+BOX_TOKENS = "box_tokens"
+
+STATUS_OK = "ok"
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("map_row", pa.int32()),  # row in clip_maps, -1 when the image failed
+        ("box_start", pa.int64()),  # first row in box_tokens
+        ("box_count", pa.int32()),
+    ]
+)
+
+BOXES_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("x2", pa.float32()),
+        ("y2", pa.float32()),
+        ("category_id", pa.int64()),
+        ("score", pa.float32()),
+    ]
+)
+
+
+def vocabulary_schema(text_dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("category_id", pa.int64()),
+            ("name", pa.string()),
+            ("frequency", pa.string()),
+            ("embedding", pa.list_(pa.float32(), text_dim)),
+        ]
+    )
+
+
+class CacheFormatError(ValueError):
+    """A cache that is missing, damaged, or does not match what the caller asked for."""
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:06d}"
+
+
+@dataclass
+class Provenance:
+    """What produced a cache. Everything except ``package_version`` and file paths is identity:
+    extracting into a cache with a different identity is refused."""
+
+    dataset: str
+    box_source: str
+    shard_size: int
+    sam: dict[str, Any]
+    clip: dict[str, Any]
+    format_version: int = FORMAT_VERSION
+    package_version: str = ""
+    paths: dict[str, str | None] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("package_version")
+        data.pop("paths")
+        return data
+
+    def differences(self, other: "Provenance") -> list[str]:
+        mine, theirs = _flatten(self.identity()), _flatten(other.identity())
+        return [
+            f"{key}: cache has {theirs.get(key)!r}, this run has {mine.get(key)!r}"
+            for key in sorted(set(mine) | set(theirs))
+            if mine.get(key) != theirs.get(key)
+        ]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @staticmethod
+    def read(root: Path) -> "Provenance":
+        path = root / PROVENANCE_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CacheFormatError(f"{root}: not a feature cache ({PROVENANCE_FILE} missing)") from None
+        except json.JSONDecodeError as err:
+            raise CacheFormatError(f"{path}: damaged: {err}") from None
+        if data.get("format_version") != FORMAT_VERSION:
+            raise CacheFormatError(
+                f"{path}: cache format version {data.get('format_version')!r}, "
+                f"this regionspot-cache reads version {FORMAT_VERSION}"
+            )
+        try:
+            return Provenance(**data)
+        except TypeError as err:
+            raise CacheFormatError(f"{path}: unexpected provenance fields: {err}") from None
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

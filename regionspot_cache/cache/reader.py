@@ -1,0 +1,161 @@
+"""The one reader of the cache format.
+
+>>> cache = CacheReader("runs/lvis_val.cache")
+>>> item = cache.image(cache.image_ids()[0])
+>>> item.boxes.shape, item.tokens.shape, item.feature_map.shape   # (N, 4) (N, 256) (1+g*g, width)
+>>> vocab = cache.vocabulary(cache.vocabulary_names()[0])            # ids, names, embeddings
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from .format import (
+    BOX_TOKENS,
+    BOXES_FILE,
+    BOXES_SCHEMA,
+    CLIP_MAPS,
+    FEATURES_DIR,
+    IMAGES_FILE,
+    IMAGES_SCHEMA,
+    SHARDS_DIR,
+    STATUS_OK,
+    VOCAB_DIR,
+    CacheFormatError,
+    Provenance,
+    shard_name,
+)
+
+
+@dataclass
+class CachedImage:
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    boxes: np.ndarray  # (N, 4) float32 x1 y1 x2 y2 in original pixels
+    category_ids: np.ndarray  # (N,) int64, -1 for proposals
+    scores: np.ndarray  # (N,) float32
+    tokens: np.ndarray  # (N, 256) float16 position-aware tokens
+    feature_map: np.ndarray  # (1 + grid^2, width) float16 CLIP tokens before ln_post
+
+
+@dataclass
+class Vocabulary:
+    name: str
+    category_ids: np.ndarray  # (C,) int64
+    names: list[str]
+    frequencies: list[str | None]
+    embeddings: np.ndarray  # (C, text_dim) float32, L2-normalised
+
+
+class CacheReader:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.provenance = Provenance.read(self.root)
+        shards_dir = self.root / SHARDS_DIR
+        self.shard_dirs = sorted(p for p in shards_dir.iterdir() if p.name.isdigit()) if shards_dir.is_dir() else []
+        self.images = self._concat(IMAGES_FILE, IMAGES_SCHEMA, with_shard=True)
+        self.boxes = self._concat(BOXES_FILE, BOXES_SCHEMA, with_shard=False)
+        self._index = {
+            image_id: row for row, image_id in enumerate(self.images.column("image_id").to_pylist())
+        }
+        self._box_offsets = self._box_offsets_per_shard()
+
+    def _concat(self, file_name: str, schema: pa.Schema, with_shard: bool) -> pa.Table:
+        tables = []
+        for shard_dir in self.shard_dirs:
+            path = shard_dir / file_name
+            try:
+                table = pq.read_table(path)
+            except (OSError, pa.ArrowInvalid) as err:
+                raise CacheFormatError(f"{path}: unreadable manifest: {err}") from None
+            if not table.schema.equals(schema):
+                raise CacheFormatError(f"{path}: schema {table.schema} differs from the format's")
+            if with_shard:
+                table = table.append_column("shard", pa.array(np.full(len(table), int(shard_dir.name), np.int32)))
+            tables.append(table)
+        if not tables:
+            empty = schema.empty_table()
+            return empty.append_column("shard", pa.array([], pa.int32())) if with_shard else empty
+        return pa.concat_tables(tables)
+
+    def _box_offsets_per_shard(self) -> dict[int, int]:
+        """Row in ``self.boxes`` where each shard's boxes begin."""
+        offsets, total = {}, 0
+        counts = self.images.group_by("shard").aggregate([("box_count", "sum")]).to_pylist()
+        per_shard = {row["shard"]: row["box_count_sum"] for row in counts}
+        for shard_dir in self.shard_dirs:
+            offsets[int(shard_dir.name)] = total
+            total += int(per_shard.get(int(shard_dir.name), 0) or 0)
+        return offsets
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def image_ids(self, only_ok: bool = True) -> list[int]:
+        ids = self.images.column("image_id").to_pylist()
+        if not only_ok:
+            return ids
+        status = self.images.column("status").to_pylist()
+        return [i for i, s in zip(ids, status) if s == STATUS_OK]
+
+    def _row(self, image_id: int) -> dict:
+        if image_id not in self._index:
+            raise KeyError(f"image {image_id} is not in the cache {self.root}")
+        return self.images.slice(self._index[image_id], 1).to_pylist()[0]
+
+    def status(self, image_id: int) -> tuple[str, str]:
+        """(status, reason) recorded for the image at extraction: ``ok`` or why it failed."""
+        row = self._row(image_id)
+        return row["status"], row["reason"]
+
+    def image(self, image_id: int) -> CachedImage:
+        row = self._row(image_id)
+        if row["status"] != STATUS_OK:
+            raise CacheFormatError(f"image {image_id} was not extracted: {row['status']}: {row['reason']}")
+        group = self._features(row["shard"])
+        start, count = row["box_start"], row["box_count"]
+        box_table = self.boxes.slice(self._box_offsets[row["shard"]] + start, count)
+        boxes = np.stack([box_table.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)
+        tokens = group[BOX_TOKENS][start : start + count] if count else np.zeros((0, 256), np.float16)
+        return CachedImage(
+            image_id=image_id,
+            file_name=row["file_name"],
+            width=row["width"],
+            height=row["height"],
+            boxes=boxes.astype(np.float32).reshape(-1, 4),
+            category_ids=box_table.column("category_id").to_numpy(),
+            scores=box_table.column("score").to_numpy(),
+            tokens=np.asarray(tokens),
+            feature_map=np.asarray(group[CLIP_MAPS][row["map_row"]]),
+        )
+
+    @lru_cache(maxsize=64)
+    def _features(self, shard: int) -> zarr.Group:
+        return zarr.open_group(self.root / SHARDS_DIR / shard_name(shard) / FEATURES_DIR, mode="r")
+
+    def vocabulary_names(self) -> list[str]:
+        directory = self.root / VOCAB_DIR
+        return sorted(p.stem for p in directory.glob("*.parquet")) if directory.is_dir() else []
+
+    def vocabulary(self, name: str) -> Vocabulary:
+        path = self.root / VOCAB_DIR / f"{name}.parquet"
+        if not path.is_file():
+            raise CacheFormatError(f"{path}: no vocabulary {name!r}; the cache has {self.vocabulary_names()}")
+        table = pq.read_table(path)
+        embeddings = np.array(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
+        return Vocabulary(
+            name=name,
+            category_ids=table.column("category_id").to_numpy(),
+            names=table.column("name").to_pylist(),
+            frequencies=table.column("frequency").to_pylist(),
+            embeddings=embeddings.reshape(len(table), -1),
+        )

@@ -1,0 +1,194 @@
+"""The one writer of the cache format. Shards are written aside and committed by one rename."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from ..datasets import BoxSet, Category
+from .format import (
+    BOX_TOKENS,
+    BOXES_FILE,
+    BOXES_SCHEMA,
+    CLIP_MAPS,
+    FEATURES_DIR,
+    IMAGES_FILE,
+    IMAGES_SCHEMA,
+    PROVENANCE_FILE,
+    SHARDS_DIR,
+    STATUS_OK,
+    VOCAB_DIR,
+    CacheFormatError,
+    Provenance,
+    shard_name,
+    vocabulary_schema,
+)
+from ..runtime import atomic_write_bytes
+
+TOKENS_PER_CHUNK = 1024
+
+
+@dataclass
+class ImageFeatures:
+    """Everything the cache keeps of one image. A failed image has a reason and no arrays."""
+
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    boxes: BoxSet = field(default_factory=BoxSet.empty)
+    feature_map: np.ndarray | None = None  # (tokens, width)
+    box_tokens: np.ndarray | None = None  # (boxes, 256)
+    status: str = STATUS_OK
+    reason: str = ""
+
+
+class CacheWriter:
+    """Creates a cache, or reopens one whose identity matches ``provenance``."""
+
+    def __init__(self, root: Path | str, provenance: Provenance):
+        self.root = Path(root)
+        self.provenance = provenance
+        self.shards_dir = self.root / SHARDS_DIR
+        if (self.root / PROVENANCE_FILE).exists():
+            existing = Provenance.read(self.root)
+            differences = provenance.differences(existing)
+            if differences:
+                raise CacheFormatError(
+                    f"{self.root}: refusing to extract into a cache made with other settings:\n  "
+                    + "\n  ".join(differences)
+                )
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.root / PROVENANCE_FILE, provenance.to_json().encode())
+        self.shards_dir.mkdir(exist_ok=True)
+
+    def committed_shards(self) -> set[int]:
+        return {int(p.name) for p in self.shards_dir.iterdir() if p.name.isdigit()}
+
+    def has_vocabulary(self, name: str) -> bool:
+        return (self.root / VOCAB_DIR / f"{name}.parquet").is_file()
+
+    def write_vocabulary(self, name: str, categories: Sequence[Category], embeddings: np.ndarray) -> None:
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        table = pa.table(
+            {
+                "category_id": [c.id for c in categories],
+                "name": [c.name for c in categories],
+                "frequency": [c.frequency for c in categories],
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(embeddings.reshape(-1)), embeddings.shape[1]
+                ),
+            },
+            schema=vocabulary_schema(embeddings.shape[1]),
+        )
+        directory = self.root / VOCAB_DIR
+        directory.mkdir(exist_ok=True)
+        tmp = directory / f".{name}.parquet.tmp-{os.getpid()}"
+        pq.write_table(table, tmp)
+        os.replace(tmp, directory / f"{name}.parquet")
+
+    def write_shard(self, shard_id: int, images: Sequence[ImageFeatures]) -> int:
+        """Write one shard aside and commit it with a rename; returns bytes written. A shard
+        that is already committed is never rewritten."""
+        final = self.shards_dir / shard_name(shard_id)
+        if final.exists():
+            raise CacheFormatError(f"{final}: shard {shard_id} is already committed")
+        tmp = self.shards_dir / f".tmp-{shard_name(shard_id)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            self._write_shard_files(tmp, images)
+            _fsync_tree(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.shards_dir)
+        return sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+
+    def _write_shard_files(self, directory: Path, images: Sequence[ImageFeatures]) -> None:
+        rows, box_rows, maps, tokens = [], [], [], []
+        box_start = 0
+        for image in images:
+            ok = image.status == STATUS_OK
+            count = len(image.boxes) if ok else 0
+            rows.append(
+                {
+                    "image_id": image.image_id,
+                    "file_name": image.file_name,
+                    "width": image.width,
+                    "height": image.height,
+                    "status": image.status,
+                    "reason": image.reason,
+                    "map_row": len(maps) if ok else -1,
+                    "box_start": box_start,
+                    "box_count": count,
+                }
+            )
+            if ok:
+                maps.append(image.feature_map)
+                tokens.append(image.box_tokens)
+                box_rows.append(_box_columns(image.image_id, image.boxes))
+                box_start += count
+        pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), directory / IMAGES_FILE)
+        boxes = pa.concat_tables(box_rows) if box_rows else BOXES_SCHEMA.empty_table()
+        pq.write_table(boxes, directory / BOXES_FILE)
+        group = zarr.open_group(directory / FEATURES_DIR, mode="w")
+        _write_array(group, CLIP_MAPS, np.stack(maps) if maps else None, chunk_rows=1)
+        _write_array(group, BOX_TOKENS, np.concatenate(tokens) if tokens else None, TOKENS_PER_CHUNK)
+
+
+def _box_columns(image_id: int, boxes: BoxSet) -> pa.Table:
+    xyxy = np.asarray(boxes.xyxy, dtype=np.float32).reshape(-1, 4)
+    return pa.table(
+        {
+            "image_id": np.full(len(xyxy), image_id, dtype=np.int64),
+            "x1": xyxy[:, 0],
+            "y1": xyxy[:, 1],
+            "x2": xyxy[:, 2],
+            "y2": xyxy[:, 3],
+            "category_id": np.asarray(boxes.category_ids, dtype=np.int64),
+            "score": np.asarray(boxes.scores, dtype=np.float32),
+        },
+        schema=BOXES_SCHEMA,
+    )
+
+
+def _write_array(group: zarr.Group, name: str, data: np.ndarray | None, chunk_rows: int) -> None:
+    """float16 array with ``chunk_rows`` rows per chunk, all chunks in one zarr shard file."""
+    data = np.zeros((0, 1), np.float16) if data is None else np.asarray(data, dtype=np.float16)
+    chunks = (max(1, min(chunk_rows, len(data))), *data.shape[1:])
+    shards = (_round_up(max(len(data), 1), chunks[0]), *data.shape[1:])
+    array = group.create_array(name, shape=data.shape, chunks=chunks, shards=shards, dtype="float16")
+    if len(data):
+        array[:] = data
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for path in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
+        _fsync_dir(path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,172 @@
+"""``rs-cache``: extract features once, train the head from the cache, evaluate on LVIS."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .config import ConfigError, Recipe, apply_overrides, load_recipe
+from .progress import console
+
+app = typer.Typer(
+    help="RegionSpot with cached frozen SAM + CLIP features: `extract` runs the encoders once per "
+    "image into a zarr/parquet cache, `train` fits the head from the cache alone, `eval` scores "
+    "boxes and computes LVIS AP. `demo` does all three on generated data with tiny models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+RecipeOption = typer.Option(
+    None, "--recipe", "-r", help="Recipe TOML (see pipelines/) with tables models.sam, models.clip, extract, train and eval."
+)
+SetOption = typer.Option(
+    [], "--set", "-s", help="Override a recipe field, e.g. --set train.lr=1e-4 --set models.clip.model=ViT-B-16. Repeatable."
+)
+SamCheckpointOption = typer.Option(None, help="SAM checkpoint file (e.g. sam_vit_b_01ec64.pth); sets models.sam.checkpoint.")
+SamVariantOption = typer.Option(None, help="SAM architecture: vit_b, vit_l, vit_h (or tiny); sets models.sam.variant.")
+ClipModelOption = typer.Option(None, help="open_clip model name, e.g. ViT-L-14, ViT-B-16, ViT-L-14-336; sets models.clip.model.")
+ClipPretrainedOption = typer.Option(
+    None, help="open_clip pretrained tag (e.g. openai) or a local weights file; sets models.clip.pretrained."
+)
+
+
+class UserError(Exception):
+    """Shown to the user as one line, without a traceback."""
+
+
+def _recipe(path: Optional[Path], overrides: List[str], **models: Optional[str]) -> Recipe:
+    recipe = load_recipe(path) if path else Recipe()
+    recipe = apply_overrides(recipe, list(overrides))
+    for key, value in models.items():
+        if value is not None:
+            section, field = key.split("_", 1)
+            setattr(getattr(recipe.models, section), field, value)
+    return recipe
+
+
+@app.command()
+def extract(
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Dataset manifest TOML (see manifests/)."),
+    cache: Path = typer.Option(..., "--cache", "-c", help="Cache directory to create or resume."),
+    data_root: Path = typer.Option(Path("."), help="Directory that the manifest's relative paths start from."),
+    recipe: Optional[Path] = RecipeOption,
+    overrides: List[str] = SetOption,
+    sam_variant: Optional[str] = SamVariantOption,
+    sam_checkpoint: Optional[str] = SamCheckpointOption,
+    clip_model: Optional[str] = ClipModelOption,
+    clip_pretrained: Optional[str] = ClipPretrainedOption,
+) -> None:
+    """Run frozen SAM and CLIP once per image and write tokens and feature maps to the cache.
+
+    Shards already committed in CACHE are skipped, so re-running the same command resumes.
+    """
+    from .datasets import load_manifest
+    from .extract import print_summary, run_extraction
+
+    config = _recipe(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
+                     clip_model=clip_model, clip_pretrained=clip_pretrained)
+    dataset = load_manifest(manifest, data_root).load()
+    print_summary(run_extraction(dataset, cache, config.models, config.extract))
+
+
+@app.command()
+def train(
+    cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache made by `rs-cache extract`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."),
+    vocabulary: Optional[str] = typer.Option(None, help="Vocabulary stored in the cache (default: the cache's dataset)."),
+    recipe: Optional[Path] = RecipeOption,
+    overrides: List[str] = SetOption,
+) -> None:
+    """Train the RegionSpot head from cached features only (no encoder in the loop)."""
+    from .train import train_head
+
+    config = _recipe(recipe, overrides)
+    summary = train_head(cache, output, config.train, vocabulary)
+    console.print(f"wrote {summary.checkpoint} after {summary.steps} steps "
+                  f"({summary.samples_per_second:.1f} images/s); final loss {summary.final_loss:.4f}")
+
+
+@app.command("eval")
+def evaluate(
+    cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache of the evaluation images."),
+    head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) written by `rs-cache train`."),
+    annotations: Path = typer.Option(..., "--annotations", "-a", help="LVIS-format ground-truth JSON (e.g. lvis_v1_val.json)."),
+    proposals: str = typer.Option(
+        "gt", help="Boxes to score: `gt` (ground-truth boxes, as cached). Proposal files (glip, PATH) need a cache extracted from them."
+    ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write LVIS results JSON here and metrics beside it."),
+    recipe: Optional[Path] = RecipeOption,
+    overrides: List[str] = SetOption,
+) -> None:
+    """Score every cached box against the vocabulary and print LVIS AP, APr, APc, APf."""
+    from .cache import CacheReader
+    from .evaluate import METRICS, evaluate_head
+    from .head import load_head
+    from .progress import metrics_table
+
+    box_source = CacheReader(cache).provenance.box_source
+    if proposals != box_source:
+        raise UserError(f"{cache}: this cache holds {box_source!r} boxes, not {proposals!r}; "
+                        f"extract a cache for those proposals first")
+    config = _recipe(recipe, overrides)
+    model, _ = load_head(head)
+    result = evaluate_head(cache, model, annotations, config.eval, output)
+    console.print(metrics_table(f"LVIS box AP ({proposals} boxes)", {head.name: result.metrics}, METRICS))
+    if output is not None:
+        output.with_suffix(".metrics.json").write_text(json.dumps(result.metrics, indent=2))
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("rs-cache-demo"), help="Directory for the generated data, models, caches and results."),
+    train_images: int = typer.Option(160, help="Generated training images."),
+    val_images: int = typer.Option(48, help="Generated validation images."),
+    iterations: Optional[int] = typer.Option(None, help="Training iterations (default: the demo recipe's)."),
+    seed: int = typer.Option(0, help="Seed for data, model weights and training."),
+    sam_variant: Optional[str] = SamVariantOption,
+    sam_checkpoint: Optional[str] = SamCheckpointOption,
+    clip_model: Optional[str] = ClipModelOption,
+    clip_pretrained: Optional[str] = ClipPretrainedOption,
+) -> None:
+    """Generate a small LVIS-format dataset and tiny random-weight SAM/CLIP checkpoints, then run
+    extract -> train -> eval and print the AP of the untrained and the trained head.
+
+    Pass --sam-checkpoint/--clip-model/--clip-pretrained to use real models instead of tiny ones.
+    """
+    from .config import ModelsConfig
+    from .demo.run import DemoConfig, run_demo
+    from .demo.tiny_models import TINY_CLIP, TINY_SAM
+
+    config = DemoConfig(train_images=train_images, val_images=val_images, seed=seed)
+    config.train.seed = seed
+    if iterations is not None:
+        config.train.iterations = iterations
+    if any(v is not None for v in (sam_variant, sam_checkpoint, clip_model, clip_pretrained)):
+        models = ModelsConfig()
+        models.sam.variant = sam_variant or ("vit_b" if sam_checkpoint else TINY_SAM)
+        models.sam.checkpoint = sam_checkpoint
+        models.clip.model = clip_model or ("ViT-L-14" if clip_pretrained else TINY_CLIP)
+        models.clip.pretrained = clip_pretrained
+        config.models = models
+    run_demo(workdir, config)
+
+
+def main() -> None:
+    """Console entry point: expected failures become one clear line and exit code 2."""
+    from .cache import CacheFormatError
+    from .datasets import DatasetError
+    from .images import ImageDecodeError
+    from .runtime import UnsafeCheckpointError
+
+    expected = (UserError, ConfigError, DatasetError, CacheFormatError, ImageDecodeError,
+                UnsafeCheckpointError, FileNotFoundError, ValueError)
+    try:
+        app()
+    except expected as err:
+        console.print(f"[bold red]error:[/] {err}")
+        sys.exit(2)

@@ -1,0 +1,164 @@
+"""Dataclass configs for the three phases, and recipe files (TOML) that fill them.
+
+A recipe is data: ``[models.sam]``, ``[models.clip]``, ``[extract]``, ``[train]`` and ``[eval]``
+tables whose keys are the fields below. Unknown keys are errors, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class SamSpec:
+    """A SAM model: architecture name from ``encoders.sam.SAM_ARCHITECTURES`` and its weights."""
+
+    variant: str = "vit_b"
+    checkpoint: str | None = None
+
+
+@dataclass
+class ClipSpec:
+    """An open_clip model: a model config name and a pretrained tag or a local weights file."""
+
+    model: str = "ViT-L-14"
+    pretrained: str | None = "openai"
+
+
+@dataclass
+class ModelsConfig:
+    sam: SamSpec = field(default_factory=SamSpec)
+    clip: ClipSpec = field(default_factory=ClipSpec)
+
+
+@dataclass
+class ExtractConfig:
+    shard_size: int = 256
+    batch_size: int = 8
+    num_workers: int = 2
+    boxes_per_decoder_call: int = 64
+    device: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the paper's schedule (AdamW, warm-up, two x0.1 steps, clipping at 1.0)."""
+
+    iterations: int = 450_000
+    batch_size: int = 16
+    lr: float = 2.5e-5
+    weight_decay: float = 1e-4
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.01
+    lr_steps: list[int] = field(default_factory=lambda: [350_000, 420_000])
+    lr_gamma: float = 0.1
+    grad_clip: float = 1.0
+    max_boxes_per_image: int = 100
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    normalize_feature_map: bool = True
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    top_k_per_image: int = 900
+    max_dets_per_image: int = 300
+    device: str = "auto"
+
+
+@dataclass
+class Recipe:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config dataclasses."""
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from nested dicts; ``where`` names the source in error messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    if typing.get_origin(hint) is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {value!r} is not a list")
+        return [_coerce(item, item_hint, f"{where}[{i}]") for i, item in enumerate(value)]
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is type(None):
+            continue
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):
+            return value
+    raise ConfigError(f"{where}: {value!r} is not a {hint}")
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return from_dict(Recipe, data, str(path))
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """Apply ``section.key=value`` overrides (values parsed as TOML, bare words as strings)."""
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        *parents, leaf = dotted.strip().split(".")
+        target: Any = recipe
+        for name in parents:
+            if not hasattr(target, name) or not dataclasses.is_dataclass(getattr(target, name)):
+                raise ConfigError(f"override {item!r}: no section {name!r}")
+            target = getattr(target, name)
+        hints = typing.get_type_hints(type(target))
+        if leaf not in hints:
+            raise ConfigError(f"override {item!r}: {type(target).__name__} has no field {leaf!r}")
+        setattr(target, leaf, _coerce(value, hints[leaf], f"override {dotted}"))
+    return recipe
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,1 @@
+"""The embedded demo: a generated LVIS-format dataset and tiny random-weight encoders."""

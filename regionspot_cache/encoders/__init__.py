@@ -1,0 +1,11 @@
+"""Frozen encoders: SAM box tokens and CLIP feature maps / text embeddings."""
+
+from .clip import ClipEncoder, load_clip
+from .frozen import FrozenEncoders, load_frozen_encoders
+from .sam import SAM_ARCHITECTURES, SamBoxEncoder, build_sam
+
+__all__ = [
+    "ClipEncoder",
+    "FrozenEncoders",
+    "load_frozen_encoders",
+    "SAM_ARCHITECTURES", "SamBoxEncoder", "build_sam", "load_clip"]

@@ -1,0 +1,58 @@
+"""The pair of frozen encoders used by extraction, and the provenance they stamp on a cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelsConfig
+from ..runtime import sha256_file
+from .clip import ClipEncoder, load_clip
+from .sam import TOKEN_DIM, SamBoxEncoder, build_sam
+
+
+@dataclass
+class FrozenEncoders:
+    sam: SamBoxEncoder
+    clip: ClipEncoder
+    spec: ModelsConfig
+
+    def sam_provenance(self) -> dict[str, Any]:
+        checkpoint = self.spec.sam.checkpoint
+        return {
+            "variant": self.spec.sam.variant,
+            "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+            "input_size": self.sam.input_size,
+            "token_dim": TOKEN_DIM,
+            "preprocess": "ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
+            "token": "mask_decoder.transformer output, mask token 0",
+        }
+
+    def clip_provenance(self) -> dict[str, Any]:
+        pretrained = self.spec.clip.pretrained
+        is_file = bool(pretrained) and Path(pretrained).is_file()
+        cfg = self.clip.model.visual.preprocess_cfg
+        return {
+            "model": self.spec.clip.model,
+            "pretrained": None if is_file else pretrained,
+            "weights_sha256": sha256_file(pretrained) if is_file else None,
+            "image_size": list(self.clip.image_size),
+            "width": self.clip.width,
+            "num_tokens": self.clip.num_tokens,
+            "text_dim": self.clip.text_dim,
+            "logit_scale": self.clip.logit_scale,
+            "preprocess": f"resize (no crop) {cfg.get('interpolation', 'bicubic')}, mean/std",
+            "feature_map": "visual.transformer output before ln_post, class token first",
+        }
+
+    def paths(self) -> dict[str, str | None]:
+        return {"sam_checkpoint": self.spec.sam.checkpoint, "clip_pretrained": self.spec.clip.pretrained}
+
+
+def load_frozen_encoders(spec: ModelsConfig, device: torch.device) -> FrozenEncoders:
+    sam = SamBoxEncoder(build_sam(spec.sam.variant, spec.sam.checkpoint), device)
+    clip = load_clip(spec.clip.model, spec.clip.pretrained, device)
+    return FrozenEncoders(sam, clip, spec)

@@ -1,0 +1,125 @@
+"""SAM as a frozen box encoder: one position-aware token (256 values) per box prompt.
+
+Architectures are data (as in segment-anything's ``build_sam.py``); building goes through the
+library's own builder, and weights are loaded with ``weights_only=True``. Image preprocessing is
+exactly ``SamPredictor.set_image``'s: ``ResizeLongestSide`` to 1024, pixel mean/std, pad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything.build_sam import _build_sam
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from ..runtime import load_torch_weights
+
+
+@dataclass(frozen=True)
+class SamArchitecture:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+
+
+SAM_ARCHITECTURES: dict[str, SamArchitecture] = {
+    "vit_b": SamArchitecture(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": SamArchitecture(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": SamArchitecture(1280, 32, 16, (7, 15, 23, 31)),
+    # Same classes with a small image encoder: used by the demo and the tests (random weights).
+    "tiny": SamArchitecture(32, 2, 2, ()),
+}
+
+TOKEN_DIM = 256
+
+
+def build_sam(variant: str, checkpoint: Path | str | None) -> Sam:
+    """Build SAM ``variant`` and load ``checkpoint`` (a state dict file) into it."""
+    if variant not in SAM_ARCHITECTURES:
+        raise ValueError(f"unknown SAM variant {variant!r}; known: {sorted(SAM_ARCHITECTURES)}")
+    arch = SAM_ARCHITECTURES[variant]
+    sam = _build_sam(
+        encoder_embed_dim=arch.embed_dim,
+        encoder_depth=arch.depth,
+        encoder_num_heads=arch.num_heads,
+        encoder_global_attn_indexes=list(arch.global_attn_indexes),
+        checkpoint=None,
+    )
+    if checkpoint is not None:
+        state = load_torch_weights(checkpoint)
+        try:
+            sam.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{checkpoint}: does not fit SAM {variant!r}: {err}") from None
+    return sam.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class SamResize:
+    """HWC uint8 RGB -> (3, h, w) uint8 with the long side at ``long_side``, as
+    ``SamPredictor.set_image`` resizes. Holds no model, so data-loading workers can run it."""
+
+    long_side: int = 1024
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        resized = ResizeLongestSide(self.long_side).apply_image(image)
+        return torch.as_tensor(resized).permute(2, 0, 1).contiguous()
+
+
+class SamBoxEncoder:
+    """Batched image embeddings and per-box position-aware tokens from a frozen SAM."""
+
+    def __init__(self, sam: Sam, device: torch.device):
+        self.sam = sam.to(device)
+        self.device = device
+        self.input_size = sam.image_encoder.img_size
+        self.transform = ResizeLongestSide(self.input_size)
+
+    def resizer(self) -> "SamResize":
+        return SamResize(self.input_size)
+
+    @torch.no_grad()
+    def embed_images(self, resized: list[torch.Tensor]) -> torch.Tensor:
+        """Resized uint8 images -> (B, 256, 64, 64) embeddings; normalise and pad as
+        ``SamPredictor.set_torch_image`` does, on the model's device."""
+        batch = torch.stack([self.sam.preprocess(x.to(self.device).float()) for x in resized])
+        return self.sam.image_encoder(batch)
+
+    @torch.no_grad()
+    def box_tokens(
+        self,
+        image_embedding: torch.Tensor,
+        boxes_xyxy: np.ndarray,
+        original_size: tuple[int, int],
+        boxes_per_call: int = 64,
+    ) -> torch.Tensor:
+        """Position-aware tokens (N, 256) for boxes in original pixels of an (H, W) image.
+
+        Runs the mask decoder's two-way transformer and keeps the output for mask token 0 (the
+        single-mask output); the mask upscaling and hypernetworks are skipped as unused.
+        """
+        boxes = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4))
+        boxes = self.transform.apply_boxes_torch(boxes, original_size).to(self.device)
+        chunks = [
+            self._decode_tokens(image_embedding, boxes[start : start + boxes_per_call])
+            for start in range(0, len(boxes), boxes_per_call)
+        ]
+        if not chunks:
+            return torch.empty(0, TOKEN_DIM, device=self.device)
+        return torch.cat(chunks)
+
+    def _decode_tokens(self, image_embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        decoder = self.sam.mask_decoder
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        # Output tokens in the decoder's order: IoU token, then the mask tokens, then the prompt.
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
+        tokens = torch.cat([output_tokens.expand(len(boxes), -1, -1), sparse], dim=1)
+        src = image_embedding.unsqueeze(0) + dense
+        image_pe = self.sam.prompt_encoder.get_dense_pe()
+        hidden, _ = decoder.transformer(src, image_pe, tokens)
+        return hidden[:, 1, :]

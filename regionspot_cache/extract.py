@@ -1,0 +1,207 @@
+"""Phase 1: run the frozen encoders once per image and write the feature cache.
+
+Split as reader (decode + resize in data-loading workers), mapper (SAM and CLIP, batched over
+images; all boxes of an image through the mask decoder together), writer (``CacheWriter``, one
+committed shard at a time). Committed shards are skipped, so re-running resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .cache import CacheWriter, ImageFeatures, Provenance
+from .config import ExtractConfig, ModelsConfig
+from .datasets import BoxSet, DetectionDataset, ImageEntry
+from .encoders import FrozenEncoders, load_frozen_encoders
+from .images import ImageDecodeError, load_rgb
+from .progress import console, progress_bar
+from .runtime import resolve_device
+
+STATUS_FAILED = "failed"
+
+
+@dataclass
+class LoadedImage:
+    entry: ImageEntry
+    boxes: BoxSet
+    sam_pixels: torch.Tensor | None = None  # (3, h, w) uint8, long side 1024
+    clip_pixels: torch.Tensor | None = None  # (3, H, W) float, normalised
+    error: str = ""
+
+
+@dataclass
+class ExtractSummary:
+    images: int = 0
+    boxes: int = 0
+    failed: int = 0
+    dropped_boxes: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+class ImageReader(Dataset):
+    """Decodes and resizes the images of one shard; never raises for a bad file."""
+
+    def __init__(self, dataset: DetectionDataset, entries: Sequence[ImageEntry], sam_resize: Callable, clip_preprocess: Callable):
+        self.dataset = dataset
+        self.entries = list(entries)
+        self.sam_resize = sam_resize
+        self.clip_preprocess = clip_preprocess
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> LoadedImage:
+        entry = self.entries[index]
+        boxes = self.dataset.boxes_of(entry.id)
+        try:
+            image = load_rgb(self.dataset.image_path(entry))
+        except ImageDecodeError as err:
+            return LoadedImage(entry, boxes, error=str(err))
+        if image.size != (entry.width, entry.height):
+            return LoadedImage(
+                entry, boxes,
+                error=f"decoded size {image.size[0]}x{image.size[1]} differs from the annotation's "
+                f"{entry.width}x{entry.height}",
+            )
+        return LoadedImage(entry, boxes, self.sam_resize(np.asarray(image)), self.clip_preprocess(image))
+
+
+def clip_boxes_to_image(boxes: BoxSet, width: int, height: int) -> tuple[BoxSet, int]:
+    """Clip to the image; drop boxes left with no area. Returns the kept boxes and the drop count."""
+    xyxy = boxes.xyxy.copy()
+    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)
+    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, height)
+    keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1]) & np.isfinite(xyxy).all(axis=1)
+    kept = BoxSet(xyxy[keep], boxes.category_ids[keep], boxes.scores[keep])
+    return kept, int((~keep).sum())
+
+
+class FeatureMapper:
+    """Runs SAM and CLIP on a batch of loaded images."""
+
+    def __init__(self, encoders: FrozenEncoders, config: ExtractConfig):
+        self.encoders = encoders
+        self.config = config
+        self.device = encoders.sam.device
+
+    def __call__(self, batch: Sequence[LoadedImage]) -> tuple[list[ImageFeatures], int]:
+        good = [item for item in batch if not item.error]
+        dropped = 0
+        results = {item.entry.id: self._failed(item) for item in batch if item.error}
+        if good:
+            # bf16 on CUDA (tensor cores); fp32 on the CPU, where autocast would only slow down.
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                embeddings = self.encoders.sam.embed_images([item.sam_pixels for item in good])
+                maps = self.encoders.clip.feature_maps(torch.stack([item.clip_pixels for item in good]))
+                for item, embedding, feature_map in zip(good, embeddings, maps):
+                    boxes, n_dropped = clip_boxes_to_image(item.boxes, item.entry.width, item.entry.height)
+                    dropped += n_dropped
+                    tokens = self.encoders.sam.box_tokens(
+                        embedding, boxes.xyxy, (item.entry.height, item.entry.width),
+                        self.config.boxes_per_decoder_call,
+                    )
+                    results[item.entry.id] = ImageFeatures(
+                        item.entry.id, item.entry.file_name, item.entry.width, item.entry.height, boxes,
+                        feature_map=_to_float16(feature_map), box_tokens=_to_float16(tokens),
+                    )
+        return [results[item.entry.id] for item in batch], dropped
+
+    @staticmethod
+    def _failed(item: LoadedImage) -> ImageFeatures:
+        entry = item.entry
+        return ImageFeatures(entry.id, entry.file_name, entry.width, entry.height, status=STATUS_FAILED, reason=item.error)
+
+
+def _to_float16(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.float().cpu().numpy().astype(np.float16)
+
+
+def shard_entries(images: Sequence[ImageEntry], shard_size: int) -> Iterator[tuple[int, list[ImageEntry]]]:
+    """Images in id order, ``shard_size`` per shard: the split depends only on the dataset."""
+    ordered = sorted(images, key=lambda entry: entry.id)
+    for shard_id, start in enumerate(range(0, len(ordered), shard_size)):
+        yield shard_id, ordered[start : start + shard_size]
+
+
+def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config: ExtractConfig, box_source: str) -> Provenance:
+    return Provenance(
+        dataset=dataset.name,
+        box_source=box_source,
+        shard_size=config.shard_size,
+        sam=encoders.sam_provenance(),
+        clip=encoders.clip_provenance(),
+        package_version=__version__,
+        paths=encoders.paths(),
+    )
+
+
+def run_extraction(
+    dataset: DetectionDataset,
+    cache_dir: Path | str,
+    models: ModelsConfig,
+    config: ExtractConfig,
+    box_source: str = "gt",
+    encoders: FrozenEncoders | None = None,
+) -> ExtractSummary:
+    """Extract every shard of ``dataset`` that ``cache_dir`` does not hold yet."""
+    started = time.perf_counter()
+    encoders = encoders or load_frozen_encoders(models, resolve_device(config.device))
+    writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source))
+    if not writer.has_vocabulary(dataset.name):
+        embeddings = encoders.clip.text_embeddings([c.name for c in dataset.categories])
+        writer.write_vocabulary(dataset.name, dataset.categories, embeddings.float().cpu().numpy())
+    mapper = FeatureMapper(encoders, config)
+    summary = ExtractSummary()
+    committed = writer.committed_shards()
+    shards = list(shard_entries(dataset.images, config.shard_size))
+    todo = sum(len(entries) for shard_id, entries in shards if shard_id not in committed)
+    with progress_bar(f"extract {dataset.name}", todo, "{task.fields[rate]}") as (bar, task):
+        for shard_id, entries in shards:
+            if shard_id in committed:
+                summary.shards_skipped += 1
+                continue
+            features: list[ImageFeatures] = []
+            for batch in _loader(dataset, entries, encoders, config):
+                results, dropped = mapper(batch)
+                features.extend(results)
+                summary.dropped_boxes += dropped
+                summary.boxes += sum(len(r.boxes) for r in results if r.status != STATUS_FAILED)
+                summary.failed += sum(r.status == STATUS_FAILED for r in results)
+                summary.images += len(results)
+                elapsed = time.perf_counter() - started
+                bar.update(task, advance=len(results),
+                           rate=f"{summary.images / elapsed:.1f} img/s {summary.boxes / elapsed:.1f} box/s")
+            summary.bytes_written += writer.write_shard(shard_id, features)
+            summary.shards_written += 1
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _loader(dataset: DetectionDataset, entries: list[ImageEntry], encoders: FrozenEncoders, config: ExtractConfig) -> DataLoader:
+    reader = ImageReader(dataset, entries, encoders.sam.resizer(), encoders.clip.preprocessor())
+    return DataLoader(
+        reader,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        collate_fn=list,
+        pin_memory=encoders.sam.device.type == "cuda",
+    )
+
+
+def print_summary(summary: ExtractSummary) -> None:
+    console.print(
+        f"extracted {summary.images} images ({summary.failed} failed), {summary.boxes} boxes "
+        f"({summary.dropped_boxes} degenerate dropped); shards written {summary.shards_written}, "
+        f"skipped {summary.shards_skipped}; {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s"
+    )

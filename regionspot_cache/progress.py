@@ -1,0 +1,54 @@
+"""Rich progress bars and tables shared by the phases."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str, total: int, fields: str = "") -> Iterator[tuple[Progress, int]]:
+    """A bar with count, rate-bearing ``fields`` (e.g. ``"{task.fields[rate]}"``) and ETA."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn(fields) if fields else TextColumn(""),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, rate="", loss="")
+        yield progress, task
+
+
+def metrics_table(title: str, rows: Mapping[str, Mapping[str, float]], columns: Sequence[str]) -> Table:
+    """One row per named result (e.g. untrained / trained), one column per metric, in percent."""
+    table = Table(title=title)
+    table.add_column("head")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, metrics in rows.items():
+        table.add_row(name, *(_percent(metrics.get(column)) for column in columns))
+    return table
+
+
+def _percent(value: float | None) -> str:
+    if value is None or value < 0:
+        return "-"
+    return f"{100 * value:.1f}"

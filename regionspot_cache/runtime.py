@@ -1,0 +1,57 @@
+"""Small runtime helpers shared by the phases: devices, safe weight loading, file hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sha256_file(path: Path | str, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that cannot be loaded without running arbitrary code."""
+
+
+def load_torch_weights(path: Path | str) -> Any:
+    """``torch.load`` restricted to tensors and plain containers: a pickle that would run code is
+    refused rather than executed (checkpoints come from the web)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and plain "
+            f"containers, and loading it could run code ({err.__class__.__name__})"
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable torch checkpoint: {err}") from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write aside then rename, so readers see the old file or the new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,97 @@
+"""The rs-cache command line: help texts, a full extract -> train -> eval run, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from regionspot_cache.cli import app
+from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
+from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
+
+runner = CliRunner()
+COMMANDS = ["extract", "train", "eval", "demo"]
+
+
+def test_every_option_of_every_command_is_explained():
+    group = typer.main.get_command(app)
+    assert sorted(group.commands) == sorted(COMMANDS)
+    for name, command in group.commands.items():
+        assert command.help, name
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help and len(param.help) > 15, f"{name} --{param.name} has no help"
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    annotations = generate_split(root, "val", SyntheticSpec(images=4, seed=5, min_size=64, max_size=96))
+    models = write_tiny_checkpoints(root / "models")
+    manifest = root / "toy.toml"
+    manifest.write_text(f'name = "toy"\nannotations = "{annotations.name}"\nimage_root = "images"\n')
+    return root, manifest, annotations, models
+
+
+@pytest.fixture(scope="module")
+def extracted(toy):
+    root, manifest, annotations, models = toy
+    common = ["--set", "extract.num_workers=0", "--set", "extract.shard_size=2"]
+    result = runner.invoke(app, [
+        "extract", "-m", str(manifest), "--data-root", str(root), "-c", str(root / "cache"),
+        "--sam-variant", "tiny", "--sam-checkpoint", models.sam.checkpoint,
+        "--clip-model", models.clip.model, "--clip-pretrained", models.clip.pretrained, *common,
+    ])
+    return root, annotations, result
+
+
+def test_extract_train_eval_from_the_command_line(extracted):
+    root, annotations, result = extracted
+    assert result.exit_code == 0, result.output
+    assert "extracted 4 images" in result.output
+    head = root / "head.safetensors"
+    result = runner.invoke(app, [
+        "train", "-c", str(root / "cache"), "-o", str(head),
+        "--set", "train.iterations=3", "--set", "train.batch_size=2", "--set", "train.device=cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    assert head.is_file() and head.with_suffix(".json").is_file()
+    output = root / "results" / "val.json"
+    result = runner.invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(head), "-a", str(annotations), "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(output.with_suffix(".metrics.json").read_text())
+    assert set(metrics) >= {"AP", "APr", "APc", "APf"} and all(-1 <= v <= 1 for v in metrics.values())
+    detections = json.loads(output.read_text())
+    assert detections and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "regionspot_cache", *args], capture_output=True, text=True)
+
+
+def test_missing_manifest_is_one_clear_line(tmp_path):
+    result = _run_cli("extract", "-m", str(tmp_path / "nope.toml"), "-c", str(tmp_path / "cache"))
+    assert result.returncode == 2
+    assert "nope.toml" in result.stderr and "not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bad_override_names_the_field(tmp_path):
+    result = _run_cli("train", "-c", str(tmp_path), "-o", str(tmp_path / "h.safetensors"), "--set", "train.lrr=1")
+    assert result.returncode == 2 and "lrr" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_refuses_proposals_the_cache_does_not_hold(extracted):
+    root, annotations, _ = extracted
+    result = runner.invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(root / "missing.safetensors"),
+                                 "-a", str(annotations), "--proposals", "glip"])
+    assert result.exit_code != 0 and "'glip'" in str(result.exception)
