@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .config import ConfigError, Recipe, apply_overrides, load_recipe
+from .config import ConfigError, DemoConfig, Recipe, apply_overrides, load_recipe
 from .progress import console
 
 app = typer.Typer(
@@ -124,10 +124,10 @@ def evaluate(
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("rs-cache-demo"), help="Directory for the generated data, models, caches and results."),
-    train_images: int = typer.Option(160, help="Generated training images."),
-    val_images: int = typer.Option(48, help="Generated validation images."),
-    iterations: Optional[int] = typer.Option(None, help="Training iterations (default: the demo recipe's)."),
-    seed: int = typer.Option(0, help="Seed for data, model weights and training."),
+    train_images: int = typer.Option(DemoConfig.train_images, help="Generated training images."),
+    val_images: int = typer.Option(DemoConfig.val_images, help="Generated validation images."),
+    iterations: int = typer.Option(DemoConfig().train.iterations, help="Training iterations of the head."),
+    seed: int = typer.Option(DemoConfig.seed, help="Seed for data, model weights and training."),
     sam_variant: Optional[str] = SamVariantOption,
     sam_checkpoint: Optional[str] = SamCheckpointOption,
     clip_model: Optional[str] = ClipModelOption,
@@ -139,13 +139,12 @@ def demo(
     Pass --sam-checkpoint/--clip-model/--clip-pretrained to use real models instead of tiny ones.
     """
     from .config import ModelsConfig
-    from .demo.run import DemoConfig, run_demo
+    from .demo.run import run_demo
     from .demo.tiny_models import TINY_CLIP, TINY_SAM
 
     config = DemoConfig(train_images=train_images, val_images=val_images, seed=seed)
     config.train.seed = seed
-    if iterations is not None:
-        config.train.iterations = iterations
+    config.train.iterations = iterations
     if any(v is not None for v in (sam_variant, sam_checkpoint, clip_model, clip_pretrained)):
         models = ModelsConfig()
         models.sam.variant = sam_variant or ("vit_b" if sam_checkpoint else TINY_SAM)

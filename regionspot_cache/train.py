@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.ops import sigmoid_focal_loss
@@ -40,8 +42,8 @@ class CachedRegions(Dataset):
         self.max_boxes = max_boxes
         self.seed = seed
         self.class_index = {int(cid): i for i, cid in enumerate(vocabulary.category_ids)}
-        boxes = reader.boxes.to_pydict()
-        labelled = {i for i, c in zip(boxes["image_id"], boxes["category_id"]) if c in self.class_index}
+        known = pc.is_in(reader.boxes["category_id"], value_set=pa.array(list(self.class_index), pa.int64()))
+        labelled = set(pc.unique(reader.boxes["image_id"].filter(known)).to_pylist())
         self.image_ids = [i for i in reader.image_ids() if i in labelled]
         if not self.image_ids:
             raise ValueError(f"{reader.root}: no image has a box labelled with vocabulary {vocabulary.name!r}")

@@ -26,6 +26,7 @@ from .format import (
     PROVENANCE_FILE,
     SHARDS_DIR,
     STATUS_OK,
+    TOKENS_PER_CHUNK,
     VOCAB_DIR,
     CacheFormatError,
     Provenance,
@@ -33,8 +34,6 @@ from .format import (
     vocabulary_schema,
 )
 from ..runtime import atomic_write_bytes
-
-TOKENS_PER_CHUNK = 1024
 
 
 @dataclass

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import EvalConfig, ExtractConfig, ModelsConfig, TrainConfig
+from ..cache import CacheReader
+from ..config import DemoConfig
 from ..datasets import load_coco_format
 from ..encoders import load_frozen_encoders
 from ..evaluate import METRICS, evaluate_head
@@ -17,28 +18,8 @@ from ..head import RegionSpotHead, load_head
 from ..progress import console, metrics_table
 from ..runtime import resolve_device
 from ..train import head_config_for, train_head
-from ..cache import CacheReader
 from .synthetic import SyntheticSpec, generate_split
 from .tiny_models import write_tiny_checkpoints
-
-
-def demo_train_config() -> TrainConfig:
-    """The paper's schedule shape, shortened and with a larger learning rate for a tiny head."""
-    return TrainConfig(
-        iterations=2000, batch_size=8, lr=1e-3, warmup_iters=100, lr_steps=[1600, 1900],
-        max_boxes_per_image=16, num_workers=0,
-    )
-
-
-@dataclass
-class DemoConfig:
-    train_images: int = 480
-    val_images: int = 96
-    seed: int = 0
-    models: ModelsConfig | None = None  # None: generate tiny random-weight models
-    extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(shard_size=32, batch_size=8, num_workers=0))
-    train: TrainConfig = field(default_factory=demo_train_config)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass

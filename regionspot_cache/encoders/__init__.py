@@ -7,5 +7,9 @@ from .sam import SAM_ARCHITECTURES, SamBoxEncoder, build_sam
 __all__ = [
     "ClipEncoder",
     "FrozenEncoders",
+    "SAM_ARCHITECTURES",
+    "SamBoxEncoder",
+    "build_sam",
+    "load_clip",
     "load_frozen_encoders",
-    "SAM_ARCHITECTURES", "SamBoxEncoder", "build_sam", "load_clip"]
+]
