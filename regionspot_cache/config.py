@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .runtime import read_toml
+
 
 @dataclass
 class SamSpec:
@@ -147,13 +149,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 def load_recipe(path: Path | str) -> Recipe:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: recipe file not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    return from_dict(Recipe, data, str(path))
+    return from_dict(Recipe, read_toml(path, "recipe file", ConfigError), str(path))
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:

@@ -7,11 +7,12 @@ and its vocabulary. Relative paths resolve against a data root (``--data-root``,
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .runtime import read_toml
 
 
 class DatasetError(ValueError):
@@ -78,12 +79,7 @@ class Manifest:
 
 def load_manifest(path: Path | str, data_root: Path | str = ".") -> Manifest:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: manifest not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise DatasetError(f"{path}: not valid TOML: {err}") from None
+    data = read_toml(path, "manifest", DatasetError)
     missing = [key for key in ("name", "annotations", "image_root") if key not in data]
     if missing:
         raise DatasetError(f"{path}: missing key(s) {missing}")

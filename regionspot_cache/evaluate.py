@@ -8,6 +8,7 @@ score x class probability (box score is 1 for ground truth), then LVIS keeps 300
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ def score_image(
     tokens = torch.from_numpy(item.tokens.astype(np.float32)).to(device)[None]
     feature_map = torch.from_numpy(item.feature_map.astype(np.float32)).to(device)[None]
     logits = region_logits(head(tokens, feature_map)[0], text, logit_scale)
-    probs = logits.softmax(dim=-1) * torch.from_numpy(item.scores).to(device)[:, None]
+    probs = logits.softmax(dim=-1) * torch.tensor(item.scores, device=device)[:, None]
     values, flat = probs.flatten().topk(min(top_k, probs.numel()))
     num_classes = probs.shape[1]
     return (flat // num_classes).cpu().numpy(), (flat % num_classes).cpu().numpy(), values.cpu().numpy()
@@ -88,6 +89,8 @@ def lvis_box_ap(annotation_file: Path | str, detections: list[dict], max_dets: i
 
     if not detections:
         return {name: 0.0 for name in METRICS}
+    # lvis warns on every in-memory result list that it trusts the format; we built it.
+    logging.getLogger("lvis.results").setLevel(logging.ERROR)
     with numpy_float_alias():
         gt = LVIS(str(annotation_file))
         # LVISResults modifies the dicts it is given.

@@ -5,14 +5,18 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used, so config and CLI start without it
+    import torch
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> "torch.device":
     """``auto`` picks CUDA when present, else the CPU."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -33,6 +37,8 @@ class UnsafeCheckpointError(ValueError):
 def load_torch_weights(path: Path | str) -> Any:
     """``torch.load`` restricted to tensors and plain containers: a pickle that would run code is
     refused rather than executed (checkpoints come from the web)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
@@ -55,3 +61,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def read_toml(path: Path, what: str, error: type[Exception]) -> dict[str, Any]:
+    """Parse a TOML file; a missing or invalid file raises ``error`` naming the file."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid TOML: {err}") from None

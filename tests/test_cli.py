@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 
 runner = CliRunner()
 COMMANDS = ["extract", "train", "eval", "demo"]
@@ -32,10 +31,10 @@ def test_every_option_of_every_command_is_explained():
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("cli")
     annotations = generate_split(root, "val", SyntheticSpec(images=4, seed=5, min_size=64, max_size=96))
-    models = write_tiny_checkpoints(root / "models")
+    models = tiny_models
     manifest = root / "toy.toml"
     manifest.write_text(f'name = "toy"\nannotations = "{annotations.name}"\nimage_root = "images"\n')
     return root, manifest, annotations, models

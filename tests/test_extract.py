@@ -8,14 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 from regionspot_cache.cache import CacheFormatError, CacheReader
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
-from regionspot_cache.encoders import load_frozen_encoders
 from regionspot_cache.extract import run_extraction
 from regionspot_cache.images import load_rgb
 
@@ -23,11 +19,10 @@ CONFIG = ExtractConfig(shard_size=3, batch_size=2, num_workers=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_models, encoders):
     root = tmp_path_factory.mktemp("extract")
     annotations = generate_split(root, "train", SyntheticSpec(images=7, seed=3, min_size=64, max_size=120))
-    models = write_tiny_checkpoints(root / "models", seed=0)
-    encoders = load_frozen_encoders(models, torch.device("cpu"))
+    models = tiny_models
     dataset = load_coco_format(annotations, root / "images", name="toy")
     cache = root / "cache"
     summary = run_extraction(dataset, cache, models, CONFIG, encoders=encoders)

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny SAM and CLIP written to checkpoint files and loaded back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
+from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny_models"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def encoders(tiny_models) -> FrozenEncoders:
+    return load_frozen_encoders(tiny_models, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def rgb_image() -> np.ndarray:
+    """A non-square image with structure (gradient plus a block), so resizing matters."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, size=(90, 140, 3), dtype=np.uint8)
+    image[20:60, 30:90] = [200, 30, 30]
+    return image
