@@ -18,14 +18,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from .cache import CacheWriter, ImageFeatures, Provenance
+from .cache.format import STATUS_FAILED
 from .config import ExtractConfig, ModelsConfig
 from .datasets import BoxSet, DetectionDataset, ImageEntry
 from .encoders import FrozenEncoders, load_frozen_encoders
 from .images import ImageDecodeError, load_rgb
 from .progress import console, progress_bar
 from .runtime import resolve_device
-
-STATUS_FAILED = "failed"
 
 
 @dataclass
@@ -166,6 +165,7 @@ def run_extraction(
     committed = writer.committed_shards()
     shards = list(shard_entries(dataset.images, config.shard_size))
     todo = sum(len(entries) for shard_id, entries in shards if shard_id not in committed)
+    loop_started = time.perf_counter()  # rates exclude model loading
     with progress_bar(f"extract {dataset.name}", todo, "{task.fields[rate]}") as (bar, task):
         for shard_id, entries in shards:
             if shard_id in committed:
@@ -179,7 +179,7 @@ def run_extraction(
                 summary.boxes += sum(len(r.boxes) for r in results if r.status != STATUS_FAILED)
                 summary.failed += sum(r.status == STATUS_FAILED for r in results)
                 summary.images += len(results)
-                elapsed = time.perf_counter() - started
+                elapsed = time.perf_counter() - loop_started
                 bar.update(task, advance=len(results),
                            rate=f"{summary.images / elapsed:.1f} img/s {summary.boxes / elapsed:.1f} box/s")
             summary.bytes_written += writer.write_shard(shard_id, features)

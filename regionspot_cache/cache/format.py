@@ -21,6 +21,7 @@ CLIP_MAPS = "clip_maps"
 BOX_TOKENS = "box_tokens"
 
 STATUS_OK = "ok"
+STATUS_FAILED = "failed"  # could not be decoded; the reason names the file and the problem
 TOKENS_PER_CHUNK = 1024  # box tokens per zarr chunk (512 KiB of float16)
 
 IMAGES_SCHEMA = pa.schema(
