@@ -122,6 +122,35 @@ def evaluate(
 
 
 @app.command()
+def inspect(cache: Path = typer.Argument(..., help="Cache directory to summarise.")) -> None:
+    """Summarise a cache: images, boxes, shards committed and missing, models, bytes on disk."""
+    from rich.table import Table
+
+    from .cache import inspect_cache
+
+    table = Table(title=str(cache), show_header=False)
+    for key, value in inspect_cache(cache).items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+def verify(cache: Path = typer.Argument(..., help="Cache directory to check.")) -> None:
+    """Check every committed shard against the SHA-256 checksums recorded when it was committed.
+
+    Exits with status 1 and names each damaged shard and file if any differ.
+    """
+    from .cache import verify_cache
+
+    problems = verify_cache(cache)
+    for problem in problems:
+        console.print(f"[red]shard {problem.shard}[/]: {problem.problem}")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"{cache}: every committed shard matches its checksums")
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("rs-cache-demo"), help="Directory for the generated data, models, caches and results."),
     train_images: int = typer.Option(DemoConfig.train_images, help="Generated training images."),

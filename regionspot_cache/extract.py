@@ -138,6 +138,7 @@ def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config:
         dataset=dataset.name,
         box_source=box_source,
         shard_size=config.shard_size,
+        planned_shards=-(-len(dataset.images) // config.shard_size),
         sam=encoders.sam_provenance(),
         clip=encoders.clip_provenance(),
         package_version=__version__,

@@ -15,7 +15,7 @@ from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 
 runner = CliRunner()
-COMMANDS = ["extract", "train", "eval", "demo"]
+COMMANDS = ["extract", "train", "eval", "demo", "inspect", "verify"]
 
 
 def test_every_option_of_every_command_is_explained():
@@ -70,6 +70,23 @@ def test_extract_train_eval_from_the_command_line(extracted):
     assert set(metrics) >= {"AP", "APr", "APc", "APf"} and all(-1 <= v <= 1 for v in metrics.values())
     detections = json.loads(output.read_text())
     assert detections and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
+
+
+def test_inspect_and_verify(extracted, tmp_path):
+    import shutil
+
+    root, _, _ = extracted
+    cache = shutil.copytree(root / "cache", tmp_path / "cache")
+    result = runner.invoke(app, ["inspect", str(cache)])
+    assert result.exit_code == 0 and "shards_committed" in result.output and "RS-Tiny-ViT" in result.output
+    assert runner.invoke(app, ["verify", str(cache)]).exit_code == 0
+    shard_file = next((cache / "shards" / "000001" / "features.zarr" / "clip_maps").rglob("c/*/*/*"))
+    data = bytearray(shard_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in a chunk
+    shard_file.write_bytes(bytes(data))
+    result = runner.invoke(app, ["verify", str(cache)])
+    assert result.exit_code == 1 and "shard 000001" in result.output and "checksum differs" in result.output
+    assert "000000" not in result.output
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:

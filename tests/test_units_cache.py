@@ -5,14 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from regionspot_cache.cache import CacheFormatError, CacheReader, CacheWriter, ImageFeatures, Provenance
+from regionspot_cache.cache import (
+    CacheFormatError,
+    CacheReader,
+    CacheWriter,
+    ImageFeatures,
+    Provenance,
+    inspect_cache,
+    verify_cache,
+)
 from regionspot_cache.datasets import BoxSet, Category
 
 RNG = np.random.default_rng(0)
 
 
 def _provenance(**changes) -> Provenance:
-    fields = dict(dataset="toy", box_source="gt", shard_size=3, sam={"variant": "tiny", "checkpoint_sha256": "ab"},
+    fields = dict(dataset="toy", box_source="gt", shard_size=3, planned_shards=2, sam={"variant": "tiny", "checkpoint_sha256": "ab"},
                   clip={"model": "RS-Tiny-ViT", "width": 8}, package_version="0", paths={"sam_checkpoint": "/x"})
     fields.update(changes)
     return Provenance(**fields)
@@ -103,3 +111,26 @@ def test_not_a_cache_and_wrong_format_version(tmp_path):
     (tmp_path / "cache.json").write_text('{"format_version": 999}')
     with pytest.raises(CacheFormatError, match="format version 999"):
         CacheReader(tmp_path)
+
+
+def test_verify_names_the_damaged_shard_and_file(tmp_path):
+    writer = CacheWriter(tmp_path, _provenance())
+    writer.write_shard(0, [_image(1, 2)])
+    writer.write_shard(1, [_image(2, 1)])
+    assert verify_cache(tmp_path) == []
+    manifest = tmp_path / "shards" / "000001" / "boxes.parquet"
+    data = bytearray(manifest.read_bytes())
+    data[10] ^= 0x01
+    manifest.write_bytes(bytes(data))
+    (tmp_path / "shards" / "000000" / "images.parquet").unlink()
+    problems = {(p.shard, p.problem) for p in verify_cache(tmp_path)}
+    assert problems == {("000001", "boxes.parquet: checksum differs (damaged)"), ("000000", "images.parquet: missing")}
+
+
+def test_inspect_counts_and_missing_shards(tmp_path):
+    writer = CacheWriter(tmp_path, _provenance())
+    writer.write_shard(1, [_image(4, 2), ImageFeatures(5, "5.jpg", 1, 1, status="failed", reason="x")])
+    summary = inspect_cache(tmp_path)
+    assert (summary["images"], summary["images_failed"], summary["boxes"]) == (2, 1, 2)
+    assert summary["shards_committed"] == 1 and summary["shards_missing"] == [0]
+    assert summary["bytes_on_disk"] > 0

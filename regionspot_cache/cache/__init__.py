@@ -7,13 +7,14 @@ Layout of a cache directory::
     shards/<NNNNNN>/                one committed shard (made visible by one rename)
         images.parquet              one row per image: id, file, size, status, token range
         boxes.parquet               one row per box: image id, x1 y1 x2 y2, category id, score
+        checksums.json              SHA-256 of the shard's other files, for ``rs-cache verify``
         features.zarr/              zarr v3: clip_maps (images, tokens, width) and
                                     box_tokens (boxes, 256), float16, one zarr shard file each
     shards/.tmp-<NNNNNN>-<pid>/     a shard being written: never read
 """
 
 from .format import FORMAT_VERSION, CacheFormatError, Provenance
-from .reader import CachedImage, CacheReader, Vocabulary
+from .reader import CachedImage, CacheReader, ShardProblem, Vocabulary, inspect_cache, verify_cache
 from .writer import CacheWriter, ImageFeatures
 
 __all__ = [
@@ -23,6 +24,9 @@ __all__ = [
     "CacheWriter",
     "CachedImage",
     "ImageFeatures",
+    "ShardProblem",
     "Provenance",
     "Vocabulary",
+    "inspect_cache",
+    "verify_cache",
 ]

@@ -9,6 +9,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..runtime import sha256_file
+
 FORMAT_VERSION = 1
 
 PROVENANCE_FILE = "cache.json"
@@ -17,6 +19,7 @@ VOCAB_DIR = "vocabularies"
 IMAGES_FILE = "images.parquet"
 BOXES_FILE = "boxes.parquet"
 FEATURES_DIR = "features.zarr"
+CHECKSUMS_FILE = "checksums.json"  # SHA-256 of every other file of the shard, written at commit
 CLIP_MAPS = "clip_maps"
 BOX_TOKENS = "box_tokens"
 
@@ -70,6 +73,15 @@ def shard_name(shard_id: int) -> str:
     return f"{shard_id:06d}"
 
 
+def shard_checksums(shard_dir: Path) -> dict[str, str]:
+    """SHA-256 of every file of a shard but the checksum file, by path relative to the shard."""
+    return {
+        path.relative_to(shard_dir).as_posix(): sha256_file(path)
+        for path in sorted(shard_dir.rglob("*"))
+        if path.is_file() and path.name != CHECKSUMS_FILE
+    }
+
+
 @dataclass
 class Provenance:
     """What produced a cache. Everything except ``package_version`` and file paths is identity:
@@ -78,6 +90,7 @@ class Provenance:
     dataset: str
     box_source: str
     shard_size: int
+    planned_shards: int
     sam: dict[str, Any]
     clip: dict[str, Any]
     format_version: int = FORMAT_VERSION

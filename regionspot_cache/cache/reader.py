@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +23,7 @@ from .format import (
     BOX_TOKENS,
     BOXES_FILE,
     BOXES_SCHEMA,
+    CHECKSUMS_FILE,
     CLIP_MAPS,
     FEATURES_DIR,
     IMAGES_FILE,
@@ -30,6 +33,7 @@ from .format import (
     VOCAB_DIR,
     CacheFormatError,
     Provenance,
+    shard_checksums,
     shard_name,
 )
 
@@ -60,8 +64,7 @@ class CacheReader:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self.provenance = Provenance.read(self.root)
-        shards_dir = self.root / SHARDS_DIR
-        self.shard_dirs = sorted(p for p in shards_dir.iterdir() if p.name.isdigit()) if shards_dir.is_dir() else []
+        self.shard_dirs = committed_shard_dirs(self.root)
         self.images = self._concat(IMAGES_FILE, IMAGES_SCHEMA, with_shard=True)
         self.boxes = self._concat(BOXES_FILE, BOXES_SCHEMA, with_shard=False)
         self._index = {
@@ -159,3 +162,61 @@ class CacheReader:
             frequencies=table.column("frequency").to_pylist(),
             embeddings=embeddings.reshape(len(table), -1),
         )
+
+
+@dataclass
+class ShardProblem:
+    shard: str
+    problem: str
+
+
+def committed_shard_dirs(root: Path) -> list[Path]:
+    shards_dir = root / SHARDS_DIR
+    return sorted(p for p in shards_dir.iterdir() if p.name.isdigit()) if shards_dir.is_dir() else []
+
+
+def verify_cache(root: Path | str) -> list[ShardProblem]:
+    """Check every committed shard's files against the checksums recorded when it was committed."""
+    root = Path(root)
+    Provenance.read(root)
+    problems = []
+    for shard_dir in committed_shard_dirs(root):
+        problems.extend(ShardProblem(shard_dir.name, p) for p in _shard_problems(shard_dir))
+    return problems
+
+
+def _shard_problems(shard_dir: Path) -> list[str]:
+    try:
+        recorded = json.loads((shard_dir / CHECKSUMS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return [f"{CHECKSUMS_FILE} unreadable: {err}"]
+    actual = shard_checksums(shard_dir)
+    problems = [f"{name}: missing" for name in sorted(set(recorded) - set(actual))]
+    problems += [f"{name}: not recorded at commit" for name in sorted(set(actual) - set(recorded))]
+    problems += [
+        f"{name}: checksum differs (damaged)"
+        for name in sorted(set(recorded) & set(actual))
+        if recorded[name] != actual[name]
+    ]
+    return problems
+
+
+def inspect_cache(root: Path | str) -> dict[str, Any]:
+    """Summary of a cache: images, boxes, shards committed and missing, models, bytes on disk."""
+    reader = CacheReader(root)
+    provenance = reader.provenance
+    committed = {int(p.name) for p in reader.shard_dirs}
+    status = reader.images.column("status").to_pylist()
+    return {
+        "dataset": provenance.dataset,
+        "box_source": provenance.box_source,
+        "images": len(status),
+        "images_failed": sum(s != STATUS_OK for s in status),
+        "boxes": len(reader.boxes),
+        "shards_committed": len(committed),
+        "shards_missing": sorted(set(range(provenance.planned_shards)) - committed),
+        "sam": f"{provenance.sam.get('variant')} (sha256 {str(provenance.sam.get('checkpoint_sha256'))[:12]})",
+        "clip": f"{provenance.clip.get('model')} ({provenance.clip.get('pretrained') or 'file sha256 ' + str(provenance.clip.get('weights_sha256'))[:12]})",
+        "vocabularies": reader.vocabulary_names(),
+        "bytes_on_disk": sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file()),
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -19,6 +20,7 @@ from .format import (
     BOX_TOKENS,
     BOXES_FILE,
     BOXES_SCHEMA,
+    CHECKSUMS_FILE,
     CLIP_MAPS,
     FEATURES_DIR,
     IMAGES_FILE,
@@ -30,6 +32,7 @@ from .format import (
     VOCAB_DIR,
     CacheFormatError,
     Provenance,
+    shard_checksums,
     shard_name,
     vocabulary_schema,
 )
@@ -106,6 +109,7 @@ class CacheWriter:
         tmp.mkdir()
         try:
             self._write_shard_files(tmp, images)
+            write_checksums(tmp)
             _fsync_tree(tmp)
             os.rename(tmp, final)
         except BaseException:
@@ -144,6 +148,11 @@ class CacheWriter:
         group = zarr.open_group(directory / FEATURES_DIR, mode="w")
         _write_array(group, CLIP_MAPS, np.stack(maps) if maps else None, chunk_rows=1)
         _write_array(group, BOX_TOKENS, np.concatenate(tokens) if tokens else None, TOKENS_PER_CHUNK)
+
+
+def write_checksums(shard_dir: Path) -> None:
+    sums = shard_checksums(shard_dir)
+    (shard_dir / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=0, sort_keys=True))
 
 
 def _box_columns(image_id: int, boxes: BoxSet) -> pa.Table:
