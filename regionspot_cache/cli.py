@@ -27,6 +27,7 @@ RecipeOption = typer.Option(
 SetOption = typer.Option(
     [], "--set", "-s", help="Override a recipe field, e.g. --set train.lr=1e-4 --set models.clip.model=ViT-B-16. Repeatable."
 )
+DataRootOption = typer.Option(Path("."), help="Directory that the manifest's relative paths start from.")
 SamCheckpointOption = typer.Option(None, help="SAM checkpoint file (e.g. sam_vit_b_01ec64.pth); sets models.sam.checkpoint.")
 SamVariantOption = typer.Option(None, help="SAM architecture: vit_b, vit_l, vit_h (or tiny); sets models.sam.variant.")
 ClipModelOption = typer.Option(None, help="open_clip model name, e.g. ViT-L-14, ViT-B-16, ViT-L-14-336; sets models.clip.model.")
@@ -53,7 +54,11 @@ def _recipe(path: Optional[Path], overrides: List[str], **models: Optional[str])
 def extract(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Dataset manifest TOML (see manifests/)."),
     cache: Path = typer.Option(..., "--cache", "-c", help="Cache directory to create or resume."),
-    data_root: Path = typer.Option(Path("."), help="Directory that the manifest's relative paths start from."),
+    data_root: Path = DataRootOption,
+    boxes: str = typer.Option(
+        "gt", help="Boxes to encode: `gt` (ground truth), a proposal set named in the manifest (e.g. `glip`), "
+        "or a proposal file (GLIP result JSON or COCO results list)."
+    ),
     recipe: Optional[Path] = RecipeOption,
     overrides: List[str] = SetOption,
     sam_variant: Optional[str] = SamVariantOption,
@@ -67,11 +72,13 @@ def extract(
     """
     from .datasets import load_manifest
     from .extract import print_summary, run_extraction
+    from .proposals import with_box_source
 
     config = _recipe(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
                      clip_model=clip_model, clip_pretrained=clip_pretrained)
-    dataset = load_manifest(manifest, data_root).load()
-    print_summary(run_extraction(dataset, cache, config.models, config.extract))
+    spec = load_manifest(manifest, data_root)
+    dataset, box_source = with_box_source(spec.load(), spec, boxes)
+    print_summary(run_extraction(dataset, cache, config.models, config.extract, box_source=box_source))
 
 
 @app.command()
@@ -95,9 +102,14 @@ def train(
 def evaluate(
     cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache of the evaluation images."),
     head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) written by `rs-cache train`."),
-    annotations: Path = typer.Option(..., "--annotations", "-a", help="LVIS-format ground-truth JSON (e.g. lvis_v1_val.json)."),
+    annotations: Optional[Path] = typer.Option(
+        None, "--annotations", "-a", help="LVIS-format ground-truth JSON (default: the manifest's annotations)."
+    ),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="Dataset manifest naming annotations and proposal sets."),
+    data_root: Path = DataRootOption,
     proposals: str = typer.Option(
-        "gt", help="Boxes to score: `gt` (ground-truth boxes, as cached). Proposal files (glip, PATH) need a cache extracted from them."
+        "gt", help="Boxes to score: `gt`, a proposal set named in the manifest (e.g. `glip`) or a proposal file; "
+        "the cache must have been extracted with the same boxes (rs-cache extract --boxes)."
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write LVIS results JSON here and metrics beside it."),
     recipe: Optional[Path] = RecipeOption,
@@ -105,14 +117,21 @@ def evaluate(
 ) -> None:
     """Score every cached box against the vocabulary and print LVIS AP, APr, APc, APf."""
     from .cache import CacheReader
+    from .datasets import load_manifest
     from .evaluate import METRICS, evaluate_head
     from .head import load_head
     from .progress import metrics_table
+    from .proposals import GROUND_TRUTH, box_source_id, proposal_path
 
+    spec = load_manifest(manifest, data_root) if manifest else None
+    annotations = annotations or (spec.annotations if spec else None)
+    if annotations is None:
+        raise UserError("eval needs --annotations or --manifest")
+    wanted = GROUND_TRUTH if proposals == GROUND_TRUTH else box_source_id(proposal_path(spec, proposals))
     box_source = CacheReader(cache).provenance.box_source
-    if proposals != box_source:
-        raise UserError(f"{cache}: this cache holds {box_source!r} boxes, not {proposals!r}; "
-                        f"extract a cache for those proposals first")
+    if wanted != box_source:
+        raise UserError(f"{cache}: this cache holds {box_source!r} boxes, not {proposals!r} ({wanted}); "
+                        f"extract a cache with `rs-cache extract --boxes {proposals}` first")
     config = _recipe(recipe, overrides)
     model, _ = load_head(head)
     result = evaluate_head(cache, model, annotations, config.eval, output)

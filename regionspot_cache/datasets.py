@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +73,7 @@ class Manifest:
     annotations: Path
     image_root: Path
     source: Path | None = None
+    proposals: dict[str, Path] = field(default_factory=dict)  # e.g. {"glip": GLIP result file}
 
     def load(self) -> DetectionDataset:
         return load_coco_format(self.annotations, self.image_root, name=self.name)
@@ -84,12 +86,27 @@ def load_manifest(path: Path | str, data_root: Path | str = ".") -> Manifest:
     if missing:
         raise DatasetError(f"{path}: missing key(s) {missing}")
     root = Path(data_root)
+    proposals = data.get("proposals", {})
+    if not isinstance(proposals, dict):
+        raise DatasetError(f"{path}: 'proposals' must be a table of name = file")
     return Manifest(
         name=str(data["name"]),
         annotations=root / data["annotations"],
         image_root=root / data["image_root"],
         source=path,
+        proposals={str(k): root / v for k, v in proposals.items()},
     )
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a JSON file; errors name the file and the line and column of the problem."""
+    try:
+        with open(path, "rb") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: not valid JSON: {err}") from None
 
 
 def _image_file_name(image: dict) -> str:
@@ -104,13 +121,7 @@ def _image_file_name(image: dict) -> str:
 def load_coco_format(path: Path | str, image_root: Path | str, name: str | None = None) -> DetectionDataset:
     """Read a COCO / LVIS detection JSON file; ground-truth boxes become (x1, y1, x2, y2)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: annotation file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: not valid JSON: {err}") from None
+    data = read_json(path, "annotation file")
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a JSON object with images/annotations/categories")
     where = "images"

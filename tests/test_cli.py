@@ -106,8 +106,13 @@ def test_bad_override_names_the_field(tmp_path):
     assert result.returncode == 2 and "lrr" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_eval_refuses_proposals_the_cache_does_not_hold(extracted):
+def test_eval_refuses_proposals_the_cache_does_not_hold(extracted, tmp_path):
     root, annotations, _ = extracted
-    result = runner.invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(root / "missing.safetensors"),
-                                 "-a", str(annotations), "--proposals", "glip"])
-    assert result.exit_code != 0 and "'glip'" in str(result.exception)
+    glip = tmp_path / "glip.json"
+    glip.write_text('{"1": {"boxes": [[0, 0, 5, 5]], "scores": [0.5], "labels": [1]}}')
+    base = ["eval", "-c", str(root / "cache"), "--head", str(root / "missing.safetensors"), "-a", str(annotations)]
+    result = runner.invoke(app, [*base, "--proposals", str(glip)])
+    assert result.exit_code != 0 and "holds 'gt' boxes" in str(result.exception)
+    assert "--boxes" in str(result.exception)
+    result = runner.invoke(app, [*base, "--proposals", "glip"])
+    assert result.exit_code != 0 and "neither 'gt'" in str(result.exception)
