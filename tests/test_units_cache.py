@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,19 @@ def test_inspect_counts_and_missing_shards(tmp_path):
     assert (summary["images"], summary["images_failed"], summary["boxes"]) == (2, 1, 2)
     assert summary["shards_committed"] == 1 and summary["shards_missing"] == [0]
     assert summary["bytes_on_disk"] > 0
+
+
+def test_writer_removes_what_a_killed_writer_left_aside(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    writer = CacheWriter(tmp_path, _provenance())
+    abandoned = tmp_path / "shards" / f".tmp-000001-{int(dead.stdout)}-abcd1234"
+    alive = tmp_path / "shards" / f".tmp-000001-{os.getpid()}-abcd1234"  # a live writer's: kept
+    for directory in (abandoned, alive):
+        directory.mkdir()
+        (directory / "images.parquet").write_bytes(b"half")
+    writer.write_shard(1, [_image(3, 1)])
+    assert not abandoned.exists() and alive.exists()
+    assert CacheReader(tmp_path).image_ids() == [3]

@@ -105,6 +105,7 @@ class CacheWriter:
         final = self.shards_dir / shard_name(shard_id)
         if final.exists():
             raise CacheFormatError(f"{final}: shard {shard_id} is already committed")
+        self._remove_abandoned_temps(shard_id)
         tmp = self.shards_dir / f".tmp-{shard_name(shard_id)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
@@ -117,6 +118,13 @@ class CacheWriter:
             raise
         _fsync_dir(self.shards_dir)
         return sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+
+    def _remove_abandoned_temps(self, shard_id: int) -> None:
+        """Delete what a killed writer of this shard left aside (its pid is in the name)."""
+        for tmp in self.shards_dir.glob(f".tmp-{shard_name(shard_id)}-*"):
+            pid = int(tmp.name.split("-")[2])
+            if not _process_alive(pid):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_shard_files(self, directory: Path, images: Sequence[ImageFeatures]) -> None:
         rows, box_rows, maps, tokens = [], [], [], []
@@ -183,6 +191,16 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray | None, chunk_ro
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_tree(directory: Path) -> None:
