@@ -65,6 +65,7 @@ def extract(
     sam_checkpoint: Optional[str] = SamCheckpointOption,
     clip_model: Optional[str] = ClipModelOption,
     clip_pretrained: Optional[str] = ClipPretrainedOption,
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad image or degenerate box instead of recording it."),
 ) -> None:
     """Run frozen SAM and CLIP once per image and write tokens and feature maps to the cache.
 
@@ -76,6 +77,7 @@ def extract(
 
     config = _recipe(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
                      clip_model=clip_model, clip_pretrained=clip_pretrained)
+    config.extract.strict = strict or config.extract.strict
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
     print_summary(run_extraction(dataset, cache, config.models, config.extract, box_source=box_source))

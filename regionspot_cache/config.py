@@ -45,6 +45,7 @@ class ExtractConfig:
     num_workers: int = 2
     boxes_per_decoder_call: int = 64
     device: str = "auto"
+    strict: bool = False  # bad images and degenerate boxes stop the run instead of being recorded
 
 
 @dataclass

@@ -20,7 +20,7 @@ from . import __version__
 from .cache import CacheWriter, ImageFeatures, Provenance
 from .cache.format import STATUS_FAILED
 from .config import ExtractConfig, ModelsConfig
-from .datasets import BoxSet, DetectionDataset, ImageEntry
+from .datasets import BoxSet, DatasetError, DetectionDataset, ImageEntry
 from .encoders import FrozenEncoders, load_frozen_encoders
 from .images import ImageDecodeError, load_rgb
 from .progress import console, progress_bar
@@ -65,7 +65,7 @@ class ImageReader(Dataset):
         boxes = self.dataset.boxes_of(entry.id)
         try:
             image = load_rgb(self.dataset.image_path(entry))
-        except ImageDecodeError as err:
+        except (ImageDecodeError, DatasetError) as err:
             return LoadedImage(entry, boxes, error=str(err))
         if image.size != (entry.width, entry.height):
             return LoadedImage(
@@ -175,6 +175,8 @@ def run_extraction(
             features: list[ImageFeatures] = []
             for batch in _loader(dataset, entries, encoders, config):
                 results, dropped = mapper(batch)
+                if config.strict:
+                    _raise_on_failure(results, dropped)
                 features.extend(results)
                 summary.dropped_boxes += dropped
                 summary.boxes += sum(len(r.boxes) for r in results if r.status != STATUS_FAILED)
@@ -187,6 +189,18 @@ def run_extraction(
             summary.shards_written += 1
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+class ExtractionError(ValueError):
+    """Bad input met with ``strict`` on; shards committed before it stay committed."""
+
+
+def _raise_on_failure(results: Sequence[ImageFeatures], dropped: int) -> None:
+    failed = [r for r in results if r.status == STATUS_FAILED]
+    if failed:
+        raise ExtractionError(f"--strict: image {failed[0].image_id}: {failed[0].reason}")
+    if dropped:
+        raise ExtractionError(f"--strict: {dropped} degenerate box(es) in images {[r.image_id for r in results]}")
 
 
 def _loader(dataset: DetectionDataset, entries: list[ImageEntry], encoders: FrozenEncoders, config: ExtractConfig) -> DataLoader:
