@@ -66,12 +66,22 @@ def extract(
     clip_model: Optional[str] = ClipModelOption,
     clip_pretrained: Optional[str] = ClipPretrainedOption,
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad image or degenerate box instead of recording it."),
+    scheduler: Optional[str] = typer.Option(
+        None, help="Address of an existing dask scheduler (e.g. tcp://host:8786) to run the shards on."
+    ),
+    workers: Optional[int] = typer.Option(
+        None, help="Workers of the local dask cluster (default: one per GPU, or one on a CPU-only machine)."
+    ),
+    retries: int = typer.Option(2, help="Times a failed shard is retried before it is reported."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run the shards in this process, without dask."),
 ) -> None:
     """Run frozen SAM and CLIP once per image and write tokens and feature maps to the cache.
 
-    Shards already committed in CACHE are skipped, so re-running the same command resumes.
+    Shards are dask tasks (a local cluster by default). Shards already committed in CACHE are
+    skipped, so re-running the same command resumes.
     """
     from .datasets import load_manifest
+    from .distribute import run_distributed
     from .extract import print_summary, run_extraction
     from .proposals import with_box_source
 
@@ -80,7 +90,13 @@ def extract(
     config.extract.strict = strict or config.extract.strict
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
-    print_summary(run_extraction(dataset, cache, config.models, config.extract, box_source=box_source))
+    if in_process:
+        summary = run_extraction(dataset, cache, config.models, config.extract, box_source=box_source)
+    else:
+        summary = run_distributed(dataset, cache, config.models, config.extract, box_source, scheduler, workers, retries)
+    print_summary(summary)
+    if summary.failed_shards:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -8,7 +8,7 @@ committed shard at a time). Committed shards are skipped, so re-running resumes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -46,6 +46,15 @@ class ExtractSummary:
     shards_skipped: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    failed_shards: dict[int, str] = field(default_factory=dict)
+
+    def add(self, shard: "ShardResult") -> None:
+        self.images += shard.images
+        self.boxes += shard.boxes
+        self.failed += shard.failed
+        self.dropped_boxes += shard.dropped_boxes
+        self.bytes_written += shard.bytes_written
+        self.shards_written += 1
 
 
 class ImageReader(Dataset):
@@ -146,6 +155,58 @@ def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config:
     )
 
 
+@dataclass
+class ShardResult:
+    shard_id: int
+    images: int = 0
+    boxes: int = 0
+    failed: int = 0
+    dropped_boxes: int = 0
+    bytes_written: int = 0
+
+
+def extract_shard(
+    shard_id: int,
+    entries: list[ImageEntry],
+    dataset: DetectionDataset,
+    encoders: FrozenEncoders,
+    writer: CacheWriter,
+    config: ExtractConfig,
+    on_batch: Callable[[int, int], None] = lambda images, boxes: None,
+) -> ShardResult:
+    """Encode the images of one shard and commit it; ``on_batch(images, boxes)`` reports progress."""
+    mapper = FeatureMapper(encoders, config)
+    result = ShardResult(shard_id)
+    features: list[ImageFeatures] = []
+    for batch in _loader(dataset, entries, encoders, config):
+        images, dropped = mapper(batch)
+        if config.strict:
+            _raise_on_failure(images, dropped)
+        features.extend(images)
+        boxes = sum(len(r.boxes) for r in images if r.status != STATUS_FAILED)
+        result.images += len(images)
+        result.boxes += boxes
+        result.failed += sum(r.status == STATUS_FAILED for r in images)
+        result.dropped_boxes += dropped
+        on_batch(len(images), boxes)
+    result.bytes_written = writer.write_shard(shard_id, features)
+    return result
+
+
+def shard_dataset(dataset: DetectionDataset, entries: list[ImageEntry]) -> DetectionDataset:
+    """The part of ``dataset`` one shard needs (what is sent to a worker)."""
+    return replace(dataset, images=entries, boxes={e.id: dataset.boxes_of(e.id) for e in entries})
+
+
+def prepare_cache(dataset: DetectionDataset, cache_dir: Path | str, encoders: FrozenEncoders, config: ExtractConfig, box_source: str) -> CacheWriter:
+    """Create or reopen the cache (identity checked) and store the dataset's vocabulary."""
+    writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source))
+    if not writer.has_vocabulary(dataset.name):
+        embeddings = encoders.clip.text_embeddings([c.name for c in dataset.categories])
+        writer.write_vocabulary(dataset.name, dataset.categories, embeddings.float().cpu().numpy())
+    return writer
+
+
 def run_extraction(
     dataset: DetectionDataset,
     cache_dir: Path | str,
@@ -154,41 +215,44 @@ def run_extraction(
     box_source: str = "gt",
     encoders: FrozenEncoders | None = None,
 ) -> ExtractSummary:
-    """Extract every shard of ``dataset`` that ``cache_dir`` does not hold yet."""
+    """Extract, in this process, every shard of ``dataset`` that ``cache_dir`` does not hold yet."""
     started = time.perf_counter()
     encoders = encoders or load_frozen_encoders(models, resolve_device(config.device))
-    writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source))
-    if not writer.has_vocabulary(dataset.name):
-        embeddings = encoders.clip.text_embeddings([c.name for c in dataset.categories])
-        writer.write_vocabulary(dataset.name, dataset.categories, embeddings.float().cpu().numpy())
-    mapper = FeatureMapper(encoders, config)
+    writer = prepare_cache(dataset, cache_dir, encoders, config, box_source)
     summary = ExtractSummary()
     committed = writer.committed_shards()
     shards = list(shard_entries(dataset.images, config.shard_size))
     todo = sum(len(entries) for shard_id, entries in shards if shard_id not in committed)
-    loop_started = time.perf_counter()  # rates exclude model loading
-    with progress_bar(f"extract {dataset.name}", todo, "{task.fields[rate]}") as (bar, task):
+    with ExtractProgress(dataset.name, todo) as progress:
         for shard_id, entries in shards:
             if shard_id in committed:
                 summary.shards_skipped += 1
                 continue
-            features: list[ImageFeatures] = []
-            for batch in _loader(dataset, entries, encoders, config):
-                results, dropped = mapper(batch)
-                if config.strict:
-                    _raise_on_failure(results, dropped)
-                features.extend(results)
-                summary.dropped_boxes += dropped
-                summary.boxes += sum(len(r.boxes) for r in results if r.status != STATUS_FAILED)
-                summary.failed += sum(r.status == STATUS_FAILED for r in results)
-                summary.images += len(results)
-                elapsed = time.perf_counter() - loop_started
-                bar.update(task, advance=len(results),
-                           rate=f"{summary.images / elapsed:.1f} img/s {summary.boxes / elapsed:.1f} box/s")
-            summary.bytes_written += writer.write_shard(shard_id, features)
-            summary.shards_written += 1
+            summary.add(extract_shard(shard_id, entries, dataset, encoders, writer, config, progress.advance))
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+class ExtractProgress:
+    """A rich bar with images/s, boxes/s and ETA (rates exclude model loading)."""
+
+    def __init__(self, name: str, total: int):
+        self._context = progress_bar(f"extract {name}", total, "{task.fields[rate]}")
+        self.images = self.boxes = 0
+
+    def __enter__(self) -> "ExtractProgress":
+        self.bar, self.task = self._context.__enter__()
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._context.__exit__(*exc)
+
+    def advance(self, images: int, boxes: int) -> None:
+        self.images, self.boxes = self.images + images, self.boxes + boxes
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.update(self.task, advance=images,
+                        rate=f"{self.images / elapsed:.1f} img/s {self.boxes / elapsed:.1f} box/s")
 
 
 class ExtractionError(ValueError):
@@ -220,3 +284,5 @@ def print_summary(summary: ExtractSummary) -> None:
         f"({summary.dropped_boxes} degenerate dropped); shards written {summary.shards_written}, "
         f"skipped {summary.shards_skipped}; {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s"
     )
+    for shard_id, error in summary.failed_shards.items():
+        console.print(f"[red]shard {shard_id} failed[/]: {error}")

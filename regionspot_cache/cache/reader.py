@@ -172,7 +172,7 @@ class ShardProblem:
 
 def committed_shard_dirs(root: Path) -> list[Path]:
     shards_dir = root / SHARDS_DIR
-    return sorted(p for p in shards_dir.iterdir() if p.name.isdigit()) if shards_dir.is_dir() else []
+    return sorted(p for p in shards_dir.iterdir() if p.name.isdigit() and p.is_dir()) if shards_dir.is_dir() else []
 
 
 def verify_cache(root: Path | str) -> list[ShardProblem]:

@@ -75,7 +75,7 @@ class CacheWriter:
         self.shards_dir.mkdir(exist_ok=True)
 
     def committed_shards(self) -> set[int]:
-        return {int(p.name) for p in self.shards_dir.iterdir() if p.name.isdigit()}
+        return {int(p.name) for p in self.shards_dir.iterdir() if p.name.isdigit() and p.is_dir()}
 
     def has_vocabulary(self, name: str) -> bool:
         return (self.root / VOCAB_DIR / f"{name}.parquet").is_file()
@@ -103,7 +103,7 @@ class CacheWriter:
         """Write one shard aside and commit it with a rename; returns bytes written. A shard
         that is already committed is never rewritten."""
         final = self.shards_dir / shard_name(shard_id)
-        if final.exists():
+        if final.is_dir():
             raise CacheFormatError(f"{final}: shard {shard_id} is already committed")
         self._remove_abandoned_temps(shard_id)
         tmp = self.shards_dir / f".tmp-{shard_name(shard_id)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
