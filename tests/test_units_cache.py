@@ -135,7 +135,8 @@ def test_inspect_counts_and_missing_shards(tmp_path):
     summary = inspect_cache(tmp_path)
     assert (summary["images"], summary["images_failed"], summary["boxes"]) == (2, 1, 2)
     assert summary["shards_committed"] == 1 and summary["shards_missing"] == [0]
-    assert summary["bytes_on_disk"] > 0
+    assert summary["bytes_on_disk"] > 0 and summary["bytes_on_disk_per_image"] == round(summary["bytes_on_disk"] / 2)
+    assert summary["bytes_per_image_map"] == 0 and summary["bytes_per_box_token"] == 2 * 256  # toy clip has no sizes
 
 
 def test_writer_removes_what_a_killed_writer_left_aside(tmp_path):

@@ -207,6 +207,7 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
     provenance = reader.provenance
     committed = {int(p.name) for p in reader.shard_dirs}
     status = reader.images.column("status").to_pylist()
+    on_disk = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
     return {
         "dataset": provenance.dataset,
         "box_source": provenance.box_source,
@@ -218,5 +219,9 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
         "sam": f"{provenance.sam.get('variant')} (sha256 {str(provenance.sam.get('checkpoint_sha256'))[:12]})",
         "clip": f"{provenance.clip.get('model')} ({provenance.clip.get('pretrained') or 'file sha256 ' + str(provenance.clip.get('weights_sha256'))[:12]})",
         "vocabularies": reader.vocabulary_names(),
-        "bytes_on_disk": sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file()),
+        "bytes_on_disk": on_disk,
+        # float16 payload: one feature map per image, one 256-d token per box.
+        "bytes_per_image_map": 2 * int(provenance.clip.get("num_tokens", 0)) * int(provenance.clip.get("width", 0)),
+        "bytes_per_box_token": 2 * int(provenance.sam.get("token_dim", 256)),
+        "bytes_on_disk_per_image": round(on_disk / max(len(status), 1)),
     }
