@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from regionspot_cache.cache import CacheFormatError, CacheReader
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.datasets import load_coco_format
