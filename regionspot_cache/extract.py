@@ -85,14 +85,24 @@ class ImageReader(Dataset):
         return LoadedImage(entry, boxes, self.sam_resize(np.asarray(image)), self.clip_preprocess(image))
 
 
-def clip_boxes_to_image(boxes: BoxSet, width: int, height: int) -> tuple[BoxSet, int]:
-    """Clip to the image; drop boxes left with no area. Returns the kept boxes and the drop count."""
-    xyxy = boxes.xyxy.copy()
-    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)
-    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, height)
-    keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1]) & np.isfinite(xyxy).all(axis=1)
-    kept = BoxSet(xyxy[keep], boxes.category_ids[keep], boxes.scores[keep])
-    return kept, int((~keep).sum())
+def split_boxes(boxes: BoxSet, width: int, height: int) -> tuple[BoxSet, BoxSet, list[str]]:
+    """Clip boxes to the image; those left without area (or not finite) are rejected with a
+    reason. Returns the kept boxes (clipped), the rejected ones (as given) and the reasons."""
+    finite = np.isfinite(boxes.xyxy).all(axis=1)
+    xyxy = np.nan_to_num(boxes.xyxy, nan=0.0, posinf=0.0, neginf=0.0)
+    positive = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    clipped = xyxy.copy()
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
+    inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    keep = finite & positive & inside
+    reasons = [
+        "coordinates not finite" if not f else "zero or negative size" if not p else "outside the image"
+        for f, p in zip(finite[~keep], positive[~keep])
+    ]
+    kept = BoxSet(clipped[keep], boxes.category_ids[keep], boxes.scores[keep])
+    rejected = BoxSet(boxes.xyxy[~keep], boxes.category_ids[~keep], boxes.scores[~keep])
+    return kept, rejected, reasons
 
 
 class FeatureMapper:
@@ -103,9 +113,8 @@ class FeatureMapper:
         self.config = config
         self.device = encoders.sam.device
 
-    def __call__(self, batch: Sequence[LoadedImage]) -> tuple[list[ImageFeatures], int]:
+    def __call__(self, batch: Sequence[LoadedImage]) -> list[ImageFeatures]:
         good = [item for item in batch if not item.error]
-        dropped = 0
         results = {item.entry.id: self._failed(item) for item in batch if item.error}
         if good:
             # bf16 on CUDA (tensor cores); fp32 on the CPU, where autocast would only slow down.
@@ -113,8 +122,7 @@ class FeatureMapper:
                 embeddings = self.encoders.sam.embed_images([item.sam_pixels for item in good])
                 maps = self.encoders.clip.feature_maps(torch.stack([item.clip_pixels for item in good]))
                 for item, embedding, feature_map in zip(good, embeddings, maps):
-                    boxes, n_dropped = clip_boxes_to_image(item.boxes, item.entry.width, item.entry.height)
-                    dropped += n_dropped
+                    boxes, rejected, reasons = split_boxes(item.boxes, item.entry.width, item.entry.height)
                     tokens = self.encoders.sam.box_tokens(
                         embedding, boxes.xyxy, (item.entry.height, item.entry.width),
                         self.config.boxes_per_decoder_call,
@@ -122,8 +130,9 @@ class FeatureMapper:
                     results[item.entry.id] = ImageFeatures(
                         item.entry.id, item.entry.file_name, item.entry.width, item.entry.height, boxes,
                         feature_map=_to_float16(feature_map), box_tokens=_to_float16(tokens),
+                        rejected_boxes=rejected, rejected_reasons=reasons,
                     )
-        return [results[item.entry.id] for item in batch], dropped
+        return [results[item.entry.id] for item in batch]
 
     @staticmethod
     def _failed(item: LoadedImage) -> ImageFeatures:
@@ -179,15 +188,15 @@ def extract_shard(
     result = ShardResult(shard_id)
     features: list[ImageFeatures] = []
     for batch in _loader(dataset, entries, encoders, config):
-        images, dropped = mapper(batch)
+        images = mapper(batch)
         if config.strict:
-            _raise_on_failure(images, dropped)
+            _raise_on_failure(images)
         features.extend(images)
         boxes = sum(len(r.boxes) for r in images if r.status != STATUS_FAILED)
         result.images += len(images)
         result.boxes += boxes
         result.failed += sum(r.status == STATUS_FAILED for r in images)
-        result.dropped_boxes += dropped
+        result.dropped_boxes += sum(len(r.rejected_reasons) for r in images)
         on_batch(len(images), boxes)
     result.bytes_written = writer.write_shard(shard_id, features)
     return result
@@ -259,12 +268,13 @@ class ExtractionError(ValueError):
     """Bad input met with ``strict`` on; shards committed before it stay committed."""
 
 
-def _raise_on_failure(results: Sequence[ImageFeatures], dropped: int) -> None:
-    failed = [r for r in results if r.status == STATUS_FAILED]
-    if failed:
-        raise ExtractionError(f"--strict: image {failed[0].image_id}: {failed[0].reason}")
-    if dropped:
-        raise ExtractionError(f"--strict: {dropped} degenerate box(es) in images {[r.image_id for r in results]}")
+def _raise_on_failure(results: Sequence[ImageFeatures]) -> None:
+    for result in results:
+        if result.status == STATUS_FAILED:
+            raise ExtractionError(f"--strict: image {result.image_id}: {result.reason}")
+        if result.rejected_reasons:
+            box = result.rejected_boxes.xyxy[0].tolist()
+            raise ExtractionError(f"--strict: image {result.image_id} ({result.file_name}): box {box}: {result.rejected_reasons[0]}")
 
 
 def _loader(dataset: DetectionDataset, entries: list[ImageEntry], encoders: FrozenEncoders, config: ExtractConfig) -> DataLoader:
@@ -281,7 +291,7 @@ def _loader(dataset: DetectionDataset, entries: list[ImageEntry], encoders: Froz
 def print_summary(summary: ExtractSummary) -> None:
     console.print(
         f"extracted {summary.images} images ({summary.failed} failed), {summary.boxes} boxes "
-        f"({summary.dropped_boxes} degenerate dropped); shards written {summary.shards_written}, "
+        f"({summary.dropped_boxes} degenerate boxes rejected); shards written {summary.shards_written}, "
         f"skipped {summary.shards_skipped}; {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s"
     )
     for shard_id, error in summary.failed_shards.items():

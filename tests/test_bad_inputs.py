@@ -80,6 +80,14 @@ def test_decoding_normalises_modes_and_orientation(awkward):
     np.testing.assert_array_equal(sixteen, gray)  # 16-bit keeps its top 8 bits
 
 
+def test_strict_names_a_degenerate_box(awkward, tmp_path, tiny_models, encoders):
+    first = awkward.images[0]
+    boxes = awkward.boxes[first.id]
+    broken = replace(awkward, images=[first], boxes={first.id: replace(boxes, xyxy=np.array([[5, 5, 1, 9]], np.float32))})
+    with pytest.raises(ExtractionError, match=r"image 1 \(cmyk.jpg\): box \[5.0, 5.0, 1.0, 9.0\]: zero or negative size"):
+        run_extraction(broken, tmp_path / "cache", tiny_models, replace(CONFIG, strict=True), encoders=encoders)
+
+
 def test_strict_stops_at_the_first_bad_image_keeping_earlier_shards(awkward, tmp_path, tiny_models, encoders):
     strict = replace(CONFIG, strict=True)
     with pytest.raises(ExtractionError, match="truncated.jpg"):

@@ -71,6 +71,18 @@ def test_vocabulary_and_provenance(setup):
     assert provenance.clip["num_tokens"] == reader.image(dataset.images[0].id).feature_map.shape[0]
 
 
+def test_split_boxes_clips_and_gives_reasons():
+    from regionspot_cache.datasets import BoxSet
+    from regionspot_cache.extract import split_boxes
+
+    xyxy = np.array([[-5, -5, 20, 20], [10, 10, 10, 30], [30, 5, 20, 9], [200, 200, 300, 300], [np.nan, 0, 5, 5]], np.float32)
+    kept, rejected, reasons = split_boxes(BoxSet(xyxy, np.arange(5), np.ones(5, np.float32)), width=100, height=50)
+    np.testing.assert_array_equal(kept.xyxy, [[0, 0, 20, 20]])
+    assert kept.category_ids.tolist() == [0] and rejected.category_ids.tolist() == [1, 2, 3, 4]
+    assert reasons == ["zero or negative size", "zero or negative size", "outside the image", "coordinates not finite"]
+    np.testing.assert_array_equal(rejected.xyxy[:3], xyxy[1:4])  # recorded as given, not clipped
+
+
 def _copy_cache(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
@@ -117,3 +129,6 @@ def test_bad_image_and_degenerate_box_do_not_stop_the_run(setup, tmp_path):
     status, reason = reader.status(victim.id)
     assert status == "failed" and victim.file_name in reason and "cannot decode" in reason
     assert len(reader.image(other.id).boxes) == len(boxes) - 1
+    rejected = reader.rejected_boxes.to_pylist()
+    assert len(rejected) == 1 and rejected[0]["image_id"] == other.id
+    assert rejected[0]["reason"] == "zero or negative size" and rejected[0]["x1"] == rejected[0]["x2"] == 5

@@ -133,7 +133,7 @@ def test_inspect_counts_and_missing_shards(tmp_path):
     writer = CacheWriter(tmp_path, _provenance())
     writer.write_shard(1, [_image(4, 2), ImageFeatures(5, "5.jpg", 1, 1, status="failed", reason="x")])
     summary = inspect_cache(tmp_path)
-    assert (summary["images"], summary["images_failed"], summary["boxes"]) == (2, 1, 2)
+    assert (summary["images"], summary["images_failed"], summary["boxes"], summary["boxes_rejected"]) == (2, 1, 2, 0)
     assert summary["shards_committed"] == 1 and summary["shards_missing"] == [0]
     assert summary["bytes_on_disk"] > 0 and summary["bytes_on_disk_per_image"] == round(summary["bytes_on_disk"] / 2)
     assert summary["bytes_per_image_map"] == 0 and summary["bytes_per_box_token"] == 2 * 256  # toy clip has no sizes

@@ -7,6 +7,7 @@ Layout of a cache directory::
     shards/<NNNNNN>/                one committed shard (made visible by one rename)
         images.parquet              one row per image: id, file, size, status, token range
         boxes.parquet               one row per box: image id, x1 y1 x2 y2, category id, score
+        rejected_boxes.parquet      degenerate boxes as given, with the reason
         checksums.json              SHA-256 of the shard's other files, for ``rs-cache verify``
         features.zarr/              zarr v3: clip_maps (images, tokens, width) and
                                     box_tokens (boxes, 256), float16, one zarr shard file each

@@ -18,6 +18,7 @@ SHARDS_DIR = "shards"
 VOCAB_DIR = "vocabularies"
 IMAGES_FILE = "images.parquet"
 BOXES_FILE = "boxes.parquet"
+REJECTED_FILE = "rejected_boxes.parquet"  # degenerate boxes, as given, with the reason
 FEATURES_DIR = "features.zarr"
 CHECKSUMS_FILE = "checksums.json"  # SHA-256 of every other file of the shard, written at commit
 CLIP_MAPS = "clip_maps"
@@ -52,6 +53,9 @@ BOXES_SCHEMA = pa.schema(
         ("score", pa.float32()),
     ]
 )
+
+
+REJECTED_SCHEMA = BOXES_SCHEMA.append(pa.field("reason", pa.string()))
 
 
 def vocabulary_schema(text_dim: int) -> pa.Schema:

@@ -32,6 +32,8 @@ from .format import (
     STATUS_OK,
     VOCAB_DIR,
     CacheFormatError,
+    REJECTED_FILE,
+    REJECTED_SCHEMA,
     Provenance,
     shard_checksums,
     shard_name,
@@ -67,6 +69,7 @@ class CacheReader:
         self.shard_dirs = committed_shard_dirs(self.root)
         self.images = self._concat(IMAGES_FILE, IMAGES_SCHEMA, with_shard=True)
         self.boxes = self._concat(BOXES_FILE, BOXES_SCHEMA, with_shard=False)
+        self.rejected_boxes = self._concat(REJECTED_FILE, REJECTED_SCHEMA, with_shard=False)
         self._index = {
             image_id: row for row, image_id in enumerate(self.images.column("image_id").to_pylist())
         }
@@ -214,6 +217,7 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
         "images": len(status),
         "images_failed": sum(s != STATUS_OK for s in status),
         "boxes": len(reader.boxes),
+        "boxes_rejected": len(reader.rejected_boxes),
         "shards_committed": len(committed),
         "shards_missing": sorted(set(range(provenance.planned_shards)) - committed),
         "sam": f"{provenance.sam.get('variant')} (sha256 {str(provenance.sam.get('checkpoint_sha256'))[:12]})",

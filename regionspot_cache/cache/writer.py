@@ -26,6 +26,8 @@ from .format import (
     IMAGES_FILE,
     IMAGES_SCHEMA,
     PROVENANCE_FILE,
+    REJECTED_FILE,
+    REJECTED_SCHEMA,
     SHARDS_DIR,
     STATUS_OK,
     TOKENS_PER_CHUNK,
@@ -52,6 +54,8 @@ class ImageFeatures:
     box_tokens: np.ndarray | None = None  # (boxes, 256)
     status: str = STATUS_OK
     reason: str = ""
+    rejected_boxes: BoxSet = field(default_factory=BoxSet.empty)  # degenerate boxes, as given
+    rejected_reasons: list[str] = field(default_factory=list)
 
 
 class CacheWriter:
@@ -127,7 +131,7 @@ class CacheWriter:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_shard_files(self, directory: Path, images: Sequence[ImageFeatures]) -> None:
-        rows, box_rows, maps, tokens = [], [], [], []
+        rows, box_rows, maps, tokens, rejected_rows = [], [], [], [], []
         box_start = 0
         for image in images:
             ok = image.status == STATUS_OK
@@ -145,6 +149,9 @@ class CacheWriter:
                     "box_count": count,
                 }
             )
+            if image.rejected_reasons:
+                table = _box_columns(image.image_id, image.rejected_boxes)
+                rejected_rows.append(table.append_column("reason", pa.array(image.rejected_reasons, pa.string())))
             if ok:
                 maps.append(image.feature_map)
                 tokens.append(image.box_tokens)
@@ -153,6 +160,8 @@ class CacheWriter:
         pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), directory / IMAGES_FILE)
         boxes = pa.concat_tables(box_rows) if box_rows else BOXES_SCHEMA.empty_table()
         pq.write_table(boxes, directory / BOXES_FILE)
+        rejected = pa.concat_tables(rejected_rows) if rejected_rows else REJECTED_SCHEMA.empty_table()
+        pq.write_table(rejected, directory / REJECTED_FILE)
         group = zarr.open_group(directory / FEATURES_DIR, mode="w")
         _write_array(group, CLIP_MAPS, np.stack(maps) if maps else None, chunk_rows=1)
         _write_array(group, BOX_TOKENS, np.concatenate(tokens) if tokens else None, TOKENS_PER_CHUNK)
