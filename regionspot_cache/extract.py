@@ -8,6 +8,7 @@ committed shard at a time). Committed shards are skipped, so re-running resumes.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -172,34 +173,59 @@ class ShardResult:
     failed: int = 0
     dropped_boxes: int = 0
     bytes_written: int = 0
+    last_boxes: int = 0  # boxes of the last batch added, for progress
+
+    def add(self, images: Sequence[ImageFeatures]) -> None:
+        self.last_boxes = sum(len(r.boxes) for r in images if r.status != STATUS_FAILED)
+        self.images += len(images)
+        self.boxes += self.last_boxes
+        self.failed += sum(r.status == STATUS_FAILED for r in images)
+        self.dropped_boxes += sum(len(r.rejected_reasons) for r in images)
 
 
-def extract_shard(
-    shard_id: int,
-    entries: list[ImageEntry],
+def extract_shards(
+    shards: Sequence[tuple[int, list[ImageEntry]]],
     dataset: DetectionDataset,
     encoders: FrozenEncoders,
     writer: CacheWriter,
     config: ExtractConfig,
     on_batch: Callable[[int, int], None] = lambda images, boxes: None,
-) -> ShardResult:
-    """Encode the images of one shard and commit it; ``on_batch(images, boxes)`` reports progress."""
+) -> Iterator[ShardResult]:
+    """Encode and commit ``shards`` in order, yielding each one's result once committed.
+
+    One data loader serves all the shards with batches that never cross a shard boundary, so
+    decoding runs ahead across shards; a finished shard is committed on a background thread
+    while the next one computes. ``on_batch(images, boxes)`` reports progress.
+    """
     mapper = FeatureMapper(encoders, config)
-    result = ShardResult(shard_id)
-    features: list[ImageFeatures] = []
-    for batch in _loader(dataset, entries, encoders, config):
-        images = mapper(batch)
-        if config.strict:
-            _raise_on_failure(images)
-        features.extend(images)
-        boxes = sum(len(r.boxes) for r in images if r.status != STATUS_FAILED)
-        result.images += len(images)
-        result.boxes += boxes
-        result.failed += sum(r.status == STATUS_FAILED for r in images)
-        result.dropped_boxes += sum(len(r.rejected_reasons) for r in images)
-        on_batch(len(images), boxes)
-    result.bytes_written = writer.write_shard(shard_id, features)
+    batches = iter(_loader(dataset, shards, encoders, config))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-cache-commit") as committer:
+        pending: Future | None = None
+        for shard_id, entries in shards:
+            result, features = ShardResult(shard_id), []
+            for _ in range(-(-len(entries) // config.batch_size)):
+                images = mapper(next(batches))
+                if config.strict:
+                    _raise_on_failure(images)
+                features.extend(images)
+                result.add(images)
+                on_batch(len(images), result.last_boxes)
+            if pending is not None:
+                yield pending.result()
+            pending = committer.submit(_commit, writer, result, features)
+        if pending is not None:
+            yield pending.result()
+
+
+def _commit(writer: CacheWriter, result: ShardResult, features: list[ImageFeatures]) -> ShardResult:
+    result.bytes_written = writer.write_shard(result.shard_id, features)
     return result
+
+
+def extract_shard(shard_id: int, entries: list[ImageEntry], dataset: DetectionDataset, encoders: FrozenEncoders,
+                  writer: CacheWriter, config: ExtractConfig) -> ShardResult:
+    """Encode the images of one shard and commit it."""
+    return next(extract_shards([(shard_id, entries)], dataset, encoders, writer, config))
 
 
 def shard_dataset(dataset: DetectionDataset, entries: list[ImageEntry]) -> DetectionDataset:
@@ -232,12 +258,11 @@ def run_extraction(
     committed = writer.committed_shards()
     shards = list(shard_entries(dataset.images, config.shard_size))
     todo = sum(len(entries) for shard_id, entries in shards if shard_id not in committed)
+    pending = [(shard_id, entries) for shard_id, entries in shards if shard_id not in committed]
+    summary.shards_skipped = len(shards) - len(pending)
     with ExtractProgress(dataset.name, todo) as progress:
-        for shard_id, entries in shards:
-            if shard_id in committed:
-                summary.shards_skipped += 1
-                continue
-            summary.add(extract_shard(shard_id, entries, dataset, encoders, writer, config, progress.advance))
+        for result in extract_shards(pending, dataset, encoders, writer, config, progress.advance):
+            summary.add(result)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -277,11 +302,19 @@ def _raise_on_failure(results: Sequence[ImageFeatures]) -> None:
             raise ExtractionError(f"--strict: image {result.image_id} ({result.file_name}): box {box}: {result.rejected_reasons[0]}")
 
 
-def _loader(dataset: DetectionDataset, entries: list[ImageEntry], encoders: FrozenEncoders, config: ExtractConfig) -> DataLoader:
+def _loader(dataset: DetectionDataset, shards: Sequence[tuple[int, list[ImageEntry]]], encoders: FrozenEncoders,
+            config: ExtractConfig) -> DataLoader:
+    """Batches of ``config.batch_size`` images that never cross a shard boundary."""
+    entries = [entry for _, shard in shards for entry in shard]
+    batches, start = [], 0
+    for _, shard in shards:
+        batches += [list(range(i, min(i + config.batch_size, start + len(shard))))
+                    for i in range(start, start + len(shard), config.batch_size)]
+        start += len(shard)
     reader = ImageReader(dataset, entries, encoders.sam.resizer(), encoders.clip.preprocessor())
     return DataLoader(
         reader,
-        batch_size=config.batch_size,
+        batch_sampler=batches,
         num_workers=config.num_workers,
         collate_fn=list,
         pin_memory=encoders.sam.device.type == "cuda",
