@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from .runtime import read_toml
+
+T = TypeVar("T")
 
 
 class DatasetError(ValueError):
@@ -124,34 +126,56 @@ def _image_file_name(image: dict) -> str:
 
 
 def load_coco_format(path: Path | str, image_root: Path | str, name: str | None = None) -> DetectionDataset:
-    """Read a COCO / LVIS detection JSON file; ground-truth boxes become (x1, y1, x2, y2)."""
+    """Read a COCO / LVIS detection JSON file; ground-truth boxes become (x1, y1, x2, y2).
+    A malformed entry fails at once, naming the file and the entry (e.g. ``annotations[17]``)."""
     path = Path(path)
     data = read_json(path, "annotation file")
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a JSON object with images/annotations/categories")
-    where = "images"
-    try:
-        images = [
-            ImageEntry(int(im["id"]), _image_file_name(im), int(im["width"]), int(im["height"]))
-            for im in data["images"]
-        ]
-        where = "categories"
-        categories = sorted(
-            (Category(int(c["id"]), str(c["name"]), c.get("frequency")) for c in data["categories"]),
-            key=lambda c: c.id,
-        )
-        where = "annotations"
-        boxes = _group_boxes(data.get("annotations", []))
-    except (KeyError, TypeError, ValueError) as err:
-        raise DatasetError(f"{path}: malformed {where!r} entry: {err!r}") from None
-    return DetectionDataset(name or path.stem, path, Path(image_root), images, categories, boxes)
+    if not isinstance(data, dict) or "images" not in data or "categories" not in data:
+        raise DatasetError(f"{path}: expected a JSON object with images, annotations and categories")
+    images = _parse_entries(path, data, "images", _image_entry)
+    categories = sorted(_parse_entries(path, data, "categories", _category), key=lambda c: c.id)
+    for section, ids in (("images", [i.id for i in images]), ("categories", [c.id for c in categories])):
+        if len(set(ids)) != len(ids):
+            duplicate = next(i for i in ids if ids.count(i) > 1)
+            raise DatasetError(f"{path}: {section}: duplicate id {duplicate}")
+    annotations = _parse_entries(path, data, "annotations", _annotation)
+    known = {image.id for image in images}
+    for index, (image_id, _, _) in enumerate(annotations):
+        if image_id not in known:
+            raise DatasetError(f"{path}: annotations[{index}]: image_id {image_id} is not in images")
+    return DetectionDataset(name or path.stem, path, Path(image_root), images, categories, _group_boxes(annotations))
 
 
-def _group_boxes(annotations: list[dict]) -> dict[int, BoxSet]:
+def _parse_entries(path: Path, data: dict, section: str, parse: Callable[[Any], T]) -> list[T]:
+    entries = data.get(section, [])
+    if not isinstance(entries, list):
+        raise DatasetError(f"{path}: {section}: expected a list, got {type(entries).__name__}")
+    parsed = []
+    for index, entry in enumerate(entries):
+        try:
+            parsed.append(parse(entry))
+        except (KeyError, TypeError, ValueError) as err:
+            raise DatasetError(f"{path}: {section}[{index}]: malformed entry: {err!r}") from None
+    return parsed
+
+
+def _image_entry(image: dict) -> ImageEntry:
+    return ImageEntry(int(image["id"]), _image_file_name(image), int(image["width"]), int(image["height"]))
+
+
+def _category(category: dict) -> Category:
+    return Category(int(category["id"]), str(category["name"]), category.get("frequency"))
+
+
+def _annotation(annotation: dict) -> tuple[int, list[float], int]:
+    x, y, w, h = (float(v) for v in annotation["bbox"])
+    return int(annotation["image_id"]), [x, y, x + w, y + h], int(annotation["category_id"])
+
+
+def _group_boxes(annotations: list[tuple[int, list[float], int]]) -> dict[int, BoxSet]:
     grouped: dict[int, list[tuple[list[float], int]]] = {}
-    for ann in annotations:
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        grouped.setdefault(int(ann["image_id"]), []).append(([x, y, x + w, y + h], int(ann["category_id"])))
+    for image_id, box, category_id in annotations:
+        grouped.setdefault(image_id, []).append((box, category_id))
     result = {}
     for image_id, items in grouped.items():
         xyxy = np.asarray([box for box, _ in items], dtype=np.float32).reshape(-1, 4)

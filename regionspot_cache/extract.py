@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .cache import CacheWriter, ImageFeatures, Provenance
 from .cache.format import STATUS_FAILED
+
+NO_BOXES = "no boxes"  # kept (its feature map serves later proposals), with this reason
 from .config import ExtractConfig, ModelsConfig
 from .datasets import BoxSet, DatasetError, DetectionDataset, ImageEntry
 from .encoders import FrozenEncoders, load_frozen_encoders
@@ -43,6 +45,7 @@ class ExtractSummary:
     boxes: int = 0
     failed: int = 0
     dropped_boxes: int = 0
+    without_boxes: int = 0
     shards_written: int = 0
     shards_skipped: int = 0
     bytes_written: int = 0
@@ -54,6 +57,7 @@ class ExtractSummary:
         self.boxes += shard.boxes
         self.failed += shard.failed
         self.dropped_boxes += shard.dropped_boxes
+        self.without_boxes += shard.without_boxes
         self.bytes_written += shard.bytes_written
         self.shards_written += 1
 
@@ -132,6 +136,7 @@ class FeatureMapper:
                         item.entry.id, item.entry.file_name, item.entry.width, item.entry.height, boxes,
                         feature_map=_to_float16(feature_map), box_tokens=_to_float16(tokens),
                         rejected_boxes=rejected, rejected_reasons=reasons,
+                        reason="" if len(boxes) else NO_BOXES,
                     )
         return [results[item.entry.id] for item in batch]
 
@@ -172,6 +177,7 @@ class ShardResult:
     boxes: int = 0
     failed: int = 0
     dropped_boxes: int = 0
+    without_boxes: int = 0
     bytes_written: int = 0
     last_boxes: int = 0  # boxes of the last batch added, for progress
 
@@ -181,6 +187,7 @@ class ShardResult:
         self.boxes += self.last_boxes
         self.failed += sum(r.status == STATUS_FAILED for r in images)
         self.dropped_boxes += sum(len(r.rejected_reasons) for r in images)
+        self.without_boxes += sum(r.reason == NO_BOXES for r in images)
 
 
 def extract_shards(
@@ -323,7 +330,8 @@ def _loader(dataset: DetectionDataset, shards: Sequence[tuple[int, list[ImageEnt
 
 def print_summary(summary: ExtractSummary) -> None:
     console.print(
-        f"extracted {summary.images} images ({summary.failed} failed), {summary.boxes} boxes "
+        f"extracted {summary.images} images ({summary.failed} failed, {summary.without_boxes} without boxes), "
+        f"{summary.boxes} boxes "
         f"({summary.dropped_boxes} degenerate boxes rejected); shards written {summary.shards_written}, "
         f"skipped {summary.shards_skipped}; {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s"
     )

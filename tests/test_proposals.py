@@ -61,6 +61,7 @@ def test_extract_and_score_proposals(tmp_path, tiny_models, encoders):
     reader = CacheReader(tmp_path / "cache")
     assert reader.provenance.box_source == source
     assert len(reader.image(1).boxes) == 2 and len(reader.image(2).boxes) == 0
+    assert reader.status(2) == ("ok", "no boxes")
     np.testing.assert_allclose(reader.image(1).scores, [0.8, 0.5])
     head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim)).eval()
     detections = predict_detections(reader, head, reader.vocabulary("toy"), EvalConfig(device="cpu"))
