@@ -158,6 +158,20 @@ def evaluate(
         output.with_suffix(".metrics.json").write_text(json.dumps(result.metrics, indent=2))
 
 
+@app.command("import-checkpoint")
+def import_checkpoint(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint of the released RegionSpot code (torch file with a 'model' dict)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."),
+) -> None:
+    """Convert a released RegionSpot checkpoint into our head checkpoint (frozen SAM/CLIP keys are
+    ignored; loaded with weights_only=True), to evaluate the published weights on a cache."""
+    from .import_released import import_released_checkpoint
+
+    head = import_released_checkpoint(checkpoint, output)
+    console.print(f"wrote {output}: width {head.config.clip_width}, text dim {head.config.text_dim}, "
+                  f"{head.config.num_layers} decoder layers")
+
+
 @app.command()
 def inspect(cache: Path = typer.Argument(..., help="Cache directory to summarise.")) -> None:
     """Summarise a cache: images, boxes, shards committed and missing, models, bytes on disk."""

@@ -15,7 +15,7 @@ from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 
 runner = CliRunner()
-COMMANDS = ["extract", "train", "eval", "demo", "inspect", "verify"]
+COMMANDS = ["extract", "train", "eval", "demo", "inspect", "verify", "import-checkpoint"]
 
 
 def test_every_option_of_every_command_is_explained():
