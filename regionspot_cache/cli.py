@@ -106,12 +106,17 @@ def train(
     vocabulary: Optional[str] = typer.Option(None, help="Vocabulary stored in the cache (default: the cache's dataset)."),
     recipe: Optional[Path] = RecipeOption,
     overrides: List[str] = SetOption,
+    resume: bool = typer.Option(True, help="Continue from the newest training state saved beside OUTPUT (exact resume)."),
 ) -> None:
-    """Train the RegionSpot head from cached features only (no encoder in the loop)."""
+    """Train the RegionSpot head from cached features only (no encoder in the loop).
+
+    The full training state is saved every train.checkpoint_every steps under OUTPUT's
+    `<stem>.run/state`, and per-step metrics go to `<stem>.run/metrics.csv`.
+    """
     from .train import train_head
 
     config = _recipe(recipe, overrides)
-    summary = train_head(cache, output, config.train, vocabulary)
+    summary = train_head(cache, output, config.train, vocabulary, resume)
     console.print(f"wrote {summary.checkpoint} after {summary.steps} steps "
                   f"({summary.samples_per_second:.1f} images/s); final loss {summary.final_loss:.4f}")
 

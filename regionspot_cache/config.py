@@ -66,6 +66,7 @@ class TrainConfig:
     focal_gamma: float = 2.0
     normalize_feature_map: bool = True
     num_workers: int = 0
+    checkpoint_every: int = 5000  # steps between training-state checkpoints (exact resume)
     seed: int = 0
     device: str = "auto"
 

@@ -7,6 +7,7 @@ process. A shard that still fails after its retries is reported and the others g
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -50,8 +51,15 @@ def extract_shard_task(
 
 def local_cluster(workers: int) -> LocalCluster:
     # Worker processes must not be daemonic, or DataLoader workers cannot start inside them.
-    with dask.config.set({"distributed.worker.daemon": False}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    environ = dict(os.environ)
+    try:
+        with dask.config.set({"distributed.worker.daemon": False}):
+            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    finally:
+        # Starting workers sets OMP_NUM_THREADS=1 and the like in this process too; put back
+        # the caller's environment (it changes the thread count of later subprocesses).
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def default_workers() -> int:

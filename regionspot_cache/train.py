@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from .config import TrainConfig
 from .head import HeadConfig, RegionSpotHead, region_logits, save_head
 from .progress import progress_bar
 from .runtime import resolve_device
+from .train_state import latest_train_state, load_train_state, save_train_state
 
 
 @dataclass
@@ -124,8 +126,44 @@ def head_config_for(reader: CacheReader, config: TrainConfig) -> HeadConfig:
     )
 
 
-def train_head(cache_dir: Path | str, output: Path | str, config: TrainConfig, vocabulary: str | None = None) -> TrainSummary:
-    """Train a head on every labelled box of the cache; writes ``output`` (safetensors) + JSON."""
+def run_dir_for(output: Path) -> Path:
+    """Where a training run keeps its state checkpoints and metrics: ``<output stem>.run/``."""
+    return output.with_name(f"{output.stem}.run")
+
+
+class MetricsLog:
+    """Per-step metrics as CSV, flushed every row; on resume, rows past the resumed step go."""
+
+    COLUMNS = ("step", "loss", "lr", "images_per_s")
+
+    def __init__(self, path: Path, resume_step: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.is_file() and resume_step > 0:
+            kept = [row for row in path.read_text().splitlines()[1:] if int(row.split(",")[0]) < resume_step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("\n".join([",".join(self.COLUMNS), *kept]) + "\n")
+        tmp.replace(path)
+        self.handle = open(path, "a", encoding="utf-8")
+
+    def write(self, step: int, loss: float, lr: float, rate: float) -> None:
+        self.handle.write(f"{step},{loss!r},{lr!r},{rate:.2f}\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def train_head(
+    cache_dir: Path | str, output: Path | str, config: TrainConfig, vocabulary: str | None = None, resume: bool = True,
+) -> TrainSummary:
+    """Train a head on every labelled box of the cache; writes ``output`` (safetensors) + JSON.
+
+    Every ``config.checkpoint_every`` steps the full training state is saved under
+    ``<output stem>.run/state``; with ``resume`` a run continues from the newest one, step for
+    step as if it had not stopped. A NaN or infinite loss stops the run, keeping that state.
+    """
+    output = Path(output)
     reader = CacheReader(cache_dir)
     vocab = reader.vocabulary(vocabulary or reader.provenance.dataset)
     device = resolve_device(config.device)
@@ -135,28 +173,62 @@ def train_head(cache_dir: Path | str, output: Path | str, config: TrainConfig, v
     logit_scale = float(reader.provenance.clip["logit_scale"])
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    state_dir = run_dir_for(output) / "state"
+    identity = resume_identity(config, cache_dir, vocab.name)
+    if not resume:
+        shutil.rmtree(state_dir, ignore_errors=True)  # a fresh run: the old states would not fit it
+    latest = latest_train_state(state_dir) if resume else None
+    start = load_train_state(latest, head, optimizer, scheduler, identity) if latest else 0
     dataset = CachedRegions(reader, vocab, config.max_boxes_per_image, config.seed)
     loader = DataLoader(
-        dataset, batch_size=config.batch_size, sampler=EpochSampler(len(dataset), config.seed),
+        dataset, batch_size=config.batch_size, sampler=EpochSampler(len(dataset), config.seed, start * config.batch_size),
         num_workers=config.num_workers, collate_fn=collate_regions, pin_memory=device.type == "cuda",
+        # Its own generator: creating the iterator must not draw from the global RNG (dropout's),
+        # or a resumed run would see other dropout masks.
+        generator=torch.Generator().manual_seed(config.seed),
     )
+    metrics = MetricsLog(run_dir_for(output) / "metrics.csv", start)
     started, loss_value, samples = time.perf_counter(), math.nan, 0
-    with progress_bar("train head", config.iterations, "loss {task.fields[loss]} {task.fields[rate]}") as (bar, task):
-        for step, batch in zip(range(config.iterations), loader):
-            batch = batch.to(device)
-            embeddings = head(batch.tokens, batch.feature_maps, batch.box_mask)
-            logits = region_logits(embeddings, text, logit_scale)
-            loss = focal_loss(logits, batch.labels, batch.box_mask, config.focal_alpha, config.focal_gamma)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; no checkpoint written")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            loss_value, samples = loss.item(), samples + len(batch.labels)
-            elapsed = time.perf_counter() - started
-            bar.update(task, advance=1, loss=f"{loss_value:.4f}", rate=f"{samples / elapsed:.1f} img/s")
+    try:
+        with progress_bar("train head", config.iterations, "loss {task.fields[loss]} {task.fields[rate]}") as (bar, task):
+            bar.update(task, advance=start)
+            for step, batch in zip(range(start, config.iterations), loader):
+                lr = optimizer.param_groups[0]["lr"]
+                loss_value = train_step(head, optimizer, batch.to(device), text, logit_scale, config)
+                if not math.isfinite(loss_value):
+                    kept = latest_train_state(state_dir)
+                    raise FloatingPointError(f"loss became {loss_value} at step {step}; stopped. Last good state: "
+                                             f"{kept or 'none saved yet'}")
+                scheduler.step()
+                samples += len(batch.labels)
+                rate = samples / (time.perf_counter() - started)
+                metrics.write(step, loss_value, lr, rate)
+                bar.update(task, advance=1, loss=f"{loss_value:.4f}", rate=f"{rate:.1f} img/s")
+                if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.iterations:
+                    save_train_state(state_dir, step + 1, head, optimizer, scheduler, identity)
+    finally:
+        metrics.close()
     seconds = time.perf_counter() - started
     save_head(head, output, {"train": asdict(config), "vocabulary": vocab.name, "cache": str(cache_dir)})
-    return TrainSummary(config.iterations, loss_value, seconds, samples / max(seconds, 1e-9), Path(output))
+    return TrainSummary(config.iterations, loss_value, seconds, samples / max(seconds, 1e-9), output)
+
+
+def resume_identity(config: TrainConfig, cache_dir: Path | str, vocabulary: str) -> dict:
+    """What a resumed run must share with the saved one: all but length and machinery."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("iterations", "num_workers", "device", "checkpoint_every")}
+    return {**settings, "cache": str(Path(cache_dir).resolve()), "vocabulary": vocabulary}
+
+
+def train_step(head: RegionSpotHead, optimizer: torch.optim.Optimizer, batch: RegionBatch, text: torch.Tensor,
+               logit_scale: float, config: TrainConfig) -> float:
+    """One optimiser step; returns the loss. A non-finite loss leaves the weights untouched."""
+    embeddings = head(batch.tokens, batch.feature_maps, batch.box_mask)
+    logits = region_logits(embeddings, text, logit_scale)
+    loss = focal_loss(logits, batch.labels, batch.box_mask, config.focal_alpha, config.focal_gamma)
+    if not torch.isfinite(loss):
+        return float(loss.item())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
+    optimizer.step()
+    return float(loss.item())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from regionspot_cache.cache import CacheReader, verify_cache
@@ -22,7 +24,9 @@ def test_two_worker_cluster_matches_in_process_run_and_reports_a_bad_shard(tmp_p
     (tmp_path / "dask" / "shards").mkdir(parents=True)
     blocker = tmp_path / "dask" / "shards" / "000002"
     blocker.write_text("in the way")
+    environ = dict(os.environ)
     summary = run_distributed(dataset, tmp_path / "dask", tiny_models, CONFIG, workers=2, retries=1, encoders=encoders)
+    assert dict(os.environ) == environ  # starting dask workers must not change our environment
     assert summary.shards_written == 3 and list(summary.failed_shards) == [2]
     assert "000002" in summary.failed_shards[2]
     reference, distributed = CacheReader(tmp_path / "reference"), CacheReader(tmp_path / "dask")
