@@ -127,11 +127,11 @@ class CacheReader:
         row = self._row(image_id)
         if row["status"] != STATUS_OK:
             raise CacheFormatError(f"image {image_id} was not extracted: {row['status']}: {row['reason']}")
-        group = self._features(row["shard"])
+        clip_maps, box_tokens = self._arrays(row["shard"])
         start, count = row["box_start"], row["box_count"]
         box_table = self.boxes.slice(self._box_offsets[row["shard"]] + start, count)
         boxes = np.stack([box_table.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)
-        tokens = group[BOX_TOKENS][start : start + count] if count else np.zeros((0, 256), np.float16)
+        tokens = box_tokens[start : start + count] if count else np.zeros((0, 256), np.float16)
         return CachedImage(
             image_id=image_id,
             file_name=row["file_name"],
@@ -141,12 +141,14 @@ class CacheReader:
             category_ids=box_table.column("category_id").to_numpy(),
             scores=box_table.column("score").to_numpy(),
             tokens=np.asarray(tokens),
-            feature_map=np.asarray(group[CLIP_MAPS][row["map_row"]]),
+            feature_map=np.asarray(clip_maps[row["map_row"]]),
         )
 
-    @lru_cache(maxsize=64)
-    def _features(self, shard: int) -> zarr.Group:
-        return zarr.open_group(self.root / SHARDS_DIR / shard_name(shard) / FEATURES_DIR, mode="r")
+    @lru_cache(maxsize=256)
+    def _arrays(self, shard: int) -> tuple[zarr.Array, zarr.Array]:
+        """The shard's (clip_maps, box_tokens) arrays, opened once: opening reads metadata."""
+        group = zarr.open_group(self.root / SHARDS_DIR / shard_name(shard) / FEATURES_DIR, mode="r")
+        return group[CLIP_MAPS], group[BOX_TOKENS]
 
     def vocabulary_names(self) -> list[str]:
         directory = self.root / VOCAB_DIR
