@@ -1,7 +1,7 @@
 """Training throughput: from the cache vs from tensors in memory vs the released code's flow.
 
 All three run the same head, batch and steps, side by side in one run:
-- cache: ``CachedRegions`` + ``DataLoader`` reading zarr/parquet (what ``rs-cache train`` does);
+- cache: the loader of ``rs-cache train`` (workers reading zarr/parquet, prefetching, pinned memory);
 - memory: the same items held as tensors in memory (the I/O overhead is the difference);
 - released flow: each step decodes the batch's images and runs the frozen CLIP image encoder to
   get the feature maps, as the released RegionSpot training does (tokens precomputed).
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import ClipSpec, ExtractConfig, ModelsConfig, SamSpec, TrainConfig
@@ -32,7 +31,16 @@ from regionspot_cache.extract import run_extraction
 from regionspot_cache.head import RegionSpotHead
 from regionspot_cache.images import load_rgb
 from regionspot_cache.runtime import resolve_device
-from regionspot_cache.train import CachedRegions, EpochSampler, collate_regions, head_config_for, train_step
+from regionspot_cache.train import head_config_for, train_step
+from regionspot_cache.train_data import (
+    BatchPlan,
+    CachedRegions,
+    EpochSampler,
+    MultiSourceRegions,
+    RankBatchSampler,
+    collate_regions,
+    region_loader,
+)
 
 
 def timed_steps(batches, steps: int, head, optimizer, text, logit_scale, config, device) -> float:
@@ -97,9 +105,10 @@ def main() -> None:
             head = RegionSpotHead(head_config_for(reader, config)).to(device).train()
             return head, torch.optim.AdamW(head.parameters(), lr=config.lr)
 
-        cache_loader = DataLoader(regions, batch_size=args.batch_size, sampler=EpochSampler(len(regions), 0),
-                                  num_workers=args.workers, collate_fn=collate_regions, pin_memory=device.type == "cuda",
-                                  persistent_workers=args.workers > 0)
+        sources = MultiSourceRegions([regions])
+        plan = BatchPlan(sources.sizes(), [1.0], args.batch_size, seed=0)
+        cache_loader = region_loader(sources, RankBatchSampler(plan, 0), args.workers, config.prefetch_batches,
+                                     pin_memory=device.type == "cuda")
         in_memory = [collate_regions([regions[(0, i)] for i in range(s, s + args.batch_size)])
                      for s in range(0, len(regions) - args.batch_size + 1, args.batch_size)]
         memory_batches = (in_memory[i % len(in_memory)] for i in range(10**9))

@@ -52,6 +52,12 @@ class ExtractConfig:
 class TrainConfig:
     """Defaults are the paper's schedule (AdamW, warm-up, two x0.1 steps, clipping at 1.0)."""
 
+    # Training datasets: one cache each (``rs-cache train -c`` replaces this list), the vocabulary
+    # its boxes are labelled in (default: the cache's dataset) and its share of the batches.
+    caches: list[str] = field(default_factory=list)
+    vocabularies: list[str] = field(default_factory=list)
+    dataset_weights: list[float] = field(default_factory=list)  # empty: equal weights
+    init_from: str | None = None  # head checkpoint to start from (stage 2 starts from stage 1)
     iterations: int = 450_000
     batch_size: int = 16
     lr: float = 2.5e-5
@@ -65,8 +71,11 @@ class TrainConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     normalize_feature_map: bool = True
+    dropout: float = 0.1
     num_workers: int = 0
+    prefetch_batches: int = 4  # per loader worker
     checkpoint_every: int = 5000  # steps between training-state checkpoints (exact resume)
+    tensorboard: bool = True
     seed: int = 0
     device: str = "auto"
 

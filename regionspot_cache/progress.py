@@ -21,8 +21,9 @@ console = Console(stderr=True)
 
 
 @contextmanager
-def progress_bar(description: str, total: int, fields: str = "") -> Iterator[tuple[Progress, int]]:
-    """A bar with count, rate-bearing ``fields`` (e.g. ``"{task.fields[rate]}"``) and ETA."""
+def progress_bar(description: str, total: int, fields: str = "", disable: bool = False) -> Iterator[tuple[Progress, int]]:
+    """A bar with count, rate-bearing ``fields`` (e.g. ``"{task.fields[rate]}"``) and ETA;
+    ``disable`` keeps it silent (e.g. in all training processes but the first)."""
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -32,7 +33,7 @@ def progress_bar(description: str, total: int, fields: str = "") -> Iterator[tup
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=disable) as progress:
         task = progress.add_task(description, total=total, rate="", loss="")
         yield progress, task
 

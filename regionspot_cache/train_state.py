@@ -18,11 +18,21 @@ from safetensors.torch import load_file, save_file
 STEP_PREFIX = "step-"
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states (dropout draws from them)."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
 def save_train_state(
     directory: Path, step: int, head: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, identity: dict, keep: int = 2,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, identity: dict, rng_states: list[dict[str, torch.Tensor]],
+    keep: int = 2,
 ) -> Path:
-    """``identity``: the settings a resumed run must share (checked by ``load_train_state``)."""
+    """``identity``: the settings a resumed run must share (checked by ``load_train_state``);
+    ``rng_states``: ``rng_state()`` of every training process, in rank order."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{STEP_PREFIX}{step:08d}"
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
@@ -33,9 +43,8 @@ def save_train_state(
     for param_id, values in optimizer_state["state"].items():
         for key, value in values.items():
             tensors[f"optim.{param_id}.{key}"] = torch.as_tensor(value).contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    for rank, states in enumerate(rng_states):
+        tensors.update({f"rng.{rank}.{name}": value for name, value in states.items()})
     save_file(tensors, str(tmp / "tensors.safetensors"))
     state = {"step": step, "param_groups": optimizer_state["param_groups"], "scheduler": scheduler.state_dict(),
              "identity": identity}
@@ -55,10 +64,11 @@ def latest_train_state(directory: Path) -> Path | None:
 
 def load_train_state(
     checkpoint: Path, head: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, identity: dict,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, identity: dict, rank: int = 0,
 ) -> int:
-    """Restore everything saved at ``checkpoint``; returns the step to continue from. A state
-    saved with other settings is refused, naming them."""
+    """Restore everything saved at ``checkpoint`` (RNG: process ``rank``'s); returns the step to
+    continue from. A state saved with other settings is refused, naming them. Resuming with
+    more processes than saved is allowed; the new processes keep their fresh RNG."""
     try:
         tensors = load_file(str(checkpoint / "tensors.safetensors"))
         state = json.loads((checkpoint / "state.json").read_text())
@@ -78,8 +88,10 @@ def load_train_state(
             optimizer_state.setdefault(int(param_id), {})[name] = value
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if f"rng.{rank}.torch" in tensors:
+        torch.set_rng_state(tensors[f"rng.{rank}.torch"])
+    cuda_keys = sorted((k for k in tensors if k.startswith(f"rng.{rank}.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda_states = [tensors[k] for k in cuda_keys]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     return int(state["step"])

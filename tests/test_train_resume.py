@@ -12,6 +12,7 @@ import textwrap
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from regionspot_cache.config import ExtractConfig, TrainConfig
@@ -68,6 +69,12 @@ def test_sigkill_then_resume_repeats_the_losses_exactly(cache, tmp_path):
     expected, resumed = _losses(reference), _losses(output)
     assert [step for step, _ in resumed] == list(range(120))
     assert resumed == expected  # same loss, bit for bit, at every step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir_for(output) / "tensorboard"))
+    events.Reload()  # the killed run's events past the resumed step are purged
+    assert [(e.step, repr(e.value)) for e in events.Scalars("train/loss")] == [
+        (step, repr(float(np.float32(loss)))) for step, loss in expected]
     (head_a, _), (head_b, _) = load_head(reference), load_head(output)
     for key, value in head_a.state_dict().items():
         assert head_b.state_dict()[key].equal(value), key

@@ -11,7 +11,8 @@ import torch
 
 from regionspot_cache.config import TrainConfig
 from regionspot_cache.head import HeadConfig, RegionSpotHead, load_head, region_logits, save_head
-from regionspot_cache.train import EpochSampler, collate_regions, focal_loss, lr_factor
+from regionspot_cache.train import focal_loss, lr_factor
+from regionspot_cache.train_data import EpochSampler, collate_regions
 
 CONFIG = HeadConfig(clip_width=16, text_dim=8, num_heads=8, ffn_dim=32)
 
