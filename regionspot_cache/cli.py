@@ -145,8 +145,9 @@ def evaluate(
     manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="Dataset manifest naming annotations and proposal sets."),
     data_root: Path = DataRootOption,
     proposals: str = typer.Option(
-        "gt", help="Boxes to score: `gt`, a proposal set named in the manifest (e.g. `glip`) or a proposal file; "
-        "the cache must have been extracted with the same boxes (rs-cache extract --boxes)."
+        "gt", help="Boxes to score: `gt`, a proposal set named in the manifest (e.g. `glip`) or a proposal file. "
+        "If CACHE holds other boxes, SAM tokens for these are extracted into CACHE/proposals/ (its CLIP "
+        "feature maps are reused; needs --manifest)."
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write LVIS results JSON here and metrics beside it."),
     recipe: Optional[Path] = RecipeOption,
@@ -158,18 +159,21 @@ def evaluate(
     from .evaluate import METRICS, evaluate_head
     from .head import load_head
     from .progress import metrics_table
-    from .proposals import GROUND_TRUTH, box_source_id, proposal_path
+    from .extract_proposals import cache_with_boxes
+    from .proposals import GROUND_TRUTH, box_source_id, proposal_path, with_box_source
 
     spec = load_manifest(manifest, data_root) if manifest else None
     annotations = annotations or (spec.annotations if spec else None)
     if annotations is None:
         raise UserError("eval needs --annotations or --manifest")
-    wanted = GROUND_TRUTH if proposals == GROUND_TRUTH else box_source_id(proposal_path(spec, proposals))
-    box_source = CacheReader(cache).provenance.box_source
-    if wanted != box_source:
-        raise UserError(f"{cache}: this cache holds {box_source!r} boxes, not {proposals!r} ({wanted}); "
-                        f"extract a cache with `rs-cache extract --boxes {proposals}` first")
     config = _recipe(recipe, overrides)
+    wanted = GROUND_TRUTH if proposals == GROUND_TRUTH else box_source_id(proposal_path(spec, proposals))
+    if wanted != CacheReader(cache).provenance.box_source:
+        if spec is None:
+            raise UserError(f"{cache}: holds other boxes than {proposals!r}; pass --manifest so that the missing "
+                            "SAM tokens can be extracted (the cached CLIP feature maps are reused)")
+        dataset, box_source = with_box_source(spec.load(), spec, proposals)
+        cache = cache_with_boxes(cache, dataset, box_source, config.extract)
     model, _ = load_head(head)
     result = evaluate_head(cache, model, annotations, config.eval, output)
     console.print(metrics_table(f"LVIS box AP ({proposals} boxes)", {head.name: result.metrics}, METRICS))

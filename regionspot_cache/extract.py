@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from .cache import CacheWriter, ImageFeatures, Provenance
-from .cache.format import STATUS_FAILED
+from .cache.format import FEATURE_MAPS_BORROWED, FEATURE_MAPS_CACHE, FEATURE_MAPS_OWN, STATUS_FAILED
 
 NO_BOXES = "no boxes"  # kept (its feature map serves later proposals), with this reason
 from .config import ExtractConfig, ModelsConfig
@@ -65,7 +65,8 @@ class ExtractSummary:
 class ImageReader(Dataset):
     """Decodes and resizes the images of one shard; never raises for a bad file."""
 
-    def __init__(self, dataset: DetectionDataset, entries: Sequence[ImageEntry], sam_resize: Callable, clip_preprocess: Callable):
+    def __init__(self, dataset: DetectionDataset, entries: Sequence[ImageEntry], sam_resize: Callable,
+                 clip_preprocess: Callable | None):
         self.dataset = dataset
         self.entries = list(entries)
         self.sam_resize = sam_resize
@@ -87,7 +88,8 @@ class ImageReader(Dataset):
                 error=f"decoded size {image.size[0]}x{image.size[1]} differs from the annotation's "
                 f"{entry.width}x{entry.height}",
             )
-        return LoadedImage(entry, boxes, self.sam_resize(np.asarray(image)), self.clip_preprocess(image))
+        clip_pixels = self.clip_preprocess(image) if self.clip_preprocess else None
+        return LoadedImage(entry, boxes, self.sam_resize(np.asarray(image)), clip_pixels)
 
 
 def split_boxes(boxes: BoxSet, width: int, height: int) -> tuple[BoxSet, BoxSet, list[str]]:
@@ -111,11 +113,13 @@ def split_boxes(boxes: BoxSet, width: int, height: int) -> tuple[BoxSet, BoxSet,
 
 
 class FeatureMapper:
-    """Runs SAM and CLIP on a batch of loaded images."""
+    """Runs SAM and CLIP on a batch of loaded images (SAM only when ``with_clip`` is False: for a
+    proposals cache that borrows the feature maps of another cache)."""
 
-    def __init__(self, encoders: FrozenEncoders, config: ExtractConfig):
+    def __init__(self, encoders: FrozenEncoders, config: ExtractConfig, with_clip: bool = True):
         self.encoders = encoders
         self.config = config
+        self.with_clip = with_clip
         self.device = encoders.sam.device
 
     def __call__(self, batch: Sequence[LoadedImage]) -> list[ImageFeatures]:
@@ -125,7 +129,8 @@ class FeatureMapper:
             # bf16 on CUDA (tensor cores); fp32 on the CPU, where autocast would only slow down.
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 embeddings = self.encoders.sam.embed_images([item.sam_pixels for item in good])
-                maps = self.encoders.clip.feature_maps(torch.stack([item.clip_pixels for item in good]))
+                maps = (self.encoders.clip.feature_maps(torch.stack([item.clip_pixels for item in good]))
+                        if self.with_clip else [None] * len(good))
                 for item, embedding, feature_map in zip(good, embeddings, maps):
                     boxes, rejected, reasons = split_boxes(item.boxes, item.entry.width, item.entry.height)
                     tokens = self.encoders.sam.box_tokens(
@@ -134,7 +139,8 @@ class FeatureMapper:
                     )
                     results[item.entry.id] = ImageFeatures(
                         item.entry.id, item.entry.file_name, item.entry.width, item.entry.height, boxes,
-                        feature_map=_to_float16(feature_map), box_tokens=_to_float16(tokens),
+                        feature_map=None if feature_map is None else _to_float16(feature_map),
+                        box_tokens=_to_float16(tokens),
                         rejected_boxes=rejected, rejected_reasons=reasons,
                         reason="" if len(boxes) else NO_BOXES,
                     )
@@ -157,7 +163,11 @@ def shard_entries(images: Sequence[ImageEntry], shard_size: int) -> Iterator[tup
         yield shard_id, ordered[start : start + shard_size]
 
 
-def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config: ExtractConfig, box_source: str) -> Provenance:
+def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config: ExtractConfig, box_source: str,
+                    maps_from: str | None = None) -> Provenance:
+    """``maps_from``: for a proposals cache, the path (relative to it) of the cache whose
+    feature maps it borrows."""
+    paths = encoders.paths() if maps_from is None else {**encoders.paths(), FEATURE_MAPS_CACHE: maps_from}
     return Provenance(
         dataset=dataset.name,
         box_source=box_source,
@@ -166,7 +176,8 @@ def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config:
         sam=encoders.sam_provenance(),
         clip=encoders.clip_provenance(),
         package_version=__version__,
-        paths=encoders.paths(),
+        paths=paths,
+        feature_maps=FEATURE_MAPS_OWN if maps_from is None else FEATURE_MAPS_BORROWED,
     )
 
 
@@ -204,8 +215,9 @@ def extract_shards(
     decoding runs ahead across shards; a finished shard is committed on a background thread
     while the next one computes. ``on_batch(images, boxes)`` reports progress.
     """
-    mapper = FeatureMapper(encoders, config)
-    batches = iter(_loader(dataset, shards, encoders, config))
+    with_clip = writer.provenance.feature_maps == FEATURE_MAPS_OWN
+    mapper = FeatureMapper(encoders, config, with_clip)
+    batches = iter(_loader(dataset, shards, encoders, config, with_clip))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-cache-commit") as committer:
         pending: Future | None = None
         for shard_id, entries in shards:
@@ -240,9 +252,10 @@ def shard_dataset(dataset: DetectionDataset, entries: list[ImageEntry]) -> Detec
     return replace(dataset, images=entries, boxes={e.id: dataset.boxes_of(e.id) for e in entries})
 
 
-def prepare_cache(dataset: DetectionDataset, cache_dir: Path | str, encoders: FrozenEncoders, config: ExtractConfig, box_source: str) -> CacheWriter:
+def prepare_cache(dataset: DetectionDataset, cache_dir: Path | str, encoders: FrozenEncoders, config: ExtractConfig,
+                  box_source: str, maps_from: str | None = None) -> CacheWriter:
     """Create or reopen the cache (identity checked) and store the dataset's vocabulary."""
-    writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source))
+    writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source, maps_from))
     if not writer.has_vocabulary(dataset.name):
         embeddings = encoders.clip.text_embeddings([c.name for c in dataset.categories])
         writer.write_vocabulary(dataset.name, dataset.categories, embeddings.float().cpu().numpy())
@@ -256,11 +269,13 @@ def run_extraction(
     config: ExtractConfig,
     box_source: str = "gt",
     encoders: FrozenEncoders | None = None,
+    maps_from: str | None = None,
 ) -> ExtractSummary:
-    """Extract, in this process, every shard of ``dataset`` that ``cache_dir`` does not hold yet."""
+    """Extract, in this process, every shard of ``dataset`` that ``cache_dir`` does not hold yet
+    (``maps_from``: SAM tokens only, the feature maps being those of that cache)."""
     started = time.perf_counter()
     encoders = encoders or load_frozen_encoders(models, resolve_device(config.device))
-    writer = prepare_cache(dataset, cache_dir, encoders, config, box_source)
+    writer = prepare_cache(dataset, cache_dir, encoders, config, box_source, maps_from)
     summary = ExtractSummary()
     committed = writer.committed_shards()
     shards = list(shard_entries(dataset.images, config.shard_size))
@@ -310,7 +325,7 @@ def _raise_on_failure(results: Sequence[ImageFeatures]) -> None:
 
 
 def _loader(dataset: DetectionDataset, shards: Sequence[tuple[int, list[ImageEntry]]], encoders: FrozenEncoders,
-            config: ExtractConfig) -> DataLoader:
+            config: ExtractConfig, with_clip: bool = True) -> DataLoader:
     """Batches of ``config.batch_size`` images that never cross a shard boundary."""
     entries = [entry for _, shard in shards for entry in shard]
     batches, start = [], 0
@@ -318,7 +333,7 @@ def _loader(dataset: DetectionDataset, shards: Sequence[tuple[int, list[ImageEnt
         batches += [list(range(i, min(i + config.batch_size, start + len(shard))))
                     for i in range(start, start + len(shard), config.batch_size)]
         start += len(shard)
-    reader = ImageReader(dataset, entries, encoders.sam.resizer(), encoders.clip.preprocessor())
+    reader = ImageReader(dataset, entries, encoders.sam.resizer(), encoders.clip.preprocessor() if with_clip else None)
     return DataLoader(
         reader,
         batch_sampler=batches,

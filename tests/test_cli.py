@@ -11,6 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from regionspot_cache.cache import CacheReader
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 
@@ -106,13 +107,29 @@ def test_bad_override_names_the_field(tmp_path):
     assert result.returncode == 2 and "lrr" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_eval_refuses_proposals_the_cache_does_not_hold(extracted, tmp_path):
+def test_eval_on_proposals_extracts_only_the_missing_sam_tokens(extracted, tmp_path):
+    import shutil
+
+    from regionspot_cache.head import HeadConfig, RegionSpotHead, save_head
+
     root, annotations, _ = extracted
+    cache = shutil.copytree(root / "cache", tmp_path / "cache")
+    head = tmp_path / "head.safetensors"
+    width, text_dim = (CacheReader(cache).provenance.clip[k] for k in ("width", "text_dim"))
+    save_head(RegionSpotHead(HeadConfig(clip_width=width, text_dim=text_dim)), head)
     glip = tmp_path / "glip.json"
-    glip.write_text('{"1": {"boxes": [[0, 0, 5, 5]], "scores": [0.5], "labels": [1]}}')
-    base = ["eval", "-c", str(root / "cache"), "--head", str(root / "missing.safetensors"), "-a", str(annotations)]
-    result = runner.invoke(app, [*base, "--proposals", str(glip)])
-    assert result.exit_code != 0 and "holds 'gt' boxes" in str(result.exception)
-    assert "--boxes" in str(result.exception)
-    result = runner.invoke(app, [*base, "--proposals", "glip"])
+    glip.write_text('{"1": {"boxes": [[0, 0, 25, 25], [5, 5, 40, 30]], "scores": [0.5, 0.9], "labels": [1, 1]}}')
+    base = ["eval", "-c", str(cache), "--head", str(head), "-a", str(annotations), "--proposals", str(glip)]
+    result = runner.invoke(app, base)
+    assert result.exit_code != 0 and "pass --manifest" in str(result.exception)
+    output = tmp_path / "glip_results.json"
+    result = runner.invoke(app, [*base, "-m", str(root / "toy.toml"), "--data-root", str(root), "-o", str(output),
+                                 "--set", "extract.num_workers=0"])
+    assert result.exit_code == 0, result.output
+    derived = next((cache / "proposals").iterdir())
+    assert CacheReader(derived).provenance.feature_maps == "borrowed"
+    boxes = {tuple(d["bbox"]) for d in json.loads(output.read_text())}
+    assert boxes == {(0.0, 0.0, 25.0, 25.0), (5.0, 5.0, 35.0, 25.0)}
+    result = runner.invoke(app, ["eval", "-c", str(cache), "--head", str(head), "-m", str(root / "toy.toml"),
+                                 "--data-root", str(root), "--proposals", "glip"])
     assert result.exit_code != 0 and "neither 'gt'" in str(result.exception)

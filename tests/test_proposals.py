@@ -85,3 +85,56 @@ def test_proposals_for_unknown_images_are_refused(tmp_path):
     path.write_text('{"99": {"boxes": [], "scores": []}}')
     with pytest.raises(DatasetError, match=r"p.json: proposals for images not in .*\[99\]"):
         with_box_source(dataset, None, str(path))
+
+
+def test_proposals_cache_reuses_the_feature_maps_and_computes_only_sam(tmp_path, tiny_models, encoders, monkeypatch):
+    from regionspot_cache.extract_proposals import cache_with_boxes, proposals_cache_dir
+
+    annotations = generate_split(tmp_path, "val", SyntheticSpec(images=5, seed=4, min_size=64, max_size=80))
+    dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
+    config = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu")
+    run_extraction(dataset, tmp_path / "gt", tiny_models, config, encoders=encoders)
+    glip = tmp_path / "glip.json"
+    glip.write_text(json.dumps({"1": {"boxes": [[0, 0, 30, 30], [10, 10, 60, 50]], "scores": [0.8, 0.5], "labels": [0, 0]},
+                                "4": {"boxes": [[5, 5, 20, 25]], "scores": [0.25], "labels": [0]}}))
+    manifest = Manifest("toy", annotations, tmp_path / "images", proposals={"glip": glip})
+    with_proposals, source = with_box_source(dataset, manifest, "glip")
+    # The reference: a cache extracted from scratch for the proposals, CLIP included.
+    run_extraction(with_proposals, tmp_path / "full", tiny_models, config, box_source=source, encoders=encoders)
+
+    def no_clip(*args, **kwargs):
+        raise AssertionError("CLIP image encoder must not run: the feature maps are cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(encoders.clip, "feature_maps", no_clip)
+        derived = cache_with_boxes(tmp_path / "gt", with_proposals, source, config, encoders=encoders)
+    assert derived == proposals_cache_dir(tmp_path / "gt", source)
+    assert cache_with_boxes(tmp_path / "gt", dataset, "gt", config, encoders=encoders) == tmp_path / "gt"
+    full, borrowed, base = CacheReader(tmp_path / "full"), CacheReader(derived), CacheReader(tmp_path / "gt")
+    assert borrowed.provenance.box_source == source and borrowed.vocabulary("toy").names == base.vocabulary("toy").names
+    for image_id in full.image_ids():
+        a, b = full.image(image_id), borrowed.image(image_id)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.feature_map, b.feature_map)
+        np.testing.assert_array_equal(b.feature_map, base.image(image_id).feature_map)
+    # The proposals cache stores no feature maps of its own, and moves with its base cache.
+    assert sum(p.stat().st_size for p in derived.rglob("*") if p.is_file()) < 0.5 * sum(
+        p.stat().st_size for p in (tmp_path / "full").rglob("*") if p.is_file())
+    moved = (tmp_path / "gt").rename(tmp_path / "moved")
+    np.testing.assert_array_equal(CacheReader(proposals_cache_dir(moved, source)).image(1).feature_map,
+                                  full.image(1).feature_map)
+
+
+def test_proposals_cache_needs_a_complete_base(tmp_path, tiny_models, encoders):
+    from regionspot_cache.extract_proposals import cache_with_boxes
+
+    annotations = generate_split(tmp_path, "val", SyntheticSpec(images=3, seed=4, min_size=64, max_size=80))
+    dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
+    config = ExtractConfig(shard_size=2, num_workers=0, device="cpu")
+    run_extraction(dataset, tmp_path / "gt", tiny_models, config, encoders=encoders)
+    import shutil
+
+    shutil.rmtree(tmp_path / "gt" / "shards" / "000001")
+    with pytest.raises(ValueError, match=r"gt: shards \[1\] are not extracted yet"):
+        cache_with_boxes(tmp_path / "gt", dataset, "proposals:x:y", config, encoders=encoders)

@@ -86,6 +86,11 @@ def shard_checksums(shard_dir: Path) -> dict[str, str]:
     }
 
 
+FEATURE_MAPS_OWN, FEATURE_MAPS_BORROWED = "own", "borrowed"
+FEATURE_MAPS_CACHE = "feature_maps_cache"  # key in Provenance.paths
+DERIVED_DIR = "proposals"  # proposals caches that borrow a cache's feature maps live under it
+
+
 @dataclass
 class Provenance:
     """What produced a cache. Everything except ``package_version`` and file paths is identity:
@@ -100,6 +105,9 @@ class Provenance:
     format_version: int = FORMAT_VERSION
     package_version: str = ""
     paths: dict[str, str | None] = field(default_factory=dict)
+    # "own", or "borrowed": a proposals cache holding only boxes and SAM tokens, whose CLIP
+    # feature maps are read from the cache at ``paths["feature_maps_cache"]`` (relative to it).
+    feature_maps: str = FEATURE_MAPS_OWN
 
     def identity(self) -> dict[str, Any]:
         data = asdict(self)

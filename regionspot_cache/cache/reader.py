@@ -31,6 +31,8 @@ from .format import (
     SHARDS_DIR,
     STATUS_OK,
     VOCAB_DIR,
+    FEATURE_MAPS_BORROWED,
+    FEATURE_MAPS_CACHE,
     CacheFormatError,
     REJECTED_FILE,
     REJECTED_SCHEMA,
@@ -74,6 +76,21 @@ class CacheReader:
             image_id: row for row, image_id in enumerate(self.images.column("image_id").to_pylist())
         }
         self._box_offsets = self._box_offsets_per_shard()
+        self.maps_source = self._borrowed_maps_source()
+
+    def _borrowed_maps_source(self) -> "CacheReader | None":
+        """The cache whose feature maps a proposals cache reads (it stores only SAM tokens)."""
+        if self.provenance.feature_maps != FEATURE_MAPS_BORROWED:
+            return None
+        source = (self.root / str(self.provenance.paths.get(FEATURE_MAPS_CACHE))).resolve()
+        try:
+            base = CacheReader(source)
+        except CacheFormatError as err:
+            raise CacheFormatError(f"{self.root}: its feature maps come from {source}, which is unusable: {err}") from None
+        if (base.provenance.dataset, base.provenance.clip) != (self.provenance.dataset, self.provenance.clip):
+            raise CacheFormatError(f"{self.root}: the cache it borrows feature maps from ({source}) holds another "
+                                   "dataset or CLIP model")
+        return base
 
     def _concat(self, file_name: str, schema: pa.Schema, with_shard: bool) -> pa.Table:
         tables = []
@@ -141,8 +158,20 @@ class CacheReader:
             category_ids=box_table.column("category_id").to_numpy(),
             scores=box_table.column("score").to_numpy(),
             tokens=np.asarray(tokens),
-            feature_map=np.asarray(clip_maps[row["map_row"]]),
+            feature_map=self._feature_map(row, clip_maps),
         )
+
+    def _feature_map(self, row: dict, clip_maps: zarr.Array) -> np.ndarray:
+        if self.maps_source is not None:
+            return self.maps_source.feature_map(row["image_id"])
+        return np.asarray(clip_maps[row["map_row"]])
+
+    def feature_map(self, image_id: int) -> np.ndarray:
+        """The image's CLIP feature map alone, (1 + grid^2, width) float16."""
+        row = self._row(image_id)
+        if row["status"] != STATUS_OK:
+            raise CacheFormatError(f"image {image_id} was not extracted: {row['status']}: {row['reason']}")
+        return self._feature_map(row, self._arrays(row["shard"])[0])
 
     @lru_cache(maxsize=256)
     def _arrays(self, shard: int) -> tuple[zarr.Array, zarr.Array]:

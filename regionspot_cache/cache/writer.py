@@ -144,7 +144,7 @@ class CacheWriter:
                     "height": image.height,
                     "status": image.status,
                     "reason": image.reason,
-                    "map_row": len(maps) if ok else -1,
+                    "map_row": len(maps) if ok and image.feature_map is not None else -1,
                     "box_start": box_start,
                     "box_count": count,
                 }
@@ -153,7 +153,8 @@ class CacheWriter:
                 table = _box_columns(image.image_id, image.rejected_boxes)
                 rejected_rows.append(table.append_column("reason", pa.array(image.rejected_reasons, pa.string())))
             if ok:
-                maps.append(image.feature_map)
+                if image.feature_map is not None:  # None in a cache that borrows its maps
+                    maps.append(image.feature_map)
                 tokens.append(image.box_tokens)
                 box_rows.append(_box_columns(image.image_id, image.boxes))
                 box_start += count
