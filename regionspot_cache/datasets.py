@@ -114,6 +114,8 @@ def read_json(path: Path, what: str) -> Any:
         raise DatasetError(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: not valid JSON: {err}") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: not usable JSON: nested too deeply") from None
 
 
 def _image_file_name(image: dict) -> str:
@@ -139,10 +141,12 @@ def load_coco_format(path: Path | str, image_root: Path | str, name: str | None 
             duplicate = next(i for i in ids if ids.count(i) > 1)
             raise DatasetError(f"{path}: {section}: duplicate id {duplicate}")
     annotations = _parse_entries(path, data, "annotations", _annotation)
-    known = {image.id for image in images}
-    for index, (image_id, _, _) in enumerate(annotations):
+    known, classes = {image.id for image in images}, {category.id for category in categories}
+    for index, (image_id, _, category_id) in enumerate(annotations):
         if image_id not in known:
             raise DatasetError(f"{path}: annotations[{index}]: image_id {image_id} is not in images")
+        if category_id not in classes:
+            raise DatasetError(f"{path}: annotations[{index}]: category_id {category_id} is not in categories")
     return DetectionDataset(name or path.stem, path, Path(image_root), images, categories, _group_boxes(annotations))
 
 
@@ -154,7 +158,7 @@ def _parse_entries(path: Path, data: dict, section: str, parse: Callable[[Any], 
     for index, entry in enumerate(entries):
         try:
             parsed.append(parse(entry))
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise DatasetError(f"{path}: {section}[{index}]: malformed entry: {err!r}") from None
     return parsed
 

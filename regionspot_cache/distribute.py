@@ -14,7 +14,7 @@ from pathlib import Path
 import dask
 from distributed import Client, LocalCluster, as_completed, get_worker
 
-from .cache import CacheWriter, Provenance
+from .cache import CacheWriter, Provenance, exclusive_extraction
 from .config import ExtractConfig, ModelsConfig
 from .datasets import DetectionDataset, ImageEntry
 from .encoders import FrozenEncoders, load_frozen_encoders
@@ -80,6 +80,13 @@ def run_distributed(
     encoders: FrozenEncoders | None = None,
 ) -> ExtractSummary:
     """Extract every missing shard as a dask task on ``scheduler`` (an address) or a local cluster."""
+    with exclusive_extraction(cache_dir):
+        return _run_distributed(dataset, cache_dir, models, config, box_source, scheduler, workers, retries, encoders)
+
+
+def _run_distributed(dataset: DetectionDataset, cache_dir: Path | str, models: ModelsConfig, config: ExtractConfig,
+                     box_source: str, scheduler: str | None, workers: int | None, retries: int,
+                     encoders: FrozenEncoders | None) -> ExtractSummary:
     started = time.perf_counter()
     encoders = encoders or load_frozen_encoders(models, resolve_device("cpu"))  # provenance + vocabulary
     writer = prepare_cache(dataset, cache_dir, encoders, config, box_source)

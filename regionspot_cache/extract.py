@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .cache import CacheWriter, ImageFeatures, Provenance
+from .cache import CacheWriter, ImageFeatures, Provenance, exclusive_extraction
 from .cache.format import FEATURE_MAPS_BORROWED, FEATURE_MAPS_CACHE, FEATURE_MAPS_OWN, STATUS_FAILED
 
 NO_BOXES = "no boxes"  # kept (its feature map serves later proposals), with this reason
@@ -66,8 +66,9 @@ class ImageReader(Dataset):
     """Decodes and resizes the images of one shard; never raises for a bad file."""
 
     def __init__(self, dataset: DetectionDataset, entries: Sequence[ImageEntry], sam_resize: Callable,
-                 clip_preprocess: Callable | None):
+                 clip_preprocess: Callable | None, max_pixels: int | None = None):
         self.dataset = dataset
+        self.max_pixels = max_pixels
         self.entries = list(entries)
         self.sam_resize = sam_resize
         self.clip_preprocess = clip_preprocess
@@ -79,13 +80,14 @@ class ImageReader(Dataset):
         entry = self.entries[index]
         boxes = self.dataset.boxes_of(entry.id)
         try:
-            image = load_rgb(self.dataset.image_path(entry))
+            path = self.dataset.image_path(entry)
+            image = load_rgb(path, self.max_pixels)
         except (ImageDecodeError, DatasetError) as err:
             return LoadedImage(entry, boxes, error=str(err))
         if image.size != (entry.width, entry.height):
             return LoadedImage(
                 entry, boxes,
-                error=f"decoded size {image.size[0]}x{image.size[1]} differs from the annotation's "
+                error=f"{path}: decoded size {image.size[0]}x{image.size[1]} differs from the annotation's "
                 f"{entry.width}x{entry.height}",
             )
         clip_pixels = self.clip_preprocess(image) if self.clip_preprocess else None
@@ -93,19 +95,24 @@ class ImageReader(Dataset):
 
 
 def split_boxes(boxes: BoxSet, width: int, height: int) -> tuple[BoxSet, BoxSet, list[str]]:
-    """Clip boxes to the image; those left without area (or not finite) are rejected with a
-    reason. Returns the kept boxes (clipped), the rejected ones (as given) and the reasons."""
+    """Clip boxes to the image; those left without area, not finite, or reaching more than the
+    image's own size beyond an edge (corrupt coordinates, which clipping would turn into a
+    plausible box) are rejected with a reason. Returns the kept boxes (clipped), the rejected ones
+    (as given) and the reasons."""
     finite = np.isfinite(boxes.xyxy).all(axis=1)
     xyxy = np.nan_to_num(boxes.xyxy, nan=0.0, posinf=0.0, neginf=0.0)
     positive = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    xs, ys = xyxy[:, [0, 2]], xyxy[:, [1, 3]]
+    near = ((xs >= -width) & (xs <= 2 * width)).all(axis=1) & ((ys >= -height) & (ys <= 2 * height)).all(axis=1)
     clipped = xyxy.copy()
-    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
-    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
+    clipped[:, [0, 2]] = xs.clip(0, width)
+    clipped[:, [1, 3]] = ys.clip(0, height)
     inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-    keep = finite & positive & inside
+    keep = finite & positive & near & inside
     reasons = [
-        "coordinates not finite" if not f else "zero or negative size" if not p else "outside the image"
-        for f, p in zip(finite[~keep], positive[~keep])
+        "coordinates not finite" if not f else "zero or negative size" if not p
+        else "coordinates far outside the image" if not n else "outside the image"
+        for f, p, n in zip(finite[~keep], positive[~keep], near[~keep])
     ]
     kept = BoxSet(clipped[keep], boxes.category_ids[keep], boxes.scores[keep])
     rejected = BoxSet(boxes.xyxy[~keep], boxes.category_ids[~keep], boxes.scores[~keep])
@@ -137,6 +144,10 @@ class FeatureMapper:
                         embedding, boxes.xyxy, (item.entry.height, item.entry.width),
                         self.config.boxes_per_decoder_call,
                     )
+                    problem = _non_finite(feature_map, tokens)
+                    if problem:  # never let NaN/Inf into the cache: it would poison training
+                        results[item.entry.id] = self._failed(replace(item, error=problem))
+                        continue
                     results[item.entry.id] = ImageFeatures(
                         item.entry.id, item.entry.file_name, item.entry.width, item.entry.height, boxes,
                         feature_map=None if feature_map is None else _to_float16(feature_map),
@@ -150,6 +161,15 @@ class FeatureMapper:
     def _failed(item: LoadedImage) -> ImageFeatures:
         entry = item.entry
         return ImageFeatures(entry.id, entry.file_name, entry.width, entry.height, status=STATUS_FAILED, reason=item.error)
+
+
+def _non_finite(feature_map: torch.Tensor | None, tokens: torch.Tensor) -> str:
+    """Why the encoder outputs of an image cannot be cached, or "" if they can. Checked after
+    the float16 cast too: values beyond 65504 overflow to infinity there."""
+    for name, values in (("CLIP feature map", feature_map), ("SAM box tokens", tokens)):
+        if values is not None and not torch.isfinite(values.float().to(torch.float16)).all():
+            return f"non-finite values (NaN or Inf) in the {name}"
+    return ""
 
 
 def _to_float16(tensor: torch.Tensor) -> np.ndarray:
@@ -270,21 +290,24 @@ def run_extraction(
     box_source: str = "gt",
     encoders: FrozenEncoders | None = None,
     maps_from: str | None = None,
+    only_shards: set[int] | None = None,
 ) -> ExtractSummary:
-    """Extract, in this process, every shard of ``dataset`` that ``cache_dir`` does not hold yet
-    (``maps_from``: SAM tokens only, the feature maps being those of that cache)."""
+    """Extract, in this process, every shard of ``dataset`` (or of ``only_shards``) that
+    ``cache_dir`` does not hold yet (``maps_from``: SAM tokens only, the feature maps being
+    those of that cache)."""
     started = time.perf_counter()
-    encoders = encoders or load_frozen_encoders(models, resolve_device(config.device))
-    writer = prepare_cache(dataset, cache_dir, encoders, config, box_source, maps_from)
-    summary = ExtractSummary()
-    committed = writer.committed_shards()
-    shards = list(shard_entries(dataset.images, config.shard_size))
-    todo = sum(len(entries) for shard_id, entries in shards if shard_id not in committed)
-    pending = [(shard_id, entries) for shard_id, entries in shards if shard_id not in committed]
-    summary.shards_skipped = len(shards) - len(pending)
-    with ExtractProgress(dataset.name, todo) as progress:
-        for result in extract_shards(pending, dataset, encoders, writer, config, progress.advance):
-            summary.add(result)
+    with exclusive_extraction(cache_dir):
+        encoders = encoders or load_frozen_encoders(models, resolve_device(config.device))
+        writer = prepare_cache(dataset, cache_dir, encoders, config, box_source, maps_from)
+        summary = ExtractSummary()
+        committed = writer.committed_shards()
+        shards = list(shard_entries(dataset.images, config.shard_size))
+        pending = [(shard_id, entries) for shard_id, entries in shards
+                   if shard_id not in committed and (only_shards is None or shard_id in only_shards)]
+        summary.shards_skipped = len(shards) - len(pending)
+        with ExtractProgress(dataset.name, sum(len(entries) for _, entries in pending)) as progress:
+            for result in extract_shards(pending, dataset, encoders, writer, config, progress.advance):
+                summary.add(result)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -333,7 +356,8 @@ def _loader(dataset: DetectionDataset, shards: Sequence[tuple[int, list[ImageEnt
         batches += [list(range(i, min(i + config.batch_size, start + len(shard))))
                     for i in range(start, start + len(shard), config.batch_size)]
         start += len(shard)
-    reader = ImageReader(dataset, entries, encoders.sam.resizer(), encoders.clip.preprocessor() if with_clip else None)
+    reader = ImageReader(dataset, entries, encoders.sam.resizer(), encoders.clip.preprocessor() if with_clip else None,
+                         config.max_image_pixels)
     return DataLoader(
         reader,
         batch_sampler=batches,

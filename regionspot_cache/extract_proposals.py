@@ -15,25 +15,15 @@ from pathlib import Path
 
 from .cache import CacheReader
 from .cache.format import DERIVED_DIR, FEATURE_MAPS_OWN
-from .config import ClipSpec, ExtractConfig, ModelsConfig, SamSpec
+from .config import ExtractConfig, ModelsConfig
 from .datasets import DetectionDataset
-from .encoders import FrozenEncoders, load_frozen_encoders
+from .encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in
 from .extract import print_summary, run_extraction
 from .runtime import resolve_device
 
 
 def proposals_cache_dir(cache_dir: Path | str, box_source: str) -> Path:
     return Path(cache_dir) / DERIVED_DIR / re.sub(r"[^A-Za-z0-9._-]+", "-", box_source)
-
-
-def models_of(reader: CacheReader) -> ModelsConfig:
-    """The models a cache was extracted with, from the paths it recorded."""
-    provenance = reader.provenance
-    paths = provenance.paths
-    return ModelsConfig(
-        SamSpec(provenance.sam["variant"], paths.get("sam_checkpoint")),
-        ClipSpec(provenance.clip["model"], paths.get("clip_pretrained") or provenance.clip.get("pretrained")),
-    )
 
 
 def cache_with_boxes(
@@ -53,7 +43,7 @@ def cache_with_boxes(
         return cache_dir
     _check_can_lend_maps(base, dataset)
     target = proposals_cache_dir(cache_dir, box_source)
-    encoders = encoders or load_frozen_encoders(models or models_of(base), resolve_device(config.device))
+    encoders = encoders or load_frozen_encoders(models or models_recorded_in(base.provenance), resolve_device(config.device))
     if encoders.clip_provenance() != base.provenance.clip:
         raise ValueError(f"{cache_dir}: its feature maps come from another CLIP than the models given; "
                          "pass the models the cache was extracted with")

@@ -71,3 +71,15 @@ def read_toml(path: Path, what: str, error: type[Exception]) -> dict[str, Any]:
         raise error(f"{path}: {what} not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise error(f"{path}: not valid TOML: {err}") from None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine): temp files named after a dead writer's
+    pid are leftovers of a kill and can go."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

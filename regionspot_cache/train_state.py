@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .runtime import process_alive
+
 STEP_PREFIX = "step-"
 
 
@@ -36,7 +38,9 @@ def save_train_state(
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{STEP_PREFIX}{step:08d}"
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in directory.glob(".tmp-*"):  # of killed runs (the pid ends the name)
+        if leftover == tmp or not process_alive(int(leftover.name.rsplit("-", 1)[1])):
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     optimizer_state = optimizer.state_dict()
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}

@@ -75,7 +75,7 @@ def test_split_boxes_clips_and_gives_reasons():
     from regionspot_cache.datasets import BoxSet
     from regionspot_cache.extract import split_boxes
 
-    xyxy = np.array([[-5, -5, 20, 20], [10, 10, 10, 30], [30, 5, 20, 9], [200, 200, 300, 300], [np.nan, 0, 5, 5]], np.float32)
+    xyxy = np.array([[-5, -5, 20, 20], [10, 10, 10, 30], [30, 5, 20, 9], [120, 60, 150, 90], [np.nan, 0, 5, 5]], np.float32)
     kept, rejected, reasons = split_boxes(BoxSet(xyxy, np.arange(5), np.ones(5, np.float32)), width=100, height=50)
     np.testing.assert_array_equal(kept.xyxy, [[0, 0, 20, 20]])
     assert kept.category_ids.tolist() == [0] and rejected.category_ids.tolist() == [1, 2, 3, 4]

@@ -23,7 +23,7 @@ RNG = np.random.default_rng(0)
 
 def _provenance(**changes) -> Provenance:
     fields = dict(dataset="toy", box_source="gt", shard_size=3, planned_shards=2, sam={"variant": "tiny", "checkpoint_sha256": "ab"},
-                  clip={"model": "RS-Tiny-ViT", "width": 8}, package_version="0", paths={"sam_checkpoint": "/x"})
+                  clip={"model": "RS-Tiny-ViT", "width": 8, "num_tokens": 5}, package_version="0", paths={"sam_checkpoint": "/x"})
     fields.update(changes)
     return Provenance(**fields)
 
@@ -136,7 +136,7 @@ def test_inspect_counts_and_missing_shards(tmp_path):
     assert (summary["images"], summary["images_failed"], summary["boxes"], summary["boxes_rejected"]) == (2, 1, 2, 0)
     assert summary["shards_committed"] == 1 and summary["shards_missing"] == [0]
     assert summary["bytes_on_disk"] > 0 and summary["bytes_on_disk_per_image"] == round(summary["bytes_on_disk"] / 2)
-    assert summary["bytes_per_image_map"] == 0 and summary["bytes_per_box_token"] == 2 * 256  # toy clip has no sizes
+    assert summary["bytes_per_image_map"] == 2 * 5 * 8 and summary["bytes_per_box_token"] == 2 * 256  # float16
 
 
 def test_writer_removes_what_a_killed_writer_left_aside(tmp_path):
@@ -153,3 +153,16 @@ def test_writer_removes_what_a_killed_writer_left_aside(tmp_path):
     writer.write_shard(1, [_image(3, 1)])
     assert not abandoned.exists() and alive.exists()
     assert CacheReader(tmp_path).image_ids() == [3]
+
+
+def test_arrays_that_do_not_match_the_manifest_are_refused_naming_them(tmp_path):
+    import json
+
+    writer = CacheWriter(tmp_path, _provenance())
+    writer.write_shard(0, [_image(1, 2), _image(2, 1)])
+    provenance = json.loads((tmp_path / "cache.json").read_text())
+    provenance["clip"]["num_tokens"] = 6  # the arrays hold 5 tokens per image
+    (tmp_path / "cache.json").write_text(json.dumps(provenance))
+    with pytest.raises(CacheFormatError, match=r"000000/features.zarr/clip_maps: float16 array of shape \(2, 5, 8\), "
+                                               r"but the shard's manifest and cache.json call for float16 \(2, 6, 8\)"):
+        CacheReader(tmp_path).image(1)

@@ -12,14 +12,17 @@ Layout of a cache directory::
         features.zarr/              zarr v3: clip_maps (images, tokens, width) and
                                     box_tokens (boxes, 256), float16, one zarr shard file each
     shards/.tmp-<NNNNNN>-<pid>/     a shard being written: never read
+    .extract.lock                   held (flock) by the one extraction running into the cache
+    proposals/<box source>/         proposals caches borrowing this cache's feature maps
 """
 
 from .format import FORMAT_VERSION, CacheFormatError, Provenance
 from .reader import CachedImage, CacheReader, ShardProblem, Vocabulary, inspect_cache, verify_cache
-from .writer import CacheWriter, ImageFeatures
+from .writer import CacheBusyError, CacheWriter, ImageFeatures, exclusive_extraction
 
 __all__ = [
     "FORMAT_VERSION",
+    "CacheBusyError",
     "CacheFormatError",
     "CacheReader",
     "CacheWriter",
@@ -30,4 +33,5 @@ __all__ = [
     "Vocabulary",
     "inspect_cache",
     "verify_cache",
+    "exclusive_extraction",
 ]

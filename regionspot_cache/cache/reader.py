@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
@@ -175,9 +176,27 @@ class CacheReader:
 
     @lru_cache(maxsize=256)
     def _arrays(self, shard: int) -> tuple[zarr.Array, zarr.Array]:
-        """The shard's (clip_maps, box_tokens) arrays, opened once: opening reads metadata."""
-        group = zarr.open_group(self.root / SHARDS_DIR / shard_name(shard) / FEATURES_DIR, mode="r")
-        return group[CLIP_MAPS], group[BOX_TOKENS]
+        """The shard's (clip_maps, box_tokens) arrays, opened once (opening reads metadata) and
+        checked against the shard's manifest and the provenance before any value is used."""
+        where = self.root / SHARDS_DIR / shard_name(shard) / FEATURES_DIR
+        try:
+            group = zarr.open_group(where, mode="r")
+            clip_maps, box_tokens = group[CLIP_MAPS], group[BOX_TOKENS]
+        except (OSError, KeyError, ValueError) as err:
+            raise CacheFormatError(f"{where}: unreadable feature arrays: {err}") from None
+        rows = self.images.filter(pc.equal(self.images["shard"], shard))
+        maps = int(pc.sum(pc.greater_equal(rows["map_row"], 0)).as_py() or 0)
+        boxes = int(pc.sum(rows["box_count"]).as_py() or 0)
+        clip = self.provenance.clip
+        expected = {
+            CLIP_MAPS: ((maps, int(clip["num_tokens"]), int(clip["width"])) if maps else None, clip_maps),
+            BOX_TOKENS: ((boxes, int(self.provenance.sam.get("token_dim", 256))) if boxes else None, box_tokens),
+        }
+        for name, (shape, array) in expected.items():
+            if array.dtype != np.float16 or (shape is not None and tuple(array.shape) != shape):
+                raise CacheFormatError(f"{where}/{name}: {array.dtype} array of shape {tuple(array.shape)}, but the "
+                                       f"shard's manifest and cache.json call for float16 {shape}")
+        return clip_maps, box_tokens
 
     def vocabulary_names(self) -> list[str]:
         directory = self.root / VOCAB_DIR

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +42,39 @@ from .format import (
     shard_name,
     vocabulary_schema,
 )
-from ..runtime import atomic_write_bytes
+from ..runtime import atomic_write_bytes, process_alive
+
+
+LOCK_FILE = ".extract.lock"
+
+
+class CacheBusyError(CacheFormatError):
+    """Another extraction holds the cache."""
+
+
+@contextmanager
+def exclusive_extraction(root: Path | str) -> Iterator[None]:
+    """Held by the process that runs an extraction into ``root`` (dask workers write the shards
+    it hands out). A second extraction is refused rather than racing on the same shards. The
+    kernel drops the lock when its holder dies, so a killed run never leaves a stale lock."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise CacheBusyError(f"{root}: another rs-cache extract ({holder}) is writing this cache; "
+                                 "wait for it to finish or stop it, then re-run to resume") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 @dataclass
@@ -117,6 +153,14 @@ class CacheWriter:
             write_checksums(tmp)
             _fsync_tree(tmp)
             os.rename(tmp, final)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFormatError(
+                    f"{self.root}: no space left on the device while writing shard {shard_id}: nothing of "
+                    "it was committed (committed shards are intact); free space and re-run to resume"
+                ) from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -127,7 +171,7 @@ class CacheWriter:
         """Delete what a killed writer of this shard left aside (its pid is in the name)."""
         for tmp in self.shards_dir.glob(f".tmp-{shard_name(shard_id)}-*"):
             pid = int(tmp.name.split("-")[2])
-            if not _process_alive(pid):
+            if not process_alive(pid):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_shard_files(self, directory: Path, images: Sequence[ImageFeatures]) -> None:
@@ -201,16 +245,6 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray | None, chunk_ro
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_tree(directory: Path) -> None:

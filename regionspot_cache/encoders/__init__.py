@@ -1,7 +1,7 @@
 """Frozen encoders: SAM box tokens and CLIP feature maps / text embeddings."""
 
 from .clip import ClipEncoder, load_clip
-from .frozen import FrozenEncoders, load_frozen_encoders
+from .frozen import FrozenEncoders, load_frozen_encoders, models_recorded_in
 from .sam import SAM_ARCHITECTURES, SamBoxEncoder, build_sam
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "build_sam",
     "load_clip",
     "load_frozen_encoders",
+    "models_recorded_in",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..config import ModelsConfig
+from ..config import ClipSpec, ModelsConfig, SamSpec
 from ..runtime import sha256_file
 from .clip import ClipEncoder, load_clip
 from .sam import TOKEN_DIM, SamBoxEncoder, build_sam
@@ -56,3 +56,13 @@ def load_frozen_encoders(spec: ModelsConfig, device: torch.device) -> FrozenEnco
     sam = SamBoxEncoder(build_sam(spec.sam.variant, spec.sam.checkpoint), device)
     clip = load_clip(spec.clip.model, spec.clip.pretrained, device)
     return FrozenEncoders(sam, clip, spec)
+
+
+def models_recorded_in(provenance: Any) -> ModelsConfig:
+    """The models a cache was extracted with, from the variants and paths its provenance
+    recorded (checkpoint hashes are checked again when the cache is reopened for writing)."""
+    paths = provenance.paths
+    return ModelsConfig(
+        SamSpec(provenance.sam["variant"], paths.get("sam_checkpoint")),
+        ClipSpec(provenance.clip["model"], paths.get("clip_pretrained") or provenance.clip.get("pretrained")),
+    )
