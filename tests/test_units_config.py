@@ -77,7 +77,7 @@ def test_lvis_images_take_their_path_from_coco_url(tmp_path):
     "content, message",
     [("{not json", r"not valid JSON: .*line 1 column 2"), ('{"images": [{"id": 1}], "categories": []}', r"images\[0\]: malformed"),
      ('{"images": [], "categories": [], "annotations": [{"image_id": 1}]}', r"annotations\[0\]: malformed"),
-     ('{"images": [{"id": 1, "file_name": "a", "width": 2, "height": 2}], "categories": [], '
+     ('{"images": [{"id": 1, "file_name": "a", "width": 2, "height": 2}], "categories": [{"id": 1, "name": "a"}], '
       '"annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1], "category_id": 1}, {"image_id": 2, "bbox": [0, 0, 1, 1], "category_id": 1}]}',
       r"annotations\[1\]: image_id 2 is not in images"),
      ('{"images": [{"id": 1, "file_name": "a", "width": 2, "height": 2}, {"id": 1, "file_name": "b", "width": 2, "height": 2}], '

@@ -11,8 +11,6 @@ import textwrap
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
-from PIL import Image
 
 from regionspot_cache.cache import CacheBusyError, CacheFormatError, CacheReader, exclusive_extraction, verify_cache
 from regionspot_cache.config import ExtractConfig

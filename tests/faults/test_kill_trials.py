@@ -68,7 +68,7 @@ def _kill_moments(duration: float, rng: np.random.Generator) -> list[float]:
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill_trials")
-    annotations = generate_split(root, "train", SyntheticSpec(images=8, seed=6, min_size=64, max_size=80))
+    annotations = generate_split(root, "train", SyntheticSpec(images=6, seed=6, min_size=64, max_size=80, min_objects=1, max_objects=2))
     return root, load_coco_format(annotations, root / "images", name="toy")
 
 
