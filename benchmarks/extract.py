@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from segment_anything import SamPredictor
 
 from regionspot_cache.cache import CacheReader

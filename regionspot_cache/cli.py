@@ -2,53 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .config import ConfigError, DemoConfig, Recipe, apply_overrides, load_recipe
+from . import cli_eval
+from .cli_common import (ClipModelOption, ClipPretrainedOption, DataRootOption, RecipeOption, SamCheckpointOption,
+                         SamVariantOption, SetOption, UserError, recipe_from, app)
+from .config import ConfigError, DemoConfig
 from .progress import console
-
-app = typer.Typer(
-    help="RegionSpot with cached frozen SAM + CLIP features: `extract` runs the encoders once per "
-    "image into a zarr/parquet cache, `train` fits the head from the cache alone, `eval` scores "
-    "boxes and computes LVIS AP. `demo` does all three on generated data with tiny models.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
-RecipeOption = typer.Option(
-    None, "--recipe", "-r", help="Recipe TOML (see pipelines/) with tables models.sam, models.clip, extract, train and eval."
-)
-SetOption = typer.Option(
-    [], "--set", "-s", help="Override a recipe field, e.g. --set train.lr=1e-4 --set models.clip.model=ViT-B-16. Repeatable."
-)
-DataRootOption = typer.Option(Path("."), help="Directory that the manifest's relative paths start from.")
-SamCheckpointOption = typer.Option(None, help="SAM checkpoint file (e.g. sam_vit_b_01ec64.pth); sets models.sam.checkpoint.")
-SamVariantOption = typer.Option(None, help="SAM architecture: vit_b, vit_l, vit_h (or tiny); sets models.sam.variant.")
-ClipModelOption = typer.Option(None, help="open_clip model name, e.g. ViT-L-14, ViT-B-16, ViT-L-14-336; sets models.clip.model.")
-ClipPretrainedOption = typer.Option(
-    None, help="open_clip pretrained tag (e.g. openai) or a local weights file; sets models.clip.pretrained."
-)
-
-
-class UserError(Exception):
-    """Shown to the user as one line, without a traceback."""
-
-
-def _recipe(path: Optional[Path], overrides: List[str], **models: Optional[str]) -> Recipe:
-    recipe = load_recipe(path) if path else Recipe()
-    recipe = apply_overrides(recipe, list(overrides))
-    for key, value in models.items():
-        if value is not None:
-            section, field = key.split("_", 1)
-            setattr(getattr(recipe.models, section), field, value)
-    return recipe
-
 
 @app.command()
 def extract(
@@ -85,7 +49,7 @@ def extract(
     from .extract import print_summary, run_extraction
     from .proposals import with_box_source
 
-    config = _recipe(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
+    config = recipe_from(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
                      clip_model=clip_model, clip_pretrained=clip_pretrained)
     config.extract.strict = strict or config.extract.strict
     spec = load_manifest(manifest, data_root)
@@ -123,7 +87,7 @@ def train(
     """
     from .train import train_head
 
-    config = _recipe(recipe, overrides)
+    config = recipe_from(recipe, overrides)
     if cache:
         config.train.caches = [str(path) for path in cache]
     if vocabulary:
@@ -135,50 +99,8 @@ def train(
                   f"({summary.samples_per_second:.1f} images/s); final loss {summary.final_loss:.4f}")
 
 
-@app.command("eval")
-def evaluate(
-    cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache of the evaluation images."),
-    head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) written by `rs-cache train`."),
-    annotations: Optional[Path] = typer.Option(
-        None, "--annotations", "-a", help="LVIS-format ground-truth JSON (default: the manifest's annotations)."
-    ),
-    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="Dataset manifest naming annotations and proposal sets."),
-    data_root: Path = DataRootOption,
-    proposals: str = typer.Option(
-        "gt", help="Boxes to score: `gt`, a proposal set named in the manifest (e.g. `glip`) or a proposal file. "
-        "If CACHE holds other boxes, SAM tokens for these are extracted into CACHE/proposals/ (its CLIP "
-        "feature maps are reused; needs --manifest)."
-    ),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write LVIS results JSON here and metrics beside it."),
-    recipe: Optional[Path] = RecipeOption,
-    overrides: List[str] = SetOption,
-) -> None:
-    """Score every cached box against the vocabulary and print LVIS AP, APr, APc, APf."""
-    from .cache import CacheReader
-    from .datasets import load_manifest
-    from .evaluate import METRICS, evaluate_head
-    from .head import load_head
-    from .progress import metrics_table
-    from .extract_proposals import cache_with_boxes
-    from .proposals import GROUND_TRUTH, box_source_id, proposal_path, with_box_source
-
-    spec = load_manifest(manifest, data_root) if manifest else None
-    annotations = annotations or (spec.annotations if spec else None)
-    if annotations is None:
-        raise UserError("eval needs --annotations or --manifest")
-    config = _recipe(recipe, overrides)
-    wanted = GROUND_TRUTH if proposals == GROUND_TRUTH else box_source_id(proposal_path(spec, proposals))
-    if wanted != CacheReader(cache).provenance.box_source:
-        if spec is None:
-            raise UserError(f"{cache}: holds other boxes than {proposals!r}; pass --manifest so that the missing "
-                            "SAM tokens can be extracted (the cached CLIP feature maps are reused)")
-        dataset, box_source = with_box_source(spec.load(), spec, proposals)
-        cache = cache_with_boxes(cache, dataset, box_source, config.extract)
-    model, _ = load_head(head)
-    result = evaluate_head(cache, model, annotations, config.eval, output)
-    console.print(metrics_table(f"LVIS box AP ({proposals} boxes)", {head.name: result.metrics}, METRICS))
-    if output is not None:
-        output.with_suffix(".metrics.json").write_text(json.dumps(result.metrics, indent=2))
+app.command("eval")(cli_eval.evaluate)
+app.command()(cli_eval.predict)
 
 
 @app.command("import-checkpoint")
@@ -222,6 +144,43 @@ def verify(cache: Path = typer.Argument(..., help="Cache directory to check.")) 
     if problems:
         raise typer.Exit(1)
     console.print(f"{cache}: every committed shard matches its checksums")
+
+
+@app.command()
+def repair(
+    cache: Path = typer.Argument(..., help="Cache directory whose damaged shards to extract again."),
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Dataset manifest TOML the cache was extracted from."),
+    data_root: Path = DataRootOption,
+    boxes: str = typer.Option("gt", help="The boxes the cache was extracted with (as for `rs-cache extract --boxes`)."),
+    recipe: Optional[Path] = RecipeOption,
+    overrides: List[str] = SetOption,
+    sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint, if it moved since extraction (default: the path in cache.json)."),
+    clip_pretrained: Optional[str] = typer.Option(None, help="CLIP weights file or tag, if moved (default: the one in cache.json)."),
+) -> None:
+    """Check every shard against its checksums, then remove and re-extract only the damaged ones.
+
+    The models default to those recorded in the cache; its identity check refuses others.
+    """
+    from .cache import CacheReader
+    from .datasets import load_manifest
+    from .encoders import models_recorded_in
+    from .extract import print_summary
+    from .proposals import with_box_source
+    from .repair import repair_cache
+
+    config = recipe_from(recipe, overrides)
+    models = models_recorded_in(CacheReader(cache).provenance)
+    models.sam.checkpoint = sam_checkpoint or models.sam.checkpoint
+    models.clip.pretrained = clip_pretrained or models.clip.pretrained
+    spec = load_manifest(manifest, data_root)
+    dataset, box_source = with_box_source(spec.load(), spec, boxes)
+    summary = repair_cache(cache, dataset, box_source, config.extract, models)
+    if not summary.damaged:
+        console.print(f"{cache}: every committed shard matches its checksums; nothing to repair")
+        return
+    for shard, problems in summary.damaged.items():
+        console.print(f"[yellow]shard {shard}[/] re-extracted: {'; '.join(problems)}")
+    print_summary(summary.extraction)
 
 
 @app.command()

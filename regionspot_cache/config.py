@@ -46,6 +46,7 @@ class ExtractConfig:
     boxes_per_decoder_call: int = 64
     device: str = "auto"
     strict: bool = False  # bad images and degenerate boxes stop the run instead of being recorded
+    max_image_pixels: int = 100_000_000  # larger images (decompression bombs) are recorded as failed
 
 
 @dataclass
@@ -82,9 +83,39 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """How region logits become scored detections and how LVIS AP counts them (``scoring.py``).
+
+    ``scoring``: class probability = ``softmax`` over the vocabulary (the released code) or
+    ``sigmoid`` of each logit (the focal training loss). ``protocol``: ``standard`` keeps the top
+    ``top_k_per_image`` (box, class) pairs per image and LVIS's ``max_dets_per_image`` (-1: no
+    limit); ``fixed`` is AP-fixed (Dave et al. 2021): no per-image cap, the top
+    ``fixed_dets_per_class`` detections of each class over the whole dataset.
+    """
+
     top_k_per_image: int = 900
     max_dets_per_image: int = 300
+    scoring: str = "softmax"
+    protocol: str = "standard"
+    fixed_dets_per_class: int = 10_000
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the allowed values (``--set`` assigns fields after __init__)."""
+        for name, allowed in (("scoring", EVAL_SCORINGS), ("protocol", EVAL_PROTOCOLS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"eval.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("top_k_per_image", "fixed_dets_per_class"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}: {getattr(self, name)} must be at least 1")
+        if self.max_dets_per_image < 1 and self.max_dets_per_image != -1:
+            raise ConfigError(f"eval.max_dets_per_image: {self.max_dets_per_image} must be at least 1, or -1 for no limit")
+
+
+EVAL_SCORINGS = ("softmax", "sigmoid")
+EVAL_PROTOCOLS = ("standard", "fixed")
 
 
 @dataclass

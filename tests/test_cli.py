@@ -16,7 +16,7 @@ from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 
 runner = CliRunner()
-COMMANDS = ["extract", "train", "eval", "demo", "inspect", "verify", "import-checkpoint"]
+COMMANDS = ["extract", "train", "eval", "predict", "demo", "inspect", "verify", "repair", "import-checkpoint"]
 
 
 def test_every_option_of_every_command_is_explained():
@@ -68,7 +68,8 @@ def test_extract_train_eval_from_the_command_line(extracted):
     result = runner.invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(head), "-a", str(annotations), "-o", str(output)])
     assert result.exit_code == 0, result.output
     metrics = json.loads(output.with_suffix(".metrics.json").read_text())
-    assert set(metrics) >= {"AP", "APr", "APc", "APf"} and all(-1 <= v <= 1 for v in metrics.values())
+    assert set(metrics) >= {"AP", "APr", "APc", "APf"} and all(-1 <= metrics[k] <= 1 for k in ("AP", "APr", "APc", "APf"))
+    assert metrics["eval"]["protocol"] == "standard" and metrics["eval"]["scoring"] == "softmax"
     detections = json.loads(output.read_text())
     assert detections and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
 

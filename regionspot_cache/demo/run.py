@@ -42,8 +42,8 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
     console.rule("[bold]2/4 extract (frozen SAM + CLIP, once per image)")
     encoders = load_frozen_encoders(models, resolve_device(config.extract.device))
     caches = {}
-    for split, annotations in (("train", train_json), ("val", val_json)):
-        dataset = load_coco_format(annotations, data_dir / "images", name=f"demo_{split}")
+    for split, annotation_file in (("train", train_json), ("val", val_json)):
+        dataset = load_coco_format(annotation_file, data_dir / "images", name=f"demo_{split}")
         caches[split] = workdir / "cache" / split
         print_summary(run_extraction(dataset, caches[split], models, config.extract, encoders=encoders))
     del encoders

@@ -123,3 +123,41 @@ class SamBoxEncoder:
         image_pe = self.sam.prompt_encoder.get_dense_pe()
         hidden, _ = decoder.transformer(src, image_pe, tokens)
         return hidden[:, 1, :]
+
+    @torch.no_grad()
+    def box_masks(
+        self,
+        image_embedding: torch.Tensor,
+        boxes_xyxy: np.ndarray,
+        original_size: tuple[int, int],
+        boxes_per_call: int = 16,
+    ) -> torch.Tensor:
+        """SAM's single-mask output for each box prompt, as ``SamPredictor.predict(box=...,
+        multimask_output=False)`` returns it: (N, H, W) bool in original pixels of an (H, W) image.
+
+        ``boxes_per_call`` bounds memory: each box's logits are upscaled to 1024² floats first.
+        """
+        boxes = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4))
+        boxes = self.transform.apply_boxes_torch(boxes, original_size).to(self.device)
+        input_size = self.transform.get_preprocess_shape(*original_size, self.input_size)
+        chunks = [
+            self._decode_masks(image_embedding, boxes[start : start + boxes_per_call], input_size, original_size)
+            for start in range(0, len(boxes), boxes_per_call)
+        ]
+        if not chunks:
+            return torch.zeros(0, *original_size, dtype=torch.bool, device=self.device)
+        return torch.cat(chunks)
+
+    def _decode_masks(
+        self, image_embedding: torch.Tensor, boxes: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        low_res, _ = self.sam.mask_decoder(
+            image_embeddings=image_embedding.unsqueeze(0),
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        logits = self.sam.postprocess_masks(low_res, input_size, original_size)
+        return logits[:, 0] > self.sam.mask_threshold
