@@ -122,3 +122,21 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
         with pytest.raises(UnsafeCheckpointError, match=candidate.name):
             load_torch_weights(candidate)
     assert not marker.exists()
+
+
+def test_recorded_weight_paths_are_absolute(encoders, tiny_models, monkeypatch):
+    """A cache records where its weights are; relative paths would break every later command
+    run from another directory (eval --masks, the clip-* baselines, repair)."""
+    import dataclasses
+    from pathlib import Path
+
+    from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
+
+    monkeypatch.chdir(Path(tiny_models.sam.checkpoint).parent)
+    relative = ModelsConfig(SamSpec("tiny", "sam_tiny.pth"), ClipSpec(tiny_models.clip.model, "clip_tiny.pt"))
+    assert dataclasses.replace(encoders, spec=relative).paths() == {
+        "sam_checkpoint": str(Path(tiny_models.sam.checkpoint).resolve()),
+        "clip_pretrained": str(Path(tiny_models.clip.pretrained).resolve()),
+    }
+    tagged = ModelsConfig(SamSpec("tiny", None), ClipSpec("ViT-B-16", "openai"))
+    assert dataclasses.replace(encoders, spec=tagged).paths() == {"sam_checkpoint": None, "clip_pretrained": "openai"}

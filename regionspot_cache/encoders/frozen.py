@@ -49,7 +49,15 @@ class FrozenEncoders:
         }
 
     def paths(self) -> dict[str, str | None]:
-        return {"sam_checkpoint": self.spec.sam.checkpoint, "clip_pretrained": self.spec.clip.pretrained}
+        """Where the weights were read from, absolute, so that commands run from another
+        directory (eval --masks, clip-*, repair) find them again."""
+        return {"sam_checkpoint": _absolute_if_file(self.spec.sam.checkpoint),
+                "clip_pretrained": _absolute_if_file(self.spec.clip.pretrained)}
+
+
+def _absolute_if_file(path: str | None) -> str | None:
+    """A local file's absolute path; anything else (None, an open_clip tag) unchanged."""
+    return str(Path(path).resolve()) if path and Path(path).is_file() else path
 
 
 def load_frozen_encoders(spec: ModelsConfig, device: torch.device) -> FrozenEncoders:
