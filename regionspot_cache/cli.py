@@ -132,18 +132,22 @@ def inspect(cache: Path = typer.Argument(..., help="Cache directory to summarise
 
 @app.command()
 def verify(cache: Path = typer.Argument(..., help="Cache directory to check.")) -> None:
-    """Check every committed shard against the SHA-256 checksums recorded when it was committed.
+    """Check every committed shard against the SHA-256 checksums recorded when it was committed,
+    also in the proposals caches inside CACHE.
 
     Exits with status 1 and names each damaged shard and file if any differ.
     """
-    from .cache import verify_cache
+    from .cache import verify_cache_tree
 
-    problems = verify_cache(cache)
-    for problem in problems:
-        console.print(f"[red]shard {problem.shard}[/]: {problem.problem}")
-    if problems:
+    results = verify_cache_tree(cache)
+    for directory, problems in results.items():
+        where = "" if directory == cache else f"{directory.relative_to(cache)} "
+        for problem in problems:
+            console.print(f"[red]{where}shard {problem.shard}[/]: {problem.problem}")
+    if any(results.values()):
         raise typer.Exit(1)
-    console.print(f"{cache}: every committed shard matches its checksums")
+    checked = f" and {len(results) - 1} proposals cache(s)" if len(results) > 1 else ""
+    console.print(f"{cache}{checked}: every committed shard matches its checksums")
 
 
 @app.command()

@@ -17,7 +17,8 @@ Layout of a cache directory::
 """
 
 from .format import FORMAT_VERSION, CacheFormatError, Provenance
-from .reader import CachedImage, CacheReader, ShardProblem, Vocabulary, inspect_cache, verify_cache
+from .reader import (CachedImage, CacheReader, ShardProblem, Vocabulary, derived_caches, inspect_cache, verify_cache,
+                     verify_cache_tree)
 from .writer import CacheBusyError, CacheWriter, ImageFeatures, exclusive_extraction
 
 __all__ = [
@@ -33,5 +34,7 @@ __all__ = [
     "Vocabulary",
     "inspect_cache",
     "verify_cache",
+    "verify_cache_tree",
+    "derived_caches",
     "exclusive_extraction",
 ]

@@ -26,6 +26,7 @@ from .format import (
     BOXES_SCHEMA,
     CHECKSUMS_FILE,
     CLIP_MAPS,
+    DERIVED_DIR,
     FEATURES_DIR,
     IMAGES_FILE,
     IMAGES_SCHEMA,
@@ -236,6 +237,17 @@ def verify_cache(root: Path | str) -> list[ShardProblem]:
     for shard_dir in committed_shard_dirs(root):
         problems.extend(ShardProblem(shard_dir.name, p) for p in _shard_problems(shard_dir))
     return problems
+
+
+def derived_caches(root: Path | str) -> list[Path]:
+    """The proposals caches kept inside ``root`` (they borrow its feature maps)."""
+    directory = Path(root) / DERIVED_DIR
+    return sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+
+
+def verify_cache_tree(root: Path | str) -> dict[Path, list[ShardProblem]]:
+    """``verify_cache`` of ``root`` and of each proposals cache inside it, by cache directory."""
+    return {cache: verify_cache(cache) for cache in [Path(root), *derived_caches(root)]}
 
 
 def _shard_problems(shard_dir: Path) -> list[str]:

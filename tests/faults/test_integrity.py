@@ -77,3 +77,29 @@ def test_repair_re_extracts_only_the_damaged_shards(pristine, tmp_path):
             np.testing.assert_array_equal(got, want)
     again = CliRunner().invoke(app, ["repair", str(cache), "-m", str(pristine / "toy.toml"), "--data-root", str(pristine)])
     assert again.exit_code == 0 and "nothing to repair" in again.output
+
+
+def test_verify_also_checks_the_proposals_caches_inside(pristine, tiny_models, encoders, tmp_path):
+    import json
+
+    from regionspot_cache.extract_proposals import cache_with_boxes
+    from regionspot_cache.proposals import with_box_source
+
+    cache = shutil.copytree(pristine / "cache", tmp_path / "cache")
+    dataset = load_coco_format(pristine / "val.json", pristine / "images", name="toy")
+    proposals = tmp_path / "boxes.json"
+    proposals.write_text(json.dumps([{"image_id": entry.id, "bbox": [2, 3, 30, 20], "score": 0.5, "category_id": 1}
+                                     for entry in dataset.images]))
+    derived = cache_with_boxes(cache, *with_box_source(dataset, None, str(proposals)), CONFIG, encoders=encoders)
+    clean = CliRunner().invoke(app, ["verify", str(cache)])
+    assert clean.exit_code == 0 and _unwrapped("and 1 proposals cache(s)") in _unwrapped(clean.output), clean.output
+    _flip(derived / "shards" / "000002" / "boxes.parquet")
+    damaged = CliRunner().invoke(app, ["verify", str(cache)])
+    assert damaged.exit_code == 1
+    expected = f"proposals/{derived.name} shard 000002: boxes.parquet: checksum differs"
+    assert _unwrapped(expected) in _unwrapped(damaged.output), damaged.output
+
+
+def _unwrapped(text: str) -> str:
+    """Without whitespace: the console wraps long lines, even inside a long cache name."""
+    return "".join(text.split())
