@@ -27,3 +27,14 @@ def rgb_image() -> np.ndarray:
     image = rng.integers(0, 255, size=(90, 140, 3), dtype=np.uint8)
     image[20:60, 30:90] = [200, 30, 30]
     return image
+
+
+@pytest.fixture(scope="session")
+def lvis_annotation():
+    """Builds an LVIS annotation whose segmentation is its box as a polygon."""
+    def make(id_: int, image_id: int, category_id: int, bbox: list[float]) -> dict:
+        x, y, w, h = bbox
+        return {"id": id_, "image_id": image_id, "category_id": category_id, "bbox": bbox, "area": w * h,
+                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], "iscrowd": 0}
+
+    return make

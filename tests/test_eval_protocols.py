@@ -150,12 +150,8 @@ PROBS = {1: [(A, [0.9, 0.2, 0.1]), (B, [0.3, 0.6, 0.1])], 2: [(C, [0.8, 0.7, 0.0
 
 
 @pytest.fixture()
-def gt_file(tmp_path):
-    def ann(id_, image_id, category_id, bbox):
-        x, y, w, h = bbox
-        return {"id": id_, "image_id": image_id, "category_id": category_id, "bbox": bbox, "area": w * h,
-                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], "iscrowd": 0}
-
+def gt_file(tmp_path, lvis_annotation):
+    ann = lvis_annotation
     data = {
         "images": [
             {"id": 1, "width": 100, "height": 100, "neg_category_ids": [EMU], "not_exhaustive_category_ids": []},

@@ -17,12 +17,8 @@ CAT_1, DOG_1, CAT_2 = [10, 10, 20, 20], [50, 50, 40, 40], [0, 0, 50, 50]  # x, y
 
 
 @pytest.fixture()
-def gt_file(tmp_path):
-    def ann(id_, image_id, category_id, bbox):
-        x, y, w, h = bbox
-        return {"id": id_, "image_id": image_id, "category_id": category_id, "bbox": bbox, "area": w * h,
-                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], "iscrowd": 0}
-
+def gt_file(tmp_path, lvis_annotation):
+    ann = lvis_annotation
     data = {
         "images": [
             {"id": 1, "width": 100, "height": 100, "file_name": "a.jpg", "neg_category_ids": [EMU], "not_exhaustive_category_ids": []},
