@@ -29,7 +29,6 @@ from .scoring import (
     detections_from_logits,
     lvis_max_dets,
     protocol_settings,
-    top_pairs,
     write_results_json,
 )
 
@@ -56,15 +55,6 @@ def image_logits(
     return region_logits(head(tokens, feature_map)[0], text, logit_scale)
 
 
-def score_image(
-    head: RegionSpotHead, item: CachedImage, text: torch.Tensor, logit_scale: float, top_k: int,
-    device: torch.device, scoring: str = "softmax",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k (box index, class index, score) of one image, best first."""
-    logits = image_logits(head, item, text, logit_scale, device)
-    return top_pairs(logits, torch.from_numpy(item.scores).to(device), scoring, top_k)
-
-
 def predict(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, config: EvalConfig) -> Detections:
     """Detections of every extracted image with boxes, under ``config``'s scoring protocol."""
     config.validate()
@@ -83,11 +73,6 @@ def predict(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, config
                 bar.update(task, advance=1)
 
     return detections_from_logits(images(), vocab.category_ids, config)
-
-
-def predict_detections(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, config: EvalConfig) -> list[dict]:
-    """LVIS-format detections (bbox as x, y, w, h) for every extracted image with boxes."""
-    return predict(reader, head, vocab, config).records()
 
 
 @contextmanager

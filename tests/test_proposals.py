@@ -11,7 +11,7 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import EvalConfig, ExtractConfig
 from regionspot_cache.datasets import DatasetError, Manifest, load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.evaluate import predict_detections
+from regionspot_cache.evaluate import predict
 from regionspot_cache.extract import run_extraction
 from regionspot_cache.head import HeadConfig, RegionSpotHead
 from regionspot_cache.proposals import GROUND_TRUTH, load_proposals, with_box_source
@@ -64,7 +64,7 @@ def test_extract_and_score_proposals(tmp_path, tiny_models, encoders):
     assert reader.status(2) == ("ok", "no boxes")
     np.testing.assert_allclose(reader.image(1).scores, [0.8, 0.5])
     head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim)).eval()
-    detections = predict_detections(reader, head, reader.vocabulary("toy"), EvalConfig(device="cpu"))
+    detections = predict(reader, head, reader.vocabulary("toy"), EvalConfig(device="cpu")).records()
     classes = len(dataset.categories)
     assert len(detections) == 3 * classes
     # score = proposal score x class probability, so a box's scores over all classes sum to its score.

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from regionspot_cache.cache import CachedImage
-from regionspot_cache.evaluate import lvis_box_ap, numpy_float_alias, score_image
+from regionspot_cache.evaluate import image_logits, lvis_box_ap, numpy_float_alias
+from regionspot_cache.scoring import top_pairs
 from regionspot_cache.head import HeadConfig, RegionSpotHead
 
 CAT, DOG, EMU = 1, 2, 3
@@ -81,7 +82,11 @@ def test_score_image_is_top_k_of_softmax_times_box_score():
         embeddings = head(torch.tensor(item.tokens, dtype=torch.float32)[None], torch.tensor(item.feature_map, dtype=torch.float32)[None])[0]
     probs = torch.softmax(30.0 * embeddings @ text.T, dim=-1).numpy() * item.scores[:, None]
     order = np.argsort(-probs.ravel(), kind="stable")[:7]
-    boxes, classes, scores = score_image(head, item, text, 30.0, top_k=7, device=torch.device("cpu"))
+    def score_image(top_k):
+        logits = image_logits(head, item, text, 30.0, torch.device("cpu"))
+        return top_pairs(logits, torch.from_numpy(item.scores), "softmax", top_k)
+
+    boxes, classes, scores = score_image(top_k=7)
     np.testing.assert_array_equal(boxes * 5 + classes, order)
     np.testing.assert_allclose(scores, probs.ravel()[order], rtol=1e-5)
-    assert len(score_image(head, item, text, 30.0, top_k=900, device=torch.device("cpu"))[0]) == 20
+    assert len(score_image(top_k=900)[0]) == 20
