@@ -66,15 +66,15 @@ class DetectionDataset:
         return self.boxes.get(image_id, BoxSet.empty())
 
     def image_path(self, entry: ImageEntry) -> Path:
-        return image_path_under(self.image_root, entry)
+        return image_path_under(self.image_root, entry.file_name, entry.id)
 
 
-def image_path_under(image_root: Path, entry: ImageEntry) -> Path:
-    """The image's file; a ``file_name`` that leads outside the image root is refused."""
+def image_path_under(image_root: Path, file_name: str, image_id: int) -> Path:
+    """Image ``image_id``'s file; a ``file_name`` that leads outside the image root is refused."""
     root = Path(image_root).resolve()
-    path = (root / entry.file_name).resolve()
+    path = (root / file_name).resolve()
     if not path.is_relative_to(root):
-        raise DatasetError(f"{entry.file_name}: file_name of image {entry.id} escapes the image root {root}")
+        raise DatasetError(f"{file_name}: file_name of image {image_id} escapes the image root {root}")
     return path
 
 

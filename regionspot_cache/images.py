@@ -47,7 +47,7 @@ class ImageSource:
 
     def load(self, image_id: int) -> Image.Image:
         entry = self.entries[image_id]
-        path = image_path_under(self.root, entry)
+        path = image_path_under(self.root, entry.file_name, image_id)
         image = load_rgb(path)
         if image.size != (entry.width, entry.height):
             raise ImageDecodeError(

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
+from .drawing import PALETTE, draw_labelled_box
 from .masks import decode_rle
 
-# Distinct, readable colours (matplotlib's tab10), one per label in order of first appearance.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 MASK_ALPHA = 0.45
 
 
@@ -81,21 +80,17 @@ def draw_regions(image: Image.Image, regions: list[dict], path: Path) -> None:
     canvas = _with_masks(image.convert("RGB"), regions, colours)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(10, min(canvas.size) // 40))
+    width = max(1, min(canvas.size) // 200)
     for region in regions:
-        colour = colours[region["label"]]
-        x1, y1, x2, y2 = region["box"]
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=max(1, min(canvas.size) // 200))
-        text = f"{region['label']} {region['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
-        shift = min(bottom - top + 2, y1)  # above the box when there is room, else inside it
-        draw.rectangle([left, top - shift, right + 2, bottom - shift], fill=colour)
-        draw.text((x1 + 1, y1 - shift), text, fill="white", font=font)
+        label = f"{region['label']} {region['score']:.2f}"
+        draw_labelled_box(draw, tuple(region["box"]), label, colours[region["label"]], font, width)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
 
 
 def _label_colours(labels: list[str]) -> dict[str, str]:
+    """One palette colour per label, in order of first appearance."""
     colours: dict[str, str] = {}
     for label in labels:
         colours.setdefault(label, PALETTE[len(colours) % len(PALETTE)])

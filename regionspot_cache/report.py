@@ -12,6 +12,8 @@ import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend, PNG goes through Agg
 from PIL import Image, ImageDraw, ImageFont
 
+from .datasets import DatasetError, image_path_under
+from .drawing import PALETTE, draw_labelled_box
 from .images import ImageDecodeError, load_rgb
 from .scoring import Detections
 
@@ -20,8 +22,6 @@ TABLE_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 CHART_FILE = "ap_by_frequency.png"
 PAGE_FILE = "results.md"
 EXAMPLES_DIR = "examples"
-# Distinct, readable box colours (tab10), picked by category id.
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
 @dataclass
@@ -82,20 +82,10 @@ def draw_predictions(image: Image.Image, detections: Detections, names: Mapping[
     font = ImageFont.load_default()
     for box, category_id, score in zip(detections.boxes.tolist(), detections.category_ids.tolist(), detections.scores.tolist()):
         x, y, w, h = (scale * v for v in box)
-        colour = PALETTE[category_id % len(PALETTE)]
-        draw.rectangle([x, y, x + w, y + h], outline=colour, width=2)
         label = f"{names.get(category_id, category_id)} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((x, y), label, font=font)
-        lift = min(bottom - top + 2, y)  # above the box unless at the top edge
-        draw.rectangle([left, top - lift, right + 2, bottom - lift], fill=colour)
-        draw.text((x + 1, y - lift), label, fill="white", font=font)
+        # Colour by category id, so a class looks the same in every example.
+        draw_labelled_box(draw, (x, y, x + w, y + h), label, PALETTE[category_id % len(PALETTE)], font, width=2)
     return image
-
-
-def _image_path(root: Path, file_name: str) -> Path | None:
-    """``root / file_name``, or None if it would lead outside ``root``."""
-    path = (root / file_name).resolve()
-    return path if path.is_relative_to(root.resolve()) else None
 
 
 def _example(directory: Path, data: ReportData, image_id: int, limit: int) -> list[str]:
@@ -103,16 +93,14 @@ def _example(directory: Path, data: ReportData, image_id: int, limit: int) -> li
     shown = best_per_box(data.predictions, image_id, limit)
     lines = [f"### Image {image_id} (`{file_name}`)", ""]
     if data.image_root is not None:
-        path = _image_path(data.image_root, file_name)
         try:
-            if path is None:
-                raise ImageDecodeError(f"{file_name}: leads outside the image root")
+            path = image_path_under(data.image_root, file_name, image_id)
             drawn = draw_predictions(load_rgb(path), shown, data.category_names)
             target = directory / EXAMPLES_DIR / f"{image_id}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
             drawn.save(target, quality=90)
             lines += [f"![predictions on image {image_id}]({EXAMPLES_DIR}/{target.name})", ""]
-        except ImageDecodeError as err:
+        except (DatasetError, ImageDecodeError) as err:
             lines += [f"Not drawn: {err}.", ""]
     lines += ["| class | score | box (x, y, w, h) |", "|---|---:|---|"]
     for (x, y, w, h), category_id, score in zip(shown.boxes.tolist(), shown.category_ids.tolist(), shown.scores.tolist()):
