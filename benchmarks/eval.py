@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from regionspot_cache.config import EvalConfig
-from regionspot_cache.evaluate import METRICS, numpy_float_alias, run_lvis_eval
-from regionspot_cache.scoring import detections_from_logits, lvis_max_dets, write_results_json
+from regionspot_cache.evaluate.lvis import METRICS, numpy_float_alias, run_lvis_eval
+from regionspot_cache.evaluate.scoring import detections_from_logits, lvis_max_dets, write_results_json
 
 LVIS_VAL_IMAGES = 19_809
 FREQUENCY_SHARES = {"r": 337, "c": 461, "f": 405}  # LVIS v1 categories per frequency group

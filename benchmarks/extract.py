@@ -30,12 +30,12 @@ from segment_anything import SamPredictor
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import ClipSpec, ExtractConfig, ModelsConfig, SamSpec
-from regionspot_cache.datasets import DetectionDataset, load_coco_format
+from regionspot_cache.data.datasets import DetectionDataset, load_coco_format
+from regionspot_cache.data.images import load_rgb
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import FrozenEncoders, SamBoxEncoder, build_sam, load_clip, load_frozen_encoders
-from regionspot_cache.extract import prepare_cache, run_extraction
-from regionspot_cache.images import load_rgb
+from regionspot_cache.extract.runner import prepare_cache, run_extraction
 from regionspot_cache.runtime import resolve_device
 
 

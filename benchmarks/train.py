@@ -22,16 +22,15 @@ import torch
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import ClipSpec, ExtractConfig, ModelsConfig, SamSpec, TrainConfig
-from regionspot_cache.datasets import load_coco_format
+from regionspot_cache.data.datasets import load_coco_format
+from regionspot_cache.data.images import load_rgb
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import FrozenEncoders, SamBoxEncoder, build_sam, load_clip, load_frozen_encoders
-from regionspot_cache.extract import run_extraction
-from regionspot_cache.head import RegionSpotHead
-from regionspot_cache.images import load_rgb
+from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.head.model import RegionSpotHead
 from regionspot_cache.runtime import resolve_device
-from regionspot_cache.train import head_config_for, train_step
-from regionspot_cache.train_data import (
+from regionspot_cache.train.data import (
     BatchPlan,
     CachedRegions,
     EpochSampler,
@@ -40,6 +39,7 @@ from regionspot_cache.train_data import (
     collate_regions,
     region_loader,
 )
+from regionspot_cache.train.loop import head_config_for, train_step
 
 
 def timed_steps(batches, steps: int, head, optimizer, text, logit_scale, config, device) -> float:

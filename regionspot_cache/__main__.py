@@ -1,3 +1,3 @@
-from .cli import main
+from regionspot_cache.cli import main
 
 main()

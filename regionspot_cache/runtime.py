@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import tomllib
 
 if TYPE_CHECKING:  # torch is imported where used, so config and CLI start without it
     import torch

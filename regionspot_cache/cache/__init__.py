@@ -16,10 +16,10 @@ Layout of a cache directory::
     proposals/<box source>/         proposals caches borrowing this cache's feature maps
 """
 
-from .format import FORMAT_VERSION, CacheFormatError, Provenance
-from .reader import (CachedImage, CacheReader, ShardProblem, Vocabulary, derived_caches, inspect_cache, verify_cache,
-                     verify_cache_tree)
-from .writer import CacheBusyError, CacheWriter, ImageFeatures, exclusive_extraction
+from regionspot_cache.cache.format import FORMAT_VERSION, CacheFormatError, Provenance
+from regionspot_cache.cache.reader import CachedImage, CacheReader, Vocabulary
+from regionspot_cache.cache.verify import ShardProblem, derived_caches, inspect_cache, verify_cache, verify_cache_tree
+from regionspot_cache.cache.writer import CacheBusyError, CacheWriter, ImageFeatures, exclusive_extraction
 
 __all__ = [
     "FORMAT_VERSION",

@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..runtime import sha256_file
+from regionspot_cache.runtime import sha256_file
 
 FORMAT_VERSION = 1
 

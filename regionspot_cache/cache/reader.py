@@ -8,11 +8,9 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,26 +18,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
-from .format import (
+from regionspot_cache.cache.format import (
     BOX_TOKENS,
     BOXES_FILE,
     BOXES_SCHEMA,
-    CHECKSUMS_FILE,
     CLIP_MAPS,
-    DERIVED_DIR,
+    FEATURE_MAPS_BORROWED,
+    FEATURE_MAPS_CACHE,
     FEATURES_DIR,
     IMAGES_FILE,
     IMAGES_SCHEMA,
+    REJECTED_FILE,
+    REJECTED_SCHEMA,
     SHARDS_DIR,
     STATUS_OK,
     VOCAB_DIR,
-    FEATURE_MAPS_BORROWED,
-    FEATURE_MAPS_CACHE,
     CacheFormatError,
-    REJECTED_FILE,
-    REJECTED_SCHEMA,
     Provenance,
-    shard_checksums,
     shard_name,
 )
 
@@ -218,76 +213,6 @@ class CacheReader:
         )
 
 
-@dataclass
-class ShardProblem:
-    shard: str
-    problem: str
-
-
 def committed_shard_dirs(root: Path) -> list[Path]:
     shards_dir = root / SHARDS_DIR
     return sorted(p for p in shards_dir.iterdir() if p.name.isdigit() and p.is_dir()) if shards_dir.is_dir() else []
-
-
-def verify_cache(root: Path | str) -> list[ShardProblem]:
-    """Check every committed shard's files against the checksums recorded when it was committed."""
-    root = Path(root)
-    Provenance.read(root)
-    problems = []
-    for shard_dir in committed_shard_dirs(root):
-        problems.extend(ShardProblem(shard_dir.name, p) for p in _shard_problems(shard_dir))
-    return problems
-
-
-def derived_caches(root: Path | str) -> list[Path]:
-    """The proposals caches kept inside ``root`` (they borrow its feature maps)."""
-    directory = Path(root) / DERIVED_DIR
-    return sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
-
-
-def verify_cache_tree(root: Path | str) -> dict[Path, list[ShardProblem]]:
-    """``verify_cache`` of ``root`` and of each proposals cache inside it, by cache directory."""
-    return {cache: verify_cache(cache) for cache in [Path(root), *derived_caches(root)]}
-
-
-def _shard_problems(shard_dir: Path) -> list[str]:
-    try:
-        recorded = json.loads((shard_dir / CHECKSUMS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        return [f"{CHECKSUMS_FILE} unreadable: {err}"]
-    actual = shard_checksums(shard_dir)
-    problems = [f"{name}: missing" for name in sorted(set(recorded) - set(actual))]
-    problems += [f"{name}: not recorded at commit" for name in sorted(set(actual) - set(recorded))]
-    problems += [
-        f"{name}: checksum differs (damaged)"
-        for name in sorted(set(recorded) & set(actual))
-        if recorded[name] != actual[name]
-    ]
-    return problems
-
-
-def inspect_cache(root: Path | str) -> dict[str, Any]:
-    """Summary of a cache: images, boxes, shards committed and missing, models, bytes on disk."""
-    reader = CacheReader(root)
-    provenance = reader.provenance
-    committed = {int(p.name) for p in reader.shard_dirs}
-    status = reader.images.column("status").to_pylist()
-    on_disk = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
-    return {
-        "dataset": provenance.dataset,
-        "box_source": provenance.box_source,
-        "images": len(status),
-        "images_failed": sum(s != STATUS_OK for s in status),
-        "boxes": len(reader.boxes),
-        "boxes_rejected": len(reader.rejected_boxes),
-        "shards_committed": len(committed),
-        "shards_missing": sorted(set(range(provenance.planned_shards)) - committed),
-        "sam": f"{provenance.sam.get('variant')} (sha256 {str(provenance.sam.get('checkpoint_sha256'))[:12]})",
-        "clip": f"{provenance.clip.get('model')} ({provenance.clip.get('pretrained') or 'file sha256 ' + str(provenance.clip.get('weights_sha256'))[:12]})",
-        "vocabularies": reader.vocabulary_names(),
-        "bytes_on_disk": on_disk,
-        # float16 payload: one feature map per image, one 256-d token per box.
-        "bytes_per_image_map": 2 * int(provenance.clip.get("num_tokens", 0)) * int(provenance.clip.get("width", 0)),
-        "bytes_per_box_token": 2 * int(provenance.sam.get("token_dim", 256)),
-        "bytes_on_disk_per_image": round(on_disk / max(len(status), 1)),
-    }

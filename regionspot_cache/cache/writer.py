@@ -19,8 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from ..datasets import BoxSet, Category
-from .format import (
+from regionspot_cache.cache.format import (
     BOX_TOKENS,
     BOXES_FILE,
     BOXES_SCHEMA,
@@ -42,8 +41,8 @@ from .format import (
     shard_name,
     vocabulary_schema,
 )
-from ..runtime import atomic_write_bytes, process_alive
-
+from regionspot_cache.data.datasets import BoxSet, Category
+from regionspot_cache.runtime import atomic_write_bytes, process_alive
 
 LOCK_FILE = ".extract.lock"
 

@@ -8,18 +8,19 @@ from pathlib import Path
 
 import torch
 
-from ..cache import CacheReader
-from ..config import DemoConfig
-from ..datasets import load_coco_format
-from ..encoders import load_frozen_encoders
-from ..evaluate import METRICS, evaluate_head
-from ..extract import print_summary, run_extraction
-from ..head import RegionSpotHead, load_head
-from ..progress import console, metrics_table
-from ..runtime import resolve_device
-from ..train import head_config_for, train_head
-from .synthetic import SyntheticSpec, generate_split
-from .tiny_models import write_tiny_checkpoints
+from regionspot_cache.cache import CacheReader
+from regionspot_cache.data.datasets import load_coco_format
+from regionspot_cache.demo.config import DemoConfig
+from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
+from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
+from regionspot_cache.encoders import load_frozen_encoders
+from regionspot_cache.evaluate.cached import evaluate_head
+from regionspot_cache.evaluate.lvis import METRICS
+from regionspot_cache.extract.runner import print_summary, run_extraction
+from regionspot_cache.head.model import RegionSpotHead, load_head
+from regionspot_cache.progress import console, metrics_table
+from regionspot_cache.runtime import resolve_device
+from regionspot_cache.train.loop import head_config_for, train_head
 
 
 @dataclass

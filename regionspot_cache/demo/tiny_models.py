@@ -12,8 +12,8 @@ from pathlib import Path
 import open_clip
 import torch
 
-from ..config import ClipSpec, ModelsConfig, SamSpec
-from ..encoders.sam import build_sam
+from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
+from regionspot_cache.encoders.sam import build_sam
 
 TINY_SAM = "tiny"
 TINY_CLIP = "RS-Tiny-ViT"

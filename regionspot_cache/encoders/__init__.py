@@ -1,8 +1,8 @@
 """Frozen encoders: SAM box tokens and CLIP feature maps / text embeddings."""
 
-from .clip import ClipEncoder, load_clip
-from .frozen import FrozenEncoders, load_frozen_encoders, models_recorded_in
-from .sam import SAM_ARCHITECTURES, SamBoxEncoder, build_sam
+from regionspot_cache.encoders.clip import ClipEncoder, load_clip
+from regionspot_cache.encoders.frozen import FrozenEncoders, load_frozen_encoders, models_recorded_in
+from regionspot_cache.encoders.sam import SAM_ARCHITECTURES, SamBoxEncoder, build_sam
 
 __all__ = [
     "ClipEncoder",

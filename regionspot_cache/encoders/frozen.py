@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from ..config import ClipSpec, ModelsConfig, SamSpec
-from ..runtime import sha256_file
-from .clip import ClipEncoder, load_clip
-from .sam import TOKEN_DIM, SamBoxEncoder, build_sam
+from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
+from regionspot_cache.encoders.clip import ClipEncoder, load_clip
+from regionspot_cache.encoders.sam import TOKEN_DIM, SamBoxEncoder, build_sam
+from regionspot_cache.runtime import sha256_file
 
 
 @dataclass

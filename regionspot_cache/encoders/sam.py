@@ -16,7 +16,7 @@ from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from ..runtime import load_torch_weights
+from regionspot_cache.runtime import load_torch_weights
 
 
 @dataclass(frozen=True)

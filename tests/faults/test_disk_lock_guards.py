@@ -14,9 +14,9 @@ import pytest
 
 from regionspot_cache.cache import CacheBusyError, CacheFormatError, CacheReader, exclusive_extraction, verify_cache
 from regionspot_cache.config import ExtractConfig
-from regionspot_cache.datasets import load_coco_format
+from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract import run_extraction
+from regionspot_cache.extract.runner import run_extraction
 
 CONFIG = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu")
 

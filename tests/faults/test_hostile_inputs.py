@@ -16,10 +16,10 @@ from PIL import Image
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import ExtractConfig
-from regionspot_cache.datasets import DatasetError, load_coco_format, load_manifest
-from regionspot_cache.extract import run_extraction
-from regionspot_cache.images import ImageDecodeError, load_rgb
-from regionspot_cache.proposals import load_proposals
+from regionspot_cache.data.datasets import DatasetError, load_coco_format, load_manifest
+from regionspot_cache.data.images import ImageDecodeError, load_rgb
+from regionspot_cache.data.proposals import load_proposals
+from regionspot_cache.extract.runner import run_extraction
 
 RNG = np.random.default_rng(7)
 PIXEL_LIMIT = 1_000_000

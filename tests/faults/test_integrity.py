@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from regionspot_cache.cache import CacheReader, verify_cache
 from regionspot_cache.cli import app
 from regionspot_cache.config import ExtractConfig
-from regionspot_cache.datasets import load_coco_format
+from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract import run_extraction
+from regionspot_cache.extract.runner import run_extraction
 
 CONFIG = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu")
 
@@ -82,8 +82,8 @@ def test_repair_re_extracts_only_the_damaged_shards(pristine, tmp_path):
 def test_verify_also_checks_the_proposals_caches_inside(pristine, tiny_models, encoders, tmp_path):
     import json
 
-    from regionspot_cache.extract_proposals import cache_with_boxes
-    from regionspot_cache.proposals import with_box_source
+    from regionspot_cache.data.proposals import with_box_source
+    from regionspot_cache.extract.proposals import cache_with_boxes
 
     cache = shutil.copytree(pristine / "cache", tmp_path / "cache")
     dataset = load_coco_format(pristine / "val.json", pristine / "images", name="toy")

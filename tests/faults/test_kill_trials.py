@@ -19,11 +19,11 @@ import torch
 
 from regionspot_cache.cache import CacheReader, verify_cache
 from regionspot_cache.config import ExtractConfig, TrainConfig
-from regionspot_cache.datasets import load_coco_format
+from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract import run_extraction
-from regionspot_cache.head import load_head
-from regionspot_cache.train import run_dir_for, train_head
+from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.head.model import load_head
+from regionspot_cache.train.loop import run_dir_for, train_head
 
 TRIALS = 20
 SEED = 20261124

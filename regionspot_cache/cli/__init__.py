@@ -1,0 +1,49 @@
+"""``rs-cache``: extract features once, train the head from the cache, evaluate on LVIS.
+
+One module per command group; each defines plain functions that are registered here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from regionspot_cache.cli import cache, demo, evaluate, extract, predict, train
+from regionspot_cache.cli.options import UserError
+from regionspot_cache.config import ConfigError
+from regionspot_cache.progress import console
+
+app = typer.Typer(
+    help="RegionSpot with cached frozen SAM + CLIP features: `extract` runs the encoders once per "
+    "image into a zarr/parquet cache, `train` fits the head from the cache alone, `eval` scores "
+    "boxes and computes LVIS AP. `demo` does all three on generated data with tiny models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command()(extract.extract)
+app.command()(train.train)
+app.command("eval")(evaluate.evaluate)
+app.command()(predict.predict)
+app.command("import-checkpoint")(cache.import_checkpoint)
+app.command()(cache.inspect)
+app.command()(cache.verify)
+app.command()(cache.repair)
+app.command()(demo.demo)
+
+
+def main() -> None:
+    """Console entry point: expected failures become one clear line and exit code 2."""
+    from regionspot_cache.cache import CacheFormatError
+    from regionspot_cache.data.datasets import DatasetError
+    from regionspot_cache.data.images import ImageDecodeError
+    from regionspot_cache.runtime import UnsafeCheckpointError
+
+    expected = (UserError, ConfigError, DatasetError, CacheFormatError, ImageDecodeError,
+                UnsafeCheckpointError, FileNotFoundError, ValueError)
+    try:
+        app()
+    except expected as err:
+        console.print(f"[bold red]error:[/] {err}")
+        sys.exit(2)

@@ -1,0 +1,96 @@
+"""Commands on a cache and on checkpoints: ``inspect``, ``verify``, ``repair``, ``import-checkpoint``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from regionspot_cache.cli.options import (
+    DataRootOption,
+    RecipeOption,
+    SetOption,
+    recipe_from,
+)
+from regionspot_cache.progress import console
+
+
+def import_checkpoint(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint of the released RegionSpot code (torch file with a 'model' dict)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."),
+) -> None:
+    """Convert a released RegionSpot checkpoint into our head checkpoint (frozen SAM/CLIP keys are
+    ignored; loaded with weights_only=True), to evaluate the published weights on a cache."""
+    from regionspot_cache.head.released import import_released_checkpoint
+
+    head = import_released_checkpoint(checkpoint, output)
+    console.print(f"wrote {output}: width {head.config.clip_width}, text dim {head.config.text_dim}, "
+                  f"{head.config.num_layers} decoder layers")
+
+
+def inspect(cache: Path = typer.Argument(..., help="Cache directory to summarise.")) -> None:
+    """Summarise a cache: images, boxes, shards committed and missing, models, bytes on disk."""
+    from rich.table import Table
+
+    from regionspot_cache.cache import inspect_cache
+
+    table = Table(title=str(cache), show_header=False)
+    for key, value in inspect_cache(cache).items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def verify(cache: Path = typer.Argument(..., help="Cache directory to check.")) -> None:
+    """Check every committed shard against the SHA-256 checksums recorded when it was committed,
+    also in the proposals caches inside CACHE.
+
+    Exits with status 1 and names each damaged shard and file if any differ.
+    """
+    from regionspot_cache.cache import verify_cache_tree
+
+    results = verify_cache_tree(cache)
+    for directory, problems in results.items():
+        where = "" if directory == cache else f"{directory.relative_to(cache)} "
+        for problem in problems:
+            console.print(f"[red]{where}shard {problem.shard}[/]: {problem.problem}")
+    if any(results.values()):
+        raise typer.Exit(1)
+    checked = f" and {len(results) - 1} proposals cache(s)" if len(results) > 1 else ""
+    console.print(f"{cache}{checked}: every committed shard matches its checksums")
+
+
+def repair(
+    cache: Path = typer.Argument(..., help="Cache directory whose damaged shards to extract again."),
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Dataset manifest TOML the cache was extracted from."),
+    data_root: Path = DataRootOption,
+    boxes: str = typer.Option("gt", help="The boxes the cache was extracted with (as for `rs-cache extract --boxes`)."),
+    recipe: Optional[Path] = RecipeOption,
+    overrides: List[str] = SetOption,
+    sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint, if it moved since extraction (default: the path in cache.json)."),
+    clip_pretrained: Optional[str] = typer.Option(None, help="CLIP weights file or tag, if moved (default: the one in cache.json)."),
+) -> None:
+    """Check every shard against its checksums, then remove and re-extract only the damaged ones.
+
+    The models default to those recorded in the cache; its identity check refuses others.
+    """
+    from regionspot_cache.cache import CacheReader
+    from regionspot_cache.data.datasets import load_manifest
+    from regionspot_cache.data.proposals import with_box_source
+    from regionspot_cache.encoders import models_recorded_in
+    from regionspot_cache.extract.repair import repair_cache
+    from regionspot_cache.extract.runner import print_summary
+
+    config = recipe_from(recipe, overrides)
+    models = models_recorded_in(CacheReader(cache).provenance)
+    models.sam.checkpoint = sam_checkpoint or models.sam.checkpoint
+    models.clip.pretrained = clip_pretrained or models.clip.pretrained
+    spec = load_manifest(manifest, data_root)
+    dataset, box_source = with_box_source(spec.load(), spec, boxes)
+    summary = repair_cache(cache, dataset, box_source, config.extract, models)
+    if not summary.damaged:
+        console.print(f"{cache}: every committed shard matches its checksums; nothing to repair")
+        return
+    for shard, problems in summary.damaged.items():
+        console.print(f"[yellow]shard {shard}[/] re-extracted: {'; '.join(problems)}")
+    print_summary(summary.extraction)

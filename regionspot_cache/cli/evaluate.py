@@ -1,0 +1,159 @@
+"""``rs-cache eval`` and ``rs-cache predict``: the head (or a training-free baseline) on cached
+boxes, proposals or one image of your own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from regionspot_cache.cli.options import (
+    DataRootOption,
+    RecipeOption,
+    SetOption,
+    UserError,
+    recipe_from,
+)
+from regionspot_cache.config import Recipe
+from regionspot_cache.progress import console
+
+
+def evaluate(
+    cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache of the evaluation images."),
+    head: Optional[Path] = typer.Option(
+        None, "--head", help="Head checkpoint (.safetensors) written by `rs-cache train` (needed by --method regionspot)."
+    ),
+    annotations: Optional[Path] = typer.Option(
+        None, "--annotations", "-a", help="LVIS-format ground-truth JSON (default: the manifest's annotations)."
+    ),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="Dataset manifest naming annotations and proposal sets."),
+    data_root: Path = DataRootOption,
+    proposals: str = typer.Option(
+        "gt", help="Boxes to score: `gt`, a proposal set named in the manifest (e.g. `glip`) or a proposal file. "
+        "If CACHE holds other boxes, SAM tokens for these are extracted into CACHE/proposals/ (its CLIP "
+        "feature maps are reused; needs --manifest)."
+    ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write LVIS results JSON here and metrics beside it."),
+    recipe: Optional[Path] = RecipeOption,
+    overrides: List[str] = SetOption,
+    method: str = typer.Option(
+        "regionspot", help="Scorer: `regionspot` (the head), or a training-free baseline of the paper: `clip-box` "
+        "(CLIP on each box crop) or `clip-mask` (CLIP on the crop with SAM's mask, background in CLIP's mean colour)."
+    ),
+    masks: bool = typer.Option(
+        False, "--masks", help="Also report mask AP: SAM's mask for each detection's box prompt, as RLE in the results."
+    ),
+    image_root: Optional[Path] = typer.Option(
+        None, help="Directory of the images, for clip-*, --masks and --report (default: the manifest's image_root)."
+    ),
+    sam_variant: Optional[str] = typer.Option(None, help="SAM architecture for clip-mask and --masks (default: the cache's)."),
+    sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint for clip-mask and --masks (default: the cache's)."),
+    clip_model: Optional[str] = typer.Option(None, help="open_clip model name for clip-* (default: the cache's)."),
+    clip_pretrained: Optional[str] = typer.Option(None, help="CLIP pretrained tag or weights file for clip-* (default: the cache's)."),
+    scoring: Optional[str] = typer.Option(
+        None, help="Class probabilities: `softmax` over the vocabulary (the released code) or `sigmoid` per class "
+        "(the focal training loss); sets eval.scoring."
+    ),
+    fixed_ap: bool = typer.Option(
+        False, "--fixed-ap", help="AP-fixed protocol (Dave et al. 2021): no per-image cap, the top "
+        "eval.fixed_dets_per_class (10,000) detections per class over the dataset; sets eval.protocol=fixed."
+    ),
+    report: Optional[Path] = typer.Option(
+        None, help="Write a results page here: results.md with the metrics, settings, an AP-by-frequency chart "
+        "and example images with predictions drawn (from --image-root or the manifest's images)."
+    ),
+) -> None:
+    """Score every cached box against the vocabulary and print LVIS AP, APr, APc, APf.
+
+    The SAM and CLIP of the clip-* baselines and of --masks are those recorded in CACHE (checked
+    against it when given); their images are read again from --image-root or the manifest.
+    """
+    from regionspot_cache.data.datasets import load_manifest
+    from regionspot_cache.evaluate.with_images import METHODS
+    from regionspot_cache.head.model import load_head
+
+    if method not in METHODS:
+        raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if method == "regionspot" and head is None:
+        raise UserError("eval --method regionspot needs --head (the clip-box and clip-mask baselines do not)")
+    spec = load_manifest(manifest, data_root) if manifest else None
+    annotations = annotations or (spec.annotations if spec else None)
+    if annotations is None:
+        raise UserError("eval needs --annotations or --manifest")
+    config = recipe_from(recipe, overrides)
+    config.eval.scoring = scoring or config.eval.scoring
+    config.eval.protocol = "fixed" if fixed_ap else config.eval.protocol
+    config.eval.validate()
+    cache = _cache_holding(cache, proposals, spec, config)
+    image_root = image_root or (spec.image_root if spec else None)
+    model = load_head(head)[0] if method == "regionspot" else None
+    if method == "regionspot" and not masks:
+        from regionspot_cache.evaluate.cached import evaluate_head
+
+        result = evaluate_head(cache, model, annotations, config.eval, output)
+    else:
+        models = dict(sam_variant=sam_variant, sam_checkpoint=sam_checkpoint, clip_model=clip_model, clip_pretrained=clip_pretrained)
+        result = _evaluate_with_images(cache, annotations, method, model, masks, image_root, config, output, models)
+    name = head.name if method == "regionspot" else method
+    _show_and_write(result, name, proposals, config, output)
+    if report is not None:
+        page = _write_report(report, cache, result, f"LVIS box AP of {name} ({proposals} boxes)", image_root, output)
+        console.print(f"wrote {page}")
+
+
+def _cache_holding(cache: Path, proposals: str, spec, config: Recipe) -> Path:
+    """CACHE itself if it holds the boxes of ``proposals``; else its proposals sub-cache, with
+    the missing SAM tokens extracted (the cached CLIP feature maps are reused)."""
+    from regionspot_cache.cache import CacheReader
+    from regionspot_cache.data.proposals import GROUND_TRUTH, box_source_id, proposal_path, with_box_source
+    from regionspot_cache.extract.proposals import cache_with_boxes
+
+    wanted = GROUND_TRUTH if proposals == GROUND_TRUTH else box_source_id(proposal_path(spec, proposals))
+    if wanted == CacheReader(cache).provenance.box_source:
+        return cache
+    if spec is None:
+        raise UserError(f"{cache}: holds other boxes than {proposals!r}; pass --manifest so that the missing "
+                        "SAM tokens can be extracted (the cached CLIP feature maps are reused)")
+    dataset, box_source = with_box_source(spec.load(), spec, proposals)
+    return cache_with_boxes(cache, dataset, box_source, config.extract)
+
+
+def _show_and_write(result, name: str, proposals: str, config: Recipe, output: Optional[Path]) -> None:
+    """Print the box (and mask) AP tables; with --output, write the metrics beside the results."""
+    from regionspot_cache.evaluate.lvis import METRICS, write_metrics
+    from regionspot_cache.evaluate.scoring import protocol_settings
+    from regionspot_cache.progress import metrics_table
+
+    result.settings = result.settings or protocol_settings(config.eval)
+    title = f"LVIS box AP ({proposals} boxes; {result.settings['description']})"
+    console.print(metrics_table(title, {name: result.metrics}, METRICS))
+    if result.segm_metrics is not None:
+        console.print(metrics_table(f"LVIS mask AP ({proposals} boxes, SAM masks)", {name: result.segm_metrics}, METRICS))
+    if output is not None:
+        write_metrics(output.with_suffix(".metrics.json"), result)
+        if result.segm_metrics is not None:
+            output.with_suffix(".segm.metrics.json").write_text(json.dumps(result.segm_metrics, indent=2))
+
+
+def _write_report(directory: Path, cache: Path, result, title: str, image_root: Optional[Path], output: Optional[Path]) -> Path:
+    """eval --report: the results page, its chart and example images with predictions drawn."""
+    from regionspot_cache.evaluate.report import ReportData, cache_labels, write_report
+
+    names, file_names = cache_labels(cache)
+    files = {"results": output, "metrics": output.with_suffix(".metrics.json")} if output is not None else {}
+    data = ReportData(result.metrics, result.settings, title, result.predictions, names, file_names, image_root, files)
+    return write_report(directory, data)
+
+
+def _evaluate_with_images(cache: Path, annotations: Path, method: str, head, masks: bool, image_root: Optional[Path],
+                          config: Recipe, output: Optional[Path], models: dict):
+    """eval's path for the clip-* baselines and --masks: models from the cache, images again."""
+    from regionspot_cache.cache import CacheReader
+    from regionspot_cache.evaluate.with_images import ImageEvalOptions, evaluate_with_images, recorded_models_with
+
+    if image_root is None:
+        raise UserError(f"eval --method {method}{' --masks' if masks else ''} reads the images: pass --image-root or --manifest")
+    options = ImageEvalOptions(image_root, method, head, masks, recorded_models_with(CacheReader(cache).provenance, **models))
+    return evaluate_with_images(cache, annotations, config.eval, options, output)

@@ -1,0 +1,67 @@
+"""``rs-cache extract``: the frozen encoders once per image, into a cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from regionspot_cache.cli.options import (
+    ClipModelOption,
+    ClipPretrainedOption,
+    DataRootOption,
+    RecipeOption,
+    SamCheckpointOption,
+    SamVariantOption,
+    SetOption,
+    recipe_from,
+)
+
+
+def extract(
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Dataset manifest TOML (see manifests/)."),
+    cache: Path = typer.Option(..., "--cache", "-c", help="Cache directory to create or resume."),
+    data_root: Path = DataRootOption,
+    boxes: str = typer.Option(
+        "gt", help="Boxes to encode: `gt` (ground truth), a proposal set named in the manifest (e.g. `glip`), "
+        "or a proposal file (GLIP result JSON or COCO results list)."
+    ),
+    recipe: Optional[Path] = RecipeOption,
+    overrides: List[str] = SetOption,
+    sam_variant: Optional[str] = SamVariantOption,
+    sam_checkpoint: Optional[str] = SamCheckpointOption,
+    clip_model: Optional[str] = ClipModelOption,
+    clip_pretrained: Optional[str] = ClipPretrainedOption,
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad image or degenerate box instead of recording it."),
+    scheduler: Optional[str] = typer.Option(
+        None, help="Address of an existing dask scheduler (e.g. tcp://host:8786) to run the shards on."
+    ),
+    workers: Optional[int] = typer.Option(
+        None, help="Workers of the local dask cluster (default: one per GPU, or one on a CPU-only machine)."
+    ),
+    retries: int = typer.Option(2, help="Times a failed shard is retried before it is reported."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run the shards in this process, without dask."),
+) -> None:
+    """Run frozen SAM and CLIP once per image and write tokens and feature maps to the cache.
+
+    Shards are dask tasks (a local cluster by default). Shards already committed in CACHE are
+    skipped, so re-running the same command resumes.
+    """
+    from regionspot_cache.data.datasets import load_manifest
+    from regionspot_cache.data.proposals import with_box_source
+    from regionspot_cache.extract.distribute import run_distributed
+    from regionspot_cache.extract.runner import print_summary, run_extraction
+
+    config = recipe_from(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
+                     clip_model=clip_model, clip_pretrained=clip_pretrained)
+    config.extract.strict = strict or config.extract.strict
+    spec = load_manifest(manifest, data_root)
+    dataset, box_source = with_box_source(spec.load(), spec, boxes)
+    if in_process:
+        summary = run_extraction(dataset, cache, config.models, config.extract, box_source=box_source)
+    else:
+        summary = run_distributed(dataset, cache, config.models, config.extract, box_source, scheduler, workers, retries)
+    print_summary(summary)
+    if summary.failed_shards:
+        raise typer.Exit(1)

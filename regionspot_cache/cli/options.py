@@ -1,0 +1,38 @@
+"""What the ``rs-cache`` command modules share: options, errors, recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from regionspot_cache.config import Recipe, apply_overrides, load_recipe
+
+RecipeOption = typer.Option(
+    None, "--recipe", "-r", help="Recipe TOML (see pipelines/) with tables models.sam, models.clip, extract, train and eval."
+)
+SetOption = typer.Option(
+    [], "--set", "-s", help="Override a recipe field, e.g. --set train.lr=1e-4 --set models.clip.model=ViT-B-16. Repeatable."
+)
+DataRootOption = typer.Option(Path("."), help="Directory that the manifest's relative paths start from.")
+SamCheckpointOption = typer.Option(None, help="SAM checkpoint file (e.g. sam_vit_b_01ec64.pth); sets models.sam.checkpoint.")
+SamVariantOption = typer.Option(None, help="SAM architecture: vit_b, vit_l, vit_h (or tiny); sets models.sam.variant.")
+ClipModelOption = typer.Option(None, help="open_clip model name, e.g. ViT-L-14, ViT-B-16, ViT-L-14-336; sets models.clip.model.")
+ClipPretrainedOption = typer.Option(
+    None, help="open_clip pretrained tag (e.g. openai) or a local weights file; sets models.clip.pretrained."
+)
+
+
+class UserError(Exception):
+    """Shown to the user as one line, without a traceback."""
+
+
+def recipe_from(path: Optional[Path], overrides: List[str], **models: Optional[str]) -> Recipe:
+    recipe = load_recipe(path) if path else Recipe()
+    recipe = apply_overrides(recipe, list(overrides))
+    for key, value in models.items():
+        if value is not None:
+            section, field = key.split("_", 1)
+            setattr(getattr(recipe.models, section), field, value)
+    return recipe

@@ -1,0 +1,75 @@
+"""``rs-cache predict``: label boxes of one image of your own with any vocabulary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from regionspot_cache.cli.options import (
+    ClipModelOption,
+    ClipPretrainedOption,
+    RecipeOption,
+    SamCheckpointOption,
+    SamVariantOption,
+    SetOption,
+    UserError,
+    recipe_from,
+)
+from regionspot_cache.progress import console
+
+
+def predict(
+    image: Path = typer.Argument(..., help="Image file to recognise regions in (any format Pillow decodes)."),
+    head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) written by `rs-cache train`."),
+    boxes: Optional[str] = typer.Option(None, help="Boxes in original pixels: \"x1,y1,x2,y2;x1,y1,x2,y2;...\"."),
+    boxes_file: Optional[Path] = typer.Option(None, help="JSON file with a list of boxes, each a list x1, y1, x2, y2 (instead of --boxes)."),
+    vocab: Optional[str] = typer.Option(None, help="Class names separated by commas, e.g. \"dog,cat,traffic light\"."),
+    vocab_file: Optional[Path] = typer.Option(None, help="Text file with one class name per line (instead of --vocab)."),
+    masks: bool = typer.Option(False, "--masks", help="Add SAM's mask for each box prompt (RLE in the JSON, overlaid in the PNG)."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write with the labelled boxes (default: IMAGE's stem + .regions.png here)."),
+    text_cache: Optional[Path] = typer.Option(
+        None, help="Directory of cached class text embeddings (default: ~/.cache/regionspot-cache/text-embeddings)."
+    ),
+    recipe: Optional[Path] = RecipeOption,
+    overrides: List[str] = SetOption,
+    sam_variant: Optional[str] = SamVariantOption,
+    sam_checkpoint: Optional[str] = SamCheckpointOption,
+    clip_model: Optional[str] = ClipModelOption,
+    clip_pretrained: Optional[str] = ClipPretrainedOption,
+    device: str = typer.Option("auto", help="Torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Label the given boxes of one image with a vocabulary of your own; prints JSON and writes a PNG.
+
+    Runs SAM and CLIP on the image and the head on the boxes; each box gets the most probable
+    class name and its probability (softmax over the vocabulary).
+    """
+    from regionspot_cache.predict.io import (
+        draw_regions,
+        parse_boxes,
+        parse_vocabulary,
+        read_boxes_file,
+        read_vocabulary_file,
+    )
+    from regionspot_cache.predict.predictor import Predictor, checked_boxes, checked_vocabulary, to_rgb_image
+
+    if (boxes is None) == (boxes_file is None):
+        raise UserError("predict needs exactly one of --boxes and --boxes-file")
+    if (vocab is None) == (vocab_file is None):
+        raise UserError("predict needs exactly one of --vocab and --vocab-file")
+    config = recipe_from(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
+                     clip_model=clip_model, clip_pretrained=clip_pretrained)
+    if config.models.sam.checkpoint is None:
+        raise UserError("predict needs the SAM weights: --sam-checkpoint (or models.sam.checkpoint in a recipe)")
+    box_array = parse_boxes(boxes) if boxes is not None else read_boxes_file(boxes_file)
+    names = parse_vocabulary(vocab) if vocab is not None else read_vocabulary_file(vocab_file)
+    picture = to_rgb_image(image)
+    checked_boxes(box_array, picture.width, picture.height)  # bad input fails before the models load
+    checked_vocabulary(names)
+    regions = Predictor(head, config.models, device, text_cache).predict(picture, box_array, names, masks=masks)
+    out = out or Path(f"{image.stem}.regions.png")
+    draw_regions(picture, regions, out)
+    print(json.dumps(regions))
+    console.print(f"{len(regions)} regions; wrote {out}")

@@ -1,0 +1,50 @@
+"""``rs-cache train``: the head from cached features alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from regionspot_cache.cli.options import (
+    RecipeOption,
+    SetOption,
+    recipe_from,
+)
+from regionspot_cache.progress import console
+
+
+def train(
+    cache: List[Path] = typer.Option(
+        [], "--cache", "-c", help="Feature cache made by `rs-cache extract`; repeat for multi-dataset training "
+        "(replaces train.caches of the recipe; weights: train.dataset_weights)."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."),
+    vocabulary: List[str] = typer.Option(
+        [], help="Vocabulary stored in each cache, in --cache order (default: each cache's dataset)."
+    ),
+    init_from: Optional[Path] = typer.Option(None, help="Head checkpoint to start from (stage 2 from stage 1); sets train.init_from."),
+    recipe: Optional[Path] = RecipeOption,
+    overrides: List[str] = SetOption,
+    resume: bool = typer.Option(True, help="Continue from the newest training state saved beside OUTPUT (exact resume)."),
+) -> None:
+    """Train the RegionSpot head from cached features only (no encoder in the loop).
+
+    Each batch comes from one of the caches, drawn with train.dataset_weights. The full training
+    state is saved every train.checkpoint_every steps under OUTPUT's `<stem>.run/state`; per-step
+    metrics go to `<stem>.run/metrics.csv` and `<stem>.run/tensorboard`. Multi-GPU:
+    `torchrun --nproc-per-node N -m regionspot_cache train ...` (train.batch_size stays the global batch).
+    """
+    from regionspot_cache.train.loop import train_head
+
+    config = recipe_from(recipe, overrides)
+    if cache:
+        config.train.caches = [str(path) for path in cache]
+    if vocabulary:
+        config.train.vocabularies = list(vocabulary)
+    if init_from is not None:
+        config.train.init_from = str(init_from)
+    summary = train_head(None, output, config.train, resume)
+    console.print(f"wrote {summary.checkpoint} after {summary.steps} steps "
+                  f"({summary.samples_per_second:.1f} images/s); final loss {summary.final_loss:.4f}")

@@ -1,0 +1,26 @@
+"""The demo's settings: small generated splits and a shortened schedule for a tiny head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from regionspot_cache.config import EvalConfig, ExtractConfig, ModelsConfig, TrainConfig
+
+
+def demo_train_config() -> TrainConfig:
+    """The paper's schedule shape, shortened and with a larger learning rate for a tiny head."""
+    return TrainConfig(
+        iterations=2000, batch_size=8, lr=1e-3, warmup_iters=100, lr_steps=[1600, 1900],
+        max_boxes_per_image=16, num_workers=0,
+    )
+
+
+@dataclass
+class DemoConfig:
+    train_images: int = 480
+    val_images: int = 96
+    seed: int = 0
+    models: ModelsConfig | None = None  # None: generate tiny random-weight models
+    extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(shard_size=32, batch_size=8, num_workers=0))
+    train: TrainConfig = field(default_factory=demo_train_config)
+    eval: EvalConfig = field(default_factory=EvalConfig)

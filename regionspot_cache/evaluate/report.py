@@ -1,0 +1,161 @@
+"""Outputs people look at: AP by frequency group as a bar chart, and a results page (markdown)
+with the metrics, the protocol behind them and a few images with their predictions drawn."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global backend, PNG goes through Agg
+from PIL import Image, ImageDraw, ImageFont
+
+from regionspot_cache.data.datasets import DatasetError, image_path_under
+from regionspot_cache.data.images import ImageDecodeError, load_rgb
+from regionspot_cache.drawing import PALETTE, draw_labelled_box
+from regionspot_cache.evaluate.scoring import Detections
+
+CHART_METRICS = ("AP", "APr", "APc", "APf")
+TABLE_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+CHART_FILE = "ap_by_frequency.png"
+PAGE_FILE = "results.md"
+EXAMPLES_DIR = "examples"
+
+
+@dataclass
+class ReportData:
+    metrics: dict[str, float]
+    settings: dict[str, Any]  # scoring.protocol_settings, plus anything worth recording
+    title: str = "LVIS box AP"
+    predictions: Detections | None = None
+    category_names: dict[int, str] = field(default_factory=dict)
+    file_names: dict[int, str] = field(default_factory=dict)  # image id -> file_name in the cache
+    image_root: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # e.g. {"results": ..., "metrics": ...}
+
+
+def percent(value: float | None) -> str:
+    """AP as printed everywhere: percent with one decimal; LVIS's -1 (no ground truth) is n/a."""
+    return "n/a" if value is None or value < 0 else f"{100 * value:.1f}"
+
+
+def ap_chart(runs: Mapping[str, Mapping[str, float]], path: Path | str, title: str = "LVIS box AP") -> Path:
+    """Grouped bars of AP, APr, APc, APf (percent), one bar per named run, values written on top."""
+    path = Path(path)
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    axes = figure.add_subplot()
+    width = 0.8 / max(len(runs), 1)
+    x = np.arange(len(CHART_METRICS))
+    for i, (name, metrics) in enumerate(runs.items()):
+        values = [metrics.get(m, -1.0) for m in CHART_METRICS]
+        heights = [100 * v if v >= 0 else 0.0 for v in values]
+        bars = axes.bar(x + (i - (len(runs) - 1) / 2) * width, heights, width, label=name)
+        axes.bar_label(bars, labels=[percent(v) for v in values], fontsize=8, padding=2)
+    axes.set_xticks(x, ["AP (all)", "APr (rare)", "APc (common)", "APf (frequent)"])
+    axes.set_ylabel("AP (%)")
+    axes.set_ylim(0, max(10.0, 1.15 * max((100 * v for m in runs.values() for v in m.values() if v > 0), default=0)))
+    axes.set_title(title)
+    if len(runs) > 1:
+        axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def best_per_box(detections: Detections, image_id: int, limit: int) -> Detections:
+    """An image's best ``limit`` boxes, each with its best class (pairs repeat boxes per class)."""
+    own = detections.take(np.flatnonzero(detections.image_ids == image_id))
+    own = own.take(np.argsort(-own.scores, kind="stable"))
+    _, first = np.unique(own.boxes, axis=0, return_index=True)
+    return own.take(np.sort(first)[:limit])
+
+
+def draw_predictions(image: Image.Image, detections: Detections, names: Mapping[int, str], min_side: int = 512) -> Image.Image:
+    """Boxes (x, y, w, h) with "class score" labels on a copy of ``image``, enlarged to ``min_side``
+    pixels on its long side if smaller (labels would cover a small image)."""
+    scale = max(1.0, min_side / max(image.size))
+    image = image.resize((round(image.width * scale), round(image.height * scale))) if scale > 1 else image.copy()
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    for box, category_id, score in zip(detections.boxes.tolist(), detections.category_ids.tolist(), detections.scores.tolist()):
+        x, y, w, h = (scale * v for v in box)
+        label = f"{names.get(category_id, category_id)} {score:.2f}"
+        # Colour by category id, so a class looks the same in every example.
+        draw_labelled_box(draw, (x, y, x + w, y + h), label, PALETTE[category_id % len(PALETTE)], font, width=2)
+    return image
+
+
+def _example(directory: Path, data: ReportData, image_id: int, limit: int) -> list[str]:
+    file_name = data.file_names.get(image_id, "?")
+    shown = best_per_box(data.predictions, image_id, limit)
+    lines = [f"### Image {image_id} (`{file_name}`)", ""]
+    if data.image_root is not None:
+        try:
+            path = image_path_under(data.image_root, file_name, image_id)
+            drawn = draw_predictions(load_rgb(path), shown, data.category_names)
+            target = directory / EXAMPLES_DIR / f"{image_id}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            drawn.save(target, quality=90)
+            lines += [f"![predictions on image {image_id}]({EXAMPLES_DIR}/{target.name})", ""]
+        except (DatasetError, ImageDecodeError) as err:
+            lines += [f"Not drawn: {err}.", ""]
+    lines += ["| class | score | box (x, y, w, h) |", "|---|---:|---|"]
+    for (x, y, w, h), category_id, score in zip(shown.boxes.tolist(), shown.category_ids.tolist(), shown.scores.tolist()):
+        lines.append(f"| {data.category_names.get(category_id, category_id)} | {score:.3f} | {x:.0f}, {y:.0f}, {w:.0f}, {h:.0f} |")
+    return lines + [""]
+
+
+def _examples(directory: Path, data: ReportData, count: int, limit: int) -> list[str]:
+    lines = ["## Examples", ""]
+    if data.predictions is None or len(data.predictions) == 0:
+        return lines + ["No predictions to show.", ""]
+    if data.image_root is None:
+        lines += ["No image root was given (`--image-root` or a manifest), so predictions are listed, not drawn.", ""]
+    image_ids = np.unique(data.predictions.image_ids)
+    picks = image_ids[np.unique(np.linspace(0, len(image_ids) - 1, min(count, len(image_ids))).astype(int))]
+    for image_id in picks.tolist():
+        lines += _example(directory, data, image_id, limit)
+    return lines
+
+
+def _link(path: Path, directory: Path) -> str:
+    """A markdown link relative to the page (it keeps working when both move together)."""
+    return f"[{path.name}]({Path(os.path.relpath(path.resolve(), directory.resolve())).as_posix()})"
+
+
+def write_report(directory: Path | str, data: ReportData, examples: int = 4, boxes_per_image: int = 10) -> Path:
+    """``DIRECTORY/results.md`` with the metrics table, the chart, settings and example images."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ap_chart({data.title: data.metrics}, directory / CHART_FILE, data.title)
+    columns = [m for m in TABLE_METRICS if m in data.metrics]
+    lines = [
+        f"# {data.title}", "",
+        f"Protocol: **{data.settings.get('description', 'unknown')}**", "",
+        "## Metrics (%)", "",
+        "| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns),
+        "| " + " | ".join(percent(data.metrics[m]) for m in columns) + " |", "",
+        "n/a: no ground truth in that group (LVIS reports -1).", "",
+        f"![AP by frequency group]({CHART_FILE})", "",
+        "## Settings", "", "| setting | value |", "|---|---|",
+    ]
+    lines += [f"| {key} | {'-' if value is None else value} |" for key, value in data.settings.items()]
+    lines += [f"| {name} file | {_link(path, directory)} |" for name, path in data.files.items() if path and Path(path).exists()]
+    lines += [""] + _examples(directory, data, examples, boxes_per_image)
+    page = directory / PAGE_FILE
+    page.write_text("\n".join(lines), encoding="utf-8")
+    return page
+
+
+def cache_labels(cache_dir: Path | str, vocabulary: str | None = None) -> tuple[dict[int, str], dict[int, str]]:
+    """(category id -> name, image id -> file_name) of a cache, for ``ReportData``."""
+    from regionspot_cache.cache import CacheReader
+
+    reader = CacheReader(cache_dir)
+    vocab = reader.vocabulary(vocabulary or reader.provenance.dataset)
+    names = dict(zip(vocab.category_ids.tolist(), vocab.names))
+    rows = reader.images.select(["image_id", "file_name"]).to_pydict()
+    return names, dict(zip(rows["image_id"], rows["file_name"]))

@@ -1,0 +1,68 @@
+"""Proposals caches: SAM tokens for another set of boxes, reusing a cache's CLIP feature maps.
+
+The CLIP feature map of an image does not depend on the boxes, so evaluating new proposals (say
+GLIP's) on a cache extracted for ground-truth boxes only needs SAM tokens for the new boxes. They
+go to a cache of their own under ``<cache>/proposals/<box source>/`` that stores boxes and tokens
+and reads the feature maps from the cache it sits in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from regionspot_cache.cache import CacheReader
+from regionspot_cache.cache.format import DERIVED_DIR, FEATURE_MAPS_OWN
+from regionspot_cache.config import ExtractConfig, ModelsConfig
+from regionspot_cache.data.datasets import DetectionDataset
+from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in
+from regionspot_cache.extract.runner import print_summary, run_extraction
+from regionspot_cache.runtime import resolve_device
+
+
+def proposals_cache_dir(cache_dir: Path | str, box_source: str) -> Path:
+    return Path(cache_dir) / DERIVED_DIR / re.sub(r"[^A-Za-z0-9._-]+", "-", box_source)
+
+
+def cache_with_boxes(
+    cache_dir: Path | str,
+    dataset: DetectionDataset,
+    box_source: str,
+    config: ExtractConfig,
+    models: ModelsConfig | None = None,
+    encoders: FrozenEncoders | None = None,
+) -> Path:
+    """The cache holding ``box_source`` boxes of ``dataset``: ``cache_dir`` itself if it was
+    extracted with them, else its proposals cache, where the missing SAM tokens are computed now
+    (resumable like any extraction). ``models`` default to those ``cache_dir`` recorded."""
+    cache_dir = Path(cache_dir)
+    base = CacheReader(cache_dir)
+    if base.provenance.box_source == box_source:
+        return cache_dir
+    _check_can_lend_maps(base, dataset)
+    target = proposals_cache_dir(cache_dir, box_source)
+    encoders = encoders or load_frozen_encoders(models or models_recorded_in(base.provenance), resolve_device(config.device))
+    if encoders.clip_provenance() != base.provenance.clip:
+        raise ValueError(f"{cache_dir}: its feature maps come from another CLIP than the models given; "
+                         "pass the models the cache was extracted with")
+    # Same shards as the base, so a proposals shard's images are one base shard's.
+    config = replace(config, shard_size=base.provenance.shard_size)
+    summary = run_extraction(dataset, target, encoders.spec, config, box_source, encoders,
+                             maps_from=os.path.relpath(cache_dir.resolve(), target.resolve()))
+    print_summary(summary)
+    return target
+
+
+def _check_can_lend_maps(base: CacheReader, dataset: DetectionDataset) -> None:
+    provenance = base.provenance
+    if provenance.feature_maps != FEATURE_MAPS_OWN:
+        raise ValueError(f"{base.root}: borrows its feature maps itself; use the cache it borrows them from")
+    if provenance.dataset != dataset.name:
+        raise ValueError(f"{base.root}: holds dataset {provenance.dataset!r}, not {dataset.name!r}")
+    committed = {int(p.name) for p in base.shard_dirs}
+    missing = sorted(set(range(provenance.planned_shards)) - committed)
+    if missing:
+        raise ValueError(f"{base.root}: shards {missing[:8]} are not extracted yet; finish `rs-cache extract` "
+                         "first (its feature maps are reused for the proposals)")

@@ -1,0 +1,76 @@
+"""Phase 1 reader: decode and resize images in data-loading workers; never raises for a bad file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from regionspot_cache.config import ExtractConfig
+from regionspot_cache.data.datasets import BoxSet, DatasetError, DetectionDataset, ImageEntry
+from regionspot_cache.data.images import ImageDecodeError, load_rgb
+from regionspot_cache.encoders import FrozenEncoders
+
+
+@dataclass
+class LoadedImage:
+    entry: ImageEntry
+    boxes: BoxSet
+    sam_pixels: torch.Tensor | None = None  # (3, h, w) uint8, long side 1024
+    clip_pixels: torch.Tensor | None = None  # (3, H, W) float, normalised
+    error: str = ""
+
+
+class ImageReader(Dataset):
+    """Decodes and resizes the images of one shard; never raises for a bad file."""
+
+    def __init__(self, dataset: DetectionDataset, entries: Sequence[ImageEntry], sam_resize: Callable,
+                 clip_preprocess: Callable | None, max_pixels: int | None = None):
+        self.dataset = dataset
+        self.max_pixels = max_pixels
+        self.entries = list(entries)
+        self.sam_resize = sam_resize
+        self.clip_preprocess = clip_preprocess
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> LoadedImage:
+        entry = self.entries[index]
+        boxes = self.dataset.boxes_of(entry.id)
+        try:
+            path = self.dataset.image_path(entry)
+            image = load_rgb(path, self.max_pixels)
+        except (ImageDecodeError, DatasetError) as err:
+            return LoadedImage(entry, boxes, error=str(err))
+        if image.size != (entry.width, entry.height):
+            return LoadedImage(
+                entry, boxes,
+                error=f"{path}: decoded size {image.size[0]}x{image.size[1]} differs from the annotation's "
+                f"{entry.width}x{entry.height}",
+            )
+        clip_pixels = self.clip_preprocess(image) if self.clip_preprocess else None
+        return LoadedImage(entry, boxes, self.sam_resize(np.asarray(image)), clip_pixels)
+
+
+def image_loader(dataset: DetectionDataset, shards: Sequence[tuple[int, list[ImageEntry]]], encoders: FrozenEncoders,
+            config: ExtractConfig, with_clip: bool = True) -> DataLoader:
+    """Batches of ``config.batch_size`` images that never cross a shard boundary."""
+    entries = [entry for _, shard in shards for entry in shard]
+    batches, start = [], 0
+    for _, shard in shards:
+        batches += [list(range(i, min(i + config.batch_size, start + len(shard))))
+                    for i in range(start, start + len(shard), config.batch_size)]
+        start += len(shard)
+    reader = ImageReader(dataset, entries, encoders.sam.resizer(), encoders.clip.preprocessor() if with_clip else None,
+                         config.max_image_pixels)
+    return DataLoader(
+        reader,
+        batch_sampler=batches,
+        num_workers=config.num_workers,
+        collate_fn=list,
+        pin_memory=encoders.sam.device.type == "cuda",
+    )

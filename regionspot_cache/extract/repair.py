@@ -1,0 +1,58 @@
+"""``rs-cache repair``: re-extract only the shards that ``verify`` finds damaged."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from regionspot_cache.cache import CacheReader, exclusive_extraction, verify_cache
+from regionspot_cache.cache.format import SHARDS_DIR
+from regionspot_cache.config import ExtractConfig, ModelsConfig
+from regionspot_cache.data.datasets import DetectionDataset
+from regionspot_cache.encoders import FrozenEncoders, models_recorded_in
+from regionspot_cache.extract.runner import ExtractSummary, run_extraction
+
+
+@dataclass
+class RepairSummary:
+    damaged: dict[str, list[str]] = field(default_factory=dict)  # shard name -> problems found
+    extraction: ExtractSummary | None = None
+
+
+def damaged_shards(cache_dir: Path | str) -> dict[str, list[str]]:
+    problems: dict[str, list[str]] = {}
+    for problem in verify_cache(cache_dir):
+        problems.setdefault(problem.shard, []).append(problem.problem)
+    return problems
+
+
+def remove_shard(cache_dir: Path, shard: str) -> None:
+    """Make the shard invisible with one rename (readers never see half of it), then delete it."""
+    shards = cache_dir / SHARDS_DIR
+    doomed = shards / f".removed-{shard}-{os.getpid()}-{time.time_ns()}"
+    os.rename(shards / shard, doomed)
+    shutil.rmtree(doomed)
+
+
+def repair_cache(
+    cache_dir: Path | str, dataset: DetectionDataset, box_source: str, config: ExtractConfig,
+    models: ModelsConfig | None = None, encoders: FrozenEncoders | None = None,
+) -> RepairSummary:
+    """Find damaged shards by their checksums, remove them and extract them again; shards that
+    are intact, or were never extracted, are left as they are. ``models`` default to those the
+    cache recorded; the cache's identity check refuses any others."""
+    cache_dir = Path(cache_dir)
+    reader = CacheReader(cache_dir)
+    with exclusive_extraction(cache_dir):  # no extraction may run while shards are replaced
+        damaged = damaged_shards(cache_dir)
+        for shard in damaged:
+            remove_shard(cache_dir, shard)
+    if not damaged:
+        return RepairSummary()
+    config = replace(config, shard_size=reader.provenance.shard_size)
+    extraction = run_extraction(dataset, cache_dir, models or models_recorded_in(reader.provenance), config,
+                                box_source, encoders, only_shards={int(name) for name in damaged})
+    return RepairSummary(damaged, extraction)

@@ -1,0 +1,103 @@
+"""The trainable RegionSpot head: relates position-aware tokens to the CLIP feature map.
+
+Module names match the released RegionSpot code (``to_clip``, ``decoder.layers.N.self_attn``,
+``decoder.norm``, ``projector``) so its checkpoints map onto this head key for key. PyTorch's
+``nn.TransformerDecoderLayer`` with ``norm_first=False`` is exactly the post-norm DETR layer
+(self-attention, cross-attention, ReLU FFN, each followed by dropout, residual and LayerNorm).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from regionspot_cache.runtime import atomic_write_bytes
+
+
+@dataclass
+class HeadConfig:
+    clip_width: int
+    text_dim: int
+    token_dim: int = 256
+    num_layers: int = 3
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    # LayerNorm without affine on the CLIP feature map before cross-attention. The released code
+    # defines this norm but does not call it; imported released checkpoints set this to False.
+    normalize_feature_map: bool = True
+
+
+class RegionSpotHead(nn.Module):
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        self.to_clip = nn.Linear(config.token_dim, config.clip_width)
+        self.ln_clip = nn.LayerNorm(config.clip_width, elementwise_affine=False)
+        layer = nn.TransformerDecoderLayer(
+            d_model=config.clip_width,
+            nhead=config.num_heads,
+            dim_feedforward=config.ffn_dim,
+            dropout=config.dropout,
+            activation="relu",
+            batch_first=True,
+            norm_first=False,
+        )
+        self.decoder = nn.TransformerDecoder(layer, config.num_layers, norm=nn.LayerNorm(config.clip_width))
+        self.projector = nn.Linear(config.clip_width, config.text_dim)
+
+    def forward(self, tokens: torch.Tensor, feature_map: torch.Tensor, box_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, N, 256), feature_map (B, L, width), box_mask (B, N) True for real boxes
+        -> L2-normalised region embeddings (B, N, text_dim)."""
+        memory = self.ln_clip(feature_map) if self.config.normalize_feature_map else feature_map
+        padding = None if box_mask is None else ~box_mask
+        hidden = self.decoder(self.to_clip(tokens), memory, tgt_key_padding_mask=padding)
+        return F.normalize(self.projector(hidden), dim=-1, eps=1e-7)
+
+
+def region_logits(embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """CLIP-style logits: logit scale x cosine(region, class text embedding)."""
+    return logit_scale * embeddings @ text_embeddings.T
+
+
+CONFIG_SUFFIX = ".json"
+
+
+def save_head(head: RegionSpotHead, path: Path | str, extra: dict | None = None) -> None:
+    """Safetensors weights at ``path`` and a JSON config beside it (``path`` with ``.json``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp))
+    config = {"head": asdict(head.config), **(extra or {})}
+    atomic_write_bytes(path.with_suffix(CONFIG_SUFFIX), json.dumps(config, indent=2).encode())
+    tmp.replace(path)
+
+
+def load_head(path: Path | str) -> tuple[RegionSpotHead, dict]:
+    path = Path(path)
+    config_path = path.with_suffix(CONFIG_SUFFIX)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        head = RegionSpotHead(HeadConfig(**config["head"]))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_path}: head config not found (expected beside {path.name})") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_path}: not a head config: {err!r}") from None
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: head checkpoint not found") from None
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path}: not a readable safetensors checkpoint: {err}") from None
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the config in {config_path.name}: {err}") from None
+    return head, config

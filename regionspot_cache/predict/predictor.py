@@ -1,0 +1,208 @@
+"""Recognise the regions of any image against any vocabulary, in memory: SAM + CLIP + the head.
+
+>>> predictor = Predictor("heads/bl.safetensors", models)         # models: ModelsConfig
+>>> predictor.predict("dog.jpg", [[10, 20, 200, 180]], ["dog", "cat"], masks=True)
+[{'box': [10.0, 20.0, 200.0, 180.0], 'label': 'dog', 'score': 0.93, 'mask': {'size': [..], 'counts': '..'}}]
+
+Class text embeddings are built as the cache builds them (``ClipEncoder.text_embeddings``: the
+80-template ensemble) and kept by (CLIP identity, vocabulary): in memory, and on disk as small
+safetensors files named by a SHA-256 of both, so a vocabulary is encoded once per model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from regionspot_cache.config import ModelsConfig
+from regionspot_cache.data.boxes import split_boxes
+from regionspot_cache.data.datasets import BoxSet
+from regionspot_cache.data.images import load_rgb
+from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_encoders
+from regionspot_cache.evaluate.masks import box_mask_rles
+from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
+from regionspot_cache.progress import console
+from regionspot_cache.runtime import resolve_device
+
+ImageInput = Union[np.ndarray, Image.Image, str, Path]
+TEXT_CACHE_VERSION = 1  # bump when the text embedding code changes what it computes
+
+
+def default_text_cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "regionspot-cache" / "text-embeddings"
+
+
+def to_rgb_image(image: ImageInput) -> Image.Image:
+    """A file (decoded as extraction decodes it), a PIL image or an (H, W[, 3|4]) uint8 array."""
+    if isinstance(image, (str, Path)):
+        return load_rgb(Path(image))
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(f"image array: expected (H, W, 3) uint8 RGB, got shape {array.shape} dtype {array.dtype}")
+    return Image.fromarray(array).convert("RGB")
+
+
+def checked_vocabulary(vocabulary: Sequence[str]) -> list[str]:
+    names = [str(name).strip() for name in vocabulary]
+    if not names:
+        raise ValueError("vocabulary is empty: give at least one class name")
+    for index, name in enumerate(names):
+        if not name:
+            raise ValueError(f"vocabulary: class name {index + 1} is empty")
+        if name in names[:index]:
+            raise ValueError(f"vocabulary: {name!r} appears twice")
+    return names
+
+
+def checked_boxes(boxes: Any, width: int, height: int) -> np.ndarray:
+    """(N, 4) x1 y1 x2 y2 in original pixels, clipped to the image (as extraction clips them);
+    a box without area inside the image is an error naming it."""
+    try:
+        xyxy = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    except ValueError:
+        raise ValueError(f"boxes: expected an (N, 4) array of x1, y1, x2, y2, got {np.shape(boxes)}") from None
+    kept, _, reasons = split_boxes(_box_set(xyxy), width, height)
+    if reasons:  # find the first bad box, to name it
+        for index, box in enumerate(xyxy):
+            _, _, box_reasons = split_boxes(_box_set(box[None]), width, height)
+            if box_reasons:
+                raise ValueError(f"box {index} {box.tolist()}: {box_reasons[0]}; the image is {width}x{height}")
+    return kept.xyxy
+
+
+def _box_set(xyxy: np.ndarray) -> BoxSet:
+    return BoxSet(xyxy, np.full(len(xyxy), -1, np.int64), np.ones(len(xyxy), np.float32))
+
+
+@dataclass
+class TextEmbeddingCache:
+    """Class text embeddings by (CLIP identity, vocabulary), in memory and under ``directory``."""
+
+    clip: ClipEncoder
+    identity: dict[str, Any]  # the CLIP provenance a cache records: model, weights, sizes
+    directory: Path | None  # None: memory only
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def key(self, names: list[str]) -> str:
+        templates = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
+        data = {"version": TEXT_CACHE_VERSION, "clip": self.identity, "templates": templates, "vocabulary": names}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def get(self, names: list[str]) -> torch.Tensor:
+        """(C, text_dim) float32, L2-normalised, on the CLIP model's device."""
+        key = self.key(names)
+        if key not in self.memory:
+            embeddings = self._read(key, names)
+            if embeddings is None:
+                embeddings = self.clip.text_embeddings(names).float().cpu()
+                self._write(key, names, embeddings)
+            self.memory[key] = embeddings.to(self.clip.device)
+        return self.memory[key]
+
+    def path(self, key: str) -> Path | None:
+        return None if self.directory is None else self.directory / f"{key}.safetensors"
+
+    def _read(self, key: str, names: list[str]) -> torch.Tensor | None:
+        path = self.path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                stored_names = json.loads(handle.metadata()["vocabulary"])
+                embeddings = handle.get_tensor("embeddings")
+        except Exception as err:  # a damaged cache file is recomputed, never trusted
+            console.print(f"[yellow]ignoring unreadable text embedding cache {path}: {err}[/]")
+            return None
+        if stored_names != names or embeddings.shape != (len(names), self.clip.text_dim):
+            return None
+        return embeddings
+
+    def _write(self, key: str, names: list[str], embeddings: torch.Tensor) -> None:
+        path = self.path(key)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            metadata = {"vocabulary": json.dumps(names), "clip_model": str(self.identity.get("model"))}
+            save_file({"embeddings": embeddings.contiguous()}, str(tmp), metadata=metadata)
+            os.replace(tmp, path)  # readers see the whole file or none
+        except OSError as err:  # the disk cache only saves time
+            console.print(f"[yellow]cannot write the text embedding cache {path}: {err}[/]")
+
+
+class Predictor:
+    """The head with its frozen SAM and CLIP, for images and vocabularies given at call time."""
+
+    def __init__(
+        self,
+        head: Path | str | RegionSpotHead,
+        models: ModelsConfig | FrozenEncoders,
+        device: str | torch.device = "auto",
+        text_cache_dir: Path | str | None = None,
+        disk_cache: bool = True,
+    ):
+        device = resolve_device(device) if isinstance(device, str) else device
+        self.encoders = models if isinstance(models, FrozenEncoders) else load_frozen_encoders(models, device)
+        self.device = self.encoders.sam.device
+        model = head if isinstance(head, RegionSpotHead) else load_head(head)[0]
+        check_head_fits(model, self.encoders.clip, str(head) if not isinstance(head, RegionSpotHead) else "head")
+        self.head = model.to(self.device).eval()
+        directory = Path(text_cache_dir) if text_cache_dir else default_text_cache_dir()
+        self.text = TextEmbeddingCache(self.encoders.clip, self.encoders.clip_provenance(), directory if disk_cache else None)
+
+    @torch.no_grad()
+    def predict(self, image: ImageInput, boxes: Any, vocabulary: Sequence[str], masks: bool = False) -> list[dict]:
+        """One result per box, in order: ``box`` (clipped to the image), the most probable
+        ``label`` of the vocabulary and its softmax probability ``score``; with ``masks``, also
+        ``mask``: SAM's single mask for the box prompt as COCO RLE (``counts`` a str)."""
+        names = checked_vocabulary(vocabulary)
+        picture = to_rgb_image(image)
+        xyxy = checked_boxes(boxes, picture.width, picture.height)
+        if not len(xyxy):
+            return []
+        sam = self.encoders.sam
+        pixels = np.asarray(picture)
+        embedding = sam.embed_images([sam.resizer()(pixels)])[0]
+        probabilities = self.class_probabilities(picture, embedding, xyxy, self.text.get(names))
+        scores, labels = probabilities.max(dim=-1)
+        results = [
+            {"box": box, "label": names[label], "score": score}
+            for box, label, score in zip(xyxy.tolist(), labels.tolist(), scores.tolist())
+        ]
+        if masks:
+            for result, rle in zip(results, box_mask_rles(sam, embedding, xyxy, pixels.shape[:2])):
+                result["mask"] = rle
+        return results
+
+    def class_probabilities(
+        self, picture: Image.Image, sam_embedding: torch.Tensor, xyxy: np.ndarray, text: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, C) softmax over the vocabulary of the head's logits, as evaluation scores them."""
+        clip = self.encoders.clip
+        tokens = self.encoders.sam.box_tokens(sam_embedding, xyxy, (picture.height, picture.width))
+        feature_map = clip.feature_maps(clip.preprocess(picture)[None])
+        regions = self.head(tokens[None].float(), feature_map.float())[0]
+        return region_logits(regions, text, clip.logit_scale).softmax(dim=-1)
+
+
+def check_head_fits(head: RegionSpotHead, clip: ClipEncoder, name: str) -> None:
+    if (head.config.clip_width, head.config.text_dim) != (clip.width, clip.text_dim):
+        raise ValueError(
+            f"{name}: the head expects CLIP width {head.config.clip_width} and text dim {head.config.text_dim}, "
+            f"the CLIP model has {clip.width} and {clip.text_dim}: give the CLIP the head was trained with"
+        )

@@ -1,0 +1,221 @@
+"""Training data from one or more feature caches: seeded batch plans, box capping, collation.
+
+Every batch comes from one dataset (a cache with its own vocabulary), chosen per step with the
+configured sampling weights. The plan is a pure function of (seed, step), so the order of
+batches and boxes does not depend on the number of loader workers or of training processes, and
+a resumed run can start at any step without replaying the earlier ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from regionspot_cache.cache import CacheReader, Vocabulary
+
+# Steps whose dataset choices are drawn from one seeded generator; resuming at step s replays
+# only s / CHOICE_BLOCK small draws.
+CHOICE_BLOCK = 4096
+
+Key = tuple[int, int, int]  # (source, epoch, index within the source)
+
+
+@dataclass
+class RegionBatch:
+    tokens: torch.Tensor  # (B, N, 256)
+    feature_maps: torch.Tensor  # (B, L, width)
+    box_mask: torch.Tensor  # (B, N) True for real boxes; padding is masked out of attention and loss
+    labels: torch.Tensor  # (B, N) index into the source's vocabulary, -1 for padding
+    source: int = 0  # which training dataset (and so which vocabulary) the batch comes from
+
+    def to(self, device: torch.device) -> "RegionBatch":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return RegionBatch(move(self.tokens), move(self.feature_maps), move(self.box_mask), move(self.labels), self.source)
+
+
+class CachedRegions(Dataset):
+    """Images of one cache with their boxes labelled in ``vocabulary``. Keys are
+    ``(epoch, index)`` so that the random box capping is a function of the key alone."""
+
+    def __init__(self, reader: CacheReader, vocabulary: Vocabulary, max_boxes: int, seed: int, source: int = 0):
+        self.reader = reader
+        self.max_boxes = max_boxes
+        self.seed = seed
+        self.source = source
+        self.class_index = {int(cid): i for i, cid in enumerate(vocabulary.category_ids)}
+        known = pc.is_in(reader.boxes["category_id"], value_set=pa.array(list(self.class_index), pa.int64()))
+        labelled = set(pc.unique(reader.boxes["image_id"].filter(known)).to_pylist())
+        self.image_ids = [i for i in reader.image_ids() if i in labelled]
+        if not self.image_ids:
+            raise ValueError(f"{reader.root}: no image has a box labelled with vocabulary {vocabulary.name!r}")
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        epoch, index = key
+        item = self.reader.image(self.image_ids[index])
+        labels = np.asarray([self.class_index.get(int(c), -1) for c in item.category_ids])
+        keep = np.flatnonzero(labels >= 0)
+        if len(keep) > self.max_boxes:
+            rng = np.random.default_rng([self.seed, self.source, epoch, index])
+            keep = np.sort(rng.choice(keep, self.max_boxes, replace=False))
+        return item.tokens[keep], item.feature_map, labels[keep]
+
+
+class MultiSourceRegions(Dataset):
+    """Several ``CachedRegions`` behind one key space ``(source, epoch, index)``."""
+
+    def __init__(self, sources: Sequence[CachedRegions]):
+        self.sources = list(sources)
+
+    def sizes(self) -> list[int]:
+        return [len(source) for source in self.sources]
+
+    def __getitem__(self, key: Key) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        source, epoch, index = key
+        return (*self.sources[source][(epoch, index)], source)
+
+
+class EpochSampler(Sampler):
+    """Endless seeded shuffles of one dataset, yielding ``(epoch, index)``; can start anywhere."""
+
+    def __init__(self, size: int, seed: int, start: int = 0, source: int = 0):
+        self.size, self.seed, self.start, self.source = size, seed, start, source
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.source, epoch]).permutation(self.size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start, self.size)
+        while True:
+            for index in self.order(epoch)[offset:].tolist():
+                yield epoch, index
+            epoch, offset = epoch + 1, 0
+
+
+class BatchPlan:
+    """Which dataset and which images make the global batch of each step.
+
+    The dataset of step ``s`` is drawn with probability proportional to ``weights``; each dataset
+    walks its own endless sequence of seeded shuffles, ``batch_size`` images per batch it serves.
+    """
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], batch_size: int, seed: int):
+        if len(weights) != len(sizes) or any(w < 0 for w in weights) or not sum(weights) > 0:
+            raise ValueError(f"dataset weights {list(weights)} must be {len(sizes)} non-negative numbers, not all zero")
+        self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
+        self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
+
+    def sources(self, block: int) -> np.ndarray:
+        """The dataset of each step in ``[block * CHOICE_BLOCK, (block + 1) * CHOICE_BLOCK)``."""
+        if len(self.sizes) == 1:
+            return np.zeros(CHOICE_BLOCK, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, 0x5EED, block])
+        return rng.choice(len(self.sizes), CHOICE_BLOCK, p=self.probabilities)
+
+    def batches_before(self, step: int) -> np.ndarray:
+        """How many batches each dataset has served before ``step``."""
+        counts = np.zeros(len(self.sizes), dtype=np.int64)
+        full, partial = divmod(step, CHOICE_BLOCK)
+        for block in range(full):
+            counts += np.bincount(self.sources(block), minlength=len(self.sizes))
+        counts += np.bincount(self.sources(full)[:partial], minlength=len(self.sizes))
+        return counts
+
+    def global_batches(self, start: int) -> Iterator[list[Key]]:
+        """The keys of the global batch of every step from ``start`` on."""
+        streams = [
+            iter(EpochSampler(size, self.seed, int(served) * self.batch_size, source))
+            for source, (size, served) in enumerate(zip(self.sizes, self.batches_before(start)))
+        ]
+        step = start
+        while True:
+            block, offset = divmod(step, CHOICE_BLOCK)
+            for source in self.sources(block)[offset:].tolist():
+                yield [(source, *next(streams[source])) for _ in range(self.batch_size)]
+            step = (block + 1) * CHOICE_BLOCK
+
+
+class RankBatchSampler(Sampler):
+    """This process's contiguous share of each global batch (all of it without DDP)."""
+
+    def __init__(self, plan: BatchPlan, start: int, rank: int = 0, world_size: int = 1):
+        if plan.batch_size % world_size:
+            raise ValueError(f"batch size {plan.batch_size} is not divisible by the {world_size} training processes")
+        self.plan, self.start, self.rank = plan, start, rank
+        self.per_rank = plan.batch_size // world_size
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        for keys in self.plan.global_batches(self.start):
+            yield keys[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+
+
+def collate_regions(items: list[tuple]) -> RegionBatch:
+    """Pad the images of a batch to the largest box count; padded boxes get label -1 and are
+    masked out of attention and of the loss (the released code instead repeats real boxes)."""
+    sources = {item[3] for item in items} if len(items[0]) > 3 else {0}
+    if len(sources) != 1:
+        raise ValueError(f"a batch mixes datasets {sorted(sources)}")
+    count = max(len(item[2]) for item in items)
+    batch, token_dim = len(items), items[0][0].shape[1]
+    tokens = torch.zeros(batch, count, token_dim)
+    labels = torch.full((batch, count), -1, dtype=torch.long)
+    for row, (item_tokens, _, item_labels, *_) in enumerate(items):
+        tokens[row, : len(item_labels)] = torch.from_numpy(item_tokens.astype(np.float32))
+        labels[row, : len(item_labels)] = torch.from_numpy(item_labels)
+    maps = torch.from_numpy(np.stack([item[1] for item in items]).astype(np.float32))
+    return RegionBatch(tokens, maps, labels >= 0, labels, sources.pop())
+
+
+def region_loader(
+    dataset: MultiSourceRegions, sampler: RankBatchSampler, num_workers: int, prefetch_batches: int, pin_memory: bool,
+) -> DataLoader:
+    """Batches read by background workers, ``prefetch_batches`` ahead per worker, into pinned
+    memory on CUDA so host-to-device copies overlap compute."""
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_regions, pin_memory=pin_memory,
+        prefetch_factor=prefetch_batches if num_workers else None, persistent_workers=num_workers > 0,
+        # Its own generator: creating the iterator must not draw from the global RNG (dropout's),
+        # or a resumed run would see other dropout masks.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+@dataclass
+class TrainSource:
+    """A training dataset: its cache, the vocabulary its boxes are labelled in, its text embeddings."""
+
+    cache: Path
+    reader: CacheReader
+    vocabulary: Vocabulary
+
+
+def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str]) -> list[TrainSource]:
+    """Open each cache with its vocabulary (default: the cache's own dataset); all must come from
+    the same SAM and CLIP, since one head is trained on all of them."""
+    if vocabularies and len(vocabularies) != len(caches):
+        raise ValueError(f"{len(vocabularies)} vocabularies given for {len(caches)} caches")
+    if not caches:
+        raise ValueError("no training cache given (--cache, or train.caches in the recipe)")
+    sources = []
+    for i, cache in enumerate(caches):
+        reader = CacheReader(cache)
+        name = vocabularies[i] if vocabularies else reader.provenance.dataset
+        sources.append(TrainSource(Path(cache), reader, reader.vocabulary(name)))
+    first = sources[0]
+    for other in sources[1:]:
+        for model in ("sam", "clip"):
+            a, b = getattr(first.reader.provenance, model), getattr(other.reader.provenance, model)
+            if a != b:
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                raise ValueError(f"{other.cache}: extracted with another {model.upper()} than {first.cache} "
+                                 f"(differs in {', '.join(diff)}); all training caches need the same models")
+    return sources

@@ -1,0 +1,168 @@
+"""The cache format: one writer, one reader, atomic shards, identity."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from regionspot_cache.cache import (
+    CacheFormatError,
+    CacheReader,
+    CacheWriter,
+    ImageFeatures,
+    Provenance,
+    inspect_cache,
+    verify_cache,
+)
+from regionspot_cache.data.datasets import BoxSet, Category
+
+RNG = np.random.default_rng(0)
+
+
+def _provenance(**changes) -> Provenance:
+    fields = dict(dataset="toy", box_source="gt", shard_size=3, planned_shards=2, sam={"variant": "tiny", "checkpoint_sha256": "ab"},
+                  clip={"model": "RS-Tiny-ViT", "width": 8, "num_tokens": 5}, package_version="0", paths={"sam_checkpoint": "/x"})
+    fields.update(changes)
+    return Provenance(**fields)
+
+
+def _image(image_id: int, boxes: int) -> ImageFeatures:
+    xyxy = np.sort(RNG.uniform(0, 50, size=(boxes, 4)).astype(np.float32).reshape(boxes, 2, 2), axis=1).reshape(boxes, 4)
+    return ImageFeatures(
+        image_id, f"{image_id}.jpg", 64, 48,
+        BoxSet(xyxy, RNG.integers(1, 5, boxes), RNG.uniform(size=boxes).astype(np.float32)),
+        feature_map=RNG.normal(size=(5, 8)).astype(np.float32),
+        box_tokens=RNG.normal(size=(boxes, 256)).astype(np.float32),
+    )
+
+
+def test_round_trip_over_shards_with_failed_and_empty_images(tmp_path):
+    images = [_image(1, 3), _image(2, 0), _image(5, 2), _image(7, 1)]
+    failed = ImageFeatures(4, "4.jpg", 10, 10, status="failed", reason="4.jpg: cannot decode image")
+    writer = CacheWriter(tmp_path, _provenance())
+    writer.write_shard(0, [images[0], failed, images[1]])
+    writer.write_shard(1, images[2:])
+    reader = CacheReader(tmp_path)
+    assert reader.image_ids() == [1, 2, 5, 7]
+    assert reader.image_ids(only_ok=False) == [1, 4, 2, 5, 7]
+    assert reader.status(4) == ("failed", "4.jpg: cannot decode image")
+    with pytest.raises(CacheFormatError, match="cannot decode"):
+        reader.image(4)
+    for original in images:
+        item = reader.image(original.image_id)
+        np.testing.assert_array_equal(item.boxes, original.boxes.xyxy)
+        np.testing.assert_array_equal(item.category_ids, original.boxes.category_ids)
+        np.testing.assert_array_equal(item.scores, original.boxes.scores)
+        # float16 storage: equal to the float16 rounding of what was written.
+        np.testing.assert_array_equal(item.tokens, original.box_tokens.astype(np.float16))
+        np.testing.assert_array_equal(item.feature_map, original.feature_map.astype(np.float16))
+        assert item.tokens.shape == (len(original.boxes), 256)
+
+
+def test_vocabulary_round_trip(tmp_path):
+    writer = CacheWriter(tmp_path, _provenance())
+    categories = [Category(3, "cat", "f"), Category(9, "dog", "r")]
+    embeddings = RNG.normal(size=(2, 6)).astype(np.float32)
+    writer.write_vocabulary("toy", categories, embeddings)
+    vocab = CacheReader(tmp_path).vocabulary("toy")
+    assert vocab.names == ["cat", "dog"] and vocab.frequencies == ["f", "r"]
+    np.testing.assert_array_equal(vocab.category_ids, [3, 9])
+    np.testing.assert_array_equal(vocab.embeddings, embeddings)
+    with pytest.raises(CacheFormatError, match="no vocabulary 'other'"):
+        CacheReader(tmp_path).vocabulary("other")
+
+
+def test_identity_mismatch_is_refused_naming_the_key(tmp_path):
+    CacheWriter(tmp_path, _provenance())
+    CacheWriter(tmp_path, _provenance(package_version="9", paths={"sam_checkpoint": "/elsewhere"}))  # not identity
+    with pytest.raises(CacheFormatError, match=r"sam\.checkpoint_sha256: cache has 'ab', this run has 'cd'"):
+        CacheWriter(tmp_path, _provenance(sam={"variant": "tiny", "checkpoint_sha256": "cd"}))
+
+
+def test_committed_shard_is_never_rewritten_and_no_temp_is_left(tmp_path):
+    writer = CacheWriter(tmp_path, _provenance())
+    writer.write_shard(0, [_image(1, 2)])
+    with pytest.raises(CacheFormatError, match="already committed"):
+        writer.write_shard(0, [_image(2, 2)])
+    assert [p.name for p in (tmp_path / "shards").iterdir()] == ["000000"]
+    assert CacheReader(tmp_path).image_ids() == [1]
+
+
+def test_reader_ignores_a_shard_left_half_written(tmp_path):
+    writer = CacheWriter(tmp_path, _provenance())
+    writer.write_shard(0, [_image(1, 2)])
+    (tmp_path / "shards" / ".tmp-000001-123-abcd").mkdir()
+    (tmp_path / "shards" / ".tmp-000001-123-abcd" / "images.parquet").write_bytes(b"partial")
+    reader = CacheReader(tmp_path)
+    assert reader.image_ids() == [1] and writer.committed_shards() == {0}
+
+
+def test_files_grow_with_shards_not_images(tmp_path):
+    def files_of(directory, count):
+        CacheWriter(directory, _provenance()).write_shard(0, [_image(i, 3) for i in range(count)])
+        return sum(1 for p in (directory / "shards").rglob("*") if p.is_file())
+
+    assert files_of(tmp_path / "small", 2) == files_of(tmp_path / "large", 60)
+
+
+def test_not_a_cache_and_wrong_format_version(tmp_path):
+    with pytest.raises(CacheFormatError, match="not a feature cache"):
+        CacheReader(tmp_path)
+    (tmp_path / "cache.json").write_text('{"format_version": 999}')
+    with pytest.raises(CacheFormatError, match="format version 999"):
+        CacheReader(tmp_path)
+
+
+def test_verify_names_the_damaged_shard_and_file(tmp_path):
+    writer = CacheWriter(tmp_path, _provenance())
+    writer.write_shard(0, [_image(1, 2)])
+    writer.write_shard(1, [_image(2, 1)])
+    assert verify_cache(tmp_path) == []
+    manifest = tmp_path / "shards" / "000001" / "boxes.parquet"
+    data = bytearray(manifest.read_bytes())
+    data[10] ^= 0x01
+    manifest.write_bytes(bytes(data))
+    (tmp_path / "shards" / "000000" / "images.parquet").unlink()
+    problems = {(p.shard, p.problem) for p in verify_cache(tmp_path)}
+    assert problems == {("000001", "boxes.parquet: checksum differs (damaged)"), ("000000", "images.parquet: missing")}
+
+
+def test_inspect_counts_and_missing_shards(tmp_path):
+    writer = CacheWriter(tmp_path, _provenance())
+    writer.write_shard(1, [_image(4, 2), ImageFeatures(5, "5.jpg", 1, 1, status="failed", reason="x")])
+    summary = inspect_cache(tmp_path)
+    assert (summary["images"], summary["images_failed"], summary["boxes"], summary["boxes_rejected"]) == (2, 1, 2, 0)
+    assert summary["shards_committed"] == 1 and summary["shards_missing"] == [0]
+    assert summary["bytes_on_disk"] > 0 and summary["bytes_on_disk_per_image"] == round(summary["bytes_on_disk"] / 2)
+    assert summary["bytes_per_image_map"] == 2 * 5 * 8 and summary["bytes_per_box_token"] == 2 * 256  # float16
+
+
+def test_writer_removes_what_a_killed_writer_left_aside(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    writer = CacheWriter(tmp_path, _provenance())
+    abandoned = tmp_path / "shards" / f".tmp-000001-{int(dead.stdout)}-abcd1234"
+    alive = tmp_path / "shards" / f".tmp-000001-{os.getpid()}-abcd1234"  # a live writer's: kept
+    for directory in (abandoned, alive):
+        directory.mkdir()
+        (directory / "images.parquet").write_bytes(b"half")
+    writer.write_shard(1, [_image(3, 1)])
+    assert not abandoned.exists() and alive.exists()
+    assert CacheReader(tmp_path).image_ids() == [3]
+
+
+def test_arrays_that_do_not_match_the_manifest_are_refused_naming_them(tmp_path):
+    import json
+
+    writer = CacheWriter(tmp_path, _provenance())
+    writer.write_shard(0, [_image(1, 2), _image(2, 1)])
+    provenance = json.loads((tmp_path / "cache.json").read_text())
+    provenance["clip"]["num_tokens"] = 6  # the arrays hold 5 tokens per image
+    (tmp_path / "cache.json").write_text(json.dumps(provenance))
+    with pytest.raises(CacheFormatError, match=r"000000/features.zarr/clip_maps: float16 array of shape \(2, 5, 8\), "
+                                               r"but the shard's manifest and cache.json call for float16 \(2, 6, 8\)"):
+        CacheReader(tmp_path).image(1)

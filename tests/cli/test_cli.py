@@ -1,0 +1,136 @@
+"""The rs-cache command line: help texts, a full extract -> train -> eval run, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from regionspot_cache.cache import CacheReader
+from regionspot_cache.cli import app
+from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
+
+runner = CliRunner()
+COMMANDS = ["extract", "train", "eval", "predict", "demo", "inspect", "verify", "repair", "import-checkpoint"]
+
+
+def test_every_option_of_every_command_is_explained():
+    group = typer.main.get_command(app)
+    assert sorted(group.commands) == sorted(COMMANDS)
+    for name, command in group.commands.items():
+        assert command.help, name
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help and len(param.help) > 15, f"{name} --{param.name} has no help"
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("cli")
+    annotations = generate_split(root, "val", SyntheticSpec(images=4, seed=5, min_size=64, max_size=96))
+    models = tiny_models
+    manifest = root / "toy.toml"
+    manifest.write_text(f'name = "toy"\nannotations = "{annotations.name}"\nimage_root = "images"\n')
+    return root, manifest, annotations, models
+
+
+@pytest.fixture(scope="module")
+def extracted(toy):
+    root, manifest, annotations, models = toy
+    common = ["--set", "extract.num_workers=0", "--set", "extract.shard_size=2"]
+    result = runner.invoke(app, [
+        "extract", "-m", str(manifest), "--data-root", str(root), "-c", str(root / "cache"),
+        "--sam-variant", "tiny", "--sam-checkpoint", models.sam.checkpoint,
+        "--clip-model", models.clip.model, "--clip-pretrained", models.clip.pretrained, *common,
+    ])
+    return root, annotations, result
+
+
+def test_extract_train_eval_from_the_command_line(extracted):
+    root, annotations, result = extracted
+    assert result.exit_code == 0, result.output
+    assert "extracted 4 images" in result.output
+    head = root / "head.safetensors"
+    result = runner.invoke(app, [
+        "train", "-c", str(root / "cache"), "-o", str(head),
+        "--set", "train.iterations=3", "--set", "train.batch_size=2", "--set", "train.device=cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    assert head.is_file() and head.with_suffix(".json").is_file()
+    output = root / "results" / "val.json"
+    result = runner.invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(head), "-a", str(annotations), "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(output.with_suffix(".metrics.json").read_text())
+    assert set(metrics) >= {"AP", "APr", "APc", "APf"} and all(-1 <= metrics[k] <= 1 for k in ("AP", "APr", "APc", "APf"))
+    assert metrics["eval"]["protocol"] == "standard" and metrics["eval"]["scoring"] == "softmax"
+    detections = json.loads(output.read_text())
+    assert detections and {"image_id", "category_id", "bbox", "score"} <= set(detections[0])
+
+
+def test_inspect_and_verify(extracted, tmp_path):
+    import shutil
+
+    root, _, _ = extracted
+    cache = shutil.copytree(root / "cache", tmp_path / "cache")
+    result = runner.invoke(app, ["inspect", str(cache)])
+    assert result.exit_code == 0 and "shards_committed" in result.output and "RS-Tiny-ViT" in result.output
+    assert runner.invoke(app, ["verify", str(cache)]).exit_code == 0
+    shard_file = next((cache / "shards" / "000001" / "features.zarr" / "clip_maps").rglob("c/*/*/*"))
+    data = bytearray(shard_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in a chunk
+    shard_file.write_bytes(bytes(data))
+    result = runner.invoke(app, ["verify", str(cache)])
+    assert result.exit_code == 1 and "shard 000001" in result.output and "checksum differs" in result.output
+    assert "000000" not in result.output
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "regionspot_cache", *args], capture_output=True, text=True)
+
+
+def test_missing_manifest_is_one_clear_line(tmp_path):
+    result = _run_cli("extract", "-m", str(tmp_path / "nope.toml"), "-c", str(tmp_path / "cache"))
+    assert result.returncode == 2
+    assert "nope.toml" in result.stderr and "not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bad_override_names_the_field(tmp_path):
+    result = _run_cli("train", "-c", str(tmp_path), "-o", str(tmp_path / "h.safetensors"), "--set", "train.lrr=1")
+    assert result.returncode == 2 and "lrr" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_on_proposals_extracts_only_the_missing_sam_tokens(extracted, tmp_path):
+    import shutil
+
+    from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
+
+    root, annotations, _ = extracted
+    cache = shutil.copytree(root / "cache", tmp_path / "cache")
+    head = tmp_path / "head.safetensors"
+    width, text_dim = (CacheReader(cache).provenance.clip[k] for k in ("width", "text_dim"))
+    save_head(RegionSpotHead(HeadConfig(clip_width=width, text_dim=text_dim)), head)
+    glip = tmp_path / "glip.json"
+    glip.write_text('{"1": {"boxes": [[0, 0, 25, 25], [5, 5, 40, 30]], "scores": [0.5, 0.9], "labels": [1, 1]}}')
+    base = ["eval", "-c", str(cache), "--head", str(head), "-a", str(annotations), "--proposals", str(glip)]
+    result = runner.invoke(app, base)
+    assert result.exit_code != 0 and "pass --manifest" in str(result.exception)
+    output = tmp_path / "glip_results.json"
+    result = runner.invoke(app, [*base, "-m", str(root / "toy.toml"), "--data-root", str(root), "-o", str(output),
+                                 "--set", "extract.num_workers=0"])
+    assert result.exit_code == 0, result.output
+    derived = next((cache / "proposals").iterdir())
+    assert CacheReader(derived).provenance.feature_maps == "borrowed"
+    boxes = {tuple(d["bbox"]) for d in json.loads(output.read_text())}
+    assert boxes == {(0.0, 0.0, 25.0, 25.0), (5.0, 5.0, 35.0, 25.0)}
+    result = runner.invoke(app, ["eval", "-c", str(cache), "--head", str(head), "-m", str(root / "toy.toml"),
+                                 "--data-root", str(root), "--proposals", "glip"])
+    assert result.exit_code != 0 and "neither 'gt'" in str(result.exception)
