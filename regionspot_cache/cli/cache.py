@@ -10,7 +10,10 @@ import typer
 from regionspot_cache.cli.options import (
     DataRootOption,
     RecipeOption,
+    RetriesOption,
+    SchedulerOption,
     SetOption,
+    WorkersOption,
     recipe_from,
 )
 from regionspot_cache.progress import console
@@ -69,25 +72,31 @@ def repair(
     overrides: List[str] = SetOption,
     sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint, if it moved since extraction (default: the path in cache.json)."),
     clip_pretrained: Optional[str] = typer.Option(None, help="CLIP weights file or tag, if moved (default: the one in cache.json)."),
+    scheduler: Optional[str] = SchedulerOption,
+    workers: Optional[int] = WorkersOption,
+    retries: int = RetriesOption,
 ) -> None:
     """Check every shard against its checksums, then remove and re-extract only the damaged ones.
 
-    The models default to those recorded in the cache; its identity check refuses others.
+    The models default to those recorded in the cache; its identity check refuses others. The
+    damaged shards are extracted in this process, or as dask tasks with --scheduler or --workers.
     """
-    from regionspot_cache.cache import CacheReader
+    from regionspot_cache.cache import Provenance
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.data.proposals import with_box_source
     from regionspot_cache.encoders import models_recorded_in
+    from regionspot_cache.extract.distribute import Dask, InProcess
     from regionspot_cache.extract.repair import repair_cache
     from regionspot_cache.extract.runner import print_summary
 
     config = recipe_from(recipe, overrides)
-    models = models_recorded_in(CacheReader(cache).provenance)
+    models = models_recorded_in(Provenance.read(cache))
     models.sam.checkpoint = sam_checkpoint or models.sam.checkpoint
     models.clip.pretrained = clip_pretrained or models.clip.pretrained
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
-    summary = repair_cache(cache, dataset, box_source, config.extract, models)
+    distributor = Dask(scheduler, workers, retries) if scheduler or workers else InProcess()
+    summary = repair_cache(cache, dataset, box_source, config.extract, models, distributor=distributor)
     if not summary.damaged:
         console.print(f"{cache}: every committed shard matches its checksums; nothing to repair")
         return

@@ -12,9 +12,12 @@ from regionspot_cache.cli.options import (
     ClipPretrainedOption,
     DataRootOption,
     RecipeOption,
+    RetriesOption,
     SamCheckpointOption,
     SamVariantOption,
+    SchedulerOption,
     SetOption,
+    WorkersOption,
     recipe_from,
 )
 
@@ -34,13 +37,9 @@ def extract(
     clip_model: Optional[str] = ClipModelOption,
     clip_pretrained: Optional[str] = ClipPretrainedOption,
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad image or degenerate box instead of recording it."),
-    scheduler: Optional[str] = typer.Option(
-        None, help="Address of an existing dask scheduler (e.g. tcp://host:8786) to run the shards on."
-    ),
-    workers: Optional[int] = typer.Option(
-        None, help="Workers of the local dask cluster (default: one per GPU, or one on a CPU-only machine)."
-    ),
-    retries: int = typer.Option(2, help="Times a failed shard is retried before it is reported."),
+    scheduler: Optional[str] = SchedulerOption,
+    workers: Optional[int] = WorkersOption,
+    retries: int = RetriesOption,
     in_process: bool = typer.Option(False, "--in-process", help="Run the shards in this process, without dask."),
 ) -> None:
     """Run frozen SAM and CLIP once per image and write tokens and feature maps to the cache.
@@ -50,7 +49,7 @@ def extract(
     """
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.data.proposals import with_box_source
-    from regionspot_cache.extract.distribute import run_distributed
+    from regionspot_cache.extract.distribute import Dask, InProcess
     from regionspot_cache.extract.runner import print_summary, run_extraction
 
     config = recipe_from(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
@@ -58,10 +57,8 @@ def extract(
     config.extract.strict = strict or config.extract.strict
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
-    if in_process:
-        summary = run_extraction(dataset, cache, config.models, config.extract, box_source=box_source)
-    else:
-        summary = run_distributed(dataset, cache, config.models, config.extract, box_source, scheduler, workers, retries)
+    distributor = InProcess() if in_process else Dask(scheduler, workers, retries)
+    summary = run_extraction(dataset, cache, config.models, config.extract, box_source, distributor=distributor)
     print_summary(summary)
     if summary.failed_shards:
         raise typer.Exit(1)

@@ -23,6 +23,14 @@ ClipPretrainedOption = typer.Option(
     None, help="open_clip pretrained tag (e.g. openai) or a local weights file; sets models.clip.pretrained."
 )
 
+SchedulerOption = typer.Option(
+    None, help="Address of an existing dask scheduler (e.g. tcp://host:8786) to run the shards on."
+)
+WorkersOption = typer.Option(
+    None, help="Workers of the local dask cluster (default: one per GPU, or one on a CPU-only machine)."
+)
+RetriesOption = typer.Option(2, help="Times a failed shard is retried on dask before it is reported.")
+
 
 class UserError(Exception):
     """Shown to the user as one line, without a traceback."""

@@ -1,60 +1,146 @@
-"""Shards as dask tasks: a local multi-process cluster by default, or an existing one.
+"""Distributors: where ``run_extraction``'s pending shards are encoded.
 
-Each task extracts one shard and commits it; a shard has exactly one writer because each is one
-task, and a retried task starts the shard afresh. The encoders are loaded once per worker
-process. A shard that still fails after its retries is reported and the others go on.
+``InProcess()`` runs them in the calling process. ``Dask(scheduler, workers, retries)`` runs each
+shard as a dask task, on a local multi-process cluster by default or on an existing one; a shard
+has exactly one writer because each is one task, and a retried task starts the shard afresh. A
+shard that still fails after its retries is reported and the others go on. Both call the same
+worker function, ``worker.extract_shards``.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Protocol, Sequence
 
 import dask
+import torch
 from distributed import Client, LocalCluster, as_completed, get_worker
 
-from regionspot_cache.cache import CacheWriter, Provenance, exclusive_extraction
+from regionspot_cache.cache import CacheWriter, Provenance
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset, ImageEntry
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
-from regionspot_cache.extract.runner import (
-    ExtractProgress,
-    ExtractSummary,
-    ShardResult,
-    extract_shard,
-    prepare_cache,
-    shard_dataset,
-    shard_entries,
-)
+from regionspot_cache.extract.worker import OnBatch, Shard, ShardResult, extract_shards, shard_dataset
 from regionspot_cache.runtime import resolve_device
 
-_WORKER_ENCODERS: dict[str, FrozenEncoders] = {}
+
+@dataclass
+class ExtractionWork:
+    """What every shard of one extraction shares; sent whole to remote workers."""
+
+    dataset: DetectionDataset
+    cache_dir: Path
+    models: ModelsConfig
+    config: ExtractConfig
+    provenance: Provenance
 
 
-def _worker_device(config: ExtractConfig):
+@dataclass
+class ShardOutcome:
+    shard_id: int
+    result: ShardResult | None = None  # None: the shard failed
+    error: str = ""
+
+
+class Distributor(Protocol):
+    def setup_device(self, config: ExtractConfig) -> torch.device:
+        """Where the runner loads the encoders it uses for the cache's identity and vocabulary."""
+
+    def run(self, work: ExtractionWork, shards: Sequence[Shard], encoders: FrozenEncoders, writer: CacheWriter,
+            on_batch: OnBatch) -> Iterator[ShardOutcome]:
+        """Encode and commit ``shards``, yielding each one's outcome as it finishes."""
+
+
+@dataclass
+class InProcess:
+    """Every shard in this process, with the encoders the runner loaded. Errors propagate."""
+
+    def setup_device(self, config: ExtractConfig) -> torch.device:
+        return resolve_device(config.device)
+
+    def run(self, work: ExtractionWork, shards: Sequence[Shard], encoders: FrozenEncoders, writer: CacheWriter,
+            on_batch: OnBatch) -> Iterator[ShardOutcome]:
+        for result in extract_shards(shards, work.dataset, encoders, writer, work.config, on_batch):
+            yield ShardOutcome(result.shard_id, result)
+
+
+@dataclass
+class Dask:
+    """Each shard a dask task on ``scheduler`` (an address such as ``tcp://host:8786``) or, when it
+    is None, on a local cluster of ``workers`` processes (default: one per GPU, else one)."""
+
+    scheduler: str | None = None
+    workers: int | None = None
+    retries: int = 2
+
+    def setup_device(self, config: ExtractConfig) -> torch.device:
+        return torch.device("cpu")  # identity and vocabulary only; the workers load their own encoders
+
+    def run(self, work: ExtractionWork, shards: Sequence[Shard], encoders: FrozenEncoders, writer: CacheWriter,
+            on_batch: OnBatch) -> Iterator[ShardOutcome]:
+        run_id = time.time_ns()
+        with self._client() as client:
+            futures = {
+                client.submit(extract_shard_task, shard_id, entries, _task_work(work, entries), retries=self.retries,
+                              key=f"rs-cache-shard-{shard_id}-{run_id}"): shard_id
+                for shard_id, entries in shards
+            }
+            for future in as_completed(futures):
+                shard_id = futures[future]
+                try:
+                    result = future.result()
+                except Exception as err:  # a shard that failed all its tries is reported, not fatal
+                    yield ShardOutcome(shard_id, error=f"{type(err).__name__}: {err}")
+                    continue
+                on_batch(result.images, result.boxes)
+                yield ShardOutcome(shard_id, result)
+
+    @contextmanager
+    def _client(self) -> Iterator[Client]:
+        """A client of the scheduler, or of a local cluster that is closed however the run ends."""
+        if self.scheduler:
+            with Client(self.scheduler) as client:
+                yield client
+            return
+        cluster = local_cluster(self.workers or default_workers())
+        try:
+            with Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
+
+
+def _task_work(work: ExtractionWork, entries: list[ImageEntry]) -> ExtractionWork:
+    """Only the part of the dataset the shard needs travels with its task."""
+    return ExtractionWork(shard_dataset(work.dataset, entries), work.cache_dir, work.models, work.config, work.provenance)
+
+
+_WORKER_ENCODERS: dict[str, FrozenEncoders] = {}  # loaded once per worker process
+
+
+def extract_shard_task(shard_id: int, entries: list[ImageEntry], work: ExtractionWork) -> ShardResult:
+    """One shard on a dask worker (module-level, so the task pickles by reference)."""
+    device = _worker_device(work.config)
+    key = f"{work.models!r}@{device}"
+    if key not in _WORKER_ENCODERS:
+        _WORKER_ENCODERS[key] = load_frozen_encoders(work.models, device)
+    writer = CacheWriter(work.cache_dir, work.provenance)  # refuses a cache of another identity
+    if shard_id in writer.committed_shards():  # committed by an earlier attempt
+        return ShardResult(shard_id=shard_id)
+    return next(extract_shards([(shard_id, entries)], work.dataset, _WORKER_ENCODERS[key], writer, work.config))
+
+
+def _worker_device(config: ExtractConfig) -> torch.device:
     """``auto`` on a worker of a local GPU cluster: one GPU per worker, by worker number."""
-    import torch
-
     if config.device != "auto" or not torch.cuda.is_available():
         return resolve_device(config.device)
     name = str(get_worker().name)
     index = int(name) if name.isdigit() else 0
     return torch.device(f"cuda:{index % torch.cuda.device_count()}")
-
-
-def extract_shard_task(
-    shard_id: int, entries: list[ImageEntry], dataset: DetectionDataset, cache_dir: str,
-    models: ModelsConfig, config: ExtractConfig, provenance: Provenance,
-) -> ShardResult:
-    device = _worker_device(config)
-    key = f"{models!r}@{device}"
-    if key not in _WORKER_ENCODERS:
-        _WORKER_ENCODERS[key] = load_frozen_encoders(models, device)
-    writer = CacheWriter(cache_dir, provenance)  # refuses a cache of another identity
-    if shard_id in writer.committed_shards():  # committed by an earlier attempt
-        return ShardResult(shard_id)
-    return extract_shard(shard_id, entries, dataset, _WORKER_ENCODERS[key], writer, config)
 
 
 def local_cluster(workers: int) -> LocalCluster:
@@ -71,55 +157,4 @@ def local_cluster(workers: int) -> LocalCluster:
 
 
 def default_workers() -> int:
-    import torch
-
     return max(1, torch.cuda.device_count())
-
-
-def run_distributed(
-    dataset: DetectionDataset,
-    cache_dir: Path | str,
-    models: ModelsConfig,
-    config: ExtractConfig,
-    box_source: str = "gt",
-    scheduler: str | None = None,
-    workers: int | None = None,
-    retries: int = 2,
-    encoders: FrozenEncoders | None = None,
-) -> ExtractSummary:
-    """Extract every missing shard as a dask task on ``scheduler`` (an address) or a local cluster."""
-    with exclusive_extraction(cache_dir):
-        return _run_distributed(dataset, cache_dir, models, config, box_source, scheduler, workers, retries, encoders)
-
-
-def _run_distributed(dataset: DetectionDataset, cache_dir: Path | str, models: ModelsConfig, config: ExtractConfig,
-                     box_source: str, scheduler: str | None, workers: int | None, retries: int,
-                     encoders: FrozenEncoders | None) -> ExtractSummary:
-    started = time.perf_counter()
-    encoders = encoders or load_frozen_encoders(models, resolve_device("cpu"))  # provenance + vocabulary
-    writer = prepare_cache(dataset, cache_dir, encoders, config, box_source)
-    committed = writer.committed_shards()
-    shards = [(i, entries) for i, entries in shard_entries(dataset.images, config.shard_size) if i not in committed]
-    summary = ExtractSummary(shards_skipped=len(committed))
-    cluster = None if scheduler else local_cluster(workers or default_workers())
-    with Client(scheduler or cluster) as client, ExtractProgress(dataset.name, sum(len(e) for _, e in shards)) as progress:
-        futures = {
-            client.submit(
-                extract_shard_task, shard_id, entries, shard_dataset(dataset, entries), str(cache_dir), models,
-                config, writer.provenance, retries=retries, key=f"rs-cache-shard-{shard_id}-{started}",
-            ): (shard_id, entries)
-            for shard_id, entries in shards
-        }
-        for future in as_completed(futures):
-            shard_id, entries = futures[future]
-            try:
-                result = future.result()
-            except Exception as err:  # a shard that failed all its tries is reported, not fatal
-                summary.failed_shards[shard_id] = f"{type(err).__name__}: {err}"
-                continue
-            summary.add(result)
-            progress.advance(result.images, result.boxes)
-    if cluster is not None:
-        cluster.close()
-    summary.seconds = time.perf_counter() - started
-    return summary

@@ -18,6 +18,7 @@ from regionspot_cache.cache.format import DERIVED_DIR, FEATURE_MAPS_OWN
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in
+from regionspot_cache.extract.distribute import Distributor
 from regionspot_cache.extract.runner import print_summary, run_extraction
 from regionspot_cache.runtime import resolve_device
 
@@ -33,10 +34,12 @@ def cache_with_boxes(
     config: ExtractConfig,
     models: ModelsConfig | None = None,
     encoders: FrozenEncoders | None = None,
+    distributor: Distributor | None = None,
 ) -> Path:
     """The cache holding ``box_source`` boxes of ``dataset``: ``cache_dir`` itself if it was
     extracted with them, else its proposals cache, where the missing SAM tokens are computed now
-    (resumable like any extraction). ``models`` default to those ``cache_dir`` recorded."""
+    (on ``distributor``, default this process; resumable like any extraction). ``models`` default
+    to those ``cache_dir`` recorded."""
     cache_dir = Path(cache_dir)
     base = CacheReader(cache_dir)
     if base.provenance.box_source == box_source:
@@ -50,7 +53,7 @@ def cache_with_boxes(
     # Same shards as the base, so a proposals shard's images are one base shard's.
     config = replace(config, shard_size=base.provenance.shard_size)
     summary = run_extraction(dataset, target, encoders.spec, config, box_source, encoders,
-                             maps_from=os.path.relpath(cache_dir.resolve(), target.resolve()))
+                             maps_from=os.path.relpath(cache_dir.resolve(), target.resolve()), distributor=distributor)
     print_summary(summary)
     return target
 

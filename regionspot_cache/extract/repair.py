@@ -8,11 +8,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from regionspot_cache.cache import CacheReader, exclusive_extraction, verify_cache
+from regionspot_cache.cache import Provenance, exclusive_extraction, verify_cache
 from regionspot_cache.cache.format import SHARDS_DIR
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, models_recorded_in
+from regionspot_cache.extract.distribute import Distributor
 from regionspot_cache.extract.runner import ExtractSummary, run_extraction
 
 
@@ -39,20 +40,22 @@ def remove_shard(cache_dir: Path, shard: str) -> None:
 
 def repair_cache(
     cache_dir: Path | str, dataset: DetectionDataset, box_source: str, config: ExtractConfig,
-    models: ModelsConfig | None = None, encoders: FrozenEncoders | None = None,
+    models: ModelsConfig | None = None, encoders: FrozenEncoders | None = None, distributor: Distributor | None = None,
 ) -> RepairSummary:
-    """Find damaged shards by their checksums, remove them and extract them again; shards that
-    are intact, or were never extracted, are left as they are. ``models`` default to those the
-    cache recorded; the cache's identity check refuses any others."""
+    """Find damaged shards by their checksums, remove them and extract them again (on
+    ``distributor``, default this process); shards that are intact, or were never extracted, are
+    left as they are. ``models`` default to those the cache recorded; the cache's identity check
+    refuses any others."""
     cache_dir = Path(cache_dir)
-    reader = CacheReader(cache_dir)
+    provenance = Provenance.read(cache_dir)  # not CacheReader: the shards' manifests may be the damage
     with exclusive_extraction(cache_dir):  # no extraction may run while shards are replaced
         damaged = damaged_shards(cache_dir)
         for shard in damaged:
             remove_shard(cache_dir, shard)
     if not damaged:
         return RepairSummary()
-    config = replace(config, shard_size=reader.provenance.shard_size)
-    extraction = run_extraction(dataset, cache_dir, models or models_recorded_in(reader.provenance), config,
-                                box_source, encoders, only_shards={int(name) for name in damaged})
+    config = replace(config, shard_size=provenance.shard_size)
+    extraction = run_extraction(dataset, cache_dir, models or models_recorded_in(provenance), config,
+                                box_source, encoders, only_shards={int(name) for name in damaged},
+                                distributor=distributor)
     return RepairSummary(damaged, extraction)

@@ -13,7 +13,7 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.data.images import load_rgb
-from regionspot_cache.extract.runner import ExtractionError, run_extraction
+from regionspot_cache.extract import ExtractionError, run_extraction
 
 CONFIG = ExtractConfig(shard_size=4, batch_size=2, num_workers=0, device="cpu")
 

@@ -10,7 +10,7 @@ from regionspot_cache.cache import CacheReader, verify_cache
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract.distribute import run_distributed
+from regionspot_cache.extract.distribute import Dask
 from regionspot_cache.extract.runner import run_extraction
 
 CONFIG = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu")
@@ -25,7 +25,8 @@ def test_two_worker_cluster_matches_in_process_run_and_reports_a_bad_shard(tmp_p
     blocker = tmp_path / "dask" / "shards" / "000002"
     blocker.write_text("in the way")
     environ = dict(os.environ)
-    summary = run_distributed(dataset, tmp_path / "dask", tiny_models, CONFIG, workers=2, retries=1, encoders=encoders)
+    summary = run_extraction(dataset, tmp_path / "dask", tiny_models, CONFIG, encoders=encoders,
+                             distributor=Dask(workers=2, retries=1))
     assert dict(os.environ) == environ  # starting dask workers must not change our environment
     assert summary.shards_written == 3 and list(summary.failed_shards) == [2]
     assert "000002" in summary.failed_shards[2]
@@ -37,6 +38,64 @@ def test_two_worker_cluster_matches_in_process_run_and_reports_a_bad_shard(tmp_p
             np.testing.assert_allclose(getattr(distributed.image(image_id), field), getattr(reference.image(image_id), field),
                                        rtol=2e-3, atol=2e-3)
     blocker.unlink()
-    again = run_distributed(dataset, tmp_path / "dask", tiny_models, CONFIG, workers=1, encoders=encoders)
+    again = run_extraction(dataset, tmp_path / "dask", tiny_models, CONFIG, encoders=encoders, distributor=Dask(workers=1))
     assert (again.shards_written, again.shards_skipped, again.failed_shards) == (1, 3, {})
     assert verify_cache(tmp_path / "dask") == [] and len(CacheReader(tmp_path / "dask").image_ids()) == 7
+
+
+def test_repair_and_proposals_run_on_dask_through_the_one_runner(tmp_path, tiny_models, encoders):
+    import json
+
+    from regionspot_cache.data.proposals import with_box_source
+    from regionspot_cache.extract.proposals import cache_with_boxes
+    from regionspot_cache.extract.repair import repair_cache
+
+    annotations = generate_split(tmp_path, "val", SyntheticSpec(images=4, seed=9, min_size=64, max_size=80))
+    dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
+    cache = tmp_path / "cache"
+    run_extraction(dataset, cache, tiny_models, CONFIG, encoders=encoders)
+    before = CacheReader(cache).image(CacheReader(cache).image_ids()[0]).tokens
+    (cache / "shards" / "000000" / "boxes.parquet").write_bytes(b"damaged")
+    repaired = repair_cache(cache, dataset, "gt", CONFIG, tiny_models, encoders, distributor=Dask(workers=1))
+    assert list(repaired.damaged) == ["000000"] and repaired.extraction.shards_written == 1
+    assert verify_cache(cache) == []
+    np.testing.assert_allclose(CacheReader(cache).image(CacheReader(cache).image_ids()[0]).tokens, before, atol=2e-3)
+
+    proposals = {str(i): {"boxes": [[1, 1, 30, 30]], "scores": [0.5], "labels": [1]} for i in CacheReader(cache).image_ids()}
+    (tmp_path / "glip.json").write_text(json.dumps(proposals))
+    boxed, source = with_box_source(dataset, None, str(tmp_path / "glip.json"))
+    target = cache_with_boxes(cache, boxed, source, CONFIG, tiny_models, encoders, distributor=Dask(workers=1))
+    assert target != cache and len(CacheReader(target).boxes) == 4 and verify_cache(target) == []
+
+
+def test_a_local_cluster_is_closed_when_the_run_fails(monkeypatch):
+    import pytest
+
+    from regionspot_cache.extract import distribute
+
+    closed = []
+
+    class Cluster:
+        def close(self):
+            closed.append(True)
+
+    class BrokenClient:
+        def __init__(self, cluster):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, *args, **kwargs):
+            raise RuntimeError("scheduler went away")
+
+    monkeypatch.setattr(distribute, "local_cluster", lambda workers: Cluster())
+    monkeypatch.setattr(distribute, "Client", BrokenClient)
+    work = distribute.ExtractionWork(None, None, None, CONFIG, None)
+    monkeypatch.setattr(distribute, "_task_work", lambda work, entries: work)
+    with pytest.raises(RuntimeError, match="went away"):
+        list(Dask(workers=1).run(work, [(0, [])], None, None, lambda images, boxes: None))
+    assert closed == [True]

@@ -1,0 +1,117 @@
+"""Phase 1 worker: encode and commit shards. Every distributor runs this same function.
+
+One data loader serves all the shards given, with batches that never cross a shard boundary, so
+decoding runs ahead across shards; a finished shard is committed on a background thread while the
+next one computes.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Iterator, Sequence
+
+from regionspot_cache.cache import CacheWriter, ImageFeatures
+from regionspot_cache.cache.format import FEATURE_MAPS_OWN, STATUS_FAILED
+from regionspot_cache.config import ExtractConfig
+from regionspot_cache.data.datasets import DetectionDataset, ImageEntry
+from regionspot_cache.encoders import FrozenEncoders
+from regionspot_cache.extract.mapper import NO_BOXES, FeatureMapper
+from regionspot_cache.extract.reader import image_loader
+
+Shard = tuple[int, list[ImageEntry]]  # (shard id, its images in id order)
+OnBatch = Callable[[int, int], None]  # (images, boxes) just encoded, for progress
+
+
+@dataclass
+class ExtractCounts:
+    """What an extraction produced; a shard's counts and a run's total add up the same way."""
+
+    images: int = 0
+    boxes: int = 0
+    failed: int = 0
+    dropped_boxes: int = 0
+    without_boxes: int = 0
+    bytes_written: int = 0
+
+    def add(self, other: ExtractCounts) -> None:
+        for counter in fields(ExtractCounts):
+            setattr(self, counter.name, getattr(self, counter.name) + getattr(other, counter.name))
+
+    @staticmethod
+    def of(images: Sequence[ImageFeatures]) -> ExtractCounts:
+        return ExtractCounts(
+            images=len(images),
+            boxes=sum(len(r.boxes) for r in images if r.status != STATUS_FAILED),
+            failed=sum(r.status == STATUS_FAILED for r in images),
+            dropped_boxes=sum(len(r.rejected_reasons) for r in images),
+            without_boxes=sum(r.reason == NO_BOXES for r in images),
+        )
+
+
+@dataclass(kw_only=True)
+class ShardResult(ExtractCounts):
+    shard_id: int
+
+
+class ExtractionError(ValueError):
+    """Bad input met with ``strict`` on; shards committed before it stay committed."""
+
+
+def shard_entries(images: Sequence[ImageEntry], shard_size: int) -> Iterator[Shard]:
+    """Images in id order, ``shard_size`` per shard: the split depends only on the dataset."""
+    ordered = sorted(images, key=lambda entry: entry.id)
+    for shard_id, start in enumerate(range(0, len(ordered), shard_size)):
+        yield shard_id, ordered[start : start + shard_size]
+
+
+def shard_dataset(dataset: DetectionDataset, entries: list[ImageEntry]) -> DetectionDataset:
+    """The part of ``dataset`` one shard needs (what is sent to a remote worker)."""
+    return replace(dataset, images=entries, boxes={e.id: dataset.boxes_of(e.id) for e in entries})
+
+
+def extract_shards(
+    shards: Sequence[Shard],
+    dataset: DetectionDataset,
+    encoders: FrozenEncoders,
+    writer: CacheWriter,
+    config: ExtractConfig,
+    on_batch: OnBatch = lambda images, boxes: None,
+) -> Iterator[ShardResult]:
+    """Encode and commit ``shards`` in order, yielding each one's result once committed. A
+    cache that borrows its feature maps (``writer.provenance``) gets SAM tokens only."""
+    with_clip = writer.provenance.feature_maps == FEATURE_MAPS_OWN
+    mapper = FeatureMapper(encoders, config, with_clip)
+    batches = iter(image_loader(dataset, shards, encoders, config, with_clip))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-cache-commit") as committer:
+        pending: Future | None = None
+        for shard_id, entries in shards:
+            result, features = ShardResult(shard_id=shard_id), []
+            for _ in range(-(-len(entries) // config.batch_size)):
+                images = mapper(next(batches))
+                if config.strict:
+                    _raise_on_failure(images)
+                features.extend(images)
+                counts = ExtractCounts.of(images)
+                result.add(counts)
+                on_batch(counts.images, counts.boxes)
+            if pending is not None:
+                yield pending.result()
+            pending = committer.submit(_commit, writer, result, features)
+        if pending is not None:
+            yield pending.result()
+
+
+def _commit(writer: CacheWriter, result: ShardResult, features: list[ImageFeatures]) -> ShardResult:
+    result.bytes_written = writer.write_shard(result.shard_id, features)
+    return result
+
+
+def _raise_on_failure(results: Sequence[ImageFeatures]) -> None:
+    for result in results:
+        if result.status == STATUS_FAILED:
+            raise ExtractionError(f"--strict: image {result.image_id}: {result.reason}")
+        if result.rejected_reasons:
+            box = result.rejected_boxes.xyxy[0].tolist()
+            raise ExtractionError(
+                f"--strict: image {result.image_id} ({result.file_name}): box {box}: {result.rejected_reasons[0]}")
