@@ -17,8 +17,12 @@ from regionspot_cache.progress import console
 
 
 def import_checkpoint(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint of the released RegionSpot code (torch file with a 'model' dict)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."),
+    checkpoint: Path = typer.Argument(
+        ..., help="Checkpoint of the released RegionSpot code (torch file with a 'model' dict)."
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."
+    ),
 ) -> None:
     """Convert a released RegionSpot checkpoint into our head checkpoint (frozen SAM/CLIP keys are
     ignored; loaded with weights_only=True), to evaluate the published weights on a cache."""
@@ -67,19 +71,23 @@ def repair(
     boxes: str = typer.Option("gt", help="The boxes the cache was extracted with (as for `rs-cache extract --boxes`)."),
     recipe: Optional[Path] = RecipeOption,
     overrides: List[str] = SetOption,
-    sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint, if it moved since extraction (default: the path in cache.json)."),
-    clip_pretrained: Optional[str] = typer.Option(None, help="CLIP weights file or tag, if moved (default: the one in cache.json)."),
+    sam_checkpoint: Optional[str] = typer.Option(
+        None, help="SAM checkpoint, if it moved since extraction (default: the path in cache.json)."
+    ),
+    clip_pretrained: Optional[str] = typer.Option(
+        None, help="CLIP weights file or tag, if moved (default: the one in cache.json)."
+    ),
 ) -> None:
     """Check every shard against its checksums, then remove and re-extract only the damaged ones.
 
     The models default to those recorded in the cache; its identity check refuses others.
     """
     from regionspot_cache.cache import CacheReader
+    from regionspot_cache.cli.report import print_extract_summary
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.data.proposals import with_box_source
     from regionspot_cache.encoders import models_recorded_in
     from regionspot_cache.extract.repair import repair_cache
-    from regionspot_cache.extract.runner import print_summary
 
     config = recipe_from(recipe, overrides)
     models = models_recorded_in(CacheReader(cache).provenance)
@@ -93,4 +101,4 @@ def repair(
         return
     for shard, problems in summary.damaged.items():
         console.print(f"[yellow]shard {shard}[/] re-extracted: {'; '.join(problems)}")
-    print_summary(summary.extraction)
+    print_extract_summary(summary.extraction)

@@ -48,10 +48,11 @@ def extract(
     Shards are dask tasks (a local cluster by default). Shards already committed in CACHE are
     skipped, so re-running the same command resumes.
     """
+    from regionspot_cache.cli.report import print_extract_summary
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.data.proposals import with_box_source
     from regionspot_cache.extract.distribute import run_distributed
-    from regionspot_cache.extract.runner import print_summary, run_extraction
+    from regionspot_cache.extract.runner import run_extraction
 
     config = recipe_from(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
                      clip_model=clip_model, clip_pretrained=clip_pretrained)
@@ -62,6 +63,6 @@ def extract(
         summary = run_extraction(dataset, cache, config.models, config.extract, box_source=box_source)
     else:
         summary = run_distributed(dataset, cache, config.models, config.extract, box_source, scheduler, workers, retries)
-    print_summary(summary)
+    print_extract_summary(summary)
     if summary.failed_shards:
         raise typer.Exit(1)

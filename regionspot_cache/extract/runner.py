@@ -21,7 +21,7 @@ from regionspot_cache.data.datasets import DetectionDataset, ImageEntry
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
 from regionspot_cache.extract.mapper import NO_BOXES, FeatureMapper
 from regionspot_cache.extract.reader import image_loader
-from regionspot_cache.progress import console, progress_bar
+from regionspot_cache.progress import progress_bar
 from regionspot_cache.runtime import resolve_device
 
 
@@ -218,13 +218,3 @@ def _raise_on_failure(results: Sequence[ImageFeatures]) -> None:
             box = result.rejected_boxes.xyxy[0].tolist()
             raise ExtractionError(f"--strict: image {result.image_id} ({result.file_name}): box {box}: {result.rejected_reasons[0]}")
 
-
-def print_summary(summary: ExtractSummary) -> None:
-    console.print(
-        f"extracted {summary.images} images ({summary.failed} failed, {summary.without_boxes} without boxes), "
-        f"{summary.boxes} boxes "
-        f"({summary.dropped_boxes} degenerate boxes rejected); shards written {summary.shards_written}, "
-        f"skipped {summary.shards_skipped}; {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s"
-    )
-    for shard_id, error in summary.failed_shards.items():
-        console.print(f"[red]shard {shard_id} failed[/]: {error}")

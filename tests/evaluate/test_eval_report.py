@@ -17,11 +17,12 @@ from regionspot_cache.config import EvalConfig, ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.evaluate.report import ReportData, ap_chart, percent, write_report
-from regionspot_cache.evaluate.scoring import Detections, protocol_settings
+from regionspot_cache.evaluate.scoring import Detections, protocol_for
 from regionspot_cache.extract.runner import run_extraction
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
 
-METRICS = {"AP": 0.4321, "AP50": 0.61, "AP75": 0.45, "APs": 0.2, "APm": 0.35, "APl": 0.5, "APr": -1.0, "APc": 0.287, "APf": 0.5555}
+METRICS = {"AP": 0.4321, "AP50": 0.61, "AP75": 0.45, "APs": 0.2, "APm": 0.35, "APl": 0.5,
+           "APr": -1.0, "APc": 0.287, "APf": 0.5555}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -47,7 +48,7 @@ def _predictions() -> Detections:
 def _data(tmp_path: Path, image_root: Path | None) -> ReportData:
     results = tmp_path / "results.json"
     results.write_text("[]")
-    return ReportData(METRICS, protocol_settings(EvalConfig(scoring="sigmoid", protocol="fixed")), "toy AP",
+    return ReportData(METRICS, protocol_for(EvalConfig(scoring="sigmoid", protocol="fixed")).settings(), "toy AP",
                       _predictions(), {1: "cat", 2: "dog"}, {1: "a/1.png", 2: "a/2.png", 3: "a/gone.png"}, image_root,
                       {"results": results, "metrics": tmp_path / "not-written.json"})
 
@@ -87,9 +88,11 @@ def toy_cache(tmp_path_factory, tiny_models, encoders):
     root = tmp_path_factory.mktemp("eval_cli")
     annotations = generate_split(root, "val", SyntheticSpec(images=3, seed=4, min_size=64, max_size=80))
     dataset = load_coco_format(annotations, root / "images", name="toy")
-    run_extraction(dataset, root / "cache", tiny_models, ExtractConfig(shard_size=2, num_workers=0, device="cpu"), encoders=encoders)
+    config = ExtractConfig(shard_size=2, num_workers=0, device="cpu")
+    run_extraction(dataset, root / "cache", tiny_models, config, encoders=encoders)
     torch.manual_seed(0)
-    save_head(RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim)), root / "head.safetensors")
+    head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim))
+    save_head(head, root / "head.safetensors")
     return root, annotations
 
 
