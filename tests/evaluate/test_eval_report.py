@@ -12,14 +12,17 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from regionspot_cache.cache import CacheReader
 from regionspot_cache.cli import app
 from regionspot_cache.config import EvalConfig, ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
+from regionspot_cache.evaluate import evaluate
+from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.report import ReportData, ap_chart, percent, write_report
 from regionspot_cache.evaluate.scoring import Detections, protocol_for
 from regionspot_cache.extract.runner import run_extraction
-from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
+from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, save_head
 
 METRICS = {"AP": 0.4321, "AP50": 0.61, "AP75": 0.45, "APs": 0.2, "APm": 0.35, "APl": 0.5,
            "APr": -1.0, "APc": 0.287, "APf": 0.5555}
@@ -124,3 +127,26 @@ def test_eval_command_refuses_unknown_scoring(toy_cache):
     result = CliRunner().invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(root / "head.safetensors"),
                                       "-a", str(annotations), "--scoring", "softmin"])
     assert result.exit_code != 0 and "softmax, sigmoid" in str(result.exception)
+
+
+def test_evaluate_scores_the_cache_with_the_head_and_names_the_protocol(toy_cache, tmp_path):
+    root, annotations = toy_cache
+    head = load_head(root / "head.safetensors")[0]
+    config = EvalConfig(protocol="fixed", fixed_dets_per_class=2, device="cpu")
+    result = evaluate(root / "cache", annotations, config, head=head, results_file=tmp_path / "r.json")
+    reader = CacheReader(root / "cache")
+    expected = score_cache(reader, head, reader.vocabulary("toy"), config)
+    assert result.detections.records() == expected.records() == json.loads((tmp_path / "r.json").read_text())
+    assert result.num_detections == len(expected) and result.segm_metrics is None
+    assert result.settings == protocol_for(config).settings() and set(result.metrics) >= {"AP", "APr"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "clip-boxes", "image_root": "."}, "unknown method 'clip-boxes'; known: regionspot, clip-box, clip-mask"),
+    ({}, "method regionspot needs a head"),
+    ({"method": "clip-box"}, "method clip-box reads the original images: give their image_root"),
+    ({"head": object(), "masks": True}, "method regionspot with masks reads the original images"),
+])
+def test_evaluate_refuses_a_method_without_what_it_needs(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate(tmp_path / "no-cache", tmp_path / "no.json", EvalConfig(device="cpu"), **kwargs)
