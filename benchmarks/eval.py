@@ -32,7 +32,7 @@ import torch
 
 from regionspot_cache.config import EvalConfig
 from regionspot_cache.evaluate.lvis import METRICS, numpy_float_alias, run_lvis_eval
-from regionspot_cache.evaluate.scoring import detections_from_logits, lvis_max_dets, write_results_json
+from regionspot_cache.evaluate.scoring import detections_from_logits, protocol_for, write_results_json
 
 LVIS_VAL_IMAGES = 19_809
 FREQUENCY_SHARES = {"r": 337, "c": 461, "f": 405}  # LVIS v1 categories per frequency group
@@ -54,7 +54,7 @@ def synthetic_lvis(images: int, categories: int, boxes_per_image: float, rng: np
     annotations = [
         {"id": i + 1, "image_id": int(img), "category_id": int(c) + 1, "bbox": [bx, by, bw, bh], "area": bw * bh,
          "iscrowd": 0, "segmentation": [[bx, by, bx + bw, by, bx + bw, by + bh, bx, by + bh]]}
-        for i, (img, c, bx, by, bw, bh) in enumerate(zip(image_ids.tolist(), classes.tolist(), x.tolist(), y.tolist(), w.tolist(), h.tolist()))
+        for i, (img, c, bx, by, bw, bh) in enumerate(zip(*(a.tolist() for a in (image_ids, classes, x, y, w, h))))
     ]
     image_entries = []
     starts = np.r_[0, np.cumsum(counts)]
@@ -87,17 +87,19 @@ def timed(function, *args):
 
 def run_protocol(config: EvalConfig, gt_lvis, boxes, embeddings, text, directory: Path, compare: bool) -> dict:
     row: dict = {"protocol": config.protocol, "scoring": config.scoring}
-    detections_from_logits(region_stream(boxes[:50], embeddings, text, 100.0), np.arange(1, len(text) + 1), config)  # warm-up
-    detections, row["scoring_s"] = timed(lambda: detections_from_logits(region_stream(boxes, embeddings, text, 100.0), np.arange(1, len(text) + 1), config))
+    category_ids = np.arange(1, len(text) + 1)
+    detections_from_logits(region_stream(boxes[:50], embeddings, text, 100.0), category_ids, config)  # warm-up
+    detections, row["scoring_s"] = timed(
+        lambda: detections_from_logits(region_stream(boxes, embeddings, text, 100.0), category_ids, config))
     row["detections"] = len(detections)
     _, row["writing_s"] = timed(write_results_json, detections, directory / f"results_{config.protocol}.json")
     with numpy_float_alias():
-        evaluator, row["lvis_s"] = timed(run_lvis_eval, gt_lvis, detections, lvis_max_dets(config))
+        evaluator, row["lvis_s"] = timed(run_lvis_eval, gt_lvis, detections, protocol_for(config).lvis_max_dets)
         row.update({k: round(float(v), 4) for k, v in evaluator.get_results().items() if k in METRICS})
         if compare:  # the previous path: a dict per detection, json.dumps, LVIS given everything
             records, row["old_records_s"] = timed(detections.records)
             _, row["old_writing_s"] = timed(lambda: (directory / "old.json").write_text(json.dumps(records)))
-            old, row["old_lvis_s"] = timed(run_lvis_eval, gt_lvis, records, lvis_max_dets(config))
+            old, row["old_lvis_s"] = timed(run_lvis_eval, gt_lvis, records, protocol_for(config).lvis_max_dets)
             assert old.get_results()["AP"] == evaluator.get_results()["AP"], "pruning changed AP"
     return row
 

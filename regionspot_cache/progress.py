@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
 
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,6 +20,15 @@ from rich.progress import (
 from rich.table import Table
 
 console = Console(stderr=True)
+
+
+def log_to_console(level: int = logging.INFO) -> None:
+    """Show the library's log messages on ``console``, above any progress bars; for the
+    command line and the demo (library modules only log). Repeated calls add no handler."""
+    root = logging.getLogger()
+    if not any(isinstance(h, RichHandler) and h.console is console for h in root.handlers):
+        root.addHandler(RichHandler(console=console, show_time=False, show_path=False, markup=False))
+    logging.getLogger("regionspot_cache").setLevel(level)
 
 
 @contextmanager

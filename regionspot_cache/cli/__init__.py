@@ -12,7 +12,7 @@ import typer
 from regionspot_cache.cli import cache, demo, evaluate, extract, predict, train
 from regionspot_cache.cli.options import UserError
 from regionspot_cache.config import ConfigError
-from regionspot_cache.progress import console
+from regionspot_cache.progress import console, log_to_console
 
 app = typer.Typer(
     help="RegionSpot with cached frozen SAM + CLIP features: `extract` runs the encoders once per "
@@ -42,6 +42,7 @@ def main() -> None:
 
     expected = (UserError, ConfigError, DatasetError, CacheFormatError, ImageDecodeError,
                 UnsafeCheckpointError, FileNotFoundError, ValueError)
+    log_to_console()
     try:
         app()
     except expected as err:

@@ -20,8 +20,12 @@ from regionspot_cache.progress import console
 
 
 def import_checkpoint(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint of the released RegionSpot code (torch file with a 'model' dict)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."),
+    checkpoint: Path = typer.Argument(
+        ..., help="Checkpoint of the released RegionSpot code (torch file with a 'model' dict)."
+    ),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."
+    ),
 ) -> None:
     """Convert a released RegionSpot checkpoint into our head checkpoint (frozen SAM/CLIP keys are
     ignored; loaded with weights_only=True), to evaluate the published weights on a cache."""
@@ -70,8 +74,12 @@ def repair(
     boxes: str = typer.Option("gt", help="The boxes the cache was extracted with (as for `rs-cache extract --boxes`)."),
     recipe: Optional[Path] = RecipeOption,
     overrides: List[str] = SetOption,
-    sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint, if it moved since extraction (default: the path in cache.json)."),
-    clip_pretrained: Optional[str] = typer.Option(None, help="CLIP weights file or tag, if moved (default: the one in cache.json)."),
+    sam_checkpoint: Optional[str] = typer.Option(
+        None, help="SAM checkpoint, if it moved since extraction (default: the path in cache.json)."
+    ),
+    clip_pretrained: Optional[str] = typer.Option(
+        None, help="CLIP weights file or tag, if moved (default: the one in cache.json)."
+    ),
     scheduler: Optional[str] = SchedulerOption,
     workers: Optional[int] = WorkersOption,
     retries: int = RetriesOption,
@@ -82,12 +90,12 @@ def repair(
     damaged shards are extracted in this process, or as dask tasks with --scheduler or --workers.
     """
     from regionspot_cache.cache import Provenance
+    from regionspot_cache.cli.report import print_extract_summary
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.data.proposals import with_box_source
     from regionspot_cache.encoders import models_recorded_in
     from regionspot_cache.extract.distribute import Dask, InProcess
     from regionspot_cache.extract.repair import repair_cache
-    from regionspot_cache.extract.runner import print_summary
 
     config = recipe_from(recipe, overrides)
     models = models_recorded_in(Provenance.read(cache))
@@ -102,4 +110,4 @@ def repair(
         return
     for shard, problems in summary.damaged.items():
         console.print(f"[yellow]shard {shard}[/] re-extracted: {'; '.join(problems)}")
-    print_summary(summary.extraction)
+    print_extract_summary(summary.extraction)

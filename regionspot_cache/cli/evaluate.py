@@ -1,5 +1,5 @@
-"""``rs-cache eval`` and ``rs-cache predict``: the head (or a training-free baseline) on cached
-boxes, proposals or one image of your own."""
+"""``rs-cache eval``: options in, ``evaluate.api.evaluate`` on cached boxes or proposals, tables
+and files out."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def evaluate(
     annotations: Optional[Path] = typer.Option(
         None, "--annotations", "-a", help="LVIS-format ground-truth JSON (default: the manifest's annotations)."
     ),
-    manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="Dataset manifest naming annotations and proposal sets."),
+    manifest: Optional[Path] = typer.Option(
+        None, "--manifest", "-m", help="Dataset manifest naming annotations and proposal sets."
+    ),
     data_root: Path = DataRootOption,
     proposals: str = typer.Option(
         "gt", help="Boxes to score: `gt`, a proposal set named in the manifest (e.g. `glip`) or a proposal file. "
@@ -51,7 +53,9 @@ def evaluate(
     sam_variant: Optional[str] = typer.Option(None, help="SAM architecture for clip-mask and --masks (default: the cache's)."),
     sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint for clip-mask and --masks (default: the cache's)."),
     clip_model: Optional[str] = typer.Option(None, help="open_clip model name for clip-* (default: the cache's)."),
-    clip_pretrained: Optional[str] = typer.Option(None, help="CLIP pretrained tag or weights file for clip-* (default: the cache's)."),
+    clip_pretrained: Optional[str] = typer.Option(
+        None, help="CLIP pretrained tag or weights file for clip-* (default: the cache's)."
+    ),
     scoring: Optional[str] = typer.Option(
         None, help="Class probabilities: `softmax` over the vocabulary (the released code) or `sigmoid` per class "
         "(the focal training loss); sets eval.scoring."
@@ -70,13 +74,16 @@ def evaluate(
     The SAM and CLIP of the clip-* baselines and of --masks are those recorded in CACHE (checked
     against it when given); their images are read again from --image-root or the manifest.
     """
+    from regionspot_cache.cache import CacheReader
     from regionspot_cache.data.datasets import load_manifest
-    from regionspot_cache.evaluate.with_images import METHODS
+    from regionspot_cache.evaluate.api import METHODS, REGIONSPOT
+    from regionspot_cache.evaluate.api import evaluate as evaluate_on_lvis
+    from regionspot_cache.evaluate.with_images import recorded_models_with
     from regionspot_cache.head.model import load_head
 
     if method not in METHODS:
         raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    if method == "regionspot" and head is None:
+    if method == REGIONSPOT and head is None:
         raise UserError("eval --method regionspot needs --head (the clip-box and clip-mask baselines do not)")
     spec = load_manifest(manifest, data_root) if manifest else None
     annotations = annotations or (spec.annotations if spec else None)
@@ -88,16 +95,15 @@ def evaluate(
     config.eval.validate()
     cache = _cache_holding(cache, proposals, spec, config)
     image_root = image_root or (spec.image_root if spec else None)
-    model = load_head(head)[0] if method == "regionspot" else None
-    if method == "regionspot" and not masks:
-        from regionspot_cache.evaluate.cached import evaluate_head
-
-        result = evaluate_head(cache, model, annotations, config.eval, output)
-    else:
-        models = dict(sam_variant=sam_variant, sam_checkpoint=sam_checkpoint, clip_model=clip_model, clip_pretrained=clip_pretrained)
-        result = _evaluate_with_images(cache, annotations, method, model, masks, image_root, config, output, models)
-    name = head.name if method == "regionspot" else method
-    _show_and_write(result, name, proposals, config, output)
+    if (method != REGIONSPOT or masks) and image_root is None:
+        raise UserError(f"eval --method {method}{' --masks' if masks else ''} reads the images: pass --image-root or --manifest")
+    given_models = (sam_variant, sam_checkpoint, clip_model, clip_pretrained)
+    models = recorded_models_with(CacheReader(cache).provenance, *given_models) if any(given_models) else None
+    model = load_head(head)[0] if method == REGIONSPOT else None
+    result = evaluate_on_lvis(cache, annotations, config.eval, method=method, head=model, masks=masks,
+                              image_root=image_root, models=models, results_file=output)
+    name = head.name if method == REGIONSPOT else method
+    _show_and_write(result, name, proposals, output)
     if report is not None:
         page = _write_report(report, cache, result, f"LVIS box AP of {name} ({proposals} boxes)", image_root, output)
         console.print(f"wrote {page}")
@@ -120,13 +126,11 @@ def _cache_holding(cache: Path, proposals: str, spec, config: Recipe) -> Path:
     return cache_with_boxes(cache, dataset, box_source, config.extract)
 
 
-def _show_and_write(result, name: str, proposals: str, config: Recipe, output: Optional[Path]) -> None:
+def _show_and_write(result, name: str, proposals: str, output: Optional[Path]) -> None:
     """Print the box (and mask) AP tables; with --output, write the metrics beside the results."""
     from regionspot_cache.evaluate.lvis import METRICS, write_metrics
-    from regionspot_cache.evaluate.scoring import protocol_settings
     from regionspot_cache.progress import metrics_table
 
-    result.settings = result.settings or protocol_settings(config.eval)
     title = f"LVIS box AP ({proposals} boxes; {result.settings['description']})"
     console.print(metrics_table(title, {name: result.metrics}, METRICS))
     if result.segm_metrics is not None:
@@ -143,17 +147,6 @@ def _write_report(directory: Path, cache: Path, result, title: str, image_root: 
 
     names, file_names = cache_labels(cache)
     files = {"results": output, "metrics": output.with_suffix(".metrics.json")} if output is not None else {}
-    data = ReportData(result.metrics, result.settings, title, result.predictions, names, file_names, image_root, files)
+    data = ReportData(result.metrics, result.settings, title, result.detections, names, file_names, image_root, files)
     return write_report(directory, data)
 
-
-def _evaluate_with_images(cache: Path, annotations: Path, method: str, head, masks: bool, image_root: Optional[Path],
-                          config: Recipe, output: Optional[Path], models: dict):
-    """eval's path for the clip-* baselines and --masks: models from the cache, images again."""
-    from regionspot_cache.cache import CacheReader
-    from regionspot_cache.evaluate.with_images import ImageEvalOptions, evaluate_with_images, recorded_models_with
-
-    if image_root is None:
-        raise UserError(f"eval --method {method}{' --masks' if masks else ''} reads the images: pass --image-root or --manifest")
-    options = ImageEvalOptions(image_root, method, head, masks, recorded_models_with(CacheReader(cache).provenance, **models))
-    return evaluate_with_images(cache, annotations, config.eval, options, output)

@@ -47,10 +47,11 @@ def extract(
     Shards are dask tasks (a local cluster by default). Shards already committed in CACHE are
     skipped, so re-running the same command resumes.
     """
+    from regionspot_cache.cli.report import print_extract_summary
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.data.proposals import with_box_source
     from regionspot_cache.extract.distribute import Dask, InProcess
-    from regionspot_cache.extract.runner import print_summary, run_extraction
+    from regionspot_cache.extract.runner import run_extraction
 
     config = recipe_from(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
                      clip_model=clip_model, clip_pretrained=clip_pretrained)
@@ -59,6 +60,6 @@ def extract(
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
     distributor = InProcess() if in_process else Dask(scheduler, workers, retries)
     summary = run_extraction(dataset, cache, config.models, config.extract, box_source, distributor=distributor)
-    print_summary(summary)
+    print_extract_summary(summary)
     if summary.failed_shards:
         raise typer.Exit(1)

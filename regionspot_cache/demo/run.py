@@ -9,16 +9,17 @@ from pathlib import Path
 import torch
 
 from regionspot_cache.cache import CacheReader
+from regionspot_cache.cli.report import print_extract_summary
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.config import DemoConfig
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import load_frozen_encoders
-from regionspot_cache.evaluate.cached import evaluate_head
+from regionspot_cache.evaluate import evaluate_head
 from regionspot_cache.evaluate.lvis import METRICS
-from regionspot_cache.extract.runner import print_summary, run_extraction
+from regionspot_cache.extract.runner import run_extraction
 from regionspot_cache.head.model import RegionSpotHead, load_head
-from regionspot_cache.progress import console, metrics_table
+from regionspot_cache.progress import console, log_to_console, metrics_table
 from regionspot_cache.runtime import resolve_device
 from regionspot_cache.train.loop import head_config_for, train_head
 
@@ -31,6 +32,7 @@ class DemoResult:
 
 
 def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
+    log_to_console()
     workdir = Path(workdir)
     data_dir = workdir / "data"
     console.rule("[bold]1/4 generate data")
@@ -46,7 +48,7 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
     for split, annotation_file in (("train", train_json), ("val", val_json)):
         dataset = load_coco_format(annotation_file, data_dir / "images", name=f"demo_{split}")
         caches[split] = workdir / "cache" / split
-        print_summary(run_extraction(dataset, caches[split], models, config.extract, encoders=encoders))
+        print_extract_summary(run_extraction(dataset, caches[split], models, config.extract, encoders=encoders))
     del encoders
 
     console.rule("[bold]3/4 train the head from the cache")

@@ -115,7 +115,7 @@ class BaselineScorer:
         return region_logits(self.embedder.embed(crops), self.text, self.encoders.clip.logit_scale)
 
 
-def baseline_predictions(
+def score_cache_with_baseline(
     reader: CacheReader, vocab: Vocabulary, config: EvalConfig, method: str, encoders: FrozenEncoders, images: ImageSource
 ) -> Detections:
     """Detections of ``method`` for the cache's boxes (ground truth or proposals), under

@@ -1,4 +1,4 @@
-"""Phase 3: score cached boxes against a vocabulary and evaluate with the official LVIS code.
+"""Phase 3: score cached boxes against a vocabulary (``evaluate.api`` runs LVIS on them).
 
 Scoring protocols (``EvalConfig.scoring`` / ``.protocol``) are defined in ``scoring.py``; the
 default follows the released RegionSpot code: softmax over the vocabulary of each box's logits,
@@ -8,7 +8,6 @@ score x class probability (box score is 1 for ground truth), then LVIS keeps 300
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -16,14 +15,7 @@ import torch
 
 from regionspot_cache.cache import CachedImage, CacheReader, Vocabulary
 from regionspot_cache.config import EvalConfig
-from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
-from regionspot_cache.evaluate.scoring import (
-    Detections,
-    detections_from_logits,
-    lvis_max_dets,
-    protocol_settings,
-    write_results_json,
-)
+from regionspot_cache.evaluate.scoring import Detections, detections_from_logits
 from regionspot_cache.head.model import RegionSpotHead, region_logits
 from regionspot_cache.progress import progress_bar
 from regionspot_cache.runtime import resolve_device
@@ -40,7 +32,22 @@ def image_logits(
 
 
 def score_cache(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, config: EvalConfig) -> Detections:
-    """Detections of every extracted image with boxes, under ``config``'s scoring protocol."""
+    """Score every cached box of ``reader`` against ``vocab`` with ``head``, under ``config``'s
+    scoring and protocol (``scoring.protocol_for``).
+
+    Arguments:
+      reader (CacheReader): the cache; its boxes (ground truth or proposals) are scored.
+      head (RegionSpotHead): the trained head; moved to ``config.device`` and set to eval mode.
+      vocab (Vocabulary): class names, LVIS category ids (C,) and text embeddings (C, text_dim)
+        float32, L2-normalised; usually ``reader.vocabulary(dataset name)``.
+      config (EvalConfig): scoring (softmax / sigmoid), protocol and device.
+
+    Returns:
+      (Detections): columns of D detections in image order (within an image best first under
+        the standard protocol, box-major under the fixed one):
+        image_ids (D,) int64, category_ids (D,) int64, boxes (D, 4) float32 x, y, w, h in
+        original pixels, scores (D,) float64 = box score x class probability.
+    """
     config.validate()
     device = resolve_device(config.device)
     head = head.to(device).eval()
@@ -58,19 +65,3 @@ def score_cache(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, co
 
     return detections_from_logits(images(), vocab.category_ids, config)
 
-
-def evaluate_head(
-    cache_dir: Path | str,
-    head: RegionSpotHead,
-    annotation_file: Path | str,
-    config: EvalConfig,
-    results_file: Path | str | None = None,
-    vocabulary: str | None = None,
-) -> EvalResult:
-    reader = CacheReader(cache_dir)
-    vocab = reader.vocabulary(vocabulary or reader.provenance.dataset)
-    detections = score_cache(reader, head, vocab, config)
-    if results_file is not None:
-        results_file = write_results_json(detections, results_file)
-    metrics = lvis_ap(annotation_file, detections, lvis_max_dets(config))
-    return EvalResult(metrics, len(detections), results_file, None, protocol_settings(config), detections)

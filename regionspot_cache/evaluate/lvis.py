@@ -22,11 +22,11 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
-    detections: int
+    num_detections: int
     results_file: Path | None
     segm_metrics: dict[str, float] | None = None  # mask AP, when masks were predicted
-    settings: dict[str, Any] = field(default_factory=dict)  # scoring.protocol_settings
-    predictions: Detections | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # ScoringProtocol.settings()
+    detections: Detections | None = None
 
 
 @contextmanager
@@ -97,7 +97,7 @@ def write_metrics(path: Path | str, result: EvalResult) -> Path:
     """The metrics at the top level, and under ``eval`` the protocol and results file behind them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    settings = {**result.settings, "detections": result.detections,
+    settings = {**result.settings, "detections": result.num_detections,
                 "results_file": str(result.results_file) if result.results_file else None}
     path.write_text(json.dumps({**result.metrics, "eval": settings}, indent=2))
     return path

@@ -27,9 +27,9 @@ EXAMPLES_DIR = "examples"
 @dataclass
 class ReportData:
     metrics: dict[str, float]
-    settings: dict[str, Any]  # scoring.protocol_settings, plus anything worth recording
+    settings: dict[str, Any]  # ScoringProtocol.settings(), plus anything worth recording
     title: str = "LVIS box AP"
-    predictions: Detections | None = None
+    detections: Detections | None = None
     category_names: dict[int, str] = field(default_factory=dict)
     file_names: dict[int, str] = field(default_factory=dict)  # image id -> file_name in the cache
     image_root: Path | None = None
@@ -90,7 +90,7 @@ def draw_predictions(image: Image.Image, detections: Detections, names: Mapping[
 
 def _example(directory: Path, data: ReportData, image_id: int, limit: int) -> list[str]:
     file_name = data.file_names.get(image_id, "?")
-    shown = best_per_box(data.predictions, image_id, limit)
+    shown = best_per_box(data.detections, image_id, limit)
     lines = [f"### Image {image_id} (`{file_name}`)", ""]
     if data.image_root is not None:
         try:
@@ -104,17 +104,18 @@ def _example(directory: Path, data: ReportData, image_id: int, limit: int) -> li
             lines += [f"Not drawn: {err}.", ""]
     lines += ["| class | score | box (x, y, w, h) |", "|---|---:|---|"]
     for (x, y, w, h), category_id, score in zip(shown.boxes.tolist(), shown.category_ids.tolist(), shown.scores.tolist()):
-        lines.append(f"| {data.category_names.get(category_id, category_id)} | {score:.3f} | {x:.0f}, {y:.0f}, {w:.0f}, {h:.0f} |")
+        name = data.category_names.get(category_id, category_id)
+        lines.append(f"| {name} | {score:.3f} | {x:.0f}, {y:.0f}, {w:.0f}, {h:.0f} |")
     return lines + [""]
 
 
 def _examples(directory: Path, data: ReportData, count: int, limit: int) -> list[str]:
     lines = ["## Examples", ""]
-    if data.predictions is None or len(data.predictions) == 0:
+    if data.detections is None or len(data.detections) == 0:
         return lines + ["No predictions to show.", ""]
     if data.image_root is None:
         lines += ["No image root was given (`--image-root` or a manifest), so predictions are listed, not drawn.", ""]
-    image_ids = np.unique(data.predictions.image_ids)
+    image_ids = np.unique(data.detections.image_ids)
     picks = image_ids[np.unique(np.linspace(0, len(image_ids) - 1, min(count, len(image_ids))).astype(int))]
     for image_id in picks.tolist():
         lines += _example(directory, data, image_id, limit)

@@ -17,9 +17,10 @@ which LVIS's own stable sorts would keep them, so capping here equals capping in
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -139,43 +140,111 @@ class PerClassTopK:
         return self.parts[0]
 
 
-def collector(config: EvalConfig, num_classes: int) -> PerImageCollector | PerClassTopK:
-    if config.protocol == "fixed":
-        return PerClassTopK(num_classes, config.fixed_dets_per_class)
-    return PerImageCollector(per_image_limit(config))
+class ScoringProtocol(ABC):
+    """How a stream of per-image logits becomes the detection list LVIS counts.
+
+    A protocol names the pairs ``top_pairs`` keeps per image (``per_image_limit``), what keeps
+    pairs across images (``collector``), LVIS's per-image cap (``lvis_max_dets``) and a
+    description of itself for results files, tables and reports (``settings``).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: EvalConfig):
+        self.config = config
+
+    @property
+    def scoring(self) -> str:
+        return self.config.scoring
+
+    @property
+    @abstractmethod
+    def per_image_limit(self) -> int | None:
+        """Pairs ``top_pairs`` keeps per image, best first; None: every pair, in flat order."""
+
+    @property
+    @abstractmethod
+    def lvis_max_dets(self) -> int:
+        """``max_dets`` for ``lvis.LVISResults``: its per-image cap, -1 for none."""
+
+    @abstractmethod
+    def collector(self, num_classes: int) -> PerImageCollector | PerClassTopK:
+        """A fresh collector of the pairs of all images (``add`` per image, then ``result``)."""
+
+    @abstractmethod
+    def rule(self) -> str:
+        """One phrase saying what is kept, for ``settings()['description']``."""
+
+    def settings(self) -> dict[str, Any]:
+        """What produced a set of metrics, for results files, printed tables and reports."""
+        return {
+            "scoring": self.scoring,
+            "protocol": self.name,
+            "top_k_per_image": self.config.top_k_per_image,
+            "max_dets_per_image": self.lvis_max_dets,
+            "dets_per_class": None,
+            "description": f"{self.scoring} scoring; {self.rule()}",
+        }
 
 
-def per_image_limit(config: EvalConfig) -> int | None:
-    """Pairs kept per image: top-k, further cut to LVIS's per-image cap (the same top pairs,
-    since LVIS keeps the best-scored); None under the fixed protocol."""
-    if config.protocol == "fixed":
+class StandardProtocol(ScoringProtocol):
+    """The released code + LVIS defaults: each image's top ``top_k_per_image`` pairs, of which
+    LVIS keeps the ``max_dets_per_image`` best."""
+
+    name = "standard"
+
+    @property
+    def per_image_limit(self) -> int:
+        """Top-k, further cut to LVIS's per-image cap (the same top pairs: LVIS keeps the best)."""
+        if self.config.max_dets_per_image < 0:
+            return self.config.top_k_per_image
+        return min(self.config.top_k_per_image, self.config.max_dets_per_image)
+
+    @property
+    def lvis_max_dets(self) -> int:
+        return self.config.max_dets_per_image
+
+    def collector(self, num_classes: int) -> PerImageCollector:
+        return PerImageCollector(self.per_image_limit)
+
+    def rule(self) -> str:
+        cap = self.config.max_dets_per_image
+        cap_text = "no LVIS per-image cap" if cap < 0 else f"LVIS max {cap} per image"
+        return f"standard: top {self.config.top_k_per_image} (box, class) pairs per image, {cap_text}"
+
+
+class FixedProtocol(ScoringProtocol):
+    """AP-fixed (Dave et al. 2021): no per-image cap; the top ``fixed_dets_per_class``
+    detections of each class over the whole dataset."""
+
+    name = "fixed"
+
+    @property
+    def per_image_limit(self) -> None:
         return None
-    if config.max_dets_per_image < 0:
-        return config.top_k_per_image
-    return min(config.top_k_per_image, config.max_dets_per_image)
+
+    @property
+    def lvis_max_dets(self) -> int:
+        return -1
+
+    def collector(self, num_classes: int) -> PerClassTopK:
+        return PerClassTopK(num_classes, self.config.fixed_dets_per_class)
+
+    def rule(self) -> str:
+        return f"fixed AP (Dave et al. 2021): no per-image cap, top {self.config.fixed_dets_per_class} detections per class"
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "top_k_per_image": None, "dets_per_class": self.config.fixed_dets_per_class}
 
 
-def lvis_max_dets(config: EvalConfig) -> int:
-    """``max_dets`` for ``lvis.LVISResults``: -1 (no per-image cap) under the fixed protocol."""
-    return -1 if config.protocol == "fixed" else config.max_dets_per_image
+# By ``EvalConfig.protocol``; a new protocol is one more class here and in config.EVAL_PROTOCOLS.
+PROTOCOLS: dict[str, type[ScoringProtocol]] = {p.name: p for p in (StandardProtocol, FixedProtocol)}
 
 
-def protocol_settings(config: EvalConfig) -> dict[str, Any]:
-    """What produced a set of metrics, for results files, printed tables and reports."""
-    fixed = config.protocol == "fixed"
-    if fixed:
-        rule = f"fixed AP (Dave et al. 2021): no per-image cap, top {config.fixed_dets_per_class} detections per class"
-    else:
-        cap = "no LVIS per-image cap" if config.max_dets_per_image < 0 else f"LVIS max {config.max_dets_per_image} per image"
-        rule = f"standard: top {config.top_k_per_image} (box, class) pairs per image, {cap}"
-    return {
-        "scoring": config.scoring,
-        "protocol": config.protocol,
-        "top_k_per_image": None if fixed else config.top_k_per_image,
-        "max_dets_per_image": lvis_max_dets(config),
-        "dets_per_class": config.fixed_dets_per_class if fixed else None,
-        "description": f"{config.scoring} scoring; {rule}",
-    }
+def protocol_for(config: EvalConfig) -> ScoringProtocol:
+    """The protocol object that ``config.protocol`` names (``config`` validated first)."""
+    config.validate()
+    return PROTOCOLS[config.protocol](config)
 
 
 @dataclass
@@ -249,13 +318,14 @@ def detections_from_logits(
 ) -> Detections:
     """Score a stream of ``(image_id, boxes x1y1x2y2 (N, 4), box scores (N,), logits (N, C))``
     under ``config``'s scoring and protocol; images without boxes may be left out."""
-    keep = collector(config, len(category_ids))
-    limit = per_image_limit(config)
+    protocol = protocol_for(config)
+    keep = protocol.collector(len(category_ids))
     box_images: list[np.ndarray] = []
     box_xyxy: list[np.ndarray] = []
     rows = 0
     for image_id, boxes, box_scores, logits in images:
-        box_index, classes, scores = top_pairs(logits, torch.tensor(box_scores, device=logits.device), config.scoring, limit)
+        box_scores = torch.tensor(box_scores, device=logits.device)
+        box_index, classes, scores = top_pairs(logits, box_scores, protocol.scoring, protocol.per_image_limit)
         keep.add(Pairs(box_index + rows, classes, scores))
         box_images.append(np.full(len(boxes), image_id, np.int64))
         box_xyxy.append(np.asarray(boxes, np.float32).reshape(-1, 4))

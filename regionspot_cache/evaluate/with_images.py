@@ -1,4 +1,5 @@
-"""Evaluation that needs the original images: the training-free baselines and mask AP.
+"""What evaluation needs besides the cache for the training-free baselines and mask AP: the
+cache's models, its original images, and SAM masks on the detections.
 
 The models are those recorded in the cache's ``cache.json`` unless others are given; either way
 they must be the models the cache was extracted with (its vocabulary's text embeddings and box
@@ -8,33 +9,17 @@ tokens come from them), which is checked against the provenance before anything 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from regionspot_cache.cache import CacheFormatError, CacheReader, Provenance
-from regionspot_cache.config import EvalConfig, ModelsConfig
+from regionspot_cache.config import ModelsConfig
 from regionspot_cache.data.datasets import ImageEntry
 from regionspot_cache.data.images import ImageSource
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in
-from regionspot_cache.evaluate.baselines import BASELINES, baseline_predictions
-from regionspot_cache.evaluate.cached import score_cache
-from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
-from regionspot_cache.evaluate.masks import add_segmentations, without_boxes
-from regionspot_cache.evaluate.scoring import cap_per_image, lvis_max_dets, protocol_settings, write_results_json
-from regionspot_cache.head.model import RegionSpotHead
+from regionspot_cache.encoders.sam import SamBoxEncoder
+from regionspot_cache.evaluate.masks import add_segmentations
+from regionspot_cache.evaluate.scoring import Detections, cap_per_image
 from regionspot_cache.runtime import resolve_device
-
-REGIONSPOT = "regionspot"
-METHODS = (REGIONSPOT, *BASELINES)
-
-
-@dataclass
-class ImageEvalOptions:
-    image_root: Path  # images: image_root / file_name, as at extraction
-    method: str = REGIONSPOT
-    head: RegionSpotHead | None = None  # needed by ``regionspot`` only
-    masks: bool = False  # add SAM's mask of each detection's box and report mask AP as well
-    models: ModelsConfig | None = None  # None: the models recorded in the cache
 
 
 def recorded_models_with(
@@ -89,44 +74,16 @@ def cache_images(reader: CacheReader, image_root: Path | str) -> ImageSource:
     return ImageSource(Path(image_root), entries)
 
 
-def evaluate_with_images(
-    cache_dir: Path | str,
-    annotation_file: Path | str,
-    config: EvalConfig,
-    options: ImageEvalOptions,
-    results_file: Path | str | None = None,
-    vocabulary: str | None = None,
-) -> EvalResult:
-    """Detections of ``options.method`` on the cache's boxes under ``config``'s scoring protocol,
-    with SAM masks if asked; LVIS box AP, and mask AP (``segm``) when masks are on."""
-    if options.method not in METHODS:
-        raise ValueError(f"unknown method {options.method!r}; known: {', '.join(METHODS)}")
-    if options.method == REGIONSPOT and options.head is None:
-        raise ValueError("method regionspot needs a head checkpoint (--head)")
-    reader = CacheReader(cache_dir)
-    vocab = reader.vocabulary(vocabulary or reader.provenance.dataset)
-    encoders = load_cache_encoders(reader, options.models, config.device)
-    images = cache_images(reader, options.image_root)
-    if options.method == REGIONSPOT:
-        detections = score_cache(reader, options.head, vocab, config)
-    else:
-        detections = baseline_predictions(reader, vocab, config, options.method, encoders, images)
-    max_dets = lvis_max_dets(config)
-    segm_metrics = None
-    if options.masks:
-        # Masks only for what LVIS will count: its per-image cap first.
-        records = cap_per_image(detections, max_dets).records()
-        add_segmentations(records, images, encoders.sam)
-        if results_file is not None:
-            results_file = _write_json(records, results_file)
-        segm_metrics = lvis_ap(annotation_file, without_boxes(records), max_dets, iou_type="segm")
-    elif results_file is not None:
-        results_file = write_results_json(detections, results_file)
-    metrics = lvis_ap(annotation_file, detections, max_dets)
-    return EvalResult(metrics, len(detections), results_file, segm_metrics, protocol_settings(config), detections)
+
+def records_with_masks(detections: Detections, max_dets: int, images: ImageSource, sam: SamBoxEncoder) -> list[dict]:
+    """LVIS records of the detections LVIS will count (its per-image cap ``max_dets`` first, so
+    no mask is computed for nothing), each with SAM's mask for its box as ``segmentation``."""
+    records = cap_per_image(detections, max_dets).records()
+    add_segmentations(records, images, sam)
+    return records
 
 
-def _write_json(records: list[dict], path: Path | str) -> Path:
+def write_records_json(records: list[dict], path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records))

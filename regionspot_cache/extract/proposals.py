@@ -8,6 +8,7 @@ and reads the feature maps from the cache it sits in.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import replace
@@ -19,8 +20,10 @@ from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in
 from regionspot_cache.extract.distribute import Distributor
-from regionspot_cache.extract.runner import print_summary, run_extraction
+from regionspot_cache.extract.runner import run_extraction
 from regionspot_cache.runtime import resolve_device
+
+logger = logging.getLogger(__name__)
 
 
 def proposals_cache_dir(cache_dir: Path | str, box_source: str) -> Path:
@@ -54,7 +57,10 @@ def cache_with_boxes(
     config = replace(config, shard_size=base.provenance.shard_size)
     summary = run_extraction(dataset, target, encoders.spec, config, box_source, encoders,
                              maps_from=os.path.relpath(cache_dir.resolve(), target.resolve()), distributor=distributor)
-    print_summary(summary)
+    failed = f"; shards failed: {summary.failed_shards}" if summary.failed_shards else ""
+    logger.log(logging.WARNING if failed else logging.INFO,
+               "proposals cache %s: SAM tokens of %d images, %d boxes (%d images failed) in %.1f s%s",
+               target, summary.images, summary.boxes, summary.failed, summary.seconds, failed)
     return target
 
 

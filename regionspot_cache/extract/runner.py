@@ -21,7 +21,7 @@ from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
 from regionspot_cache.extract.distribute import Distributor, ExtractionWork, InProcess, ShardOutcome
 from regionspot_cache.extract.worker import ExtractCounts, Shard, shard_entries
-from regionspot_cache.progress import console, progress_bar
+from regionspot_cache.progress import progress_bar
 
 
 @dataclass
@@ -139,12 +139,3 @@ class ExtractProgress:
                         rate=f"{self.images / elapsed:.1f} img/s {self.boxes / elapsed:.1f} box/s")
 
 
-def print_summary(summary: ExtractSummary) -> None:
-    console.print(
-        f"extracted {summary.images} images ({summary.failed} failed, {summary.without_boxes} without boxes), "
-        f"{summary.boxes} boxes "
-        f"({summary.dropped_boxes} degenerate boxes rejected); shards written {summary.shards_written}, "
-        f"skipped {summary.shards_skipped}; {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s"
-    )
-    for shard_id, error in summary.failed_shards.items():
-        console.print(f"[red]shard {shard_id} failed[/]: {error}")

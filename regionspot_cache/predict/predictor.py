@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +33,12 @@ from regionspot_cache.data.images import load_rgb
 from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_encoders
 from regionspot_cache.evaluate.masks import box_mask_rles
 from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
-from regionspot_cache.progress import console
 from regionspot_cache.runtime import resolve_device
 
 ImageInput = Union[np.ndarray, Image.Image, str, Path]
 TEXT_CACHE_VERSION = 1  # bump when the text embedding code changes what it computes
+
+logger = logging.getLogger(__name__)
 
 
 def default_text_cache_dir() -> Path:
@@ -125,7 +127,7 @@ class TextEmbeddingCache:
                 stored_names = json.loads(handle.metadata()["vocabulary"])
                 embeddings = handle.get_tensor("embeddings")
         except Exception as err:  # a damaged cache file is recomputed, never trusted
-            console.print(f"[yellow]ignoring unreadable text embedding cache {path}: {err}[/]")
+            logger.warning("ignoring unreadable text embedding cache %s: %s", path, err)
             return None
         if stored_names != names or embeddings.shape != (len(names), self.clip.text_dim):
             return None
@@ -142,11 +144,23 @@ class TextEmbeddingCache:
             save_file({"embeddings": embeddings.contiguous()}, str(tmp), metadata=metadata)
             os.replace(tmp, path)  # readers see the whole file or none
         except OSError as err:  # the disk cache only saves time
-            console.print(f"[yellow]cannot write the text embedding cache {path}: {err}[/]")
+            logger.warning("cannot write the text embedding cache %s: %s", path, err)
 
 
 class Predictor:
-    """The head with its frozen SAM and CLIP, for images and vocabularies given at call time."""
+    """The head with its frozen SAM and CLIP, for images and vocabularies given at call time.
+
+    Arguments:
+      head (Path, str or RegionSpotHead): a head checkpoint (.safetensors) or the head itself;
+        its CLIP width and text dim must be those of the CLIP given.
+      models (ModelsConfig or FrozenEncoders): the SAM and CLIP the head was trained with, as
+        specs to load or already loaded.
+      device (str or torch.device): ``auto`` (CUDA when present), ``cpu``, ``cuda:1``, ...;
+        ignored when ``models`` are loaded encoders (their device is used).
+      text_cache_dir (Path, str or None): where class text embeddings are kept between runs
+        (default ``~/.cache/regionspot-cache/text-embeddings``).
+      disk_cache (bool): False keeps text embeddings in memory only.
+    """
 
     def __init__(
         self,
@@ -167,9 +181,21 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, image: ImageInput, boxes: Any, vocabulary: Sequence[str], masks: bool = False) -> list[dict]:
-        """One result per box, in order: ``box`` (clipped to the image), the most probable
-        ``label`` of the vocabulary and its softmax probability ``score``; with ``masks``, also
-        ``mask``: SAM's single mask for the box prompt as COCO RLE (``counts`` a str)."""
+        """Label each box of one image with the most probable class of ``vocabulary``.
+
+        Arguments:
+          image (np.ndarray, PIL.Image, Path or str): an (H, W, 3) uint8 RGB array (or
+            (H, W) / (H, W, 4), converted to RGB), a PIL image, or an image file.
+          boxes (array-like): (N, 4) x1, y1, x2, y2 in original pixels; clipped to the image, a
+            box without area inside it is an error naming it.
+          vocabulary (sequence of str): C distinct, non-empty class names.
+          masks (bool): also return SAM's single mask for each box prompt.
+
+        Returns:
+          (list of dict): N results, in box order: ``box`` (list of 4 floats, clipped),
+            ``label`` (str), ``score`` (float, softmax probability over the vocabulary), and
+            with ``masks`` ``mask``: COCO RLE ``{"size": [H, W], "counts": str}``.
+        """
         names = checked_vocabulary(vocabulary)
         picture = to_rgb_image(image)
         xyxy = checked_boxes(boxes, picture.width, picture.height)

@@ -33,7 +33,7 @@ class Processes:
         return self.world_size > 1
 
 
-def start_processes(device_name: str) -> tuple[Processes, torch.device]:
+def join_process_group(device_name: str) -> tuple[Processes, torch.device]:
     """Join the process group that torchrun describes in the environment (if any), picking NCCL
     on GPUs and gloo on CPUs, and the device of this process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -49,7 +49,8 @@ def start_processes(device_name: str) -> tuple[Processes, torch.device]:
     return Processes(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
-def stop_processes(processes: Processes) -> None:
+def leave_process_group(processes: Processes) -> None:
+    """Destroy the process group that ``join_process_group`` joined (nothing with one process)."""
     if processes.distributed and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -37,14 +37,16 @@ from regionspot_cache.train.distributed import (
     barrier,
     gather_objects,
     global_sum,
-    start_processes,
-    stop_processes,
+    join_process_group,
+    leave_process_group,
 )
 from regionspot_cache.train.metrics import MetricsLog
 from regionspot_cache.train.state import latest_train_state, load_train_state, rng_state, save_train_state
 
 
-def focal_loss_sum(logits: torch.Tensor, labels: torch.Tensor, box_mask: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+def focal_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, box_mask: torch.Tensor, alpha: float, gamma: float
+) -> torch.Tensor:
     """Sigmoid focal loss summed over classes and real boxes."""
     logits = logits[box_mask]
     targets = torch.nn.functional.one_hot(labels[box_mask], logits.shape[-1]).to(logits.dtype)
@@ -88,7 +90,8 @@ def initial_head(reader: CacheReader, config: TrainConfig) -> RegionSpotHead:
     if config.init_from:
         start, _ = load_head(config.init_from)
         if start.config != head.config:
-            mismatched = {k: (v, getattr(head.config, k)) for k, v in asdict(start.config).items() if getattr(head.config, k) != v}
+            mismatched = {k: (v, getattr(head.config, k))
+                          for k, v in asdict(start.config).items() if getattr(head.config, k) != v}
             raise ValueError(f"{config.init_from}: head does not fit this training run: "
                              + ", ".join(f"{k} is {a!r}, here {b!r}" for k, (a, b) in mismatched.items()))
         head.load_state_dict(start.state_dict())
@@ -112,23 +115,37 @@ def resume_identity(config: TrainConfig, sources: Sequence[TrainSource]) -> dict
 def train_head(
     caches: Sequence[Path | str] | Path | str | None, output: Path | str, config: TrainConfig, resume: bool = True,
 ) -> TrainSummary:
-    """Train a head on every labelled box of ``caches`` (default ``config.caches``); writes
-    ``output`` (safetensors) + JSON.
+    """Train a head on every labelled box of ``caches`` from the cached features alone.
 
     Every ``config.checkpoint_every`` steps the full training state is saved under
     ``<output stem>.run/state``; with ``resume`` a run continues from the newest one, step for
     step as if it had not stopped. A NaN or infinite loss stops the run, keeping that state.
     Under ``torchrun`` each process trains on its share of every batch (DDP).
+
+    Arguments:
+      caches (Path, str, a sequence of them, or None): feature caches from ``rs-cache extract``;
+        None or empty: ``config.caches``. Each batch comes from one cache, drawn with
+        ``config.dataset_weights``; its boxes are labelled in ``config.vocabularies`` (default:
+        each cache's dataset).
+      output (Path or str): the head checkpoint to write (safetensors, with a .json beside it).
+      config (TrainConfig): schedule, loss, batch of ``batch_size`` images with up to
+        ``max_boxes_per_image`` boxes each (the global batch under torchrun), device.
+      resume (bool): continue from the newest saved training state instead of starting afresh.
+
+    Returns:
+      (TrainSummary): ``steps`` (int), ``final_loss`` (float, the focal loss of the last global
+        batch per real box), ``seconds`` and ``samples_per_second`` (float, images per second,
+        excluding the steps resumed from), ``checkpoint`` (Path: ``output``).
     """
     if caches is None or caches == []:
         caches = config.caches
     elif isinstance(caches, (str, Path)):
         caches = [caches]
-    processes, device = start_processes(config.device)
+    processes, device = join_process_group(config.device)
     try:
         return _train(open_sources(caches, config.vocabularies), Path(output), config, resume, processes, device)
     finally:
-        stop_processes(processes)
+        leave_process_group(processes)
 
 
 def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume: bool, processes: Processes,

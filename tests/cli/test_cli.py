@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
+from regionspot_cache.progress import log_to_console
 
 runner = CliRunner()
 COMMANDS = ["extract", "train", "eval", "predict", "demo", "inspect", "verify", "repair", "import-checkpoint"]
@@ -65,7 +67,8 @@ def test_extract_train_eval_from_the_command_line(extracted):
     assert result.exit_code == 0, result.output
     assert head.is_file() and head.with_suffix(".json").is_file()
     output = root / "results" / "val.json"
-    result = runner.invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(head), "-a", str(annotations), "-o", str(output)])
+    result = runner.invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(head), "-a", str(annotations),
+                                 "-o", str(output)])
     assert result.exit_code == 0, result.output
     metrics = json.loads(output.with_suffix(".metrics.json").read_text())
     assert set(metrics) >= {"AP", "APr", "APc", "APf"} and all(-1 <= metrics[k] <= 1 for k in ("AP", "APr", "APc", "APf"))
@@ -134,3 +137,21 @@ def test_eval_on_proposals_extracts_only_the_missing_sam_tokens(extracted, tmp_p
     result = runner.invoke(app, ["eval", "-c", str(cache), "--head", str(head), "-m", str(root / "toy.toml"),
                                  "--data-root", str(root), "--proposals", "glip"])
     assert result.exit_code != 0 and "neither 'gt'" in str(result.exception)
+
+
+def test_library_log_messages_reach_the_console_once(capsys):
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        log_to_console()
+        log_to_console()  # main() and the demo may both call it
+        added = [h for h in root.handlers if h not in before]
+        assert len(added) == 1
+        logging.getLogger("regionspot_cache.predict.predictor").info("text cache unreadable")
+        logging.getLogger("regionspot_cache.evaluate").debug("not shown at INFO")
+        err = capsys.readouterr().err
+        assert err.count("text cache unreadable") == 1 and "not shown" not in err
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in before:
+                root.removeHandler(handler)

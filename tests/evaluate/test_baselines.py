@@ -20,7 +20,7 @@ from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.encoders import models_recorded_in
-from regionspot_cache.evaluate.baselines import CropEmbedder, baseline_predictions, crop_bounds, masked_box_crops
+from regionspot_cache.evaluate.baselines import CropEmbedder, crop_bounds, masked_box_crops, score_cache_with_baseline
 from regionspot_cache.evaluate.with_images import cache_images, load_cache_encoders
 from regionspot_cache.extract.runner import run_extraction
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
@@ -32,7 +32,8 @@ EVAL = EvalConfig(device="cpu")
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, tiny_models, encoders):
     root = tmp_path_factory.mktemp("baselines")
-    annotations = generate_split(root, "val", SyntheticSpec(images=3, seed=7, min_size=64, max_size=96, min_objects=1, max_objects=3))
+    spec = SyntheticSpec(images=3, seed=7, min_size=64, max_size=96, min_objects=1, max_objects=3)
+    annotations = generate_split(root, "val", spec)
     dataset = load_coco_format(annotations, root / "images", name="toy")
     config = ExtractConfig(shard_size=8, batch_size=4, num_workers=0, device="cpu")
     run_extraction(dataset, root / "cache", tiny_models, config, encoders=encoders)
@@ -51,7 +52,7 @@ def test_clip_box_scores_by_hand_with_open_clip(toy, tiny_models, encoders):
     root, _, reader = toy
     vocab = reader.vocabulary("toy")
     images = cache_images(reader, root / "images")
-    detections = baseline_predictions(reader, vocab, EVAL, "clip-box", encoders, images).records()
+    detections = score_cache_with_baseline(reader, vocab, EVAL, "clip-box", encoders, images).records()
     model, _, preprocess = open_clip.create_model_and_transforms(tiny_models.clip.model, pretrained=tiny_models.clip.pretrained)
     model.eval()
     item = reader.image(reader.image_ids()[0])

@@ -14,14 +14,14 @@ from regionspot_cache.config import ConfigError, EvalConfig, Recipe, apply_overr
 from regionspot_cache.evaluate.lvis import lvis_ap
 from regionspot_cache.evaluate.scoring import (
     Detections,
+    FixedProtocol,
     Pairs,
     PerClassTopK,
+    StandardProtocol,
     cap_per_class,
     cap_per_image,
     detections_from_logits,
-    lvis_max_dets,
-    per_image_limit,
-    protocol_settings,
+    protocol_for,
     rank_within_groups,
     top_pairs,
     write_results_json,
@@ -86,11 +86,37 @@ def test_top_of_top_is_top():
 
 
 def test_per_image_limits_of_the_protocols():
-    assert per_image_limit(EvalConfig()) == 300 and lvis_max_dets(EvalConfig()) == 300
-    assert per_image_limit(EvalConfig(top_k_per_image=50)) == 50
-    assert per_image_limit(EvalConfig(max_dets_per_image=-1)) == 900
-    fixed = EvalConfig(protocol="fixed")
-    assert per_image_limit(fixed) is None and lvis_max_dets(fixed) == -1
+    standard = protocol_for(EvalConfig())
+    assert standard.per_image_limit == 300 and standard.lvis_max_dets == 300
+    assert protocol_for(EvalConfig(top_k_per_image=50)).per_image_limit == 50
+    assert protocol_for(EvalConfig(max_dets_per_image=-1)).per_image_limit == 900
+    fixed = protocol_for(EvalConfig(protocol="fixed"))
+    assert fixed.per_image_limit is None and fixed.lvis_max_dets == -1
+
+
+def test_protocol_objects_come_from_the_config_string():
+    assert type(protocol_for(EvalConfig())) is StandardProtocol
+    fixed = protocol_for(EvalConfig(protocol="fixed", fixed_dets_per_class=7))
+    assert type(fixed) is FixedProtocol and fixed.name == "fixed"
+    keep = fixed.collector(num_classes=3)
+    assert isinstance(keep, PerClassTopK) and keep.k == 7
+    keep = protocol_for(EvalConfig(top_k_per_image=5)).collector(num_classes=3)
+    keep.add(Pairs(np.arange(8), np.zeros(8, np.int32), np.linspace(1, 0, 8)))
+    assert len(keep.result().scores) == 5  # the per-image limit, applied to what arrives
+    config = EvalConfig()
+    config.protocol = "fixd"  # as --set assigns it, after __init__
+    with pytest.raises(ConfigError, match="eval.protocol: 'fixd'"):
+        protocol_for(config)
+
+
+def test_settings_name_every_limit():
+    standard = protocol_for(EvalConfig(max_dets_per_image=-1)).settings()
+    assert standard == {"scoring": "softmax", "protocol": "standard", "top_k_per_image": 900, "max_dets_per_image": -1,
+                        "dets_per_class": None,
+                        "description": "softmax scoring; standard: top 900 (box, class) pairs per image, no LVIS per-image cap"}
+    fixed = protocol_for(EvalConfig(protocol="fixed", scoring="sigmoid", fixed_dets_per_class=20)).settings()
+    assert (fixed["protocol"], fixed["scoring"], fixed["top_k_per_image"]) == ("fixed", "sigmoid", None)
+    assert (fixed["max_dets_per_image"], fixed["dets_per_class"]) == (-1, 20)
 
 
 # --- the fixed protocol's per-class cap -------------------------------------------------------
@@ -177,7 +203,7 @@ def _scored(config: EvalConfig) -> Detections:
 
 
 def _ap(gt_file, config: EvalConfig) -> dict[str, float]:
-    return lvis_ap(gt_file, _scored(config), lvis_max_dets(config))
+    return lvis_ap(gt_file, _scored(config), protocol_for(config).lvis_max_dets)
 
 
 @pytest.mark.parametrize("config", [EvalConfig(scoring="sigmoid", top_k_per_image=1),
@@ -281,12 +307,13 @@ def test_protocol_fields_are_validated_with_allowed_values():
 def test_protocol_from_overrides_and_recipes(tmp_path):
     recipe = apply_overrides(Recipe(), ["eval.scoring=sigmoid", "eval.protocol=fixed", "eval.fixed_dets_per_class=50"])
     assert (recipe.eval.scoring, recipe.eval.protocol, recipe.eval.fixed_dets_per_class) == ("sigmoid", "fixed", 50)
-    settings = protocol_settings(recipe.eval)
+    settings = protocol_for(recipe.eval).settings()
     assert settings["max_dets_per_image"] == -1 and settings["top_k_per_image"] is None
-    assert settings["description"] == "sigmoid scoring; fixed AP (Dave et al. 2021): no per-image cap, top 50 detections per class"
+    assert settings["description"] == (
+        "sigmoid scoring; fixed AP (Dave et al. 2021): no per-image cap, top 50 detections per class")
     path = tmp_path / "r.toml"
     path.write_text('[eval]\nscoring = "sigmod"\n')
     with pytest.raises(ConfigError, match="sigmod"):
         load_recipe(path)
-    assert protocol_settings(EvalConfig())["description"] == (
+    assert protocol_for(EvalConfig()).settings()["description"] == (
         "softmax scoring; standard: top 900 (box, class) pairs per image, LVIS max 300 per image")

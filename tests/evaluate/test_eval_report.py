@@ -12,16 +12,20 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from regionspot_cache.cache import CacheReader
 from regionspot_cache.cli import app
 from regionspot_cache.config import EvalConfig, ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
+from regionspot_cache.evaluate import evaluate
+from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.report import ReportData, ap_chart, percent, write_report
-from regionspot_cache.evaluate.scoring import Detections, protocol_settings
+from regionspot_cache.evaluate.scoring import Detections, protocol_for
 from regionspot_cache.extract.runner import run_extraction
-from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
+from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, save_head
 
-METRICS = {"AP": 0.4321, "AP50": 0.61, "AP75": 0.45, "APs": 0.2, "APm": 0.35, "APl": 0.5, "APr": -1.0, "APc": 0.287, "APf": 0.5555}
+METRICS = {"AP": 0.4321, "AP50": 0.61, "AP75": 0.45, "APs": 0.2, "APm": 0.35, "APl": 0.5,
+           "APr": -1.0, "APc": 0.287, "APf": 0.5555}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -47,7 +51,7 @@ def _predictions() -> Detections:
 def _data(tmp_path: Path, image_root: Path | None) -> ReportData:
     results = tmp_path / "results.json"
     results.write_text("[]")
-    return ReportData(METRICS, protocol_settings(EvalConfig(scoring="sigmoid", protocol="fixed")), "toy AP",
+    return ReportData(METRICS, protocol_for(EvalConfig(scoring="sigmoid", protocol="fixed")).settings(), "toy AP",
                       _predictions(), {1: "cat", 2: "dog"}, {1: "a/1.png", 2: "a/2.png", 3: "a/gone.png"}, image_root,
                       {"results": results, "metrics": tmp_path / "not-written.json"})
 
@@ -87,9 +91,11 @@ def toy_cache(tmp_path_factory, tiny_models, encoders):
     root = tmp_path_factory.mktemp("eval_cli")
     annotations = generate_split(root, "val", SyntheticSpec(images=3, seed=4, min_size=64, max_size=80))
     dataset = load_coco_format(annotations, root / "images", name="toy")
-    run_extraction(dataset, root / "cache", tiny_models, ExtractConfig(shard_size=2, num_workers=0, device="cpu"), encoders=encoders)
+    config = ExtractConfig(shard_size=2, num_workers=0, device="cpu")
+    run_extraction(dataset, root / "cache", tiny_models, config, encoders=encoders)
     torch.manual_seed(0)
-    save_head(RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim)), root / "head.safetensors")
+    head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim))
+    save_head(head, root / "head.safetensors")
     return root, annotations
 
 
@@ -121,3 +127,26 @@ def test_eval_command_refuses_unknown_scoring(toy_cache):
     result = CliRunner().invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(root / "head.safetensors"),
                                       "-a", str(annotations), "--scoring", "softmin"])
     assert result.exit_code != 0 and "softmax, sigmoid" in str(result.exception)
+
+
+def test_evaluate_scores_the_cache_with_the_head_and_names_the_protocol(toy_cache, tmp_path):
+    root, annotations = toy_cache
+    head = load_head(root / "head.safetensors")[0]
+    config = EvalConfig(protocol="fixed", fixed_dets_per_class=2, device="cpu")
+    result = evaluate(root / "cache", annotations, config, head=head, results_file=tmp_path / "r.json")
+    reader = CacheReader(root / "cache")
+    expected = score_cache(reader, head, reader.vocabulary("toy"), config)
+    assert result.detections.records() == expected.records() == json.loads((tmp_path / "r.json").read_text())
+    assert result.num_detections == len(expected) and result.segm_metrics is None
+    assert result.settings == protocol_for(config).settings() and set(result.metrics) >= {"AP", "APr"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "clip-boxes", "image_root": "."}, "unknown method 'clip-boxes'; known: regionspot, clip-box, clip-mask"),
+    ({}, "method regionspot needs a head"),
+    ({"method": "clip-box"}, "method clip-box reads the original images: give their image_root"),
+    ({"head": object(), "masks": True}, "method regionspot with masks reads the original images"),
+])
+def test_evaluate_refuses_a_method_without_what_it_needs(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate(tmp_path / "no-cache", tmp_path / "no.json", EvalConfig(device="cpu"), **kwargs)
