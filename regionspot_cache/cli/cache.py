@@ -82,9 +82,8 @@ def repair(
     from regionspot_cache.extract.runner import print_summary
 
     config = recipe_from(recipe, overrides)
-    models = models_recorded_in(CacheReader(cache).provenance)
-    models.sam.checkpoint = sam_checkpoint or models.sam.checkpoint
-    models.clip.pretrained = clip_pretrained or models.clip.pretrained
+    models = models_recorded_in(CacheReader(cache).provenance).with_overrides(
+        sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained)
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
     summary = repair_cache(cache, dataset, box_source, config.extract, models)
