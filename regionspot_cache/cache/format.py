@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -92,8 +92,28 @@ FEATURE_MAPS_CACHE = "feature_maps_cache"  # key in Provenance.paths
 DERIVED_DIR = "proposals"  # proposals caches that borrow a cache's feature maps live under it
 
 
+IdentityT = TypeVar("IdentityT", bound="ModelIdentity")
+
+
+class ModelIdentity:
+    """A model as ``cache.json`` records it: a dataclass read strictly from, and written as, a JSON object."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[IdentityT], data: Any, where: str) -> IdentityT:
+        """Unknown, missing or mistyped fields are a CacheFormatError naming them."""
+        try:
+            return from_dict(cls, data, where)
+        except ConfigError as err:
+            raise CacheFormatError(str(err)) from None
+        except TypeError as err:  # a required field is missing
+            raise CacheFormatError(f"{where}: {err}") from None
+
+
 @dataclass
-class SamIdentity:
+class SamIdentity(ModelIdentity):
     """The SAM that made a cache's box tokens, as recorded under ``sam`` in ``cache.json``."""
 
     variant: str
@@ -103,16 +123,9 @@ class SamIdentity:
     preprocess: str
     token: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> "SamIdentity":
-        return _identity_from_dict(cls, data, where)
-
 
 @dataclass
-class ClipIdentity:
+class ClipIdentity(ModelIdentity):
     """The CLIP that made a cache's feature maps and text embeddings, as recorded under ``clip``
     in ``cache.json``: ``pretrained`` is an open_clip tag, or None with ``weights_sha256`` of a file."""
 
@@ -126,23 +139,6 @@ class ClipIdentity:
     logit_scale: float
     preprocess: str
     feature_map: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> "ClipIdentity":
-        return _identity_from_dict(cls, data, where)
-
-
-def _identity_from_dict(cls: type, data: Any, where: str) -> Any:
-    """Strict: unknown, missing or mistyped fields are a CacheFormatError naming them."""
-    try:
-        return from_dict(cls, data, where)
-    except ConfigError as err:
-        raise CacheFormatError(str(err)) from None
-    except TypeError as err:  # a required field is missing
-        raise CacheFormatError(f"{where}: {err}") from None
 
 
 @dataclass
