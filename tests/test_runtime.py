@@ -34,11 +34,12 @@ def test_atomic_path_commits_a_directory(tmp_path):
 
 
 def test_only_temps_of_dead_writers_of_matching_finals_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
     names = {
-        f".tmp-000001-{int(dead.stdout)}-abcd1234": False,  # a dead writer of shard 1: removed
+        f".tmp-000001-{dead}-abcd1234": False,  # a dead writer of shard 1: removed
         f".tmp-000001-{os.getpid()}-abcd1234": True,  # a live writer's: kept
-        f".tmp-000002-{int(dead.stdout)}-abcd1234": True,  # another shard's: not asked about
+        f".tmp-000002-{dead}-abcd1234": True,  # another shard's: not asked about
         "000001": True,
     }
     for name in names:

@@ -100,7 +100,8 @@ class TextEmbeddingCache:
 
     def key(self, names: list[str]) -> str:
         templates = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
-        data = {"version": TEXT_CACHE_VERSION, "clip": self.identity.to_dict(), "templates": templates, "vocabulary": names}
+        data = {"version": TEXT_CACHE_VERSION, "clip": self.identity.to_dict(), "templates": templates,
+                "vocabulary": names}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def get(self, names: list[str]) -> torch.Tensor:

@@ -218,9 +218,10 @@ CACHE_JSON_0_1_0 = """{
 def test_a_cache_json_of_the_released_format_reads_into_typed_identities_and_writes_back_unchanged(tmp_path):
     (tmp_path / "cache.json").write_text(CACHE_JSON_0_1_0)
     provenance = Provenance.read(tmp_path)
-    assert provenance.sam == SamIdentity("tiny", "ed1539bfd401e1b11df7aa598d836d4379f603e3fa5ca9e9d014a831b1012b23", 1024, 256,
-                                         "ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
-                                         "mask_decoder.transformer output, mask token 0")
+    assert provenance.sam == SamIdentity(
+        "tiny", "ed1539bfd401e1b11df7aa598d836d4379f603e3fa5ca9e9d014a831b1012b23", 1024, 256,
+        "ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
+        "mask_decoder.transformer output, mask token 0")
     clip = provenance.clip
     assert (clip.model, clip.pretrained, clip.image_size) == ("RS-Tiny-ViT", None, [128, 128])
     assert (clip.width, clip.num_tokens, clip.text_dim, clip.logit_scale) == (64, 257, 64, 14.285714149475098)
