@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from regionspot_cache.config import EvalConfig
-from regionspot_cache.evaluate.lvis import METRICS, numpy_float_alias, run_lvis_eval
+from regionspot_cache.evaluate.lvis import FREQUENCY_METRICS, METRICS, numpy_float_alias, run_lvis_eval
 from regionspot_cache.evaluate.scoring import detections_from_logits, protocol_for, write_results_json
+from regionspot_cache.progress import percent
 
 LVIS_VAL_IMAGES = 19_809
 FREQUENCY_SHARES = {"r": 337, "c": 461, "f": 405}  # LVIS v1 categories per frequency group
@@ -153,7 +154,7 @@ def main() -> None:
 def print_row(row: dict, images: int) -> None:
     lvis = row["lvis_s"]
     print(f"\n{row['protocol']} protocol: {row['detections']} detections ({row['detections'] / images:.0f}/image), "
-          f"AP {100 * row['AP']:.1f} APr {100 * row['APr']:.1f} APc {100 * row['APc']:.1f} APf {100 * row['APf']:.1f}")
+          + " ".join(f"{name} {percent(row[name])}" for name in FREQUENCY_METRICS))
     print(f"  {'stage':40s} {'seconds':>9s} {'ms/image':>9s} {'x LVIS':>8s}")
     stages = [("(a) scoring: logits -> top-k -> detections", "scoring_s"), ("(b) writing the results JSON", "writing_s"),
               ("(c) LVISResults + LVISEval.run", "lvis_s"), ("    loading the ground truth (lvis.LVIS)", "gt_load_s"),

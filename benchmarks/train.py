@@ -96,7 +96,7 @@ def main() -> None:
         config = TrainConfig(batch_size=args.batch_size, lr=1e-4, warmup_iters=0, max_boxes_per_image=16)
         vocab = reader.vocabulary("bench")
         text = torch.from_numpy(vocab.embeddings).to(device)
-        logit_scale = float(reader.provenance.clip["logit_scale"])
+        logit_scale = reader.provenance.clip.logit_scale
         regions = CachedRegions(reader, vocab, config.max_boxes_per_image, seed=0)
 
         def fresh_head():

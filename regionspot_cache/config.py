@@ -38,6 +38,23 @@ class ModelsConfig:
     sam: SamSpec = field(default_factory=SamSpec)
     clip: ClipSpec = field(default_factory=ClipSpec)
 
+    def with_overrides(
+        self,
+        sam_variant: str | None = None,
+        sam_checkpoint: str | None = None,
+        clip_model: str | None = None,
+        clip_pretrained: str | None = None,
+    ) -> "ModelsConfig":
+        """A copy with the fields given (not None) replaced, e.g. by command-line options."""
+        return ModelsConfig(
+            SamSpec(_given_or(sam_variant, self.sam.variant), _given_or(sam_checkpoint, self.sam.checkpoint)),
+            ClipSpec(_given_or(clip_model, self.clip.model), _given_or(clip_pretrained, self.clip.pretrained)),
+        )
+
+
+def _given_or(value: str | None, default: str | None) -> str | None:
+    return default if value is None else value
+
 
 @dataclass
 class ExtractConfig:

@@ -56,11 +56,10 @@ def metrics_table(title: str, rows: Mapping[str, Mapping[str, float]], columns: 
     for column in columns:
         table.add_column(column, justify="right")
     for name, metrics in rows.items():
-        table.add_row(name, *(_percent(metrics.get(column)) for column in columns))
+        table.add_row(name, *(percent(metrics.get(column)) for column in columns))
     return table
 
 
-def _percent(value: float | None) -> str:
-    if value is None or value < 0:
-        return "-"
-    return f"{100 * value:.1f}"
+def percent(value: float | None) -> str:
+    """AP as printed everywhere: percent with one decimal; LVIS's -1 (no ground truth) is n/a."""
+    return "n/a" if value is None or value < 0 else f"{100 * value:.1f}"

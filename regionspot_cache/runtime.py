@@ -1,12 +1,18 @@
-"""Small runtime helpers shared by the phases: devices, safe weight loading, file hashing."""
+"""Small runtime helpers shared by the phases: devices, safe weight loading, file hashing, atomic
+writes and the cleanup after killed writers, comparing records."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import tomllib
 
@@ -54,14 +60,102 @@ def load_torch_weights(path: Path | str) -> Any:
         raise ValueError(f"{path}: not a readable torch checkpoint: {err}") from None
 
 
+TEMP_PREFIX = ".tmp-"
+
+
+def temp_sibling(final: Path) -> Path:
+    """Where ``final`` is written before its rename: ``.tmp-<name>-<pid>-<token>`` beside it.
+    Hidden, so never read as data; the pid lets a later run remove it once its writer is dead;
+    the token keeps two writers in one process (threads) apart."""
+    return final.with_name(f"{TEMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final`` for the caller (or a library such as
+    ``pq.write_table`` / safetensors ``save_file``) to write a file or a directory at; on success it
+    is synced to disk and renamed to ``final``, so readers see the old one or the new one, never a
+    partial one. On any error the temporary is removed and ``final`` is left as it was."""
+    tmp = temp_sibling(final)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        remove_path(tmp)
+        raise
+    fsync_dir(final.parent)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write aside then rename, so readers see the old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def remove_abandoned_temps(directory: Path, final_names: str) -> None:
+    """Remove what killed writers left in ``directory``: ``temp_sibling``s of finals whose name
+    matches the regular expression ``final_names``, when no process has their pid any more."""
+    pattern = re.compile(rf"{re.escape(TEMP_PREFIX)}(?:{final_names})-(\d+)(?:-.*)?")
+    for entry in directory.glob(f"{TEMP_PREFIX}*"):
+        match = pattern.fullmatch(entry.name)
+        if match and not process_alive(int(match[1])):
+            remove_path(entry)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush a file, or every file and directory under ``path``, to disk."""
+    if not path.is_dir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        return
+    for child in path.rglob("*"):
+        if child.is_file():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in [path, *[p for p in path.rglob("*") if p.is_dir()]]:
+        fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def differences(old: Any, new: Any, template: str = "{key}") -> list[str]:
+    """The keys whose values differ between two records (mappings or dataclasses; nested ones
+    give dotted keys, a key missing on one side counts as None), sorted, each formatted with
+    ``template`` from ``key``, ``old`` and ``new``."""
+    mine, theirs = _flat_record(old), _flat_record(new)
+    return [
+        template.format(key=key, old=mine.get(key), new=theirs.get(key))
+        for key in sorted(set(mine) | set(theirs))
+        if mine.get(key) != theirs.get(key)
+    ]
+
+
+def _flat_record(record: Any, prefix: str = "") -> dict[str, Any]:
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        record = dataclasses.asdict(record)
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, Mapping) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+            flat.update(_flat_record(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def read_toml(path: Path, what: str, error: type[Exception]) -> dict[str, Any]:

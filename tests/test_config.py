@@ -98,3 +98,12 @@ def test_manifest_errors(tmp_path):
     (tmp_path / "m.toml").write_text('name = "x"\n')
     with pytest.raises(DatasetError, match=r"m.toml: missing key\(s\) \['annotations', 'image_root'\]"):
         load_manifest(tmp_path / "m.toml")
+
+
+def test_models_with_overrides_replaces_only_the_fields_given():
+    from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
+
+    models = ModelsConfig(SamSpec("vit_b", "/sam.pth"), ClipSpec("ViT-L-14", "openai"))
+    changed = models.with_overrides(sam_checkpoint="/elsewhere/sam.pth", clip_model="ViT-B-16")
+    assert changed == ModelsConfig(SamSpec("vit_b", "/elsewhere/sam.pth"), ClipSpec("ViT-B-16", "openai"))
+    assert models.with_overrides() == models and models.sam.checkpoint == "/sam.pth"  # a copy: the original is kept

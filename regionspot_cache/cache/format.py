@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from regionspot_cache.runtime import sha256_file
+from regionspot_cache.config import ConfigError, from_dict
+from regionspot_cache.runtime import differences, sha256_file
 
 FORMAT_VERSION = 1
 
@@ -91,6 +92,55 @@ FEATURE_MAPS_CACHE = "feature_maps_cache"  # key in Provenance.paths
 DERIVED_DIR = "proposals"  # proposals caches that borrow a cache's feature maps live under it
 
 
+IdentityT = TypeVar("IdentityT", bound="ModelIdentity")
+
+
+class ModelIdentity:
+    """A model as ``cache.json`` records it: a dataclass read strictly from, and written as, a JSON object."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[IdentityT], data: Any, where: str) -> IdentityT:
+        """Unknown, missing or mistyped fields are a CacheFormatError naming them."""
+        try:
+            return from_dict(cls, data, where)
+        except ConfigError as err:
+            raise CacheFormatError(str(err)) from None
+        except TypeError as err:  # a required field is missing
+            raise CacheFormatError(f"{where}: {err}") from None
+
+
+@dataclass
+class SamIdentity(ModelIdentity):
+    """The SAM that made a cache's box tokens, as recorded under ``sam`` in ``cache.json``."""
+
+    variant: str
+    checkpoint_sha256: str | None
+    input_size: int
+    token_dim: int
+    preprocess: str
+    token: str
+
+
+@dataclass
+class ClipIdentity(ModelIdentity):
+    """The CLIP that made a cache's feature maps and text embeddings, as recorded under ``clip``
+    in ``cache.json``: ``pretrained`` is an open_clip tag, or None with ``weights_sha256`` of a file."""
+
+    model: str
+    pretrained: str | None
+    weights_sha256: str | None
+    image_size: list[int]  # a list, as JSON gives it back, so that recorded and fresh compare equal
+    width: int  # channels of the feature map
+    num_tokens: int  # rows of the feature map: class token, then the patch grid
+    text_dim: int
+    logit_scale: float
+    preprocess: str
+    feature_map: str
+
+
 @dataclass
 class Provenance:
     """What produced a cache. Everything except ``package_version`` and file paths is identity:
@@ -100,8 +150,8 @@ class Provenance:
     box_source: str
     shard_size: int
     planned_shards: int
-    sam: dict[str, Any]
-    clip: dict[str, Any]
+    sam: SamIdentity
+    clip: ClipIdentity
     format_version: int = FORMAT_VERSION
     package_version: str = ""
     paths: dict[str, str | None] = field(default_factory=dict)
@@ -116,12 +166,8 @@ class Provenance:
         return data
 
     def differences(self, other: "Provenance") -> list[str]:
-        mine, theirs = _flatten(self.identity()), _flatten(other.identity())
-        return [
-            f"{key}: cache has {theirs.get(key)!r}, this run has {mine.get(key)!r}"
-            for key in sorted(set(mine) | set(theirs))
-            if mine.get(key) != theirs.get(key)
-        ]
+        """What differs between this run (self) and the cache (``other``), one line per field."""
+        return differences(other.identity(), self.identity(), "{key}: cache has {old!r}, this run has {new!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -135,22 +181,15 @@ class Provenance:
             raise CacheFormatError(f"{root}: not a feature cache ({PROVENANCE_FILE} missing)") from None
         except json.JSONDecodeError as err:
             raise CacheFormatError(f"{path}: damaged: {err}") from None
+        if not isinstance(data, dict):
+            raise CacheFormatError(f"{path}: damaged: expected a JSON object")
         if data.get("format_version") != FORMAT_VERSION:
             raise CacheFormatError(
                 f"{path}: cache format version {data.get('format_version')!r}, "
                 f"this regionspot-cache reads version {FORMAT_VERSION}"
             )
         try:
-            return Provenance(**data)
+            return Provenance(**{**data, "sam": SamIdentity.from_dict(data.get("sam"), f"{path}: sam"),
+                                 "clip": ClipIdentity.from_dict(data.get("clip"), f"{path}: clip")})
         except TypeError as err:
             raise CacheFormatError(f"{path}: unexpected provenance fields: {err}") from None
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

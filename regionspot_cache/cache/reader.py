@@ -185,8 +185,8 @@ class CacheReader:
         boxes = int(pc.sum(rows["box_count"]).as_py() or 0)
         clip = self.provenance.clip
         expected = {
-            CLIP_MAPS: ((maps, int(clip["num_tokens"]), int(clip["width"])) if maps else None, clip_maps),
-            BOX_TOKENS: ((boxes, int(self.provenance.sam.get("token_dim", 256))) if boxes else None, box_tokens),
+            CLIP_MAPS: ((maps, clip.num_tokens, clip.width) if maps else None, clip_maps),
+            BOX_TOKENS: ((boxes, self.provenance.sam.token_dim) if boxes else None, box_tokens),
         }
         for name, (shape, array) in expected.items():
             if array.dtype != np.float16 or (shape is not None and tuple(array.shape) != shape):

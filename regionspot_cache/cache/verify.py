@@ -64,6 +64,7 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
     """Summary of a cache: images, boxes, shards committed and missing, models, bytes on disk."""
     reader = CacheReader(root)
     provenance = reader.provenance
+    sam, clip = provenance.sam, provenance.clip
     committed = {int(p.name) for p in reader.shard_dirs}
     status = reader.images.column("status").to_pylist()
     on_disk = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
@@ -76,12 +77,12 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
         "boxes_rejected": len(reader.rejected_boxes),
         "shards_committed": len(committed),
         "shards_missing": sorted(set(range(provenance.planned_shards)) - committed),
-        "sam": f"{provenance.sam.get('variant')} (sha256 {str(provenance.sam.get('checkpoint_sha256'))[:12]})",
-        "clip": f"{provenance.clip.get('model')} ({provenance.clip.get('pretrained') or 'file sha256 ' + str(provenance.clip.get('weights_sha256'))[:12]})",
+        "sam": f"{sam.variant} (sha256 {str(sam.checkpoint_sha256)[:12]})",
+        "clip": f"{clip.model} ({clip.pretrained or 'file sha256 ' + str(clip.weights_sha256)[:12]})",
         "vocabularies": reader.vocabulary_names(),
         "bytes_on_disk": on_disk,
         # float16 payload: one feature map per image, one 256-d token per box.
-        "bytes_per_image_map": 2 * int(provenance.clip.get("num_tokens", 0)) * int(provenance.clip.get("width", 0)),
-        "bytes_per_box_token": 2 * int(provenance.sam.get("token_dim", 256)),
+        "bytes_per_image_map": 2 * clip.num_tokens * clip.width,
+        "bytes_per_box_token": 2 * sam.token_dim,
         "bytes_on_disk_per_image": round(on_disk / max(len(status), 1)),
     }

@@ -6,9 +6,8 @@ import errno
 import fcntl
 import json
 import os
-import shutil
+import re
 import socket
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from regionspot_cache.cache.format import (
     vocabulary_schema,
 )
 from regionspot_cache.data.datasets import BoxSet, Category
-from regionspot_cache.runtime import atomic_write_bytes, process_alive
+from regionspot_cache.runtime import atomic_path, atomic_write_bytes, remove_abandoned_temps
 
 LOCK_FILE = ".extract.lock"
 
@@ -134,9 +133,8 @@ class CacheWriter:
         )
         directory = self.root / VOCAB_DIR
         directory.mkdir(exist_ok=True)
-        tmp = directory / f".{name}.parquet.tmp-{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, directory / f"{name}.parquet")
+        with atomic_path(directory / f"{name}.parquet") as tmp:
+            pq.write_table(table, tmp)
 
     def write_shard(self, shard_id: int, images: Sequence[ImageFeatures]) -> int:
         """Write one shard aside and commit it with a rename; returns bytes written. A shard
@@ -144,34 +142,21 @@ class CacheWriter:
         final = self.shards_dir / shard_name(shard_id)
         if final.is_dir():
             raise CacheFormatError(f"{final}: shard {shard_id} is already committed")
-        self._remove_abandoned_temps(shard_id)
-        tmp = self.shards_dir / f".tmp-{shard_name(shard_id)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        # What a killed writer of this shard left aside (its pid is in the name).
+        remove_abandoned_temps(self.shards_dir, re.escape(shard_name(shard_id)))
         try:
-            self._write_shard_files(tmp, images)
-            write_checksums(tmp)
-            _fsync_tree(tmp)
-            os.rename(tmp, final)
+            with atomic_path(final) as tmp:
+                tmp.mkdir()
+                self._write_shard_files(tmp, images)
+                write_checksums(tmp)
         except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFormatError(
                     f"{self.root}: no space left on the device while writing shard {shard_id}: nothing of "
                     "it was committed (committed shards are intact); free space and re-run to resume"
                 ) from None
             raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(self.shards_dir)
         return sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
-
-    def _remove_abandoned_temps(self, shard_id: int) -> None:
-        """Delete what a killed writer of this shard left aside (its pid is in the name)."""
-        for tmp in self.shards_dir.glob(f".tmp-{shard_name(shard_id)}-*"):
-            pid = int(tmp.name.split("-")[2])
-            if not process_alive(pid):
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_shard_files(self, directory: Path, images: Sequence[ImageFeatures]) -> None:
         rows, box_rows, maps, tokens, rejected_rows = [], [], [], [], []
@@ -244,20 +229,3 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray | None, chunk_ro
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    for path in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
-        _fsync_dir(path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -98,9 +98,8 @@ def repair(
     from regionspot_cache.extract.repair import repair_cache
 
     config = recipe_from(recipe, overrides)
-    models = models_recorded_in(Provenance.read(cache))
-    models.sam.checkpoint = sam_checkpoint or models.sam.checkpoint
-    models.clip.pretrained = clip_pretrained or models.clip.pretrained
+    models = models_recorded_in(Provenance.read(cache)).with_overrides(
+        sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained)
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
     distributor = Dask(scheduler, workers, retries) if scheduler or workers else InProcess()

@@ -32,7 +32,7 @@ def demo(
 
     Pass --sam-checkpoint/--clip-model/--clip-pretrained to use real models instead of tiny ones.
     """
-    from regionspot_cache.config import ModelsConfig
+    from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
     from regionspot_cache.demo.run import run_demo
     from regionspot_cache.demo.tiny_models import TINY_CLIP, TINY_SAM
 
@@ -40,10 +40,8 @@ def demo(
     config.train.seed = seed
     config.train.iterations = iterations
     if any(v is not None for v in (sam_variant, sam_checkpoint, clip_model, clip_pretrained)):
-        models = ModelsConfig()
-        models.sam.variant = sam_variant or ("vit_b" if sam_checkpoint else TINY_SAM)
-        models.sam.checkpoint = sam_checkpoint
-        models.clip.model = clip_model or ("ViT-L-14" if clip_pretrained else TINY_CLIP)
-        models.clip.pretrained = clip_pretrained
-        config.models = models
+        # Tiny models for the parts not given; a real checkpoint alone implies the default architecture.
+        defaults = ModelsConfig(SamSpec("vit_b" if sam_checkpoint else TINY_SAM, None),
+                                ClipSpec("ViT-L-14" if clip_pretrained else TINY_CLIP, None))
+        config.models = defaults.with_overrides(sam_variant, sam_checkpoint, clip_model, clip_pretrained)
     run_demo(workdir, config)

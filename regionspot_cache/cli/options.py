@@ -39,8 +39,5 @@ class UserError(Exception):
 def recipe_from(path: Optional[Path], overrides: List[str], **models: Optional[str]) -> Recipe:
     recipe = load_recipe(path) if path else Recipe()
     recipe = apply_overrides(recipe, list(overrides))
-    for key, value in models.items():
-        if value is not None:
-            section, field = key.split("_", 1)
-            setattr(getattr(recipe.models, section), field, value)
+    recipe.models = recipe.models.with_overrides(**models)
     return recipe

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from regionspot_cache.cache.format import ClipIdentity, Provenance, SamIdentity
 from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
 from regionspot_cache.encoders.clip import ClipEncoder, load_clip
 from regionspot_cache.encoders.sam import TOKEN_DIM, SamBoxEncoder, build_sam
@@ -20,33 +20,33 @@ class FrozenEncoders:
     clip: ClipEncoder
     spec: ModelsConfig
 
-    def sam_provenance(self) -> dict[str, Any]:
+    def sam_provenance(self) -> SamIdentity:
         checkpoint = self.spec.sam.checkpoint
-        return {
-            "variant": self.spec.sam.variant,
-            "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
-            "input_size": self.sam.input_size,
-            "token_dim": TOKEN_DIM,
-            "preprocess": "ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
-            "token": "mask_decoder.transformer output, mask token 0",
-        }
+        return SamIdentity(
+            variant=self.spec.sam.variant,
+            checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None,
+            input_size=self.sam.input_size,
+            token_dim=TOKEN_DIM,
+            preprocess="ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
+            token="mask_decoder.transformer output, mask token 0",
+        )
 
-    def clip_provenance(self) -> dict[str, Any]:
+    def clip_provenance(self) -> ClipIdentity:
         pretrained = self.spec.clip.pretrained
         is_file = bool(pretrained) and Path(pretrained).is_file()
         cfg = self.clip.model.visual.preprocess_cfg
-        return {
-            "model": self.spec.clip.model,
-            "pretrained": None if is_file else pretrained,
-            "weights_sha256": sha256_file(pretrained) if is_file else None,
-            "image_size": list(self.clip.image_size),
-            "width": self.clip.width,
-            "num_tokens": self.clip.num_tokens,
-            "text_dim": self.clip.text_dim,
-            "logit_scale": self.clip.logit_scale,
-            "preprocess": f"resize (no crop) {cfg.get('interpolation', 'bicubic')}, mean/std",
-            "feature_map": "visual.transformer output before ln_post, class token first",
-        }
+        return ClipIdentity(
+            model=self.spec.clip.model,
+            pretrained=None if is_file else pretrained,
+            weights_sha256=sha256_file(pretrained) if is_file else None,
+            image_size=list(self.clip.image_size),
+            width=self.clip.width,
+            num_tokens=self.clip.num_tokens,
+            text_dim=self.clip.text_dim,
+            logit_scale=self.clip.logit_scale,
+            preprocess=f"resize (no crop) {cfg.get('interpolation', 'bicubic')}, mean/std",
+            feature_map="visual.transformer output before ln_post, class token first",
+        )
 
     def paths(self) -> dict[str, str | None]:
         """Where the weights were read from, absolute, so that commands run from another
@@ -66,11 +66,11 @@ def load_frozen_encoders(spec: ModelsConfig, device: torch.device) -> FrozenEnco
     return FrozenEncoders(sam, clip, spec)
 
 
-def models_recorded_in(provenance: Any) -> ModelsConfig:
+def models_recorded_in(provenance: Provenance) -> ModelsConfig:
     """The models a cache was extracted with, from the variants and paths its provenance
     recorded (checkpoint hashes are checked again when the cache is reopened for writing)."""
     paths = provenance.paths
     return ModelsConfig(
-        SamSpec(provenance.sam["variant"], paths.get("sam_checkpoint")),
-        ClipSpec(provenance.clip["model"], paths.get("clip_pretrained") or provenance.clip.get("pretrained")),
+        SamSpec(provenance.sam.variant, paths.get("sam_checkpoint")),
+        ClipSpec(provenance.clip.model, paths.get("clip_pretrained") or provenance.clip.pretrained),
     )

@@ -52,7 +52,7 @@ def score_cache(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, co
     device = resolve_device(config.device)
     head = head.to(device).eval()
     text = torch.from_numpy(vocab.embeddings).to(device)
-    logit_scale = float(reader.provenance.clip["logit_scale"])
+    logit_scale = reader.provenance.clip.logit_scale
 
     def images() -> Iterator[tuple[int, np.ndarray, np.ndarray, torch.Tensor]]:
         image_ids = reader.image_ids()

@@ -17,6 +17,8 @@ from regionspot_cache.evaluate.scoring import (
 )
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+# The paper's headline: AP over all categories and by LVIS frequency group (name -> group).
+FREQUENCY_METRICS = {"AP": "all", "APr": "rare", "APc": "common", "APf": "frequent"}
 
 
 @dataclass

@@ -15,10 +15,10 @@ from PIL import Image, ImageDraw, ImageFont
 from regionspot_cache.data.datasets import DatasetError, image_path_under
 from regionspot_cache.data.images import ImageDecodeError, load_rgb
 from regionspot_cache.drawing import PALETTE, draw_labelled_box
+from regionspot_cache.evaluate.lvis import FREQUENCY_METRICS, METRICS
 from regionspot_cache.evaluate.scoring import Detections
+from regionspot_cache.progress import percent
 
-CHART_METRICS = ("AP", "APr", "APc", "APf")
-TABLE_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 CHART_FILE = "ap_by_frequency.png"
 PAGE_FILE = "results.md"
 EXAMPLES_DIR = "examples"
@@ -36,24 +36,19 @@ class ReportData:
     files: dict[str, Path] = field(default_factory=dict)  # e.g. {"results": ..., "metrics": ...}
 
 
-def percent(value: float | None) -> str:
-    """AP as printed everywhere: percent with one decimal; LVIS's -1 (no ground truth) is n/a."""
-    return "n/a" if value is None or value < 0 else f"{100 * value:.1f}"
-
-
 def ap_chart(runs: Mapping[str, Mapping[str, float]], path: Path | str, title: str = "LVIS box AP") -> Path:
     """Grouped bars of AP, APr, APc, APf (percent), one bar per named run, values written on top."""
     path = Path(path)
     figure = Figure(figsize=(6.4, 4.0), dpi=100)
     axes = figure.add_subplot()
     width = 0.8 / max(len(runs), 1)
-    x = np.arange(len(CHART_METRICS))
+    x = np.arange(len(FREQUENCY_METRICS))
     for i, (name, metrics) in enumerate(runs.items()):
-        values = [metrics.get(m, -1.0) for m in CHART_METRICS]
+        values = [metrics.get(m, -1.0) for m in FREQUENCY_METRICS]
         heights = [100 * v if v >= 0 else 0.0 for v in values]
         bars = axes.bar(x + (i - (len(runs) - 1) / 2) * width, heights, width, label=name)
         axes.bar_label(bars, labels=[percent(v) for v in values], fontsize=8, padding=2)
-    axes.set_xticks(x, ["AP (all)", "APr (rare)", "APc (common)", "APf (frequent)"])
+    axes.set_xticks(x, [f"{name} ({group})" for name, group in FREQUENCY_METRICS.items()])
     axes.set_ylabel("AP (%)")
     axes.set_ylim(0, max(10.0, 1.15 * max((100 * v for m in runs.values() for v in m.values() if v > 0), default=0)))
     axes.set_title(title)
@@ -132,7 +127,7 @@ def write_report(directory: Path | str, data: ReportData, examples: int = 4, box
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ap_chart({data.title: data.metrics}, directory / CHART_FILE, data.title)
-    columns = [m for m in TABLE_METRICS if m in data.metrics]
+    columns = [m for m in METRICS if m in data.metrics]
     lines = [
         f"# {data.title}", "",
         f"Protocol: **{data.settings.get('description', 'unknown')}**", "",

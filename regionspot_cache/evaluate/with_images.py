@@ -19,24 +19,13 @@ from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, mode
 from regionspot_cache.encoders.sam import SamBoxEncoder
 from regionspot_cache.evaluate.masks import add_segmentations
 from regionspot_cache.evaluate.scoring import Detections, cap_per_image
-from regionspot_cache.runtime import resolve_device
+from regionspot_cache.runtime import differences, resolve_device
 
 
-def recorded_models_with(
-    provenance: Provenance,
-    sam_variant: str | None = None,
-    sam_checkpoint: str | None = None,
-    clip_model: str | None = None,
-    clip_pretrained: str | None = None,
-) -> ModelsConfig:
-    """The models recorded in a cache, with those of the given fields that are not None replaced
-    (e.g. the checkpoints' paths on this machine)."""
-    models = models_recorded_in(provenance)
-    models.sam.variant = sam_variant or models.sam.variant
-    models.sam.checkpoint = sam_checkpoint or models.sam.checkpoint
-    models.clip.model = clip_model or models.clip.model
-    models.clip.pretrained = clip_pretrained or models.clip.pretrained
-    return models
+def recorded_models_with(provenance: Provenance, **overrides: str | None) -> ModelsConfig:
+    """The models recorded in a cache, with the fields given in ``overrides`` (those of
+    ``ModelsConfig.with_overrides``) replaced, e.g. the checkpoints' paths on this machine."""
+    return models_recorded_in(provenance).with_overrides(**overrides)
 
 
 def load_cache_encoders(reader: CacheReader, models: ModelsConfig | None, device: str) -> FrozenEncoders:
@@ -58,13 +47,9 @@ def load_cache_encoders(reader: CacheReader, models: ModelsConfig | None, device
 
 
 def model_differences(encoders: FrozenEncoders, provenance: Provenance) -> list[str]:
-    pairs = (("sam", encoders.sam_provenance(), provenance.sam), ("clip", encoders.clip_provenance(), provenance.clip))
-    return [
-        f"{part}.{key}: cache has {theirs.get(key)!r}, given {ours.get(key)!r}"
-        for part, ours, theirs in pairs
-        for key in sorted(set(ours) | set(theirs))
-        if ours.get(key) != theirs.get(key)
-    ]
+    given = {"sam": encoders.sam_provenance(), "clip": encoders.clip_provenance()}
+    recorded = {"sam": provenance.sam, "clip": provenance.clip}
+    return differences(recorded, given, "{key}: cache has {old!r}, given {new!r}")
 
 
 def cache_images(reader: CacheReader, image_root: Path | str) -> ImageSource:

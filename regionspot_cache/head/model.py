@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from regionspot_cache.runtime import atomic_write_bytes
+from regionspot_cache.runtime import atomic_path, atomic_write_bytes
 
 
 @dataclass
@@ -73,11 +73,10 @@ def save_head(head: RegionSpotHead, path: Path | str, extra: dict | None = None)
     """Safetensors weights at ``path`` and a JSON config beside it (``path`` with ``.json``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp))
-    config = {"head": asdict(head.config), **(extra or {})}
-    atomic_write_bytes(path.with_suffix(CONFIG_SUFFIX), json.dumps(config, indent=2).encode())
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp))
+        config = {"head": asdict(head.config), **(extra or {})}
+        atomic_write_bytes(path.with_suffix(CONFIG_SUFFIX), json.dumps(config, indent=2).encode())
 
 
 def load_head(path: Path | str) -> tuple[RegionSpotHead, dict]:

@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from regionspot_cache.cache.format import ClipIdentity
 from regionspot_cache.config import ModelsConfig
 from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.data.datasets import BoxSet
@@ -33,7 +34,7 @@ from regionspot_cache.data.images import load_rgb
 from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_encoders
 from regionspot_cache.evaluate.masks import box_mask_rles
 from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
-from regionspot_cache.runtime import resolve_device
+from regionspot_cache.runtime import atomic_path, resolve_device
 
 ImageInput = Union[np.ndarray, Image.Image, str, Path]
 TEXT_CACHE_VERSION = 1  # bump when the text embedding code changes what it computes
@@ -95,13 +96,14 @@ class TextEmbeddingCache:
     """Class text embeddings by (CLIP identity, vocabulary), in memory and under ``directory``."""
 
     clip: ClipEncoder
-    identity: dict[str, Any]  # the CLIP provenance a cache records: model, weights, sizes
+    identity: ClipIdentity  # the CLIP provenance a cache records: model, weights, sizes
     directory: Path | None  # None: memory only
     memory: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def key(self, names: list[str]) -> str:
         templates = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
-        data = {"version": TEXT_CACHE_VERSION, "clip": self.identity, "templates": templates, "vocabulary": names}
+        data = {"version": TEXT_CACHE_VERSION, "clip": self.identity.to_dict(), "templates": templates,
+                "vocabulary": names}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def get(self, names: list[str]) -> torch.Tensor:
@@ -139,10 +141,9 @@ class TextEmbeddingCache:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            metadata = {"vocabulary": json.dumps(names), "clip_model": str(self.identity.get("model"))}
-            save_file({"embeddings": embeddings.contiguous()}, str(tmp), metadata=metadata)
-            os.replace(tmp, path)  # readers see the whole file or none
+            metadata = {"vocabulary": json.dumps(names), "clip_model": self.identity.model}
+            with atomic_path(path) as tmp:  # readers see the whole file or none
+                save_file({"embeddings": embeddings.contiguous()}, str(tmp), metadata=metadata)
         except OSError as err:  # the disk cache only saves time
             logger.warning("cannot write the text embedding cache %s: %s", path, err)
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from regionspot_cache.cache import CacheReader, Vocabulary
+from regionspot_cache.runtime import differences
 
 # Steps whose dataset choices are drawn from one seeded generator; resuming at step s replays
 # only s / CHOICE_BLOCK small draws.
@@ -213,9 +214,8 @@ def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str]) -> l
     first = sources[0]
     for other in sources[1:]:
         for model in ("sam", "clip"):
-            a, b = getattr(first.reader.provenance, model), getattr(other.reader.provenance, model)
-            if a != b:
-                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            diff = differences(getattr(first.reader.provenance, model), getattr(other.reader.provenance, model))
+            if diff:
                 raise ValueError(f"{other.cache}: extracted with another {model.upper()} than {first.cache} "
                                  f"(differs in {', '.join(diff)}); all training caches need the same models")
     return sources

@@ -21,7 +21,7 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import TrainConfig
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, region_logits, save_head
 from regionspot_cache.progress import progress_bar
-from regionspot_cache.runtime import sha256_file
+from regionspot_cache.runtime import differences, sha256_file
 from regionspot_cache.train.data import (
     BatchPlan,
     CachedRegions,
@@ -79,7 +79,7 @@ class TrainSummary:
 def head_config_for(reader: CacheReader, config: TrainConfig) -> HeadConfig:
     clip = reader.provenance.clip
     return HeadConfig(
-        clip_width=int(clip["width"]), text_dim=int(clip["text_dim"]),
+        clip_width=clip.width, text_dim=clip.text_dim,
         dropout=config.dropout, normalize_feature_map=config.normalize_feature_map,
     )
 
@@ -89,11 +89,9 @@ def initial_head(reader: CacheReader, config: TrainConfig) -> RegionSpotHead:
     head = RegionSpotHead(head_config_for(reader, config))
     if config.init_from:
         start, _ = load_head(config.init_from)
-        if start.config != head.config:
-            mismatched = {k: (v, getattr(head.config, k))
-                          for k, v in asdict(start.config).items() if getattr(head.config, k) != v}
-            raise ValueError(f"{config.init_from}: head does not fit this training run: "
-                             + ", ".join(f"{k} is {a!r}, here {b!r}" for k, (a, b) in mismatched.items()))
+        mismatched = differences(start.config, head.config, "{key} is {old!r}, here {new!r}")
+        if mismatched:
+            raise ValueError(f"{config.init_from}: head does not fit this training run: " + ", ".join(mismatched))
         head.load_state_dict(start.state_dict())
     return head
 
@@ -155,7 +153,7 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
     if processes.rank:
         torch.manual_seed(config.seed + 7919 * processes.rank)  # dropout masks of its own
     texts = [torch.from_numpy(source.vocabulary.embeddings).to(device) for source in sources]
-    logit_scale = float(sources[0].reader.provenance.clip["logit_scale"])
+    logit_scale = sources[0].reader.provenance.clip.logit_scale
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     state_dir = run_dir_for(output) / "state"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from regionspot_cache.runtime import atomic_write_bytes
+
 
 class MetricsLog:
     """Writes ``metrics.csv`` (flushed every row) and, if asked, TensorBoard events under
@@ -29,9 +31,7 @@ class MetricsLog:
         if self.path.is_file() and resume_step > 0:
             rows = self.path.read_text().splitlines()[1:]
             kept = [row for row in rows if row and int(row.split(",")[0]) < resume_step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("\n".join([",".join(self.COLUMNS), *kept]) + "\n")
-        tmp.replace(self.path)
+        atomic_write_bytes(self.path, ("\n".join([",".join(self.COLUMNS), *kept]) + "\n").encode())
 
     def write(self, step: int, loss: float, lr: float, rate: float, dataset: str) -> None:
         self.handle.write(f"{step},{loss!r},{lr!r},{rate:.2f},{dataset}\n")

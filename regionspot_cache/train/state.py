@@ -8,14 +8,14 @@ optimiser hyper-parameters, scheduler). Only the newest ``keep`` checkpoints are
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from regionspot_cache.runtime import process_alive
+from regionspot_cache.runtime import atomic_path, differences, remove_abandoned_temps
 
 STEP_PREFIX = "step-"
 
@@ -37,11 +37,7 @@ def save_train_state(
     ``rng_states``: ``rng_state()`` of every training process, in rank order."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{STEP_PREFIX}{step:08d}"
-    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
-    for leftover in directory.glob(".tmp-*"):  # of killed runs (the pid ends the name)
-        if leftover == tmp or not process_alive(int(leftover.name.rsplit("-", 1)[1])):
-            shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir()
+    remove_abandoned_temps(directory, re.escape(STEP_PREFIX) + r"\d+")  # of killed runs
     optimizer_state = optimizer.state_dict()
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
     for param_id, values in optimizer_state["state"].items():
@@ -49,13 +45,14 @@ def save_train_state(
             tensors[f"optim.{param_id}.{key}"] = torch.as_tensor(value).contiguous()
     for rank, states in enumerate(rng_states):
         tensors.update({f"rng.{rank}.{name}": value for name, value in states.items()})
-    save_file(tensors, str(tmp / "tensors.safetensors"))
     state = {"step": step, "param_groups": optimizer_state["param_groups"], "scheduler": scheduler.state_dict(),
              "identity": identity}
-    (tmp / "state.json").write_text(json.dumps(state))
-    if final.exists():  # the same step saved by an earlier, abandoned run
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state))
+        if final.exists():  # the same step saved by an earlier, abandoned run
+            shutil.rmtree(final)
     for old in sorted(directory.glob(f"{STEP_PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -78,12 +75,10 @@ def load_train_state(
         state = json.loads((checkpoint / "state.json").read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{checkpoint}: unreadable training state: {err}") from None
-    saved = state.get("identity", {})
-    changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    changed = differences(state.get("identity", {}), identity, "{key} was {old!r}, now {new!r}")
     if changed:
         raise ValueError(f"{checkpoint}: cannot resume: settings differ from the saved run: "
-                         + ", ".join(f"{k} was {saved.get(k)!r}, now {identity.get(k)!r}" for k in changed)
-                         + " (use another output, or --no-resume)")
+                         + ", ".join(changed) + " (use another output, or --no-resume)")
     head.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

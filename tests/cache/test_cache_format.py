@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import numpy as np
@@ -16,14 +18,19 @@ from regionspot_cache.cache import (
     inspect_cache,
     verify_cache,
 )
+from regionspot_cache.cache.format import ClipIdentity, SamIdentity
 from regionspot_cache.data.datasets import BoxSet, Category
 
 RNG = np.random.default_rng(0)
 
 
+SAM = SamIdentity("tiny", "ab", 1024, 256, "sam preprocess", "mask token 0")
+CLIP = ClipIdentity("RS-Tiny-ViT", None, "cd", [128, 128], 8, 5, 4, 14.3, "clip preprocess", "before ln_post")
+
+
 def _provenance(**changes) -> Provenance:
-    fields = dict(dataset="toy", box_source="gt", shard_size=3, planned_shards=2, sam={"variant": "tiny", "checkpoint_sha256": "ab"},
-                  clip={"model": "RS-Tiny-ViT", "width": 8, "num_tokens": 5}, package_version="0", paths={"sam_checkpoint": "/x"})
+    fields = dict(dataset="toy", box_source="gt", shard_size=3, planned_shards=2, sam=SAM, clip=CLIP,
+                  package_version="0", paths={"sam_checkpoint": "/x"})
     fields.update(changes)
     return Provenance(**fields)
 
@@ -78,7 +85,7 @@ def test_identity_mismatch_is_refused_naming_the_key(tmp_path):
     CacheWriter(tmp_path, _provenance())
     CacheWriter(tmp_path, _provenance(package_version="9", paths={"sam_checkpoint": "/elsewhere"}))  # not identity
     with pytest.raises(CacheFormatError, match=r"sam\.checkpoint_sha256: cache has 'ab', this run has 'cd'"):
-        CacheWriter(tmp_path, _provenance(sam={"variant": "tiny", "checkpoint_sha256": "cd"}))
+        CacheWriter(tmp_path, _provenance(sam=dataclasses.replace(SAM, checkpoint_sha256="cd")))
 
 
 def test_committed_shard_is_never_rewritten_and_no_temp_is_left(tmp_path):
@@ -166,3 +173,78 @@ def test_arrays_that_do_not_match_the_manifest_are_refused_naming_them(tmp_path)
     with pytest.raises(CacheFormatError, match=r"000000/features.zarr/clip_maps: float16 array of shape \(2, 5, 8\), "
                                                r"but the shard's manifest and cache.json call for float16 \(2, 6, 8\)"):
         CacheReader(tmp_path).image(1)
+
+
+# cache.json exactly as regionspot-cache 0.1.0 wrote it (tiny models): caches made before the
+# identities became dataclasses must read, and be written back byte for byte.
+CACHE_JSON_0_1_0 = """{
+  "box_source": "gt",
+  "clip": {
+    "feature_map": "visual.transformer output before ln_post, class token first",
+    "image_size": [
+      128,
+      128
+    ],
+    "logit_scale": 14.285714149475098,
+    "model": "RS-Tiny-ViT",
+    "num_tokens": 257,
+    "preprocess": "resize (no crop) bicubic, mean/std",
+    "pretrained": null,
+    "text_dim": 64,
+    "weights_sha256": "ad29f99b58c0d0650c84b01a96a0615959c92d73e179a46280e7c3a972736d1b",
+    "width": 64
+  },
+  "dataset": "toy",
+  "feature_maps": "own",
+  "format_version": 1,
+  "package_version": "0.1.0",
+  "paths": {
+    "clip_pretrained": "/tmp/tmp4pwx2nm2/clip_tiny.pt",
+    "sam_checkpoint": "/tmp/tmp4pwx2nm2/sam_tiny.pth"
+  },
+  "planned_shards": 1,
+  "sam": {
+    "checkpoint_sha256": "ed1539bfd401e1b11df7aa598d836d4379f603e3fa5ca9e9d014a831b1012b23",
+    "input_size": 1024,
+    "preprocess": "ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
+    "token": "mask_decoder.transformer output, mask token 0",
+    "token_dim": 256,
+    "variant": "tiny"
+  },
+  "shard_size": 4
+}"""
+
+
+def test_a_cache_json_of_the_released_format_reads_into_typed_identities_and_writes_back_unchanged(tmp_path):
+    (tmp_path / "cache.json").write_text(CACHE_JSON_0_1_0)
+    provenance = Provenance.read(tmp_path)
+    assert provenance.sam == SamIdentity(
+        "tiny", "ed1539bfd401e1b11df7aa598d836d4379f603e3fa5ca9e9d014a831b1012b23", 1024, 256,
+        "ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
+        "mask_decoder.transformer output, mask token 0")
+    clip = provenance.clip
+    assert (clip.model, clip.pretrained, clip.image_size) == ("RS-Tiny-ViT", None, [128, 128])
+    assert (clip.width, clip.num_tokens, clip.text_dim, clip.logit_scale) == (64, 257, 64, 14.285714149475098)
+    assert provenance.to_json() == CACHE_JSON_0_1_0
+    assert provenance.differences(Provenance.read(tmp_path)) == []
+
+
+@pytest.mark.parametrize("part, change, message", [
+    ("sam", {"colour": "red"}, r"cache.json: sam: unknown key\(s\) \['colour'\]"),
+    ("clip", {"width": "wide"}, r"cache.json: clip.width: 'wide' is not a"),
+    ("clip", {"text_dim": None}, r"cache.json: clip.text_dim: None is not a"),
+])
+def test_a_cache_json_with_unknown_or_mistyped_identity_fields_is_refused_naming_them(tmp_path, part, change, message):
+    data = json.loads(CACHE_JSON_0_1_0)
+    data[part].update(change)
+    (tmp_path / "cache.json").write_text(json.dumps(data))
+    with pytest.raises(CacheFormatError, match=message):
+        Provenance.read(tmp_path)
+
+
+def test_a_cache_json_missing_an_identity_field_is_refused_naming_it(tmp_path):
+    data = json.loads(CACHE_JSON_0_1_0)
+    del data["clip"]["logit_scale"]
+    (tmp_path / "cache.json").write_text(json.dumps(data))
+    with pytest.raises(CacheFormatError, match="cache.json: clip: .*logit_scale"):
+        Provenance.read(tmp_path)

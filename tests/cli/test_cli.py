@@ -119,7 +119,8 @@ def test_eval_on_proposals_extracts_only_the_missing_sam_tokens(extracted, tmp_p
     root, annotations, _ = extracted
     cache = shutil.copytree(root / "cache", tmp_path / "cache")
     head = tmp_path / "head.safetensors"
-    width, text_dim = (CacheReader(cache).provenance.clip[k] for k in ("width", "text_dim"))
+    clip = CacheReader(cache).provenance.clip
+    width, text_dim = clip.width, clip.text_dim
     save_head(RegionSpotHead(HeadConfig(clip_width=width, text_dim=text_dim)), head)
     glip = tmp_path / "glip.json"
     glip.write_text('{"1": {"boxes": [[0, 0, 25, 25], [5, 5, 40, 30]], "scores": [0.5, 0.9], "labels": [1, 1]}}')

@@ -66,9 +66,9 @@ def test_vocabulary_and_provenance(setup):
     expected = encoders.clip.text_embeddings(vocab.names).numpy()
     np.testing.assert_allclose(vocab.embeddings, expected, atol=1e-6)
     provenance = reader.provenance
-    assert provenance.sam["variant"] == "tiny" and len(provenance.sam["checkpoint_sha256"]) == 64
-    assert provenance.clip["model"] == models.clip.model and provenance.clip["width"] == encoders.clip.width
-    assert provenance.clip["num_tokens"] == reader.image(dataset.images[0].id).feature_map.shape[0]
+    assert provenance.sam.variant == "tiny" and len(provenance.sam.checkpoint_sha256) == 64
+    assert provenance.clip.model == models.clip.model and provenance.clip.width == encoders.clip.width
+    assert provenance.clip.num_tokens == reader.image(dataset.images[0].id).feature_map.shape[0]
 
 
 def test_split_boxes_clips_and_gives_reasons():
