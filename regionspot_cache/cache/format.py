@@ -23,6 +23,8 @@ FEATURES_DIR = "features.zarr"
 CHECKSUMS_FILE = "checksums.json"  # SHA-256 of every other file of the shard, written at commit
 CLIP_MAPS = "clip_maps"
 BOX_TOKENS = "box_tokens"
+SCALE_SUFFIX = "_scale"  # int8 caches: <array>_scale holds one float32 scale per row
+FEATURE_DTYPES = ("float16", "int8")  # how feature maps and box tokens are stored (Provenance.feature_dtype)
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"  # could not be decoded; the reason names the file and the problem
@@ -108,6 +110,8 @@ class Provenance:
     # "own", or "borrowed": a proposals cache holding only boxes and SAM tokens, whose CLIP
     # feature maps are read from the cache at ``paths["feature_maps_cache"]`` (relative to it).
     feature_maps: str = FEATURE_MAPS_OWN
+    # "float16", or "int8" with a float32 scale per token (cache/arrays.py); the reader returns float16.
+    feature_dtype: str = "float16"
 
     def identity(self) -> dict[str, Any]:
         data = asdict(self)
