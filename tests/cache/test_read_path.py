@@ -64,7 +64,8 @@ def test_compressed_arrays_of_older_caches_are_read_through_zarr(tmp_path):
         data = group[name][:]
         del group[name]
         rows = max(1, min(chunk_rows, len(data)))
-        group.create_array(name, shape=data.shape, chunks=(rows, *data.shape[1:]), shards=data.shape, dtype="float16")[:] = data
+        chunks = (rows, *data.shape[1:])
+        group.create_array(name, shape=data.shape, chunks=chunks, shards=data.shape, dtype="float16")[:] = data
     reader = CacheReader(tmp_path)
     assert reader._arrays(0).clip_maps.mapped is None
     for image in images:
