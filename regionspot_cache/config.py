@@ -65,6 +65,18 @@ class ExtractConfig:
     device: str = "auto"
     strict: bool = False  # bad images and degenerate boxes stop the run instead of being recorded
     max_image_pixels: int = 100_000_000  # larger images (decompression bombs) are recorded as failed
+    # How feature maps and box tokens are stored: "float16", or "int8" with one scale per token
+    # (about half the bytes; the reader returns float16 either way). Part of the cache's identity.
+    feature_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the allowed values (``--set`` assigns fields after __init__)."""
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ConfigError(f"extract.feature_dtype: {self.feature_dtype!r} is not one of "
+                              f"{', '.join(FEATURE_DTYPES)}")
 
 
 @dataclass
@@ -133,6 +145,7 @@ class EvalConfig:
 
 
 EVAL_SCORINGS = ("softmax", "sigmoid")
+FEATURE_DTYPES = ("float16", "int8")  # how feature maps and box tokens are stored (extract.feature_dtype)
 EVAL_PROTOCOLS = ("standard", "fixed")
 
 

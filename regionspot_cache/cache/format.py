@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from regionspot_cache.config import ConfigError, from_dict
+# FEATURE_DTYPES: how maps and tokens are stored (Provenance.feature_dtype), defined with the config that picks it.
+from regionspot_cache.config import FEATURE_DTYPES, ConfigError, from_dict  # noqa: F401
 from regionspot_cache.runtime import differences, sha256_file
 
 FORMAT_VERSION = 1
@@ -24,6 +25,7 @@ FEATURES_DIR = "features.zarr"
 CHECKSUMS_FILE = "checksums.json"  # SHA-256 of every other file of the shard, written at commit
 CLIP_MAPS = "clip_maps"
 BOX_TOKENS = "box_tokens"
+SCALE_SUFFIX = "_scale"  # int8 caches: <array>_scale holds one float32 scale per row
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"  # could not be decoded; the reason names the file and the problem
@@ -158,6 +160,8 @@ class Provenance:
     # "own", or "borrowed": a proposals cache holding only boxes and SAM tokens, whose CLIP
     # feature maps are read from the cache at ``paths["feature_maps_cache"]`` (relative to it).
     feature_maps: str = FEATURE_MAPS_OWN
+    # "float16", or "int8" with a float32 scale per token (cache/arrays.py); the reader returns float16.
+    feature_dtype: str = "float16"
 
     def identity(self) -> dict[str, Any]:
         data = asdict(self)

@@ -9,20 +9,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
+from regionspot_cache.cache.arrays import RowArray, dequantize_rows
 from regionspot_cache.cache.format import (
     BOX_TOKENS,
     BOXES_FILE,
     BOXES_SCHEMA,
     CLIP_MAPS,
+    FEATURE_DTYPES,
     FEATURE_MAPS_BORROWED,
     FEATURE_MAPS_CACHE,
     FEATURES_DIR,
@@ -30,6 +31,7 @@ from regionspot_cache.cache.format import (
     IMAGES_SCHEMA,
     REJECTED_FILE,
     REJECTED_SCHEMA,
+    SCALE_SUFFIX,
     SHARDS_DIR,
     STATUS_OK,
     VOCAB_DIR,
@@ -53,6 +55,52 @@ class CachedImage:
 
 
 @dataclass
+class ShardFeatures:
+    """A shard's feature maps and box tokens (``*_scale``: per-row scales of an int8 cache)."""
+
+    clip_maps: RowArray
+    box_tokens: RowArray
+    clip_maps_scale: RowArray | None = None
+    box_tokens_scale: RowArray | None = None
+
+    def maps(self, rows: np.ndarray | slice) -> np.ndarray:
+        return self._read(self.clip_maps, self.clip_maps_scale, rows)
+
+    def tokens(self, rows: np.ndarray | slice) -> np.ndarray:
+        return self._read(self.box_tokens, self.box_tokens_scale, rows)
+
+    @staticmethod
+    def _read(values: RowArray, scale: RowArray | None, rows: np.ndarray | slice) -> np.ndarray:
+        return values.rows(rows) if scale is None else dequantize_rows(values.rows(rows), scale.rows(rows))
+
+    @staticmethod
+    def open(where: Path, expected: dict[str, tuple | None], dtype: str) -> "ShardFeatures":
+        """Open and check the arrays against the shapes the manifest and cache.json call for."""
+        if dtype not in FEATURE_DTYPES:
+            raise CacheFormatError(f"{where}: cache.json has feature_dtype {dtype!r}, "
+                                   f"not one of {', '.join(FEATURE_DTYPES)}")
+        names = [CLIP_MAPS, BOX_TOKENS]
+        if dtype == "int8":
+            names += [CLIP_MAPS + SCALE_SUFFIX, BOX_TOKENS + SCALE_SUFFIX]
+        try:
+            group = zarr.open_group(where, mode="r")
+            arrays = {name: group[name] for name in names}
+        except (OSError, KeyError, ValueError) as err:
+            raise CacheFormatError(f"{where}: unreadable feature arrays: {err}") from None
+        for name in names:
+            shape = expected[name.removesuffix(SCALE_SUFFIX)]
+            want_dtype = np.float32 if name.endswith(SCALE_SUFFIX) else np.dtype(dtype)
+            shape = shape[:-1] if shape is not None and name.endswith(SCALE_SUFFIX) else shape
+            array = arrays[name]
+            if array.dtype != want_dtype or (shape is not None and tuple(array.shape) != shape):
+                raise CacheFormatError(f"{where}/{name}: {array.dtype} array of shape {tuple(array.shape)}, but the "
+                                       f"shard's manifest and cache.json call for {np.dtype(want_dtype)} {shape}")
+        rows = {name: RowArray(array, where / name) for name, array in arrays.items()}
+        return ShardFeatures(rows[CLIP_MAPS], rows[BOX_TOKENS], rows.get(CLIP_MAPS + SCALE_SUFFIX),
+                             rows.get(BOX_TOKENS + SCALE_SUFFIX))
+
+
+@dataclass
 class Vocabulary:
     name: str
     category_ids: np.ndarray  # (C,) int64
@@ -73,6 +121,8 @@ class CacheReader:
             image_id: row for row, image_id in enumerate(self.images.column("image_id").to_pylist())
         }
         self._box_offsets = self._box_offsets_per_shard()
+        self._numpy_columns()
+        self._opened: dict[int, ShardFeatures] = {}
         self.maps_source = self._borrowed_maps_source()
 
     def _borrowed_maps_source(self) -> "CacheReader | None":
@@ -83,7 +133,8 @@ class CacheReader:
         try:
             base = CacheReader(source)
         except CacheFormatError as err:
-            raise CacheFormatError(f"{self.root}: its feature maps come from {source}, which is unusable: {err}") from None
+            raise CacheFormatError(f"{self.root}: its feature maps come from {source}, "
+                                   f"which is unusable: {err}") from None
         if (base.provenance.dataset, base.provenance.clip) != (self.provenance.dataset, self.provenance.clip):
             raise CacheFormatError(f"{self.root}: the cache it borrows feature maps from ({source}) holds another "
                                    "dataset or CLIP model")
@@ -117,6 +168,23 @@ class CacheReader:
             total += int(per_shard.get(int(shard_dir.name), 0) or 0)
         return offsets
 
+    def _numpy_columns(self) -> None:
+        """The manifest columns a read needs, as numpy arrays: reading an image indexes them
+        instead of slicing Arrow tables (tens of microseconds each)."""
+        images = self.images
+        self._shard = images.column("shard").to_numpy()
+        self._map_row = images.column("map_row").to_numpy()
+        self._box_start = images.column("box_start").to_numpy()
+        self._box_count = images.column("box_count").to_numpy()
+        self._ok = np.asarray(images.column("status").to_pylist(), dtype=object) == STATUS_OK
+        offsets = np.asarray([self._box_offsets.get(int(s), 0) for s in range(int(self._shard.max(initial=-1)) + 1)])
+        # First row in ``self.boxes`` of each image's boxes.
+        self.box_row = (offsets[self._shard] if len(self._shard) else np.zeros(0, np.int64)) + self._box_start
+        self._xyxy = np.stack([self.boxes.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)
+        self._xyxy = self._xyxy.astype(np.float32).reshape(-1, 4)
+        self.box_category_ids = self.boxes.column("category_id").to_numpy()
+        self._box_scores = self.boxes.column("score").to_numpy()
+
     def __len__(self) -> int:
         return len(self._index)
 
@@ -127,10 +195,21 @@ class CacheReader:
         status = self.images.column("status").to_pylist()
         return [i for i, s in zip(ids, status) if s == STATUS_OK]
 
-    def _row(self, image_id: int) -> dict:
+    def row_of(self, image_id: int) -> int:
+        """The image's row in ``self.images`` (and in the arrays indexed like it)."""
         if image_id not in self._index:
             raise KeyError(f"image {image_id} is not in the cache {self.root}")
-        return self.images.slice(self._index[image_id], 1).to_pylist()[0]
+        return self._index[image_id]
+
+    def _row(self, image_id: int) -> dict:
+        return self.images.slice(self.row_of(image_id), 1).to_pylist()[0]
+
+    def _ok_row(self, image_id: int) -> int:
+        row = self.row_of(image_id)
+        if not self._ok[row]:
+            record = self._row(image_id)
+            raise CacheFormatError(f"image {image_id} was not extracted: {record['status']}: {record['reason']}")
+        return row
 
     def status(self, image_id: int) -> tuple[str, str]:
         """(status, reason) recorded for the image at extraction: ``ok`` or why it failed."""
@@ -138,61 +217,72 @@ class CacheReader:
         return row["status"], row["reason"]
 
     def image(self, image_id: int) -> CachedImage:
-        row = self._row(image_id)
-        if row["status"] != STATUS_OK:
-            raise CacheFormatError(f"image {image_id} was not extracted: {row['status']}: {row['reason']}")
-        clip_maps, box_tokens = self._arrays(row["shard"])
-        start, count = row["box_start"], row["box_count"]
-        box_table = self.boxes.slice(self._box_offsets[row["shard"]] + start, count)
-        boxes = np.stack([box_table.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)
-        tokens = box_tokens[start : start + count] if count else np.zeros((0, 256), np.float16)
+        row = self._ok_row(image_id)
+        record = self._row(image_id)
+        first, count = int(self.box_row[row]), int(self._box_count[row])
         return CachedImage(
             image_id=image_id,
-            file_name=row["file_name"],
-            width=row["width"],
-            height=row["height"],
-            boxes=boxes.astype(np.float32).reshape(-1, 4),
-            category_ids=box_table.column("category_id").to_numpy(),
-            scores=box_table.column("score").to_numpy(),
-            tokens=np.asarray(tokens),
-            feature_map=self._feature_map(row, clip_maps),
+            file_name=record["file_name"],
+            width=record["width"],
+            height=record["height"],
+            boxes=self._xyxy[first : first + count],
+            category_ids=self.box_category_ids[first : first + count],
+            scores=self._box_scores[first : first + count],
+            tokens=self.box_tokens(image_id),
+            feature_map=self.feature_maps([image_id])[0],
         )
 
-    def _feature_map(self, row: dict, clip_maps: zarr.Array) -> np.ndarray:
+    def box_tokens(self, image_id: int, boxes: np.ndarray | None = None) -> np.ndarray:
+        """(N, 256) float16 SAM tokens of the image's boxes (``boxes``: indices among them; default all)."""
+        row = self._ok_row(image_id)
+        start, count = int(self._box_start[row]), int(self._box_count[row])
+        features = self._arrays(int(self._shard[row]))
+        if boxes is None:
+            return features.tokens(slice(start, start + count)) if count else np.zeros((0, 256), np.float16)
+        return features.tokens(start + np.asarray(boxes, dtype=np.int64))
+
+    def feature_maps(self, image_ids: Sequence[int]) -> np.ndarray:
+        """(len(image_ids), 1 + grid^2, width) float16 CLIP feature maps, gathered shard by shard
+        (one memory-mapped fancy-index copy per shard)."""
         if self.maps_source is not None:
-            return self.maps_source.feature_map(row["image_id"])
-        return np.asarray(clip_maps[row["map_row"]])
+            return self.maps_source.feature_maps(image_ids)
+        rows = np.asarray([self._ok_row(i) for i in image_ids], dtype=np.int64)
+        shards = self._shard[rows]
+        if len(rows) and (shards == shards[0]).all():
+            return self._arrays(int(shards[0])).maps(self._map_row[rows])
+        clip = self.provenance.clip
+        out = np.empty((len(rows), clip.num_tokens, clip.width), np.float16)
+        for shard in np.unique(shards).tolist():
+            where = np.flatnonzero(shards == shard)
+            out[where] = self._arrays(shard).maps(self._map_row[rows[where]])
+        return out
 
     def feature_map(self, image_id: int) -> np.ndarray:
         """The image's CLIP feature map alone, (1 + grid^2, width) float16."""
-        row = self._row(image_id)
-        if row["status"] != STATUS_OK:
-            raise CacheFormatError(f"image {image_id} was not extracted: {row['status']}: {row['reason']}")
-        return self._feature_map(row, self._arrays(row["shard"])[0])
+        return self.feature_maps([image_id])[0]
 
-    @lru_cache(maxsize=256)
-    def _arrays(self, shard: int) -> tuple[zarr.Array, zarr.Array]:
-        """The shard's (clip_maps, box_tokens) arrays, opened once (opening reads metadata) and
-        checked against the shard's manifest and the provenance before any value is used."""
+    def __getstate__(self) -> dict:
+        # Loader workers reopen the shards they read: memory maps must not be pickled (copied).
+        return {**self.__dict__, "_opened": {}}
+
+    def _arrays(self, shard: int) -> ShardFeatures:
+        """The shard's feature arrays, opened once (opening reads metadata and maps the files)
+        and checked against the shard's manifest and the provenance before any value is used."""
+        if shard not in self._opened:
+            self._opened[shard] = self._open_arrays(shard)
+        return self._opened[shard]
+
+    def _open_arrays(self, shard: int) -> ShardFeatures:
         where = self.root / SHARDS_DIR / shard_name(shard) / FEATURES_DIR
-        try:
-            group = zarr.open_group(where, mode="r")
-            clip_maps, box_tokens = group[CLIP_MAPS], group[BOX_TOKENS]
-        except (OSError, KeyError, ValueError) as err:
-            raise CacheFormatError(f"{where}: unreadable feature arrays: {err}") from None
-        rows = self.images.filter(pc.equal(self.images["shard"], shard))
-        maps = int(pc.sum(pc.greater_equal(rows["map_row"], 0)).as_py() or 0)
-        boxes = int(pc.sum(rows["box_count"]).as_py() or 0)
+        in_shard = self._shard == shard
+        maps = int((self._map_row[in_shard] >= 0).sum())
+        boxes = int(self._box_count[in_shard].sum())
         clip = self.provenance.clip
         expected = {
-            CLIP_MAPS: ((maps, clip.num_tokens, clip.width) if maps else None, clip_maps),
-            BOX_TOKENS: ((boxes, self.provenance.sam.token_dim) if boxes else None, box_tokens),
+            CLIP_MAPS: (maps, clip.num_tokens, clip.width) if maps else None,
+            BOX_TOKENS: (boxes, self.provenance.sam.token_dim) if boxes else None,
         }
-        for name, (shape, array) in expected.items():
-            if array.dtype != np.float16 or (shape is not None and tuple(array.shape) != shape):
-                raise CacheFormatError(f"{where}/{name}: {array.dtype} array of shape {tuple(array.shape)}, but the "
-                                       f"shard's manifest and cache.json call for float16 {shape}")
-        return clip_maps, box_tokens
+        return ShardFeatures.open(where, expected, self.provenance.feature_dtype)
 
     def vocabulary_names(self) -> list[str]:
         directory = self.root / VOCAB_DIR

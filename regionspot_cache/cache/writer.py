@@ -18,18 +18,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from regionspot_cache.cache.arrays import quantize_rows, write_rows
 from regionspot_cache.cache.format import (
     BOX_TOKENS,
     BOXES_FILE,
     BOXES_SCHEMA,
     CHECKSUMS_FILE,
     CLIP_MAPS,
+    FEATURE_DTYPES,
     FEATURES_DIR,
     IMAGES_FILE,
     IMAGES_SCHEMA,
     PROVENANCE_FILE,
     REJECTED_FILE,
     REJECTED_SCHEMA,
+    SCALE_SUFFIX,
     SHARDS_DIR,
     STATUS_OK,
     TOKENS_PER_CHUNK,
@@ -99,6 +102,9 @@ class CacheWriter:
         self.root = Path(root)
         self.provenance = provenance
         self.shards_dir = self.root / SHARDS_DIR
+        if provenance.feature_dtype not in FEATURE_DTYPES:
+            raise CacheFormatError(f"{self.root}: feature_dtype {provenance.feature_dtype!r} is not one of "
+                                   f"{', '.join(FEATURE_DTYPES)}")
         if (self.root / PROVENANCE_FILE).exists():
             existing = Provenance.read(self.root)
             differences = provenance.differences(existing)
@@ -192,8 +198,9 @@ class CacheWriter:
         rejected = pa.concat_tables(rejected_rows) if rejected_rows else REJECTED_SCHEMA.empty_table()
         pq.write_table(rejected, directory / REJECTED_FILE)
         group = zarr.open_group(directory / FEATURES_DIR, mode="w")
-        _write_array(group, CLIP_MAPS, np.stack(maps) if maps else None, chunk_rows=1)
-        _write_array(group, BOX_TOKENS, np.concatenate(tokens) if tokens else None, TOKENS_PER_CHUNK)
+        dtype = self.provenance.feature_dtype
+        _write_features(group, CLIP_MAPS, np.stack(maps) if maps else None, 1, dtype)
+        _write_features(group, BOX_TOKENS, np.concatenate(tokens) if tokens else None, TOKENS_PER_CHUNK, dtype)
 
 
 def write_checksums(shard_dir: Path) -> None:
@@ -217,15 +224,12 @@ def _box_columns(image_id: int, boxes: BoxSet) -> pa.Table:
     )
 
 
-def _write_array(group: zarr.Group, name: str, data: np.ndarray | None, chunk_rows: int) -> None:
-    """float16 array with ``chunk_rows`` rows per chunk, all chunks in one zarr shard file."""
-    data = np.zeros((0, 1), np.float16) if data is None else np.asarray(data, dtype=np.float16)
-    chunks = (max(1, min(chunk_rows, len(data))), *data.shape[1:])
-    shards = (_round_up(max(len(data), 1), chunks[0]), *data.shape[1:])
-    array = group.create_array(name, shape=data.shape, chunks=chunks, shards=shards, dtype="float16")
-    if len(data):
-        array[:] = data
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+def _write_features(group: zarr.Group, name: str, data: np.ndarray | None, chunk_rows: int, dtype: str) -> None:
+    """float16 rows, or int8 rows with ``<name>_scale`` (one float32 per row) for an int8 cache."""
+    data = np.zeros((0, 1), np.float16) if data is None else np.asarray(data)
+    if dtype == "int8":
+        values, scale = quantize_rows(data)
+        write_rows(group, name, values, "int8", chunk_rows)
+        write_rows(group, name + SCALE_SUFFIX, scale, "float32", chunk_rows)
+    else:
+        write_rows(group, name, data.astype(np.float16, copy=False), "float16", chunk_rows)

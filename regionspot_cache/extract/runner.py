@@ -104,12 +104,14 @@ def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config:
         package_version=__version__,
         paths=paths,
         feature_maps=FEATURE_MAPS_OWN if maps_from is None else FEATURE_MAPS_BORROWED,
+        feature_dtype=config.feature_dtype,
     )
 
 
 def prepare_cache(dataset: DetectionDataset, cache_dir: Path | str, encoders: FrozenEncoders, config: ExtractConfig,
                   box_source: str, maps_from: str | None = None) -> CacheWriter:
     """Create or reopen the cache (identity checked) and store the dataset's vocabulary."""
+    config.validate()
     writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source, maps_from))
     if not writer.has_vocabulary(dataset.name):
         embeddings = encoders.clip.text_embeddings([c.name for c in dataset.categories])

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -36,9 +34,11 @@ class RegionBatch:
     labels: torch.Tensor  # (B, N) index into the source's vocabulary, -1 for padding
     source: int = 0  # which training dataset (and so which vocabulary) the batch comes from
 
-    def to(self, device: torch.device) -> "RegionBatch":
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "RegionBatch":
+        """On ``device``, tokens and maps converted there to ``dtype`` (the loader delivers float16)."""
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return RegionBatch(move(self.tokens), move(self.feature_maps), move(self.box_mask), move(self.labels), self.source)
+        tokens, maps = move(self.tokens).to(dtype), move(self.feature_maps).to(dtype)
+        return RegionBatch(tokens, maps, move(self.box_mask), move(self.labels), self.source)
 
 
 class CachedRegions(Dataset):
@@ -50,9 +50,8 @@ class CachedRegions(Dataset):
         self.max_boxes = max_boxes
         self.seed = seed
         self.source = source
-        self.class_index = {int(cid): i for i, cid in enumerate(vocabulary.category_ids)}
-        known = pc.is_in(reader.boxes["category_id"], value_set=pa.array(list(self.class_index), pa.int64()))
-        labelled = set(pc.unique(reader.boxes["image_id"].filter(known)).to_pylist())
+        self.box_labels = vocabulary_index(reader.box_category_ids, vocabulary.category_ids)
+        labelled = set(np.unique(reader.boxes["image_id"].to_numpy()[self.box_labels >= 0]).tolist())
         self.image_ids = [i for i in reader.image_ids() if i in labelled]
         if not self.image_ids:
             raise ValueError(f"{reader.root}: no image has a box labelled with vocabulary {vocabulary.name!r}")
@@ -60,15 +59,40 @@ class CachedRegions(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def boxes_of(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(indices among the image's boxes, their labels): the labelled boxes, at most ``max_boxes``."""
         epoch, index = key
-        item = self.reader.image(self.image_ids[index])
-        labels = np.asarray([self.class_index.get(int(c), -1) for c in item.category_ids])
+        row = self.reader.row_of(self.image_ids[index])
+        first = int(self.reader.box_row[row])
+        labels = self.box_labels[first : first + int(self.reader._box_count[row])]
         keep = np.flatnonzero(labels >= 0)
         if len(keep) > self.max_boxes:
             rng = np.random.default_rng([self.seed, self.source, epoch, index])
             keep = np.sort(rng.choice(keep, self.max_boxes, replace=False))
-        return item.tokens[keep], item.feature_map, labels[keep]
+        return keep, labels[keep]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.read([key])[0]
+
+    def read(self, keys: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(tokens, feature map, labels) of each key, float16; the feature maps gathered in one call."""
+        image_ids = [self.image_ids[index] for _, index in keys]
+        maps = self.reader.feature_maps(image_ids)
+        items = []
+        for key, image_id, feature_map in zip(keys, image_ids, maps):
+            keep, labels = self.boxes_of(key)
+            items.append((self.reader.box_tokens(image_id, keep), feature_map, labels))
+        return items
+
+
+def vocabulary_index(category_ids: np.ndarray, vocabulary_ids: np.ndarray) -> np.ndarray:
+    """Index of each category id in ``vocabulary_ids``, -1 where it is not in the vocabulary."""
+    vocabulary_ids = np.asarray(vocabulary_ids, dtype=np.int64)
+    if not len(vocabulary_ids):
+        return np.full(len(category_ids), -1, dtype=np.int64)
+    order = np.argsort(vocabulary_ids, kind="stable")
+    found = order[np.searchsorted(vocabulary_ids, category_ids, sorter=order).clip(max=len(order) - 1)]
+    return np.where(vocabulary_ids[found] == category_ids, found, -1)
 
 
 class MultiSourceRegions(Dataset):
@@ -81,8 +105,17 @@ class MultiSourceRegions(Dataset):
         return [len(source) for source in self.sources]
 
     def __getitem__(self, key: Key) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        source, epoch, index = key
-        return (*self.sources[source][(epoch, index)], source)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[Key]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+        """A batch's items, read source by source in one batched read each (the DataLoader calls
+        this with the whole batch instead of one ``__getitem__`` per image)."""
+        items: list = [None] * len(keys)
+        for source in sorted({key[0] for key in keys}):
+            where = [i for i, key in enumerate(keys) if key[0] == source]
+            for i, item in zip(where, self.sources[source].read([keys[i][1:] for i in where])):
+                items[i] = (*item, source)
+        return items
 
 
 class EpochSampler(Sampler):
@@ -161,18 +194,19 @@ class RankBatchSampler(Sampler):
 
 def collate_regions(items: list[tuple]) -> RegionBatch:
     """Pad the images of a batch to the largest box count; padded boxes get label -1 and are
-    masked out of attention and of the loss (the released code instead repeats real boxes)."""
+    masked out of attention and of the loss (the released code instead repeats real boxes).
+    Tokens and maps stay float16 (half the bytes to copy); ``RegionBatch.to`` converts on the device."""
     sources = {item[3] for item in items} if len(items[0]) > 3 else {0}
     if len(sources) != 1:
         raise ValueError(f"a batch mixes datasets {sorted(sources)}")
     count = max(len(item[2]) for item in items)
     batch, token_dim = len(items), items[0][0].shape[1]
-    tokens = torch.zeros(batch, count, token_dim)
+    tokens = torch.zeros(batch, count, token_dim, dtype=torch.float16)
     labels = torch.full((batch, count), -1, dtype=torch.long)
     for row, (item_tokens, _, item_labels, *_) in enumerate(items):
-        tokens[row, : len(item_labels)] = torch.from_numpy(item_tokens.astype(np.float32))
-        labels[row, : len(item_labels)] = torch.from_numpy(item_labels)
-    maps = torch.from_numpy(np.stack([item[1] for item in items]).astype(np.float32))
+        tokens[row, : len(item_labels)] = torch.from_numpy(np.asarray(item_tokens, dtype=np.float16))
+        labels[row, : len(item_labels)] = torch.from_numpy(np.asarray(item_labels, dtype=np.int64))
+    maps = torch.from_numpy(np.stack([np.asarray(item[1], dtype=np.float16) for item in items]))
     return RegionBatch(tokens, maps, labels >= 0, labels, sources.pop())
 
 

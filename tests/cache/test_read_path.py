@@ -1,0 +1,139 @@
+"""The fast read path: memory-mapped arrays, batched gathers, the zarr fallback and int8 caches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from regionspot_cache.cache import CacheFormatError, CacheReader, CacheWriter, ImageFeatures, Provenance
+from regionspot_cache.cache.arrays import dequantize_rows, quantize_rows
+from regionspot_cache.data.datasets import BoxSet
+
+RNG = np.random.default_rng(1)
+
+
+def _provenance(**changes) -> Provenance:
+    fields = dict(dataset="toy", box_source="gt", shard_size=4, planned_shards=3, sam={"variant": "tiny"},
+                  clip={"model": "RS-Tiny-ViT", "width": 8, "num_tokens": 5})
+    return Provenance(**{**fields, **changes})
+
+
+def _images(count: int) -> list[ImageFeatures]:
+    images = []
+    for image_id in range(count):
+        boxes = int(RNG.integers(0, 4))
+        xyxy = np.tile(np.asarray([[1, 2, 30, 40]], np.float32), (boxes, 1))
+        images.append(ImageFeatures(
+            image_id * 10, f"{image_id}.jpg", 64, 48, BoxSet(xyxy, np.arange(boxes) + 1, np.ones(boxes, np.float32)),
+            feature_map=RNG.normal(size=(5, 8)).astype(np.float32) * (image_id + 1),
+            box_tokens=RNG.normal(size=(boxes, 256)).astype(np.float32),
+        ))
+    return images
+
+
+def _write(root, images, **provenance) -> CacheReader:
+    writer = CacheWriter(root, _provenance(**provenance))
+    for shard, start in enumerate(range(0, len(images), 4)):
+        writer.write_shard(shard, images[start : start + 4])
+    return CacheReader(root)
+
+
+def test_arrays_are_memory_mapped_and_batched_gathers_cross_shards(tmp_path):
+    images = _images(10)
+    reader = _write(tmp_path, images)
+    assert reader._arrays(0).clip_maps.mapped is not None and reader._arrays(0).box_tokens.mapped is not None
+    ids = [90, 0, 50, 10, 50]  # shards 2, 0, 1, 0, 1; a repeat
+    maps = reader.feature_maps(ids)
+    assert maps.dtype == np.float16
+    for got, image_id in zip(maps, ids):
+        np.testing.assert_array_equal(got, images[image_id // 10].feature_map.astype(np.float16))
+    for image in images:
+        np.testing.assert_array_equal(reader.box_tokens(image.image_id), image.box_tokens.astype(np.float16))
+        if len(image.boxes) > 1:
+            np.testing.assert_array_equal(reader.box_tokens(image.image_id, np.array([1, 0])),
+                                          image.box_tokens[[1, 0]].astype(np.float16))
+
+
+def test_compressed_arrays_of_older_caches_are_read_through_zarr(tmp_path):
+    """Caches written before stored zstd-compressed chunks: no memory map, same values."""
+    images = _images(4)
+    _write(tmp_path, images)
+    group = zarr.open_group(tmp_path / "shards/000000/features.zarr", mode="a")
+    for name, chunk_rows in (("clip_maps", 1), ("box_tokens", 1024)):
+        data = group[name][:]
+        del group[name]
+        rows = max(1, min(chunk_rows, len(data)))
+        chunks = (rows, *data.shape[1:])
+        group.create_array(name, shape=data.shape, chunks=chunks, shards=data.shape, dtype="float16")[:] = data
+    reader = CacheReader(tmp_path)
+    assert reader._arrays(0).clip_maps.mapped is None
+    for image in images:
+        item = reader.image(image.image_id)
+        np.testing.assert_array_equal(item.feature_map, image.feature_map.astype(np.float16))
+        np.testing.assert_array_equal(item.tokens, image.box_tokens.astype(np.float16))
+    np.testing.assert_array_equal(reader.feature_maps([30, 0])[0], images[3].feature_map.astype(np.float16))
+
+
+def test_all_zero_rows_keep_the_file_mappable(tmp_path):
+    images = _images(3)
+    images[1].feature_map = np.zeros((5, 8), np.float32)
+    reader = _write(tmp_path, images)
+    assert reader._arrays(0).clip_maps.mapped is not None
+    np.testing.assert_array_equal(reader.feature_map(10), np.zeros((5, 8), np.float16))
+
+
+def test_quantisation_error_is_bounded_by_half_a_step_per_row():
+    data = RNG.normal(size=(6, 257, 64)).astype(np.float32) * RNG.uniform(0.01, 100, size=(6, 257, 1))
+    data[0, 0] = 0  # an all-zero row has scale 0 and comes back as zeros
+    values, scale = quantize_rows(data)
+    assert values.dtype == np.int8 and scale.shape == (6, 257)
+    back = dequantize_rows(values, scale).astype(np.float32)
+    np.testing.assert_array_equal(back[0, 0], 0)
+    # half a quantisation step, plus float16 rounding of the result
+    bound = scale[..., None] / 2 + np.abs(data) * 2**-10
+    assert (np.abs(back - data) <= bound * 1.0001).all()
+
+
+def test_int8_cache_round_trip_records_its_dtype_and_halves_the_bytes(tmp_path):
+    images = _images(8)
+    for image in images:
+        image.feature_map = RNG.normal(size=(5, 256)).astype(np.float32)
+    clip = {"model": "RS-Tiny-ViT", "width": 256, "num_tokens": 5}
+    int8 = _write(tmp_path / "int8", images, feature_dtype="int8", clip=clip)
+    half = _write(tmp_path / "half", images, clip=clip)
+    assert int8.provenance.feature_dtype == "int8" and half.provenance.feature_dtype == "float16"
+    assert '"feature_dtype": "int8"' in (tmp_path / "int8/cache.json").read_text()
+    for image in images:
+        item = int8.image(image.image_id)
+        assert item.feature_map.dtype == np.float16 and item.tokens.dtype == np.float16
+        for got, want in ((item.feature_map, image.feature_map), (item.tokens, image.box_tokens)):
+            if len(want):
+                error = np.linalg.norm(got.astype(np.float32) - want) / np.linalg.norm(want)
+                assert error < 0.02
+    assert int8._arrays(0).clip_maps.mapped is not None and int8._arrays(0).clip_maps_scale.mapped is not None
+
+    def feature_bytes(root):
+        return sum(p.stat().st_size for p in root.glob("shards/*/features.zarr/*/c/**/*") if p.is_file())
+
+    assert feature_bytes(tmp_path / "int8") <= 0.55 * feature_bytes(tmp_path / "half")
+
+
+def test_unknown_feature_dtype_is_refused_by_writer_and_reader(tmp_path):
+    with pytest.raises(CacheFormatError, match="feature_dtype 'int4' is not one of float16, int8"):
+        CacheWriter(tmp_path / "a", _provenance(feature_dtype="int4"))
+    _write(tmp_path / "b", _images(2))
+    path = tmp_path / "b/cache.json"
+    path.write_text(path.read_text().replace('"feature_dtype": "float16"', '"feature_dtype": "int4"'))
+    with pytest.raises(CacheFormatError, match="feature_dtype 'int4'"):
+        CacheReader(tmp_path / "b").image(0)
+
+
+def test_reader_pickles_without_its_memory_maps(tmp_path):
+    import pickle
+
+    reader = _write(tmp_path, _images(4))
+    reader.feature_map(0)
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._opened == {}
+    np.testing.assert_array_equal(clone.feature_map(0), reader.feature_map(0))
