@@ -215,7 +215,7 @@ CACHE_JSON_0_1_0 = """{
 }"""
 
 
-def test_a_cache_json_of_the_released_format_reads_into_typed_identities_and_writes_back_unchanged(tmp_path):
+def test_a_cache_json_of_the_released_format_reads_into_typed_identities_and_writes_back_the_same(tmp_path):
     (tmp_path / "cache.json").write_text(CACHE_JSON_0_1_0)
     provenance = Provenance.read(tmp_path)
     assert provenance.sam == SamIdentity(
@@ -225,7 +225,8 @@ def test_a_cache_json_of_the_released_format_reads_into_typed_identities_and_wri
     clip = provenance.clip
     assert (clip.model, clip.pretrained, clip.image_size) == ("RS-Tiny-ViT", None, [128, 128])
     assert (clip.width, clip.num_tokens, clip.text_dim, clip.logit_scale) == (64, 257, 64, 14.285714149475098)
-    assert provenance.to_json() == CACHE_JSON_0_1_0
+    # The same JSON, with the storage dtype that version 0.1.0 left implicit (float16) now written out.
+    assert json.loads(provenance.to_json()) == {**json.loads(CACHE_JSON_0_1_0), "feature_dtype": "float16"}
     assert provenance.differences(Provenance.read(tmp_path)) == []
 
 

@@ -8,14 +8,20 @@ import zarr
 
 from regionspot_cache.cache import CacheFormatError, CacheReader, CacheWriter, ImageFeatures, Provenance
 from regionspot_cache.cache.arrays import dequantize_rows, quantize_rows
+from regionspot_cache.cache.format import ClipIdentity, SamIdentity
 from regionspot_cache.data.datasets import BoxSet
+
+SAM = SamIdentity("tiny", "ab", 1024, 256, "sam preprocess", "mask token 0")
+
+
+def clip_identity(width: int) -> ClipIdentity:
+    return ClipIdentity("RS-Tiny-ViT", None, "cd", [128, 128], width, 5, 4, 14.3, "clip preprocess", "before ln_post")
 
 RNG = np.random.default_rng(1)
 
 
 def _provenance(**changes) -> Provenance:
-    fields = dict(dataset="toy", box_source="gt", shard_size=4, planned_shards=3, sam={"variant": "tiny"},
-                  clip={"model": "RS-Tiny-ViT", "width": 8, "num_tokens": 5})
+    fields = dict(dataset="toy", box_source="gt", shard_size=4, planned_shards=3, sam=SAM, clip=clip_identity(8))
     return Provenance(**{**fields, **changes})
 
 
@@ -99,7 +105,7 @@ def test_int8_cache_round_trip_records_its_dtype_and_halves_the_bytes(tmp_path):
     images = _images(8)
     for image in images:
         image.feature_map = RNG.normal(size=(5, 256)).astype(np.float32)
-    clip = {"model": "RS-Tiny-ViT", "width": 256, "num_tokens": 5}
+    clip = clip_identity(256)
     int8 = _write(tmp_path / "int8", images, feature_dtype="int8", clip=clip)
     half = _write(tmp_path / "half", images, clip=clip)
     assert int8.provenance.feature_dtype == "int8" and half.provenance.feature_dtype == "float16"

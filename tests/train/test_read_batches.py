@@ -6,14 +6,16 @@ import numpy as np
 import torch
 
 from regionspot_cache.cache import CacheReader, CacheWriter, ImageFeatures, Provenance
+from regionspot_cache.cache.format import ClipIdentity, SamIdentity
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.train.data import BatchPlan, CachedRegions, MultiSourceRegions, RankBatchSampler, region_loader
 
 
 def _cache(root, images: int = 11, feature_dtype: str = "float16") -> CacheReader:
     rng = np.random.default_rng(0)
-    provenance = Provenance(dataset="toy", box_source="gt", shard_size=4, planned_shards=3, sam={"variant": "tiny"},
-                            clip={"width": 8, "num_tokens": 5}, feature_dtype=feature_dtype)
+    provenance = Provenance(dataset="toy", box_source="gt", shard_size=4, planned_shards=3, sam=SamIdentity("tiny", "ab", 1024, 256, "", ""),
+                            clip=ClipIdentity("tiny", None, "cd", [8, 8], 8, 5, 4, 14.3, "", ""),
+                            feature_dtype=feature_dtype)
     writer = CacheWriter(root, provenance)
     writer.write_vocabulary("toy", [Category(1, "a"), Category(2, "b")], np.eye(2, 6, dtype=np.float32))
     for shard, start in enumerate(range(0, images, 4)):
