@@ -18,7 +18,7 @@ Layout of a cache directory::
 
 from regionspot_cache.cache.format import FORMAT_VERSION, CacheFormatError, Provenance
 from regionspot_cache.cache.reader import CachedImage, CacheReader, Vocabulary
-from regionspot_cache.cache.verify import ShardProblem, derived_caches, inspect_cache, verify_cache, verify_cache_tree
+from regionspot_cache.cache.verify import ShardProblem, inspect_cache, proposals_caches, verify_cache, verify_cache_tree
 from regionspot_cache.cache.writer import CacheBusyError, CacheWriter, ImageFeatures, exclusive_extraction
 
 __all__ = [
@@ -35,6 +35,6 @@ __all__ = [
     "inspect_cache",
     "verify_cache",
     "verify_cache_tree",
-    "derived_caches",
+    "proposals_caches",
     "exclusive_extraction",
 ]

@@ -91,7 +91,7 @@ def shard_checksums(shard_dir: Path) -> dict[str, str]:
 
 FEATURE_MAPS_OWN, FEATURE_MAPS_BORROWED = "own", "borrowed"
 FEATURE_MAPS_CACHE = "feature_maps_cache"  # key in Provenance.paths
-DERIVED_DIR = "proposals"  # proposals caches that borrow a cache's feature maps live under it
+PROPOSALS_DIR = "proposals"  # proposals caches that borrow a cache's feature maps live under it
 
 
 IdentityT = TypeVar("IdentityT", bound="ModelIdentity")

@@ -110,6 +110,13 @@ class Vocabulary:
 
 
 class CacheReader:
+    """Reads a cache written by ``CacheWriter``: its committed shards, vocabularies and identity.
+
+    Arguments:
+      root: the cache directory (holding ``cache.json``). A proposals cache reads the feature
+        maps of the cache it borrows them from (``maps_borrowed_from``).
+    """
+
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self.provenance = Provenance.read(self.root)
@@ -123,9 +130,9 @@ class CacheReader:
         self._box_offsets = self._box_offsets_per_shard()
         self._numpy_columns()
         self._opened: dict[int, ShardFeatures] = {}
-        self.maps_source = self._borrowed_maps_source()
+        self.maps_borrowed_from = self._open_maps_borrowed_from()
 
-    def _borrowed_maps_source(self) -> "CacheReader | None":
+    def _open_maps_borrowed_from(self) -> "CacheReader | None":
         """The cache whose feature maps a proposals cache reads (it stores only SAM tokens)."""
         if self.provenance.feature_maps != FEATURE_MAPS_BORROWED:
             return None
@@ -217,6 +224,17 @@ class CacheReader:
         return row["status"], row["reason"]
 
     def image(self, image_id: int) -> CachedImage:
+        """Everything cached of one extracted image.
+
+        Arguments:
+          image_id: an id of ``image_ids()`` (a failed image raises CacheFormatError with its reason).
+
+        Returns:
+          A ``CachedImage``: ``boxes`` (N, 4) float32 x1 y1 x2 y2 in original pixels,
+          ``category_ids`` (N,) int64 (-1 for proposals), ``scores`` (N,) float32, ``tokens``
+          (N, 256) float16 SAM position-aware tokens, ``feature_map`` (1 + grid^2, width) float16
+          CLIP tokens before ln_post, class token first (int8 caches are dequantised to float16).
+        """
         row = self._ok_row(image_id)
         record = self._row(image_id)
         first, count = int(self.box_row[row]), int(self._box_count[row])
@@ -244,8 +262,8 @@ class CacheReader:
     def feature_maps(self, image_ids: Sequence[int]) -> np.ndarray:
         """(len(image_ids), 1 + grid^2, width) float16 CLIP feature maps, gathered shard by shard
         (one memory-mapped fancy-index copy per shard)."""
-        if self.maps_source is not None:
-            return self.maps_source.feature_maps(image_ids)
+        if self.maps_borrowed_from is not None:
+            return self.maps_borrowed_from.feature_maps(image_ids)
         rows = np.asarray([self._ok_row(i) for i in image_ids], dtype=np.int64)
         shards = self._shard[rows]
         if len(rows) and (shards == shards[0]).all():

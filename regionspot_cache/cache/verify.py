@@ -9,7 +9,7 @@ from typing import Any
 
 from regionspot_cache.cache.format import (
     CHECKSUMS_FILE,
-    DERIVED_DIR,
+    PROPOSALS_DIR,
     STATUS_OK,
     Provenance,
     shard_checksums,
@@ -33,15 +33,15 @@ def verify_cache(root: Path | str) -> list[ShardProblem]:
     return problems
 
 
-def derived_caches(root: Path | str) -> list[Path]:
+def proposals_caches(root: Path | str) -> list[Path]:
     """The proposals caches kept inside ``root`` (they borrow its feature maps)."""
-    directory = Path(root) / DERIVED_DIR
+    directory = Path(root) / PROPOSALS_DIR
     return sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
 
 
 def verify_cache_tree(root: Path | str) -> dict[Path, list[ShardProblem]]:
     """``verify_cache`` of ``root`` and of each proposals cache inside it, by cache directory."""
-    return {cache: verify_cache(cache) for cache in [Path(root), *derived_caches(root)]}
+    return {cache: verify_cache(cache) for cache in [Path(root), *proposals_caches(root)]}
 
 
 def _shard_problems(shard_dir: Path) -> list[str]:

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.cache.format import DERIVED_DIR, FEATURE_MAPS_OWN
+from regionspot_cache.cache.format import FEATURE_MAPS_OWN, PROPOSALS_DIR
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 def proposals_cache_dir(cache_dir: Path | str, box_source: str) -> Path:
-    return Path(cache_dir) / DERIVED_DIR / re.sub(r"[^A-Za-z0-9._-]+", "-", box_source)
+    return Path(cache_dir) / PROPOSALS_DIR / re.sub(r"[^A-Za-z0-9._-]+", "-", box_source)
 
 
 def cache_with_boxes(
@@ -47,7 +47,7 @@ def cache_with_boxes(
     base = CacheReader(cache_dir)
     if base.provenance.box_source == box_source:
         return cache_dir
-    _check_can_lend_maps(base, dataset)
+    _check_maps_can_be_borrowed(base, dataset)
     target = proposals_cache_dir(cache_dir, box_source)
     encoders = encoders or load_frozen_encoders(models or models_recorded_in(base.provenance), resolve_device(config.device))
     if encoders.clip_provenance() != base.provenance.clip:
@@ -56,7 +56,7 @@ def cache_with_boxes(
     # Same shards as the base, so a proposals shard's images are one base shard's.
     config = replace(config, shard_size=base.provenance.shard_size)
     summary = run_extraction(dataset, target, encoders.spec, config, box_source, encoders,
-                             maps_from=os.path.relpath(cache_dir.resolve(), target.resolve()), distributor=distributor)
+                             borrow_maps_from=os.path.relpath(cache_dir.resolve(), target.resolve()), distributor=distributor)
     failed = f"; shards failed: {summary.failed_shards}" if summary.failed_shards else ""
     logger.log(logging.WARNING if failed else logging.INFO,
                "proposals cache %s: SAM tokens of %d images, %d boxes (%d images failed) in %.1f s%s",
@@ -64,7 +64,7 @@ def cache_with_boxes(
     return target
 
 
-def _check_can_lend_maps(base: CacheReader, dataset: DetectionDataset) -> None:
+def _check_maps_can_be_borrowed(base: CacheReader, dataset: DetectionDataset) -> None:
     provenance = base.provenance
     if provenance.feature_maps != FEATURE_MAPS_OWN:
         raise ValueError(f"{base.root}: borrows its feature maps itself; use the cache it borrows them from")

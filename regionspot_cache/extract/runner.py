@@ -46,7 +46,7 @@ def run_extraction(
     config: ExtractConfig,
     box_source: str = "gt",
     encoders: FrozenEncoders | None = None,
-    maps_from: str | None = None,
+    borrow_maps_from: str | None = None,
     only_shards: set[int] | None = None,
     distributor: Distributor | None = None,
 ) -> ExtractSummary:
@@ -59,7 +59,7 @@ def run_extraction(
       models: the SAM and CLIP to load (``encoders``, if given, are used instead in this process).
       config: batch size, shard size, loader workers, device, strictness.
       box_source: ``gt`` or the id of a proposals file, recorded in the cache's identity.
-      maps_from: for a proposals cache, the path (relative to it) of the cache whose CLIP feature
+      borrow_maps_from: for a proposals cache, the path (relative to it) of the cache whose CLIP feature
         maps it borrows: then only SAM runs.
       only_shards: extract only these shard ids (``repair``).
       distributor: ``InProcess()`` (default) or ``Dask(scheduler, workers, retries)``.
@@ -72,7 +72,7 @@ def run_extraction(
     started = time.perf_counter()
     with exclusive_extraction(cache_dir):
         encoders = encoders or load_frozen_encoders(models, distributor.setup_device(config))
-        writer = prepare_cache(dataset, cache_dir, encoders, config, box_source, maps_from)
+        writer = prepare_cache(dataset, cache_dir, encoders, config, box_source, borrow_maps_from)
         shards = list(shard_entries(dataset.images, config.shard_size))
         pending = pending_shards(shards, writer.committed_shards(), only_shards)
         summary = ExtractSummary(shards_skipped=len(shards) - len(pending))
@@ -90,10 +90,10 @@ def pending_shards(shards: Sequence[Shard], committed: set[int], only: set[int] 
 
 
 def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config: ExtractConfig, box_source: str,
-                    maps_from: str | None = None) -> Provenance:
-    """``maps_from``: for a proposals cache, the path (relative to it) of the cache whose
+                    borrow_maps_from: str | None = None) -> Provenance:
+    """``borrow_maps_from``: for a proposals cache, the path (relative to it) of the cache whose
     feature maps it borrows."""
-    paths = encoders.paths() if maps_from is None else {**encoders.paths(), FEATURE_MAPS_CACHE: maps_from}
+    paths = encoders.paths() if borrow_maps_from is None else {**encoders.paths(), FEATURE_MAPS_CACHE: borrow_maps_from}
     return Provenance(
         dataset=dataset.name,
         box_source=box_source,
@@ -103,16 +103,16 @@ def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config:
         clip=encoders.clip_provenance(),
         package_version=__version__,
         paths=paths,
-        feature_maps=FEATURE_MAPS_OWN if maps_from is None else FEATURE_MAPS_BORROWED,
+        feature_maps=FEATURE_MAPS_OWN if borrow_maps_from is None else FEATURE_MAPS_BORROWED,
         feature_dtype=config.feature_dtype,
     )
 
 
 def prepare_cache(dataset: DetectionDataset, cache_dir: Path | str, encoders: FrozenEncoders, config: ExtractConfig,
-                  box_source: str, maps_from: str | None = None) -> CacheWriter:
+                  box_source: str, borrow_maps_from: str | None = None) -> CacheWriter:
     """Create or reopen the cache (identity checked) and store the dataset's vocabulary."""
     config.validate()
-    writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source, maps_from))
+    writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source, borrow_maps_from))
     if not writer.has_vocabulary(dataset.name):
         embeddings = encoders.clip.text_embeddings([c.name for c in dataset.categories])
         writer.write_vocabulary(dataset.name, dataset.categories, embeddings.float().cpu().numpy())
