@@ -48,6 +48,20 @@ class ExtractConfig:
     device: str = "auto"
     strict: bool = False  # bad images and degenerate boxes stop the run instead of being recorded
     max_image_pixels: int = 100_000_000  # larger images (decompression bombs) are recorded as failed
+    # Peak memory the SAM image batch may take (GB; None: 70% of the device's free memory at start).
+    # Batches of batch_size images are run in smaller parts when they would not fit.
+    memory_budget_gb: float | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError (``--set`` assigns fields after __init__, so the mapper calls this again)."""
+        for name in ("shard_size", "batch_size", "boxes_per_decoder_call"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"extract.{name}: {getattr(self, name)} must be at least 1")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ConfigError(f"extract.memory_budget_gb: {self.memory_budget_gb} must be above 0 (GB)")
 
 
 @dataclass
