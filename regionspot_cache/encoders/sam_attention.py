@@ -37,10 +37,13 @@ class FusedSamAttention(Attention):
             out = self._attend_with_rel_pos(q, k, v, height, width)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
+        out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
+        out = out.reshape(batch, height, width, -1)
         return self.proj(out)
 
-    def _attend_with_rel_pos(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def _attend_with_rel_pos(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
         rel_h, rel_w = self._decomposed_rel_pos(q, height, width)
         batch, heads, tokens, _ = q.shape
         rows = query_rows_per_call(batch * heads * tokens * q.element_size())
@@ -48,7 +51,8 @@ class FusedSamAttention(Attention):
         for start in range(0, tokens, rows):
             stop = min(start + rows, tokens)
             # bias[b, n, query, kh * W + kw] = rel_h[.., query, kh] + rel_w[.., query, kw]
-            bias = (rel_h[:, :, start:stop, :, None] + rel_w[:, :, start:stop, None, :]).reshape(batch, heads, stop - start, tokens)
+            bias = rel_h[:, :, start:stop, :, None] + rel_w[:, :, start:stop, None, :]
+            bias = bias.reshape(batch, heads, stop - start, tokens)
             outputs.append(F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=bias, scale=self.scale))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 

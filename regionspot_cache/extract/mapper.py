@@ -19,7 +19,14 @@ from regionspot_cache.cache.format import STATUS_FAILED
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.encoders import FrozenEncoders
-from regionspot_cache.encoders.memory import GIB, FittingBatches, images_within, is_out_of_memory, memory_budget_bytes, sam_image_bytes
+from regionspot_cache.encoders.memory import (
+    GIB,
+    FittingBatches,
+    images_within,
+    is_out_of_memory,
+    memory_budget_bytes,
+    sam_image_bytes,
+)
 from regionspot_cache.encoders.sam import SAM_ARCHITECTURES
 from regionspot_cache.extract.reader import LoadedImage
 
