@@ -29,8 +29,8 @@ GIB = 2**30
 DEFAULT_BUDGET_SHARE = 0.7
 # Live activations of SAM's image encoder per token and channel, in units of the compute dtype:
 # the residual stream, its norm, qkv (3x) and the MLP's hidden layer and GELU (4x each) of one
-# block, plus the patch grid padded to whole 14x14 windows. Calibrated against the peak RSS that
-# benchmarks/memory.py measures (about 0.45 GB per ViT-B image in float32 on a CPU), with margin.
+# block, plus the patch grid padded to whole 14x14 windows: 0.39 GB per ViT-B image in float32, above
+# the at most 0.29 GB per image that benchmarks/memory.py measured (RESULTS.md), as a margin.
 ACTIVATIONS_PER_TOKEN_CHANNEL = 24
 # Per image outside the encoder: the padded 1024x1024 input in float32 and the (256, 64, 64)
 # embedding it returns.
