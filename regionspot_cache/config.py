@@ -68,12 +68,20 @@ class ExtractConfig:
     # How feature maps and box tokens are stored: "float16", or "int8" with one scale per token
     # (about half the bytes; the reader returns float16 either way). Part of the cache's identity.
     feature_dtype: str = "float16"
+    # Peak memory the SAM image batch may take (GB; None: 70% of the device's free memory at start).
+    # Batches of batch_size images are run in smaller parts when they would not fit.
+    memory_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the allowed values (``--set`` assigns fields after __init__)."""
+        """Raise ConfigError (``--set`` assigns fields after __init__, so the mapper calls this again)."""
+        for name in ("shard_size", "batch_size", "boxes_per_decoder_call"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"extract.{name}: {getattr(self, name)} must be at least 1")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ConfigError(f"extract.memory_budget_gb: {self.memory_budget_gb} must be above 0 (GB)")
         if self.feature_dtype not in FEATURE_DTYPES:
             raise ConfigError(f"extract.feature_dtype: {self.feature_dtype!r} is not one of "
                               f"{', '.join(FEATURE_DTYPES)}")

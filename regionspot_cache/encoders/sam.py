@@ -3,6 +3,8 @@
 Architectures are data (as in segment-anything's ``build_sam.py``); building goes through the
 library's own builder, and weights are loaded with ``weights_only=True``. Image preprocessing is
 exactly ``SamPredictor.set_image``'s: ``ResizeLongestSide`` to 1024, pixel mean/std, pad.
+The image encoder's attention runs through fused SDPA (``sam_attention.py``), the same function
+within float rounding without the per-image gigabytes of the eager attention matrix.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from regionspot_cache.encoders.memory import FittingBatches
+from regionspot_cache.encoders.sam_attention import use_fused_attention
 from regionspot_cache.runtime import load_torch_weights
 
 
@@ -38,8 +42,14 @@ SAM_ARCHITECTURES: dict[str, SamArchitecture] = {
 TOKEN_DIM = 256
 
 
-def build_sam(variant: str, checkpoint: Path | str | None) -> Sam:
-    """Build SAM ``variant`` and load ``checkpoint`` (a state dict file) into it."""
+SAM_ATTENTIONS = ("sdpa", "eager")
+
+
+def build_sam(variant: str, checkpoint: Path | str | None, attention: str = "sdpa") -> Sam:
+    """Build SAM ``variant`` and load ``checkpoint`` (a state dict file) into it. ``attention``:
+    ``sdpa`` (fused, bounded memory) or ``eager`` (segment-anything's own forward, for comparison)."""
+    if attention not in SAM_ATTENTIONS:
+        raise ValueError(f"unknown SAM attention {attention!r}; known: {', '.join(SAM_ATTENTIONS)}")
     if variant not in SAM_ARCHITECTURES:
         raise ValueError(f"unknown SAM variant {variant!r}; known: {sorted(SAM_ARCHITECTURES)}")
     arch = SAM_ARCHITECTURES[variant]
@@ -56,6 +66,8 @@ def build_sam(variant: str, checkpoint: Path | str | None) -> Sam:
             sam.load_state_dict(state)
         except RuntimeError as err:
             raise ValueError(f"{checkpoint}: does not fit SAM {variant!r}: {err}") from None
+    if attention == "sdpa":
+        use_fused_attention(sam.image_encoder)
     return sam.eval().requires_grad_(False)
 
 
@@ -98,20 +110,19 @@ class SamBoxEncoder:
         original_size: tuple[int, int],
         boxes_per_call: int = 64,
     ) -> torch.Tensor:
-        """Position-aware tokens (N, 256) for boxes in original pixels of an (H, W) image.
+        """Position-aware tokens (N, 256) for boxes in original pixels of an (H, W) image
+        (``boxes_per_call`` at a time, halved if a call runs out of memory).
 
         Runs the mask decoder's two-way transformer and keeps the output for mask token 0 (the
         single-mask output); the mask upscaling and hypernetworks are skipped as unused.
         """
         boxes = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4))
         boxes = self.transform.apply_boxes_torch(boxes, original_size).to(self.device)
-        chunks = [
-            self._decode_tokens(image_embedding, boxes[start : start + boxes_per_call])
-            for start in range(0, len(boxes), boxes_per_call)
-        ]
-        if not chunks:
+        tokens = FittingBatches(boxes_per_call, self.device, "boxes").map(
+            boxes, lambda chunk: self._decode_tokens(image_embedding, chunk))
+        if not tokens:
             return torch.empty(0, TOKEN_DIM, device=self.device)
-        return torch.cat(chunks)
+        return torch.stack(tokens)
 
     def _decode_tokens(self, image_embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         decoder = self.sam.mask_decoder
@@ -135,18 +146,17 @@ class SamBoxEncoder:
         """SAM's single-mask output for each box prompt, as ``SamPredictor.predict(box=...,
         multimask_output=False)`` returns it: (N, H, W) bool in original pixels of an (H, W) image.
 
-        ``boxes_per_call`` bounds memory: each box's logits are upscaled to 1024² floats first.
+        ``boxes_per_call`` bounds memory: each box's logits are upscaled to 1024² floats first;
+        a call that runs out of memory anyway is retried with half as many boxes.
         """
         boxes = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4))
         boxes = self.transform.apply_boxes_torch(boxes, original_size).to(self.device)
         input_size = self.transform.get_preprocess_shape(*original_size, self.input_size)
-        chunks = [
-            self._decode_masks(image_embedding, boxes[start : start + boxes_per_call], input_size, original_size)
-            for start in range(0, len(boxes), boxes_per_call)
-        ]
-        if not chunks:
+        masks = FittingBatches(boxes_per_call, self.device, "boxes").map(
+            boxes, lambda chunk: self._decode_masks(image_embedding, chunk, input_size, original_size))
+        if not masks:
             return torch.zeros(0, *original_size, dtype=torch.bool, device=self.device)
-        return torch.cat(chunks)
+        return torch.stack(masks)
 
     def _decode_masks(
         self, image_embedding: torch.Tensor, boxes: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
