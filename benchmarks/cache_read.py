@@ -43,13 +43,24 @@ SHAPES = {"bb": (197, 768, 512), "bl": (257, 1024, 768)}  # tokens, width, text 
 CLASSES = 100
 
 
+def model_identities(shape: str, tokens: int, width: int, text_dim: int) -> dict:
+    """``sam`` and ``clip`` of the provenance: typed identities, or the dicts of older checkouts."""
+    sam = {"variant": "vit_b", "checkpoint_sha256": None, "input_size": 1024, "token_dim": 256, "preprocess": "", "token": ""}
+    clip = {"model": shape, "pretrained": None, "weights_sha256": None, "image_size": [224, 224], "width": width,
+            "num_tokens": tokens, "text_dim": text_dim, "logit_scale": 100.0, "preprocess": "", "feature_map": ""}
+    try:
+        from regionspot_cache.cache.format import ClipIdentity, SamIdentity
+    except ImportError:
+        return {"sam": sam, "clip": clip}
+    return {"sam": SamIdentity(**sam), "clip": ClipIdentity(**clip)}
+
+
 def write_cache(root: Path, images: int, shape: str, boxes: int, shard_size: int, feature_dtype: str) -> None:
     tokens, width, text_dim = SHAPES[shape]
     extra = {} if feature_dtype == "float16" else {"feature_dtype": feature_dtype}  # older checkouts lack it
     provenance = Provenance(
         dataset="bench", box_source="gt", shard_size=shard_size, planned_shards=-(-images // shard_size),
-        sam={"variant": "vit_b", "token_dim": 256},
-        clip={"model": shape, "width": width, "num_tokens": tokens, "text_dim": text_dim, "logit_scale": 100.0},
+        **model_identities(shape, tokens, width, text_dim),
         **extra,
     )
     writer = CacheWriter(root, provenance)
