@@ -24,11 +24,12 @@ console = Console(stderr=True)
 
 def log_to_console(level: int = logging.INFO) -> None:
     """Show the library's log messages on ``console``, above any progress bars; for the
-    command line and the demo (library modules only log). Repeated calls add no handler."""
-    root = logging.getLogger()
-    if not any(isinstance(h, RichHandler) and h.console is console for h in root.handlers):
-        root.addHandler(RichHandler(console=console, show_time=False, show_path=False, markup=False))
-    logging.getLogger("regionspot_cache").setLevel(level)
+    command line and the demo (library modules only log). Repeated calls add no handler. Only our
+    own loggers: dask logs every worker start at INFO, which is not for the user."""
+    ours = logging.getLogger("regionspot_cache")
+    if not any(isinstance(h, RichHandler) and h.console is console for h in ours.handlers):
+        ours.addHandler(RichHandler(console=console, show_time=False, show_path=False, markup=False))
+    ours.setLevel(level)
 
 
 @contextmanager
