@@ -30,6 +30,7 @@ def log_to_console(level: int = logging.INFO) -> None:
     if not any(isinstance(h, RichHandler) and h.console is console for h in ours.handlers):
         ours.addHandler(RichHandler(console=console, show_time=False, show_path=False, markup=False))
     ours.setLevel(level)
+    ours.propagate = False  # a root handler (libraries call logging.info, which installs one) would repeat it
 
 
 @contextmanager

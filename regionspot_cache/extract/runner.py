@@ -138,6 +138,6 @@ class ExtractProgress:
         self.images, self.boxes = self.images + images, self.boxes + boxes
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         self.bar.update(self.task, advance=images,
-                        rate=f"{self.images / elapsed:.1f} img/s {self.boxes / elapsed:.1f} box/s")
+                        rate=f"{self.images / elapsed:.3g} img/s {self.boxes / elapsed:.3g} box/s")
 
 
