@@ -24,13 +24,18 @@ console = Console(stderr=True)
 
 def log_to_console(level: int = logging.INFO) -> None:
     """Show the library's log messages on ``console``, above any progress bars; for the
-    command line and the demo (library modules only log). Repeated calls add no handler. Only our
-    own loggers: dask logs every worker start at INFO, which is not for the user."""
-    ours = logging.getLogger("regionspot_cache")
-    if not any(isinstance(h, RichHandler) and h.console is console for h in ours.handlers):
-        ours.addHandler(RichHandler(console=console, show_time=False, show_path=False, markup=False))
-    ours.setLevel(level)
-    ours.propagate = False  # a root handler (libraries call logging.info, which installs one) would repeat it
+    command line and the demo (library modules only log). Repeated calls add no handler.
+
+    The handler sits on the root logger, so libraries that call ``logging.info()`` find a handler
+    and add none of their own (which would print our lines twice), and pytest's caplog still sees
+    our records; it shows our messages and other libraries' warnings, not their INFO chatter
+    (dask logs every worker start)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, RichHandler) and h.console is console for h in root.handlers):
+        handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+        handler.addFilter(lambda record: record.name.startswith("regionspot_cache") or record.levelno >= logging.WARNING)
+        root.addHandler(handler)
+    logging.getLogger("regionspot_cache").setLevel(level)
 
 
 @contextmanager
