@@ -68,15 +68,23 @@ class ExtractConfig:
     # How feature maps and box tokens are stored: "float16", or "int8" with one scale per token
     # (about half the bytes; the reader returns float16 either way). Part of the cache's identity.
     feature_dtype: str = "float16"
+    # How images and boxes become SAM and CLIP input (encoders/preprocess.py): "released" repeats the
+    # released RegionSpot evaluation (detectron2 test resize first, torchvision tensor resize for
+    # CLIP); "direct" feeds the original image. Part of the cache's identity. The default stays
+    # "direct" so that caches made before the choice existed resume; the paper recipes set "released".
+    preprocess: str = "direct"
+    # Class text embeddings: "released" (81 templates, mean of raw features, one normalisation) or
+    # "openclip" (80 templates, mean of normalised features); recorded with each vocabulary.
+    text_recipe: str = "openclip"
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError naming the allowed values (``--set`` assigns fields after __init__)."""
-        if self.feature_dtype not in FEATURE_DTYPES:
-            raise ConfigError(f"extract.feature_dtype: {self.feature_dtype!r} is not one of "
-                              f"{', '.join(FEATURE_DTYPES)}")
+        for name, allowed in (("feature_dtype", FEATURE_DTYPES), ("preprocess", PREPROCESSES), ("text_recipe", TEXT_RECIPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"extract.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -146,7 +154,9 @@ class EvalConfig:
 
 EVAL_SCORINGS = ("softmax", "sigmoid")
 FEATURE_DTYPES = ("float16", "int8")  # how feature maps and box tokens are stored (extract.feature_dtype)
-EVAL_PROTOCOLS = ("standard", "fixed")
+EVAL_PROTOCOLS = ("standard", "fixed", "tap")
+PREPROCESSES = ("released", "direct")  # extract.preprocess (encoders/preprocess.py)
+TEXT_RECIPES = ("released", "openclip")  # extract.text_recipe (encoders/clip.py)
 
 
 @dataclass
