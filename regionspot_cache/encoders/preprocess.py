@@ -74,7 +74,7 @@ def released_clip_pixels(image: Image.Image, size: tuple[int, int], mean: torch.
     from torchvision.transforms.functional import resize
 
     resized = TestResize().array(np.asarray(image.convert("RGB")))
-    pixels = torch.from_numpy(resized).permute(2, 0, 1).float() / 255.0
+    pixels = torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255.0
     pixels = resize(pixels, list(size), interpolation=InterpolationMode.BILINEAR, antialias=False)
     return (pixels - mean) / std
 
