@@ -127,7 +127,8 @@ class EvalConfig:
     ``sigmoid`` of each logit (the focal training loss). ``protocol``: ``standard`` keeps the top
     ``top_k_per_image`` (box, class) pairs per image and LVIS's ``max_dets_per_image`` (-1: no
     limit); ``fixed`` is AP-fixed (Dave et al. 2021): no per-image cap, the top
-    ``fixed_dets_per_class`` detections of each class over the whole dataset.
+    ``fixed_dets_per_class`` detections of each class over the whole dataset; ``tap`` is Tokenize
+    Anything's rule (probability > 0.001, per-class NMS, best ``max_dets_per_image`` per image).
     """
 
     top_k_per_image: int = 900
