@@ -111,7 +111,7 @@ def hand_released_text(clip, names: list[str]) -> torch.Tensor:
         for name in names:
             name = name.replace("-merged", "").replace("-other", "").replace("-stuff", "")
             prompts = [template(name) for template in OPENAI_IMAGENET_TEMPLATES] + [f"{name}."]
-            raw = torch.stack([clip.model.encode_text(clip.tokenizer([prompt]))[0] for prompt in prompts])
+            raw = clip.model.encode_text(clip.tokenizer(prompts))  # (81, dim), one row per prompt
             mean = raw.mean(dim=0)
             rows.append(mean / mean.norm())
     return torch.stack(rows)
