@@ -76,9 +76,8 @@ def evaluate(
     """
     from regionspot_cache.cache import CacheReader
     from regionspot_cache.data.datasets import load_manifest
-    from regionspot_cache.evaluate.api import METHODS, REGIONSPOT
+    from regionspot_cache.evaluate.api import METHODS, REGIONSPOT, released_input_differences
     from regionspot_cache.evaluate.api import evaluate as evaluate_on_lvis
-    from regionspot_cache.evaluate.api import released_input_differences
     from regionspot_cache.evaluate.with_images import recorded_models_with
     from regionspot_cache.head.model import load_head
 

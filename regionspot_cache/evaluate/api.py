@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.encoders import preprocess_recorded_in
 from regionspot_cache.config import EvalConfig, ModelsConfig
+from regionspot_cache.encoders import preprocess_recorded_in
 from regionspot_cache.evaluate.baselines import BASELINES, score_cache_with_baseline
 from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap

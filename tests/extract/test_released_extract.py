@@ -45,7 +45,8 @@ def test_feature_maps_and_text_equal_the_released_steps(released_cache, encoders
     for entry in dataset.images:
         rgb = np.asarray(load_rgb(dataset.image_path(entry)))
         with torch.no_grad():
-            expected = _manual_vit_tokens(clip.model.visual, released_clip_input(rgb, clip.image_size, cfg["mean"], cfg["std"])[None])
+            pixels = released_clip_input(rgb, clip.image_size, cfg["mean"], cfg["std"])
+            expected = _manual_vit_tokens(clip.model.visual, pixels[None])
         stored = reader.image(entry.id).feature_map.astype(np.float32)
         assert relative_error(stored, expected[0].numpy()) <= 1e-3  # float16 storage: ~3e-4
     vocabulary = reader.vocabulary("toy")
