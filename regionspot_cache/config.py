@@ -71,6 +71,14 @@ class ExtractConfig:
     # Peak memory the SAM image batch may take (GB; None: 70% of the device's free memory at start).
     # Batches of batch_size images are run in smaller parts when they would not fit.
     memory_budget_gb: float | None = None
+    # How images and boxes become SAM and CLIP input (encoders/preprocess.py): "released" repeats the
+    # released RegionSpot evaluation (detectron2 test resize first, torchvision tensor resize for
+    # CLIP); "direct" feeds the original image. Part of the cache's identity. The default stays
+    # "direct" so that caches made before the choice existed resume; the paper recipes set "released".
+    preprocess: str = "direct"
+    # Class text embeddings: "released" (81 templates, mean of raw features, one normalisation) or
+    # "openclip" (80 templates, mean of normalised features); recorded with each vocabulary.
+    text_recipe: str = "openclip"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,9 +90,9 @@ class ExtractConfig:
                 raise ConfigError(f"extract.{name}: {getattr(self, name)} must be at least 1")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ConfigError(f"extract.memory_budget_gb: {self.memory_budget_gb} must be above 0 (GB)")
-        if self.feature_dtype not in FEATURE_DTYPES:
-            raise ConfigError(f"extract.feature_dtype: {self.feature_dtype!r} is not one of "
-                              f"{', '.join(FEATURE_DTYPES)}")
+        for name, allowed in (("feature_dtype", FEATURE_DTYPES), ("preprocess", PREPROCESSES), ("text_recipe", TEXT_RECIPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"extract.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -127,7 +135,8 @@ class EvalConfig:
     ``sigmoid`` of each logit (the focal training loss). ``protocol``: ``standard`` keeps the top
     ``top_k_per_image`` (box, class) pairs per image and LVIS's ``max_dets_per_image`` (-1: no
     limit); ``fixed`` is AP-fixed (Dave et al. 2021): no per-image cap, the top
-    ``fixed_dets_per_class`` detections of each class over the whole dataset.
+    ``fixed_dets_per_class`` detections of each class over the whole dataset; ``tap`` is Tokenize
+    Anything's rule (probability > 0.001, per-class NMS, best ``max_dets_per_image`` per image).
     """
 
     top_k_per_image: int = 900
@@ -154,7 +163,9 @@ class EvalConfig:
 
 EVAL_SCORINGS = ("softmax", "sigmoid")
 FEATURE_DTYPES = ("float16", "int8")  # how feature maps and box tokens are stored (extract.feature_dtype)
-EVAL_PROTOCOLS = ("standard", "fixed")
+EVAL_PROTOCOLS = ("standard", "fixed", "tap")
+PREPROCESSES = ("released", "direct")  # extract.preprocess (encoders/preprocess.py)
+TEXT_RECIPES = ("released", "openclip")  # extract.text_recipe (encoders/clip.py)
 
 
 @dataclass

@@ -72,6 +72,16 @@ def vocabulary_schema(text_dim: int) -> pa.Schema:
     )
 
 
+TEXT_RECIPE_KEY = b"text_recipe"  # schema metadata of vocabularies/NAME.parquet: how the embeddings were made
+DEFAULT_TEXT_RECIPE = "openclip"  # vocabularies written before the key existed
+
+
+def vocabulary_text_recipe(schema: pa.Schema) -> str:
+    """The text recipe a vocabulary file records (``openclip`` for files that predate the record)."""
+    metadata = schema.metadata or {}
+    return metadata.get(TEXT_RECIPE_KEY, DEFAULT_TEXT_RECIPE.encode()).decode()
+
+
 class CacheFormatError(ValueError):
     """A cache that is missing, damaged, or does not match what the caller asked for."""
 

@@ -38,6 +38,7 @@ from regionspot_cache.cache.format import (
     CacheFormatError,
     Provenance,
     shard_name,
+    vocabulary_text_recipe,
 )
 
 
@@ -107,6 +108,7 @@ class Vocabulary:
     names: list[str]
     frequencies: list[str | None]
     embeddings: np.ndarray  # (C, text_dim) float32, L2-normalised
+    text_recipe: str = "openclip"  # how the embeddings were made (extract.text_recipe)
 
 
 class CacheReader:
@@ -318,6 +320,7 @@ class CacheReader:
             names=table.column("name").to_pylist(),
             frequencies=table.column("frequency").to_pylist(),
             embeddings=embeddings.reshape(len(table), -1),
+            text_recipe=vocabulary_text_recipe(table.schema),
         )
 
 

@@ -25,6 +25,7 @@ from regionspot_cache.cache.format import (
     BOXES_SCHEMA,
     CHECKSUMS_FILE,
     CLIP_MAPS,
+    DEFAULT_TEXT_RECIPE,
     FEATURE_DTYPES,
     FEATURES_DIR,
     IMAGES_FILE,
@@ -35,6 +36,7 @@ from regionspot_cache.cache.format import (
     SCALE_SUFFIX,
     SHARDS_DIR,
     STATUS_OK,
+    TEXT_RECIPE_KEY,
     TOKENS_PER_CHUNK,
     VOCAB_DIR,
     CacheFormatError,
@@ -42,6 +44,7 @@ from regionspot_cache.cache.format import (
     shard_checksums,
     shard_name,
     vocabulary_schema,
+    vocabulary_text_recipe,
 )
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.runtime import atomic_path, atomic_write_bytes, remove_abandoned_temps
@@ -124,7 +127,13 @@ class CacheWriter:
     def has_vocabulary(self, name: str) -> bool:
         return (self.root / VOCAB_DIR / f"{name}.parquet").is_file()
 
-    def write_vocabulary(self, name: str, categories: Sequence[Category], embeddings: np.ndarray) -> None:
+    def vocabulary_text_recipe(self, name: str) -> str:
+        """The text recipe vocabulary ``name`` was built with (it must exist)."""
+        return vocabulary_text_recipe(pq.read_schema(self.root / VOCAB_DIR / f"{name}.parquet"))
+
+    def write_vocabulary(self, name: str, categories: Sequence[Category], embeddings: np.ndarray,
+                         text_recipe: str = DEFAULT_TEXT_RECIPE) -> None:
+        """``text_recipe``: how ``embeddings`` were made, recorded in the file's schema metadata."""
         embeddings = np.asarray(embeddings, dtype=np.float32)
         table = pa.table(
             {
@@ -135,7 +144,7 @@ class CacheWriter:
                     pa.array(embeddings.reshape(-1)), embeddings.shape[1]
                 ),
             },
-            schema=vocabulary_schema(embeddings.shape[1]),
+            schema=vocabulary_schema(embeddings.shape[1]).with_metadata({TEXT_RECIPE_KEY: text_recipe.encode()}),
         )
         directory = self.root / VOCAB_DIR
         directory.mkdir(exist_ok=True)

@@ -76,7 +76,7 @@ def evaluate(
     """
     from regionspot_cache.cache import CacheReader
     from regionspot_cache.data.datasets import load_manifest
-    from regionspot_cache.evaluate.api import METHODS, REGIONSPOT
+    from regionspot_cache.evaluate.api import METHODS, REGIONSPOT, released_input_differences
     from regionspot_cache.evaluate.api import evaluate as evaluate_on_lvis
     from regionspot_cache.evaluate.with_images import recorded_models_with
     from regionspot_cache.head.model import load_head
@@ -99,7 +99,8 @@ def evaluate(
         raise UserError(f"eval --method {method}{' --masks' if masks else ''} reads the images: pass --image-root or --manifest")
     given_models = (sam_variant, sam_checkpoint, clip_model, clip_pretrained)
     models = recorded_models_with(CacheReader(cache).provenance, *given_models) if any(given_models) else None
-    model = load_head(head)[0] if method == REGIONSPOT else None
+    model, head_config = load_head(head) if method == REGIONSPOT else (None, {})
+    released_input_differences(head_config, cache)  # logs a warning for an imported head on a non-released cache
     result = evaluate_on_lvis(cache, annotations, config.eval, method=method, head=model, masks=masks,
                               image_root=image_root, models=models, results_file=output)
     name = head.name if method == REGIONSPOT else method

@@ -17,6 +17,15 @@ import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
+from regionspot_cache.encoders.preprocess import (
+    DIRECT,
+    OPENCLIP_RECIPE,
+    RELEASED,
+    RELEASED_RECIPE,
+    check_preprocess,
+    released_clip_pixels,
+)
+
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
@@ -26,6 +35,11 @@ _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 def clean_class_name(name: str) -> str:
     """Strip the ``-other``, ``-merged`` and ``-stuff`` suffixes of COCO-style category names."""
     return name.replace("-other", "").replace("-merged", "").replace("-stuff", "")
+
+
+# The released code's 81 prompts: OpenAI's 80 ImageNet templates and a bare "{}.".
+RELEASED_TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES) + ("{}.",)
+TEXT_RECIPES = (RELEASED_RECIPE, OPENCLIP_RECIPE)
 
 
 def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> "ClipEncoder":
@@ -40,14 +54,19 @@ def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> 
 @dataclass(frozen=True)
 class ClipPreprocess:
     """Resize the whole image to the model's input size (no crop) and normalise. Holds no model,
-    so data-loading workers can run it."""
+    so data-loading workers can run it. ``preprocess``: ``direct`` (PIL resize of the image) or
+    ``released`` (``encoders/preprocess.py``)."""
 
     size: tuple[int, int]  # (height, width)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
+    preprocess: str = DIRECT
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.preprocess == RELEASED:
+            return released_clip_pixels(image, self.size, torch.tensor(self.mean).view(3, 1, 1),
+                                        torch.tensor(self.std).view(3, 1, 1))
         height, width = self.size
         resized = image.convert("RGB").resize((width, height), resample=_INTERPOLATION[self.interpolation])
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -61,6 +80,10 @@ class ClipEncoder:
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    preprocessing: str = DIRECT  # extract.preprocess: how images become CLIP input
+
+    def __post_init__(self) -> None:
+        check_preprocess(self.preprocessing)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -87,7 +110,7 @@ class ClipEncoder:
     def preprocessor(self) -> "ClipPreprocess":
         cfg = self.model.visual.preprocess_cfg
         return ClipPreprocess(
-            self.image_size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic")
+            self.image_size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"), self.preprocessing
         )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -108,10 +131,18 @@ class ClipEncoder:
         return captured[0]
 
     @torch.no_grad()
-    def text_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
-        """(C, text_dim) L2-normalised mean over the 80 ImageNet prompt templates of the
-        normalised text features of each cleaned class name."""
+    def text_embeddings(self, class_names: Sequence[str], recipe: str = OPENCLIP_RECIPE) -> torch.Tensor:
+        """(C, text_dim) L2-normalised class embeddings of the cleaned class names.
+
+        ``openclip``: mean over OpenAI's 80 ImageNet templates of the *normalised* text features,
+        normalised again (open_clip's zero-shot classifier). ``released``: the released RegionSpot
+        code's: mean over ``RELEASED_TEMPLATES`` (81) of the *raw* text features, normalised once.
+        """
         names = [clean_class_name(name) for name in class_names]
+        if recipe == RELEASED_RECIPE:
+            return self._raw_template_mean(names, RELEASED_TEMPLATES)
+        if recipe != OPENCLIP_RECIPE:
+            raise ValueError(f"text recipe {recipe!r} is not one of {', '.join(TEXT_RECIPES)}")
         weights = open_clip.build_zero_shot_classifier(
             self.model,
             tokenizer=self.tokenizer,
@@ -121,3 +152,14 @@ class ClipEncoder:
             device=self.device,
         )
         return weights.T.contiguous()
+
+    def _raw_template_mean(self, names: list[str], templates: Sequence[str], per_batch: int = 8) -> torch.Tensor:
+        rows = []
+        for start in range(0, len(names), per_batch):
+            batch = names[start : start + per_batch]
+            tokens = self.tokenizer([template.format(name) for name in batch for template in templates])
+            features = self.model.encode_text(tokens.to(self.device)).float()
+            rows.append(features.view(len(batch), len(templates), -1).mean(dim=1))
+        if not rows:
+            return torch.empty(0, self.text_dim, device=self.device)
+        return torch.nn.functional.normalize(torch.cat(rows), dim=-1)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from regionspot_cache.cache.format import ClipIdentity, Provenance, SamIdentity
 from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
 from regionspot_cache.encoders.clip import ClipEncoder, load_clip
+from regionspot_cache.encoders.preprocess import DIRECT, SAM_STEPS, clip_steps, preprocess_of_steps, test_resize_for
 from regionspot_cache.encoders.sam import TOKEN_DIM, SamBoxEncoder, build_sam
 from regionspot_cache.runtime import sha256_file
 
@@ -20,6 +22,19 @@ class FrozenEncoders:
     clip: ClipEncoder
     spec: ModelsConfig
 
+    @property
+    def preprocess(self) -> str:
+        """``extract.preprocess``: ``direct`` or ``released`` (``encoders/preprocess.py``)."""
+        return self.clip.preprocessing
+
+    def with_preprocess(self, preprocess: str) -> "FrozenEncoders":
+        """The same loaded models with another image/box preprocessing (nothing is reloaded)."""
+        if preprocess == self.preprocess:
+            return self
+        sam = copy.copy(self.sam)
+        sam.preprocessing, sam.test_resize = preprocess, test_resize_for(preprocess)
+        return FrozenEncoders(sam, replace(self.clip, preprocessing=preprocess), self.spec)
+
     def sam_provenance(self) -> SamIdentity:
         checkpoint = self.spec.sam.checkpoint
         return SamIdentity(
@@ -27,7 +42,7 @@ class FrozenEncoders:
             checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None,
             input_size=self.sam.input_size,
             token_dim=TOKEN_DIM,
-            preprocess="ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
+            preprocess=SAM_STEPS[self.preprocess],
             token="mask_decoder.transformer output, mask token 0",
         )
 
@@ -44,7 +59,7 @@ class FrozenEncoders:
             num_tokens=self.clip.num_tokens,
             text_dim=self.clip.text_dim,
             logit_scale=self.clip.logit_scale,
-            preprocess=f"resize (no crop) {cfg.get('interpolation', 'bicubic')}, mean/std",
+            preprocess=clip_steps(self.preprocess, cfg.get("interpolation", "bicubic")),
             feature_map="visual.transformer output before ln_post, class token first",
         )
 
@@ -60,10 +75,15 @@ def _absolute_if_file(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path and Path(path).is_file() else path
 
 
-def load_frozen_encoders(spec: ModelsConfig, device: torch.device) -> FrozenEncoders:
+def load_frozen_encoders(spec: ModelsConfig, device: torch.device, preprocess: str = DIRECT) -> FrozenEncoders:
     sam = SamBoxEncoder(build_sam(spec.sam.variant, spec.sam.checkpoint), device)
     clip = load_clip(spec.clip.model, spec.clip.pretrained, device)
-    return FrozenEncoders(sam, clip, spec)
+    return FrozenEncoders(sam, clip, spec).with_preprocess(preprocess)
+
+
+def preprocess_recorded_in(provenance: Provenance) -> str:
+    """The image preprocessing (``direct`` or ``released``) a cache was extracted with."""
+    return preprocess_of_steps(provenance.sam.preprocess)
 
 
 def models_recorded_in(provenance: Provenance) -> ModelsConfig:

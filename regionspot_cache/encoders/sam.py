@@ -2,7 +2,8 @@
 
 Architectures are data (as in segment-anything's ``build_sam.py``); building goes through the
 library's own builder, and weights are loaded with ``weights_only=True``. Image preprocessing is
-exactly ``SamPredictor.set_image``'s: ``ResizeLongestSide`` to 1024, pixel mean/std, pad.
+exactly ``SamPredictor.set_image``'s: ``ResizeLongestSide`` to 1024, pixel mean/std, pad; with
+``released`` preprocessing, of detectron2's test-resized image (``encoders/preprocess.py``).
 The image encoder's attention runs through fused SDPA (``sam_attention.py``), the same function
 within float rounding without the per-image gigabytes of the eager attention matrix.
 """
@@ -19,6 +20,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from regionspot_cache.encoders.memory import FittingBatches
+from regionspot_cache.encoders.preprocess import DIRECT, TestResize, test_resize_for
 from regionspot_cache.encoders.sam_attention import use_fused_attention
 from regionspot_cache.runtime import load_torch_weights
 
@@ -74,11 +76,15 @@ def build_sam(variant: str, checkpoint: Path | str | None, attention: str = "sdp
 @dataclass(frozen=True)
 class SamResize:
     """HWC uint8 RGB -> (3, h, w) uint8 with the long side at ``long_side``, as
-    ``SamPredictor.set_image`` resizes. Holds no model, so data-loading workers can run it."""
+    ``SamPredictor.set_image`` resizes (after ``test_resize``, if given). Holds no model, so
+    data-loading workers can run it."""
 
     long_side: int = 1024
+    test_resize: TestResize | None = None
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if self.test_resize is not None:
+            image = self.test_resize.array(image)
         resized = ResizeLongestSide(self.long_side).apply_image(image)
         return torch.as_tensor(resized).permute(2, 0, 1).contiguous()
 
@@ -86,14 +92,25 @@ class SamResize:
 class SamBoxEncoder:
     """Batched image embeddings and per-box position-aware tokens from a frozen SAM."""
 
-    def __init__(self, sam: Sam, device: torch.device):
+    def __init__(self, sam: Sam, device: torch.device, preprocess: str = DIRECT):
         self.sam = sam.to(device)
         self.device = device
         self.input_size = sam.image_encoder.img_size
         self.transform = ResizeLongestSide(self.input_size)
+        self.preprocessing = preprocess
+        self.test_resize = test_resize_for(preprocess)
 
     def resizer(self) -> "SamResize":
-        return SamResize(self.input_size)
+        return SamResize(self.input_size, self.test_resize)
+
+    def prompt_boxes(self, boxes_xyxy: np.ndarray, original_size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Boxes in original pixels -> SAM's input frame, and the (h, w) of the image SAM resized
+        (the test-resized image with ``released`` preprocessing, else the original)."""
+        boxes = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4))
+        frame = tuple(original_size)
+        if self.test_resize is not None:
+            boxes, frame = self.test_resize.boxes(boxes, frame)
+        return self.transform.apply_boxes_torch(boxes, frame).to(self.device), frame
 
     @torch.no_grad()
     def embed_images(self, resized: list[torch.Tensor]) -> torch.Tensor:
@@ -116,8 +133,7 @@ class SamBoxEncoder:
         Runs the mask decoder's two-way transformer and keeps the output for mask token 0 (the
         single-mask output); the mask upscaling and hypernetworks are skipped as unused.
         """
-        boxes = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4))
-        boxes = self.transform.apply_boxes_torch(boxes, original_size).to(self.device)
+        boxes, _ = self.prompt_boxes(boxes_xyxy, original_size)
         tokens = FittingBatches(boxes_per_call, self.device, "boxes").map(
             boxes, lambda chunk: self._decode_tokens(image_embedding, chunk))
         if not tokens:
@@ -149,9 +165,10 @@ class SamBoxEncoder:
         ``boxes_per_call`` bounds memory: each box's logits are upscaled to 1024² floats first;
         a call that runs out of memory anyway is retried with half as many boxes.
         """
-        boxes = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4))
-        boxes = self.transform.apply_boxes_torch(boxes, original_size).to(self.device)
-        input_size = self.transform.get_preprocess_shape(*original_size, self.input_size)
+        boxes, frame = self.prompt_boxes(boxes_xyxy, original_size)
+        # With ``released``, masks are upsampled from SAM's input straight to the original size
+        # (the released code goes through the test-resized size first: one resampling fewer here).
+        input_size = self.transform.get_preprocess_shape(*frame, self.input_size)
         masks = FittingBatches(boxes_per_call, self.device, "boxes").map(
             boxes, lambda chunk: self._decode_masks(image_embedding, chunk, input_size, original_size))
         if not masks:

@@ -4,10 +4,13 @@ baseline on the original images, with or without SAM masks for mask AP."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import EvalConfig, ModelsConfig
+from regionspot_cache.encoders import preprocess_recorded_in
 from regionspot_cache.evaluate.baselines import BASELINES, score_cache_with_baseline
 from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
@@ -15,6 +18,8 @@ from regionspot_cache.evaluate.masks import without_boxes
 from regionspot_cache.evaluate.scoring import protocol_for, write_results_json
 from regionspot_cache.evaluate.with_images import cache_images, load_cache_encoders, records_with_masks, write_records_json
 from regionspot_cache.head.model import RegionSpotHead
+
+logger = logging.getLogger(__name__)
 
 REGIONSPOT = "regionspot"
 METHODS = (REGIONSPOT, *BASELINES)
@@ -106,3 +111,20 @@ def evaluate_head(
 ) -> EvalResult:
     """The head on the cache alone: ``evaluate`` with method ``regionspot`` and no masks."""
     return evaluate(cache_dir, annotation_file, config, head=head, results_file=results_file, vocabulary=vocabulary)
+
+
+def released_input_differences(head_config: dict[str, Any], cache_dir: Path | str, vocabulary: str | None = None) -> list[str]:
+    """For a head imported from a released checkpoint (its JSON config records ``imported_from``):
+    what of the cache is not made as the released code makes it, each logged as a warning (the
+    paper's numbers need ``released`` preprocessing and text recipe). Other heads: nothing."""
+    if "imported_from" not in head_config:
+        return []
+    reader = CacheReader(cache_dir)
+    name = vocabulary or reader.provenance.dataset
+    made = {"extract.preprocess": preprocess_recorded_in(reader.provenance),
+            "extract.text_recipe": reader.vocabulary(name).text_recipe}
+    found = [f"{key} is {value!r}, not 'released'" for key, value in made.items() if value != "released"]
+    for difference in found:
+        logger.warning("%s: the head was imported from the released checkpoint %s, but the cache's %s; "
+                       "features differ from those it was trained on", cache_dir, head_config["imported_from"], difference)
+    return found

@@ -10,6 +10,12 @@ pairs of the flattened box x class matrix, of which LVIS keeps the ``max_dets_pe
 the devil is in the details"): no per-image cap; instead the top ``fixed_dets_per_class``
 detections of each class over the whole dataset, so that AP no longer depends on how a
 detector spreads a per-image budget over 1,203 classes.
+``tap`` protocol (Tokenize Anything's ``scripts/eval_cls.py``, for side-by-side comparison):
+every (box, class) pair whose class probability exceeds 0.001, scored sqrt(probability x box
+score), per-class NMS at IoU 0.5, then per image the pairs scoring at least the
+``max_dets_per_image``-th best (ties kept; LVIS then caps at that number). TAP's box score is
+its predicted mask IoU clipped to [0, 1]; our boxes have none, so the box score takes its place
+(1 for ground truth, the proposal's score for proposals).
 
 Ties are broken by arrival order (image order, then box-major flat index): the same order in
 which LVIS's own stable sorts would keep them, so capping here equals capping in ``lvis``.
@@ -24,6 +30,7 @@ from typing import Any, ClassVar, Iterable
 
 import numpy as np
 import torch
+from torchvision.ops import batched_nms
 
 from regionspot_cache.config import EvalConfig
 
@@ -175,6 +182,10 @@ class ScoringProtocol(ABC):
     def rule(self) -> str:
         """One phrase saying what is kept, for ``settings()['description']``."""
 
+    def image_pairs(self, logits: torch.Tensor, box_scores: torch.Tensor, boxes: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(box index, class index, score) of the pairs one image contributes."""
+        return top_pairs(logits, box_scores, self.scoring, self.per_image_limit)
+
     def settings(self) -> dict[str, Any]:
         """What produced a set of metrics, for results files, printed tables and reports."""
         return {
@@ -237,8 +248,44 @@ class FixedProtocol(ScoringProtocol):
         return {**super().settings(), "top_k_per_image": None, "dets_per_class": self.config.fixed_dets_per_class}
 
 
+class TapProtocol(ScoringProtocol):
+    """Tokenize Anything's region classification protocol (``scripts/eval_cls.py``); see the module doc."""
+
+    name = "tap"
+    min_probability = 0.001
+    nms_iou = 0.5
+
+    @property
+    def per_image_limit(self) -> None:
+        return None
+
+    @property
+    def lvis_max_dets(self) -> int:
+        return self.config.max_dets_per_image
+
+    def collector(self, num_classes: int) -> PerImageCollector:
+        return PerImageCollector(None)
+
+    def image_pairs(self, logits: torch.Tensor, box_scores: torch.Tensor, boxes: np.ndarray) -> tuple[np.ndarray, ...]:
+        probs = class_probabilities(logits, self.scoring)
+        box_index, classes = (probs > self.min_probability).nonzero(as_tuple=True)
+        scores = (probs[box_index, classes] * box_scores.double().clamp(0, 1)[box_index]).sqrt()
+        xyxy = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4), device=logits.device)[box_index]
+        keep = batched_nms(xyxy.float(), scores.float(), classes, self.nms_iou)  # best first
+        box_index, classes, scores = box_index[keep], classes[keep], scores[keep]
+        cap = self.config.max_dets_per_image
+        if 0 < cap < len(scores):  # TAP keeps every pair at least as good as the cap-th best
+            threshold = scores.sort(descending=True).values[cap - 1]
+            box_index, classes, scores = box_index[scores >= threshold], classes[scores >= threshold], scores[scores >= threshold]
+        return box_index.cpu().numpy(), classes.cpu().numpy().astype(np.int32), scores.cpu().numpy()
+
+    def rule(self) -> str:
+        return (f"tap (Tokenize Anything): pairs with probability > {self.min_probability}, score sqrt(p x box score), "
+                f"per-class NMS {self.nms_iou}, best {self.config.max_dets_per_image} per image")
+
+
 # By ``EvalConfig.protocol``; a new protocol is one more class here and in config.EVAL_PROTOCOLS.
-PROTOCOLS: dict[str, type[ScoringProtocol]] = {p.name: p for p in (StandardProtocol, FixedProtocol)}
+PROTOCOLS: dict[str, type[ScoringProtocol]] = {p.name: p for p in (StandardProtocol, FixedProtocol, TapProtocol)}
 
 
 def protocol_for(config: EvalConfig) -> ScoringProtocol:
@@ -325,7 +372,7 @@ def detections_from_logits(
     rows = 0
     for image_id, boxes, box_scores, logits in images:
         box_scores = torch.tensor(box_scores, device=logits.device)
-        box_index, classes, scores = top_pairs(logits, box_scores, protocol.scoring, protocol.per_image_limit)
+        box_index, classes, scores = protocol.image_pairs(logits, box_scores, boxes)
         keep.add(Pairs(box_index + rows, classes, scores))
         box_images.append(np.full(len(boxes), image_id, np.int64))
         box_xyxy.append(np.asarray(boxes, np.float32).reshape(-1, 4))

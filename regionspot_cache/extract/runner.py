@@ -15,7 +15,7 @@ from typing import Sequence
 
 from regionspot_cache import __version__
 from regionspot_cache.cache import CacheWriter, Provenance, exclusive_extraction
-from regionspot_cache.cache.format import FEATURE_MAPS_BORROWED, FEATURE_MAPS_CACHE, FEATURE_MAPS_OWN
+from regionspot_cache.cache.format import FEATURE_MAPS_BORROWED, FEATURE_MAPS_CACHE, FEATURE_MAPS_OWN, CacheFormatError
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
@@ -94,6 +94,7 @@ def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config:
     """``borrow_maps_from``: for a proposals cache, the path (relative to it) of the cache whose
     feature maps it borrows."""
     paths = encoders.paths() if borrow_maps_from is None else {**encoders.paths(), FEATURE_MAPS_CACHE: borrow_maps_from}
+    encoders = encoders.with_preprocess(config.preprocess)
     return Provenance(
         dataset=dataset.name,
         box_source=box_source,
@@ -114,8 +115,13 @@ def prepare_cache(dataset: DetectionDataset, cache_dir: Path | str, encoders: Fr
     config.validate()
     writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source, borrow_maps_from))
     if not writer.has_vocabulary(dataset.name):
-        embeddings = encoders.clip.text_embeddings([c.name for c in dataset.categories])
-        writer.write_vocabulary(dataset.name, dataset.categories, embeddings.float().cpu().numpy())
+        embeddings = encoders.clip.text_embeddings([c.name for c in dataset.categories], config.text_recipe)
+        writer.write_vocabulary(dataset.name, dataset.categories, embeddings.float().cpu().numpy(), config.text_recipe)
+        return writer
+    recorded = writer.vocabulary_text_recipe(dataset.name)
+    if recorded != config.text_recipe:
+        raise CacheFormatError(f"{cache_dir}: vocabulary {dataset.name!r} was built with text recipe {recorded!r}, "
+                               f"this run asks for {config.text_recipe!r} (extract.text_recipe)")
     return writer
 
 

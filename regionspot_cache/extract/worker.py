@@ -81,6 +81,7 @@ def extract_shards(
     """Encode and commit ``shards`` in order, yielding each one's result once committed. A
     cache that borrows its feature maps (``writer.provenance``) gets SAM tokens only."""
     with_clip = writer.provenance.feature_maps == FEATURE_MAPS_OWN
+    encoders = encoders.with_preprocess(config.preprocess)  # the same models, the recipe's image preprocessing
     mapper = FeatureMapper(encoders, config, with_clip)
     batches = iter(image_loader(dataset, shards, encoders, config, with_clip))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-cache-commit") as committer:

@@ -99,11 +99,12 @@ class TextEmbeddingCache:
     identity: ClipIdentity  # the CLIP provenance a cache records: model, weights, sizes
     directory: Path | None  # None: memory only
     memory: dict[str, torch.Tensor] = field(default_factory=dict)
+    recipe: str = "openclip"  # extract.text_recipe: part of the key
 
     def key(self, names: list[str]) -> str:
         templates = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
         data = {"version": TEXT_CACHE_VERSION, "clip": self.identity.to_dict(), "templates": templates,
-                "vocabulary": names}
+                "vocabulary": names, **({} if self.recipe == "openclip" else {"recipe": self.recipe})}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def get(self, names: list[str]) -> torch.Tensor:
@@ -112,7 +113,7 @@ class TextEmbeddingCache:
         if key not in self.memory:
             embeddings = self._read(key, names)
             if embeddings is None:
-                embeddings = self.clip.text_embeddings(names).float().cpu()
+                embeddings = self.clip.text_embeddings(names, self.recipe).float().cpu()
                 self._write(key, names, embeddings)
             self.memory[key] = embeddings.to(self.clip.device)
         return self.memory[key]
@@ -161,6 +162,9 @@ class Predictor:
       text_cache_dir (Path, str or None): where class text embeddings are kept between runs
         (default ``~/.cache/regionspot-cache/text-embeddings``).
       disk_cache (bool): False keeps text embeddings in memory only.
+      preprocess, text_recipe (str or None): as ``extract.preprocess`` / ``extract.text_recipe``;
+        None: ``released`` for a head imported from a released checkpoint, else ``direct`` /
+        ``openclip`` (the config defaults). Use what the head's training cache was made with.
     """
 
     def __init__(
@@ -170,15 +174,22 @@ class Predictor:
         device: str | torch.device = "auto",
         text_cache_dir: Path | str | None = None,
         disk_cache: bool = True,
+        preprocess: str | None = None,
+        text_recipe: str | None = None,
     ):
         device = resolve_device(device) if isinstance(device, str) else device
-        self.encoders = models if isinstance(models, FrozenEncoders) else load_frozen_encoders(models, device)
+        model, head_config = (head, {}) if isinstance(head, RegionSpotHead) else load_head(head)
+        imported = "imported_from" in head_config  # released checkpoints want the released inputs
+        preprocess = preprocess or ("released" if imported else "direct")
+        text_recipe = text_recipe or ("released" if imported else "openclip")
+        encoders = models if isinstance(models, FrozenEncoders) else load_frozen_encoders(models, device)
+        self.encoders = encoders.with_preprocess(preprocess)
         self.device = self.encoders.sam.device
-        model = head if isinstance(head, RegionSpotHead) else load_head(head)[0]
         check_head_fits(model, self.encoders.clip, str(head) if not isinstance(head, RegionSpotHead) else "head")
         self.head = model.to(self.device).eval()
         directory = Path(text_cache_dir) if text_cache_dir else default_text_cache_dir()
-        self.text = TextEmbeddingCache(self.encoders.clip, self.encoders.clip_provenance(), directory if disk_cache else None)
+        self.text = TextEmbeddingCache(self.encoders.clip, self.encoders.clip_provenance(), directory if disk_cache else None,
+                                       recipe=text_recipe)
 
     @torch.no_grad()
     def predict(self, image: ImageInput, boxes: Any, vocabulary: Sequence[str], masks: bool = False) -> list[dict]:

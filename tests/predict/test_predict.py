@@ -41,7 +41,8 @@ def predictor(head_path, encoders, tmp_path_factory):
 def count_text_calls(monkeypatch, predictor: Predictor) -> list[list[str]]:
     calls: list[list[str]] = []
     original = predictor.encoders.clip.text_embeddings
-    monkeypatch.setattr(predictor.encoders.clip, "text_embeddings", lambda names: calls.append(list(names)) or original(names))
+    monkeypatch.setattr(predictor.encoders.clip, "text_embeddings",
+                        lambda names, recipe="openclip": calls.append(list(names)) or original(names, recipe))
     return calls
 
 
@@ -189,3 +190,18 @@ def test_predict_command_names_an_unreadable_image(tiny_models, head_path, tmp_p
     with pytest.raises(SystemExit):
         cli.main()
     assert "broken.jpg: cannot decode image" in " ".join(capsys.readouterr().err.split())
+
+
+def test_text_recipe_and_preprocessing_follow_the_head(head_path, encoders, tmp_path):
+    ours = Predictor(head_path, encoders, text_cache_dir=tmp_path / "text")
+    assert ours.encoders.preprocess == "direct" and ours.text.recipe == "openclip"
+    released = Predictor(head_path, encoders, text_cache_dir=tmp_path / "text", preprocess="released", text_recipe="released")
+    assert released.encoders.preprocess == "released" and released.text.key(VOCAB) != ours.text.key(VOCAB)
+    torch.testing.assert_close(released.text.get(VOCAB), encoders.clip.text_embeddings(VOCAB, "released"))
+    # A head imported from a released checkpoint (its JSON records the origin) gets the released inputs.
+    config = json.loads(head_path.with_suffix(".json").read_text())
+    imported = tmp_path / "imported.safetensors"
+    imported.write_bytes(head_path.read_bytes())
+    imported.with_suffix(".json").write_text(json.dumps({**config, "imported_from": "regionspot_bl.pth"}))
+    predictor = Predictor(imported, encoders, disk_cache=False)
+    assert predictor.encoders.preprocess == "released" and predictor.text.recipe == "released"

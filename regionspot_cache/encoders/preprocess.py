@@ -1,0 +1,100 @@
+"""Image and box preprocessing choices (``extract.preprocess``) and the text recipes (``extract.text_recipe``).
+
+``direct``: SAM gets ``ResizeLongestSide(1024)`` of the decoded image and CLIP a PIL resize of it
+to the model's size (our original path). ``released``: the released RegionSpot evaluation, step by
+step: detectron2's test resize first (shortest edge 800, longest at most 1333, PIL bilinear on
+uint8), then SAM's ``ResizeLongestSide(1024)`` of that image, and for CLIP that image as a float
+tensor in [0, 1] resized with ``torchvision.transforms.functional.resize`` (bilinear, antialias
+off: the released code predates torchvision 0.17, which turned the tensor default on) and
+normalised; boxes are scaled from the original to the test-resized image before SAM's transform.
+Everything here holds no model, so data-loading workers can run it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+DIRECT, RELEASED = "direct", "released"
+OPENCLIP_RECIPE, RELEASED_RECIPE = "openclip", "released"
+
+
+@dataclass(frozen=True)
+class TestResize:
+    """detectron2's ``ResizeShortestEdge`` at test time (one short edge, a cap on the long one)."""
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    short_edge: int = 800
+    max_size: int = 1333
+
+    def shape(self, height: int, width: int) -> tuple[int, int]:
+        """(new height, new width): scale the short edge to ``short_edge``, then shrink if the long
+        edge exceeds ``max_size``; rounded half up, as detectron2 rounds."""
+        scale = self.short_edge / min(height, width)
+        new_h, new_w = (self.short_edge, scale * width) if height < width else (scale * height, self.short_edge)
+        if max(new_h, new_w) > self.max_size:
+            shrink = self.max_size / max(new_h, new_w)
+            new_h, new_w = new_h * shrink, new_w * shrink
+        return int(new_h + 0.5), int(new_w + 0.5)
+
+    def image(self, image: Image.Image) -> Image.Image:
+        height, width = self.shape(image.height, image.width)
+        return image.resize((width, height), resample=Image.BILINEAR)
+
+    def array(self, rgb: np.ndarray) -> np.ndarray:
+        return np.asarray(self.image(Image.fromarray(rgb)))
+
+    def boxes(self, boxes_xyxy: torch.Tensor, original_size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Boxes in original pixels -> boxes in the test-resized image, and that image's (h, w)."""
+        height, width = original_size
+        new_h, new_w = self.shape(height, width)
+        factors = torch.tensor([new_w / width, new_h / height] * 2, dtype=torch.float64)
+        return (boxes_xyxy.double() * factors).to(boxes_xyxy.dtype), (new_h, new_w)
+
+
+def test_resize_for(preprocess: str) -> TestResize | None:
+    """The test resize a preprocessing runs first, or None (``direct``)."""
+    check_preprocess(preprocess)
+    return TestResize() if preprocess == RELEASED else None
+
+
+def check_preprocess(preprocess: str) -> None:
+    if preprocess not in (DIRECT, RELEASED):
+        raise ValueError(f"preprocess {preprocess!r} is not one of {DIRECT}, {RELEASED}")
+
+
+def released_clip_pixels(image: Image.Image, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The released CLIP input: test-resized uint8 -> float in [0, 1] -> bilinear tensor resize
+    (antialias off) -> mean/std."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
+    resized = TestResize().array(np.asarray(image.convert("RGB")))
+    pixels = torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255.0
+    pixels = resize(pixels, list(size), interpolation=InterpolationMode.BILINEAR, antialias=False)
+    return (pixels - mean) / std
+
+
+# What cache.json records as each encoder's ``preprocess``: the steps, in words. The ``direct``
+# texts are those caches made before the choice existed carry, so they still resume.
+SAM_STEPS = {
+    DIRECT: "ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
+    RELEASED: "detectron2 test resize (short 800, max 1333, PIL bilinear uint8), boxes scaled to it; "
+    "then ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
+}
+
+
+def clip_steps(preprocess: str, interpolation: str) -> str:
+    if preprocess == RELEASED:
+        return ("detectron2 test resize (short 800, max 1333, PIL bilinear uint8); float [0, 1]; "
+                "torchvision tensor resize bilinear antialias=False (no crop), mean/std")
+    return f"resize (no crop) {interpolation}, mean/std"
+
+
+def preprocess_of_steps(sam_steps: str) -> str:
+    """Which choice made a cache, from the SAM steps its ``cache.json`` records."""
+    return RELEASED if sam_steps == SAM_STEPS[RELEASED] else DIRECT
