@@ -68,15 +68,27 @@ class ExtractConfig:
     # How feature maps and box tokens are stored: "float16", or "int8" with one scale per token
     # (about half the bytes; the reader returns float16 either way). Part of the cache's identity.
     feature_dtype: str = "float16"
+    # Augmented views cached besides each image (data/views.py: hflip, crop:LO-HI[xN], ...), each
+    # a cache of its own under <cache>/views/<view id>/. ``views_mode``: "released" (CLIP maps of
+    # the view, tokens and labels of the image, as the released training sees them) or
+    # "consistent" (boxes and SAM tokens of the view too). Crops are seeded by ``views_seed``.
+    views: list[str] = field(default_factory=list)
+    views_mode: str = "released"
+    views_seed: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError naming the allowed values (``--set`` assigns fields after __init__)."""
+        from regionspot_cache.data.views import VIEW_MODES, parse_views  # it imports ConfigError from here
+
         if self.feature_dtype not in FEATURE_DTYPES:
             raise ConfigError(f"extract.feature_dtype: {self.feature_dtype!r} is not one of "
                               f"{', '.join(FEATURE_DTYPES)}")
+        if self.views_mode not in VIEW_MODES:
+            raise ConfigError(f"extract.views_mode: {self.views_mode!r} is not one of {', '.join(VIEW_MODES)}")
+        parse_views(self.views)
 
 
 @dataclass
@@ -109,6 +121,9 @@ class TrainConfig:
     tensorboard: bool = True
     seed: int = 0
     device: str = "auto"
+    # Cached views (``rs-cache extract`` with extract.views) each (image, epoch) draws one of:
+    # empty = the identity and every view the cache has; else view ids, "identity" for the image itself.
+    views: list[str] = field(default_factory=list)
 
 
 @dataclass
