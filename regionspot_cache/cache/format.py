@@ -179,9 +179,16 @@ class Provenance:
     view: ViewIdentity | None = None  # set in a view cache (<cache>/views/<view id>/)
 
     def identity(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = self._as_dict()
         data.pop("package_version")
         data.pop("paths")
+        return data
+
+    def _as_dict(self) -> dict[str, Any]:
+        """As JSON records it; ``view`` only in a view cache, so other caches read and write as before."""
+        data = asdict(self)
+        if data["view"] is None:
+            data.pop("view")
         return data
 
     def differences(self, other: "Provenance") -> list[str]:
@@ -189,7 +196,7 @@ class Provenance:
         return differences(other.identity(), self.identity(), "{key}: cache has {old!r}, this run has {new!r}")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self._as_dict(), indent=2, sort_keys=True)
 
     @staticmethod
     def read(root: Path) -> "Provenance":
