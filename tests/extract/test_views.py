@@ -8,7 +8,7 @@ from PIL import Image
 
 from regionspot_cache.cache import CacheReader, inspect_cache, verify_cache_tree
 from regionspot_cache.cache.format import FEATURES_DIR, SHARDS_DIR, CacheFormatError
-from regionspot_cache.config import ConfigError, ExtractConfig, apply_overrides, Recipe
+from regionspot_cache.config import ConfigError, ExtractConfig, Recipe, apply_overrides
 from regionspot_cache.data.datasets import BoxSet, ImageEntry, load_coco_format
 from regionspot_cache.data.views import apply_view, parse_views, view_by_id, view_geometry
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
@@ -99,7 +99,8 @@ def test_consistent_views_resume_verify_and_repair_per_view(toy, tiny_models, en
     with pytest.raises(CacheFormatError, match="view"):
         extract_views(dataset, base, ExtractConfig(shard_size=2, num_workers=0, views=["hflip"]), encoders=encoders)
     # Damage a view's shard: verify names it, repair re-extracts it to the same values.
-    zarr_file = next(p for p in (crop / SHARDS_DIR / "000000" / FEATURES_DIR).rglob("*") if p.is_file() and p.stat().st_size > 100)
+    features = crop / SHARDS_DIR / "000000" / FEATURES_DIR
+    zarr_file = next(p for p in features.rglob("*") if p.is_file() and p.stat().st_size > 100)
     zarr_file.write_bytes(b"\0" * zarr_file.stat().st_size)
     problems = verify_cache_tree(base)
     assert problems[crop] and not problems[base] and not problems[view_cache_dir(base, "hflip")]
