@@ -114,5 +114,6 @@ def repair(
             console.print(f"{where}: every committed shard matches its checksums; nothing to repair")
             continue
         for shard, problems in summary.damaged.items():
-            console.print(f"[yellow]{where} shard {shard}[/] re-extracted: {'; '.join(problems)}")
+            prefix = "" if where == cache else f"{where.relative_to(cache)} "
+            console.print(f"[yellow]{prefix}shard {shard}[/] re-extracted: {'; '.join(problems)}")
         print_extract_summary(summary.extraction)
