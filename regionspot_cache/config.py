@@ -79,6 +79,13 @@ class ExtractConfig:
     # Class text embeddings: "released" (81 templates, mean of raw features, one normalisation) or
     # "openclip" (80 templates, mean of normalised features); recorded with each vocabulary.
     text_recipe: str = "openclip"
+    # Augmented views cached besides each image (data/views.py: hflip, crop:LO-HI[xN], ...), each
+    # a cache of its own under <cache>/views/<view id>/. ``views_mode``: "released" (CLIP maps of
+    # the view, tokens and labels of the image, as the released training sees them) or
+    # "consistent" (boxes and SAM tokens of the view too). Crops are seeded by ``views_seed``.
+    views: list[str] = field(default_factory=list)
+    views_mode: str = "released"
+    views_seed: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,6 +100,11 @@ class ExtractConfig:
         for name, allowed in (("feature_dtype", FEATURE_DTYPES), ("preprocess", PREPROCESSES), ("text_recipe", TEXT_RECIPES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"extract.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        from regionspot_cache.data.views import VIEW_MODES, parse_views  # it imports ConfigError from here
+
+        if self.views_mode not in VIEW_MODES:
+            raise ConfigError(f"extract.views_mode: {self.views_mode!r} is not one of {', '.join(VIEW_MODES)}")
+        parse_views(self.views)
 
 
 @dataclass
@@ -125,6 +137,9 @@ class TrainConfig:
     tensorboard: bool = True
     seed: int = 0
     device: str = "auto"
+    # Cached views (``rs-cache extract`` with extract.views) each (image, epoch) draws one of:
+    # empty = the identity and every view the cache has; else view ids, "identity" for the image itself.
+    views: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -14,11 +14,20 @@ Layout of a cache directory::
     shards/.tmp-<NNNNNN>-<pid>/     a shard being written: never read
     .extract.lock                   held (flock) by the one extraction running into the cache
     proposals/<box source>/         proposals caches borrowing this cache's feature maps
+    views/<view id>/                caches of augmented views of its images (extract/views.py)
+    extraction_cost.json            wall seconds and images of the runs that wrote the cache
 """
 
 from regionspot_cache.cache.format import FORMAT_VERSION, CacheFormatError, Provenance
 from regionspot_cache.cache.reader import CachedImage, CacheReader, Vocabulary
-from regionspot_cache.cache.verify import ShardProblem, inspect_cache, proposals_caches, verify_cache, verify_cache_tree
+from regionspot_cache.cache.verify import (
+    ShardProblem,
+    inspect_cache,
+    proposals_caches,
+    verify_cache,
+    verify_cache_tree,
+    view_caches,
+)
 from regionspot_cache.cache.writer import CacheBusyError, CacheWriter, ImageFeatures, exclusive_extraction
 
 __all__ = [
@@ -36,5 +45,6 @@ __all__ = [
     "verify_cache",
     "verify_cache_tree",
     "proposals_caches",
+    "view_caches",
     "exclusive_extraction",
 ]

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 # FEATURE_DTYPES: how maps and tokens are stored (Provenance.feature_dtype), defined with the config that picks it.
 from regionspot_cache.config import FEATURE_DTYPES, ConfigError, from_dict  # noqa: F401
-from regionspot_cache.runtime import differences, sha256_file
+from regionspot_cache.runtime import atomic_write_bytes, differences, sha256_file
 
 FORMAT_VERSION = 1
 
@@ -102,6 +102,9 @@ def shard_checksums(shard_dir: Path) -> dict[str, str]:
 FEATURE_MAPS_OWN, FEATURE_MAPS_BORROWED = "own", "borrowed"
 FEATURE_MAPS_CACHE = "feature_maps_cache"  # key in Provenance.paths
 PROPOSALS_DIR = "proposals"  # proposals caches that borrow a cache's feature maps live under it
+VIEWS_DIR = "views"  # caches of augmented views of a cache's images live under it
+VIEW_BASE_CACHE = "view_base_cache"  # key in Provenance.paths: the cache a view was made from (relative)
+EXTRACTION_COST_FILE = "extraction_cost.json"  # wall seconds and images of the runs that wrote a cache
 
 
 IdentityT = TypeVar("IdentityT", bound="ModelIdentity")
@@ -154,6 +157,17 @@ class ClipIdentity(ModelIdentity):
 
 
 @dataclass
+class ViewIdentity(ModelIdentity):
+    """The augmented view a view cache holds (data/views.py), as recorded under ``view`` in
+    ``cache.json``. ``mode``: "released" stores only the CLIP maps of the view (boxes, labels and
+    tokens are the base cache's); "consistent" stores the view's own boxes, tokens and maps."""
+
+    id: str
+    seed: int
+    mode: str
+
+
+@dataclass
 class Provenance:
     """What produced a cache. Everything except ``package_version`` and file paths is identity:
     extracting into a cache with a different identity is refused."""
@@ -172,11 +186,19 @@ class Provenance:
     feature_maps: str = FEATURE_MAPS_OWN
     # "float16", or "int8" with a float32 scale per token (cache/arrays.py); the reader returns float16.
     feature_dtype: str = "float16"
+    view: ViewIdentity | None = None  # set in a view cache (<cache>/views/<view id>/)
 
     def identity(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = self._as_dict()
         data.pop("package_version")
         data.pop("paths")
+        return data
+
+    def _as_dict(self) -> dict[str, Any]:
+        """As JSON records it; ``view`` only in a view cache, so other caches read and write as before."""
+        data = asdict(self)
+        if data["view"] is None:
+            data.pop("view")
         return data
 
     def differences(self, other: "Provenance") -> list[str]:
@@ -184,7 +206,7 @@ class Provenance:
         return differences(other.identity(), self.identity(), "{key}: cache has {old!r}, this run has {new!r}")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self._as_dict(), indent=2, sort_keys=True)
 
     @staticmethod
     def read(root: Path) -> "Provenance":
@@ -204,6 +226,25 @@ class Provenance:
             )
         try:
             return Provenance(**{**data, "sam": SamIdentity.from_dict(data.get("sam"), f"{path}: sam"),
-                                 "clip": ClipIdentity.from_dict(data.get("clip"), f"{path}: clip")})
+                                 "clip": ClipIdentity.from_dict(data.get("clip"), f"{path}: clip"),
+                                 "view": None if data.get("view") is None
+                                 else ViewIdentity.from_dict(data["view"], f"{path}: view")})
         except TypeError as err:
             raise CacheFormatError(f"{path}: unexpected provenance fields: {err}") from None
+
+
+def record_extraction_cost(root: Path, seconds: float, images: int) -> None:
+    """Add a run's wall seconds and images to the cache's running totals (not part of its identity;
+    ``rs-cache inspect`` shows them, e.g. what a view costs next to its base cache)."""
+    cost = read_extraction_cost(root)
+    cost = {"seconds": round(cost["seconds"] + seconds, 3), "images": cost["images"] + images, "runs": cost["runs"] + 1}
+    atomic_write_bytes(root / EXTRACTION_COST_FILE, json.dumps(cost).encode())
+
+
+def read_extraction_cost(root: Path) -> dict[str, Any]:
+    """{"seconds", "images", "runs"} of the extractions into ``root`` so far (zeros if none recorded)."""
+    try:
+        data = json.loads((root / EXTRACTION_COST_FILE).read_text(encoding="utf-8"))
+        return {"seconds": float(data["seconds"]), "images": int(data["images"]), "runs": int(data["runs"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"seconds": 0.0, "images": 0, "runs": 0}

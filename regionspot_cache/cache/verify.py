@@ -11,7 +11,9 @@ from regionspot_cache.cache.format import (
     CHECKSUMS_FILE,
     PROPOSALS_DIR,
     STATUS_OK,
+    VIEWS_DIR,
     Provenance,
+    read_extraction_cost,
     shard_checksums,
 )
 from regionspot_cache.cache.reader import CacheReader, committed_shard_dirs
@@ -39,9 +41,16 @@ def proposals_caches(root: Path | str) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
 
 
+def view_caches(root: Path | str) -> dict[str, Path]:
+    """The view caches kept inside ``root`` (augmented views of its images), by view id."""
+    directory = Path(root) / VIEWS_DIR
+    return {p.name: p for p in sorted(directory.iterdir()) if p.is_dir()} if directory.is_dir() else {}
+
+
 def verify_cache_tree(root: Path | str) -> dict[Path, list[ShardProblem]]:
-    """``verify_cache`` of ``root`` and of each proposals cache inside it, by cache directory."""
-    return {cache: verify_cache(cache) for cache in [Path(root), *proposals_caches(root)]}
+    """``verify_cache`` of ``root`` and of each proposals and view cache inside it, by cache directory."""
+    caches = [Path(root), *proposals_caches(root), *view_caches(root).values()]
+    return {cache: verify_cache(cache) for cache in caches}
 
 
 def _shard_problems(shard_dir: Path) -> list[str]:
@@ -67,7 +76,7 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
     sam, clip = provenance.sam, provenance.clip
     committed = {int(p.name) for p in reader.shard_dirs}
     status = reader.images.column("status").to_pylist()
-    on_disk = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+    on_disk = _bytes_on_disk(Path(root))
     return {
         "dataset": provenance.dataset,
         "box_source": provenance.box_source,
@@ -85,4 +94,37 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
         "bytes_per_image_map": 2 * clip.num_tokens * clip.width,
         "bytes_per_box_token": 2 * sam.token_dim,
         "bytes_on_disk_per_image": round(on_disk / max(len(status), 1)),
+        **_cost(Path(root)),
+        "views": {view_id: _view_summary(path) for view_id, path in view_caches(root).items()},
+    }
+
+
+def _bytes_on_disk(root: Path) -> int:
+    """Bytes of the cache's own files (its proposals and view caches are counted apart)."""
+    nested = {root / PROPOSALS_DIR, root / VIEWS_DIR}
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not nested & set(p.parents))
+
+
+def _cost(root: Path) -> dict[str, Any]:
+    cost = read_extraction_cost(root)
+    per_image = cost["seconds"] / cost["images"] if cost["images"] else None
+    return {"extraction_seconds": cost["seconds"], "extracted_images": cost["images"],
+            "extraction_seconds_per_image": None if per_image is None else round(per_image, 4)}
+
+
+def _view_summary(root: Path) -> dict[str, Any]:
+    """Mode, seed, images, bytes and extraction cost of one view cache."""
+    reader = CacheReader(root)
+    view = reader.provenance.view
+    on_disk = _bytes_on_disk(root)
+    return {
+        "mode": view.mode if view else "?",
+        "seed": view.seed if view else None,
+        "images": len(reader.images),
+        "boxes": len(reader.boxes),
+        "boxes_rejected": len(reader.rejected_boxes),
+        "shards_missing": sorted(set(range(reader.provenance.planned_shards)) - {int(p.name) for p in reader.shard_dirs}),
+        "bytes_on_disk": on_disk,
+        "bytes_on_disk_per_image": round(on_disk / max(len(reader.images), 1)),
+        **_cost(root),
     }

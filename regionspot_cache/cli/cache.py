@@ -63,7 +63,10 @@ def verify(cache: Path = typer.Argument(..., help="Cache directory to check.")) 
             console.print(f"[red]{where}shard {problem.shard}[/]: {problem.problem}")
     if any(results.values()):
         raise typer.Exit(1)
-    checked = f" and {len(results) - 1} proposals cache(s)" if len(results) > 1 else ""
+    from regionspot_cache.cache import proposals_caches, view_caches
+
+    nested = {"proposals": len(proposals_caches(cache)), "view": len(view_caches(cache))}
+    checked = "".join(f" and {count} {kind} cache(s)" for kind, count in nested.items() if count)
     console.print(f"{cache}{checked}: every committed shard matches its checksums")
 
 
@@ -103,10 +106,14 @@ def repair(
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
     distributor = Dask(scheduler, workers, retries) if scheduler or workers else InProcess()
-    summary = repair_cache(cache, dataset, box_source, config.extract, models, distributor=distributor)
-    if not summary.damaged:
-        console.print(f"{cache}: every committed shard matches its checksums; nothing to repair")
-        return
-    for shard, problems in summary.damaged.items():
-        console.print(f"[yellow]shard {shard}[/] re-extracted: {'; '.join(problems)}")
-    print_extract_summary(summary.extraction)
+    from regionspot_cache.cache import view_caches
+
+    for where in [cache, *view_caches(cache).values()]:  # the cache, then each of its view caches
+        summary = repair_cache(where, dataset, box_source, config.extract, models, distributor=distributor)
+        if not summary.damaged:
+            console.print(f"{where}: every committed shard matches its checksums; nothing to repair")
+            continue
+        for shard, problems in summary.damaged.items():
+            prefix = "" if where == cache else f"{where.relative_to(cache)} "
+            console.print(f"[yellow]{prefix}shard {shard}[/] re-extracted: {'; '.join(problems)}")
+        print_extract_summary(summary.extraction)

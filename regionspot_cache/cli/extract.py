@@ -45,7 +45,8 @@ def extract(
     """Run frozen SAM and CLIP once per image and write tokens and feature maps to the cache.
 
     Shards are dask tasks (a local cluster by default). Shards already committed in CACHE are
-    skipped, so re-running the same command resumes.
+    skipped, so re-running the same command resumes. With extract.views in the recipe (or --set),
+    each augmented view is then cached under CACHE/views/<view id>/.
     """
     from regionspot_cache.cli.report import print_extract_summary
     from regionspot_cache.data.datasets import load_manifest
@@ -63,3 +64,11 @@ def extract(
     print_extract_summary(summary)
     if summary.failed_shards:
         raise typer.Exit(1)
+    if config.extract.views:  # each view a cache of its own under CACHE/views/, resumable the same way
+        from regionspot_cache.extract.views import extract_views
+
+        views = extract_views(dataset, cache, config.extract, box_source, config.models, distributor=distributor)
+        for view_summary in views.values():
+            print_extract_summary(view_summary)
+        if any(view_summary.failed_shards for view_summary in views.values()):
+            raise typer.Exit(1)

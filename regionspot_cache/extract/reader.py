@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import BoxSet, DatasetError, DetectionDataset, ImageEntry
 from regionspot_cache.data.images import ImageDecodeError, load_rgb
+from regionspot_cache.data.views import View, apply_view
 from regionspot_cache.encoders import FrozenEncoders
 
 
@@ -22,14 +23,18 @@ class LoadedImage:
     sam_pixels: torch.Tensor | None = None  # (3, h, w) uint8, long side 1024
     clip_pixels: torch.Tensor | None = None  # (3, H, W) float, normalised
     error: str = ""
+    dropped: BoxSet = field(default_factory=BoxSet.empty)  # boxes a view's crop left out, as given
+    dropped_reasons: list[str] = field(default_factory=list)
 
 
 class ImageReader(Dataset):
     """Decodes and resizes the images of one shard; never raises for a bad file."""
 
     def __init__(self, dataset: DetectionDataset, entries: Sequence[ImageEntry], sam_resize: Callable,
-                 clip_preprocess: Callable | None, max_pixels: int | None = None):
+                 clip_preprocess: Callable | None, max_pixels: int | None = None,
+                 view: tuple[View, int] | None = None):
         self.dataset = dataset
+        self.view = view  # (view, seed): images and boxes are seen through it (data/views.py)
         self.max_pixels = max_pixels
         self.entries = list(entries)
         self.sam_resize = sam_resize
@@ -52,21 +57,29 @@ class ImageReader(Dataset):
                 error=f"{path}: decoded size {image.size[0]}x{image.size[1]} differs from the annotation's "
                 f"{entry.width}x{entry.height}",
             )
+        dropped, dropped_reasons = BoxSet.empty(), []
+        if self.view is not None:
+            viewed = apply_view(*self.view, image, entry, boxes)
+            image, entry, boxes, dropped, dropped_reasons = (viewed.image, viewed.entry, viewed.boxes, viewed.dropped,
+                                                             viewed.dropped_reasons)
         clip_pixels = self.clip_preprocess(image) if self.clip_preprocess else None
-        return LoadedImage(entry, boxes, self.sam_resize(np.asarray(image)), clip_pixels)
+        sam_pixels = self.sam_resize(np.asarray(image)) if self.sam_resize else None
+        return LoadedImage(entry, boxes, sam_pixels, clip_pixels, dropped=dropped, dropped_reasons=dropped_reasons)
 
 
 def image_loader(dataset: DetectionDataset, shards: Sequence[tuple[int, list[ImageEntry]]], encoders: FrozenEncoders,
-            config: ExtractConfig, with_clip: bool = True) -> DataLoader:
-    """Batches of ``config.batch_size`` images that never cross a shard boundary."""
+            config: ExtractConfig, with_clip: bool = True, with_sam: bool = True,
+            view: tuple[View, int] | None = None) -> DataLoader:
+    """Batches of ``config.batch_size`` images that never cross a shard boundary, seen through
+    ``view`` (a view and its seed) when given."""
     entries = [entry for _, shard in shards for entry in shard]
     batches, start = [], 0
     for _, shard in shards:
         batches += [list(range(i, min(i + config.batch_size, start + len(shard))))
                     for i in range(start, start + len(shard), config.batch_size)]
         start += len(shard)
-    reader = ImageReader(dataset, entries, encoders.sam.resizer(), encoders.clip.preprocessor() if with_clip else None,
-                         config.max_image_pixels)
+    reader = ImageReader(dataset, entries, encoders.sam.resizer() if with_sam else None,
+                         encoders.clip.preprocessor() if with_clip else None, config.max_image_pixels, view)
     return DataLoader(
         reader,
         batch_sampler=batches,

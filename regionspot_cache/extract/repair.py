@@ -55,7 +55,9 @@ def repair_cache(
     if not damaged:
         return RepairSummary()
     config = replace(config, shard_size=provenance.shard_size)
+    # A view cache is re-extracted through its view (recorded in cache.json), not as a plain cache.
+    config = replace(config, strict=False) if provenance.view is not None else config
     extraction = run_extraction(dataset, cache_dir, models or models_recorded_in(provenance), config,
                                 box_source, encoders, only_shards={int(name) for name in damaged},
-                                distributor=distributor)
+                                distributor=distributor, view=provenance.view)
     return RepairSummary(damaged, extraction)

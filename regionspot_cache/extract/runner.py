@@ -15,7 +15,15 @@ from typing import Sequence
 
 from regionspot_cache import __version__
 from regionspot_cache.cache import CacheWriter, Provenance, exclusive_extraction
-from regionspot_cache.cache.format import FEATURE_MAPS_BORROWED, FEATURE_MAPS_CACHE, FEATURE_MAPS_OWN, CacheFormatError
+from regionspot_cache.cache.format import (
+    FEATURE_MAPS_BORROWED,
+    FEATURE_MAPS_CACHE,
+    FEATURE_MAPS_OWN,
+    VIEW_BASE_CACHE,
+    CacheFormatError,
+    ViewIdentity,
+    record_extraction_cost,
+)
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
@@ -49,6 +57,7 @@ def run_extraction(
     borrow_maps_from: str | None = None,
     only_shards: set[int] | None = None,
     distributor: Distributor | None = None,
+    view: ViewIdentity | None = None,
 ) -> ExtractSummary:
     """Extract every shard of ``dataset`` that ``cache_dir`` does not hold yet.
 
@@ -63,6 +72,7 @@ def run_extraction(
         maps it borrows: then only SAM runs.
       only_shards: extract only these shard ids (``repair``).
       distributor: ``InProcess()`` (default) or ``Dask(scheduler, workers, retries)``.
+      view: for a view cache (extract/views.py), the augmented view its images are seen through.
 
     Returns:
       An ``ExtractSummary``: counts of images, boxes, failures, shards written / skipped / failed
@@ -72,7 +82,7 @@ def run_extraction(
     started = time.perf_counter()
     with exclusive_extraction(cache_dir):
         encoders = encoders or load_frozen_encoders(models, distributor.setup_device(config))
-        writer = prepare_cache(dataset, cache_dir, encoders, config, box_source, borrow_maps_from)
+        writer = prepare_cache(dataset, cache_dir, encoders, config, box_source, borrow_maps_from, view)
         shards = list(shard_entries(dataset.images, config.shard_size))
         pending = pending_shards(shards, writer.committed_shards(), only_shards)
         summary = ExtractSummary(shards_skipped=len(shards) - len(pending))
@@ -81,6 +91,7 @@ def run_extraction(
             for outcome in distributor.run(work, pending, encoders, writer, progress.advance):
                 summary.record(outcome)
     summary.seconds = time.perf_counter() - started
+    record_extraction_cost(Path(cache_dir), summary.seconds, summary.images)
     return summary
 
 
@@ -90,11 +101,13 @@ def pending_shards(shards: Sequence[Shard], committed: set[int], only: set[int] 
 
 
 def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config: ExtractConfig, box_source: str,
-                    borrow_maps_from: str | None = None) -> Provenance:
+                    borrow_maps_from: str | None = None, view: ViewIdentity | None = None) -> Provenance:
     """``borrow_maps_from``: for a proposals cache, the path (relative to it) of the cache whose
-    feature maps it borrows."""
+    feature maps it borrows. ``view``: for a view cache, its view (its base cache is ``..``/``..``)."""
     paths = encoders.paths() if borrow_maps_from is None else {**encoders.paths(), FEATURE_MAPS_CACHE: borrow_maps_from}
     encoders = encoders.with_preprocess(config.preprocess)
+    if view is not None:
+        paths[VIEW_BASE_CACHE] = "../.."
     return Provenance(
         dataset=dataset.name,
         box_source=box_source,
@@ -106,14 +119,15 @@ def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config:
         paths=paths,
         feature_maps=FEATURE_MAPS_OWN if borrow_maps_from is None else FEATURE_MAPS_BORROWED,
         feature_dtype=config.feature_dtype,
+        view=view,
     )
 
 
 def prepare_cache(dataset: DetectionDataset, cache_dir: Path | str, encoders: FrozenEncoders, config: ExtractConfig,
-                  box_source: str, borrow_maps_from: str | None = None) -> CacheWriter:
+                  box_source: str, borrow_maps_from: str | None = None, view: ViewIdentity | None = None) -> CacheWriter:
     """Create or reopen the cache (identity checked) and store the dataset's vocabulary."""
     config.validate()
-    writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source, borrow_maps_from))
+    writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source, borrow_maps_from, view))
     if not writer.has_vocabulary(dataset.name):
         embeddings = encoders.clip.text_embeddings([c.name for c in dataset.categories], config.text_recipe)
         writer.write_vocabulary(dataset.name, dataset.categories, embeddings.float().cpu().numpy(), config.text_recipe)

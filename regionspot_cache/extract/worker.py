@@ -18,6 +18,7 @@ from regionspot_cache.data.datasets import DetectionDataset, ImageEntry
 from regionspot_cache.encoders import FrozenEncoders
 from regionspot_cache.extract.mapper import NO_BOXES, FeatureMapper
 from regionspot_cache.extract.reader import image_loader
+from regionspot_cache.extract.view_mapper import view_loading, view_mapper
 
 Shard = tuple[int, list[ImageEntry]]  # (shard id, its images in id order)
 OnBatch = Callable[[int, int], None]  # (images, boxes) just encoded, for progress
@@ -79,11 +80,13 @@ def extract_shards(
     on_batch: OnBatch = lambda images, boxes: None,
 ) -> Iterator[ShardResult]:
     """Encode and commit ``shards`` in order, yielding each one's result once committed. A
-    cache that borrows its feature maps (``writer.provenance``) gets SAM tokens only."""
+    cache that borrows its feature maps (``writer.provenance``) gets SAM tokens only; a view
+    cache (``writer.provenance.view``) sees the images through its view."""
     with_clip = writer.provenance.feature_maps == FEATURE_MAPS_OWN
     encoders = encoders.with_preprocess(config.preprocess)  # the same models, the recipe's image preprocessing
-    mapper = FeatureMapper(encoders, config, with_clip)
-    batches = iter(image_loader(dataset, shards, encoders, config, with_clip))
+    view = writer.provenance.view
+    mapper = FeatureMapper(encoders, config, with_clip) if view is None else view_mapper(encoders, config, view)
+    batches = iter(image_loader(dataset, shards, encoders, config, with_clip, **view_loading(view)))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-cache-commit") as committer:
         pending: Future | None = None
         for shard_id, entries in shards:

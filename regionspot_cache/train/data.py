@@ -17,7 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from regionspot_cache.cache import CacheReader, Vocabulary
+from regionspot_cache.data.views import IDENTITY
 from regionspot_cache.runtime import differences
+from regionspot_cache.train.views import CachedView, open_views, pick_view
 
 # Steps whose dataset choices are drawn from one seeded generator; resuming at step s replays
 # only s / CHOICE_BLOCK small draws.
@@ -43,28 +45,47 @@ class RegionBatch:
 
 class CachedRegions(Dataset):
     """Images of one cache with their boxes labelled in ``vocabulary``. Keys are
-    ``(epoch, index)`` so that the random box capping is a function of the key alone."""
+    ``(epoch, index)`` so that the view read (of ``views``; default the identity alone) and the
+    random box capping are functions of the key alone."""
 
-    def __init__(self, reader: CacheReader, vocabulary: Vocabulary, max_boxes: int, seed: int, source: int = 0):
+    def __init__(self, reader: CacheReader, vocabulary: Vocabulary, max_boxes: int, seed: int, source: int = 0,
+                 views: Sequence[CachedView] | None = None):
         self.reader = reader
         self.max_boxes = max_boxes
         self.seed = seed
         self.source = source
+        self.views = list(views) if views else [CachedView(IDENTITY, reader, reader)]
+        labels = {id(v.boxes): vocabulary_index(v.boxes.box_category_ids, vocabulary.category_ids) for v in self.views}
+        self.view_labels = [labels[id(v.boxes)] for v in self.views]
         self.box_labels = vocabulary_index(reader.box_category_ids, vocabulary.category_ids)
-        labelled = set(np.unique(reader.boxes["image_id"].to_numpy()[self.box_labels >= 0]).tolist())
-        self.image_ids = [i for i in reader.image_ids() if i in labelled]
+        usable = [self._usable_images(view, view_labels) for view, view_labels in zip(self.views, self.view_labels)]
+        # Per image, the views it can be read through: extracted, with a labelled box left in the view.
+        candidates = {i: [v for v, ids in enumerate(usable) if i in ids] for i in reader.image_ids()}
+        self.image_ids = [i for i, views_of_image in candidates.items() if views_of_image]
+        self.candidates = [candidates[i] for i in self.image_ids]
         if not self.image_ids:
             raise ValueError(f"{reader.root}: no image has a box labelled with vocabulary {vocabulary.name!r}")
+
+    @staticmethod
+    def _usable_images(view: CachedView, labels: np.ndarray) -> set[int]:
+        labelled = set(np.unique(view.boxes.boxes["image_id"].to_numpy()[labels >= 0]).tolist())
+        return labelled & set(view.maps.image_ids()) & set(view.boxes.image_ids())
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def boxes_of(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """(indices among the image's boxes, their labels): the labelled boxes, at most ``max_boxes``."""
+    def view_of(self, key: tuple[int, int]) -> int:
+        """Index in ``views`` of the view the key reads."""
         epoch, index = key
-        row = self.reader.row_of(self.image_ids[index])
-        first = int(self.reader.box_row[row])
-        labels = self.box_labels[first : first + int(self.reader._box_count[row])]
+        return pick_view(self.candidates[index], self.seed, self.source, epoch, index)
+
+    def boxes_of(self, key: tuple[int, int], view: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(indices among the image's boxes in ``view``, their labels): the labelled boxes, at most ``max_boxes``."""
+        epoch, index = key
+        reader = self.views[view].boxes
+        row = reader.row_of(self.image_ids[index])
+        first = int(reader.box_row[row])
+        labels = self.view_labels[view][first : first + int(reader._box_count[row])]
         keep = np.flatnonzero(labels >= 0)
         if len(keep) > self.max_boxes:
             rng = np.random.default_rng([self.seed, self.source, epoch, index])
@@ -75,13 +96,16 @@ class CachedRegions(Dataset):
         return self.read([key])[0]
 
     def read(self, keys: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(tokens, feature map, labels) of each key, float16; the feature maps gathered in one call."""
+        """(tokens, feature map, labels) of each key, float16; the feature maps of each view gathered in one call."""
         image_ids = [self.image_ids[index] for _, index in keys]
-        maps = self.reader.feature_maps(image_ids)
-        items = []
-        for key, image_id, feature_map in zip(keys, image_ids, maps):
-            keep, labels = self.boxes_of(key)
-            items.append((self.reader.box_tokens(image_id, keep), feature_map, labels))
+        picked = [self.view_of(key) for key in keys]
+        items: list = [None] * len(keys)
+        for view in sorted(set(picked)):
+            where = [i for i, v in enumerate(picked) if v == view]
+            maps = self.views[view].maps.feature_maps([image_ids[i] for i in where])
+            for i, feature_map in zip(where, maps):
+                keep, labels = self.boxes_of(keys[i], view)
+                items[i] = (self.views[view].boxes.box_tokens(image_ids[i], keep), feature_map, labels)
         return items
 
 
@@ -231,11 +255,13 @@ class TrainSource:
     cache: Path
     reader: CacheReader
     vocabulary: Vocabulary
+    views: list[CachedView] | None = None  # None: the identity alone
 
 
-def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str]) -> list[TrainSource]:
-    """Open each cache with its vocabulary (default: the cache's own dataset); all must come from
-    the same SAM and CLIP, since one head is trained on all of them."""
+def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str], views: Sequence[str] = ()) -> list[TrainSource]:
+    """Open each cache with its vocabulary (default: the cache's own dataset) and its ``views``
+    (view ids, "identity" for the images themselves; empty: all it has); all must come from the
+    same SAM and CLIP, since one head is trained on all of them."""
     if vocabularies and len(vocabularies) != len(caches):
         raise ValueError(f"{len(vocabularies)} vocabularies given for {len(caches)} caches")
     if not caches:
@@ -244,7 +270,7 @@ def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str]) -> l
     for i, cache in enumerate(caches):
         reader = CacheReader(cache)
         name = vocabularies[i] if vocabularies else reader.provenance.dataset
-        sources.append(TrainSource(Path(cache), reader, reader.vocabulary(name)))
+        sources.append(TrainSource(Path(cache), reader, reader.vocabulary(name), open_views(reader, views)))
     first = sources[0]
     for other in sources[1:]:
         for model in ("sam", "clip"):

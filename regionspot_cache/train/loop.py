@@ -103,11 +103,14 @@ def run_dir_for(output: Path) -> Path:
 
 def resume_identity(config: TrainConfig, sources: Sequence[TrainSource]) -> dict:
     """What a resumed run must share with the saved one: all but length and machinery."""
-    machinery = ("iterations", "num_workers", "prefetch_batches", "device", "checkpoint_every", "tensorboard", "caches")
+    # "views" as resolved to the views read (below, only when there are any besides the identity).
+    machinery = ("iterations", "num_workers", "prefetch_batches", "device", "checkpoint_every", "tensorboard", "caches",
+                 "views")
     settings = {k: v for k, v in asdict(config).items() if k not in machinery}
     settings["init_from"] = sha256_file(config.init_from) if config.init_from else None
+    views = {"views": [[v.name for v in s.views] for s in sources]} if any(len(s.views or ()) > 1 for s in sources) else {}
     return {**settings, "caches": [str(s.cache.resolve()) for s in sources],
-            "vocabularies": [s.vocabulary.name for s in sources]}
+            "vocabularies": [s.vocabulary.name for s in sources], **views}
 
 
 def train_head(
@@ -141,7 +144,7 @@ def train_head(
         caches = [caches]
     processes, device = join_process_group(config.device)
     try:
-        return _train(open_sources(caches, config.vocabularies), Path(output), config, resume, processes, device)
+        return _train(open_sources(caches, config.vocabularies, config.views), Path(output), config, resume, processes, device)
     finally:
         leave_process_group(processes)
 
@@ -165,7 +168,7 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
     start = load_train_state(latest, head, optimizer, scheduler, identity, processes.rank) if latest else 0
     model = DistributedDataParallel(head) if processes.distributed else head
     regions = MultiSourceRegions([
-        CachedRegions(source.reader, source.vocabulary, config.max_boxes_per_image, config.seed, i)
+        CachedRegions(source.reader, source.vocabulary, config.max_boxes_per_image, config.seed, i, source.views)
         for i, source in enumerate(sources)
     ])
     plan = BatchPlan(regions.sizes(), config.dataset_weights or [1.0] * len(sources), config.batch_size, config.seed)
