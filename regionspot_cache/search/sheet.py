@@ -35,7 +35,8 @@ def contact_sheet(
     title_font = ImageFont.load_default(size=14)
     cell_h = THUMB + CAPTION
     heights = [22 + max(1, -(-len(hits) // COLUMNS)) * (cell_h + 4) for hits in results.values()]
-    sheet = Image.new("RGB", (COLUMNS * (THUMB + 4) + 4, sum(heights) + 4), "white")
+    columns = min(COLUMNS, max((len(hits) for hits in results.values()), default=1))
+    sheet = Image.new("RGB", (max(columns * (THUMB + 4) + 4, 320), sum(heights) + 4), "white")
     draw = ImageDraw.Draw(sheet)
     images: dict[int, Image.Image | None] = {}
     top = 4
