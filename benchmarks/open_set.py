@@ -58,7 +58,8 @@ def test_logits(cache: Path, head_path: Path, vocabulary: str, prompts: list[str
     logits, truth = [], []
     for image_id in reader.image_ids():
         item = reader.image(image_id)
-        regions = head(torch.from_numpy(item.tokens.astype(np.float32))[None], torch.from_numpy(item.feature_map.astype(np.float32))[None])[0]
+        regions = head(torch.from_numpy(item.tokens.astype(np.float32))[None],
+            torch.from_numpy(item.feature_map.astype(np.float32))[None])[0]
         logits.append(region_logits(regions, text, reader.provenance.clip.logit_scale))
         truth.append(item.category_ids)
     logits = torch.cat(logits)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -69,7 +70,7 @@ def query_latency(sizes: list[int], dim: int, repeats: int, top: int) -> None:
         embeddings /= embeddings.norm(dim=1, keepdim=True)
         for queries in (1, 16):
             q = torch.nn.functional.normalize(torch.randn(queries, dim), dim=1)
-            times = timed(lambda: top_k_cosine(embeddings, q, top), repeats)
+            times = timed(functools.partial(top_k_cosine, embeddings, q, top), repeats)
             print(f"query: {size:>9,} regions x {dim}, {queries:>2} queries, top {top}: {spread(times)}")
         del embeddings
 

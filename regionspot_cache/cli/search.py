@@ -22,7 +22,8 @@ def search(
     ),
     top: int = typer.Option(20, "--top", help="Regions to return per query."),
     out: Path = typer.Option(Path("search"), "--out", "-o", help="Directory for hits.json and contact_sheet.png."),
-    image_root: Optional[Path] = typer.Option(None, help="Directory of the cache's images, for the contact sheet (none: JSON only)."),
+    image_root: Optional[Path] = typer.Option(
+        None, help="Directory of the cache's images, for the contact sheet (none: JSON only)."),
     clip_pretrained: Optional[str] = typer.Option(None, help="CLIP weights file, if not where the cache recorded it."),
     device: str = typer.Option("auto", help="Torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."),
 ) -> None:

@@ -90,7 +90,8 @@ def build_index(reader: CacheReader, head: RegionSpotHead, device: torch.device,
             bar.update(task, advance=len(parts[-1]))
     if not parts:
         raise ValueError(f"{reader.root}: the cache has no extracted boxes to index")
-    return RegionIndex(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("image_ids", "box_index", "boxes", "embeddings")))
+    fields = ("image_ids", "box_index", "boxes", "embeddings")
+    return RegionIndex(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
 class BoxTable:

@@ -98,7 +98,8 @@ def cache_clip(reader: CacheReader, pretrained: str | None = None, device: str =
     try:
         clip = load_clip(models.clip.model, models.clip.pretrained, resolve_device(device))
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err} (recorded in {reader.root / 'cache.json'}; give the file with --clip-pretrained)") from None
+        raise FileNotFoundError(f"{err} (recorded in {reader.root / 'cache.json'}; give the file with "
+                                "--clip-pretrained)") from None
     given = FrozenEncoders(None, clip, models).clip_provenance()
     found = differences(reader.provenance.clip, given, "{key}: cache has {old!r}, given {new!r}")
     if found:

@@ -32,7 +32,8 @@ def test_rules_on_seeded_regions_flag_unfamiliar_ones_better_than_chance():
 
     def regions(centres: torch.Tensor, count: int) -> torch.Tensor:
         picks = centres[rng.integers(0, len(centres), count)]
-        return torch.nn.functional.normalize(picks + 0.12 * torch.from_numpy(rng.normal(size=picks.shape).astype(np.float32)), dim=1)
+        noise = torch.from_numpy(rng.normal(size=picks.shape).astype(np.float32))
+        return torch.nn.functional.normalize(picks + 0.12 * noise, dim=1)
 
     known, held_out = regions(vocabulary, 200), regions(unnamed, 100)
     for rule in ("max-softmax", "max-sigmoid", "background-prompt"):
@@ -77,7 +78,8 @@ def test_eval_drops_the_boxes_the_rule_rejects(tmp_path_factory, tiny_models, en
     assert len(score_cache(reader, head, vocab, config)) == len(everything)
     with torch.no_grad():
         item = reader.image(reader.image_ids()[0])
-        regions = head(torch.from_numpy(item.tokens.astype(np.float32))[None], torch.from_numpy(item.feature_map.astype(np.float32))[None])[0]
+        regions = head(torch.from_numpy(item.tokens.astype(np.float32))[None],
+            torch.from_numpy(item.feature_map.astype(np.float32))[None])[0]
         known = (reader.provenance.clip.logit_scale * regions @ torch.from_numpy(vocab.embeddings).T).softmax(-1).max(-1).values
     config.open_set.threshold = float(known.median())
     kept = score_cache(reader, head, vocab, config)

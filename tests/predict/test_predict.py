@@ -206,7 +206,8 @@ def test_attention_maps_have_the_grid_shape_and_sum_to_one_with_the_class_token(
 
 def test_head_attention_path_gives_the_forward_embeddings(predictor):
     torch.manual_seed(1)
-    tokens, feature_map = torch.randn(2, 3, 256), torch.randn(2, predictor.encoders.clip.num_tokens, predictor.encoders.clip.width)
+    clip = predictor.encoders.clip
+    tokens, feature_map = torch.randn(2, 3, 256), torch.randn(2, clip.num_tokens, clip.width)
     mask = torch.tensor([[True, True, False], [True, True, True]])
     embeddings, weights = predictor.head.forward_with_attention(tokens, feature_map, mask)
     torch.testing.assert_close(embeddings, predictor.head(tokens, feature_map, mask))
@@ -230,7 +231,8 @@ def test_predict_command_draws_attention_and_rejects(tiny_models, head_path, rgb
     Image.fromarray(rgb_image).save(tmp_path / "in.png")
     out = tmp_path / "in.regions.png"
     result = runner.invoke(cli.app, ["predict", str(tmp_path / "in.png"), "--head", str(head_path), *model_args(tiny_models),
-                                     "--text-cache", str(tmp_path / "text"), "--boxes", "10,5,60,40; 30,20,90,60", "--vocab", "red square,dog", "--attention",
+                                     "--text-cache", str(tmp_path / "text"), "--boxes", "10,5,60,40; 30,20,90,60",
+                                     "--vocab", "red square,dog", "--attention",
                                      "--reject", "max-sigmoid", "--set", "eval.open_set.threshold=1.0", "--out", str(out)])
     assert result.exit_code == 0, result.output
     regions = json.loads(result.stdout)

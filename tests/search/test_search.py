@@ -40,7 +40,8 @@ def planted(tmp_path_factory, tiny_models, encoders):
     data["annotations"] += twins
     annotation_file.write_text(json.dumps(data))
     dataset = load_coco_format(annotation_file, root / "images", name="planted")
-    run_extraction(dataset, root / "cache", tiny_models, ExtractConfig(shard_size=2, num_workers=0, device="cpu"), encoders=encoders)
+    config = ExtractConfig(shard_size=2, num_workers=0, device="cpu")
+    run_extraction(dataset, root / "cache", tiny_models, config, encoders=encoders)
     torch.manual_seed(0)
     head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1, ffn_dim=64))
     save_head(head, root / "head.safetensors")
@@ -66,7 +67,8 @@ def test_index_embeddings_are_the_heads_on_each_image(planted):
     index = open_region_index(reader, head, "cpu")
     item = reader.image(3)
     with torch.no_grad():
-        expected = head(torch.from_numpy(item.tokens.astype(np.float32))[None], torch.from_numpy(item.feature_map.astype(np.float32))[None])[0]
+        expected = head(torch.from_numpy(item.tokens.astype(np.float32))[None],
+            torch.from_numpy(item.feature_map.astype(np.float32))[None])[0]
     rows = np.flatnonzero(index.image_ids == 3)
     np.testing.assert_allclose(index.embeddings[rows], expected.numpy(), atol=1e-5)
     np.testing.assert_array_equal(index.boxes[rows], item.boxes)
