@@ -143,6 +143,24 @@ class TrainConfig:
 
 
 @dataclass
+class OpenSetConfig:
+    """Open-set rejection (``evaluate/open_set.py``): ``rule`` gives each region a known score in
+    [0, 1], regions below ``threshold`` are "none of the vocabulary". ``off`` keeps every region."""
+
+    rule: str = "off"
+    threshold: float = 0.5
+    background_prompts: list[str] = field(default_factory=lambda: ["background"])
+
+    def validate(self) -> None:
+        if self.rule not in OPEN_SET_RULES:
+            raise ConfigError(f"eval.open_set.rule: {self.rule!r} is not one of {', '.join(OPEN_SET_RULES)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"eval.open_set.threshold: {self.threshold} is not in [0, 1]")
+        if self.rule == "background-prompt" and not [p for p in self.background_prompts if p.strip()]:
+            raise ConfigError("eval.open_set.background_prompts: background-prompt needs at least one non-empty prompt")
+
+
+@dataclass
 class EvalConfig:
     """How region logits become scored detections and how LVIS AP counts them (``scoring.py``).
 
@@ -160,6 +178,7 @@ class EvalConfig:
     protocol: str = "standard"
     fixed_dets_per_class: int = 10_000
     device: str = "auto"
+    open_set: OpenSetConfig = field(default_factory=OpenSetConfig)  # regions rejected as none of the vocabulary
 
     def __post_init__(self) -> None:
         self.validate()
@@ -174,6 +193,7 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name}: {getattr(self, name)} must be at least 1")
         if self.max_dets_per_image < 1 and self.max_dets_per_image != -1:
             raise ConfigError(f"eval.max_dets_per_image: {self.max_dets_per_image} must be at least 1, or -1 for no limit")
+        self.open_set.validate()
 
 
 EVAL_SCORINGS = ("softmax", "sigmoid")
@@ -181,6 +201,7 @@ FEATURE_DTYPES = ("float16", "int8")  # how feature maps and box tokens are stor
 EVAL_PROTOCOLS = ("standard", "fixed", "tap")
 PREPROCESSES = ("released", "direct")  # extract.preprocess (encoders/preprocess.py)
 TEXT_RECIPES = ("released", "openclip")  # extract.text_recipe (encoders/clip.py)
+OPEN_SET_RULES = ("off", "max-softmax", "max-sigmoid", "background-prompt")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from regionspot_cache.cli import cache, demo, evaluate, extract, predict, train
+from regionspot_cache.cli import cache, demo, evaluate, extract, predict, search, train
 from regionspot_cache.cli.options import UserError
 from regionspot_cache.config import ConfigError
 from regionspot_cache.progress import console, log_to_console
@@ -31,6 +31,7 @@ app.command()(cache.inspect)
 app.command()(cache.verify)
 app.command()(cache.repair)
 app.command()(demo.demo)
+app.command()(search.search)
 
 
 def main() -> None:

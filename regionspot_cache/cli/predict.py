@@ -29,6 +29,14 @@ def predict(
     vocab: Optional[str] = typer.Option(None, help="Class names separated by commas, e.g. \"dog,cat,traffic light\"."),
     vocab_file: Optional[Path] = typer.Option(None, help="Text file with one class name per line (instead of --vocab)."),
     masks: bool = typer.Option(False, "--masks", help="Add SAM's mask for each box prompt (RLE in the JSON, overlaid in the PNG)."),
+    attention: bool = typer.Option(
+        False, "--attention", help="Also write where the head looks: per box, the last decoder layer's cross-attention "
+        "over the CLIP grid (mean over heads) overlaid on the image, to OUT's stem + .attention.png."
+    ),
+    reject: Optional[str] = typer.Option(
+        None, help="Open-set rule that may label a box none of the vocabulary (label null): max-softmax, max-sigmoid "
+        "or background-prompt; sets eval.open_set.rule (threshold: --set eval.open_set.threshold=...)."
+    ),
     out: Optional[Path] = typer.Option(None, help="PNG to write with the labelled boxes (default: IMAGE's stem + .regions.png here)."),
     text_cache: Optional[Path] = typer.Option(
         None, help="Directory of cached class text embeddings (default: ~/.cache/regionspot-cache/text-embeddings)."
@@ -46,6 +54,7 @@ def predict(
     Runs SAM and CLIP on the image and the head on the boxes; each box gets the most probable
     class name and its probability (softmax over the vocabulary).
     """
+    from regionspot_cache.predict.attention import draw_attention_grid
     from regionspot_cache.predict.io import (
         draw_regions,
         parse_boxes,
@@ -68,8 +77,16 @@ def predict(
     picture = to_rgb_image(image)
     checked_boxes(box_array, picture.width, picture.height)  # bad input fails before the models load
     checked_vocabulary(names)
-    regions = Predictor(head, config.models, device, text_cache).predict(picture, box_array, names, masks=masks)
+    config.eval.open_set.rule = reject or config.eval.open_set.rule
+    config.eval.validate()
+    regions = Predictor(head, config.models, device, text_cache).predict(
+        picture, box_array, names, masks=masks, attention=attention, open_set=config.eval.open_set
+    )
     out = out or Path(f"{image.stem}.regions.png")
     draw_regions(picture, regions, out)
-    print(json.dumps(regions))
-    console.print(f"{len(regions)} regions; wrote {out}")
+    written = [out]
+    if attention:
+        written.append(draw_attention_grid(picture, regions, out.with_name(f"{out.stem.removesuffix('.regions')}.attention.png")))
+    # The maps are in the PNG; the JSON keeps each box's share on the class token.
+    print(json.dumps([{k: v for k, v in region.items() if k != "attention"} for region in regions]))
+    console.print(f"{len(regions)} regions; wrote {', '.join(map(str, written))}")

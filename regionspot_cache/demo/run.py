@@ -16,7 +16,8 @@ from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import load_frozen_encoders
 from regionspot_cache.evaluate import evaluate_head
-from regionspot_cache.evaluate.lvis import METRICS
+from regionspot_cache.evaluate.lvis import METRICS, EvalResult
+from regionspot_cache.evaluate.report import ReportData, cache_labels, write_report
 from regionspot_cache.extract.runner import run_extraction
 from regionspot_cache.head.model import RegionSpotHead, load_head
 from regionspot_cache.progress import console, log_to_console, metrics_table
@@ -29,6 +30,7 @@ class DemoResult:
     untrained: dict[str, float]
     trained: dict[str, float]
     workdir: Path
+    report: Path | None = None  # the results page (AP chart, drawn predictions)
 
 
 def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
@@ -61,14 +63,24 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
     torch.manual_seed(config.train.seed)
     untrained = RegionSpotHead(head_config_for(CacheReader(caches["train"]), config.train))
     trained, _ = load_head(head_path)
-    results = {}
+    results, evaluated = {}, {}
     for name, head in (("untrained", untrained), ("trained", trained)):
-        results[name] = evaluate_head(
-            caches["val"], head, val_json, config.eval, workdir / "results" / f"{name}.json"
-        ).metrics
+        evaluated[name] = evaluate_head(caches["val"], head, val_json, config.eval, workdir / "results" / f"{name}.json")
+        results[name] = evaluated[name].metrics
     console.print(metrics_table("demo: LVIS box AP on demo_val (ground-truth boxes)", results, METRICS))
     (workdir / "demo_metrics.json").write_text(json.dumps({**results, "config": _jsonable(config)}, indent=2))
-    return DemoResult(results["untrained"], results["trained"], workdir)
+    page = write_demo_report(workdir, caches["val"], evaluated["trained"], data_dir / "images")
+    console.print(f"[bold]report with the AP chart and drawn predictions:[/] {page}")
+    return DemoResult(results["untrained"], results["trained"], workdir, page)
+
+
+def write_demo_report(workdir: Path, cache: Path, result: EvalResult, image_root: Path) -> Path:
+    """The page ``eval --report`` writes, for the trained head: a first-time user sees pictures."""
+    names, file_names = cache_labels(cache)
+    results_file = workdir / "results" / "trained.json"
+    data = ReportData(result.metrics, result.settings, "demo: LVIS box AP of the trained head (ground-truth boxes)",
+                      result.detections, names, file_names, image_root, {"results": results_file})
+    return write_report(workdir / "report", data)
 
 
 def _jsonable(config: DemoConfig) -> dict:

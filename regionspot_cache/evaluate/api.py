@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import EvalConfig, ModelsConfig
 from regionspot_cache.encoders import preprocess_recorded_in
@@ -15,6 +17,7 @@ from regionspot_cache.evaluate.baselines import BASELINES, score_cache_with_base
 from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
 from regionspot_cache.evaluate.masks import without_boxes
+from regionspot_cache.evaluate.open_set import needs_background
 from regionspot_cache.evaluate.scoring import protocol_for, write_results_json
 from regionspot_cache.evaluate.with_images import cache_images, load_cache_encoders, records_with_masks, write_records_json
 from regionspot_cache.head.model import RegionSpotHead
@@ -76,7 +79,7 @@ def evaluate(
         encoders = load_cache_encoders(reader, models, config.device)
         images = cache_images(reader, image_root)
     if method == REGIONSPOT:
-        detections = score_cache(reader, head, vocab, config)
+        detections = score_cache(reader, head, vocab, config, background_embeddings(reader, models, config))
     else:
         detections = score_cache_with_baseline(reader, vocab, config, method, encoders, images)
     segm_metrics = None
@@ -89,6 +92,14 @@ def evaluate(
         results_file = write_results_json(detections, results_file)
     metrics = lvis_ap(annotation_file, detections, protocol.lvis_max_dets)
     return EvalResult(metrics, len(detections), results_file, segm_metrics, protocol.settings(), detections)
+
+
+def background_embeddings(reader: CacheReader, models: ModelsConfig | None, config: EvalConfig) -> torch.Tensor | None:
+    """The cache's CLIP text embeddings of the background prompts, when the open-set rule needs them."""
+    if not needs_background(config.open_set):
+        return None
+    clip = load_cache_encoders(reader, models, config.device).clip
+    return clip.text_embeddings(config.open_set.background_prompts).float()
 
 
 def check_method(method: str, head: RegionSpotHead | None, masks: bool, image_root: Path | str | None) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from regionspot_cache.cache import CachedImage, CacheReader, Vocabulary
 from regionspot_cache.config import EvalConfig
+from regionspot_cache.evaluate.open_set import kept_regions, known_scores
 from regionspot_cache.evaluate.scoring import Detections, detections_from_logits
 from regionspot_cache.head.model import RegionSpotHead, region_logits
 from regionspot_cache.progress import progress_bar
@@ -31,7 +32,9 @@ def image_logits(
     return region_logits(head(tokens, feature_map)[0], text, logit_scale)
 
 
-def score_cache(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, config: EvalConfig) -> Detections:
+def score_cache(
+    reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, config: EvalConfig, background: torch.Tensor | None = None
+) -> Detections:
     """Score every cached box of ``reader`` against ``vocab`` with ``head``, under ``config``'s
     scoring and protocol (``scoring.protocol_for``).
 
@@ -40,7 +43,10 @@ def score_cache(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, co
       head (RegionSpotHead): the trained head; moved to ``config.device`` and set to eval mode.
       vocab (Vocabulary): class names, LVIS category ids (C,) and text embeddings (C, text_dim)
         float32, L2-normalised; usually ``reader.vocabulary(dataset name)``.
-      config (EvalConfig): scoring (softmax / sigmoid), protocol and device.
+      config (EvalConfig): scoring (softmax / sigmoid), protocol, device and open-set rejection
+        (``config.open_set``: rejected boxes make no detections).
+      background (Tensor or None): (P, text_dim) text embeddings of the background prompts, for
+        the ``background-prompt`` open-set rule.
 
     Returns:
       (Detections): columns of D detections in image order (within an image best first under
@@ -60,8 +66,22 @@ def score_cache(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, co
             for image_id in image_ids:
                 item = reader.image(image_id)
                 if len(item.boxes):
-                    yield image_id, item.boxes, item.scores, image_logits(head, item, text, logit_scale, device)
+                    yield rejecting_unknown(image_id, item, head, text, background, logit_scale, config, device)
                 bar.update(task, advance=1)
 
     return detections_from_logits(images(), vocab.category_ids, config)
 
+
+
+def rejecting_unknown(
+    image_id: int, item: CachedImage, head: RegionSpotHead, text: torch.Tensor, background: torch.Tensor | None,
+    logit_scale: float, config: EvalConfig, device: torch.device,
+) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor]:
+    """One image's (id, boxes, box scores, logits), without the boxes the open-set rule rejects."""
+    if config.open_set.rule == "off":
+        return image_id, item.boxes, item.scores, image_logits(head, item, text, logit_scale, device)
+    extra = background if background is not None else text[:0]
+    logits = image_logits(head, item, torch.cat([text, extra.to(device)]), logit_scale, device)
+    logits, background_logits = logits[:, : len(text)], logits[:, len(text):]
+    keep = kept_regions(known_scores(logits, config.open_set.rule, background_logits), config.open_set).cpu().numpy()
+    return image_id, item.boxes[keep], item.scores[keep], logits[torch.from_numpy(keep).to(logits.device)]

@@ -60,6 +60,34 @@ class RegionSpotHead(nn.Module):
         hidden = self.decoder(self.to_clip(tokens), memory, tgt_key_padding_mask=padding)
         return F.normalize(self.projector(hidden), dim=-1, eps=1e-7)
 
+    def forward_with_attention(
+        self, tokens: torch.Tensor, feature_map: torch.Tensor, box_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` plus the last decoder layer's cross-attention over the feature map,
+        averaged over heads: (B, N, text_dim) embeddings and (B, N, 1 + grid^2) weights (class
+        token first; each row sums to one).
+
+        Opt-in: the ordinary forward asks PyTorch for no weights (its fused attention kernels);
+        here a pre-hook asks the last layer's cross-attention for them, for this call only.
+        """
+        cross = self.decoder.layers[-1].multihead_attn
+        captured: list[torch.Tensor] = []
+
+        def want_weights(_module, args, kwargs):
+            return args, {**kwargs, "need_weights": True, "average_attn_weights": True}
+
+        def keep_weights(_module, _args, output):
+            captured.append(output[1])
+
+        handles = [cross.register_forward_pre_hook(want_weights, with_kwargs=True),
+                   cross.register_forward_hook(keep_weights)]
+        try:
+            embeddings = self.forward(tokens, feature_map, box_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return embeddings, captured[0]
+
 
 def region_logits(embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """CLIP-style logits: logit scale x cosine(region, class text embedding)."""

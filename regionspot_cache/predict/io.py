@@ -82,7 +82,7 @@ def draw_regions(image: Image.Image, regions: list[dict], path: Path) -> None:
     font = ImageFont.load_default(size=max(10, min(canvas.size) // 40))
     width = max(1, min(canvas.size) // 200)
     for region in regions:
-        label = f"{region['label']} {region['score']:.2f}"
+        label = f"{'none of these' if region['label'] is None else region['label']} {region['score']:.2f}"
         draw_labelled_box(draw, tuple(region["box"]), label, colours[region["label"]], font, width)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

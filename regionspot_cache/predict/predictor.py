@@ -27,12 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from regionspot_cache.cache.format import ClipIdentity
-from regionspot_cache.config import ModelsConfig
+from regionspot_cache.config import ModelsConfig, OpenSetConfig
 from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.data.datasets import BoxSet
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_encoders
 from regionspot_cache.evaluate.masks import box_mask_rles
+from regionspot_cache.evaluate.open_set import kept_regions, known_scores, needs_background
 from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
 from regionspot_cache.runtime import atomic_path, resolve_device
 
@@ -192,7 +193,10 @@ class Predictor:
                                        recipe=text_recipe)
 
     @torch.no_grad()
-    def predict(self, image: ImageInput, boxes: Any, vocabulary: Sequence[str], masks: bool = False) -> list[dict]:
+    def predict(
+        self, image: ImageInput, boxes: Any, vocabulary: Sequence[str], masks: bool = False,
+        attention: bool = False, open_set: OpenSetConfig | None = None,
+    ) -> list[dict]:
         """Label each box of one image with the most probable class of ``vocabulary``.
 
         Arguments:
@@ -202,13 +206,22 @@ class Predictor:
             box without area inside it is an error naming it.
           vocabulary (sequence of str): C distinct, non-empty class names.
           masks (bool): also return SAM's single mask for each box prompt.
+          attention (bool): also return where the head looks: the last decoder layer's
+            cross-attention over the CLIP grid, averaged over heads.
+          open_set (OpenSetConfig or None): a rule that may reject a box as none of the
+            vocabulary (``evaluate/open_set.py``); None or rule ``off``: never.
 
         Returns:
           (list of dict): N results, in box order: ``box`` (list of 4 floats, clipped),
-            ``label`` (str), ``score`` (float, softmax probability over the vocabulary), and
-            with ``masks`` ``mask``: COCO RLE ``{"size": [H, W], "counts": str}``.
+            ``label`` (str; None when the open-set rule rejects the box), ``score`` (float,
+            softmax probability over the vocabulary), with ``masks`` ``mask``: COCO RLE
+            ``{"size": [H, W], "counts": str}``, with an open-set rule ``known`` (float, its
+            known score), and with ``attention`` ``attention``: (grid_h, grid_w) float32 array
+            and ``attention_class_token`` (float): together they sum to one.
         """
         names = checked_vocabulary(vocabulary)
+        open_set = open_set or OpenSetConfig()
+        open_set.validate()
         picture = to_rgb_image(image)
         xyxy = checked_boxes(boxes, picture.width, picture.height)
         if not len(xyxy):
@@ -216,26 +229,54 @@ class Predictor:
         sam = self.encoders.sam
         pixels = np.asarray(picture)
         embedding = sam.embed_images([sam.resizer()(pixels)])[0]
-        probabilities = self.class_probabilities(picture, embedding, xyxy, self.text.get(names))
-        scores, labels = probabilities.max(dim=-1)
+        text = self.text.get(names)
+        background = self.text.get(checked_vocabulary(open_set.background_prompts)) if needs_background(open_set) else text[:0]
+        logits, weights = self.region_logits(picture, embedding, xyxy, torch.cat([text, background]), attention)
+        logits, background_logits = logits[:, : len(names)], logits[:, len(names):]
+        scores, labels = logits.softmax(dim=-1).max(dim=-1)
         results = [
             {"box": box, "label": names[label], "score": score}
             for box, label, score in zip(xyxy.tolist(), labels.tolist(), scores.tolist())
         ]
+        if open_set.rule != "off":
+            known = known_scores(logits, open_set.rule, background_logits)
+            for result, score, kept in zip(results, known.tolist(), kept_regions(known, open_set).tolist()):
+                result["known"] = score
+                result["label"] = result["label"] if kept else None
+        if attention:
+            self._add_attention(results, weights)
         if masks:
             for result, rle in zip(results, box_mask_rles(sam, embedding, xyxy, pixels.shape[:2])):
                 result["mask"] = rle
         return results
 
+    def _add_attention(self, results: list[dict], weights: torch.Tensor) -> None:
+        grid = tuple(self.encoders.clip.model.visual.grid_size)
+        for result, row in zip(results, weights.float().cpu().numpy()):
+            result["attention_class_token"] = float(row[0])
+            result["attention"] = row[1:].reshape(grid)
+
     def class_probabilities(
         self, picture: Image.Image, sam_embedding: torch.Tensor, xyxy: np.ndarray, text: torch.Tensor
     ) -> torch.Tensor:
         """(N, C) softmax over the vocabulary of the head's logits, as evaluation scores them."""
+        return self.region_logits(picture, sam_embedding, xyxy, text)[0].softmax(dim=-1)
+
+    def region_logits(
+        self, picture: Image.Image, sam_embedding: torch.Tensor, xyxy: np.ndarray, text: torch.Tensor,
+        attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, C) logits of the boxes against ``text``, and with ``attention`` the head's
+        (N, 1 + grid^2) last-layer cross-attention (else None)."""
         clip = self.encoders.clip
         tokens = self.encoders.sam.box_tokens(sam_embedding, xyxy, (picture.height, picture.width))
         feature_map = clip.feature_maps(clip.preprocess(picture)[None])
-        regions = self.head(tokens[None].float(), feature_map.float())[0]
-        return region_logits(regions, text, clip.logit_scale).softmax(dim=-1)
+        if attention:
+            regions, weights = self.head.forward_with_attention(tokens[None].float(), feature_map.float())
+            weights = weights[0]
+        else:
+            regions, weights = self.head(tokens[None].float(), feature_map.float()), None
+        return region_logits(regions[0], text, clip.logit_scale), weights
 
 
 def check_head_fits(head: RegionSpotHead, clip: ClipEncoder, name: str) -> None:

@@ -24,5 +24,8 @@ def test_demo_runs_all_three_phases_and_training_helps(tmp_path):
     # The same seeds give the same data, weights and order, so this is deterministic.
     assert metrics["trained"]["AP"] > metrics["untrained"]["AP"] + 0.05
     for path in ("models/sam_tiny.pth", "models/clip_tiny.pt", "head/head.safetensors", "head/head.json",
-                 "cache/train/cache.json", "cache/val/cache.json", "results/trained.json"):
+                 "cache/train/cache.json", "cache/val/cache.json", "results/trained.json",
+                 "report/results.md", "report/ap_by_frequency.png"):
         assert (workdir / path).is_file(), path
+    assert list((workdir / "report" / "examples").glob("*.jpg"))  # predictions drawn on images
+    assert str(workdir / "report" / "results.md") in result.output.replace("\n", "")

@@ -205,3 +205,54 @@ def test_text_recipe_and_preprocessing_follow_the_head(head_path, encoders, tmp_
     imported.with_suffix(".json").write_text(json.dumps({**config, "imported_from": "regionspot_bl.pth"}))
     predictor = Predictor(imported, encoders, disk_cache=False)
     assert predictor.encoders.preprocess == "released" and predictor.text.recipe == "released"
+
+
+def test_attention_maps_have_the_grid_shape_and_sum_to_one_with_the_class_token(predictor, rgb_image):
+    results = predictor.predict(rgb_image, BOXES, VOCAB, attention=True)
+    grid = tuple(predictor.encoders.clip.model.visual.grid_size)
+    for result in results:
+        assert result["attention"].shape == grid and result["attention"].dtype == np.float32
+        assert (result["attention"] >= 0).all()
+        assert result["attention"].sum() + result["attention_class_token"] == pytest.approx(1.0, abs=1e-5)
+    # Asking for the maps changes no label or score.
+    plain = predictor.predict(rgb_image, BOXES, VOCAB)
+    assert [r["label"] for r in plain] == [r["label"] for r in results]
+    assert [r["score"] for r in plain] == pytest.approx([r["score"] for r in results], rel=1e-5)
+
+
+def test_head_attention_path_gives_the_forward_embeddings(predictor):
+    torch.manual_seed(1)
+    clip = predictor.encoders.clip
+    tokens, feature_map = torch.randn(2, 3, 256), torch.randn(2, clip.num_tokens, clip.width)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    embeddings, weights = predictor.head.forward_with_attention(tokens, feature_map, mask)
+    torch.testing.assert_close(embeddings, predictor.head(tokens, feature_map, mask))
+    assert weights.shape == (2, 3, feature_map.shape[1])
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("rule", ["max-softmax", "max-sigmoid", "background-prompt"])
+def test_open_set_rules_reject_below_the_threshold(predictor, rgb_image, rule):
+    from regionspot_cache.config import OpenSetConfig
+
+    scored = predictor.predict(rgb_image, BOXES, VOCAB, open_set=OpenSetConfig(rule, threshold=0.0))
+    assert all(r["label"] in VOCAB and 0.0 <= r["known"] <= 1.0 for r in scored)
+    middle = sorted(r["known"] for r in scored)[1]
+    judged = predictor.predict(rgb_image, BOXES, VOCAB, open_set=OpenSetConfig(rule, threshold=middle))
+    assert [r["label"] is None for r in judged] == [r["known"] < middle for r in scored]
+    assert sum(r["label"] is None for r in judged) >= 1 or len({r["known"] for r in scored}) == 1
+
+
+def test_predict_command_draws_attention_and_rejects(tiny_models, head_path, rgb_image, tmp_path):
+    Image.fromarray(rgb_image).save(tmp_path / "in.png")
+    out = tmp_path / "in.regions.png"
+    result = runner.invoke(cli.app, ["predict", str(tmp_path / "in.png"), "--head", str(head_path), *model_args(tiny_models),
+                                     "--text-cache", str(tmp_path / "text"), "--boxes", "10,5,60,40; 30,20,90,60",
+                                     "--vocab", "red square,dog", "--attention",
+                                     "--reject", "max-sigmoid", "--set", "eval.open_set.threshold=1.0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    regions = json.loads(result.stdout)
+    assert [r["label"] for r in regions] == [None, None]  # nothing reaches a known score of 1
+    assert all("attention" not in r and 0 <= r["attention_class_token"] <= 1 for r in regions)
+    with Image.open(tmp_path / "in.attention.png") as sheet:
+        assert sheet.width > sheet.height / 2 and len(np.unique(np.asarray(sheet).reshape(-1, 3), axis=0)) > 50

@@ -1,0 +1,65 @@
+"""``rs-cache search``: the cached regions closest to text queries or to an example region."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from regionspot_cache.cli.options import UserError
+from regionspot_cache.progress import console
+
+
+def search(
+    queries: List[str] = typer.Argument(None, help="Text queries, e.g. \"red umbrella\" \"dog on a sofa\"."),
+    cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache whose regions are searched."),
+    head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) that embeds the regions."),
+    like: List[str] = typer.Option(
+        [], "--like", help="Find regions like a cached one: IMAGE:BOX, BOX being its index among the image's cached "
+        "boxes (42:0) or its x1,y1,x2,y2 (the cached box with IoU >= 0.5). Repeatable."
+    ),
+    top: int = typer.Option(20, "--top", help="Regions to return per query."),
+    out: Path = typer.Option(Path("search"), "--out", "-o", help="Directory for hits.json and contact_sheet.png."),
+    image_root: Optional[Path] = typer.Option(
+        None, help="Directory of the cache's images, for the contact sheet (none: JSON only)."),
+    clip_pretrained: Optional[str] = typer.Option(None, help="CLIP weights file, if not where the cache recorded it."),
+    device: str = typer.Option("auto", help="Torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Embed every cached region with the head once (kept in CACHE/regions/<head sha256>/), then
+    print and write the best regions for each query: image id, box and cosine similarity."""
+    from regionspot_cache.cache import CacheReader
+    from regionspot_cache.head.model import load_head
+    from regionspot_cache.search import like_region, nearest_regions, open_region_index, parse_like, text_queries
+    from regionspot_cache.search.query import cache_clip
+    from regionspot_cache.search.sheet import contact_sheet
+
+    queries = [q for q in (queries or []) if q.strip()]
+    if not queries and not like:
+        raise UserError("search needs text queries or --like IMAGE:BOX")
+    if top < 1:
+        raise UserError(f"--top {top}: must be at least 1")
+    examples = [parse_like(text) for text in like]  # bad syntax fails before anything loads
+    reader = CacheReader(cache)
+    index = open_region_index(reader, load_head(head)[0], device)
+    named = {}
+    for text, (image_id, box) in zip(like, examples):
+        try:
+            named[f"like {text}"] = like_region(index, image_id, box)
+        except KeyError as err:
+            raise UserError(str(err).strip("'\"")) from None
+    if queries:
+        named.update(zip(queries, text_queries(cache_clip(reader, clip_pretrained, device), queries)))
+    import numpy as np
+
+    hits = dict(zip(named, nearest_regions(index, np.stack(list(named.values())), top)))
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {query: [hit.to_dict() for hit in found] for query, found in hits.items()}
+    (out / "hits.json").write_text(json.dumps(payload, indent=1))
+    print(json.dumps(payload))
+    written = [out / "hits.json"]
+    if image_root is not None:
+        rows = reader.images.select(["image_id", "file_name"]).to_pydict()
+        written.append(contact_sheet(hits, dict(zip(rows["image_id"], rows["file_name"])), image_root, out / "contact_sheet.png"))
+    console.print(f"{len(index)} regions searched; wrote {', '.join(map(str, written))}")

@@ -1,0 +1,79 @@
+"""Open-set rejection: a region may be "none of the vocabulary".
+
+Each rule gives every region a *known score* in [0, 1]; a region whose known score is below
+``OpenSetConfig.threshold`` is rejected (``predict`` labels it ``None``; ``eval`` makes no
+detection of it). The rules:
+
+``max-softmax``: the largest softmax probability over the vocabulary (Hendrycks & Gimpel 2017);
+  what the released code's softmax scoring already computes, so it costs nothing.
+``max-sigmoid``: the largest sigmoid(logit): the head is trained with a sigmoid focal loss, so each
+  class's sigmoid is a one-versus-rest probability, and an unfamiliar region can be low for all
+  classes at once (softmax must give its mass to some class).
+``background-prompt``: the CLIP text embeddings of ``background_prompts`` join the vocabulary; the
+  known score is 1 - the softmax mass on them.
+
+``benchmarks/open_set.py`` compares them on generated data with held-out categories.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from regionspot_cache.config import OPEN_SET_RULES, OpenSetConfig
+
+__all__ = ["OPEN_SET_RULES", "OpenSetConfig", "known_scores", "needs_background", "auroc"]
+
+
+def needs_background(config: OpenSetConfig) -> bool:
+    """Whether the rule needs the CLIP text embeddings of the background prompts."""
+    return config.rule == "background-prompt"
+
+
+def known_scores(
+    logits: torch.Tensor, rule: str, background_logits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N,) known score of each region from its (N, C) logits over the vocabulary
+    (``background_logits``: (N, P) logits of the background prompts, for ``background-prompt``)."""
+    logits = logits.double()
+    if rule == "max-softmax":
+        return logits.softmax(dim=-1).max(dim=-1).values
+    if rule == "max-sigmoid":
+        return logits.max(dim=-1).values.sigmoid()
+    if rule == "background-prompt":
+        if background_logits is None:
+            raise ValueError("open-set rule background-prompt needs the background prompts' logits")
+        both = torch.cat([logits, background_logits.double()], dim=-1).softmax(dim=-1)
+        return 1.0 - both[:, logits.shape[1]:].sum(dim=-1)
+    raise ValueError(f"open-set rule {rule!r} is not one of {', '.join(OPEN_SET_RULES)}")
+
+
+def kept_regions(known: torch.Tensor, config: OpenSetConfig) -> torch.Tensor:
+    """(N,) bool: the regions the rule keeps (all of them when the rule is ``off``)."""
+    if config.rule == "off":
+        return torch.ones_like(known, dtype=torch.bool)
+    return known >= config.threshold
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve of scores meant to be higher for ``positive``: the probability
+    that a random positive outscores a random negative, ties counting half (Mann-Whitney U)."""
+    scores = np.concatenate([positive, negative]).astype(np.float64)
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    # Average ranks over ties.
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]
+    n_pos, n_neg = len(positive), len(negative)
+    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def accuracy_at_known_recall(known: np.ndarray, correct: np.ndarray, recall: float = 0.95) -> tuple[float, float]:
+    """(threshold, accuracy): the known score that keeps ``recall`` of the known regions, and
+    the class accuracy among the known regions it keeps."""
+    threshold = float(np.quantile(known, 1.0 - recall, method="lower"))
+    kept = known >= threshold
+    return threshold, float(correct[kept].mean()) if kept.any() else float("nan")
