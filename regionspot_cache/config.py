@@ -7,34 +7,112 @@ tables whose keys are the fields below. Unknown keys are errors, so a typo never
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 import tomllib
 
 from regionspot_cache.runtime import read_toml
 
 
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config dataclasses."""
+
+
+# Field constraints, as dataclass field metadata read by ``Validated.validate``: every numeric
+# field of every config carries one (a test checks it), so no zero or negative count slips through.
+def at_least(low: float) -> dict[str, Any]:
+    return {"min": low}
+
+
+def above(low: float) -> dict[str, Any]:
+    return {"above": low}
+
+
+def between(low: float, high: float) -> dict[str, Any]:
+    return {"min": low, "max": high}
+
+
+def one_of(*choices: Any) -> dict[str, Any]:
+    return {"choices": choices}
+
+
+DEVICE = {"device": True}  # "auto", "cpu", "mps", "cuda" or "cuda:N"
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+SAM_VARIANTS = ("vit_b", "vit_l", "vit_h", "tiny")  # the keys of encoders.sam.SAM_ARCHITECTURES
+
+
+class Validated:
+    """A config dataclass that checks its fields' types and metadata constraints, then its
+    relations (``check_relations``), on construction and whenever ``validate`` is called again
+    (``--set`` and the command-line options assign fields after __init__)."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for item in dataclasses.fields(self):  # type: ignore[arg-type]
+            where = f"{self.SECTION}.{item.name}"
+            value = getattr(self, item.name)
+            if dataclasses.is_dataclass(value) and isinstance(value, Validated):
+                value.validate()
+                continue
+            value = _coerce(value, hints[item.name], where)
+            setattr(self, item.name, value)
+            for index, one in enumerate(value if isinstance(value, list) else [value]):
+                _check_constraints(one, item.metadata, f"{where}[{index}]" if isinstance(value, list) else where)
+        self.check_relations()
+
+    def check_relations(self) -> None:
+        """Constraints between fields; none by default."""
+
+
+def _check_constraints(value: Any, rules: Mapping[str, Any], where: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value} is not a finite number")
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, rules['choices']))}")
+    if "min" in rules and value < rules["min"]:
+        raise ConfigError(f"{where}: {value} must be at least {rules['min']}")
+    if "max" in rules and value > rules["max"]:
+        raise ConfigError(f"{where}: {value} must be at most {rules['max']}")
+    if "above" in rules and value <= rules["above"]:
+        raise ConfigError(f"{where}: {value} must be greater than {rules['above']}")
+    if rules.get("device") and not DEVICE_PATTERN.fullmatch(value):
+        raise ConfigError(f"{where}: {value!r} is not a device; expected auto, cpu, mps, cuda or cuda:N")
+
+
 @dataclass
-class SamSpec:
+class SamSpec(Validated):
     """A SAM model: architecture name from ``encoders.sam.SAM_ARCHITECTURES`` and its weights."""
 
-    variant: str = "vit_b"
+    SECTION: ClassVar[str] = "models.sam"
+    variant: str = field(default="vit_b", metadata=one_of(*SAM_VARIANTS))
     checkpoint: str | None = None
 
 
 @dataclass
-class ClipSpec:
-    """An open_clip model: a model config name and a pretrained tag or a local weights file."""
+class ClipSpec(Validated):
+    """An open_clip model: a model config name and a pretrained tag or a local weights file
+    (the name is checked against open_clip's list where the model is built)."""
 
+    SECTION: ClassVar[str] = "models.clip"
     model: str = "ViT-L-14"
     pretrained: str | None = "openai"
 
 
 @dataclass
-class ModelsConfig:
+class ModelsConfig(Validated):
+    SECTION: ClassVar[str] = "models"
     sam: SamSpec = field(default_factory=SamSpec)
     clip: ClipSpec = field(default_factory=ClipSpec)
 
@@ -56,63 +134,71 @@ def _given_or(value: str | None, default: str | None) -> str | None:
     return default if value is None else value
 
 
+EVAL_SCORINGS = ("softmax", "sigmoid")
+FEATURE_DTYPES = ("float16", "int8")  # how feature maps and box tokens are stored (extract.feature_dtype)
+EVAL_PROTOCOLS = ("standard", "fixed")
+
+
 @dataclass
-class ExtractConfig:
-    shard_size: int = 256
-    batch_size: int = 8
-    num_workers: int = 2
-    boxes_per_decoder_call: int = 64
-    device: str = "auto"
+class ExtractConfig(Validated):
+    SECTION: ClassVar[str] = "extract"
+    shard_size: int = field(default=256, metadata=at_least(1))
+    batch_size: int = field(default=8, metadata=at_least(1))
+    num_workers: int = field(default=2, metadata=at_least(0))
+    boxes_per_decoder_call: int = field(default=64, metadata=at_least(1))
+    device: str = field(default="auto", metadata=DEVICE)
     strict: bool = False  # bad images and degenerate boxes stop the run instead of being recorded
-    max_image_pixels: int = 100_000_000  # larger images (decompression bombs) are recorded as failed
+    # larger images (decompression bombs) are recorded as failed
+    max_image_pixels: int = field(default=100_000_000, metadata=at_least(1))
     # How feature maps and box tokens are stored: "float16", or "int8" with one scale per token
     # (about half the bytes; the reader returns float16 either way). Part of the cache's identity.
-    feature_dtype: str = "float16"
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the allowed values (``--set`` assigns fields after __init__)."""
-        if self.feature_dtype not in FEATURE_DTYPES:
-            raise ConfigError(f"extract.feature_dtype: {self.feature_dtype!r} is not one of "
-                              f"{', '.join(FEATURE_DTYPES)}")
+    feature_dtype: str = field(default="float16", metadata=one_of(*FEATURE_DTYPES))
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Validated):
     """Defaults are the paper's schedule (AdamW, warm-up, two x0.1 steps, clipping at 1.0)."""
 
+    SECTION: ClassVar[str] = "train"
     # Training datasets: one cache each (``rs-cache train -c`` replaces this list), the vocabulary
     # its boxes are labelled in (default: the cache's dataset) and its share of the batches.
     caches: list[str] = field(default_factory=list)
     vocabularies: list[str] = field(default_factory=list)
-    dataset_weights: list[float] = field(default_factory=list)  # empty: equal weights
+    dataset_weights: list[float] = field(default_factory=list, metadata=above(0))  # empty: equal weights
     init_from: str | None = None  # head checkpoint to start from (stage 2 starts from stage 1)
-    iterations: int = 450_000
-    batch_size: int = 16
-    lr: float = 2.5e-5
-    weight_decay: float = 1e-4
-    warmup_iters: int = 1000
-    warmup_factor: float = 0.01
-    lr_steps: list[int] = field(default_factory=lambda: [350_000, 420_000])
-    lr_gamma: float = 0.1
-    grad_clip: float = 1.0
-    max_boxes_per_image: int = 100
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+    iterations: int = field(default=450_000, metadata=at_least(1))
+    batch_size: int = field(default=16, metadata=at_least(1))
+    lr: float = field(default=2.5e-5, metadata=above(0))
+    weight_decay: float = field(default=1e-4, metadata=at_least(0))
+    warmup_iters: int = field(default=1000, metadata=at_least(0))
+    warmup_factor: float = field(default=0.01, metadata=between(0, 1))
+    lr_steps: list[int] = field(default_factory=lambda: [350_000, 420_000], metadata=at_least(1))
+    lr_gamma: float = field(default=0.1, metadata=above(0))
+    grad_clip: float = field(default=1.0, metadata=above(0))
+    max_boxes_per_image: int = field(default=100, metadata=at_least(1))
+    focal_alpha: float = field(default=0.25, metadata=between(0, 1))
+    focal_gamma: float = field(default=2.0, metadata=at_least(0))
     normalize_feature_map: bool = True
-    dropout: float = 0.1
-    num_workers: int = 0
-    prefetch_batches: int = 4  # per loader worker
-    checkpoint_every: int = 5000  # steps between training-state checkpoints (exact resume)
+    dropout: float = field(default=0.1, metadata={"min": 0, "max": 0.99})
+    num_workers: int = field(default=0, metadata=at_least(0))
+    prefetch_batches: int = field(default=4, metadata=at_least(1))  # per loader worker
+    # steps between training-state checkpoints (exact resume)
+    checkpoint_every: int = field(default=5000, metadata=at_least(1))
     tensorboard: bool = True
-    seed: int = 0
-    device: str = "auto"
+    seed: int = field(default=0, metadata=between(0, 2**63 - 1))
+    device: str = field(default="auto", metadata=DEVICE)
+
+    def check_relations(self) -> None:
+        if self.lr_steps != sorted(set(self.lr_steps)):
+            raise ConfigError(f"train.lr_steps: {self.lr_steps} must be increasing")
+        for name in ("vocabularies", "dataset_weights"):
+            given = getattr(self, name)
+            if given and self.caches and len(given) != len(self.caches):
+                raise ConfigError(f"train.{name}: {len(given)} given for {len(self.caches)} caches; give one per cache")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Validated):
     """How region logits become scored detections and how LVIS AP counts them (``scoring.py``).
 
     ``scoring``: class probability = ``softmax`` over the vocabulary (the released code) or
@@ -122,43 +208,26 @@ class EvalConfig:
     ``fixed_dets_per_class`` detections of each class over the whole dataset.
     """
 
-    top_k_per_image: int = 900
-    max_dets_per_image: int = 300
-    scoring: str = "softmax"
-    protocol: str = "standard"
-    fixed_dets_per_class: int = 10_000
-    device: str = "auto"
+    SECTION: ClassVar[str] = "eval"
+    top_k_per_image: int = field(default=900, metadata=at_least(1))
+    max_dets_per_image: int = field(default=300, metadata=at_least(-1))
+    scoring: str = field(default="softmax", metadata=one_of(*EVAL_SCORINGS))
+    protocol: str = field(default="standard", metadata=one_of(*EVAL_PROTOCOLS))
+    fixed_dets_per_class: int = field(default=10_000, metadata=at_least(1))
+    device: str = field(default="auto", metadata=DEVICE)
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the allowed values (``--set`` assigns fields after __init__)."""
-        for name, allowed in (("scoring", EVAL_SCORINGS), ("protocol", EVAL_PROTOCOLS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"eval.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("top_k_per_image", "fixed_dets_per_class"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"eval.{name}: {getattr(self, name)} must be at least 1")
-        if self.max_dets_per_image < 1 and self.max_dets_per_image != -1:
+    def check_relations(self) -> None:
+        if self.max_dets_per_image == 0:
             raise ConfigError(f"eval.max_dets_per_image: {self.max_dets_per_image} must be at least 1, or -1 for no limit")
 
 
-EVAL_SCORINGS = ("softmax", "sigmoid")
-FEATURE_DTYPES = ("float16", "int8")  # how feature maps and box tokens are stored (extract.feature_dtype)
-EVAL_PROTOCOLS = ("standard", "fixed")
-
-
 @dataclass
-class Recipe:
+class Recipe(Validated):
+    SECTION: ClassVar[str] = "recipe"
     models: ModelsConfig = field(default_factory=ModelsConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the config dataclasses."""
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -198,7 +267,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):
             return value
-    raise ConfigError(f"{where}: {value!r} is not a {hint}")
+    raise ConfigError(f"{where}: {value!r} is not {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    names = [getattr(kind, "__name__", str(kind)) for kind in (typing.get_args(hint) or (hint,))]
+    return "a " + " or ".join("none" if name == "NoneType" else name for name in names)
 
 
 def load_recipe(path: Path | str) -> Recipe:
@@ -223,7 +297,8 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
                 raise ConfigError(f"override {item!r}: no section {name!r}")
             target = getattr(target, name)
         hints = typing.get_type_hints(type(target))
-        if leaf not in hints:
+        if leaf not in {f.name for f in dataclasses.fields(target)}:
             raise ConfigError(f"override {item!r}: {type(target).__name__} has no field {leaf!r}")
         setattr(target, leaf, _coerce(value, hints[leaf], f"override {dotted}"))
+    recipe.validate()  # ranges and relations of the values just set
     return recipe

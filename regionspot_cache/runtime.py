@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -91,6 +92,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write aside then rename, so readers see the old file or the new one, never a partial one."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+class NonFiniteValueError(ValueError):
+    """A value to be written as JSON that JSON cannot hold (NaN, +-Infinity)."""
+
+
+def json_text(data: Any, path: Path | str, indent: int | None = None) -> str:
+    """``data`` as strict JSON: NaN and Infinity, which ``json.dumps`` writes by default and no
+    strict parser reads, are refused with an error naming the file instead of being written."""
+    try:
+        return json.dumps(data, indent=indent, allow_nan=False)
+    except ValueError as err:
+        raise NonFiniteValueError(f"{path}: not written: {err} (a NaN or infinite value; JSON cannot hold it)") from None
+
+
+def write_json(path: Path | str, data: Any, indent: int | None = None) -> Path:
+    """Every JSON file we write goes through here: strict JSON (see ``json_text``), written aside
+    and renamed, so a refused or interrupted write leaves the previous file as it was."""
+    path = Path(path)
+    text = json_text(data, path, indent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path
 
 
 def remove_abandoned_temps(directory: Path, final_names: str) -> None:

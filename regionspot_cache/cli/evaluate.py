@@ -3,7 +3,6 @@ and files out."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -130,6 +129,7 @@ def _show_and_write(result, name: str, proposals: str, output: Optional[Path]) -
     """Print the box (and mask) AP tables; with --output, write the metrics beside the results."""
     from regionspot_cache.evaluate.lvis import METRICS, write_metrics
     from regionspot_cache.progress import metrics_table
+    from regionspot_cache.runtime import write_json
 
     title = f"LVIS box AP ({proposals} boxes; {result.settings['description']})"
     console.print(metrics_table(title, {name: result.metrics}, METRICS))
@@ -138,7 +138,7 @@ def _show_and_write(result, name: str, proposals: str, output: Optional[Path]) -
     if output is not None:
         write_metrics(output.with_suffix(".metrics.json"), result)
         if result.segm_metrics is not None:
-            output.with_suffix(".segm.metrics.json").write_text(json.dumps(result.segm_metrics, indent=2))
+            write_json(output.with_suffix(".segm.metrics.json"), result.segm_metrics, indent=2)
 
 
 def _write_report(directory: Path, cache: Path, result, title: str, image_root: Optional[Path], output: Optional[Path]) -> Path:

@@ -20,7 +20,7 @@ from regionspot_cache.evaluate.lvis import METRICS
 from regionspot_cache.extract.runner import run_extraction
 from regionspot_cache.head.model import RegionSpotHead, load_head
 from regionspot_cache.progress import console, log_to_console, metrics_table
-from regionspot_cache.runtime import resolve_device
+from regionspot_cache.runtime import resolve_device, write_json
 from regionspot_cache.train.loop import head_config_for, train_head
 
 
@@ -67,7 +67,7 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
             caches["val"], head, val_json, config.eval, workdir / "results" / f"{name}.json"
         ).metrics
     console.print(metrics_table("demo: LVIS box AP on demo_val (ground-truth boxes)", results, METRICS))
-    (workdir / "demo_metrics.json").write_text(json.dumps({**results, "config": _jsonable(config)}, indent=2))
+    write_json(workdir / "demo_metrics.json", {**results, "config": _jsonable(config)}, indent=2)
     return DemoResult(results["untrained"], results["trained"], workdir)
 
 

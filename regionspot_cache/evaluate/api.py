@@ -62,6 +62,7 @@ def evaluate(
         scored detections as columns (image_ids (D,) int64, category_ids (D,) int64, boxes
         (D, 4) float32 x, y, w, h, scores (D,) float64).
     """
+    config.validate()
     check_method(method, head, masks, image_root)
     protocol = protocol_for(config)
     reader = CacheReader(cache_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from regionspot_cache.evaluate.scoring import (
     Detections,
     cap_per_image,
 )
+from regionspot_cache.runtime import write_json
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 # The paper's headline: AP over all categories and by LVIS frequency group (name -> group).
@@ -97,9 +97,6 @@ def lvis_ap(
 
 def write_metrics(path: Path | str, result: EvalResult) -> Path:
     """The metrics at the top level, and under ``eval`` the protocol and results file behind them."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     settings = {**result.settings, "detections": result.num_detections,
                 "results_file": str(result.results_file) if result.results_file else None}
-    path.write_text(json.dumps({**result.metrics, "eval": settings}, indent=2))
-    return path
+    return write_json(path, {**result.metrics, "eval": settings}, indent=2)
