@@ -16,7 +16,7 @@ from regionspot_cache.cli.options import (
     recipe_from,
 )
 from regionspot_cache.config import Recipe
-from regionspot_cache.progress import console
+from regionspot_cache.progress import console, say
 
 
 def evaluate(
@@ -105,7 +105,7 @@ def evaluate(
     _show_and_write(result, name, proposals, output)
     if report is not None:
         page = _write_report(report, cache, result, f"LVIS box AP of {name} ({proposals} boxes)", image_root, output)
-        console.print(f"wrote {page}")
+        say(f"wrote {page}")
 
 
 def _cache_holding(cache: Path, proposals: str, spec, config: Recipe) -> Path:

@@ -18,7 +18,7 @@ from regionspot_cache.cli.options import (
     UserError,
     recipe_from,
 )
-from regionspot_cache.progress import console
+from regionspot_cache.progress import say
 
 
 def predict(
@@ -72,4 +72,4 @@ def predict(
     out = out or Path(f"{image.stem}.regions.png")
     draw_regions(picture, regions, out)
     print(json.dumps(regions))
-    console.print(f"{len(regions)} regions; wrote {out}")
+    say(f"{len(regions)} regions; wrote {out}")

@@ -12,7 +12,7 @@ from regionspot_cache.cli.options import (
     SetOption,
     recipe_from,
 )
-from regionspot_cache.progress import console
+from regionspot_cache.progress import say
 
 
 def train(
@@ -46,5 +46,5 @@ def train(
     if init_from is not None:
         config.train.init_from = str(init_from)
     summary = train_head(None, output, config.train, resume)
-    console.print(f"wrote {summary.checkpoint} after {summary.steps} steps "
+    say(f"wrote {summary.checkpoint} after {summary.steps} steps "
                   f"({summary.samples_per_second:.1f} images/s); final loss {summary.final_loss:.4f}")

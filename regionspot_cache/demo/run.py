@@ -19,7 +19,7 @@ from regionspot_cache.evaluate import evaluate_head
 from regionspot_cache.evaluate.lvis import METRICS
 from regionspot_cache.extract.runner import run_extraction
 from regionspot_cache.head.model import RegionSpotHead, load_head
-from regionspot_cache.progress import console, log_to_console, metrics_table
+from regionspot_cache.progress import console, log_to_console, metrics_table, say
 from regionspot_cache.runtime import resolve_device, write_json
 from regionspot_cache.train.loop import head_config_for, train_head
 
@@ -39,7 +39,7 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
     train_json = generate_split(data_dir, "train", SyntheticSpec(config.train_images, config.seed))
     val_json = generate_split(data_dir, "val", SyntheticSpec(config.val_images, config.seed + 1, balanced=True))
     models = config.models or write_tiny_checkpoints(workdir / "models", config.seed)
-    console.print(f"data in {data_dir}; SAM {models.sam.variant} from {models.sam.checkpoint}; "
+    say(f"data in {data_dir}; SAM {models.sam.variant} from {models.sam.checkpoint}; "
                   f"CLIP {models.clip.model} from {models.clip.pretrained}")
 
     console.rule("[bold]2/4 extract (frozen SAM + CLIP, once per image)")
@@ -54,7 +54,7 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
     console.rule("[bold]3/4 train the head from the cache")
     head_path = workdir / "head" / "head.safetensors"
     summary = train_head(caches["train"], head_path, config.train)
-    console.print(f"trained {summary.steps} steps in {summary.seconds:.1f} s "
+    say(f"trained {summary.steps} steps in {summary.seconds:.1f} s "
                   f"({summary.samples_per_second:.1f} images/s), final loss {summary.final_loss:.4f}")
 
     console.rule("[bold]4/4 evaluate on the validation split (LVIS AP, ground-truth boxes)")

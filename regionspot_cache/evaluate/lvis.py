@@ -82,16 +82,20 @@ def run_lvis_eval(gt: Any, detections: list[dict] | Detections, max_dets: int = 
 
 
 def lvis_ap(
-    annotation_file: Path | str, detections: list[dict] | Detections, max_dets: int = 300, iou_type: str = "bbox"
+    annotations: Path | str | dict, detections: list[dict] | Detections, max_dets: int = 300, iou_type: str = "bbox"
 ) -> dict[str, float]:
     """AP, AP50, AP75, APs/m/l, APr/c/f of ``detections`` with ``lvis.LVISEval`` (box, or
-    ``segm`` for records with masks)."""
+    ``segm`` for records with masks) against an LVIS annotation file or data already read
+    (``ground_truth.load_ground_truth``; LVISEval modifies it, so pass each call its own)."""
     from lvis import LVIS
+
+    from regionspot_cache.evaluate.ground_truth import InMemoryLVIS
 
     if not len(detections):
         return {name: 0.0 for name in METRICS}
+    gt = InMemoryLVIS(annotations) if isinstance(annotations, dict) else LVIS(str(annotations))
     with numpy_float_alias():
-        evaluator = run_lvis_eval(LVIS(str(annotation_file)), detections, max_dets, iou_type)
+        evaluator = run_lvis_eval(gt, detections, max_dets, iou_type)
     return {name: float(value) for name, value in evaluator.get_results().items() if name in METRICS}
 
 

@@ -307,7 +307,8 @@ def refuse_non_finite(detections: Detections, path: Path) -> None:
         first = int(np.flatnonzero(bad)[0])
         raise NonFiniteValueError(
             f"{path}: not written: {int(bad.sum())} detections with a NaN or infinite score or box, e.g. "
-            f"image {int(detections.image_ids[first])} score {float(detections.scores[first])} box {detections.boxes[first].tolist()}"
+            f"image {int(detections.image_ids[first])} score {float(detections.scores[first])} "
+            f"box {detections.boxes[first].tolist()}"
         )
 
 
