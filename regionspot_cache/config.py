@@ -272,7 +272,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 def _type_name(hint: Any) -> str:
     names = [getattr(kind, "__name__", str(kind)) for kind in (typing.get_args(hint) or (hint,))]
-    return "a " + " or ".join("none" if name == "NoneType" else name for name in names)
+    text = " or ".join("none" if name == "NoneType" else name for name in names)
+    return ("an " if text[0] in "aeiou" else "a ") + text
 
 
 def load_recipe(path: Path | str) -> Recipe:

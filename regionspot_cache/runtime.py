@@ -57,8 +57,9 @@ def load_torch_weights(path: Path | str) -> Any:
             f"{path}: refused to load: the file holds objects other than tensors and plain "
             f"containers, and loading it could run code ({err.__class__.__name__})"
         ) from None
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable torch checkpoint: {err}") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:  # text files end in KeyError
+        raise ValueError(f"{path}: not a readable torch checkpoint (expected a file written by torch.save): "
+                         f"{err.__class__.__name__}: {err}") from None
 
 
 TEMP_PREFIX = ".tmp-"

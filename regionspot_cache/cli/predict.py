@@ -25,11 +25,17 @@ def predict(
     image: Path = typer.Argument(..., help="Image file to recognise regions in (any format Pillow decodes)."),
     head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) written by `rs-cache train`."),
     boxes: Optional[str] = typer.Option(None, help="Boxes in original pixels: \"x1,y1,x2,y2;x1,y1,x2,y2;...\"."),
-    boxes_file: Optional[Path] = typer.Option(None, help="JSON file with a list of boxes, each a list x1, y1, x2, y2 (instead of --boxes)."),
+    boxes_file: Optional[Path] = typer.Option(
+        None, help="JSON file with a list of boxes, each a list x1, y1, x2, y2 (instead of --boxes)."
+    ),
     vocab: Optional[str] = typer.Option(None, help="Class names separated by commas, e.g. \"dog,cat,traffic light\"."),
     vocab_file: Optional[Path] = typer.Option(None, help="Text file with one class name per line (instead of --vocab)."),
-    masks: bool = typer.Option(False, "--masks", help="Add SAM's mask for each box prompt (RLE in the JSON, overlaid in the PNG)."),
-    out: Optional[Path] = typer.Option(None, help="PNG to write with the labelled boxes (default: IMAGE's stem + .regions.png here)."),
+    masks: bool = typer.Option(
+        False, "--masks", help="Add SAM's mask for each box prompt (RLE in the JSON, overlaid in the PNG)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, help="PNG to write with the labelled boxes (default: IMAGE's stem + .regions.png here)."
+    ),
     text_cache: Optional[Path] = typer.Option(
         None, help="Directory of cached class text embeddings (default: ~/.cache/regionspot-cache/text-embeddings)."
     ),

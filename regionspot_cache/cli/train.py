@@ -20,11 +20,15 @@ def train(
         [], "--cache", "-c", help="Feature cache made by `rs-cache extract`; repeat for multi-dataset training "
         "(replaces train.caches of the recipe; weights: train.dataset_weights)."
     ),
-    output: Path = typer.Option(..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."
+    ),
     vocabulary: List[str] = typer.Option(
         [], help="Vocabulary stored in each cache, in --cache order (default: each cache's dataset)."
     ),
-    init_from: Optional[Path] = typer.Option(None, help="Head checkpoint to start from (stage 2 from stage 1); sets train.init_from."),
+    init_from: Optional[Path] = typer.Option(
+        None, help="Head checkpoint to start from (stage 2 from stage 1); sets train.init_from."
+    ),
     recipe: Optional[Path] = RecipeOption,
     overrides: List[str] = SetOption,
     resume: bool = typer.Option(True, help="Continue from the newest training state saved beside OUTPUT (exact resume)."),
