@@ -166,7 +166,7 @@ class TrainConfig(Validated):
     vocabularies: list[str] = field(default_factory=list)
     dataset_weights: list[float] = field(default_factory=list, metadata=above(0))  # empty: equal weights
     init_from: str | None = None  # head checkpoint to start from (stage 2 starts from stage 1)
-    iterations: int = field(default=450_000, metadata=at_least(1))
+    iterations: int = field(default=450_000, metadata=at_least(0))  # 0 only with init_from (see check_relations)
     batch_size: int = field(default=16, metadata=at_least(1))
     lr: float = field(default=2.5e-5, metadata=above(0))
     weight_decay: float = field(default=1e-4, metadata=at_least(0))
@@ -189,6 +189,8 @@ class TrainConfig(Validated):
     device: str = field(default="auto", metadata=DEVICE)
 
     def check_relations(self) -> None:
+        if self.iterations == 0 and self.init_from is None:  # would write an untrained head
+            raise ConfigError("train.iterations: 0 must be at least 1 (0 only with train.init_from, to re-save that head)")
         if self.lr_steps != sorted(set(self.lr_steps)):
             raise ConfigError(f"train.lr_steps: {self.lr_steps} must be increasing")
         for name in ("vocabularies", "dataset_weights"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -42,13 +43,12 @@ def train(
     """
     from regionspot_cache.train.loop import train_head
 
-    config = recipe_from(recipe, overrides)
+    given = [f"train.init_from={json.dumps(str(init_from))}"] if init_from is not None else []
+    config = recipe_from(recipe, [*given, *overrides])  # validated with init_from: 0 iterations need it
     if cache:
         config.train.caches = [str(path) for path in cache]
     if vocabulary:
         config.train.vocabularies = list(vocabulary)
-    if init_from is not None:
-        config.train.init_from = str(init_from)
     summary = train_head(None, output, config.train, resume)
     say(f"wrote {summary.checkpoint} after {summary.steps} steps "
                   f"({summary.samples_per_second:.1f} images/s); final loss {summary.final_loss:.4f}")
