@@ -7,34 +7,112 @@ tables whose keys are the fields below. Unknown keys are errors, so a typo never
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 import tomllib
 
 from regionspot_cache.runtime import read_toml
 
 
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config dataclasses."""
+
+
+# Field constraints, as dataclass field metadata read by ``Validated.validate``: every numeric
+# field of every config carries one (a test checks it), so no zero or negative count slips through.
+def at_least(low: float) -> dict[str, Any]:
+    return {"min": low}
+
+
+def above(low: float) -> dict[str, Any]:
+    return {"above": low}
+
+
+def between(low: float, high: float) -> dict[str, Any]:
+    return {"min": low, "max": high}
+
+
+def one_of(*choices: Any) -> dict[str, Any]:
+    return {"choices": choices}
+
+
+DEVICE = {"device": True}  # "auto", "cpu", "mps", "cuda" or "cuda:N"
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+SAM_VARIANTS = ("vit_b", "vit_l", "vit_h", "tiny")  # the keys of encoders.sam.SAM_ARCHITECTURES
+
+
+class Validated:
+    """A config dataclass that checks its fields' types and metadata constraints, then its
+    relations (``check_relations``), on construction and whenever ``validate`` is called again
+    (``--set`` and the command-line options assign fields after __init__)."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for item in dataclasses.fields(self):  # type: ignore[arg-type]
+            where = f"{self.SECTION}.{item.name}"
+            value = getattr(self, item.name)
+            if dataclasses.is_dataclass(value) and isinstance(value, Validated):
+                value.validate()
+                continue
+            value = _coerce(value, hints[item.name], where)
+            setattr(self, item.name, value)
+            for index, one in enumerate(value if isinstance(value, list) else [value]):
+                _check_constraints(one, item.metadata, f"{where}[{index}]" if isinstance(value, list) else where)
+        self.check_relations()
+
+    def check_relations(self) -> None:
+        """Constraints between fields; none by default."""
+
+
+def _check_constraints(value: Any, rules: Mapping[str, Any], where: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value} is not a finite number")
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, rules['choices']))}")
+    if "min" in rules and value < rules["min"]:
+        raise ConfigError(f"{where}: {value} must be at least {rules['min']}")
+    if "max" in rules and value > rules["max"]:
+        raise ConfigError(f"{where}: {value} must be at most {rules['max']}")
+    if "above" in rules and value <= rules["above"]:
+        raise ConfigError(f"{where}: {value} must be greater than {rules['above']}")
+    if rules.get("device") and not DEVICE_PATTERN.fullmatch(value):
+        raise ConfigError(f"{where}: {value!r} is not a device; expected auto, cpu, mps, cuda or cuda:N")
+
+
 @dataclass
-class SamSpec:
+class SamSpec(Validated):
     """A SAM model: architecture name from ``encoders.sam.SAM_ARCHITECTURES`` and its weights."""
 
-    variant: str = "vit_b"
+    SECTION: ClassVar[str] = "models.sam"
+    variant: str = field(default="vit_b", metadata=one_of(*SAM_VARIANTS))
     checkpoint: str | None = None
 
 
 @dataclass
-class ClipSpec:
-    """An open_clip model: a model config name and a pretrained tag or a local weights file."""
+class ClipSpec(Validated):
+    """An open_clip model: a model config name and a pretrained tag or a local weights file
+    (the name is checked against open_clip's list where the model is built)."""
 
+    SECTION: ClassVar[str] = "models.clip"
     model: str = "ViT-L-14"
     pretrained: str | None = "openai"
 
 
 @dataclass
-class ModelsConfig:
+class ModelsConfig(Validated):
+    SECTION: ClassVar[str] = "models"
     sam: SamSpec = field(default_factory=SamSpec)
     clip: ClipSpec = field(default_factory=ClipSpec)
 
@@ -56,112 +134,118 @@ def _given_or(value: str | None, default: str | None) -> str | None:
     return default if value is None else value
 
 
+EVAL_SCORINGS = ("softmax", "sigmoid")
+FEATURE_DTYPES = ("float16", "int8")  # how feature maps and box tokens are stored (extract.feature_dtype)
+EVAL_PROTOCOLS = ("standard", "fixed", "tap")
+PREPROCESSES = ("released", "direct")  # extract.preprocess (encoders/preprocess.py)
+TEXT_RECIPES = ("released", "openclip")  # extract.text_recipe (encoders/clip.py)
+VIEW_MODES = ("released", "consistent")  # extract.views_mode (data/views.py)
+OPEN_SET_RULES = ("off", "max-softmax", "max-sigmoid", "background-prompt")
+
+
 @dataclass
-class ExtractConfig:
-    shard_size: int = 256
-    batch_size: int = 8
-    num_workers: int = 2
-    boxes_per_decoder_call: int = 64
-    device: str = "auto"
+class ExtractConfig(Validated):
+    SECTION: ClassVar[str] = "extract"
+    shard_size: int = field(default=256, metadata=at_least(1))
+    batch_size: int = field(default=8, metadata=at_least(1))
+    num_workers: int = field(default=2, metadata=at_least(0))
+    boxes_per_decoder_call: int = field(default=64, metadata=at_least(1))
+    device: str = field(default="auto", metadata=DEVICE)
     strict: bool = False  # bad images and degenerate boxes stop the run instead of being recorded
-    max_image_pixels: int = 100_000_000  # larger images (decompression bombs) are recorded as failed
+    # larger images (decompression bombs) are recorded as failed
+    max_image_pixels: int = field(default=100_000_000, metadata=at_least(1))
     # How feature maps and box tokens are stored: "float16", or "int8" with one scale per token
     # (about half the bytes; the reader returns float16 either way). Part of the cache's identity.
-    feature_dtype: str = "float16"
+    feature_dtype: str = field(default="float16", metadata=one_of(*FEATURE_DTYPES))
     # Peak memory the SAM image batch may take (GB; None: 70% of the device's free memory at start).
     # Batches of batch_size images are run in smaller parts when they would not fit.
-    memory_budget_gb: float | None = None
+    memory_budget_gb: float | None = field(default=None, metadata=above(0))
     # How images and boxes become SAM and CLIP input (encoders/preprocess.py): "released" repeats the
     # released RegionSpot evaluation (detectron2 test resize first, torchvision tensor resize for
     # CLIP); "direct" feeds the original image. Part of the cache's identity. The default stays
     # "direct" so that caches made before the choice existed resume; the paper recipes set "released".
-    preprocess: str = "direct"
+    preprocess: str = field(default="direct", metadata=one_of(*PREPROCESSES))
     # Class text embeddings: "released" (81 templates, mean of raw features, one normalisation) or
     # "openclip" (80 templates, mean of normalised features); recorded with each vocabulary.
-    text_recipe: str = "openclip"
+    text_recipe: str = field(default="openclip", metadata=one_of(*TEXT_RECIPES))
     # Augmented views cached besides each image (data/views.py: hflip, crop:LO-HI[xN], ...), each
     # a cache of its own under <cache>/views/<view id>/. ``views_mode``: "released" (CLIP maps of
     # the view, tokens and labels of the image, as the released training sees them) or
     # "consistent" (boxes and SAM tokens of the view too). Crops are seeded by ``views_seed``.
     views: list[str] = field(default_factory=list)
-    views_mode: str = "released"
-    views_seed: int = 0
+    views_mode: str = field(default="released", metadata=one_of(*VIEW_MODES))
+    views_seed: int = field(default=0, metadata=between(0, 2**63 - 1))
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def check_relations(self) -> None:
+        from regionspot_cache.data.views import parse_views  # it imports ConfigError from here
 
-    def validate(self) -> None:
-        """Raise ConfigError (``--set`` assigns fields after __init__, so the mapper calls this again)."""
-        for name in ("shard_size", "batch_size", "boxes_per_decoder_call"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"extract.{name}: {getattr(self, name)} must be at least 1")
-        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
-            raise ConfigError(f"extract.memory_budget_gb: {self.memory_budget_gb} must be above 0 (GB)")
-        for name, allowed in (("feature_dtype", FEATURE_DTYPES), ("preprocess", PREPROCESSES), ("text_recipe", TEXT_RECIPES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"extract.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        from regionspot_cache.data.views import VIEW_MODES, parse_views  # it imports ConfigError from here
-
-        if self.views_mode not in VIEW_MODES:
-            raise ConfigError(f"extract.views_mode: {self.views_mode!r} is not one of {', '.join(VIEW_MODES)}")
         parse_views(self.views)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Validated):
     """Defaults are the paper's schedule (AdamW, warm-up, two x0.1 steps, clipping at 1.0)."""
 
+    SECTION: ClassVar[str] = "train"
     # Training datasets: one cache each (``rs-cache train -c`` replaces this list), the vocabulary
     # its boxes are labelled in (default: the cache's dataset) and its share of the batches.
     caches: list[str] = field(default_factory=list)
     vocabularies: list[str] = field(default_factory=list)
-    dataset_weights: list[float] = field(default_factory=list)  # empty: equal weights
+    dataset_weights: list[float] = field(default_factory=list, metadata=above(0))  # empty: equal weights
     init_from: str | None = None  # head checkpoint to start from (stage 2 starts from stage 1)
-    iterations: int = 450_000
-    batch_size: int = 16
-    lr: float = 2.5e-5
-    weight_decay: float = 1e-4
-    warmup_iters: int = 1000
-    warmup_factor: float = 0.01
-    lr_steps: list[int] = field(default_factory=lambda: [350_000, 420_000])
-    lr_gamma: float = 0.1
-    grad_clip: float = 1.0
-    max_boxes_per_image: int = 100
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+    iterations: int = field(default=450_000, metadata=at_least(0))  # 0 only with init_from (see check_relations)
+    batch_size: int = field(default=16, metadata=at_least(1))
+    lr: float = field(default=2.5e-5, metadata=above(0))
+    weight_decay: float = field(default=1e-4, metadata=at_least(0))
+    warmup_iters: int = field(default=1000, metadata=at_least(0))
+    warmup_factor: float = field(default=0.01, metadata=between(0, 1))
+    lr_steps: list[int] = field(default_factory=lambda: [350_000, 420_000], metadata=at_least(1))
+    lr_gamma: float = field(default=0.1, metadata=above(0))
+    grad_clip: float = field(default=1.0, metadata=above(0))
+    max_boxes_per_image: int = field(default=100, metadata=at_least(1))
+    focal_alpha: float = field(default=0.25, metadata=between(0, 1))
+    focal_gamma: float = field(default=2.0, metadata=at_least(0))
     normalize_feature_map: bool = True
-    dropout: float = 0.1
-    num_workers: int = 0
-    prefetch_batches: int = 4  # per loader worker
-    checkpoint_every: int = 5000  # steps between training-state checkpoints (exact resume)
+    dropout: float = field(default=0.1, metadata={"min": 0, "max": 0.99})
+    num_workers: int = field(default=0, metadata=at_least(0))
+    prefetch_batches: int = field(default=4, metadata=at_least(1))  # per loader worker
+    # steps between training-state checkpoints (exact resume)
+    checkpoint_every: int = field(default=5000, metadata=at_least(1))
     tensorboard: bool = True
-    seed: int = 0
-    device: str = "auto"
+    seed: int = field(default=0, metadata=between(0, 2**63 - 1))
+    device: str = field(default="auto", metadata=DEVICE)
     # Cached views (``rs-cache extract`` with extract.views) each (image, epoch) draws one of:
     # empty = the identity and every view the cache has; else view ids, "identity" for the image itself.
     views: list[str] = field(default_factory=list)
 
+    def check_relations(self) -> None:
+        if self.iterations == 0 and self.init_from is None:  # would write an untrained head
+            raise ConfigError("train.iterations: 0 must be at least 1 (0 only with train.init_from, to re-save that head)")
+        if self.lr_steps != sorted(set(self.lr_steps)):
+            raise ConfigError(f"train.lr_steps: {self.lr_steps} must be increasing")
+        for name in ("vocabularies", "dataset_weights"):
+            given = getattr(self, name)
+            if given and self.caches and len(given) != len(self.caches):
+                raise ConfigError(f"train.{name}: {len(given)} given for {len(self.caches)} caches; give one per cache")
+
 
 @dataclass
-class OpenSetConfig:
+class OpenSetConfig(Validated):
     """Open-set rejection (``evaluate/open_set.py``): ``rule`` gives each region a known score in
     [0, 1], regions below ``threshold`` are "none of the vocabulary". ``off`` keeps every region."""
 
-    rule: str = "off"
-    threshold: float = 0.5
+    SECTION: ClassVar[str] = "eval.open_set"
+    rule: str = field(default="off", metadata=one_of(*OPEN_SET_RULES))
+    threshold: float = field(default=0.5, metadata=between(0, 1))
     background_prompts: list[str] = field(default_factory=lambda: ["background"])
 
-    def validate(self) -> None:
-        if self.rule not in OPEN_SET_RULES:
-            raise ConfigError(f"eval.open_set.rule: {self.rule!r} is not one of {', '.join(OPEN_SET_RULES)}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"eval.open_set.threshold: {self.threshold} is not in [0, 1]")
+    def check_relations(self) -> None:
         if self.rule == "background-prompt" and not [p for p in self.background_prompts if p.strip()]:
             raise ConfigError("eval.open_set.background_prompts: background-prompt needs at least one non-empty prompt")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Validated):
     """How region logits become scored detections and how LVIS AP counts them (``scoring.py``).
 
     ``scoring``: class probability = ``softmax`` over the vocabulary (the released code) or
@@ -169,51 +253,30 @@ class EvalConfig:
     ``top_k_per_image`` (box, class) pairs per image and LVIS's ``max_dets_per_image`` (-1: no
     limit); ``fixed`` is AP-fixed (Dave et al. 2021): no per-image cap, the top
     ``fixed_dets_per_class`` detections of each class over the whole dataset; ``tap`` is Tokenize
-    Anything's rule (probability > 0.001, per-class NMS, best ``max_dets_per_image`` per image).
+    Anything's rule (every class above probability 0.001, per-class NMS, 300 per image).
     """
 
-    top_k_per_image: int = 900
-    max_dets_per_image: int = 300
-    scoring: str = "softmax"
-    protocol: str = "standard"
-    fixed_dets_per_class: int = 10_000
-    device: str = "auto"
+    SECTION: ClassVar[str] = "eval"
+    top_k_per_image: int = field(default=900, metadata=at_least(1))
+    max_dets_per_image: int = field(default=300, metadata=at_least(-1))
+    scoring: str = field(default="softmax", metadata=one_of(*EVAL_SCORINGS))
+    protocol: str = field(default="standard", metadata=one_of(*EVAL_PROTOCOLS))
+    fixed_dets_per_class: int = field(default=10_000, metadata=at_least(1))
+    device: str = field(default="auto", metadata=DEVICE)
     open_set: OpenSetConfig = field(default_factory=OpenSetConfig)  # regions rejected as none of the vocabulary
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the allowed values (``--set`` assigns fields after __init__)."""
-        for name, allowed in (("scoring", EVAL_SCORINGS), ("protocol", EVAL_PROTOCOLS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"eval.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("top_k_per_image", "fixed_dets_per_class"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"eval.{name}: {getattr(self, name)} must be at least 1")
-        if self.max_dets_per_image < 1 and self.max_dets_per_image != -1:
+    def check_relations(self) -> None:
+        if self.max_dets_per_image == 0:
             raise ConfigError(f"eval.max_dets_per_image: {self.max_dets_per_image} must be at least 1, or -1 for no limit")
-        self.open_set.validate()
-
-
-EVAL_SCORINGS = ("softmax", "sigmoid")
-FEATURE_DTYPES = ("float16", "int8")  # how feature maps and box tokens are stored (extract.feature_dtype)
-EVAL_PROTOCOLS = ("standard", "fixed", "tap")
-PREPROCESSES = ("released", "direct")  # extract.preprocess (encoders/preprocess.py)
-TEXT_RECIPES = ("released", "openclip")  # extract.text_recipe (encoders/clip.py)
-OPEN_SET_RULES = ("off", "max-softmax", "max-sigmoid", "background-prompt")
 
 
 @dataclass
-class Recipe:
+class Recipe(Validated):
+    SECTION: ClassVar[str] = "recipe"
     models: ModelsConfig = field(default_factory=ModelsConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the config dataclasses."""
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -253,7 +316,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):
             return value
-    raise ConfigError(f"{where}: {value!r} is not a {hint}")
+    raise ConfigError(f"{where}: {value!r} is not {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    names = [getattr(kind, "__name__", str(kind)) for kind in (typing.get_args(hint) or (hint,))]
+    text = " or ".join("none" if name == "NoneType" else name for name in names)
+    return ("an " if text[0] in "aeiou" else "a ") + text
 
 
 def load_recipe(path: Path | str) -> Recipe:
@@ -278,7 +347,8 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
                 raise ConfigError(f"override {item!r}: no section {name!r}")
             target = getattr(target, name)
         hints = typing.get_type_hints(type(target))
-        if leaf not in hints:
+        if leaf not in {f.name for f in dataclasses.fields(target)}:
             raise ConfigError(f"override {item!r}: {type(target).__name__} has no field {leaf!r}")
         setattr(target, leaf, _coerce(value, hints[leaf], f"override {dotted}"))
+    recipe.validate()  # ranges and relations of the values just set
     return recipe

@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=True)
 
@@ -38,12 +39,24 @@ def log_to_console(level: int = logging.INFO) -> None:
     logging.getLogger("regionspot_cache").setLevel(level)
 
 
+def say(*parts: str | tuple[str, str]) -> None:
+    """Print one line verbatim: plain strings and ``(text, style)`` pairs, never read as markup.
+    Messages hold paths, names and errors from the user and the file system, where rich markup
+    would crash (``[/b]``) or drop text (``[copy]``); styles are given as pairs instead."""
+    console.print(Text.assemble(*parts), highlight=False)
+
+
+def plain(text: object) -> Text:
+    """``text`` as a rich renderable that is shown as is (for table cells and titles)."""
+    return Text(str(text))
+
+
 @contextmanager
 def progress_bar(description: str, total: int, fields: str = "", disable: bool = False) -> Iterator[tuple[Progress, int]]:
     """A bar with count, rate-bearing ``fields`` (e.g. ``"{task.fields[rate]}"``) and ETA;
     ``disable`` keeps it silent (e.g. in all training processes but the first)."""
     columns = [
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),  # descriptions hold dataset names
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
@@ -58,12 +71,12 @@ def progress_bar(description: str, total: int, fields: str = "", disable: bool =
 
 def metrics_table(title: str, rows: Mapping[str, Mapping[str, float]], columns: Sequence[str]) -> Table:
     """One row per named result (e.g. untrained / trained), one column per metric, in percent."""
-    table = Table(title=title)
+    table = Table(title=plain(title))
     table.add_column("head")
     for column in columns:
         table.add_column(column, justify="right")
     for name, metrics in rows.items():
-        table.add_row(name, *(percent(metrics.get(column)) for column in columns))
+        table.add_row(plain(name), *(percent(metrics.get(column)) for column in columns))
     return table
 
 

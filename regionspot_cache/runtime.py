@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -56,8 +57,9 @@ def load_torch_weights(path: Path | str) -> Any:
             f"{path}: refused to load: the file holds objects other than tensors and plain "
             f"containers, and loading it could run code ({err.__class__.__name__})"
         ) from None
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable torch checkpoint: {err}") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:  # text files end in KeyError
+        raise ValueError(f"{path}: not a readable torch checkpoint (expected a file written by torch.save): "
+                         f"{err.__class__.__name__}: {err}") from None
 
 
 TEMP_PREFIX = ".tmp-"
@@ -91,6 +93,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write aside then rename, so readers see the old file or the new one, never a partial one."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+class NonFiniteValueError(ValueError):
+    """A value to be written as JSON that JSON cannot hold (NaN, +-Infinity)."""
+
+
+def json_text(data: Any, path: Path | str, indent: int | None = None) -> str:
+    """``data`` as strict JSON: NaN and Infinity, which ``json.dumps`` writes by default and no
+    strict parser reads, are refused with an error naming the file instead of being written."""
+    try:
+        return json.dumps(data, indent=indent, allow_nan=False)
+    except ValueError as err:
+        raise NonFiniteValueError(f"{path}: not written: {err} (a NaN or infinite value; JSON cannot hold it)") from None
+
+
+def write_json(path: Path | str, data: Any, indent: int | None = None) -> Path:
+    """Every JSON file we write goes through here: strict JSON (see ``json_text``), written aside
+    and renamed, so a refused or interrupted write leaves the previous file as it was."""
+    path = Path(path)
+    text = json_text(data, path, indent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path
 
 
 def remove_abandoned_temps(directory: Path, final_names: str) -> None:

@@ -12,7 +12,7 @@ import typer
 from regionspot_cache.cli import cache, demo, evaluate, extract, predict, search, train
 from regionspot_cache.cli.options import UserError
 from regionspot_cache.config import ConfigError
-from regionspot_cache.progress import console, log_to_console
+from regionspot_cache.progress import log_to_console, say
 
 app = typer.Typer(
     help="RegionSpot with cached frozen SAM + CLIP features: `extract` runs the encoders once per "
@@ -47,5 +47,5 @@ def main() -> None:
     try:
         app()
     except expected as err:
-        console.print(f"[bold red]error:[/] {err}")
+        say(("error:", "bold red"), f" {err}")
         sys.exit(2)

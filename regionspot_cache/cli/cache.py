@@ -16,7 +16,7 @@ from regionspot_cache.cli.options import (
     WorkersOption,
     recipe_from,
 )
-from regionspot_cache.progress import console
+from regionspot_cache.progress import console, plain, say
 
 
 def import_checkpoint(
@@ -32,7 +32,7 @@ def import_checkpoint(
     from regionspot_cache.head.released import import_released_checkpoint
 
     head = import_released_checkpoint(checkpoint, output)
-    console.print(f"wrote {output}: width {head.config.clip_width}, text dim {head.config.text_dim}, "
+    say(f"wrote {output}: width {head.config.clip_width}, text dim {head.config.text_dim}, "
                   f"{head.config.num_layers} decoder layers")
 
 
@@ -42,9 +42,9 @@ def inspect(cache: Path = typer.Argument(..., help="Cache directory to summarise
 
     from regionspot_cache.cache import inspect_cache
 
-    table = Table(title=str(cache), show_header=False)
+    table = Table(title=plain(cache), show_header=False)
     for key, value in inspect_cache(cache).items():
-        table.add_row(key, str(value))
+        table.add_row(key, plain(value))
     console.print(table)
 
 
@@ -60,14 +60,14 @@ def verify(cache: Path = typer.Argument(..., help="Cache directory to check.")) 
     for directory, problems in results.items():
         where = "" if directory == cache else f"{directory.relative_to(cache)} "
         for problem in problems:
-            console.print(f"[red]{where}shard {problem.shard}[/]: {problem.problem}")
+            say((f"{where}shard {problem.shard}", "red"), f": {problem.problem}")
     if any(results.values()):
         raise typer.Exit(1)
     from regionspot_cache.cache import proposals_caches, view_caches
 
     nested = {"proposals": len(proposals_caches(cache)), "view": len(view_caches(cache))}
     checked = "".join(f" and {count} {kind} cache(s)" for kind, count in nested.items() if count)
-    console.print(f"{cache}{checked}: every committed shard matches its checksums")
+    say(f"{cache}{checked}: every committed shard matches its checksums")
 
 
 def repair(
@@ -111,9 +111,9 @@ def repair(
     for where in [cache, *view_caches(cache).values()]:  # the cache, then each of its view caches
         summary = repair_cache(where, dataset, box_source, config.extract, models, distributor=distributor)
         if not summary.damaged:
-            console.print(f"{where}: every committed shard matches its checksums; nothing to repair")
+            say(f"{where}: every committed shard matches its checksums; nothing to repair")
             continue
         for shard, problems in summary.damaged.items():
             prefix = "" if where == cache else f"{where.relative_to(cache)} "
-            console.print(f"[yellow]{prefix}shard {shard}[/] re-extracted: {'; '.join(problems)}")
+            say((f"{prefix}shard {shard}", "yellow"), f" re-extracted: {'; '.join(problems)}")
         print_extract_summary(summary.extraction)

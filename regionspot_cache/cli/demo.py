@@ -44,4 +44,5 @@ def demo(
         defaults = ModelsConfig(SamSpec("vit_b" if sam_checkpoint else TINY_SAM, None),
                                 ClipSpec("ViT-L-14" if clip_pretrained else TINY_CLIP, None))
         config.models = defaults.with_overrides(sam_variant, sam_checkpoint, clip_model, clip_pretrained)
+    config.validate()  # the options above were assigned after construction
     run_demo(workdir, config)

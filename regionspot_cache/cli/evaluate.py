@@ -3,7 +3,6 @@ and files out."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,7 +16,7 @@ from regionspot_cache.cli.options import (
     recipe_from,
 )
 from regionspot_cache.config import Recipe
-from regionspot_cache.progress import console
+from regionspot_cache.progress import console, say
 
 
 def evaluate(
@@ -107,7 +106,7 @@ def evaluate(
     _show_and_write(result, name, proposals, output)
     if report is not None:
         page = _write_report(report, cache, result, f"LVIS box AP of {name} ({proposals} boxes)", image_root, output)
-        console.print(f"wrote {page}")
+        say(f"wrote {page}")
 
 
 def _cache_holding(cache: Path, proposals: str, spec, config: Recipe) -> Path:
@@ -131,6 +130,7 @@ def _show_and_write(result, name: str, proposals: str, output: Optional[Path]) -
     """Print the box (and mask) AP tables; with --output, write the metrics beside the results."""
     from regionspot_cache.evaluate.lvis import METRICS, write_metrics
     from regionspot_cache.progress import metrics_table
+    from regionspot_cache.runtime import write_json
 
     title = f"LVIS box AP ({proposals} boxes; {result.settings['description']})"
     console.print(metrics_table(title, {name: result.metrics}, METRICS))
@@ -139,7 +139,7 @@ def _show_and_write(result, name: str, proposals: str, output: Optional[Path]) -
     if output is not None:
         write_metrics(output.with_suffix(".metrics.json"), result)
         if result.segm_metrics is not None:
-            output.with_suffix(".segm.metrics.json").write_text(json.dumps(result.segm_metrics, indent=2))
+            write_json(output.with_suffix(".segm.metrics.json"), result.segm_metrics, indent=2)
 
 
 def _write_report(directory: Path, cache: Path, result, title: str, image_root: Optional[Path], output: Optional[Path]) -> Path:

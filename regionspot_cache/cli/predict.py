@@ -18,17 +18,21 @@ from regionspot_cache.cli.options import (
     UserError,
     recipe_from,
 )
-from regionspot_cache.progress import console
+from regionspot_cache.progress import say
 
 
 def predict(
     image: Path = typer.Argument(..., help="Image file to recognise regions in (any format Pillow decodes)."),
     head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) written by `rs-cache train`."),
     boxes: Optional[str] = typer.Option(None, help="Boxes in original pixels: \"x1,y1,x2,y2;x1,y1,x2,y2;...\"."),
-    boxes_file: Optional[Path] = typer.Option(None, help="JSON file with a list of boxes, each a list x1, y1, x2, y2 (instead of --boxes)."),
+    boxes_file: Optional[Path] = typer.Option(
+        None, help="JSON file with a list of boxes, each a list x1, y1, x2, y2 (instead of --boxes)."
+    ),
     vocab: Optional[str] = typer.Option(None, help="Class names separated by commas, e.g. \"dog,cat,traffic light\"."),
     vocab_file: Optional[Path] = typer.Option(None, help="Text file with one class name per line (instead of --vocab)."),
-    masks: bool = typer.Option(False, "--masks", help="Add SAM's mask for each box prompt (RLE in the JSON, overlaid in the PNG)."),
+    masks: bool = typer.Option(
+        False, "--masks", help="Add SAM's mask for each box prompt (RLE in the JSON, overlaid in the PNG)."
+    ),
     attention: bool = typer.Option(
         False, "--attention", help="Also write where the head looks: per box, the last decoder layer's cross-attention "
         "over the CLIP grid (mean over heads) overlaid on the image, to OUT's stem + .attention.png."
@@ -37,7 +41,9 @@ def predict(
         None, help="Open-set rule that may label a box none of the vocabulary (label null): max-softmax, max-sigmoid "
         "or background-prompt; sets eval.open_set.rule (threshold: --set eval.open_set.threshold=...)."
     ),
-    out: Optional[Path] = typer.Option(None, help="PNG to write with the labelled boxes (default: IMAGE's stem + .regions.png here)."),
+    out: Optional[Path] = typer.Option(
+        None, help="PNG to write with the labelled boxes (default: IMAGE's stem + .regions.png here)."
+    ),
     text_cache: Optional[Path] = typer.Option(
         None, help="Directory of cached class text embeddings (default: ~/.cache/regionspot-cache/text-embeddings)."
     ),
@@ -89,4 +95,4 @@ def predict(
         written.append(draw_attention_grid(picture, regions, out.with_name(f"{out.stem.removesuffix('.regions')}.attention.png")))
     # The maps are in the PNG; the JSON keeps each box's share on the class token.
     print(json.dumps([{k: v for k, v in region.items() if k != "attention"} for region in regions]))
-    console.print(f"{len(regions)} regions; wrote {', '.join(map(str, written))}")
+    say(f"{len(regions)} regions; wrote {', '.join(map(str, written))}")

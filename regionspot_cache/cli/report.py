@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from regionspot_cache.extract.runner import ExtractSummary
-from regionspot_cache.progress import console
+from regionspot_cache.progress import say
 
 
 def print_extract_summary(summary: ExtractSummary) -> None:
     """One line of counts, sizes and time, then one line per shard that failed."""
-    console.print(
+    say(
         f"extracted {summary.images} images ({summary.failed} failed, {summary.without_boxes} without boxes), "
         f"{summary.boxes} boxes "
         f"({summary.dropped_boxes} degenerate boxes rejected); shards written {summary.shards_written}, "
         f"skipped {summary.shards_skipped}; {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s"
     )
     for shard_id, error in summary.failed_shards.items():
-        console.print(f"[red]shard {shard_id} failed[/]: {error}")
+        say((f"shard {shard_id} failed", "red"), f": {error}")

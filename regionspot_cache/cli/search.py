@@ -9,7 +9,6 @@ from typing import List, Optional
 import typer
 
 from regionspot_cache.cli.options import UserError
-from regionspot_cache.progress import console
 
 
 def search(
@@ -62,4 +61,4 @@ def search(
     if image_root is not None:
         rows = reader.images.select(["image_id", "file_name"]).to_pydict()
         written.append(contact_sheet(hits, dict(zip(rows["image_id"], rows["file_name"])), image_root, out / "contact_sheet.png"))
-    console.print(f"{len(index)} regions searched; wrote {', '.join(map(str, written))}")
+    say(f"{len(index)} regions searched; wrote {', '.join(map(str, written))}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,7 +13,7 @@ from regionspot_cache.cli.options import (
     SetOption,
     recipe_from,
 )
-from regionspot_cache.progress import console
+from regionspot_cache.progress import say
 
 
 def train(
@@ -20,11 +21,15 @@ def train(
         [], "--cache", "-c", help="Feature cache made by `rs-cache extract`; repeat for multi-dataset training "
         "(replaces train.caches of the recipe; weights: train.dataset_weights)."
     ),
-    output: Path = typer.Option(..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."
+    ),
     vocabulary: List[str] = typer.Option(
         [], help="Vocabulary stored in each cache, in --cache order (default: each cache's dataset)."
     ),
-    init_from: Optional[Path] = typer.Option(None, help="Head checkpoint to start from (stage 2 from stage 1); sets train.init_from."),
+    init_from: Optional[Path] = typer.Option(
+        None, help="Head checkpoint to start from (stage 2 from stage 1); sets train.init_from."
+    ),
     recipe: Optional[Path] = RecipeOption,
     overrides: List[str] = SetOption,
     resume: bool = typer.Option(True, help="Continue from the newest training state saved beside OUTPUT (exact resume)."),
@@ -38,13 +43,12 @@ def train(
     """
     from regionspot_cache.train.loop import train_head
 
-    config = recipe_from(recipe, overrides)
+    given = [f"train.init_from={json.dumps(str(init_from))}"] if init_from is not None else []
+    config = recipe_from(recipe, [*given, *overrides])  # validated with init_from: 0 iterations need it
     if cache:
         config.train.caches = [str(path) for path in cache]
     if vocabulary:
         config.train.vocabularies = list(vocabulary)
-    if init_from is not None:
-        config.train.init_from = str(init_from)
     summary = train_head(None, output, config.train, resume)
-    console.print(f"wrote {summary.checkpoint} after {summary.steps} steps "
+    say(f"wrote {summary.checkpoint} after {summary.steps} steps "
                   f"({summary.samples_per_second:.1f} images/s); final loss {summary.final_loss:.4f}")

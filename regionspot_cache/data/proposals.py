@@ -37,13 +37,14 @@ def _from_glip(path: Path, data: dict[str, Any]) -> dict[int, BoxSet]:
     for key, entry in data.items():
         try:
             xyxy = np.asarray(entry["boxes"], dtype=np.float32).reshape(-1, 4)
-            scores = np.asarray(entry["scores"], dtype=np.float32).reshape(-1)
+            scores = np.asarray(entry["scores"], dtype=np.float64).reshape(-1)
             image_id = int(key)
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"{path}: entry for image {key!r}: {err!r}") from None
         if len(scores) != len(xyxy):
             raise DatasetError(f"{path}: entry for image {key!r}: {len(xyxy)} boxes but {len(scores)} scores")
-        result[image_id] = BoxSet(xyxy, np.full(len(xyxy), -1, np.int64), scores)
+        check_scores(path, f"entry for image {key!r}", scores)
+        result[image_id] = BoxSet(xyxy, np.full(len(xyxy), -1, np.int64), scores.astype(np.float32))
     return result
 
 
@@ -55,6 +56,7 @@ def _from_coco_results(path: Path, data: list[Any]) -> dict[int, BoxSet]:
             grouped.setdefault(int(entry["image_id"]), []).append(([x, y, x + w, y + h], float(entry["score"])))
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"{path}: result #{index}: {err!r}") from None
+        check_scores(path, f"result #{index}", [float(entry["score"])])
     return {
         image_id: BoxSet(
             np.asarray([b for b, _ in items], np.float32).reshape(-1, 4),
@@ -63,6 +65,15 @@ def _from_coco_results(path: Path, data: list[Any]) -> dict[int, BoxSet]:
         )
         for image_id, items in grouped.items()
     }
+
+
+def check_scores(path: Path, where: str, scores: Any) -> None:
+    """A proposal's score multiplies its class probabilities: NaN or infinity would make every
+    score of its box invalid, so the file is refused (non-finite boxes are rejected per box later)."""
+    scores = np.asarray(scores, np.float64)
+    bad = ~(np.abs(scores) <= np.finfo(np.float32).max)  # also NaN, and what float32 turns into inf
+    if bad.any():
+        raise DatasetError(f"{path}: {where}: score {float(scores[bad][0])} is not a finite float32 number")
 
 
 def with_box_source(dataset: DetectionDataset, manifest: Manifest | None, boxes: str) -> tuple[DetectionDataset, str]:

@@ -24,12 +24,11 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from regionspot_cache.config import ConfigError
+from regionspot_cache.config import VIEW_MODES, ConfigError  # noqa: F401 (VIEW_MODES: released | consistent)
 from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.data.datasets import BoxSet, ImageEntry
 
 IDENTITY = "identity"
-VIEW_MODES = ("released", "consistent")
 MIN_INSIDE_PX = 1.0  # a box with less than this width or height inside the crop is dropped
 _SPEC = re.compile(r"^(?P<flip>hflip)?(?:\+?crop:(?P<lo>[0-9.]+)-(?P<hi>[0-9.]+)(?:x(?P<n>[0-9]+))?)?$")
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from regionspot_cache.config import EvalConfig, ExtractConfig, ModelsConfig, TrainConfig
+from regionspot_cache.config import EvalConfig, ExtractConfig, ModelsConfig, TrainConfig, Validated, at_least
 
 
 def demo_train_config() -> TrainConfig:
@@ -16,10 +17,11 @@ def demo_train_config() -> TrainConfig:
 
 
 @dataclass
-class DemoConfig:
-    train_images: int = 480
-    val_images: int = 96
-    seed: int = 0
+class DemoConfig(Validated):
+    SECTION: ClassVar[str] = "demo"
+    train_images: int = field(default=480, metadata=at_least(1))
+    val_images: int = field(default=96, metadata=at_least(1))
+    seed: int = field(default=0, metadata=at_least(0))
     models: ModelsConfig | None = None  # None: generate tiny random-weight models
     extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(shard_size=32, batch_size=8, num_workers=0))
     train: TrainConfig = field(default_factory=demo_train_config)

@@ -20,8 +20,8 @@ from regionspot_cache.evaluate.lvis import METRICS, EvalResult
 from regionspot_cache.evaluate.report import ReportData, cache_labels, write_report
 from regionspot_cache.extract.runner import run_extraction
 from regionspot_cache.head.model import RegionSpotHead, load_head
-from regionspot_cache.progress import console, log_to_console, metrics_table
-from regionspot_cache.runtime import resolve_device
+from regionspot_cache.progress import console, log_to_console, metrics_table, say
+from regionspot_cache.runtime import resolve_device, write_json
 from regionspot_cache.train.loop import head_config_for, train_head
 
 
@@ -41,7 +41,7 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
     train_json = generate_split(data_dir, "train", SyntheticSpec(config.train_images, config.seed))
     val_json = generate_split(data_dir, "val", SyntheticSpec(config.val_images, config.seed + 1, balanced=True))
     models = config.models or write_tiny_checkpoints(workdir / "models", config.seed)
-    console.print(f"data in {data_dir}; SAM {models.sam.variant} from {models.sam.checkpoint}; "
+    say(f"data in {data_dir}; SAM {models.sam.variant} from {models.sam.checkpoint}; "
                   f"CLIP {models.clip.model} from {models.clip.pretrained}")
 
     console.rule("[bold]2/4 extract (frozen SAM + CLIP, once per image)")
@@ -56,7 +56,7 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
     console.rule("[bold]3/4 train the head from the cache")
     head_path = workdir / "head" / "head.safetensors"
     summary = train_head(caches["train"], head_path, config.train)
-    console.print(f"trained {summary.steps} steps in {summary.seconds:.1f} s "
+    say(f"trained {summary.steps} steps in {summary.seconds:.1f} s "
                   f"({summary.samples_per_second:.1f} images/s), final loss {summary.final_loss:.4f}")
 
     console.rule("[bold]4/4 evaluate on the validation split (LVIS AP, ground-truth boxes)")
@@ -68,9 +68,9 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
         evaluated[name] = evaluate_head(caches["val"], head, val_json, config.eval, workdir / "results" / f"{name}.json")
         results[name] = evaluated[name].metrics
     console.print(metrics_table("demo: LVIS box AP on demo_val (ground-truth boxes)", results, METRICS))
-    (workdir / "demo_metrics.json").write_text(json.dumps({**results, "config": _jsonable(config)}, indent=2))
+    write_json(workdir / "demo_metrics.json", {**results, "config": _jsonable(config)}, indent=2)
     page = write_demo_report(workdir, caches["val"], evaluated["trained"], data_dir / "images")
-    console.print(f"[bold]report with the AP chart and drawn predictions:[/] {page}")
+    say(("report with the AP chart and drawn predictions: ", "bold"), str(page))
     return DemoResult(results["untrained"], results["trained"], workdir, page)
 
 

@@ -4,6 +4,7 @@ baseline on the original images, with or without SAM masks for mask AP."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from regionspot_cache.config import EvalConfig, ModelsConfig
 from regionspot_cache.encoders import preprocess_recorded_in
 from regionspot_cache.evaluate.baselines import BASELINES, score_cache_with_baseline
 from regionspot_cache.evaluate.cached import score_cache
+from regionspot_cache.evaluate.ground_truth import load_ground_truth
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
 from regionspot_cache.evaluate.masks import without_boxes
 from regionspot_cache.evaluate.open_set import needs_background
@@ -48,7 +50,9 @@ def evaluate(
 
     Arguments:
       cache_dir (Path or str): a cache from ``rs-cache extract`` (or a proposals cache in one).
-      annotation_file (Path or str): LVIS-format ground truth of the cache's images.
+      annotation_file (Path or str): LVIS- or COCO-format ground truth of the cache's images, in
+        the vocabulary's categories (else refused); COCO files get LVIS's fields filled in
+        (``ground_truth.py``).
       config (EvalConfig): scoring (softmax / sigmoid), protocol (standard / fixed), device.
       method (str): ``regionspot`` (the head), ``clip-box`` or ``clip-mask`` (the paper's
         training-free baselines).
@@ -70,10 +74,12 @@ def evaluate(
         scored detections as columns (image_ids (D,) int64, category_ids (D,) int64, boxes
         (D, 4) float32 x, y, w, h, scores (D,) float64).
     """
+    config.validate()
     check_method(method, head, masks, image_root)
     protocol = protocol_for(config)
     reader = CacheReader(cache_dir)
     vocab = reader.vocabulary(vocabulary or reader.provenance.dataset)
+    ground_truth = load_ground_truth(annotation_file, vocab)  # checked before the scoring work
     encoders = images = None
     if method != REGIONSPOT or masks:
         encoders = load_cache_encoders(reader, models, config.device)
@@ -87,10 +93,10 @@ def evaluate(
         records = records_with_masks(detections, protocol.lvis_max_dets, images, encoders.sam)
         if results_file is not None:
             results_file = write_records_json(records, results_file)
-        segm_metrics = lvis_ap(annotation_file, without_boxes(records), protocol.lvis_max_dets, iou_type="segm")
+        segm_metrics = lvis_ap(copy.deepcopy(ground_truth), without_boxes(records), protocol.lvis_max_dets, iou_type="segm")
     elif results_file is not None:
         results_file = write_results_json(detections, results_file)
-    metrics = lvis_ap(annotation_file, detections, protocol.lvis_max_dets)
+    metrics = lvis_ap(ground_truth, detections, protocol.lvis_max_dets)
     return EvalResult(metrics, len(detections), results_file, segm_metrics, protocol.settings(), detections)
 
 

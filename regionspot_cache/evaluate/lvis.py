@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from regionspot_cache.evaluate.scoring import (
     Detections,
     cap_per_image,
 )
+from regionspot_cache.runtime import write_json
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 # The paper's headline: AP over all categories and by LVIS frequency group (name -> group).
@@ -82,24 +82,25 @@ def run_lvis_eval(gt: Any, detections: list[dict] | Detections, max_dets: int = 
 
 
 def lvis_ap(
-    annotation_file: Path | str, detections: list[dict] | Detections, max_dets: int = 300, iou_type: str = "bbox"
+    annotations: Path | str | dict, detections: list[dict] | Detections, max_dets: int = 300, iou_type: str = "bbox"
 ) -> dict[str, float]:
     """AP, AP50, AP75, APs/m/l, APr/c/f of ``detections`` with ``lvis.LVISEval`` (box, or
-    ``segm`` for records with masks)."""
+    ``segm`` for records with masks) against an LVIS annotation file or data already read
+    (``ground_truth.load_ground_truth``; LVISEval modifies it, so pass each call its own)."""
     from lvis import LVIS
+
+    from regionspot_cache.evaluate.ground_truth import InMemoryLVIS
 
     if not len(detections):
         return {name: 0.0 for name in METRICS}
+    gt = InMemoryLVIS(annotations) if isinstance(annotations, dict) else LVIS(str(annotations))
     with numpy_float_alias():
-        evaluator = run_lvis_eval(LVIS(str(annotation_file)), detections, max_dets, iou_type)
+        evaluator = run_lvis_eval(gt, detections, max_dets, iou_type)
     return {name: float(value) for name, value in evaluator.get_results().items() if name in METRICS}
 
 
 def write_metrics(path: Path | str, result: EvalResult) -> Path:
     """The metrics at the top level, and under ``eval`` the protocol and results file behind them."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     settings = {**result.settings, "detections": result.num_detections,
                 "results_file": str(result.results_file) if result.results_file else None}
-    path.write_text(json.dumps({**result.metrics, "eval": settings}, indent=2))
-    return path
+    return write_json(path, {**result.metrics, "eval": settings}, indent=2)

@@ -33,6 +33,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from regionspot_cache.config import EvalConfig
+from regionspot_cache.runtime import NonFiniteValueError, atomic_path
 
 
 def class_probabilities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -335,14 +336,27 @@ def write_results_json(detections: Detections, path: Path | str, chunk: int = 1 
     """Write the LVIS results list; %-formatting rows is ~2x faster than dicts + json.dumps
     and needs no list of dicts in memory. Same values as ``Detections.records``."""
     path = Path(path)
+    refuse_non_finite(detections, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as out:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         out.write("[")
         for start in range(0, len(detections), chunk):
             part = detections.take(slice(start, start + chunk))
             out.write(("," if start else "") + ",".join([_RECORD % row for row in part._rows()]))
         out.write("]")
     return path
+
+
+def refuse_non_finite(detections: Detections, path: Path) -> None:
+    """%r would write ``nan``/``inf``, which no JSON parser reads: refuse such detections, naming one."""
+    bad = ~(np.isfinite(detections.scores) & np.isfinite(detections.boxes).all(axis=1))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise NonFiniteValueError(
+            f"{path}: not written: {int(bad.sum())} detections with a NaN or infinite score or box, e.g. "
+            f"image {int(detections.image_ids[first])} score {float(detections.scores[first])} "
+            f"box {detections.boxes[first].tolist()}"
+        )
 
 
 def cap_per_image(detections: Detections, max_dets: int) -> Detections:

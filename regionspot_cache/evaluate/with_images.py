@@ -8,7 +8,6 @@ tokens come from them), which is checked against the provenance before anything 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from regionspot_cache.cache import CacheFormatError, CacheReader, Provenance
@@ -19,7 +18,7 @@ from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, mode
 from regionspot_cache.encoders.sam import SamBoxEncoder
 from regionspot_cache.evaluate.masks import add_segmentations
 from regionspot_cache.evaluate.scoring import Detections, cap_per_image
-from regionspot_cache.runtime import differences, resolve_device
+from regionspot_cache.runtime import differences, resolve_device, write_json
 
 
 def recorded_models_with(provenance: Provenance, **overrides: str | None) -> ModelsConfig:
@@ -70,7 +69,4 @@ def records_with_masks(detections: Detections, max_dets: int, images: ImageSourc
 
 
 def write_records_json(records: list[dict], path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records))
-    return path
+    return write_json(path, records)

@@ -78,6 +78,7 @@ def run_extraction(
       An ``ExtractSummary``: counts of images, boxes, failures, shards written / skipped / failed
       (``failed_shards``: shard id -> error, from distributors that go on after a failed shard).
     """
+    config.validate()  # the caller may have assigned fields since construction
     distributor = distributor or InProcess()
     started = time.perf_counter()
     with exclusive_extraction(cache_dir):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from regionspot_cache.runtime import atomic_path, atomic_write_bytes
+from regionspot_cache.runtime import atomic_path, write_json
 
 
 @dataclass
@@ -104,7 +104,7 @@ def save_head(head: RegionSpotHead, path: Path | str, extra: dict | None = None)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp))
         config = {"head": asdict(head.config), **(extra or {})}
-        atomic_write_bytes(path.with_suffix(CONFIG_SUFFIX), json.dumps(config, indent=2).encode())
+        write_json(path.with_suffix(CONFIG_SUFFIX), config, indent=2)
 
 
 def load_head(path: Path | str) -> tuple[RegionSpotHead, dict]:

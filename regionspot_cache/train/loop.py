@@ -138,6 +138,7 @@ def train_head(
         batch per real box), ``seconds`` and ``samples_per_second`` (float, images per second,
         excluding the steps resumed from), ``checkpoint`` (Path: ``output``).
     """
+    config.validate()  # the caller may have assigned fields since construction
     if caches is None or caches == []:
         caches = config.caches
     elif isinstance(caches, (str, Path)):

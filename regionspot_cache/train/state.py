@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from regionspot_cache.runtime import atomic_path, differences, remove_abandoned_temps
+from regionspot_cache.runtime import atomic_path, differences, json_text, remove_abandoned_temps
 
 STEP_PREFIX = "step-"
 
@@ -50,7 +50,7 @@ def save_train_state(
     with atomic_path(final) as tmp:
         tmp.mkdir()
         save_file(tensors, str(tmp / "tensors.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state))
+        (tmp / "state.json").write_text(json_text(state, tmp / "state.json"))
         if final.exists():  # the same step saved by an earlier, abandoned run
             shutil.rmtree(final)
     for old in sorted(directory.glob(f"{STEP_PREFIX}*"))[:-keep]:

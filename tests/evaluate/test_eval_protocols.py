@@ -297,9 +297,8 @@ def test_results_of_unknown_images_are_refused(random_case):
 def test_protocol_fields_are_validated_with_allowed_values():
     with pytest.raises(ConfigError, match="eval.scoring: 'softmx' is not one of softmax, sigmoid"):
         EvalConfig(scoring="softmx")
-    recipe = apply_overrides(Recipe(), ["eval.protocol=fixd"])  # --set assigns after __init__ ...
     with pytest.raises(ConfigError, match="eval.protocol: 'fixd' is not one of standard, fixed"):
-        recipe.eval.validate()  # ... so eval validates again
+        apply_overrides(Recipe(), ["eval.protocol=fixd"])  # --set validates the recipe after assigning
     with pytest.raises(ConfigError, match="fixed_dets_per_class"):
         EvalConfig(fixed_dets_per_class=0)
 
