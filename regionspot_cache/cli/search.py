@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from regionspot_cache.cli.options import UserError
+from regionspot_cache.progress import say
 
 
 def search(
