@@ -45,7 +45,8 @@ class FrozenEncoders:
             text_dim=self.clip.text_dim,
             logit_scale=self.clip.logit_scale,
             preprocess=f"resize (no crop) {cfg.get('interpolation', 'bicubic')}, mean/std",
-            feature_map="visual.transformer output before ln_post, class token first",
+            feature_map=self.clip.tower.description(),
+            logit_bias=self.clip.logit_bias,
         )
 
     def paths(self) -> dict[str, str | None]:

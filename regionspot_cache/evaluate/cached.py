@@ -23,12 +23,13 @@ from regionspot_cache.runtime import resolve_device
 
 @torch.no_grad()
 def image_logits(
-    head: RegionSpotHead, item: CachedImage, text: torch.Tensor, logit_scale: float, device: torch.device
+    head: RegionSpotHead, item: CachedImage, text: torch.Tensor, logit_scale: float, device: torch.device,
+    logit_bias: float | None = None,
 ) -> torch.Tensor:
     """(boxes, classes) logits of one cached image."""
     tokens = torch.from_numpy(item.tokens.astype(np.float32)).to(device)[None]
     feature_map = torch.from_numpy(item.feature_map.astype(np.float32)).to(device)[None]
-    return region_logits(head(tokens, feature_map)[0], text, logit_scale)
+    return region_logits(head(tokens, feature_map)[0], text, logit_scale, logit_bias)
 
 
 def score_cache(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, config: EvalConfig) -> Detections:
@@ -52,7 +53,7 @@ def score_cache(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, co
     device = resolve_device(config.device)
     head = head.to(device).eval()
     text = torch.from_numpy(vocab.embeddings).to(device)
-    logit_scale = reader.provenance.clip.logit_scale
+    logit_scale, logit_bias = reader.provenance.clip.logit_scale, reader.provenance.clip.logit_bias
 
     def images() -> Iterator[tuple[int, np.ndarray, np.ndarray, torch.Tensor]]:
         image_ids = reader.image_ids()
@@ -60,7 +61,7 @@ def score_cache(reader: CacheReader, head: RegionSpotHead, vocab: Vocabulary, co
             for image_id in image_ids:
                 item = reader.image(image_id)
                 if len(item.boxes):
-                    yield image_id, item.boxes, item.scores, image_logits(head, item, text, logit_scale, device)
+                    yield image_id, item.boxes, item.scores, image_logits(head, item, text, logit_scale, device, logit_bias)
                 bar.update(task, advance=1)
 
     return detections_from_logits(images(), vocab.category_ids, config)

@@ -224,7 +224,7 @@ class Predictor:
         tokens = self.encoders.sam.box_tokens(sam_embedding, xyxy, (picture.height, picture.width))
         feature_map = clip.feature_maps(clip.preprocess(picture)[None])
         regions = self.head(tokens[None].float(), feature_map.float())[0]
-        return region_logits(regions, text, clip.logit_scale).softmax(dim=-1)
+        return region_logits(regions, text, clip.logit_scale, clip.logit_bias).softmax(dim=-1)
 
 
 def check_head_fits(head: RegionSpotHead, clip: ClipEncoder, name: str) -> None:
