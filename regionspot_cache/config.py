@@ -19,7 +19,8 @@ from regionspot_cache.runtime import read_toml
 
 @dataclass
 class SamSpec:
-    """A SAM model: architecture name from ``encoders.sam.SAM_ARCHITECTURES`` and its weights."""
+    """A SAM model: architecture name from ``encoders.sam.SAM_ARCHITECTURES`` (SAM 1) or
+    ``encoders.sam2.SAM2_ARCHITECTURES`` (SAM 2.1), and its weights."""
 
     variant: str = "vit_b"
     checkpoint: str | None = None

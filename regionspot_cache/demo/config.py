@@ -20,7 +20,9 @@ class DemoConfig:
     train_images: int = 480
     val_images: int = 96
     seed: int = 0
-    models: ModelsConfig | None = None  # None: generate tiny random-weight models
+    models: ModelsConfig | None = None  # None: generate tiny random-weight models of these kinds
+    tiny_sam: str = "tiny"  # demo/tiny_models.TINY_SAMS
+    tiny_clip: str = "RS-Tiny-ViT"  # demo/tiny_models.TINY_CLIPS
     extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(shard_size=32, batch_size=8, num_workers=0))
     train: TrainConfig = field(default_factory=demo_train_config)
     eval: EvalConfig = field(default_factory=EvalConfig)

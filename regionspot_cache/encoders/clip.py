@@ -22,10 +22,11 @@ import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
-from regionspot_cache.encoders.tower import TokenTower, token_tower
+from regionspot_cache.encoders.tower import TokenTower, register_tiny_timm_tower, token_tower
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
+register_tiny_timm_tower()  # the tower of RS-Tiny-Timm-ViT
 
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 

@@ -10,13 +10,14 @@ import torch
 from regionspot_cache.cache.format import ClipIdentity, Provenance, SamIdentity
 from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
 from regionspot_cache.encoders.clip import ClipEncoder, load_clip
-from regionspot_cache.encoders.sam import TOKEN_DIM, SamBoxEncoder, build_sam
+from regionspot_cache.encoders.sam import SAM_ARCHITECTURES, TOKEN_DIM, SamBoxEncoder, build_sam
+from regionspot_cache.encoders.sam2 import SAM2_ARCHITECTURES, Sam2BoxEncoder, build_sam2_model
 from regionspot_cache.runtime import sha256_file
 
 
 @dataclass
 class FrozenEncoders:
-    sam: SamBoxEncoder
+    sam: SamBoxEncoder | Sam2BoxEncoder
     clip: ClipEncoder
     spec: ModelsConfig
 
@@ -27,8 +28,7 @@ class FrozenEncoders:
             checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None,
             input_size=self.sam.input_size,
             token_dim=TOKEN_DIM,
-            preprocess="ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
-            token="mask_decoder.transformer output, mask token 0",
+            **_SAM2_IDENTITY if isinstance(self.sam, Sam2BoxEncoder) else _SAM_IDENTITY,
         )
 
     def clip_provenance(self) -> ClipIdentity:
@@ -61,8 +61,23 @@ def _absolute_if_file(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path and Path(path).is_file() else path
 
 
+_SAM_IDENTITY = {"preprocess": "ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
+                 "token": "mask_decoder.transformer output, mask token 0"}
+_SAM2_IDENTITY = {"preprocess": "square resize+mean_std, no_mem_embed (SAM2ImagePredictor.set_image)",
+                  "token": "sam_mask_decoder.transformer output, mask token 0 (index 2, after the object-score token)"}
+
+
+def load_box_encoder(variant: str, checkpoint: str | None, device: torch.device) -> SamBoxEncoder | Sam2BoxEncoder:
+    """SAM 1 (segment-anything) or SAM 2.1 (sam2) by variant name; both give the same interface."""
+    if variant in SAM2_ARCHITECTURES:
+        return Sam2BoxEncoder(build_sam2_model(variant, checkpoint), device)
+    if variant not in SAM_ARCHITECTURES:
+        raise ValueError(f"unknown SAM variant {variant!r}; known: {sorted(SAM_ARCHITECTURES) + sorted(SAM2_ARCHITECTURES)}")
+    return SamBoxEncoder(build_sam(variant, checkpoint), device)
+
+
 def load_frozen_encoders(spec: ModelsConfig, device: torch.device) -> FrozenEncoders:
-    sam = SamBoxEncoder(build_sam(spec.sam.variant, spec.sam.checkpoint), device)
+    sam = load_box_encoder(spec.sam.variant, spec.sam.checkpoint, device)
     clip = load_clip(spec.clip.model, spec.clip.pretrained, device)
     return FrozenEncoders(sam, clip, spec)
 

@@ -18,7 +18,7 @@ from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from regionspot_cache.encoders.memory import FittingBatches
+from regionspot_cache.encoders.memory import FittingBatches, sam_image_bytes
 from regionspot_cache.encoders.sam_attention import use_fused_attention
 from regionspot_cache.runtime import load_torch_weights
 
@@ -94,6 +94,10 @@ class SamBoxEncoder:
 
     def resizer(self) -> "SamResize":
         return SamResize(self.input_size)
+
+    def image_bytes(self, dtype_bytes: int) -> int:
+        """Estimated peak bytes one image adds to an image-encoder batch (``memory.sam_image_bytes``)."""
+        return sam_image_bytes(self.sam.image_encoder.patch_embed.proj.out_channels, self.input_size, dtype_bytes)
 
     @torch.no_grad()
     def embed_images(self, resized: list[torch.Tensor]) -> torch.Tensor:

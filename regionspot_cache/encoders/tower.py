@@ -66,3 +66,29 @@ def token_tower(visual: torch.nn.Module, model_name: str) -> TokenTower:
     raise NoTokenGridError(
         f"CLIP model {model_name!r}: its vision tower ({kind}) yields no patch tokens; RegionSpot needs a ViT-like "
         "tower (open_clip ViT, SigLIP, PE-Core, EVA), not a ConvNeXt or ResNet")
+
+
+# The vision tower of model_configs/RS-Tiny-Timm-ViT.json; not named SigLIP, as open_clip picks a SigLIP tokenizer by name.
+TINY_TIMM_TOWER = "rs_tiny_map_vit"
+
+
+def register_tiny_timm_tower() -> None:
+    """Register with timm a tiny SigLIP-shaped ViT (no class token, attention-pool head) built
+    from timm's own VisionTransformer, for the demo and the tests. Does nothing without timm."""
+    try:
+        import timm
+        from timm.models import register_model
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return
+    if timm.models.is_model(TINY_TIMM_TOWER):
+        return
+
+    def rs_tiny_map_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+        shape = dict(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=2, mlp_ratio=2,
+                     class_token=False, global_pool="map")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory passes these
+            kwargs.pop(key, None)
+        return VisionTransformer(**{**shape, **kwargs})
+
+    register_model(rs_tiny_map_vit)
