@@ -123,3 +123,23 @@ def test_demo_runs_extract_train_eval_on_the_new_families(tmp_path):
     assert provenance["sam"]["variant"] == "sam2_tiny" and provenance["clip"]["logit_bias"] == pytest.approx(-10.0)
     metrics = json.loads((workdir / "demo_metrics.json").read_text())
     assert all(-1 <= metrics["trained"][m] <= 1 for m in ("AP", "APr", "APc", "APf"))
+
+
+@pytest.mark.parametrize("recipe", ["regionspot_sam21bplus_pecorel_stage1", "regionspot_b_so400m_stage1"])
+def test_the_new_recipes_extract_with_the_tiny_models_of_their_families(recipe, new_models, tmp_path):
+    from pathlib import Path
+
+    from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
+
+    annotations = generate_split(tmp_path, "val", SyntheticSpec(images=2, seed=3, min_size=64, max_size=96))
+    manifest = tmp_path / "toy.toml"
+    manifest.write_text(f'name = "toy"\nannotations = "{annotations.name}"\nimage_root = "images"\n')
+    recipe_file = Path(__file__).resolve().parents[2] / "pipelines" / f"{recipe}.toml"
+    result = CliRunner().invoke(app, [
+        "extract", "-r", str(recipe_file), "-m", str(manifest), "--data-root", str(tmp_path), "-c", str(tmp_path / "cache"),
+        "--sam-variant", "sam2_tiny", "--sam-checkpoint", new_models.sam.checkpoint,
+        "--clip-model", new_models.clip.model, "--clip-pretrained", new_models.clip.pretrained,
+        "--set", "extract.num_workers=0", "--set", "extract.batch_size=2",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "extracted 2 images" in result.output
