@@ -16,10 +16,11 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import open_clip
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from regionspot_cache.encoders.clip import load_clip
+from regionspot_cache.encoders.clip import ClipEncoder
 from regionspot_cache.encoders.frozen import load_box_encoder
 
 CPU = torch.device("cpu")
@@ -43,6 +44,8 @@ RECIPES = [
 
 
 def counted(run) -> int:
+    # nn.MultiheadAttention's inference fast path is one fused op the counter does not know: off while counting.
+    torch.backends.mha.set_fastpath_enabled(False)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         run()
     return counter.get_total_flops()
@@ -53,15 +56,17 @@ def sam_flops(variant: str) -> tuple[int, int]:
     sam = load_box_encoder(variant, None, CPU)
     image = np.zeros((480, 640, 3), np.uint8)  # COCO's typical size; SAM pads/resizes to its input size anyway
     resized = sam.resizer()(image)
-    embedding = sam.embed_images([resized])[0]
-    image_flops = counted(lambda: sam.embed_images([resized]))
+    embeddings = []
+    image_flops = counted(lambda: embeddings.extend(sam.embed_images([resized])))
+    embedding = embeddings[0]
     box = np.array([[100, 100, 300, 250]], np.float32)
     return image_flops, counted(lambda: sam.box_tokens(embedding, box, image.shape[:2]))
 
 
 def clip_flops_and_bytes(model: str) -> tuple[int, int]:
     """(feature-map FLOPs per image, float16 bytes of the cached map)."""
-    clip = load_clip(model, None, CPU)
+    # The vision tower only: no tokenizer (SigLIP's comes from Hugging Face).
+    clip = ClipEncoder(open_clip.create_model(model, pretrained=None).eval(), None, CPU)
     pixels = torch.zeros(1, 3, *clip.image_size)
     return counted(lambda: clip.feature_maps(pixels)), FLOAT16_BYTES * clip.num_tokens * clip.width
 
