@@ -43,7 +43,9 @@ def one_of(*choices: Any) -> dict[str, Any]:
 
 DEVICE = {"device": True}  # "auto", "cpu", "mps", "cuda" or "cuda:N"
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-SAM_VARIANTS = ("vit_b", "vit_l", "vit_h", "tiny")  # the keys of encoders.sam.SAM_ARCHITECTURES
+# The keys of encoders.sam.SAM_ARCHITECTURES (SAM 1) and encoders.sam2.SAM2_ARCHITECTURES (SAM 2.1).
+SAM_VARIANTS = ("vit_b", "vit_l", "vit_h", "tiny", "sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus",
+                "sam2.1_hiera_large", "sam2_tiny")
 
 
 class Validated:
@@ -93,7 +95,8 @@ def _check_constraints(value: Any, rules: Mapping[str, Any], where: str) -> None
 
 @dataclass
 class SamSpec(Validated):
-    """A SAM model: architecture name from ``encoders.sam.SAM_ARCHITECTURES`` and its weights."""
+    """A SAM model: architecture name from ``encoders.sam.SAM_ARCHITECTURES`` (SAM 1) or
+    ``encoders.sam2.SAM2_ARCHITECTURES`` (SAM 2.1), and its weights."""
 
     SECTION: ClassVar[str] = "models.sam"
     variant: str = field(default="vit_b", metadata=one_of(*SAM_VARIANTS))

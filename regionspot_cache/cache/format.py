@@ -149,11 +149,13 @@ class ClipIdentity(ModelIdentity):
     weights_sha256: str | None
     image_size: list[int]  # a list, as JSON gives it back, so that recorded and fresh compare equal
     width: int  # channels of the feature map
-    num_tokens: int  # rows of the feature map: class token, then the patch grid
+    num_tokens: int  # rows of the feature map: prefix tokens (class token; none for SigLIP), then the patch grid
     text_dim: int
     logit_scale: float
     preprocess: str
-    feature_map: str
+    feature_map: str  # which tokens, from where (encoders/tower.py)
+    # Added to every logit by SigLIP-style models; None for CLIP (and for caches written before it existed).
+    logit_bias: float | None = None
 
 
 @dataclass

@@ -34,12 +34,16 @@ def demo(
     """
     from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
     from regionspot_cache.demo.run import run_demo
-    from regionspot_cache.demo.tiny_models import TINY_CLIP, TINY_SAM
+    from regionspot_cache.demo.tiny_models import TINY_CLIP, TINY_CLIPS, TINY_SAM, TINY_SAMS
 
     config = DemoConfig(train_images=train_images, val_images=val_images, seed=seed)
     config.train.seed = seed
     config.train.iterations = iterations
-    if any(v is not None for v in (sam_variant, sam_checkpoint, clip_model, clip_pretrained)):
+    only_tiny = sam_variant in (None, *TINY_SAMS) and clip_model in (None, *TINY_CLIPS)
+    if sam_checkpoint is None and clip_pretrained is None and only_tiny:
+        # Only tiny kinds named: their random weights are written to files and loaded back, as real ones are.
+        config.tiny_sam, config.tiny_clip = sam_variant or TINY_SAM, clip_model or TINY_CLIP
+    elif any(v is not None for v in (sam_variant, sam_checkpoint, clip_model, clip_pretrained)):
         # Tiny models for the parts not given; a real checkpoint alone implies the default architecture.
         defaults = ModelsConfig(SamSpec("vit_b" if sam_checkpoint else TINY_SAM, None),
                                 ClipSpec("ViT-L-14" if clip_pretrained else TINY_CLIP, None))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from regionspot_cache.config import EvalConfig, ExtractConfig, ModelsConfig, TrainConfig, Validated, at_least
+from regionspot_cache.config import EvalConfig, ExtractConfig, ModelsConfig, TrainConfig, Validated, at_least, one_of
 
 
 def demo_train_config() -> TrainConfig:
@@ -23,6 +23,8 @@ class DemoConfig(Validated):
     val_images: int = field(default=96, metadata=at_least(1))
     seed: int = field(default=0, metadata=at_least(0))
     models: ModelsConfig | None = None  # None: generate tiny random-weight models
+    tiny_sam: str = field(default="tiny", metadata=one_of("tiny", "sam2_tiny"))  # demo/tiny_models.TINY_SAMS
+    tiny_clip: str = field(default="RS-Tiny-ViT", metadata=one_of("RS-Tiny-ViT", "RS-Tiny-Timm-ViT"))  # TINY_CLIPS
     extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(shard_size=32, batch_size=8, num_workers=0))
     train: TrainConfig = field(default_factory=demo_train_config)
     eval: EvalConfig = field(default_factory=EvalConfig)

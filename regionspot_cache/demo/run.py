@@ -40,7 +40,7 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
     console.rule("[bold]1/4 generate data")
     train_json = generate_split(data_dir, "train", SyntheticSpec(config.train_images, config.seed))
     val_json = generate_split(data_dir, "val", SyntheticSpec(config.val_images, config.seed + 1, balanced=True))
-    models = config.models or write_tiny_checkpoints(workdir / "models", config.seed)
+    models = config.models or write_tiny_checkpoints(workdir / "models", config.seed, config.tiny_sam, config.tiny_clip)
     say(f"data in {data_dir}; SAM {models.sam.variant} from {models.sam.checkpoint}; "
                   f"CLIP {models.clip.model} from {models.clip.pretrained}")
 

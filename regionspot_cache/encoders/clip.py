@@ -3,6 +3,11 @@
 Models come from open_clip by config name plus a pretrained tag (``openai``) or a local weights
 file. The configs shipped in ``regionspot_cache/model_configs`` (tiny models for the demo and
 tests) are registered with open_clip, so they load through exactly the same path.
+
+Any ViT-like vision tower works: open_clip's own ``VisionTransformer`` (OpenAI, LAION, DFN,
+MetaCLIP) and timm-based towers (SigLIP/SigLIP2, PE-Core, EVA02). The feature map is taken with
+open_clip's ``forward_intermediates`` for both kinds (``tower.py``); towers without a token grid
+(ConvNeXt, ResNet) are refused when the model is loaded.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from regionspot_cache.encoders.preprocess import (
     check_preprocess,
     released_clip_pixels,
 )
+from regionspot_cache.encoders.tower import TokenTower, register_tiny_timm_tower, token_tower
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
+register_tiny_timm_tower()  # the tower of RS-Tiny-Timm-ViT
 
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
@@ -47,8 +54,9 @@ def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> 
     if pretrained and (Path(pretrained).suffix or "/" in pretrained) and not Path(pretrained).is_file():
         raise FileNotFoundError(f"{pretrained}: CLIP weights file not found")
     model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    return ClipEncoder(model.eval().requires_grad_(False), tokenizer, device)
+    tower = token_tower(model.visual, model_name)  # refuses towers without a token grid before the tokenizer loads
+    tokenizer = open_clip.get_tokenizer(model_name)  # each model's own (BPE, SentencePiece, ...)
+    return ClipEncoder(model.eval().requires_grad_(False), tokenizer, device, tower)
 
 
 @dataclass(frozen=True)
@@ -81,9 +89,12 @@ class ClipEncoder:
     tokenizer: object
     device: torch.device
     preprocessing: str = DIRECT  # extract.preprocess: how images become CLIP input
+    tower: TokenTower | None = None
 
     def __post_init__(self) -> None:
         check_preprocess(self.preprocessing)
+        if self.tower is None:
+            self.tower = token_tower(self.model.visual, type(self.model.visual).__name__)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -92,20 +103,29 @@ class ClipEncoder:
 
     @property
     def width(self) -> int:
-        return int(self.model.visual.class_embedding.shape[-1])
+        return self.tower.width
 
     @property
     def num_tokens(self) -> int:
-        grid = self.model.visual.grid_size
-        return 1 + grid[0] * grid[1]
+        """Rows of the feature map: the tower's prefix tokens, then the patch grid."""
+        return self.tower.prefix_tokens + self.tower.grid[0] * self.tower.grid[1]
 
     @property
     def text_dim(self) -> int:
-        return int(self.model.text_projection.shape[-1])
+        projection = getattr(self.model, "text_projection", None)
+        if projection is not None:  # CLIP with open_clip's own text tower
+            return int(projection.shape[-1])
+        return int(self.model.text.output_dim)  # CustomTextCLIP (SigLIP, PE-Core, ...)
 
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp())
+
+    @property
+    def logit_bias(self) -> float | None:
+        """SigLIP-style models add a learnt bias to every logit; CLIP has none."""
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach())
 
     def preprocessor(self) -> "ClipPreprocess":
         cfg = self.model.visual.preprocess_cfg
@@ -118,17 +138,9 @@ class ClipEncoder:
 
     @torch.no_grad()
     def feature_maps(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 1 + grid^2, width): the vision transformer's output tokens, class
-        token first, before ``ln_post``. Captured with a hook so open_clip's own forward runs."""
-        captured: list[torch.Tensor] = []
-        handle = self.model.visual.transformer.register_forward_hook(
-            lambda _module, _inputs, output: captured.append(output)
-        )
-        try:
-            self.model.visual(batch.to(self.device))
-        finally:
-            handle.remove()
-        return captured[0]
+        """(B, 3, H, W) -> (B, prefix + grid^2, width): the last block's output tokens before the
+        final norm, prefix tokens (class token, registers; none for SigLIP) first."""
+        return self.tower.last_block_tokens(batch.to(self.device))
 
     @torch.no_grad()
     def text_embeddings(self, class_names: Sequence[str], recipe: str = OPENCLIP_RECIPE) -> torch.Tensor:

@@ -12,13 +12,14 @@ from regionspot_cache.cache.format import ClipIdentity, Provenance, SamIdentity
 from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
 from regionspot_cache.encoders.clip import ClipEncoder, load_clip
 from regionspot_cache.encoders.preprocess import DIRECT, SAM_STEPS, clip_steps, preprocess_of_steps, test_resize_for
-from regionspot_cache.encoders.sam import TOKEN_DIM, SamBoxEncoder, build_sam
+from regionspot_cache.encoders.sam import SAM_ARCHITECTURES, TOKEN_DIM, SamBoxEncoder, build_sam
+from regionspot_cache.encoders.sam2 import SAM2_ARCHITECTURES, Sam2BoxEncoder, build_sam2_model
 from regionspot_cache.runtime import sha256_file
 
 
 @dataclass
 class FrozenEncoders:
-    sam: SamBoxEncoder
+    sam: SamBoxEncoder | Sam2BoxEncoder
     clip: ClipEncoder
     spec: ModelsConfig
 
@@ -31,6 +32,9 @@ class FrozenEncoders:
         """The same loaded models with another image/box preprocessing (nothing is reloaded)."""
         if preprocess == self.preprocess:
             return self
+        if isinstance(self.sam, Sam2BoxEncoder):
+            raise ValueError(f"extract.preprocess {preprocess!r} repeats the released RegionSpot code, which runs SAM 1; "
+                             f"SAM 2.1 ({self.spec.sam.variant}) takes the direct preprocessing")
         sam = copy.copy(self.sam)
         sam.preprocessing, sam.test_resize = preprocess, test_resize_for(preprocess)
         return FrozenEncoders(sam, replace(self.clip, preprocessing=preprocess), self.spec)
@@ -42,8 +46,8 @@ class FrozenEncoders:
             checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None,
             input_size=self.sam.input_size,
             token_dim=TOKEN_DIM,
-            preprocess=SAM_STEPS[self.preprocess],
-            token="mask_decoder.transformer output, mask token 0",
+            **(_SAM2_IDENTITY if isinstance(self.sam, Sam2BoxEncoder)
+               else {"preprocess": SAM_STEPS[self.preprocess], "token": _SAM_TOKEN}),
         )
 
     def clip_provenance(self) -> ClipIdentity:
@@ -60,7 +64,8 @@ class FrozenEncoders:
             text_dim=self.clip.text_dim,
             logit_scale=self.clip.logit_scale,
             preprocess=clip_steps(self.preprocess, cfg.get("interpolation", "bicubic")),
-            feature_map="visual.transformer output before ln_post, class token first",
+            feature_map=self.clip.tower.description(),
+            logit_bias=self.clip.logit_bias,
         )
 
     def paths(self) -> dict[str, str | None]:
@@ -75,8 +80,22 @@ def _absolute_if_file(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path and Path(path).is_file() else path
 
 
+_SAM_TOKEN = "mask_decoder.transformer output, mask token 0"
+_SAM2_IDENTITY = {"preprocess": "square resize+mean_std, no_mem_embed (SAM2ImagePredictor.set_image)",
+                  "token": "sam_mask_decoder.transformer output, mask token 0 (index 2, after the object-score token)"}
+
+
+def load_box_encoder(variant: str, checkpoint: str | None, device: torch.device) -> SamBoxEncoder | Sam2BoxEncoder:
+    """SAM 1 (segment-anything) or SAM 2.1 (sam2) by variant name; both give the same interface."""
+    if variant in SAM2_ARCHITECTURES:
+        return Sam2BoxEncoder(build_sam2_model(variant, checkpoint), device)
+    if variant not in SAM_ARCHITECTURES:
+        raise ValueError(f"unknown SAM variant {variant!r}; known: {sorted(SAM_ARCHITECTURES) + sorted(SAM2_ARCHITECTURES)}")
+    return SamBoxEncoder(build_sam(variant, checkpoint), device)
+
+
 def load_frozen_encoders(spec: ModelsConfig, device: torch.device, preprocess: str = DIRECT) -> FrozenEncoders:
-    sam = SamBoxEncoder(build_sam(spec.sam.variant, spec.sam.checkpoint), device)
+    sam = load_box_encoder(spec.sam.variant, spec.sam.checkpoint, device)
     clip = load_clip(spec.clip.model, spec.clip.pretrained, device)
     return FrozenEncoders(sam, clip, spec).with_preprocess(preprocess)
 

@@ -19,7 +19,7 @@ from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from regionspot_cache.encoders.memory import FittingBatches
+from regionspot_cache.encoders.memory import FittingBatches, sam_image_bytes
 from regionspot_cache.encoders.preprocess import DIRECT, TestResize, test_resize_for
 from regionspot_cache.encoders.sam_attention import use_fused_attention
 from regionspot_cache.runtime import load_torch_weights
@@ -111,6 +111,10 @@ class SamBoxEncoder:
         if self.test_resize is not None:
             boxes, frame = self.test_resize.boxes(boxes, frame)
         return self.transform.apply_boxes_torch(boxes, frame).to(self.device), frame
+
+    def image_bytes(self, dtype_bytes: int) -> int:
+        """Estimated peak bytes one image adds to an image-encoder batch (``memory.sam_image_bytes``)."""
+        return sam_image_bytes(self.sam.image_encoder.patch_embed.proj.out_channels, self.input_size, dtype_bytes)
 
     @torch.no_grad()
     def embed_images(self, resized: list[torch.Tensor]) -> torch.Tensor:

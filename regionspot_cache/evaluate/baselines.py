@@ -107,12 +107,13 @@ class BaselineScorer:
         self.embedder = CropEmbedder(self.encoders.clip)
 
     def logits(self, image: Image.Image, boxes: np.ndarray) -> torch.Tensor:
-        """CLIP logit scale x cosine(crop embedding, class text embedding)."""
+        """CLIP logit scale x cosine(crop embedding, class text embedding), plus the logit bias of SigLIP-style models."""
         if self.method == CLIP_BOX:
             crops = box_crops(image, boxes)
         else:
             crops = masked_box_crops(image, boxes, self.encoders, self.embedder.mean_colour)
-        return region_logits(self.embedder.embed(crops), self.text, self.encoders.clip.logit_scale)
+        return region_logits(self.embedder.embed(crops), self.text, self.encoders.clip.logit_scale,
+                             self.encoders.clip.logit_bias)
 
 
 def score_cache_with_baseline(

@@ -24,12 +24,13 @@ from regionspot_cache.runtime import resolve_device
 
 @torch.no_grad()
 def image_logits(
-    head: RegionSpotHead, item: CachedImage, text: torch.Tensor, logit_scale: float, device: torch.device
+    head: RegionSpotHead, item: CachedImage, text: torch.Tensor, logit_scale: float, device: torch.device,
+    logit_bias: float | None = None,
 ) -> torch.Tensor:
     """(boxes, classes) logits of one cached image."""
     tokens = torch.from_numpy(item.tokens.astype(np.float32)).to(device)[None]
     feature_map = torch.from_numpy(item.feature_map.astype(np.float32)).to(device)[None]
-    return region_logits(head(tokens, feature_map)[0], text, logit_scale)
+    return region_logits(head(tokens, feature_map)[0], text, logit_scale, logit_bias)
 
 
 def score_cache(
@@ -58,7 +59,7 @@ def score_cache(
     device = resolve_device(config.device)
     head = head.to(device).eval()
     text = torch.from_numpy(vocab.embeddings).to(device)
-    logit_scale = reader.provenance.clip.logit_scale
+    logit_scale, logit_bias = reader.provenance.clip.logit_scale, reader.provenance.clip.logit_bias
 
     def images() -> Iterator[tuple[int, np.ndarray, np.ndarray, torch.Tensor]]:
         image_ids = reader.image_ids()
@@ -66,7 +67,7 @@ def score_cache(
             for image_id in image_ids:
                 item = reader.image(image_id)
                 if len(item.boxes):
-                    yield rejecting_unknown(image_id, item, head, text, background, logit_scale, config, device)
+                    yield rejecting_unknown(image_id, item, head, text, background, (logit_scale, logit_bias), config, device)
                 bar.update(task, advance=1)
 
     return detections_from_logits(images(), vocab.category_ids, config)
@@ -75,13 +76,14 @@ def score_cache(
 
 def rejecting_unknown(
     image_id: int, item: CachedImage, head: RegionSpotHead, text: torch.Tensor, background: torch.Tensor | None,
-    logit_scale: float, config: EvalConfig, device: torch.device,
+    logit_scale_bias: tuple[float, float | None], config: EvalConfig, device: torch.device,
 ) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor]:
     """One image's (id, boxes, box scores, logits), without the boxes the open-set rule rejects."""
+    scale, bias = logit_scale_bias
     if config.open_set.rule == "off":
-        return image_id, item.boxes, item.scores, image_logits(head, item, text, logit_scale, device)
+        return image_id, item.boxes, item.scores, image_logits(head, item, text, scale, device, bias)
     extra = background if background is not None else text[:0]
-    logits = image_logits(head, item, torch.cat([text, extra.to(device)]), logit_scale, device)
+    logits = image_logits(head, item, torch.cat([text, extra.to(device)]), scale, device, bias)
     logits, background_logits = logits[:, : len(text)], logits[:, len(text):]
     keep = kept_regions(known_scores(logits, config.open_set.rule, background_logits), config.open_set).cpu().numpy()
     return image_id, item.boxes[keep], item.scores[keep], logits[torch.from_numpy(keep).to(logits.device)]

@@ -25,9 +25,7 @@ from regionspot_cache.encoders.memory import (
     images_within,
     is_out_of_memory,
     memory_budget_bytes,
-    sam_image_bytes,
 )
-from regionspot_cache.encoders.sam import SAM_ARCHITECTURES
 from regionspot_cache.extract.reader import LoadedImage
 
 NO_BOXES = "no boxes"  # kept (its feature map serves later proposals), with this reason
@@ -50,9 +48,8 @@ class FeatureMapper:
 
     def _images_in_budget(self) -> int:
         budget = memory_budget_bytes(self.config.memory_budget_gb, self.device)
-        embed_dim = SAM_ARCHITECTURES[self.encoders.spec.sam.variant].embed_dim
         dtype_bytes = 2 if self.device.type == "cuda" else 4  # bf16 autocast on CUDA
-        fit = images_within(budget, sam_image_bytes(embed_dim, self.encoders.sam.input_size, dtype_bytes))
+        fit = images_within(budget, self.encoders.sam.image_bytes(dtype_bytes))
         if fit < self.config.batch_size:
             log.info("a memory budget of %.1f GB holds %d images of SAM %s: batches of %d run in parts of %d",
                      budget / GIB, fit, self.encoders.spec.sam.variant, self.config.batch_size, fit)

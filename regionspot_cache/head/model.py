@@ -89,9 +89,13 @@ class RegionSpotHead(nn.Module):
         return embeddings, captured[0]
 
 
-def region_logits(embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """CLIP-style logits: logit scale x cosine(region, class text embedding)."""
-    return logit_scale * embeddings @ text_embeddings.T
+def region_logits(
+    embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float, logit_bias: float | None = None
+) -> torch.Tensor:
+    """CLIP-style logits: logit scale x cosine(region, class text embedding), plus the CLIP's
+    logit bias where it has one (SigLIP: it shifts sigmoid scores; softmax is unchanged by it)."""
+    logits = logit_scale * embeddings @ text_embeddings.T
+    return logits if logit_bias is None else logits + logit_bias
 
 
 CONFIG_SUFFIX = ".json"

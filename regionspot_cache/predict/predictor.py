@@ -276,7 +276,7 @@ class Predictor:
             weights = weights[0]
         else:
             regions, weights = self.head(tokens[None].float(), feature_map.float()), None
-        return region_logits(regions[0], text, clip.logit_scale), weights
+        return region_logits(regions[0], text, clip.logit_scale, clip.logit_bias), weights
 
 
 def check_head_fits(head: RegionSpotHead, clip: ClipEncoder, name: str) -> None:

@@ -157,7 +157,7 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
     if processes.rank:
         torch.manual_seed(config.seed + 7919 * processes.rank)  # dropout masks of its own
     texts = [torch.from_numpy(source.vocabulary.embeddings).to(device) for source in sources]
-    logit_scale = sources[0].reader.provenance.clip.logit_scale
+    logit_scale, logit_bias = sources[0].reader.provenance.clip.logit_scale, sources[0].reader.provenance.clip.logit_bias
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     state_dir = run_dir_for(output) / "state"
@@ -183,7 +183,8 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
             bar.update(task, advance=start)
             for step, batch in zip(range(start, config.iterations), loader):
                 lr = optimizer.param_groups[0]["lr"]
-                loss_value = train_step(model, optimizer, batch.to(device), texts[batch.source], logit_scale, config, processes)
+                loss_value = train_step(model, optimizer, batch.to(device), texts[batch.source], logit_scale, config, processes,
+                                        logit_bias)
                 if not math.isfinite(loss_value):
                     kept = latest_train_state(state_dir)
                     raise FloatingPointError(f"loss became {loss_value} at step {step}; stopped. Last good state: "
@@ -211,7 +212,8 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: RegionBatch, text: torch.Tensor,
-               logit_scale: float, config: TrainConfig, processes: Processes = Processes()) -> float:
+               logit_scale: float, config: TrainConfig, processes: Processes = Processes(),
+               logit_bias: float | None = None) -> float:
     """One optimiser step; returns the loss of the global batch. A non-finite loss leaves the
     weights untouched.
 
@@ -219,7 +221,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     processes because DDP averages their gradients: N processes step exactly as one would.
     """
     embeddings = model(batch.tokens, batch.feature_maps, batch.box_mask)
-    logits = region_logits(embeddings, text, logit_scale)
+    logits = region_logits(embeddings, text, logit_scale, logit_bias)  # SigLIP's bias shifts the focal loss's sigmoid
     boxes = global_sum(batch.box_mask.sum(), processes).clamp(min=1)
     loss_sum = focal_loss_sum(logits, batch.labels, batch.box_mask, config.focal_alpha, config.focal_gamma)
     global_loss = float((global_sum(loss_sum.detach(), processes) / boxes).item())

@@ -225,8 +225,12 @@ def test_a_cache_json_of_the_released_format_reads_into_typed_identities_and_wri
     clip = provenance.clip
     assert (clip.model, clip.pretrained, clip.image_size) == ("RS-Tiny-ViT", None, [128, 128])
     assert (clip.width, clip.num_tokens, clip.text_dim, clip.logit_scale) == (64, 257, 64, 14.285714149475098)
-    # The same JSON, with the storage dtype that version 0.1.0 left implicit (float16) now written out.
-    assert json.loads(provenance.to_json()) == {**json.loads(CACHE_JSON_0_1_0), "feature_dtype": "float16"}
+    # The same JSON, with what version 0.1.0 left implicit now written out: the storage dtype (float16)
+    # and CLIP's logit bias (none).
+    released = json.loads(CACHE_JSON_0_1_0)
+    assert clip.logit_bias is None
+    assert json.loads(provenance.to_json()) == {**released, "feature_dtype": "float16",
+                                                 "clip": {**released["clip"], "logit_bias": None}}
     assert provenance.differences(Provenance.read(tmp_path)) == []
 
 
