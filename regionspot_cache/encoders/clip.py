@@ -56,7 +56,7 @@ def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> 
     model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
     tower = token_tower(model.visual, model_name)  # refuses towers without a token grid before the tokenizer loads
     tokenizer = open_clip.get_tokenizer(model_name)  # each model's own (BPE, SentencePiece, ...)
-    return ClipEncoder(model.eval().requires_grad_(False), tokenizer, device, tower)
+    return ClipEncoder(model.eval().requires_grad_(False), tokenizer, device, tower=tower)
 
 
 @dataclass(frozen=True)

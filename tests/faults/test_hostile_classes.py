@@ -155,8 +155,9 @@ def re_escape(text: str) -> str:
 def test_sam_variants_of_the_config_are_the_architectures():
     from regionspot_cache.config import SAM_VARIANTS
     from regionspot_cache.encoders.sam import SAM_ARCHITECTURES
+    from regionspot_cache.encoders.sam2 import SAM2_ARCHITECTURES
 
-    assert set(SAM_VARIANTS) == set(SAM_ARCHITECTURES)
+    assert set(SAM_VARIANTS) == set(SAM_ARCHITECTURES) | set(SAM2_ARCHITECTURES)
 
 
 # -- 6. User text is never markup --------------------------------------------------------------
@@ -236,6 +237,8 @@ def _commands(tmp, models):
         "predict": (["predict", missing, "--head", missing, "--boxes", "1,1,5,5", "--vocab", "a", *model], "no[/b]such[copy]"),
         "demo": (["demo", "--workdir", str(tmp / "d"), "--iterations", "0"], "iterations"),
         "inspect": (["inspect", missing], "no[/b]such[copy]"),
+        "search": (["search", "red", "-c", missing, "--head", missing], "no[/b]such[copy]"),
+        "search-top": (["search", "red", "-c", missing, "--head", missing, "--top", "0"], "top"),
         "verify": (["verify", missing], "no[/b]such[copy]"),
         "repair": (["repair", missing, "-m", missing], "no[/b]such[copy]"),
         "import-checkpoint": (["import-checkpoint", str(text_file), "-o", str(tmp / "o.safetensors")], "[/b][copy].pth"),
@@ -244,7 +247,8 @@ def _commands(tmp, models):
     }
 
 
-CASES = ["extract-config", "extract-manifest", "train", "train-cache", "eval", "predict", "demo", "inspect", "verify",
+CASES = ["extract-config", "extract-manifest", "train", "train-cache", "eval", "predict", "demo", "inspect", "search",
+         "search-top", "verify",
          "repair", "import-checkpoint", "sam-checkpoint-text"]
 
 
