@@ -91,7 +91,8 @@ def main() -> None:
             encoders = FrozenEncoders(SamBoxEncoder(build_sam("tiny", None), device), load_clip("ViT-L-14", None, device), spec)
         else:
             encoders = load_frozen_encoders(write_tiny_checkpoints(root / "models"), device)
-        run_extraction(dataset, root / "cache", encoders.spec, ExtractConfig(num_workers=0, device=str(device)), encoders=encoders)
+        config = ExtractConfig(num_workers=0, device=str(device))
+        run_extraction(dataset, root / "cache", encoders.spec, config, encoders=encoders)
         reader = CacheReader(root / "cache")
         config = TrainConfig(batch_size=args.batch_size, lr=1e-4, warmup_iters=0, max_boxes_per_image=16)
         vocab = reader.vocabulary("bench")
@@ -112,8 +113,8 @@ def main() -> None:
                      for s in range(0, len(regions) - args.batch_size + 1, args.batch_size)]
         memory_batches = (in_memory[i % len(in_memory)] for i in range(10**9))
         rates = {}
-        for name, batches in (("cache", cache_loader), ("memory", memory_batches),
-                              ("released", released_batches(regions, reader, encoders.clip, root / "images", args.batch_size, device))):
+        released = released_batches(regions, reader, encoders.clip, root / "images", args.batch_size, device)
+        for name, batches in (("cache", cache_loader), ("memory", memory_batches), ("released", released)):
             head, optimizer = fresh_head()
             rates[name] = timed_steps(batches, args.steps, head, optimizer, text, logit_scale, config, device)
     figures = {

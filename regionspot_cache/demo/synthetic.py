@@ -131,7 +131,9 @@ def _iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _draw_object(canvas: Image.Image, rng: np.random.Generator, box: list[float], colour, shape: str) -> list[tuple[float, float]]:
+def _draw_object(
+    canvas: Image.Image, rng: np.random.Generator, box: list[float], colour, shape: str
+) -> list[tuple[float, float]]:
     """Paint a textured shape filling ``box``; returns its outline polygon."""
     x1, y1, x2, y2 = box
     cx, r = (x1 + x2) / 2, (x2 - x1) / 2
