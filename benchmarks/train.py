@@ -91,8 +91,8 @@ def main() -> None:
             encoders = FrozenEncoders(SamBoxEncoder(build_sam("tiny", None), device), load_clip("ViT-L-14", None, device), spec)
         else:
             encoders = load_frozen_encoders(write_tiny_checkpoints(root / "models"), device)
-        config = ExtractConfig(num_workers=0, device=str(device))
-        run_extraction(dataset, root / "cache", encoders.spec, config, encoders=encoders)
+        extract_config = ExtractConfig(num_workers=0, device=str(device))
+        run_extraction(dataset, root / "cache", encoders.spec, extract_config, encoders=encoders)
         reader = CacheReader(root / "cache")
         config = TrainConfig(batch_size=args.batch_size, lr=1e-4, warmup_iters=0, max_boxes_per_image=16)
         vocab = reader.vocabulary("bench")
