@@ -21,9 +21,11 @@ Layout of a cache directory::
 from regionspot_cache.cache.format import FORMAT_VERSION, CacheFormatError, Provenance
 from regionspot_cache.cache.reader import CachedImage, CacheReader, Vocabulary
 from regionspot_cache.cache.verify import (
+    RecordedFailures,
     ShardProblem,
     inspect_cache,
     proposals_caches,
+    recorded_failures,
     verify_cache,
     verify_cache_tree,
     view_caches,
@@ -41,7 +43,9 @@ __all__ = [
     "ShardProblem",
     "Provenance",
     "Vocabulary",
+    "RecordedFailures",
     "inspect_cache",
+    "recorded_failures",
     "verify_cache",
     "verify_cache_tree",
     "proposals_caches",

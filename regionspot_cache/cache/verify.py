@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
+
 from regionspot_cache.cache.format import (
     CHECKSUMS_FILE,
     PROPOSALS_DIR,
@@ -128,3 +130,21 @@ def _view_summary(root: Path) -> dict[str, Any]:
         "bytes_on_disk_per_image": round(on_disk / max(len(reader.images), 1)),
         **_cost(root),
     }
+
+
+@dataclass
+class RecordedFailures:
+    """What extraction recorded instead of encoding: failed images and rejected boxes, with reasons."""
+
+    images: list[dict[str, Any]]  # image_id, file_name, reason
+    boxes: list[dict[str, Any]]  # image_id, x1, y1, x2, y2 (as given), category_id, reason
+
+
+def recorded_failures(root: Path | str) -> RecordedFailures:
+    """The failed images and rejected boxes of every committed shard (``rs-cache inspect --failed``)."""
+    reader = CacheReader(root)
+    images = reader.images.filter(pc.not_equal(reader.images["status"], STATUS_OK))
+    return RecordedFailures(
+        images.select(["image_id", "file_name", "reason"]).to_pylist(),
+        reader.rejected_boxes.select(["image_id", "x1", "y1", "x2", "y2", "category_id", "reason"]).to_pylist(),
+    )

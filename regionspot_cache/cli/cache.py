@@ -36,16 +36,31 @@ def import_checkpoint(
                   f"{head.config.num_layers} decoder layers")
 
 
-def inspect(cache: Path = typer.Argument(..., help="Cache directory to summarise.")) -> None:
+def inspect(
+    cache: Path = typer.Argument(..., help="Cache directory to summarise."),
+    failed: bool = typer.Option(
+        False, "--failed", help="Also list the images that failed and the boxes that were rejected, with their reasons."
+    ),
+) -> None:
     """Summarise a cache: images, boxes, shards committed and missing, models, bytes on disk."""
     from rich.table import Table
 
-    from regionspot_cache.cache import inspect_cache
+    from regionspot_cache.cache import inspect_cache, recorded_failures
 
     table = Table(title=plain(cache), show_header=False)
     for key, value in inspect_cache(cache).items():
         table.add_row(key, plain(value))
     console.print(table)
+    if failed:
+        recorded = recorded_failures(cache)
+        for title, rows in ((f"{len(recorded.images)} failed images", recorded.images),
+                            (f"{len(recorded.boxes)} rejected boxes", recorded.boxes)):
+            listing = Table(title=plain(title))
+            for column in (rows[0] if rows else {}):
+                listing.add_column(column)
+            for row in rows:
+                listing.add_row(*(plain(value) for value in row.values()))
+            console.print(listing)
 
 
 def verify(cache: Path = typer.Argument(..., help="Cache directory to check.")) -> None:

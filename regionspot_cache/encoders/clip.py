@@ -31,6 +31,7 @@ from regionspot_cache.encoders.preprocess import (
     released_clip_pixels,
 )
 from regionspot_cache.encoders.tower import TokenTower, register_tiny_timm_tower, token_tower
+from regionspot_cache.progress import progress_bar
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -57,6 +58,8 @@ def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> 
     tower = token_tower(model.visual, model_name)  # refuses towers without a token grid before the tokenizer loads
     tokenizer = open_clip.get_tokenizer(model_name)  # each model's own (BPE, SentencePiece, ...)
     return ClipEncoder(model.eval().requires_grad_(False), tokenizer, device, tower=tower)
+
+TEXT_CHUNK = 64  # class names per progress step
 
 
 @dataclass(frozen=True)
@@ -151,10 +154,21 @@ class ClipEncoder:
         code's: mean over ``RELEASED_TEMPLATES`` (81) of the *raw* text features, normalised once.
         """
         names = [clean_class_name(name) for name in class_names]
+        if recipe not in (RELEASED_RECIPE, OPENCLIP_RECIPE):
+            raise ValueError(f"text recipe {recipe!r} is not one of {', '.join(TEXT_RECIPES)}")
+        # Classes are independent, so encoding them in chunks changes nothing but shows progress:
+        # a first-time vocabulary of thousands of names takes minutes on a CPU.
+        chunks = [names[start : start + TEXT_CHUNK] for start in range(0, len(names), TEXT_CHUNK)]
+        parts = []
+        with progress_bar("encode class names", len(names), disable=len(chunks) < 2) as (bar, task):
+            for chunk in chunks:
+                parts.append(self._class_embeddings(chunk, recipe))
+                bar.update(task, advance=len(chunk))
+        return torch.cat(parts) if parts else torch.empty(0, self.text_dim, device=self.device)
+
+    def _class_embeddings(self, names: list[str], recipe: str) -> torch.Tensor:
         if recipe == RELEASED_RECIPE:
             return self._raw_template_mean(names, RELEASED_TEMPLATES)
-        if recipe != OPENCLIP_RECIPE:
-            raise ValueError(f"text recipe {recipe!r} is not one of {', '.join(TEXT_RECIPES)}")
         weights = open_clip.build_zero_shot_classifier(
             self.model,
             tokenizer=self.tokenizer,

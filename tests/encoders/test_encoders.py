@@ -140,3 +140,14 @@ def test_recorded_weight_paths_are_absolute(encoders, tiny_models, monkeypatch):
     }
     tagged = ModelsConfig(SamSpec("tiny", None), ClipSpec("ViT-B-16", "openai"))
     assert dataclasses.replace(encoders, spec=tagged).paths() == {"sam_checkpoint": None, "clip_pretrained": "openai"}
+
+
+def test_long_vocabularies_are_encoded_in_chunks_with_the_same_embeddings(encoders, capsys):
+    from regionspot_cache.encoders.clip import TEXT_CHUNK
+
+    names = [f"thing {i}" for i in range(TEXT_CHUNK + 6)]  # two chunks: a progress bar is shown
+    chunked = encoders.clip.text_embeddings(names)
+    one_by_one = torch.cat([encoders.clip.text_embeddings([name]) for name in (names[0], names[-1])])
+    torch.testing.assert_close(chunked[[0, -1]], one_by_one, rtol=1e-5, atol=1e-6)
+    assert chunked.shape == (len(names), encoders.clip.text_dim)
+    assert "encode class names" in capsys.readouterr().err

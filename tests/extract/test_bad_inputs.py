@@ -71,6 +71,30 @@ def test_each_image_is_decoded_or_recorded_with_a_reason(awkward, tmp_path, tiny
     assert reader.image(5).feature_map.shape[0] == encoders.clip.num_tokens
 
 
+def test_inspect_failed_lists_every_failed_image_and_rejected_box_with_its_reason(awkward, tmp_path, tiny_models, encoders):
+    from typer.testing import CliRunner
+
+    from regionspot_cache.cache import recorded_failures
+    from regionspot_cache.cli import app
+
+    first = awkward.images[0]
+    boxes = awkward.boxes[first.id]
+    odd = np.concatenate([boxes.xyxy, [[5, 5, 1, 9]]]).astype(np.float32)
+    dataset = replace(awkward, boxes={**awkward.boxes, first.id: replace(
+        boxes, xyxy=odd, category_ids=np.append(boxes.category_ids, 1), scores=np.append(boxes.scores, 1.0))})
+    run_extraction(dataset, tmp_path / "cache", tiny_models, CONFIG, encoders=encoders)
+    recorded = recorded_failures(tmp_path / "cache")
+    failed = {name for name, (*_, status) in CASES.items() if status == "failed"}
+    assert {row["file_name"] for row in recorded.images} == failed
+    assert all(row["file_name"].split("/")[-1] in row["reason"] for row in recorded.images)
+    assert [(row["image_id"], row["x1"], row["x2"], row["reason"]) for row in recorded.boxes] == [
+        (first.id, 5.0, 1.0, "zero or negative size")]
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "cache"), "--failed"])
+    assert result.exit_code == 0, result.output
+    assert f"{len(failed)} failed images" in result.output and "1 rejected boxes" in result.output
+    assert "zero or negative size" in result.output
+
+
 def test_decoding_normalises_modes_and_orientation(awkward):
     for entry in awkward.images[:5]:
         image = load_rgb(awkward.image_path(entry))
