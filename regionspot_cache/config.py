@@ -154,6 +154,10 @@ class ExtractConfig(Validated):
     num_workers: int = field(default=2, metadata=at_least(0))
     boxes_per_decoder_call: int = field(default=64, metadata=at_least(1))
     device: str = field(default="auto", metadata=DEVICE)
+    # torch threads of the encoders, the same in every process (None: this process's torch default,
+    # fixed by the runner before any shard runs): CPU results depend on the thread count, and dask
+    # workers otherwise run single-threaded, so both distributors write bit-identical caches.
+    threads: int | None = field(default=None, metadata=at_least(1))
     strict: bool = False  # bad images and degenerate boxes stop the run instead of being recorded
     # larger images (decompression bombs) are recorded as failed
     max_image_pixels: int = field(default=100_000_000, metadata=at_least(1))

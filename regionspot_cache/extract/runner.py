@@ -9,9 +9,11 @@ or dask tasks). Committed shards are skipped, so re-running resumes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from regionspot_cache import __version__
 from regionspot_cache.cache import CacheWriter, Provenance, exclusive_extraction
@@ -80,6 +82,8 @@ def run_extraction(
     """
     config.validate()  # the caller may have assigned fields since construction
     distributor = distributor or InProcess()
+    # One thread count for every process that encodes (see ExtractConfig.threads).
+    config = replace(config, threads=config.threads or torch.get_num_threads())
     started = time.perf_counter()
     with exclusive_extraction(cache_dir):
         encoders = encoders or load_frozen_encoders(models, distributor.setup_device(config))

@@ -19,6 +19,7 @@ from regionspot_cache.encoders import FrozenEncoders
 from regionspot_cache.extract.mapper import NO_BOXES, FeatureMapper
 from regionspot_cache.extract.reader import image_loader
 from regionspot_cache.extract.view_mapper import view_loading, view_mapper
+from regionspot_cache.runtime import torch_threads
 
 Shard = tuple[int, list[ImageEntry]]  # (shard id, its images in id order)
 OnBatch = Callable[[int, int], None]  # (images, boxes) just encoded, for progress
@@ -87,7 +88,7 @@ def extract_shards(
     view = writer.provenance.view
     mapper = FeatureMapper(encoders, config, with_clip) if view is None else view_mapper(encoders, config, view)
     batches = iter(image_loader(dataset, shards, encoders, config, with_clip, **view_loading(view)))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-cache-commit") as committer:
+    with torch_threads(config.threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-cache-commit") as committer:
         pending: Future | None = None
         for shard_id, entries in shards:
             result, features = ShardResult(shard_id=shard_id), []
