@@ -73,9 +73,8 @@ def test_budget_holds_images_by_the_encoder_estimate():
 def test_memory_budget_is_validated_like_any_setting():
     recipe = apply_overrides(Recipe(), ["extract.memory_budget_gb=6"])
     assert recipe.extract.memory_budget_gb == 6.0
-    apply_overrides(recipe, ["extract.memory_budget_gb=0"])
-    with pytest.raises(ConfigError, match="extract.memory_budget_gb: 0.0 must be above 0"):
-        recipe.extract.validate()
+    with pytest.raises(ConfigError, match="extract.memory_budget_gb: 0.0 must be greater than 0"):
+        apply_overrides(recipe, ["extract.memory_budget_gb=0"])  # refused as it is set
     with pytest.raises(ConfigError, match="extract.batch_size: 0 must be at least 1"):
         ExtractConfig(batch_size=0)
 
