@@ -23,6 +23,9 @@ BOXES_FILE = "boxes.parquet"
 REJECTED_FILE = "rejected_boxes.parquet"  # degenerate boxes, as given, with the reason
 FEATURES_DIR = "features.zarr"
 CHECKSUMS_FILE = "checksums.json"  # SHA-256 of every other file of the shard, written at commit
+# SHA-256 of what the shard was extracted from (its images and their boxes as given), written at
+# commit and compared when a re-run would skip the shard, so an edited annotation file is noticed.
+INPUT_FILE = "input.json"
 CLIP_MAPS = "clip_maps"
 BOX_TOKENS = "box_tokens"
 SCALE_SUFFIX = "_scale"  # int8 caches: <array>_scale holds one float32 scale per row

@@ -30,6 +30,7 @@ from regionspot_cache.cache.format import (
     FEATURES_DIR,
     IMAGES_FILE,
     IMAGES_SCHEMA,
+    INPUT_FILE,
     PROVENANCE_FILE,
     REJECTED_FILE,
     REJECTED_SCHEMA,
@@ -124,6 +125,17 @@ class CacheWriter:
     def committed_shards(self) -> set[int]:
         return {int(p.name) for p in self.shards_dir.iterdir() if p.name.isdigit() and p.is_dir()}
 
+    def recorded_input_digest(self, shard_id: int) -> str | None:
+        """The digest of the inputs a committed shard was extracted from; None for shards written
+        before digests were recorded (nothing to compare)."""
+        path = self.shards_dir / shard_name(shard_id) / INPUT_FILE
+        try:
+            return str(json.loads(path.read_text(encoding="utf-8"))["sha256"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CacheFormatError(f"{path}: damaged ({err}); run `rs-cache verify` and `rs-cache repair`") from None
+
     def has_vocabulary(self, name: str) -> bool:
         return (self.root / VOCAB_DIR / f"{name}.parquet").is_file()
 
@@ -151,9 +163,10 @@ class CacheWriter:
         with atomic_path(directory / f"{name}.parquet") as tmp:
             pq.write_table(table, tmp)
 
-    def write_shard(self, shard_id: int, images: Sequence[ImageFeatures]) -> int:
+    def write_shard(self, shard_id: int, images: Sequence[ImageFeatures], input_digest: str | None = None) -> int:
         """Write one shard aside and commit it with a rename; returns bytes written. A shard
-        that is already committed is never rewritten."""
+        that is already committed is never rewritten. ``input_digest``: of the images and boxes it
+        was extracted from (``recorded_input_digest`` gives it back)."""
         final = self.shards_dir / shard_name(shard_id)
         if final.is_dir():
             raise CacheFormatError(f"{final}: shard {shard_id} is already committed")
@@ -163,6 +176,8 @@ class CacheWriter:
             with atomic_path(final) as tmp:
                 tmp.mkdir()
                 self._write_shard_files(tmp, images)
+                if input_digest is not None:
+                    (tmp / INPUT_FILE).write_text(json.dumps({"sha256": input_digest}))
                 write_checksums(tmp)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -30,7 +30,7 @@ from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
 from regionspot_cache.extract.distribute import Distributor, ExtractionWork, InProcess, ShardOutcome
-from regionspot_cache.extract.worker import ExtractCounts, Shard, shard_entries
+from regionspot_cache.extract.worker import ExtractCounts, Shard, shard_entries, shard_input_digest
 from regionspot_cache.progress import progress_bar
 
 
@@ -89,7 +89,9 @@ def run_extraction(
         encoders = encoders or load_frozen_encoders(models, distributor.setup_device(config))
         writer = prepare_cache(dataset, cache_dir, encoders, config, box_source, borrow_maps_from, view)
         shards = list(shard_entries(dataset.images, config.shard_size))
-        pending = pending_shards(shards, writer.committed_shards(), only_shards)
+        committed = writer.committed_shards()
+        check_inputs_unchanged(writer, dataset, [shard for shard in shards if shard[0] in committed])
+        pending = pending_shards(shards, committed, only_shards)
         summary = ExtractSummary(shards_skipped=len(shards) - len(pending))
         work = ExtractionWork(dataset, Path(cache_dir), models, config, writer.provenance)
         with ExtractProgress(dataset.name, sum(len(entries) for _, entries in pending)) as progress:
@@ -98,6 +100,19 @@ def run_extraction(
     summary.seconds = time.perf_counter() - started
     record_extraction_cost(Path(cache_dir), summary.seconds, summary.images)
     return summary
+
+
+def check_inputs_unchanged(writer: CacheWriter, dataset: DetectionDataset, committed: Sequence[Shard]) -> None:
+    """Refuse to skip committed shards whose images or boxes have changed since they were
+    extracted (an edited annotation file under the same dataset name): they would be stale."""
+    changed = [shard_id for shard_id, entries in committed
+               if writer.recorded_input_digest(shard_id) not in (None, shard_input_digest(dataset, entries))]
+    if changed:
+        names = ", ".join(f"{shard_id:06d}" for shard_id in changed[:8]) + (" ..." if len(changed) > 8 else "")
+        raise CacheFormatError(
+            f"{writer.root}: shards {names} were extracted from other images or boxes than {dataset.name!r} has now "
+            "(an edited annotation or proposals file?), so their features would be stale. Extract into a new cache, "
+            "or delete those shard directories under shards/ and re-run to extract only them again")
 
 
 def pending_shards(shards: Sequence[Shard], committed: set[int], only: set[int] | None) -> list[Shard]:

@@ -7,9 +7,13 @@ next one computes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterator, Sequence
+
+import numpy as np
 
 from regionspot_cache.cache import CacheWriter, ImageFeatures
 from regionspot_cache.cache.format import FEATURE_MAPS_OWN, STATUS_FAILED
@@ -67,6 +71,18 @@ def shard_entries(images: Sequence[ImageEntry], shard_size: int) -> Iterator[Sha
         yield shard_id, ordered[start : start + shard_size]
 
 
+def shard_input_digest(dataset: DetectionDataset, entries: Sequence[ImageEntry]) -> str:
+    """SHA-256 of what a shard is extracted from: its images (id, file, size) and their boxes as
+    given (coordinates, categories, scores), recorded at commit to notice edited inputs later."""
+    digest = hashlib.sha256()
+    for entry in entries:
+        boxes = dataset.boxes_of(entry.id)
+        digest.update(json.dumps([entry.id, entry.file_name, entry.width, entry.height, len(boxes)]).encode())
+        for values, dtype in ((boxes.xyxy, np.float32), (boxes.category_ids, np.int64), (boxes.scores, np.float32)):
+            digest.update(np.ascontiguousarray(values, dtype=dtype).tobytes())
+    return digest.hexdigest()
+
+
 def shard_dataset(dataset: DetectionDataset, entries: list[ImageEntry]) -> DetectionDataset:
     """The part of ``dataset`` one shard needs (what is sent to a remote worker)."""
     return replace(dataset, images=entries, boxes={e.id: dataset.boxes_of(e.id) for e in entries})
@@ -102,13 +118,13 @@ def extract_shards(
                 on_batch(counts.images, counts.boxes)
             if pending is not None:
                 yield pending.result()
-            pending = committer.submit(_commit, writer, result, features)
+            pending = committer.submit(_commit, writer, result, features, shard_input_digest(dataset, entries))
         if pending is not None:
             yield pending.result()
 
 
-def _commit(writer: CacheWriter, result: ShardResult, features: list[ImageFeatures]) -> ShardResult:
-    result.bytes_written = writer.write_shard(result.shard_id, features)
+def _commit(writer: CacheWriter, result: ShardResult, features: list[ImageFeatures], input_digest: str) -> ShardResult:
+    result.bytes_written = writer.write_shard(result.shard_id, features, input_digest)
     return result
 
 

@@ -132,3 +132,27 @@ def test_bad_image_and_degenerate_box_do_not_stop_the_run(setup, tmp_path):
     rejected = reader.rejected_boxes.to_pylist()
     assert len(rejected) == 1 and rejected[0]["image_id"] == other.id
     assert rejected[0]["reason"] == "zero or negative size" and rejected[0]["x1"] == rejected[0]["x2"] == 5
+
+
+def test_edited_boxes_are_noticed_instead_of_skipping_a_stale_shard(setup, tmp_path, tiny_models, encoders):
+    import json
+
+    from regionspot_cache.data.datasets import load_coco_format as load
+
+    dataset, _, _, cache, _ = setup
+    copy = Path(shutil.copytree(cache, tmp_path / "cache"))
+    source = Path(dataset.image_root).parent / "train.json"
+    annotations = json.loads(source.read_text())
+    edited_image = sorted(dataset.images, key=lambda e: e.id)[4].id  # in shard 000001
+    first = next(a for a in annotations["annotations"] if a["image_id"] == edited_image)
+    first["bbox"] = [first["bbox"][0] + 3, *first["bbox"][1:]]
+    (tmp_path / "val.json").write_text(json.dumps(annotations))
+    edited = load(tmp_path / "val.json", dataset.image_root, name=dataset.name)
+    with pytest.raises(CacheFormatError, match=r"shards 000001 were extracted from other images or boxes"):
+        run_extraction(edited, copy, tiny_models, CONFIG, encoders=encoders)
+    assert run_extraction(dataset, copy, tiny_models, CONFIG, encoders=encoders).shards_written == 0  # unchanged: skipped
+    shutil.rmtree(copy / "shards" / "000001")  # the documented way to rebuild only what changed
+    again = run_extraction(edited, copy, tiny_models, CONFIG, encoders=encoders)
+    assert again.shards_written == 1
+    boxes = CacheReader(copy).image(edited_image).boxes
+    assert boxes[0, 0] == pytest.approx(first["bbox"][0])
