@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from regionspot_cache.cache.format import CacheFormatError
+
 log = logging.getLogger(__name__)
 
 NO_CHUNK = 2**64 - 1  # a chunk missing from a zarr shard (all fill value)
@@ -55,7 +57,7 @@ class RowArray:
     """Rows of one stored array, by memory map when the layout allows it, else through zarr."""
 
     def __init__(self, array: zarr.Array, directory: Path):
-        self.array = array
+        self.array, self.directory = array, directory
         self.shape = tuple(array.shape)
         self.dtype = array.dtype
         self.mapped = _memory_map(array, directory) if len(array.shape) and array.shape[0] else None
@@ -65,12 +67,16 @@ class RowArray:
     def rows(self, rows: np.ndarray | slice) -> np.ndarray:
         if self.mapped is not None:
             return np.asarray(self.mapped[rows])  # fancy index or slice copy: one memcpy per row
-        if isinstance(rows, slice):
-            return np.asarray(self.array[rows])
-        rows = np.asarray(rows, dtype=np.int64)
-        if not len(rows):
-            return np.zeros((0, *self.shape[1:]), self.dtype)
-        return np.asarray(self.array.get_orthogonal_selection((rows,)))
+        try:
+            if isinstance(rows, slice):
+                return np.asarray(self.array[rows])
+            rows = np.asarray(rows, dtype=np.int64)
+            if not len(rows):
+                return np.zeros((0, *self.shape[1:]), self.dtype)
+            return np.asarray(self.array.get_orthogonal_selection((rows,)))
+        except (OSError, ValueError, RuntimeError) as err:  # truncated or corrupt chunk data
+            raise CacheFormatError(f"{self.directory}: unreadable ({type(err).__name__}: {err}); "
+                                   "run `rs-cache verify` and `rs-cache repair`") from None
 
 
 def _memory_map(array: zarr.Array, directory: Path) -> np.memmap | None:

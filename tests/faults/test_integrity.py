@@ -103,3 +103,33 @@ def test_verify_also_checks_the_proposals_caches_inside(pristine, tiny_models, e
 def _unwrapped(text: str) -> str:
     """Without whitespace: the console wraps long lines, even inside a long cache name."""
     return "".join(text.split())
+
+
+def test_any_damaged_file_is_an_error_naming_its_shard_on_read_and_repair_restores_it(pristine, tmp_path, tiny_models,
+                                                                                       encoders):
+    """Truncation (what a full disk or a copy cut short leaves) of each file of a shard: reading
+    fails with an error naming the shard (or does not need the file), and repair restores the
+    same values whatever the file was."""
+    from regionspot_cache.cache import CacheFormatError
+    from regionspot_cache.extract.repair import repair_cache
+
+    dataset = load_coco_format(pristine / "val.json", pristine / "images", name="toy")
+    expected = _values(pristine / "cache")
+    for name in _shard_files(pristine / "cache", "000001"):
+        cache = shutil.copytree(pristine / "cache", tmp_path / "cache")
+        damaged = cache / "shards" / "000001" / name
+        damaged.write_bytes(damaged.read_bytes()[:7])
+        try:
+            _values(cache)
+        except CacheFormatError as err:
+            assert "000001" in str(err), (name, err)
+        else:
+            assert name in ("checksums.json", "input.json"), f"{name}: truncated, yet read without an error"
+        summary = repair_cache(cache, dataset, "gt", CONFIG, tiny_models, encoders)
+        assert list(summary.damaged) == ["000001"], name
+        assert verify_cache(cache) == [], name
+        repaired = _values(cache)
+        for image_id, arrays in expected.items():
+            for want, got in zip(arrays, repaired[image_id]):
+                np.testing.assert_array_equal(got, want)
+        shutil.rmtree(cache)
