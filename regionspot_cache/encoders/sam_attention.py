@@ -76,19 +76,17 @@ def query_rows_per_call(bias_row_bytes: int) -> int:
 def use_fused_attention(module: torch.nn.Module) -> int:
     """Switch every segment-anything ``Attention`` inside ``module`` to the fused forward, in
     place; returns how many were switched. Idempotent."""
-    switched = 0
-    for child in module.modules():
-        if type(child) is Attention:
-            child.__class__ = FusedSamAttention
-            switched += 1
-    return switched
+    return _swap_class(module, Attention, FusedSamAttention)
 
 
 def use_eager_attention(module: torch.nn.Module) -> int:
     """Undo ``use_fused_attention``: the library's own forward (for comparisons and benchmarks)."""
-    switched = 0
-    for child in module.modules():
-        if type(child) is FusedSamAttention:
-            child.__class__ = Attention
-            switched += 1
-    return switched
+    return _swap_class(module, FusedSamAttention, Attention)
+
+
+def _swap_class(module: torch.nn.Module, old: type, new: type) -> int:
+    """Give every submodule of exactly class ``old`` the class ``new`` (same parameters)."""
+    children = [child for child in module.modules() if type(child) is old]
+    for child in children:
+        child.__class__ = new
+    return len(children)
