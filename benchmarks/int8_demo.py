@@ -24,7 +24,7 @@ from regionspot_cache.cache import CacheReader, CacheWriter, ImageFeatures
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.demo.config import DemoConfig
 from regionspot_cache.demo.run import run_demo
-from regionspot_cache.evaluate.cached import evaluate_head
+from regionspot_cache.evaluate.api import evaluate_head
 from regionspot_cache.head.model import load_head
 from regionspot_cache.train.loop import train_head
 
