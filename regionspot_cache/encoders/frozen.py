@@ -24,6 +24,10 @@ class FrozenEncoders:
     spec: ModelsConfig
 
     @property
+    def is_sam2(self) -> bool:
+        return isinstance(self.sam, Sam2BoxEncoder)
+
+    @property
     def preprocess(self) -> str:
         """``extract.preprocess``: ``direct`` or ``released`` (``encoders/preprocess.py``)."""
         return self.clip.preprocessing
@@ -32,7 +36,7 @@ class FrozenEncoders:
         """The same loaded models with another image/box preprocessing (nothing is reloaded)."""
         if preprocess == self.preprocess:
             return self
-        if isinstance(self.sam, Sam2BoxEncoder):
+        if self.is_sam2:
             raise ValueError(f"extract.preprocess {preprocess!r} repeats the released RegionSpot code, which runs SAM 1; "
                              f"SAM 2.1 ({self.spec.sam.variant}) takes the direct preprocessing")
         sam = copy.copy(self.sam)
@@ -46,8 +50,8 @@ class FrozenEncoders:
             checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None,
             input_size=self.sam.input_size,
             token_dim=TOKEN_DIM,
-            **(_SAM2_IDENTITY if isinstance(self.sam, Sam2BoxEncoder)
-               else {"preprocess": SAM_STEPS[self.preprocess], "token": _SAM_TOKEN}),
+            preprocess=_SAM2_STEPS if self.is_sam2 else SAM_STEPS[self.preprocess],
+            token=_SAM2_TOKEN if self.is_sam2 else _SAM_TOKEN,
         )
 
     def clip_provenance(self) -> ClipIdentity:
@@ -81,8 +85,8 @@ def _absolute_if_file(path: str | None) -> str | None:
 
 
 _SAM_TOKEN = "mask_decoder.transformer output, mask token 0"
-_SAM2_IDENTITY = {"preprocess": "square resize+mean_std, no_mem_embed (SAM2ImagePredictor.set_image)",
-                  "token": "sam_mask_decoder.transformer output, mask token 0 (index 2, after the object-score token)"}
+_SAM2_STEPS = "square resize+mean_std, no_mem_embed (SAM2ImagePredictor.set_image)"
+_SAM2_TOKEN = "sam_mask_decoder.transformer output, mask token 0 (index 2, after the object-score token)"
 
 
 def load_box_encoder(variant: str, checkpoint: str | None, device: torch.device) -> SamBoxEncoder | Sam2BoxEncoder:
