@@ -133,3 +133,23 @@ def test_any_damaged_file_is_an_error_naming_its_shard_on_read_and_repair_restor
             for want, got in zip(arrays, repaired[image_id]):
                 np.testing.assert_array_equal(got, want)
         shutil.rmtree(cache)
+
+
+def test_repair_re_extracts_as_the_cache_recorded_whatever_the_recipe_says(pristine, tmp_path, tiny_models, encoders):
+    """A cache made with released preprocessing and int8 storage is repaired the same way, even
+    with a default config (the identity check would otherwise refuse the repair)."""
+    from dataclasses import replace
+
+    from regionspot_cache.extract.repair import repair_cache
+
+    dataset = load_coco_format(pristine / "val.json", pristine / "images", name="toy")
+    made_as = replace(CONFIG, preprocess="released", feature_dtype="int8")
+    run_extraction(dataset, tmp_path / "cache", tiny_models, made_as, encoders=encoders)
+    expected = _values(tmp_path / "cache")
+    _flip(tmp_path / "cache" / "shards" / "000002" / "boxes.parquet")
+    summary = repair_cache(tmp_path / "cache", dataset, "gt", CONFIG, tiny_models, encoders)
+    assert list(summary.damaged) == ["000002"] and verify_cache(tmp_path / "cache") == []
+    repaired = _values(tmp_path / "cache")
+    for image_id, arrays in expected.items():
+        for want, got in zip(arrays, repaired[image_id]):
+            np.testing.assert_array_equal(got, want)
