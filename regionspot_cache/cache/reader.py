@@ -257,8 +257,10 @@ class CacheReader:
         row = self._ok_row(image_id)
         start, count = int(self._box_start[row]), int(self._box_count[row])
         features = self._arrays(int(self._shard[row]))
+        if boxes is None and not count:
+            return np.zeros((0, self.provenance.sam.token_dim), np.float16)
         if boxes is None:
-            return features.tokens(slice(start, start + count)) if count else np.zeros((0, 256), np.float16)
+            return features.tokens(slice(start, start + count))
         return features.tokens(start + np.asarray(boxes, dtype=np.int64))
 
     def feature_maps(self, image_ids: Sequence[int]) -> np.ndarray:
