@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from regionspot_cache.runtime import atomic_write_bytes
@@ -23,8 +24,11 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            board_dir = run_dir / "tensorboard"
+            if resume_step:
+                _wait_past_event_files(board_dir)
             # purge_step: events a killed run wrote past the resumed step are discarded.
-            self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+            self.board = SummaryWriter(str(board_dir), purge_step=resume_step or None)
 
     def _rewrite_csv(self, resume_step: int) -> None:
         kept = []
@@ -51,3 +55,14 @@ class MetricsLog:
         self.handle.close()
         if self.board is not None:
             self.board.close()
+
+
+def _wait_past_event_files(directory: Path) -> None:
+    """TensorBoard reads a run's event files in name order, and a name starts with the second it
+    was created in, then the pid: a resumed writer's file made in the same second as the killed
+    run's could sort first, and its purge of the killed run's later steps would be read before
+    them. Wait (at most a second) until the new file's second is later than every existing one."""
+    stamps = [int(part) for part in (p.name.split(".")[3] for p in directory.glob("events.out.tfevents.*"))
+              if part.isdigit()]
+    if stamps:
+        time.sleep(max(0.0, max(stamps) + 1 - time.time()))
