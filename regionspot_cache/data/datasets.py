@@ -37,6 +37,14 @@ class ImageEntry:
     height: int
 
 
+def xyxy_array(boxes: Any) -> np.ndarray:
+    """Boxes given by a user or a file as (N, 4) float32. Values beyond float32's range become
+    inf without a NumPy warning: box validation (``data.boxes.split_boxes``) rejects them with a
+    reason. Raises ValueError when the values do not form rows of four."""
+    with np.errstate(over="ignore"):
+        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+
 @dataclass
 class BoxSet:
     """Boxes of one image in original pixels (x1, y1, x2, y2), with category ids and scores."""
@@ -186,7 +194,7 @@ def _group_boxes(annotations: list[tuple[int, list[float], int]]) -> dict[int, B
         grouped.setdefault(image_id, []).append((box, category_id))
     result = {}
     for image_id, items in grouped.items():
-        xyxy = np.asarray([box for box, _ in items], dtype=np.float32).reshape(-1, 4)
+        xyxy = xyxy_array([box for box, _ in items])
         cats = np.asarray([cat for _, cat in items], dtype=np.int64)
         result[image_id] = BoxSet(xyxy, cats, np.ones(len(items), np.float32))
     return result

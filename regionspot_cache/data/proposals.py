@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from regionspot_cache.data.datasets import BoxSet, DatasetError, DetectionDataset, Manifest, read_json
+from regionspot_cache.data.datasets import BoxSet, DatasetError, DetectionDataset, Manifest, read_json, xyxy_array
 from regionspot_cache.runtime import sha256_file
 
 GROUND_TRUTH = "gt"
@@ -36,7 +36,7 @@ def _from_glip(path: Path, data: dict[str, Any]) -> dict[int, BoxSet]:
     result = {}
     for key, entry in data.items():
         try:
-            xyxy = np.asarray(entry["boxes"], dtype=np.float32).reshape(-1, 4)
+            xyxy = xyxy_array(entry["boxes"])
             scores = np.asarray(entry["scores"], dtype=np.float64).reshape(-1)
             image_id = int(key)
         except (KeyError, TypeError, ValueError) as err:
@@ -59,7 +59,7 @@ def _from_coco_results(path: Path, data: list[Any]) -> dict[int, BoxSet]:
         check_scores(path, f"result #{index}", [float(entry["score"])])
     return {
         image_id: BoxSet(
-            np.asarray([b for b, _ in items], np.float32).reshape(-1, 4),
+            xyxy_array([b for b, _ in items]),
             np.full(len(items), -1, np.int64),
             np.asarray([s for _, s in items], np.float32),
         )

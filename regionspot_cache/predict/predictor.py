@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from regionspot_cache.cache.format import ClipIdentity
 from regionspot_cache.config import ModelsConfig, OpenSetConfig
 from regionspot_cache.data.boxes import split_boxes
-from regionspot_cache.data.datasets import BoxSet
+from regionspot_cache.data.datasets import BoxSet, xyxy_array
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_encoders
 from regionspot_cache.evaluate.masks import box_mask_rles
@@ -76,7 +76,7 @@ def checked_boxes(boxes: Any, width: int, height: int) -> np.ndarray:
     """(N, 4) x1 y1 x2 y2 in original pixels, clipped to the image (as extraction clips them);
     a box without area inside the image is an error naming it."""
     try:
-        xyxy = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        xyxy = xyxy_array(boxes)
     except ValueError:
         raise ValueError(f"boxes: expected an (N, 4) array of x1, y1, x2, y2, got {np.shape(boxes)}") from None
     kept, _, reasons = split_boxes(_box_set(xyxy), width, height)

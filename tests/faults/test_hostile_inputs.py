@@ -131,6 +131,7 @@ def test_bad_annotation_files_name_file_and_entry(tmp_path, case):
     assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a huge box is rejected with a reason, not a NumPy warning
 def test_nan_negative_and_huge_boxes_are_rejected_with_reasons(tmp_path, tiny_models, encoders):
     Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "a.jpg")
     boxes = {"nan": [float("nan"), 0, 5, 5], "negative": [10, 10, -5, 4], "huge": [0, 0, 1e39, 5],
@@ -201,6 +202,7 @@ def test_fuzzed_annotation_files_load_or_fail_clearly(tmp_path, data):
 
 
 @FUZZ
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 @given(data=JSON | st.dictionaries(st.text(max_size=3), st.fixed_dictionaries({"boxes": JSON, "scores": JSON}), max_size=3))
 def test_fuzzed_proposal_files_load_or_fail_clearly(tmp_path, data):
     path = tmp_path / "fuzz.json"
