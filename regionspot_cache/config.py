@@ -213,7 +213,7 @@ class TrainConfig(Validated):
     focal_alpha: float = field(default=0.25, metadata=between(0, 1))
     focal_gamma: float = field(default=2.0, metadata=at_least(0))
     normalize_feature_map: bool = True
-    dropout: float = field(default=0.1, metadata={"min": 0, "max": 0.99})
+    dropout: float = field(default=0.1, metadata=between(0, 0.99))
     num_workers: int = field(default=0, metadata=at_least(0))
     prefetch_batches: int = field(default=4, metadata=at_least(1))  # per loader worker
     # steps between training-state checkpoints (exact resume)

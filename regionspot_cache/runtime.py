@@ -142,11 +142,14 @@ def fsync_tree(path: Path) -> None:
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
         return
+    directories = [path]
     for child in path.rglob("*"):
-        if child.is_file():
+        if child.is_dir():
+            directories.append(child)
+        elif child.is_file():
             with open(child, "rb") as handle:
                 os.fsync(handle.fileno())
-    for directory in [path, *[p for p in path.rglob("*") if p.is_dir()]]:
+    for directory in directories:  # after the files: their entries are then final
         fsync_dir(directory)
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 # FEATURE_DTYPES: how maps and tokens are stored (Provenance.feature_dtype), defined with the config that picks it.
 from regionspot_cache.config import FEATURE_DTYPES, ConfigError, from_dict  # noqa: F401
-from regionspot_cache.runtime import atomic_write_bytes, differences, sha256_file
+from regionspot_cache.runtime import differences, sha256_file, write_json
 
 FORMAT_VERSION = 1
 
@@ -243,7 +243,7 @@ def record_extraction_cost(root: Path, seconds: float, images: int) -> None:
     ``rs-cache inspect`` shows them, e.g. what a view costs next to its base cache)."""
     cost = read_extraction_cost(root)
     cost = {"seconds": round(cost["seconds"] + seconds, 3), "images": cost["images"] + images, "runs": cost["runs"] + 1}
-    atomic_write_bytes(root / EXTRACTION_COST_FILE, json.dumps(cost).encode())
+    write_json(root / EXTRACTION_COST_FILE, cost)
 
 
 def read_extraction_cost(root: Path) -> dict[str, Any]:

@@ -210,6 +210,16 @@ class CacheReader:
             raise KeyError(f"image {image_id} is not in the cache {self.root}")
         return self._index[image_id]
 
+    def box_rows(self, image_id: int) -> slice:
+        """The image's rows in ``self.boxes`` (and in ``box_category_ids``, indexed like it)."""
+        row = self.row_of(image_id)
+        first = int(self.box_row[row])
+        return slice(first, first + int(self._box_count[row]))
+
+    def image_boxes(self, image_id: int) -> np.ndarray:
+        """(N, 4) float32 x1 y1 x2 y2 of the image's cached boxes, without reading its features."""
+        return self._xyxy[self.box_rows(image_id)]
+
     def _row(self, image_id: int) -> dict:
         return self.images.slice(self.row_of(image_id), 1).to_pylist()[0]
 
@@ -237,17 +247,17 @@ class CacheReader:
           (N, 256) float16 SAM position-aware tokens, ``feature_map`` (1 + grid^2, width) float16
           CLIP tokens before ln_post, class token first (int8 caches are dequantised to float16).
         """
-        row = self._ok_row(image_id)
+        self._ok_row(image_id)
         record = self._row(image_id)
-        first, count = int(self.box_row[row]), int(self._box_count[row])
+        rows = self.box_rows(image_id)
         return CachedImage(
             image_id=image_id,
             file_name=record["file_name"],
             width=record["width"],
             height=record["height"],
-            boxes=self._xyxy[first : first + count],
-            category_ids=self.box_category_ids[first : first + count],
-            scores=self._box_scores[first : first + count],
+            boxes=self._xyxy[rows],
+            category_ids=self.box_category_ids[rows],
+            scores=self._box_scores[rows],
             tokens=self.box_tokens(image_id),
             feature_map=self.feature_maps([image_id])[0],
         )

@@ -10,6 +10,7 @@ import typer
 
 from regionspot_cache.cli.options import UserError
 from regionspot_cache.progress import say
+from regionspot_cache.runtime import write_json
 
 
 def search(
@@ -29,6 +30,8 @@ def search(
 ) -> None:
     """Embed every cached region with the head once (kept in CACHE/regions/<head sha256>/), then
     print and write the best regions for each query: image id, box and cosine similarity."""
+    import numpy as np
+
     from regionspot_cache.cache import CacheReader
     from regionspot_cache.head.model import load_head
     from regionspot_cache.search import like_region, nearest_regions, open_region_index, parse_like, text_queries
@@ -51,12 +54,9 @@ def search(
             raise UserError(str(err).strip("'\"")) from None
     if queries:
         named.update(zip(queries, text_queries(cache_clip(reader, clip_pretrained, device), queries)))
-    import numpy as np
-
     hits = dict(zip(named, nearest_regions(index, np.stack(list(named.values())), top)))
-    out.mkdir(parents=True, exist_ok=True)
     payload = {query: [hit.to_dict() for hit in found] for query, found in hits.items()}
-    (out / "hits.json").write_text(json.dumps(payload, indent=1))
+    write_json(out / "hits.json", payload, indent=1)  # creates ``out``
     print(json.dumps(payload))
     written = [out / "hits.json"]
     if image_root is not None:

@@ -276,8 +276,8 @@ class TapProtocol(ScoringProtocol):
         box_index, classes, scores = box_index[keep], classes[keep], scores[keep]
         cap = self.config.max_dets_per_image
         if 0 < cap < len(scores):  # TAP keeps every pair at least as good as the cap-th best
-            threshold = scores.sort(descending=True).values[cap - 1]
-            box_index, classes, scores = box_index[scores >= threshold], classes[scores >= threshold], scores[scores >= threshold]
+            kept = scores >= scores.sort(descending=True).values[cap - 1]
+            box_index, classes, scores = box_index[kept], classes[kept], scores[kept]
         return box_index.cpu().numpy(), classes.cpu().numpy().astype(np.int32), scores.cpu().numpy()
 
     def rule(self) -> str:

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.head.model import RegionSpotHead
 from regionspot_cache.progress import progress_bar
-from regionspot_cache.runtime import atomic_path, atomic_write_bytes, resolve_device, sha256_file
+from regionspot_cache.runtime import atomic_path, resolve_device, sha256_file, write_json
 
 REGIONS_DIR = "regions"
 INDEX_FILE = "regions.safetensors"
@@ -80,13 +80,13 @@ def build_index(reader: CacheReader, head: RegionSpotHead, device: torch.device,
     """Embed every box of every extracted image, ``batch_images`` images per head call (their
     feature maps read in one batched gather, boxes padded and masked)."""
     head = head.to(device).eval()
-    boxes = BoxTable(reader)
-    image_ids = [i for i in reader.image_ids() if boxes.count(i)]
+    counts = {i: len(reader.image_boxes(i)) for i in reader.image_ids()}
+    image_ids = [i for i, count in counts.items() if count]
     parts: list[RegionIndex] = []
-    with progress_bar("embed regions", sum(boxes.count(i) for i in image_ids)) as (bar, task):
+    with progress_bar("embed regions", sum(counts.values())) as (bar, task):
         for start in range(0, len(image_ids), batch_images):
             batch = image_ids[start : start + batch_images]
-            parts.append(_embed_images(reader, boxes, head, batch, device))
+            parts.append(_embed_images(reader, head, batch, device))
             bar.update(task, advance=len(parts[-1]))
     if not parts:
         raise ValueError(f"{reader.root}: the cache has no extracted boxes to index")
@@ -94,27 +94,7 @@ def build_index(reader: CacheReader, head: RegionSpotHead, device: torch.device,
     return RegionIndex(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
 
-class BoxTable:
-    """Each image's cached boxes without reading its feature map (``CacheReader.image`` does)."""
-
-    def __init__(self, reader: CacheReader):
-        self.reader = reader
-        columns = [reader.boxes.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")]
-        self.xyxy = np.stack(columns, axis=1).astype(np.float32).reshape(-1, 4)
-        self.counts = reader.images.column("box_count").to_numpy()
-
-    def count(self, image_id: int) -> int:
-        return int(self.counts[self.reader.row_of(image_id)])
-
-    def boxes(self, image_id: int) -> np.ndarray:
-        row = self.reader.row_of(image_id)
-        first = int(self.reader.box_row[row])
-        return self.xyxy[first : first + int(self.counts[row])]
-
-
-def _embed_images(
-    reader: CacheReader, table: BoxTable, head: RegionSpotHead, image_ids: list[int], device: torch.device
-) -> RegionIndex:
+def _embed_images(reader: CacheReader, head: RegionSpotHead, image_ids: list[int], device: torch.device) -> RegionIndex:
     maps = torch.from_numpy(reader.feature_maps(image_ids)).to(device).float()
     token_sets = [reader.box_tokens(i) for i in image_ids]
     most = max(len(t) for t in token_sets)
@@ -125,7 +105,7 @@ def _embed_images(
         mask[row, : len(own)] = True
     embeddings = head(tokens, maps, mask)[mask].cpu().numpy()
     counts = [len(t) for t in token_sets]
-    boxes = np.concatenate([table.boxes(i) for i in image_ids])
+    boxes = np.concatenate([reader.image_boxes(i) for i in image_ids])
     return RegionIndex(np.repeat(np.asarray(image_ids, np.int64), counts),
                        np.concatenate([np.arange(c, dtype=np.int64) for c in counts]), boxes, embeddings)
 
@@ -139,7 +119,7 @@ def write_index(index: RegionIndex, directory: Path, head_hash: str) -> None:
         save_file(arrays, str(tmp))
     meta = {"version": INDEX_VERSION, "head_sha256": head_hash, "regions": len(index),
             "file_sha256": sha256_file(path)}
-    atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2).encode())
+    write_json(directory / META_FILE, meta, indent=2)
     logger.info("wrote the region index of %d regions to %s", len(index), directory)
 
 

@@ -82,10 +82,7 @@ class CachedRegions(Dataset):
     def boxes_of(self, key: tuple[int, int], view: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(indices among the image's boxes in ``view``, their labels): the labelled boxes, at most ``max_boxes``."""
         epoch, index = key
-        reader = self.views[view].boxes
-        row = reader.row_of(self.image_ids[index])
-        first = int(reader.box_row[row])
-        labels = self.view_labels[view][first : first + int(reader._box_count[row])]
+        labels = self.view_labels[view][self.views[view].boxes.box_rows(self.image_ids[index])]
         keep = np.flatnonzero(labels >= 0)
         if len(keep) > self.max_boxes:
             rng = np.random.default_rng([self.seed, self.source, epoch, index])
