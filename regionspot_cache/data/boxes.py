@@ -28,5 +28,5 @@ def split_boxes(boxes: BoxSet, width: int, height: int) -> tuple[BoxSet, BoxSet,
         for f, p, n in zip(finite[~keep], positive[~keep], near[~keep])
     ]
     kept = BoxSet(clipped[keep], boxes.category_ids[keep], boxes.scores[keep])
-    rejected = BoxSet(boxes.xyxy[~keep], boxes.category_ids[~keep], boxes.scores[~keep])
+    rejected = boxes.take(~keep)
     return kept, rejected, reasons

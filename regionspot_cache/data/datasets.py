@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -59,6 +59,17 @@ class BoxSet:
 
     def __len__(self) -> int:
         return len(self.xyxy)
+
+    def take(self, index: np.ndarray) -> "BoxSet":
+        """The boxes a boolean mask or an index array selects."""
+        return BoxSet(self.xyxy[index], self.category_ids[index], self.scores[index])
+
+    @staticmethod
+    def concat(parts: Sequence["BoxSet"]) -> "BoxSet":
+        """The boxes of ``parts``, one set after another."""
+        return BoxSet(np.concatenate([p.xyxy.reshape(-1, 4) for p in parts]).astype(np.float32),
+                      np.concatenate([p.category_ids for p in parts]).astype(np.int64),
+                      np.concatenate([p.scores for p in parts]).astype(np.float32))
 
 
 @dataclass

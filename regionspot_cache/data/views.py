@@ -137,9 +137,7 @@ def apply_view(view: View, seed: int, image: Image.Image, entry: ImageEntry, box
     xyxy = canvas.as_subclass(torch.Tensor).numpy().astype(np.float32)
     inside = ((xyxy[:, 2] - xyxy[:, 0]) >= MIN_INSIDE_PX) & ((xyxy[:, 3] - xyxy[:, 1]) >= MIN_INSIDE_PX)
     outside = ~inside
-    dropped = BoxSet(np.concatenate([rejected.xyxy.reshape(-1, 4), valid.xyxy[outside].reshape(-1, 4)]),
-                     np.concatenate([rejected.category_ids, valid.category_ids[outside]]),
-                     np.concatenate([rejected.scores, valid.scores[outside]]))
+    dropped = BoxSet.concat([rejected, valid.take(outside)])
     reasons = reasons + [f"outside view {view.id}"] * int(outside.sum())
     kept = BoxSet(xyxy[inside], valid.category_ids[inside], valid.scores[inside])
     viewed = ImageEntry(entry.id, entry.file_name, geometry.width, geometry.height)

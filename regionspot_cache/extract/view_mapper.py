@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from regionspot_cache.cache import ImageFeatures
@@ -43,7 +42,7 @@ class ConsistentViewMapper(FeatureMapper):
         results = super().__call__(batch)
         for item, result in zip(batch, results):
             if item.dropped_reasons and not item.error:
-                result.rejected_boxes = _concat(item.dropped, result.rejected_boxes)
+                result.rejected_boxes = BoxSet.concat([item.dropped, result.rejected_boxes])
                 result.rejected_reasons = item.dropped_reasons + result.rejected_reasons
         return results
 
@@ -68,8 +67,3 @@ class ClipOnlyMapper(FeatureMapper):
                                                   feature_map=_to_float16(feature_map), box_tokens=_to_float16(no_tokens))
         return [results[item.entry.id] for item in batch]
 
-
-def _concat(first: BoxSet, second: BoxSet) -> BoxSet:
-    return BoxSet(np.concatenate([first.xyxy.reshape(-1, 4), second.xyxy.reshape(-1, 4)]).astype(np.float32),
-                  np.concatenate([first.category_ids, second.category_ids]).astype(np.int64),
-                  np.concatenate([first.scores, second.scores]).astype(np.float32))

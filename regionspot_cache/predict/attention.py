@@ -13,6 +13,7 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 from regionspot_cache.drawing import PALETTE, draw_labelled_box
+from regionspot_cache.predict.io import region_label
 
 TILE_SIDE = 256  # long side of each drawn image
 OVERLAY_ALPHA = 0.55
@@ -27,11 +28,6 @@ def attention_overlay(image: Image.Image, attention: np.ndarray) -> Image.Image:
     colours = colormaps["inferno"](np.asarray(heat, np.float32) / 255.0)[..., :3] * 255
     pixels = (1 - OVERLAY_ALPHA) * np.asarray(image.convert("RGB"), np.float32) + OVERLAY_ALPHA * colours
     return Image.fromarray(pixels.round().astype(np.uint8))
-
-
-def region_label(region: dict) -> str:
-    label = "none of these" if region["label"] is None else region["label"]
-    return f"{label} {region['score']:.2f}"
 
 
 def draw_attention_grid(image: Image.Image, regions: list[dict], path: Path | str) -> Path:

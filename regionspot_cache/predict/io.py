@@ -74,6 +74,12 @@ def read_vocabulary_file(path: Path) -> list[str]:
     return names
 
 
+def region_label(region: dict) -> str:
+    """The caption drawn at a predicted box: its label ("none of these" when rejected) and score."""
+    label = "none of these" if region["label"] is None else region["label"]
+    return f"{label} {region['score']:.2f}"
+
+
 def draw_regions(image: Image.Image, regions: list[dict], path: Path) -> None:
     """Write ``image`` with each region's box, ``label score`` and (if present) mask as a PNG."""
     colours = _label_colours([r["label"] for r in regions])
@@ -82,8 +88,7 @@ def draw_regions(image: Image.Image, regions: list[dict], path: Path) -> None:
     font = ImageFont.load_default(size=max(10, min(canvas.size) // 40))
     width = max(1, min(canvas.size) // 200)
     for region in regions:
-        label = f"{'none of these' if region['label'] is None else region['label']} {region['score']:.2f}"
-        draw_labelled_box(draw, tuple(region["box"]), label, colours[region["label"]], font, width)
+        draw_labelled_box(draw, tuple(region["box"]), region_label(region), colours[region["label"]], font, width)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")

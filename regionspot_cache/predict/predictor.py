@@ -256,12 +256,6 @@ class Predictor:
             result["attention_class_token"] = float(row[0])
             result["attention"] = row[1:].reshape(grid)
 
-    def class_probabilities(
-        self, picture: Image.Image, sam_embedding: torch.Tensor, xyxy: np.ndarray, text: torch.Tensor
-    ) -> torch.Tensor:
-        """(N, C) softmax over the vocabulary of the head's logits, as evaluation scores them."""
-        return self.region_logits(picture, sam_embedding, xyxy, text)[0].softmax(dim=-1)
-
     def region_logits(
         self, picture: Image.Image, sam_embedding: torch.Tensor, xyxy: np.ndarray, text: torch.Tensor,
         attention: bool = False,
