@@ -75,9 +75,9 @@ def evaluate(
     """
     from regionspot_cache.cache import CacheReader
     from regionspot_cache.data.datasets import load_manifest
+    from regionspot_cache.encoders import models_recorded_in
     from regionspot_cache.evaluate.api import METHODS, REGIONSPOT, released_input_differences
     from regionspot_cache.evaluate.api import evaluate as evaluate_on_lvis
-    from regionspot_cache.evaluate.with_images import recorded_models_with
     from regionspot_cache.head.model import load_head
 
     if method not in METHODS:
@@ -97,7 +97,8 @@ def evaluate(
     if (method != REGIONSPOT or masks) and image_root is None:
         raise UserError(f"eval --method {method}{' --masks' if masks else ''} reads the images: pass --image-root or --manifest")
     given_models = (sam_variant, sam_checkpoint, clip_model, clip_pretrained)
-    models = recorded_models_with(CacheReader(cache).provenance, *given_models) if any(given_models) else None
+    # The models the cache recorded, with the files (or names) given here, e.g. paths on this machine.
+    models = models_recorded_in(CacheReader(cache).provenance).with_overrides(*given_models) if any(given_models) else None
     model, head_config = load_head(head) if method == REGIONSPOT else (None, {})
     released_input_differences(head_config, cache)  # logs a warning for an imported head on a non-released cache
     result = evaluate_on_lvis(cache, annotations, config.eval, method=method, head=model, masks=masks,

@@ -21,12 +21,6 @@ from regionspot_cache.evaluate.scoring import Detections, cap_per_image
 from regionspot_cache.runtime import differences, resolve_device, write_json
 
 
-def recorded_models_with(provenance: Provenance, **overrides: str | None) -> ModelsConfig:
-    """The models recorded in a cache, with the fields given in ``overrides`` (those of
-    ``ModelsConfig.with_overrides``) replaced, e.g. the checkpoints' paths on this machine."""
-    return models_recorded_in(provenance).with_overrides(**overrides)
-
-
 def load_cache_encoders(reader: CacheReader, models: ModelsConfig | None, device: str) -> FrozenEncoders:
     """Load ``models`` (default: the cache's) and check they are the cache's models."""
     models = models or models_recorded_in(reader.provenance)

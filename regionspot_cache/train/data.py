@@ -57,7 +57,6 @@ class CachedRegions(Dataset):
         self.views = list(views) if views else [CachedView(IDENTITY, reader, reader)]
         labels = {id(v.boxes): vocabulary_index(v.boxes.box_category_ids, vocabulary.category_ids) for v in self.views}
         self.view_labels = [labels[id(v.boxes)] for v in self.views]
-        self.box_labels = vocabulary_index(reader.box_category_ids, vocabulary.category_ids)
         usable = [self._usable_images(view, view_labels) for view, view_labels in zip(self.views, self.view_labels)]
         # Per image, the views it can be read through: extracted, with a labelled box left in the view.
         candidates = {i: [v for v, ids in enumerate(usable) if i in ids] for i in reader.image_ids()}

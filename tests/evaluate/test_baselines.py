@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -130,6 +131,20 @@ def test_eval_command_runs_baselines_and_mask_ap(toy, encoders, tmp_path):
     detections = json.loads(output.read_text())
     assert detections and all(isinstance(d["segmentation"]["counts"], str) for d in detections)
     assert json.loads(output.with_suffix(".metrics.json").read_text())["AP"] >= 0  # box AP as well
+
+
+def test_eval_command_takes_model_files_moved_since_extraction(toy, tiny_models, tmp_path):
+    """--sam-checkpoint / --clip-pretrained replace the paths cache.json recorded (same weights)."""
+    root, annotations, reader = toy
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in (tiny_models.sam.checkpoint, tiny_models.clip.pretrained):
+        (moved / Path(name).name).write_bytes(Path(name).read_bytes())
+    result = eval_cli(reader, annotations, "--method", "clip-box", "--image-root", str(root / "images"),
+                      "--sam-checkpoint", str(moved / Path(tiny_models.sam.checkpoint).name),
+                      "--clip-pretrained", str(moved / Path(tiny_models.clip.pretrained).name))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "clip-box" in result.output
 
 
 def test_eval_command_explains_what_is_missing(toy):
