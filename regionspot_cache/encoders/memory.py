@@ -115,6 +115,11 @@ class FittingBatches:
             start += len(chunk)
         return results
 
+    def stack(self, items: Sequence[Item], run: Callable[[Sequence[Item]], torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+        """``map``'s per-item rows stacked into one tensor; ``empty`` when there are no items."""
+        rows = self.map(items, run)
+        return torch.stack(rows) if rows else empty
+
     @staticmethod
     def _attempt(chunk: Sequence[Item], run: Callable[[Sequence[Item]], Sequence[Result]]) -> Sequence[Result] | None:
         """``run(chunk)``, or None if it ran out of memory and a smaller chunk can be tried."""

@@ -138,11 +138,8 @@ class SamBoxEncoder:
         single-mask output); the mask upscaling and hypernetworks are skipped as unused.
         """
         boxes, _ = self.prompt_boxes(boxes_xyxy, original_size)
-        tokens = FittingBatches(boxes_per_call, self.device, "boxes").map(
-            boxes, lambda chunk: self._decode_tokens(image_embedding, chunk))
-        if not tokens:
-            return torch.empty(0, TOKEN_DIM, device=self.device)
-        return torch.stack(tokens)
+        return FittingBatches(boxes_per_call, self.device, "boxes").stack(
+            boxes, lambda chunk: self._decode_tokens(image_embedding, chunk), torch.empty(0, TOKEN_DIM, device=self.device))
 
     def _decode_tokens(self, image_embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         decoder = self.sam.mask_decoder
@@ -173,11 +170,9 @@ class SamBoxEncoder:
         # With ``released``, masks are upsampled from SAM's input straight to the original size
         # (the released code goes through the test-resized size first: one resampling fewer here).
         input_size = self.transform.get_preprocess_shape(*frame, self.input_size)
-        masks = FittingBatches(boxes_per_call, self.device, "boxes").map(
-            boxes, lambda chunk: self._decode_masks(image_embedding, chunk, input_size, original_size))
-        if not masks:
-            return torch.zeros(0, *original_size, dtype=torch.bool, device=self.device)
-        return torch.stack(masks)
+        return FittingBatches(boxes_per_call, self.device, "boxes").stack(
+            boxes, lambda chunk: self._decode_masks(image_embedding, chunk, input_size, original_size),
+            torch.zeros(0, *original_size, dtype=torch.bool, device=self.device))
 
     def _decode_masks(
         self, image_embedding: torch.Tensor, boxes: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]

@@ -148,11 +148,8 @@ class Sam2BoxEncoder:
                    boxes_per_call: int = 64) -> torch.Tensor:
         """(N, 256) tokens: the two-way transformer's output for mask token 0 (see module doc)."""
         corners = self._prompt_boxes(boxes_xyxy, original_size)
-        tokens = FittingBatches(boxes_per_call, self.device, "boxes").map(
-            corners, lambda chunk: self._decode_tokens(embedding, chunk))
-        if not tokens:
-            return torch.empty(0, TOKEN_DIM, device=self.device)
-        return torch.stack(tokens)
+        return FittingBatches(boxes_per_call, self.device, "boxes").stack(
+            corners, lambda chunk: self._decode_tokens(embedding, chunk), torch.empty(0, TOKEN_DIM, device=self.device))
 
     def _decode_tokens(self, embedding: Sam2ImageEmbedding, corners: torch.Tensor) -> torch.Tensor:
         decoder = self.model.sam_mask_decoder
@@ -172,11 +169,9 @@ class Sam2BoxEncoder:
         """SAM 2's single-mask output per box, as ``SAM2ImagePredictor.predict(box=...,
         multimask_output=False)``: (N, H, W) bool in original pixels."""
         corners = self._prompt_boxes(boxes_xyxy, original_size)
-        masks = FittingBatches(boxes_per_call, self.device, "boxes").map(
-            corners, lambda chunk: self._decode_masks(embedding, chunk, original_size))
-        if not masks:
-            return torch.zeros(0, *original_size, dtype=torch.bool, device=self.device)
-        return torch.stack(masks)
+        return FittingBatches(boxes_per_call, self.device, "boxes").stack(
+            corners, lambda chunk: self._decode_masks(embedding, chunk, original_size),
+            torch.zeros(0, *original_size, dtype=torch.bool, device=self.device))
 
     def _decode_masks(self, embedding: Sam2ImageEmbedding, corners: torch.Tensor, original_size: tuple[int, int]):
         sparse, dense = self._prompts(corners)
