@@ -168,7 +168,7 @@ class ExtractConfig(Validated):
     max_image_pixels: int = field(default=100_000_000, metadata=at_least(1))
     # How feature maps and box tokens are stored: "float16", or "int8" with one scale per token
     # (about half the bytes; the reader returns float16 either way). Part of the cache's identity.
-    feature_dtype: FeatureDtype = FeatureDtype.FLOAT16
+    feature_dtype: FeatureDtype = field(default=FeatureDtype.FLOAT16, metadata=one_of(*FeatureDtype))
     # Peak memory the SAM image batch may take (GB; None: 70% of the device's free memory at start).
     # Batches of batch_size images are run in smaller parts when they would not fit.
     memory_budget_gb: float | None = field(default=None, metadata=above(0))
@@ -176,16 +176,16 @@ class ExtractConfig(Validated):
     # released RegionSpot evaluation (detectron2 test resize first, torchvision tensor resize for
     # CLIP); "direct" feeds the original image. Part of the cache's identity. The default stays
     # "direct" so that caches made before the choice existed resume; the paper recipes set "released".
-    preprocess: Preprocessing = Preprocessing.DIRECT
+    preprocess: Preprocessing = field(default=Preprocessing.DIRECT, metadata=one_of(*Preprocessing))
     # Class text embeddings: "released" (81 templates, mean of raw features, one normalisation) or
     # "openclip" (80 templates, mean of normalised features); recorded with each vocabulary.
-    text_recipe: TextRecipe = TextRecipe.OPENCLIP
+    text_recipe: TextRecipe = field(default=TextRecipe.OPENCLIP, metadata=one_of(*TextRecipe))
     # Augmented views cached besides each image (data/views.py: hflip, crop:LO-HI[xN], ...), each
     # a cache of its own under <cache>/views/<view id>/. ``views_mode``: "released" (CLIP maps of
     # the view, tokens and labels of the image, as the released training sees them) or
     # "consistent" (boxes and SAM tokens of the view too). Crops are seeded by ``views_seed``.
     views: list[str] = field(default_factory=list)
-    views_mode: ViewMode = ViewMode.RELEASED
+    views_mode: ViewMode = field(default=ViewMode.RELEASED, metadata=one_of(*ViewMode))
     views_seed: int = field(default=0, metadata=between(0, 2**63 - 1))
 
     def check_relations(self) -> None:
@@ -247,7 +247,7 @@ class OpenSetConfig(Validated):
     [0, 1], regions below ``threshold`` are "none of the vocabulary". ``off`` keeps every region."""
 
     SECTION: ClassVar[str] = "eval.open_set"
-    rule: OpenSetRule = OpenSetRule.OFF
+    rule: OpenSetRule = field(default=OpenSetRule.OFF, metadata=one_of(*OpenSetRule))
     threshold: float = field(default=0.5, metadata=between(0, 1))
     background_prompts: list[str] = field(default_factory=lambda: ["background"])
 
@@ -271,7 +271,7 @@ class EvalConfig(Validated):
     SECTION: ClassVar[str] = "eval"
     top_k_per_image: int = field(default=900, metadata=at_least(1))
     max_dets_per_image: int = field(default=300, metadata=at_least(-1))
-    scoring: Scoring = Scoring.SOFTMAX
+    scoring: Scoring = field(default=Scoring.SOFTMAX, metadata=one_of(*Scoring))
     protocol: str = field(default="standard", metadata=one_of(*EVAL_PROTOCOLS))
     fixed_dets_per_class: int = field(default=10_000, metadata=at_least(1))
     device: str = field(default="auto", metadata=DEVICE)
