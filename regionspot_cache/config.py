@@ -16,6 +16,17 @@ from typing import Any, ClassVar, Mapping
 
 import tomllib
 
+# The choices a recipe makes, parsed by _coerce into these objects (choices.py); imported from here too.
+from regionspot_cache.choices import (  # noqa: F401
+    Choice,
+    EvalMethod,
+    FeatureDtype,
+    OpenSetRule,
+    Preprocessing,
+    Scoring,
+    TextRecipe,
+    ViewMode,
+)
 from regionspot_cache.runtime import read_toml
 
 
@@ -137,13 +148,7 @@ def _given_or(value: str | None, default: str | None) -> str | None:
     return default if value is None else value
 
 
-EVAL_SCORINGS = ("softmax", "sigmoid")
-FEATURE_DTYPES = ("float16", "int8")  # how feature maps and box tokens are stored (extract.feature_dtype)
 EVAL_PROTOCOLS = ("standard", "fixed", "tap")
-PREPROCESSES = ("released", "direct")  # extract.preprocess (encoders/preprocess.py)
-TEXT_RECIPES = ("released", "openclip")  # extract.text_recipe (encoders/clip.py)
-VIEW_MODES = ("released", "consistent")  # extract.views_mode (data/views.py)
-OPEN_SET_RULES = ("off", "max-softmax", "max-sigmoid", "background-prompt")
 
 
 @dataclass
@@ -163,7 +168,7 @@ class ExtractConfig(Validated):
     max_image_pixels: int = field(default=100_000_000, metadata=at_least(1))
     # How feature maps and box tokens are stored: "float16", or "int8" with one scale per token
     # (about half the bytes; the reader returns float16 either way). Part of the cache's identity.
-    feature_dtype: str = field(default="float16", metadata=one_of(*FEATURE_DTYPES))
+    feature_dtype: FeatureDtype = field(default=FeatureDtype.FLOAT16, metadata=one_of(*FeatureDtype))
     # Peak memory the SAM image batch may take (GB; None: 70% of the device's free memory at start).
     # Batches of batch_size images are run in smaller parts when they would not fit.
     memory_budget_gb: float | None = field(default=None, metadata=above(0))
@@ -171,16 +176,16 @@ class ExtractConfig(Validated):
     # released RegionSpot evaluation (detectron2 test resize first, torchvision tensor resize for
     # CLIP); "direct" feeds the original image. Part of the cache's identity. The default stays
     # "direct" so that caches made before the choice existed resume; the paper recipes set "released".
-    preprocess: str = field(default="direct", metadata=one_of(*PREPROCESSES))
+    preprocess: Preprocessing = field(default=Preprocessing.DIRECT, metadata=one_of(*Preprocessing))
     # Class text embeddings: "released" (81 templates, mean of raw features, one normalisation) or
     # "openclip" (80 templates, mean of normalised features); recorded with each vocabulary.
-    text_recipe: str = field(default="openclip", metadata=one_of(*TEXT_RECIPES))
+    text_recipe: TextRecipe = field(default=TextRecipe.OPENCLIP, metadata=one_of(*TextRecipe))
     # Augmented views cached besides each image (data/views.py: hflip, crop:LO-HI[xN], ...), each
     # a cache of its own under <cache>/views/<view id>/. ``views_mode``: "released" (CLIP maps of
     # the view, tokens and labels of the image, as the released training sees them) or
     # "consistent" (boxes and SAM tokens of the view too). Crops are seeded by ``views_seed``.
     views: list[str] = field(default_factory=list)
-    views_mode: str = field(default="released", metadata=one_of(*VIEW_MODES))
+    views_mode: ViewMode = field(default=ViewMode.RELEASED, metadata=one_of(*ViewMode))
     views_seed: int = field(default=0, metadata=between(0, 2**63 - 1))
 
     def check_relations(self) -> None:
@@ -242,12 +247,12 @@ class OpenSetConfig(Validated):
     [0, 1], regions below ``threshold`` are "none of the vocabulary". ``off`` keeps every region."""
 
     SECTION: ClassVar[str] = "eval.open_set"
-    rule: str = field(default="off", metadata=one_of(*OPEN_SET_RULES))
+    rule: OpenSetRule = field(default=OpenSetRule.OFF, metadata=one_of(*OpenSetRule))
     threshold: float = field(default=0.5, metadata=between(0, 1))
     background_prompts: list[str] = field(default_factory=lambda: ["background"])
 
     def check_relations(self) -> None:
-        if self.rule == "background-prompt" and not [p for p in self.background_prompts if p.strip()]:
+        if self.rule.needs_background and not [p for p in self.background_prompts if p.strip()]:
             raise ConfigError("eval.open_set.background_prompts: background-prompt needs at least one non-empty prompt")
 
 
@@ -266,7 +271,7 @@ class EvalConfig(Validated):
     SECTION: ClassVar[str] = "eval"
     top_k_per_image: int = field(default=900, metadata=at_least(1))
     max_dets_per_image: int = field(default=300, metadata=at_least(-1))
-    scoring: str = field(default="softmax", metadata=one_of(*EVAL_SCORINGS))
+    scoring: Scoring = field(default=Scoring.SOFTMAX, metadata=one_of(*Scoring))
     protocol: str = field(default="standard", metadata=one_of(*EVAL_PROTOCOLS))
     fixed_dets_per_class: int = field(default=10_000, metadata=at_least(1))
     device: str = field(default="auto", metadata=DEVICE)
@@ -317,6 +322,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     for kind in allowed:
         if kind is type(None):
             continue
+        if isinstance(kind, type) and issubclass(kind, Choice) and isinstance(value, str):
+            return _choice(kind, value, where)
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if kind is bool and isinstance(value, bool):
@@ -326,8 +333,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: {value!r} is not {_type_name(hint)}")
 
 
+def _choice(kind: type[Choice], word: str, where: str) -> Choice:
+    found = kind.find(word)
+    if found is None:
+        raise ConfigError(f"{where}: {word!r} is not one of {', '.join(kind.words())}")
+    return found
+
+
 def _type_name(hint: Any) -> str:
-    names = [getattr(kind, "__name__", str(kind)) for kind in (typing.get_args(hint) or (hint,))]
+    kinds = typing.get_args(hint) or (hint,)
+    # A choice is written as a word: "is not a str", as before choices were objects.
+    names = ["str" if isinstance(kind, type) and issubclass(kind, Choice) else getattr(kind, "__name__", str(kind))
+             for kind in kinds]
     text = " or ".join("none" if name == "NoneType" else name for name in names)
     return ("an " if text[0] in "aeiou" else "a ") + text
 

@@ -9,8 +9,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-# FEATURE_DTYPES: how maps and tokens are stored (Provenance.feature_dtype), defined with the config that picks it.
-from regionspot_cache.config import FEATURE_DTYPES, ConfigError, from_dict  # noqa: F401
+from regionspot_cache.config import ConfigError, FeatureDtype, TextRecipe, ViewMode, from_dict
 from regionspot_cache.runtime import differences, sha256_file, write_json
 
 FORMAT_VERSION = 1
@@ -76,13 +75,17 @@ def vocabulary_schema(text_dim: int) -> pa.Schema:
 
 
 TEXT_RECIPE_KEY = b"text_recipe"  # schema metadata of vocabularies/NAME.parquet: how the embeddings were made
-DEFAULT_TEXT_RECIPE = "openclip"  # vocabularies written before the key existed
+DEFAULT_TEXT_RECIPE = TextRecipe.OPENCLIP  # vocabularies written before the key existed
 
 
-def vocabulary_text_recipe(schema: pa.Schema) -> str:
+def vocabulary_text_recipe(schema: pa.Schema) -> TextRecipe:
     """The text recipe a vocabulary file records (``openclip`` for files that predate the record)."""
     metadata = schema.metadata or {}
-    return metadata.get(TEXT_RECIPE_KEY, DEFAULT_TEXT_RECIPE.encode()).decode()
+    word = metadata.get(TEXT_RECIPE_KEY, DEFAULT_TEXT_RECIPE.value.encode()).decode()
+    recipe = TextRecipe.find(word)
+    if recipe is None:
+        raise CacheFormatError(f"vocabulary text recipe {word!r} is not one of {', '.join(TextRecipe.words())}")
+    return recipe
 
 
 class CacheFormatError(ValueError):
@@ -169,7 +172,7 @@ class ViewIdentity(ModelIdentity):
 
     id: str
     seed: int
-    mode: str
+    mode: ViewMode
 
 
 @dataclass
@@ -190,8 +193,14 @@ class Provenance:
     # feature maps are read from the cache at ``paths["feature_maps_cache"]`` (relative to it).
     feature_maps: str = FEATURE_MAPS_OWN
     # "float16", or "int8" with a float32 scale per token (cache/arrays.py); the reader returns float16.
-    feature_dtype: str = "float16"
+    feature_dtype: FeatureDtype = FeatureDtype.FLOAT16
     view: ViewIdentity | None = None  # set in a view cache (<cache>/views/<view id>/)
+
+    def __post_init__(self) -> None:
+        dtype = FeatureDtype.find(self.feature_dtype)
+        if dtype is None:
+            raise CacheFormatError(f"feature_dtype {self.feature_dtype!r} is not one of {', '.join(FeatureDtype.words())}")
+        self.feature_dtype = dtype
 
     def identity(self) -> dict[str, Any]:
         data = self._as_dict()
@@ -229,13 +238,15 @@ class Provenance:
                 f"{path}: cache format version {data.get('format_version')!r}, "
                 f"this regionspot-cache reads version {FORMAT_VERSION}"
             )
+        identities = {"sam": SamIdentity.from_dict(data.get("sam"), f"{path}: sam"),
+                      "clip": ClipIdentity.from_dict(data.get("clip"), f"{path}: clip"),
+                      "view": None if data.get("view") is None else ViewIdentity.from_dict(data["view"], f"{path}: view")}
         try:
-            return Provenance(**{**data, "sam": SamIdentity.from_dict(data.get("sam"), f"{path}: sam"),
-                                 "clip": ClipIdentity.from_dict(data.get("clip"), f"{path}: clip"),
-                                 "view": None if data.get("view") is None
-                                 else ViewIdentity.from_dict(data["view"], f"{path}: view")})
+            return Provenance(**{**data, **identities})
         except TypeError as err:
             raise CacheFormatError(f"{path}: unexpected provenance fields: {err}") from None
+        except CacheFormatError as err:  # a value out of its choices (feature_dtype)
+            raise CacheFormatError(f"{path}: {err}") from None
 
 
 def record_extraction_cost(root: Path, seconds: float, images: int) -> None:

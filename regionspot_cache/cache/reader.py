@@ -23,7 +23,6 @@ from regionspot_cache.cache.format import (
     BOXES_FILE,
     BOXES_SCHEMA,
     CLIP_MAPS,
-    FEATURE_DTYPES,
     FEATURE_MAPS_BORROWED,
     FEATURE_MAPS_CACHE,
     FEATURES_DIR,
@@ -40,6 +39,7 @@ from regionspot_cache.cache.format import (
     shard_name,
     vocabulary_text_recipe,
 )
+from regionspot_cache.choices import FeatureDtype, TextRecipe
 
 
 @dataclass
@@ -75,13 +75,10 @@ class ShardFeatures:
         return values.rows(rows) if scale is None else dequantize_rows(values.rows(rows), scale.rows(rows))
 
     @staticmethod
-    def open(where: Path, expected: dict[str, tuple | None], dtype: str) -> "ShardFeatures":
+    def open(where: Path, expected: dict[str, tuple | None], dtype: FeatureDtype) -> "ShardFeatures":
         """Open and check the arrays against the shapes the manifest and cache.json call for."""
-        if dtype not in FEATURE_DTYPES:
-            raise CacheFormatError(f"{where}: cache.json has feature_dtype {dtype!r}, "
-                                   f"not one of {', '.join(FEATURE_DTYPES)}")
         names = [CLIP_MAPS, BOX_TOKENS]
-        if dtype == "int8":
+        if dtype.scaled:
             names += [CLIP_MAPS + SCALE_SUFFIX, BOX_TOKENS + SCALE_SUFFIX]
         try:
             group = zarr.open_group(where, mode="r")
@@ -90,7 +87,7 @@ class ShardFeatures:
             raise CacheFormatError(f"{where}: unreadable feature arrays: {err}") from None
         for name in names:
             shape = expected[name.removesuffix(SCALE_SUFFIX)]
-            want_dtype = np.float32 if name.endswith(SCALE_SUFFIX) else np.dtype(dtype)
+            want_dtype = np.float32 if name.endswith(SCALE_SUFFIX) else np.dtype(dtype.value)
             shape = shape[:-1] if shape is not None and name.endswith(SCALE_SUFFIX) else shape
             array = arrays[name]
             if array.dtype != want_dtype or (shape is not None and tuple(array.shape) != shape):
@@ -108,7 +105,7 @@ class Vocabulary:
     names: list[str]
     frequencies: list[str | None]
     embeddings: np.ndarray  # (C, text_dim) float32, L2-normalised
-    text_recipe: str = "openclip"  # how the embeddings were made (extract.text_recipe)
+    text_recipe: TextRecipe = TextRecipe.OPENCLIP  # how the embeddings were made (extract.text_recipe)
 
 
 class CacheReader:

@@ -26,7 +26,6 @@ from regionspot_cache.cache.format import (
     CHECKSUMS_FILE,
     CLIP_MAPS,
     DEFAULT_TEXT_RECIPE,
-    FEATURE_DTYPES,
     FEATURES_DIR,
     IMAGES_FILE,
     IMAGES_SCHEMA,
@@ -47,6 +46,7 @@ from regionspot_cache.cache.format import (
     vocabulary_schema,
     vocabulary_text_recipe,
 )
+from regionspot_cache.choices import FeatureDtype, TextRecipe
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.runtime import atomic_path, atomic_write_bytes, remove_abandoned_temps
 
@@ -106,9 +106,6 @@ class CacheWriter:
         self.root = Path(root)
         self.provenance = provenance
         self.shards_dir = self.root / SHARDS_DIR
-        if provenance.feature_dtype not in FEATURE_DTYPES:
-            raise CacheFormatError(f"{self.root}: feature_dtype {provenance.feature_dtype!r} is not one of "
-                                   f"{', '.join(FEATURE_DTYPES)}")
         if (self.root / PROVENANCE_FILE).exists():
             existing = Provenance.read(self.root)
             differences = provenance.differences(existing)
@@ -139,14 +136,15 @@ class CacheWriter:
     def has_vocabulary(self, name: str) -> bool:
         return (self.root / VOCAB_DIR / f"{name}.parquet").is_file()
 
-    def vocabulary_text_recipe(self, name: str) -> str:
+    def vocabulary_text_recipe(self, name: str) -> TextRecipe:
         """The text recipe vocabulary ``name`` was built with (it must exist)."""
         return vocabulary_text_recipe(pq.read_schema(self.root / VOCAB_DIR / f"{name}.parquet"))
 
     def write_vocabulary(self, name: str, categories: Sequence[Category], embeddings: np.ndarray,
-                         text_recipe: str = DEFAULT_TEXT_RECIPE) -> None:
+                         text_recipe: TextRecipe | str = DEFAULT_TEXT_RECIPE) -> None:
         """``text_recipe``: how ``embeddings`` were made, recorded in the file's schema metadata."""
         embeddings = np.asarray(embeddings, dtype=np.float32)
+        recipe = TextRecipe.parse(text_recipe, "text recipe").value.encode()  # the word, as files before choices were objects
         table = pa.table(
             {
                 "category_id": [c.id for c in categories],
@@ -156,7 +154,7 @@ class CacheWriter:
                     pa.array(embeddings.reshape(-1)), embeddings.shape[1]
                 ),
             },
-            schema=vocabulary_schema(embeddings.shape[1]).with_metadata({TEXT_RECIPE_KEY: text_recipe.encode()}),
+            schema=vocabulary_schema(embeddings.shape[1]).with_metadata({TEXT_RECIPE_KEY: recipe}),
         )
         directory = self.root / VOCAB_DIR
         directory.mkdir(exist_ok=True)
@@ -248,10 +246,10 @@ def _box_columns(image_id: int, boxes: BoxSet) -> pa.Table:
     )
 
 
-def _write_features(group: zarr.Group, name: str, data: np.ndarray | None, chunk_rows: int, dtype: str) -> None:
+def _write_features(group: zarr.Group, name: str, data: np.ndarray | None, chunk_rows: int, dtype: FeatureDtype) -> None:
     """float16 rows, or int8 rows with ``<name>_scale`` (one float32 per row) for an int8 cache."""
     data = np.zeros((0, 1), np.float16) if data is None else np.asarray(data)
-    if dtype == "int8":
+    if dtype.scaled:
         values, scale = quantize_rows(data)
         write_rows(group, name, values, "int8", chunk_rows)
         write_rows(group, name + SCALE_SUFFIX, scale, "float32", chunk_rows)

@@ -74,16 +74,18 @@ def evaluate(
     against it when given); their images are read again from --image-root or the manifest.
     """
     from regionspot_cache.cache import CacheReader
+    from regionspot_cache.config import EvalMethod
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.encoders import models_recorded_in
-    from regionspot_cache.evaluate.api import METHODS, REGIONSPOT, released_input_differences
     from regionspot_cache.evaluate.api import evaluate as evaluate_on_lvis
+    from regionspot_cache.evaluate.api import released_input_differences
     from regionspot_cache.head.model import load_head
 
-    if method not in METHODS:
-        raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    if method == REGIONSPOT and head is None:
-        raise UserError("eval --method regionspot needs --head (the clip-box and clip-mask baselines do not)")
+    chosen = EvalMethod.find(method)
+    if chosen is None:
+        raise UserError(f"--method {method!r}: expected one of {', '.join(EvalMethod.words())}")
+    if chosen.needs_head and head is None:
+        raise UserError(f"eval --method {chosen} needs --head (the clip-box and clip-mask baselines do not)")
     spec = load_manifest(manifest, data_root) if manifest else None
     annotations = annotations or (spec.annotations if spec else None)
     if annotations is None:
@@ -94,16 +96,16 @@ def evaluate(
     config.eval.validate()
     cache = _cache_holding(cache, proposals, spec, config)
     image_root = image_root or (spec.image_root if spec else None)
-    if (method != REGIONSPOT or masks) and image_root is None:
-        raise UserError(f"eval --method {method}{' --masks' if masks else ''} reads the images: pass --image-root or --manifest")
+    if (chosen.reads_images or masks) and image_root is None:
+        raise UserError(f"eval --method {chosen}{' --masks' if masks else ''} reads the images: pass --image-root or --manifest")
     given_models = (sam_variant, sam_checkpoint, clip_model, clip_pretrained)
     # The models the cache recorded, with the files (or names) given here, e.g. paths on this machine.
     models = models_recorded_in(CacheReader(cache).provenance).with_overrides(*given_models) if any(given_models) else None
-    model, head_config = load_head(head) if method == REGIONSPOT else (None, {})
+    model, head_config = load_head(head) if chosen.needs_head else (None, {})
     released_input_differences(head_config, cache)  # logs a warning for an imported head on a non-released cache
-    result = evaluate_on_lvis(cache, annotations, config.eval, method=method, head=model, masks=masks,
+    result = evaluate_on_lvis(cache, annotations, config.eval, method=chosen, head=model, masks=masks,
                               image_root=image_root, models=models, results_file=output)
-    name = head.name if method == REGIONSPOT else method
+    name = head.name if chosen.needs_head else chosen.value
     _show_and_write(result, name, proposals, output)
     if report is not None:
         page = _write_report(report, cache, result, f"LVIS box AP of {name} ({proposals} boxes)", image_root, output)

@@ -24,7 +24,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from regionspot_cache.config import VIEW_MODES, ConfigError  # noqa: F401 (VIEW_MODES: released | consistent)
+from regionspot_cache.config import ConfigError
 from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.data.datasets import BoxSet, ImageEntry
 

@@ -16,29 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import open_clip
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
-from regionspot_cache.encoders.preprocess import (
-    DIRECT,
-    OPENCLIP_RECIPE,
-    RELEASED,
-    RELEASED_RECIPE,
-    check_preprocess,
-    released_clip_pixels,
-)
+from regionspot_cache.choices import Preprocessing, TextRecipe
 from regionspot_cache.encoders.tower import TokenTower, register_tiny_timm_tower, token_tower
 from regionspot_cache.progress import progress_bar
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 register_tiny_timm_tower()  # the tower of RS-Tiny-Timm-ViT
-
-_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
-
 
 def clean_class_name(name: str) -> str:
     """Strip the ``-other``, ``-merged`` and ``-stuff`` suffixes of COCO-style category names."""
@@ -47,7 +36,6 @@ def clean_class_name(name: str) -> str:
 
 # The released code's 81 prompts: OpenAI's 80 ImageNet templates and a bare "{}.".
 RELEASED_TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES) + ("{}.",)
-TEXT_RECIPES = (RELEASED_RECIPE, OPENCLIP_RECIPE)
 
 
 def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> "ClipEncoder":
@@ -72,18 +60,11 @@ class ClipPreprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
-    preprocess: str = DIRECT
+    preprocess: Preprocessing = Preprocessing.DIRECT
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if self.preprocess == RELEASED:
-            return released_clip_pixels(image, self.size, torch.tensor(self.mean).view(3, 1, 1),
-                                        torch.tensor(self.std).view(3, 1, 1))
-        height, width = self.size
-        resized = image.convert("RGB").resize((width, height), resample=_INTERPOLATION[self.interpolation])
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (pixels - mean) / std
+        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+        return self.preprocess.clip_pixels(image, self.size, mean, std, self.interpolation)
 
 
 @dataclass
@@ -91,11 +72,11 @@ class ClipEncoder:
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
-    preprocessing: str = DIRECT  # extract.preprocess: how images become CLIP input
+    preprocessing: Preprocessing = Preprocessing.DIRECT  # extract.preprocess: how images become CLIP input
     tower: TokenTower | None = None
 
     def __post_init__(self) -> None:
-        check_preprocess(self.preprocessing)
+        self.preprocessing = Preprocessing.parse(self.preprocessing, "preprocess")
         if self.tower is None:
             self.tower = token_tower(self.model.visual, type(self.model.visual).__name__)
 
@@ -146,7 +127,7 @@ class ClipEncoder:
         return self.tower.last_block_tokens(batch.to(self.device))
 
     @torch.no_grad()
-    def text_embeddings(self, class_names: Sequence[str], recipe: str = OPENCLIP_RECIPE) -> torch.Tensor:
+    def text_embeddings(self, class_names: Sequence[str], recipe: TextRecipe | str = TextRecipe.OPENCLIP) -> torch.Tensor:
         """(C, text_dim) L2-normalised class embeddings of the cleaned class names.
 
         ``openclip``: mean over OpenAI's 80 ImageNet templates of the *normalised* text features,
@@ -154,8 +135,7 @@ class ClipEncoder:
         code's: mean over ``RELEASED_TEMPLATES`` (81) of the *raw* text features, normalised once.
         """
         names = [clean_class_name(name) for name in class_names]
-        if recipe not in (RELEASED_RECIPE, OPENCLIP_RECIPE):
-            raise ValueError(f"text recipe {recipe!r} is not one of {', '.join(TEXT_RECIPES)}")
+        recipe = TextRecipe.parse(recipe, "text recipe")
         # Classes are independent, so encoding them in chunks changes nothing but shows progress:
         # a first-time vocabulary of thousands of names takes minutes on a CPU.
         chunks = [names[start : start + TEXT_CHUNK] for start in range(0, len(names), TEXT_CHUNK)]
@@ -166,14 +146,14 @@ class ClipEncoder:
                 bar.update(task, advance=len(chunk))
         return torch.cat(parts) if parts else torch.empty(0, self.text_dim, device=self.device)
 
-    def _class_embeddings(self, names: list[str], recipe: str) -> torch.Tensor:
-        if recipe == RELEASED_RECIPE:
-            return self._raw_template_mean(names, RELEASED_TEMPLATES)
+    def _class_embeddings(self, names: list[str], recipe: TextRecipe) -> torch.Tensor:
+        if not recipe.normalises_each_template:
+            return self._raw_template_mean(names, recipe.templates())
         weights = open_clip.build_zero_shot_classifier(
             self.model,
             tokenizer=self.tokenizer,
             classnames=names,
-            templates=OPENAI_IMAGENET_TEMPLATES,
+            templates=recipe.templates(),
             num_classes_per_batch=8,
             device=self.device,
         )

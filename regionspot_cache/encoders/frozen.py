@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 
 from regionspot_cache.cache.format import ClipIdentity, Provenance, SamIdentity
-from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
+from regionspot_cache.config import ClipSpec, ModelsConfig, Preprocessing, SamSpec
 from regionspot_cache.encoders.clip import ClipEncoder, load_clip
-from regionspot_cache.encoders.preprocess import DIRECT, SAM_STEPS, clip_steps, preprocess_of_steps, test_resize_for
 from regionspot_cache.encoders.sam import SAM_ARCHITECTURES, TOKEN_DIM, SamBoxEncoder, build_sam
 from regionspot_cache.encoders.sam2 import SAM2_ARCHITECTURES, Sam2BoxEncoder, build_sam2_model
 from regionspot_cache.runtime import sha256_file
@@ -28,19 +27,20 @@ class FrozenEncoders:
         return isinstance(self.sam, Sam2BoxEncoder)
 
     @property
-    def preprocess(self) -> str:
+    def preprocess(self) -> Preprocessing:
         """``extract.preprocess``: ``direct`` or ``released`` (``encoders/preprocess.py``)."""
         return self.clip.preprocessing
 
-    def with_preprocess(self, preprocess: str) -> "FrozenEncoders":
+    def with_preprocess(self, preprocess: Preprocessing | str) -> "FrozenEncoders":
         """The same loaded models with another image/box preprocessing (nothing is reloaded)."""
-        if preprocess == self.preprocess:
+        preprocess = Preprocessing.parse(preprocess, "preprocess")
+        if preprocess is self.preprocess:
             return self
         if self.is_sam2:
             raise ValueError(f"extract.preprocess {preprocess!r} repeats the released RegionSpot code, which runs SAM 1; "
                              f"SAM 2.1 ({self.spec.sam.variant}) takes the direct preprocessing")
         sam = copy.copy(self.sam)
-        sam.preprocessing, sam.test_resize = preprocess, test_resize_for(preprocess)
+        sam.preprocessing, sam.test_resize = preprocess, preprocess.test_resize()
         return FrozenEncoders(sam, replace(self.clip, preprocessing=preprocess), self.spec)
 
     def sam_provenance(self) -> SamIdentity:
@@ -50,7 +50,7 @@ class FrozenEncoders:
             checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None,
             input_size=self.sam.input_size,
             token_dim=TOKEN_DIM,
-            preprocess=_SAM2_STEPS if self.is_sam2 else SAM_STEPS[self.preprocess],
+            preprocess=_SAM2_STEPS if self.is_sam2 else self.preprocess.sam_steps,
             token=_SAM2_TOKEN if self.is_sam2 else _SAM_TOKEN,
         )
 
@@ -67,7 +67,7 @@ class FrozenEncoders:
             num_tokens=self.clip.num_tokens,
             text_dim=self.clip.text_dim,
             logit_scale=self.clip.logit_scale,
-            preprocess=clip_steps(self.preprocess, cfg.get("interpolation", "bicubic")),
+            preprocess=self.preprocess.clip_steps(cfg.get("interpolation", "bicubic")),
             feature_map=self.clip.tower.description(),
             logit_bias=self.clip.logit_bias,
         )
@@ -98,15 +98,11 @@ def load_box_encoder(variant: str, checkpoint: str | None, device: torch.device)
     return SamBoxEncoder(build_sam(variant, checkpoint), device)
 
 
-def load_frozen_encoders(spec: ModelsConfig, device: torch.device, preprocess: str = DIRECT) -> FrozenEncoders:
+def load_frozen_encoders(spec: ModelsConfig, device: torch.device,
+                         preprocess: Preprocessing | str = Preprocessing.DIRECT) -> FrozenEncoders:
     sam = load_box_encoder(spec.sam.variant, spec.sam.checkpoint, device)
     clip = load_clip(spec.clip.model, spec.clip.pretrained, device)
     return FrozenEncoders(sam, clip, spec).with_preprocess(preprocess)
-
-
-def preprocess_recorded_in(provenance: Provenance) -> str:
-    """The image preprocessing (``direct`` or ``released``) a cache was extracted with."""
-    return preprocess_of_steps(provenance.sam.preprocess)
 
 
 def models_recorded_in(provenance: Provenance) -> ModelsConfig:

@@ -1,4 +1,4 @@
-"""Image and box preprocessing choices (``extract.preprocess``) and the text recipes (``extract.text_recipe``).
+"""The steps of the image and box preprocessing choices (``extract.preprocess``: ``choices.Preprocessing``).
 
 ``direct``: SAM gets ``ResizeLongestSide(1024)`` of the decoded image and CLIP a PIL resize of it
 to the model's size (our original path). ``released``: the released RegionSpot evaluation, step by
@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-DIRECT, RELEASED = "direct", "released"
-OPENCLIP_RECIPE, RELEASED_RECIPE = "openclip", "released"
+_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 @dataclass(frozen=True)
@@ -56,15 +55,13 @@ class TestResize:
         return (boxes_xyxy.double() * factors).to(boxes_xyxy.dtype), (new_h, new_w)
 
 
-def test_resize_for(preprocess: str) -> TestResize | None:
-    """The test resize a preprocessing runs first, or None (``direct``)."""
-    check_preprocess(preprocess)
-    return TestResize() if preprocess == RELEASED else None
-
-
-def check_preprocess(preprocess: str) -> None:
-    if preprocess not in (DIRECT, RELEASED):
-        raise ValueError(f"preprocess {preprocess!r} is not one of {DIRECT}, {RELEASED}")
+def direct_clip_pixels(image: Image.Image, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor,
+                       interpolation: str) -> torch.Tensor:
+    """The ``direct`` CLIP input: a PIL resize of the image to ``size`` (no crop) -> [0, 1] -> mean/std."""
+    height, width = size
+    resized = image.convert("RGB").resize((width, height), resample=_INTERPOLATION[interpolation])
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - mean) / std
 
 
 def released_clip_pixels(image: Image.Image, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -77,24 +74,3 @@ def released_clip_pixels(image: Image.Image, size: tuple[int, int], mean: torch.
     pixels = torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255.0
     pixels = resize(pixels, list(size), interpolation=InterpolationMode.BILINEAR, antialias=False)
     return (pixels - mean) / std
-
-
-# What cache.json records as each encoder's ``preprocess``: the steps, in words. The ``direct``
-# texts are those caches made before the choice existed carry, so they still resume.
-SAM_STEPS = {
-    DIRECT: "ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
-    RELEASED: "detectron2 test resize (short 800, max 1333, PIL bilinear uint8), boxes scaled to it; "
-    "then ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
-}
-
-
-def clip_steps(preprocess: str, interpolation: str) -> str:
-    if preprocess == RELEASED:
-        return ("detectron2 test resize (short 800, max 1333, PIL bilinear uint8); float [0, 1]; "
-                "torchvision tensor resize bilinear antialias=False (no crop), mean/std")
-    return f"resize (no crop) {interpolation}, mean/std"
-
-
-def preprocess_of_steps(sam_steps: str) -> str:
-    """Which choice made a cache, from the SAM steps its ``cache.json`` records."""
-    return RELEASED if sam_steps == SAM_STEPS[RELEASED] else DIRECT

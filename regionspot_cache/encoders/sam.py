@@ -19,8 +19,9 @@ from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from regionspot_cache.choices import Preprocessing
 from regionspot_cache.encoders.memory import FittingBatches, sam_image_bytes
-from regionspot_cache.encoders.preprocess import DIRECT, TestResize, test_resize_for
+from regionspot_cache.encoders.preprocess import TestResize
 from regionspot_cache.encoders.sam_attention import use_fused_attention
 from regionspot_cache.runtime import load_torch_weights
 
@@ -92,13 +93,13 @@ class SamResize:
 class SamBoxEncoder:
     """Batched image embeddings and per-box position-aware tokens from a frozen SAM."""
 
-    def __init__(self, sam: Sam, device: torch.device, preprocess: str = DIRECT):
+    def __init__(self, sam: Sam, device: torch.device, preprocess: Preprocessing | str = Preprocessing.DIRECT):
         self.sam = sam.to(device)
         self.device = device
         self.input_size = sam.image_encoder.img_size
         self.transform = ResizeLongestSide(self.input_size)
-        self.preprocessing = preprocess
-        self.test_resize = test_resize_for(preprocess)
+        self.preprocessing = Preprocessing.parse(preprocess, "preprocess")
+        self.test_resize = self.preprocessing.test_resize()
 
     def resizer(self) -> "SamResize":
         return SamResize(self.input_size, self.test_resize)

@@ -1,5 +1,6 @@
 """Phase 3: scored detections on cached boxes and their LVIS AP; ``evaluate`` is the entry point."""
 
-from regionspot_cache.evaluate.api import METHODS, evaluate, evaluate_head
+from regionspot_cache.config import EvalMethod
+from regionspot_cache.evaluate.api import evaluate, evaluate_head
 
-__all__ = ["METHODS", "evaluate", "evaluate_head"]
+__all__ = ["EvalMethod", "evaluate", "evaluate_head"]

@@ -12,30 +12,24 @@ from typing import Any
 import torch
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.config import EvalConfig, ModelsConfig
-from regionspot_cache.encoders import preprocess_recorded_in
-from regionspot_cache.evaluate.baselines import BASELINES, score_cache_with_baseline
+from regionspot_cache.config import EvalConfig, EvalMethod, ModelsConfig, Preprocessing, TextRecipe
+from regionspot_cache.evaluate.baselines import score_cache_with_baseline
 from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.ground_truth import load_ground_truth
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
 from regionspot_cache.evaluate.masks import without_boxes
-from regionspot_cache.evaluate.open_set import needs_background
 from regionspot_cache.evaluate.scoring import protocol_for, write_results_json
 from regionspot_cache.evaluate.with_images import cache_images, load_cache_encoders, records_with_masks, write_records_json
 from regionspot_cache.head.model import RegionSpotHead
 
 logger = logging.getLogger(__name__)
 
-REGIONSPOT = "regionspot"
-METHODS = (REGIONSPOT, *BASELINES)
-
-
 def evaluate(
     cache_dir: Path | str,
     annotation_file: Path | str,
     config: EvalConfig,
     *,
-    method: str = REGIONSPOT,
+    method: EvalMethod | str = EvalMethod.REGIONSPOT,
     head: RegionSpotHead | None = None,
     masks: bool = False,
     image_root: Path | str | None = None,
@@ -54,7 +48,7 @@ def evaluate(
         the vocabulary's categories (else refused); COCO files get LVIS's fields filled in
         (``ground_truth.py``).
       config (EvalConfig): scoring (softmax / sigmoid), protocol (standard / fixed), device.
-      method (str): ``regionspot`` (the head), ``clip-box`` or ``clip-mask`` (the paper's
+      method (EvalMethod or its word): ``regionspot`` (the head), ``clip-box`` or ``clip-mask`` (the paper's
         training-free baselines).
       head (RegionSpotHead or None): the head; needed by ``regionspot`` only.
       masks (bool): add SAM's mask for each counted detection's box and report mask AP too.
@@ -75,16 +69,16 @@ def evaluate(
         (D, 4) float32 x, y, w, h, scores (D,) float64).
     """
     config.validate()
-    check_method(method, head, masks, image_root)
+    method = check_method(method, head, masks, image_root)
     protocol = protocol_for(config)
     reader = CacheReader(cache_dir)
     vocab = reader.vocabulary(vocabulary or reader.provenance.dataset)
     ground_truth = load_ground_truth(annotation_file, vocab)  # checked before the scoring work
     encoders = images = None
-    if method != REGIONSPOT or masks:
+    if method.reads_images or masks:
         encoders = load_cache_encoders(reader, models, config.device)
         images = cache_images(reader, image_root)
-    if method == REGIONSPOT:
+    if method.needs_head:
         detections = score_cache(reader, head, vocab, config, background_embeddings(reader, models, config))
     else:
         detections = score_cache_with_baseline(reader, vocab, config, method, encoders, images)
@@ -102,20 +96,23 @@ def evaluate(
 
 def background_embeddings(reader: CacheReader, models: ModelsConfig | None, config: EvalConfig) -> torch.Tensor | None:
     """The cache's CLIP text embeddings of the background prompts, when the open-set rule needs them."""
-    if not needs_background(config.open_set):
+    if not config.open_set.rule.needs_background:
         return None
     clip = load_cache_encoders(reader, models, config.device).clip
     return clip.text_embeddings(config.open_set.background_prompts).float()
 
 
-def check_method(method: str, head: RegionSpotHead | None, masks: bool, image_root: Path | str | None) -> None:
-    """Refuse, before anything loads, a method that is unknown or lacks what it needs."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    if method == REGIONSPOT and head is None:
-        raise ValueError("method regionspot needs a head checkpoint")
-    if (method != REGIONSPOT or masks) and image_root is None:
-        raise ValueError(f"method {method}{' with masks' if masks else ''} reads the original images: give their image_root")
+def check_method(method: EvalMethod | str, head: RegionSpotHead | None, masks: bool,
+                 image_root: Path | str | None) -> EvalMethod:
+    """The method named, refused before anything loads if it is unknown or lacks what it needs."""
+    chosen = EvalMethod.find(method)
+    if chosen is None:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(EvalMethod.words())}")
+    if chosen.needs_head and head is None:
+        raise ValueError(f"method {chosen} needs a head checkpoint")
+    if (chosen.reads_images or masks) and image_root is None:
+        raise ValueError(f"method {chosen}{' with masks' if masks else ''} reads the original images: give their image_root")
+    return chosen
 
 
 def evaluate_head(
@@ -138,9 +135,9 @@ def released_input_differences(head_config: dict[str, Any], cache_dir: Path | st
         return []
     reader = CacheReader(cache_dir)
     name = vocabulary or reader.provenance.dataset
-    made = {"extract.preprocess": preprocess_recorded_in(reader.provenance),
-            "extract.text_recipe": reader.vocabulary(name).text_recipe}
-    found = [f"{key} is {value!r}, not 'released'" for key, value in made.items() if value != "released"]
+    made = {"extract.preprocess": (Preprocessing.recorded_in(reader.provenance), Preprocessing.RELEASED),
+            "extract.text_recipe": (reader.vocabulary(name).text_recipe, TextRecipe.RELEASED)}
+    found = [f"{key} is {value!r}, not {released!r}" for key, (value, released) in made.items() if value is not released]
     for difference in found:
         logger.warning("%s: the head was imported from the released checkpoint %s, but the cache's %s; "
                        "features differ from those it was trained on", cache_dir, head_config["imported_from"], difference)

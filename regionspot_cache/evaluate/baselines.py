@@ -20,16 +20,12 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from regionspot_cache.cache import CacheReader, Vocabulary
-from regionspot_cache.config import EvalConfig
+from regionspot_cache.config import EvalConfig, EvalMethod
 from regionspot_cache.data.images import ImageSource
 from regionspot_cache.encoders import ClipEncoder, FrozenEncoders
 from regionspot_cache.evaluate.scoring import Detections, detections_from_logits
 from regionspot_cache.head.model import region_logits
 from regionspot_cache.progress import progress_bar
-
-CLIP_BOX = "clip-box"
-CLIP_MASK = "clip-mask"
-BASELINES = (CLIP_BOX, CLIP_MASK)
 
 
 def crop_bounds(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
@@ -96,28 +92,32 @@ def masked_box_crops(
 class BaselineScorer:
     """(N, C) logits of a training-free baseline for boxes of one image."""
 
-    method: str
+    method: EvalMethod  # a baseline: clip-box or clip-mask
     encoders: FrozenEncoders
     text: torch.Tensor  # (C, text_dim) class text embeddings, L2-normalised
     embedder: CropEmbedder = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.method not in BASELINES:
-            raise ValueError(f"unknown baseline {self.method!r}; known: {', '.join(BASELINES)}")
+        method = EvalMethod.find(self.method)
+        if method is None or not method.reads_images:
+            baselines = [m.value for m in EvalMethod if m.reads_images]
+            raise ValueError(f"unknown baseline {self.method!r}; known: {', '.join(baselines)}")
+        self.method = method
         self.embedder = CropEmbedder(self.encoders.clip)
 
     def logits(self, image: Image.Image, boxes: np.ndarray) -> torch.Tensor:
         """CLIP logit scale x cosine(crop embedding, class text embedding), plus the logit bias of SigLIP-style models."""
-        if self.method == CLIP_BOX:
-            crops = box_crops(image, boxes)
-        else:
+        if self.method.masks_crops:
             crops = masked_box_crops(image, boxes, self.encoders, self.embedder.mean_colour)
+        else:
+            crops = box_crops(image, boxes)
         return region_logits(self.embedder.embed(crops), self.text, self.encoders.clip.logit_scale,
                              self.encoders.clip.logit_bias)
 
 
 def score_cache_with_baseline(
-    reader: CacheReader, vocab: Vocabulary, config: EvalConfig, method: str, encoders: FrozenEncoders, images: ImageSource
+    reader: CacheReader, vocab: Vocabulary, config: EvalConfig, method: EvalMethod, encoders: FrozenEncoders,
+    images: ImageSource,
 ) -> Detections:
     """Detections of ``method`` for the cache's boxes (ground truth or proposals), under
     ``config``'s scoring protocol: from the logits on, the head's own code path."""

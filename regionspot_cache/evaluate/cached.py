@@ -15,7 +15,7 @@ import torch
 
 from regionspot_cache.cache import CachedImage, CacheReader, Vocabulary
 from regionspot_cache.config import EvalConfig
-from regionspot_cache.evaluate.open_set import kept_regions, known_scores
+from regionspot_cache.evaluate.open_set import kept_regions
 from regionspot_cache.evaluate.scoring import Detections, detections_from_logits
 from regionspot_cache.head.model import RegionSpotHead, region_logits
 from regionspot_cache.progress import progress_bar
@@ -80,10 +80,10 @@ def rejecting_unknown(
 ) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor]:
     """One image's (id, boxes, box scores, logits), without the boxes the open-set rule rejects."""
     scale, bias = logit_scale_bias
-    if config.open_set.rule == "off":
+    if not config.open_set.rule.rejects:
         return image_id, item.boxes, item.scores, image_logits(head, item, text, scale, device, bias)
     extra = background if background is not None else text[:0]
     logits = image_logits(head, item, torch.cat([text, extra.to(device)]), scale, device, bias)
     logits, background_logits = logits[:, : len(text)], logits[:, len(text):]
-    keep = kept_regions(known_scores(logits, config.open_set.rule, background_logits), config.open_set).cpu().numpy()
+    keep = kept_regions(config.open_set.rule.known_scores(logits, background_logits), config.open_set).cpu().numpy()
     return image_id, item.boxes[keep], item.scores[keep], logits[torch.from_numpy(keep).to(logits.device)]

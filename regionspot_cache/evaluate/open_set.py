@@ -2,7 +2,7 @@
 
 Each rule gives every region a *known score* in [0, 1]; a region whose known score is below
 ``OpenSetConfig.threshold`` is rejected (``predict`` labels it ``None``; ``eval`` makes no
-detection of it). The rules:
+detection of it). The rules (``choices.OpenSetRule``, where each computes its known score):
 
 ``max-softmax``: the largest softmax probability over the vocabulary (Hendrycks & Gimpel 2017);
   what the released code's softmax scoring already computes, so it costs nothing.
@@ -20,37 +20,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from regionspot_cache.config import OPEN_SET_RULES, OpenSetConfig
+from regionspot_cache.config import OpenSetConfig, OpenSetRule
 
-__all__ = ["OPEN_SET_RULES", "OpenSetConfig", "known_scores", "needs_background", "auroc"]
-
-
-def needs_background(config: OpenSetConfig) -> bool:
-    """Whether the rule needs the CLIP text embeddings of the background prompts."""
-    return config.rule == "background-prompt"
+__all__ = ["OpenSetConfig", "OpenSetRule", "known_scores", "kept_regions", "auroc"]
 
 
 def known_scores(
-    logits: torch.Tensor, rule: str, background_logits: torch.Tensor | None = None
+    logits: torch.Tensor, rule: OpenSetRule | str, background_logits: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(N,) known score of each region from its (N, C) logits over the vocabulary
     (``background_logits``: (N, P) logits of the background prompts, for ``background-prompt``)."""
-    logits = logits.double()
-    if rule == "max-softmax":
-        return logits.softmax(dim=-1).max(dim=-1).values
-    if rule == "max-sigmoid":
-        return logits.max(dim=-1).values.sigmoid()
-    if rule == "background-prompt":
-        if background_logits is None:
-            raise ValueError("open-set rule background-prompt needs the background prompts' logits")
-        both = torch.cat([logits, background_logits.double()], dim=-1).softmax(dim=-1)
-        return 1.0 - both[:, logits.shape[1]:].sum(dim=-1)
-    raise ValueError(f"open-set rule {rule!r} is not one of {', '.join(OPEN_SET_RULES)}")
+    return OpenSetRule.parse(rule, "open-set rule").known_scores(logits, background_logits)
 
 
 def kept_regions(known: torch.Tensor, config: OpenSetConfig) -> torch.Tensor:
     """(N,) bool: the regions the rule keeps (all of them when the rule is ``off``)."""
-    if config.rule == "off":
+    if not config.rule.rejects:
         return torch.ones_like(known, dtype=torch.bool)
     return known >= config.threshold
 

@@ -32,23 +32,17 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from regionspot_cache.config import EvalConfig
+from regionspot_cache.config import EvalConfig, Scoring
 from regionspot_cache.runtime import NonFiniteValueError, atomic_path
 
 
-def class_probabilities(logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    """(N, C) probabilities in float64: float32 sigmoid is exactly 1.0 from logit ~17 on,
-    which would tie many pairs; float64 keeps them apart up to ~37."""
-    logits = logits.double()
-    if scoring == "softmax":
-        return logits.softmax(dim=-1)
-    if scoring == "sigmoid":
-        return logits.sigmoid()
-    raise ValueError(f"scoring {scoring!r} is not one of softmax, sigmoid")
+def class_probabilities(logits: torch.Tensor, scoring: Scoring | str) -> torch.Tensor:
+    """(N, C) probabilities in float64 (``Scoring.probabilities``)."""
+    return Scoring.parse(scoring, "scoring").probabilities(logits)
 
 
 def top_pairs(
-    logits: torch.Tensor, box_scores: torch.Tensor, scoring: str, top_k: int | None
+    logits: torch.Tensor, box_scores: torch.Tensor, scoring: Scoring | str, top_k: int | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(box index, class index, score) of one image's best ``top_k`` pairs, best first; with
     ``top_k`` None every pair, in flat (box-major) order (the per-class cap needs no sort)."""
@@ -162,7 +156,7 @@ class ScoringProtocol(ABC):
         self.config = config
 
     @property
-    def scoring(self) -> str:
+    def scoring(self) -> Scoring:
         return self.config.scoring
 
     @property

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.format import FEATURE_MAPS_OWN, PROPOSALS_DIR
-from regionspot_cache.config import ExtractConfig, ModelsConfig
+from regionspot_cache.config import ExtractConfig, ModelsConfig, Preprocessing, TextRecipe
 from regionspot_cache.data.datasets import DetectionDataset
-from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in, preprocess_recorded_in
+from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in
 from regionspot_cache.extract.distribute import Distributor
 from regionspot_cache.extract.runner import run_extraction
 from regionspot_cache.runtime import resolve_device
@@ -50,7 +50,7 @@ def cache_with_boxes(
     _check_maps_can_be_borrowed(base, dataset)
     target = proposals_cache_dir(cache_dir, box_source)
     # SAM must see images and boxes prepared as the base cache's were (its maps are reused as they are).
-    config = replace(config, preprocess=preprocess_recorded_in(base.provenance),
+    config = replace(config, preprocess=Preprocessing.recorded_in(base.provenance),
                      text_recipe=_text_recipe_of(base, dataset.name, config.text_recipe))
     encoders = encoders or load_frozen_encoders(models or models_recorded_in(base.provenance), resolve_device(config.device))
     encoders = encoders.with_preprocess(config.preprocess)
@@ -68,7 +68,7 @@ def cache_with_boxes(
     return target
 
 
-def _text_recipe_of(base: CacheReader, vocabulary: str, default: str) -> str:
+def _text_recipe_of(base: CacheReader, vocabulary: str, default: TextRecipe) -> TextRecipe:
     return base.vocabulary(vocabulary).text_recipe if vocabulary in base.vocabulary_names() else default
 
 

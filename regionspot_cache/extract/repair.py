@@ -10,9 +10,9 @@ from pathlib import Path
 
 from regionspot_cache.cache import Provenance, exclusive_extraction, verify_cache
 from regionspot_cache.cache.format import SHARDS_DIR
-from regionspot_cache.config import ExtractConfig, ModelsConfig
+from regionspot_cache.config import ExtractConfig, ModelsConfig, Preprocessing
 from regionspot_cache.data.datasets import DetectionDataset
-from regionspot_cache.encoders import FrozenEncoders, models_recorded_in, preprocess_recorded_in
+from regionspot_cache.encoders import FrozenEncoders, models_recorded_in
 from regionspot_cache.extract.distribute import Distributor
 from regionspot_cache.extract.runner import ExtractSummary, run_extraction
 
@@ -56,7 +56,7 @@ def repair_cache(
         return RepairSummary()
     # The shards come back as the cache recorded them, whatever the recipe given says.
     config = replace(config, shard_size=provenance.shard_size, feature_dtype=provenance.feature_dtype,
-                     preprocess=preprocess_recorded_in(provenance))
+                     preprocess=Preprocessing.recorded_in(provenance))
     # A view cache is re-extracted through its view (recorded in cache.json), not as a plain cache.
     config = replace(config, strict=False) if provenance.view is not None else config
     extraction = run_extraction(dataset, cache_dir, models or models_recorded_in(provenance), config,

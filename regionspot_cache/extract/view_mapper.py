@@ -21,18 +21,16 @@ from regionspot_cache.encoders import FrozenEncoders
 from regionspot_cache.extract.mapper import FeatureMapper, _non_finite, _to_float16
 from regionspot_cache.extract.reader import LoadedImage
 
-RELEASED, CONSISTENT = "released", "consistent"
-
 
 def view_loading(view: ViewIdentity | None) -> dict[str, Any]:
     """``image_loader`` arguments for a cache of ``view`` (none for an ordinary cache)."""
     if view is None:
         return {}
-    return {"view": (view_by_id(view.id), view.seed), "with_sam": view.mode == CONSISTENT}
+    return {"view": (view_by_id(view.id), view.seed), "with_sam": view.mode.runs_sam}
 
 
 def view_mapper(encoders: FrozenEncoders, config: ExtractConfig, view: ViewIdentity) -> FeatureMapper:
-    return ConsistentViewMapper(encoders, config) if view.mode == CONSISTENT else ClipOnlyMapper(encoders, config)
+    return ConsistentViewMapper(encoders, config) if view.mode.runs_sam else ClipOnlyMapper(encoders, config)
 
 
 class ConsistentViewMapper(FeatureMapper):

@@ -27,13 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from regionspot_cache.cache.format import ClipIdentity
-from regionspot_cache.config import ModelsConfig, OpenSetConfig
+from regionspot_cache.config import ModelsConfig, OpenSetConfig, Preprocessing, TextRecipe
 from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.data.datasets import BoxSet, xyxy_array
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_encoders
 from regionspot_cache.evaluate.masks import box_mask_rles
-from regionspot_cache.evaluate.open_set import kept_regions, known_scores, needs_background
+from regionspot_cache.evaluate.open_set import kept_regions
 from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
 from regionspot_cache.runtime import atomic_path, resolve_device
 
@@ -100,12 +100,13 @@ class TextEmbeddingCache:
     identity: ClipIdentity  # the CLIP provenance a cache records: model, weights, sizes
     directory: Path | None  # None: memory only
     memory: dict[str, torch.Tensor] = field(default_factory=dict)
-    recipe: str = "openclip"  # extract.text_recipe: part of the key
+    recipe: TextRecipe = TextRecipe.OPENCLIP  # extract.text_recipe: part of the key
 
     def key(self, names: list[str]) -> str:
         templates = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
         data = {"version": TEXT_CACHE_VERSION, "clip": self.identity.to_dict(), "templates": templates,
-                "vocabulary": names, **({} if self.recipe == "openclip" else {"recipe": self.recipe})}
+                # openclip keys carry no recipe, as before there was a choice, so their files are found again
+                "vocabulary": names, **({} if self.recipe is TextRecipe.OPENCLIP else {"recipe": self.recipe.value})}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def get(self, names: list[str]) -> torch.Tensor:
@@ -175,14 +176,14 @@ class Predictor:
         device: str | torch.device = "auto",
         text_cache_dir: Path | str | None = None,
         disk_cache: bool = True,
-        preprocess: str | None = None,
-        text_recipe: str | None = None,
+        preprocess: Preprocessing | str | None = None,
+        text_recipe: TextRecipe | str | None = None,
     ):
         device = resolve_device(device) if isinstance(device, str) else device
         model, head_config = (head, {}) if isinstance(head, RegionSpotHead) else load_head(head)
         imported = "imported_from" in head_config  # released checkpoints want the released inputs
-        preprocess = preprocess or ("released" if imported else "direct")
-        text_recipe = text_recipe or ("released" if imported else "openclip")
+        preprocess = preprocess or (Preprocessing.RELEASED if imported else Preprocessing.DIRECT)
+        text_recipe = TextRecipe.parse(text_recipe or (TextRecipe.RELEASED if imported else TextRecipe.OPENCLIP), "text recipe")
         encoders = models if isinstance(models, FrozenEncoders) else load_frozen_encoders(models, device)
         self.encoders = encoders.with_preprocess(preprocess)
         self.device = self.encoders.sam.device
@@ -230,7 +231,8 @@ class Predictor:
         pixels = np.asarray(picture)
         embedding = sam.embed_images([sam.resizer()(pixels)])[0]
         text = self.text.get(names)
-        background = self.text.get(checked_vocabulary(open_set.background_prompts)) if needs_background(open_set) else text[:0]
+        rule = open_set.rule
+        background = self.text.get(checked_vocabulary(open_set.background_prompts)) if rule.needs_background else text[:0]
         logits, weights = self.region_logits(picture, embedding, xyxy, torch.cat([text, background]), attention)
         logits, background_logits = logits[:, : len(names)], logits[:, len(names):]
         scores, labels = logits.softmax(dim=-1).max(dim=-1)
@@ -238,8 +240,8 @@ class Predictor:
             {"box": box, "label": names[label], "score": score}
             for box, label, score in zip(xyxy.tolist(), labels.tolist(), scores.tolist())
         ]
-        if open_set.rule != "off":
-            known = known_scores(logits, open_set.rule, background_logits)
+        if open_set.rule.rejects:
+            known = open_set.rule.known_scores(logits, background_logits)
             for result, score, kept in zip(results, known.tolist(), kept_regions(known, open_set).tolist()):
                 result["known"] = score
                 result["label"] = result["label"] if kept else None

@@ -8,7 +8,7 @@ a resumed run can start at any step without replaying the earlier ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -26,6 +26,17 @@ from regionspot_cache.train.views import CachedView, open_views, pick_view
 CHOICE_BLOCK = 4096
 
 Key = tuple[int, int, int]  # (source, epoch, index within the source)
+
+
+@dataclass(frozen=True)
+class RegionItem:
+    """One image as training reads it (float16, as cached): the SAM tokens of its kept boxes, its
+    CLIP feature map, and the boxes' labels; what the dataset hands to ``collate_regions``."""
+
+    tokens: np.ndarray  # (N, 256)
+    feature_map: np.ndarray  # (L, width)
+    labels: np.ndarray  # (N,) int64 index into the source's vocabulary
+    source: int = 0  # which training dataset (and so which vocabulary) the image comes from
 
 
 @dataclass
@@ -88,21 +99,22 @@ class CachedRegions(Dataset):
             keep = np.sort(rng.choice(keep, self.max_boxes, replace=False))
         return keep, labels[keep]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __getitem__(self, key: tuple[int, int]) -> RegionItem:
         return self.read([key])[0]
 
-    def read(self, keys: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(tokens, feature map, labels) of each key, float16; the feature maps of each view gathered in one call."""
+    def read(self, keys: Sequence[tuple[int, int]]) -> list[RegionItem]:
+        """The item of each key; the feature maps of each view gathered in one call."""
         image_ids = [self.image_ids[index] for _, index in keys]
         picked = [self.view_of(key) for key in keys]
-        items: list = [None] * len(keys)
+        items: dict[int, RegionItem] = {}  # by position in keys
         for view in sorted(set(picked)):
             where = [i for i, v in enumerate(picked) if v == view]
             maps = self.views[view].maps.feature_maps([image_ids[i] for i in where])
             for i, feature_map in zip(where, maps):
                 keep, labels = self.boxes_of(keys[i], view)
-                items[i] = (self.views[view].boxes.box_tokens(image_ids[i], keep), feature_map, labels)
-        return items
+                tokens = self.views[view].boxes.box_tokens(image_ids[i], keep)
+                items[i] = RegionItem(tokens, feature_map, labels, self.source)
+        return [items[i] for i in range(len(keys))]
 
 
 def vocabulary_index(category_ids: np.ndarray, vocabulary_ids: np.ndarray) -> np.ndarray:
@@ -124,18 +136,18 @@ class MultiSourceRegions(Dataset):
     def sizes(self) -> list[int]:
         return [len(source) for source in self.sources]
 
-    def __getitem__(self, key: Key) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def __getitem__(self, key: Key) -> RegionItem:
         return self.__getitems__([key])[0]
 
-    def __getitems__(self, keys: Sequence[Key]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    def __getitems__(self, keys: Sequence[Key]) -> list[RegionItem]:
         """A batch's items, read source by source in one batched read each (the DataLoader calls
         this with the whole batch instead of one ``__getitem__`` per image)."""
-        items: list = [None] * len(keys)
+        items: dict[int, RegionItem] = {}  # by position in keys
         for source in sorted({key[0] for key in keys}):
             where = [i for i, key in enumerate(keys) if key[0] == source]
             for i, item in zip(where, self.sources[source].read([keys[i][1:] for i in where])):
-                items[i] = (*item, source)
-        return items
+                items[i] = replace(item, source=source)  # the index here picks the vocabulary in the loss
+        return [items[i] for i in range(len(keys))]
 
 
 class EpochSampler(Sampler):
@@ -212,21 +224,21 @@ class RankBatchSampler(Sampler):
             yield keys[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
 
 
-def collate_regions(items: list[tuple]) -> RegionBatch:
+def collate_regions(items: list[RegionItem]) -> RegionBatch:
     """Pad the images of a batch to the largest box count; padded boxes get label -1 and are
     masked out of attention and of the loss (the released code instead repeats real boxes).
     Tokens and maps stay float16 (half the bytes to copy); ``RegionBatch.to`` converts on the device."""
-    sources = {item[3] for item in items} if len(items[0]) > 3 else {0}
+    sources = {item.source for item in items}
     if len(sources) != 1:
         raise ValueError(f"a batch mixes datasets {sorted(sources)}")
-    count = max(len(item[2]) for item in items)
-    batch, token_dim = len(items), items[0][0].shape[1]
+    count = max(len(item.labels) for item in items)
+    batch, token_dim = len(items), items[0].tokens.shape[1]
     tokens = torch.zeros(batch, count, token_dim, dtype=torch.float16)
     labels = torch.full((batch, count), -1, dtype=torch.long)
-    for row, (item_tokens, _, item_labels, *_) in enumerate(items):
-        tokens[row, : len(item_labels)] = torch.from_numpy(np.asarray(item_tokens, dtype=np.float16))
-        labels[row, : len(item_labels)] = torch.from_numpy(np.asarray(item_labels, dtype=np.int64))
-    maps = torch.from_numpy(np.stack([np.asarray(item[1], dtype=np.float16) for item in items]))
+    for row, item in enumerate(items):
+        tokens[row, : len(item.labels)] = torch.from_numpy(np.asarray(item.tokens, dtype=np.float16))
+        labels[row, : len(item.labels)] = torch.from_numpy(np.asarray(item.labels, dtype=np.int64))
+    maps = torch.from_numpy(np.stack([np.asarray(item.feature_map, dtype=np.float16) for item in items]))
     return RegionBatch(tokens, maps, labels >= 0, labels, sources.pop())
 
 

@@ -43,7 +43,7 @@ def _open_view(base: CacheReader, name: str, root: Path) -> CachedView:
     view, provenance = reader.provenance.view, base.provenance
     if view is None or (reader.provenance.dataset, reader.provenance.clip) != (provenance.dataset, provenance.clip):
         raise ValueError(f"{root}: not a view cache of {base.root} (another dataset or CLIP, or no view recorded)")
-    return CachedView(name, reader, reader if view.mode == "consistent" else base)
+    return CachedView(name, reader, reader if view.mode.has_own_boxes else base)
 
 
 def pick_view(candidates: Sequence[int], seed: int, source: int, epoch: int, index: int) -> int:

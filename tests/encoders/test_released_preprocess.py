@@ -10,9 +10,9 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 from segment_anything import SamPredictor
 
-from regionspot_cache.config import ConfigError, ExtractConfig
+from regionspot_cache.config import ConfigError, ExtractConfig, Preprocessing
 from regionspot_cache.encoders.clip import RELEASED_TEMPLATES
-from regionspot_cache.encoders.preprocess import SAM_STEPS, TestResize, preprocess_of_steps
+from regionspot_cache.encoders.preprocess import TestResize
 
 NAMES = ["cat", "traffic light", "table-merged"]
 
@@ -130,13 +130,13 @@ def test_released_text_recipe_is_raw_mean_over_81_templates(encoders):
 
 def test_released_identity_describes_its_steps(encoders):
     released = encoders.with_preprocess("released")
-    assert released.sam_provenance().preprocess == SAM_STEPS["released"]
+    assert released.sam_provenance().preprocess == Preprocessing("released").sam_steps
     assert "antialias=False" in released.clip_provenance().preprocess
     assert released.clip_provenance() != encoders.clip_provenance()
     # Caches made before the choice existed record the direct steps and read as direct.
     assert encoders.sam_provenance().preprocess == "ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)"
-    assert preprocess_of_steps(encoders.sam_provenance().preprocess) == "direct"
-    assert preprocess_of_steps(released.sam_provenance().preprocess) == "released"
+    assert Preprocessing.of_sam_steps(encoders.sam_provenance().preprocess) == "direct"
+    assert Preprocessing.of_sam_steps(released.sam_provenance().preprocess) == "released"
 
 
 def test_config_choices_are_validated():

@@ -11,7 +11,7 @@ import torch
 
 from regionspot_cache.config import TrainConfig
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, region_logits, save_head
-from regionspot_cache.train.data import EpochSampler, collate_regions
+from regionspot_cache.train.data import EpochSampler, RegionItem, collate_regions
 from regionspot_cache.train.loop import focal_loss, lr_factor
 
 CONFIG = HeadConfig(clip_width=16, text_dim=8, num_heads=8, ffn_dim=32)
@@ -97,8 +97,8 @@ def test_lr_schedule_warmup_and_steps():
 
 def test_collate_pads_and_masks():
     items = [
-        (np.ones((2, 256), np.float16), np.zeros((5, 16), np.float16), np.array([3, 1])),
-        (np.full((1, 256), 2, np.float16), np.ones((5, 16), np.float16), np.array([0])),
+        RegionItem(np.ones((2, 256), np.float16), np.zeros((5, 16), np.float16), np.array([3, 1])),
+        RegionItem(np.full((1, 256), 2, np.float16), np.ones((5, 16), np.float16), np.array([0])),
     ]
     batch = collate_regions(items)
     assert batch.tokens.shape == (2, 2, 256) and batch.feature_maps.shape == (2, 5, 16)

@@ -35,7 +35,8 @@ def test_batched_reads_equal_single_reads_and_labels_skip_unknown_classes(tmp_pa
     reader = _cache(tmp_path)
     regions = CachedRegions(reader, reader.vocabulary("toy"), max_boxes=100, seed=0)
     keys = [(0, i) for i in (5, 0, 10, 3)]
-    for key, (tokens, feature_map, labels) in zip(keys, regions.read(keys)):
+    for key, read in zip(keys, regions.read(keys)):
+        tokens, feature_map, labels = read.tokens, read.feature_map, read.labels
         image_id = regions.image_ids[key[1]]
         item = reader.image(image_id)
         known = np.flatnonzero(item.category_ids <= 2)  # category 3 is not in the vocabulary
@@ -43,7 +44,7 @@ def test_batched_reads_equal_single_reads_and_labels_skip_unknown_classes(tmp_pa
         np.testing.assert_array_equal(tokens, item.tokens[known])
         np.testing.assert_array_equal(feature_map, item.feature_map)
         single = regions[key]
-        np.testing.assert_array_equal(single[0], tokens)
+        np.testing.assert_array_equal(single.tokens, tokens)
 
 
 def test_every_image_once_per_epoch_whatever_the_workers(tmp_path):
@@ -69,7 +70,8 @@ def test_int8_cache_trains_from_the_same_keys(tmp_path):
     keys = [(0, i) for i in range(len(half.image_ids()))]
     a = CachedRegions(half, half.vocabulary("toy"), 100, seed=0).read(keys)
     b = CachedRegions(int8, int8.vocabulary("toy"), 100, seed=0).read(keys)
-    for (ta, ma, la), (tb, mb, lb) in zip(a, b):
+    for x, y in zip(a, b):
+        (ta, ma, la), (tb, mb, lb) = (x.tokens, x.feature_map, x.labels), (y.tokens, y.feature_map, y.labels)
         np.testing.assert_array_equal(la, lb)
         np.testing.assert_allclose(mb.astype(np.float32), ma.astype(np.float32), rtol=0.01)  # constant rows: exact-ish
         assert np.linalg.norm(tb.astype(np.float32) - ta) / np.linalg.norm(ta.astype(np.float32)) < 0.02
