@@ -75,10 +75,10 @@ def evaluate(
     """
     from regionspot_cache.cache import CacheReader
     from regionspot_cache.data.datasets import load_manifest
-    from regionspot_cache.encoders import models_recorded_in
     from regionspot_cache.evaluate.api import METHODS, REGIONSPOT, released_input_differences
     from regionspot_cache.evaluate.api import evaluate as evaluate_on_lvis
     from regionspot_cache.head.model import load_head
+    from regionspot_cache.identity import models_recorded_in
 
     if method not in METHODS:
         raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")

@@ -13,7 +13,7 @@ import torch
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import EvalConfig, ModelsConfig
-from regionspot_cache.encoders import preprocess_recorded_in
+from regionspot_cache.encoders.preprocess import preprocess_of_steps
 from regionspot_cache.evaluate.baselines import BASELINES, score_cache_with_baseline
 from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.ground_truth import load_ground_truth
@@ -138,7 +138,7 @@ def released_input_differences(head_config: dict[str, Any], cache_dir: Path | st
         return []
     reader = CacheReader(cache_dir)
     name = vocabulary or reader.provenance.dataset
-    made = {"extract.preprocess": preprocess_recorded_in(reader.provenance),
+    made = {"extract.preprocess": preprocess_of_steps(reader.provenance.sam.preprocess),
             "extract.text_recipe": reader.vocabulary(name).text_recipe}
     found = [f"{key} is {value!r}, not 'released'" for key, value in made.items() if value != "released"]
     for difference in found:

@@ -14,10 +14,12 @@ from regionspot_cache.cache import CacheFormatError, CacheReader, Provenance
 from regionspot_cache.config import ModelsConfig
 from regionspot_cache.data.datasets import ImageEntry
 from regionspot_cache.data.images import ImageSource
-from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in, preprocess_recorded_in
+from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
+from regionspot_cache.encoders.preprocess import preprocess_of_steps
 from regionspot_cache.encoders.sam import SamBoxEncoder
 from regionspot_cache.evaluate.masks import add_segmentations
 from regionspot_cache.evaluate.scoring import Detections, cap_per_image
+from regionspot_cache.identity import models_recorded_in
 from regionspot_cache.runtime import differences, resolve_device, write_json
 
 
@@ -26,7 +28,7 @@ def load_cache_encoders(reader: CacheReader, models: ModelsConfig | None, device
     models = models or models_recorded_in(reader.provenance)
     try:
         # The images are prepared as at extraction (extract.preprocess), so masks fit the cached tokens.
-        encoders = load_frozen_encoders(models, resolve_device(device), preprocess_recorded_in(reader.provenance))
+        encoders = load_frozen_encoders(models, resolve_device(device), preprocess_of_steps(reader.provenance.sam.preprocess))
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{err} (models recorded in {reader.root / 'cache.json'}; give their files with "

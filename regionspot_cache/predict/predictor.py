@@ -26,7 +26,6 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from regionspot_cache.cache.format import ClipIdentity
 from regionspot_cache.config import ModelsConfig, OpenSetConfig
 from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.data.datasets import BoxSet, xyxy_array
@@ -35,6 +34,7 @@ from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_e
 from regionspot_cache.evaluate.masks import box_mask_rles
 from regionspot_cache.evaluate.open_set import kept_regions, known_scores, needs_background
 from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
+from regionspot_cache.identity import ClipIdentity
 from regionspot_cache.runtime import atomic_path, resolve_device
 
 ImageInput = Union[np.ndarray, Image.Image, str, Path]

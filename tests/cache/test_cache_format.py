@@ -18,8 +18,8 @@ from regionspot_cache.cache import (
     inspect_cache,
     verify_cache,
 )
-from regionspot_cache.cache.format import ClipIdentity, SamIdentity
 from regionspot_cache.data.datasets import BoxSet, Category
+from regionspot_cache.identity import ClipIdentity, SamIdentity, WeightFiles
 
 RNG = np.random.default_rng(0)
 
@@ -30,7 +30,7 @@ CLIP = ClipIdentity("RS-Tiny-ViT", None, "cd", [128, 128], 8, 5, 4, 14.3, "clip 
 
 def _provenance(**changes) -> Provenance:
     fields = dict(dataset="toy", box_source="gt", shard_size=3, planned_shards=2, sam=SAM, clip=CLIP,
-                  package_version="0", paths={"sam_checkpoint": "/x"})
+                  package_version="0", weights=WeightFiles("/x"))
     fields.update(changes)
     return Provenance(**fields)
 
@@ -83,7 +83,7 @@ def test_vocabulary_round_trip(tmp_path):
 
 def test_identity_mismatch_is_refused_naming_the_key(tmp_path):
     CacheWriter(tmp_path, _provenance())
-    CacheWriter(tmp_path, _provenance(package_version="9", paths={"sam_checkpoint": "/elsewhere"}))  # not identity
+    CacheWriter(tmp_path, _provenance(package_version="9", weights=WeightFiles("/elsewhere")))  # not identity
     with pytest.raises(CacheFormatError, match=r"sam\.checkpoint_sha256: cache has 'ab', this run has 'cd'"):
         CacheWriter(tmp_path, _provenance(sam=dataclasses.replace(SAM, checkpoint_sha256="cd")))
 
