@@ -12,19 +12,8 @@ import pyarrow as pa
 # FEATURE_DTYPES: how maps and tokens are stored (Provenance.feature_dtype), defined with the config that picks it.
 from regionspot_cache.config import FEATURE_DTYPES, ConfigError  # noqa: F401
 
-# The identity types lived here; they are re-exported for a while (internal code imports identity).
-from regionspot_cache.identity import (  # noqa: F401
-    FEATURE_MAPS_BORROWED,
-    FEATURE_MAPS_CACHE,
-    FEATURE_MAPS_OWN,
-    VIEW_BASE_CACHE,
-    CacheKind,
-    ClipIdentity,
-    ModelIdentity,
-    SamIdentity,
-    ViewIdentity,
-    WeightFiles,
-)
+# ViewIdentity lived here with the other identities: re-exported for a while (the package imports identity).
+from regionspot_cache.identity import CacheKind, ClipIdentity, SamIdentity, ViewIdentity, WeightFiles  # noqa: F401
 from regionspot_cache.runtime import differences, sha256_file, write_json
 
 FORMAT_VERSION = 1

@@ -99,8 +99,9 @@ def evaluate(
     given_models = (sam_variant, sam_checkpoint, clip_model, clip_pretrained)
     # The models the cache recorded, with the files (or names) given here, e.g. paths on this machine.
     models = models_recorded_in(CacheReader(cache).provenance).with_overrides(*given_models) if any(given_models) else None
-    model, head_config = load_head(head) if method == REGIONSPOT else (None, {})
-    released_input_differences(head_config, cache)  # logs a warning for an imported head on a non-released cache
+    model, metadata = load_head(head) if method == REGIONSPOT else (None, None)
+    # Logs a warning for an imported head on a non-released cache.
+    released_input_differences(metadata.imported_from if metadata else None, cache)
     result = evaluate_on_lvis(cache, annotations, config.eval, method=method, head=model, masks=masks,
                               image_root=image_root, models=models, results_file=output)
     name = head.name if method == REGIONSPOT else method

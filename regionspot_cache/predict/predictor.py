@@ -179,8 +179,8 @@ class Predictor:
         text_recipe: str | None = None,
     ):
         device = resolve_device(device) if isinstance(device, str) else device
-        model, head_config = (head, {}) if isinstance(head, RegionSpotHead) else load_head(head)
-        imported = "imported_from" in head_config  # released checkpoints want the released inputs
+        model, metadata = (head, None) if isinstance(head, RegionSpotHead) else load_head(head)
+        imported = metadata is not None and metadata.imported  # released checkpoints want the released inputs
         preprocess = preprocess or ("released" if imported else "direct")
         text_recipe = text_recipe or ("released" if imported else "openclip")
         encoders = models if isinstance(models, FrozenEncoders) else load_frozen_encoders(models, device)

@@ -83,8 +83,8 @@ def test_imported_head_on_a_direct_cache_is_warned(released_cache, tmp_path, cap
     from regionspot_cache.evaluate.api import released_input_differences
 
     _, cache = released_cache
-    assert released_input_differences({"imported_from": "regionspot_bl.pth"}, cache) == []
-    assert released_input_differences({}, cache) == []
+    assert released_input_differences("regionspot_bl.pth", cache) == []
+    assert released_input_differences(None, cache) == []
     # The same cache as if made the direct way, with an openclip vocabulary.
     direct = tmp_path / "direct"
     provenance = CacheReader(cache).provenance
@@ -96,6 +96,6 @@ def test_imported_head_on_a_direct_cache_is_warned(released_cache, tmp_path, cap
     writer.write_vocabulary("toy", [Category(i, n) for i, n in zip(vocabulary.category_ids, vocabulary.names)],
                             vocabulary.embeddings)
     with caplog.at_level("WARNING"):
-        found = released_input_differences({"imported_from": "regionspot_bl.pth"}, direct)
+        found = released_input_differences("regionspot_bl.pth", direct)
     assert found == ["extract.preprocess is 'direct', not 'released'", "extract.text_recipe is 'openclip', not 'released'"]
     assert "regionspot_bl.pth" in caplog.text and "extract.preprocess is 'direct'" in caplog.text

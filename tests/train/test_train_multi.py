@@ -138,7 +138,7 @@ def test_stage1_then_stage2_recipes_end_to_end(caches, tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(12))
     assert {r["dataset"] for r in rows} == set(DATASETS)
     head, config = load_head(stage2)
-    assert config["vocabularies"] == list(DATASETS) and config["train"]["init_from"] == str(stage1)
+    assert config.vocabularies == list(DATASETS) and config.train["init_from"] == str(stage1)
 
     # Zero steps from stage 1 must give back exactly the stage-1 weights.
     unchanged = tmp_path / "heads" / "zero.safetensors"
