@@ -35,7 +35,7 @@ from regionspot_cache.data.images import load_rgb
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import FrozenEncoders, SamBoxEncoder, build_sam, load_clip, load_frozen_encoders
-from regionspot_cache.extract.runner import prepare_cache, run_extraction
+from regionspot_cache.extract.runner import CacheTarget, prepare_cache, run_extraction
 from regionspot_cache.runtime import resolve_device
 
 
@@ -162,7 +162,7 @@ def main() -> None:
         warmup = load_coco_format(annotations, root / "images", name="bench")
         warmup.images = warmup.images[:2]
         released_flow(warmup, encoders, root)  # first-call costs out of both timings
-        run_extraction(warmup, root / "warmup_cache", encoders.spec, config, encoders=encoders)
+        run_extraction(warmup, CacheTarget(root / "warmup_cache"), encoders, config)
 
         (root / "released").mkdir()
         _synchronize(device)
@@ -172,9 +172,9 @@ def main() -> None:
         released_seconds = time.perf_counter() - start
 
         # The vocabulary's text embeddings are written first: the released flow has no such step.
-        prepare_cache(dataset, root / "cache", encoders, config, "gt")
+        prepare_cache(dataset, CacheTarget(root / "cache"), encoders.with_preprocess(config.preprocess), config)
         start = time.perf_counter()
-        run_extraction(dataset, root / "cache", encoders.spec, config, encoders=encoders)
+        run_extraction(dataset, CacheTarget(root / "cache"), encoders, config)
         _synchronize(device)
         ours_seconds = time.perf_counter() - start
 

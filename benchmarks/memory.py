@@ -33,7 +33,7 @@ from regionspot_cache.config import ClipSpec, ExtractConfig, ModelsConfig, SamSp
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.encoders import FrozenEncoders, SamBoxEncoder, build_sam, load_clip
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 
 CLIP_MODEL = "ViT-B-16"
 
@@ -55,7 +55,7 @@ def child(attention: str, batch: int, images: int) -> dict:
         annotations = generate_split(root, "bench", SyntheticSpec(images, seed=0, min_size=480, max_size=640))
         dataset = load_coco_format(annotations, root / "images", name="bench")
         config = ExtractConfig(shard_size=images, batch_size=batch, num_workers=0, device="cpu", memory_budget_gb=1e6)
-        run_extraction(dataset, root / "cache", spec, config, encoders=encoders)
+        run_extraction(dataset, CacheTarget(root / "cache"), encoders, config)
     return {"attention": attention, "batch": batch, "images": images, "loaded_gb": loaded_gb, "peak_gb": _rss_gb()}
 
 

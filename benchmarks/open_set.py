@@ -33,7 +33,7 @@ from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import load_frozen_encoders
 from regionspot_cache.evaluate.open_set import OpenSetRule, accuracy_at_known_recall, auroc, known_scores
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import load_head, region_logits
 from regionspot_cache.train.loop import train_head
 
@@ -96,7 +96,7 @@ def main() -> None:
         extract = ExtractConfig(shard_size=64, num_workers=0, device="cpu")
         for name, annotations in (("train", train_json), ("test", test_json)):
             dataset = load_coco_format(annotations, root / "images", name=f"openset_{name}")
-            run_extraction(dataset, root / "cache" / name, models, extract, encoders=encoders)
+            run_extraction(dataset, CacheTarget(root / "cache" / name), encoders, extract)
         config = TrainConfig(iterations=args.iterations, batch_size=8, lr=1e-3, warmup_iters=100,
                              lr_steps=[int(0.8 * args.iterations)], max_boxes_per_image=16, tensorboard=False,
                              seed=args.seed, device="cpu", checkpoint_every=10**9)

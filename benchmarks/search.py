@@ -27,7 +27,7 @@ from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, extract_dataset
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead
 from regionspot_cache.search.index import build_index
 from regionspot_cache.search.query import top_k_cosine
@@ -53,7 +53,7 @@ def embedding_rate(images: int, repeats: int) -> None:
         models = write_tiny_checkpoints(root / "models")
         annotations = generate_split(root, "bench", SyntheticSpec(images=images, seed=0))
         dataset = load_coco_format(annotations, root / "images", name="bench")
-        run_extraction(dataset, root / "cache", models, ExtractConfig(shard_size=64, num_workers=0, device="cpu"))
+        extract_dataset(dataset, CacheTarget(root / "cache"), models, ExtractConfig(shard_size=64, num_workers=0, device="cpu"))
         reader = CacheReader(root / "cache")
         torch.manual_seed(0)
         head = RegionSpotHead(HeadConfig(clip_width=reader.provenance.clip.width, text_dim=reader.provenance.clip.text_dim))

@@ -27,7 +27,7 @@ from regionspot_cache.data.images import load_rgb
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import FrozenEncoders, SamBoxEncoder, build_sam, load_clip, load_frozen_encoders
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import RegionSpotHead
 from regionspot_cache.runtime import resolve_device
 from regionspot_cache.train.data import (
@@ -92,7 +92,7 @@ def main() -> None:
         else:
             encoders = load_frozen_encoders(write_tiny_checkpoints(root / "models"), device)
         extract_config = ExtractConfig(num_workers=0, device=str(device))
-        run_extraction(dataset, root / "cache", encoders.spec, extract_config, encoders=encoders)
+        run_extraction(dataset, CacheTarget(root / "cache"), encoders, extract_config)
         reader = CacheReader(root / "cache")
         config = TrainConfig(batch_size=args.batch_size, lr=1e-4, warmup_iters=0, max_boxes_per_image=16)
         vocab = reader.vocabulary("bench")

@@ -28,7 +28,7 @@ from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import load_frozen_encoders
 from regionspot_cache.evaluate import evaluate_head
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.extract.views import extract_views
 from regionspot_cache.head.model import load_head
 from regionspot_cache.train.loop import train_head
@@ -69,8 +69,8 @@ def prepare_caches(workdir: Path, args: argparse.Namespace) -> tuple[dict[str, P
     train = load_coco_format(train_json, data / "images", name="demo_train")
     val = load_coco_format(val_json, data / "images", name="demo_val")
     caches = {"val": workdir / "cache" / "val", CONDITIONS[0]: workdir / "cache" / "train"}
-    run_extraction(val, caches["val"], models, config, encoders=encoders)
-    run_extraction(train, caches[CONDITIONS[0]], models, config, encoders=encoders)
+    run_extraction(val, CacheTarget(caches["val"]), encoders, config)
+    run_extraction(train, CacheTarget(caches[CONDITIONS[0]]), encoders, config)
     for mode in CONDITIONS[1:]:
         caches[mode] = workdir / "cache" / f"train-{mode}"
         if not caches[mode].exists():

@@ -57,7 +57,7 @@ def test_legacy_cache_json_is_written_back_unchanged(legacy, name):
 
 def test_legacy_head_loads_with_its_metadata(legacy):
     head, metadata = load_head(legacy / "head" / "head.safetensors")
-    assert json.loads(json.dumps(metadata, default=str)) == EXPECTED["head_meta"]
+    assert metadata.to_json() == EXPECTED["head_meta"]
     assert head.config.clip_width == EXPECTED["head_meta"]["head"]["clip_width"]
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 
-from regionspot_cache.config import ConfigError, FeatureDtype, TextRecipe, ViewMode, from_dict
+from regionspot_cache.config import ConfigError, FeatureDtype, TextRecipe
+
+# The identities lived here: re-exported for a while (the package itself imports identity).
+from regionspot_cache.identity import CacheKind, ClipIdentity, SamIdentity, ViewIdentity, WeightFiles  # noqa: F401
 from regionspot_cache.runtime import differences, sha256_file, write_json
 
 FORMAT_VERSION = 1
@@ -105,80 +108,18 @@ def shard_checksums(shard_dir: Path) -> dict[str, str]:
     }
 
 
-FEATURE_MAPS_OWN, FEATURE_MAPS_BORROWED = "own", "borrowed"
-FEATURE_MAPS_CACHE = "feature_maps_cache"  # key in Provenance.paths
 PROPOSALS_DIR = "proposals"  # proposals caches that borrow a cache's feature maps live under it
 VIEWS_DIR = "views"  # caches of augmented views of a cache's images live under it
-VIEW_BASE_CACHE = "view_base_cache"  # key in Provenance.paths: the cache a view was made from (relative)
 EXTRACTION_COST_FILE = "extraction_cost.json"  # wall seconds and images of the runs that wrote a cache
-
-
-IdentityT = TypeVar("IdentityT", bound="ModelIdentity")
-
-
-class ModelIdentity:
-    """A model as ``cache.json`` records it: a dataclass read strictly from, and written as, a JSON object."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls: type[IdentityT], data: Any, where: str) -> IdentityT:
-        """Unknown, missing or mistyped fields are a CacheFormatError naming them."""
-        try:
-            return from_dict(cls, data, where)
-        except ConfigError as err:
-            raise CacheFormatError(str(err)) from None
-        except TypeError as err:  # a required field is missing
-            raise CacheFormatError(f"{where}: {err}") from None
-
-
-@dataclass
-class SamIdentity(ModelIdentity):
-    """The SAM that made a cache's box tokens, as recorded under ``sam`` in ``cache.json``."""
-
-    variant: str
-    checkpoint_sha256: str | None
-    input_size: int
-    token_dim: int
-    preprocess: str
-    token: str
-
-
-@dataclass
-class ClipIdentity(ModelIdentity):
-    """The CLIP that made a cache's feature maps and text embeddings, as recorded under ``clip``
-    in ``cache.json``: ``pretrained`` is an open_clip tag, or None with ``weights_sha256`` of a file."""
-
-    model: str
-    pretrained: str | None
-    weights_sha256: str | None
-    image_size: list[int]  # a list, as JSON gives it back, so that recorded and fresh compare equal
-    width: int  # channels of the feature map
-    num_tokens: int  # rows of the feature map: prefix tokens (class token; none for SigLIP), then the patch grid
-    text_dim: int
-    logit_scale: float
-    preprocess: str
-    feature_map: str  # which tokens, from where (encoders/tower.py)
-    # Added to every logit by SigLIP-style models; None for CLIP (and for caches written before it existed).
-    logit_bias: float | None = None
-
-
-@dataclass
-class ViewIdentity(ModelIdentity):
-    """The augmented view a view cache holds (data/views.py), as recorded under ``view`` in
-    ``cache.json``. ``mode``: "released" stores only the CLIP maps of the view (boxes, labels and
-    tokens are the base cache's); "consistent" stores the view's own boxes, tokens and maps."""
-
-    id: str
-    seed: int
-    mode: ViewMode
 
 
 @dataclass
 class Provenance:
-    """What produced a cache. Everything except ``package_version`` and file paths is identity:
-    extracting into a cache with a different identity is refused."""
+    """What produced a cache. Everything except ``package_version`` and the weight files is
+    identity: extracting into a cache with a different identity is refused.
+
+    ``cache.json`` keeps the keys it always had: ``weights`` is written under ``paths``, and
+    ``kind`` as ``feature_maps``, ``view`` and its base's path under ``paths`` (identity.py)."""
 
     dataset: str
     box_source: str
@@ -188,13 +129,10 @@ class Provenance:
     clip: ClipIdentity
     format_version: int = FORMAT_VERSION
     package_version: str = ""
-    paths: dict[str, str | None] = field(default_factory=dict)
-    # "own", or "borrowed": a proposals cache holding only boxes and SAM tokens, whose CLIP
-    # feature maps are read from the cache at ``paths["feature_maps_cache"]`` (relative to it).
-    feature_maps: str = FEATURE_MAPS_OWN
+    weights: WeightFiles = field(default_factory=WeightFiles)
+    kind: CacheKind = field(default_factory=CacheKind)
     # "float16", or "int8" with a float32 scale per token (cache/arrays.py); the reader returns float16.
     feature_dtype: FeatureDtype = FeatureDtype.FLOAT16
-    view: ViewIdentity | None = None  # set in a view cache (<cache>/views/<view id>/)
 
     def __post_init__(self) -> None:
         dtype = FeatureDtype.find(self.feature_dtype)
@@ -209,11 +147,14 @@ class Provenance:
         return data
 
     def _as_dict(self) -> dict[str, Any]:
-        """As JSON records it; ``view`` only in a view cache, so other caches read and write as before."""
-        data = asdict(self)
-        if data["view"] is None:
-            data.pop("view")
-        return data
+        """As ``cache.json`` records it."""
+        kind, kind_paths = self.kind.recorded()
+        return {
+            "dataset": self.dataset, "box_source": self.box_source, "shard_size": self.shard_size,
+            "planned_shards": self.planned_shards, "sam": self.sam.to_dict(), "clip": self.clip.to_dict(),
+            "format_version": self.format_version, "package_version": self.package_version,
+            "paths": {**self.weights.to_paths(), **kind_paths}, "feature_dtype": self.feature_dtype, **kind,
+        }
 
     def differences(self, other: "Provenance") -> list[str]:
         """What differs between this run (self) and the cache (``other``), one line per field."""
@@ -238,15 +179,26 @@ class Provenance:
                 f"{path}: cache format version {data.get('format_version')!r}, "
                 f"this regionspot-cache reads version {FORMAT_VERSION}"
             )
-        identities = {"sam": SamIdentity.from_dict(data.get("sam"), f"{path}: sam"),
-                      "clip": ClipIdentity.from_dict(data.get("clip"), f"{path}: clip"),
-                      "view": None if data.get("view") is None else ViewIdentity.from_dict(data["view"], f"{path}: view")}
+        return Provenance.from_recorded(data, str(path))
+
+    @staticmethod
+    def from_recorded(data: dict[str, Any], where: str) -> "Provenance":
+        """The provenance a ``cache.json`` object records; what does not fit is a CacheFormatError."""
+        recorded = {key: value for key, value in data.items() if key not in _KIND_AND_WEIGHTS}
         try:
-            return Provenance(**{**data, **identities})
+            return Provenance(**{**recorded, "sam": SamIdentity.from_dict(data.get("sam"), f"{where}: sam"),
+                                 "clip": ClipIdentity.from_dict(data.get("clip"), f"{where}: clip"),
+                                 "weights": WeightFiles.from_paths(data.get("paths") or {}),
+                                 "kind": CacheKind.read(data, where)})
+        except ConfigError as err:
+            raise CacheFormatError(str(err)) from None
         except TypeError as err:
-            raise CacheFormatError(f"{path}: unexpected provenance fields: {err}") from None
+            raise CacheFormatError(f"{where}: unexpected provenance fields: {err}") from None
         except CacheFormatError as err:  # a value out of its choices (feature_dtype)
-            raise CacheFormatError(f"{path}: {err}") from None
+            raise CacheFormatError(f"{where}: {err}") from None
+
+
+_KIND_AND_WEIGHTS = ("paths", "feature_maps", "view")  # cache.json keys that Provenance holds as typed parts
 
 
 def record_extraction_cost(root: Path, seconds: float, images: int) -> None:

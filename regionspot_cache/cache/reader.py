@@ -23,8 +23,6 @@ from regionspot_cache.cache.format import (
     BOXES_FILE,
     BOXES_SCHEMA,
     CLIP_MAPS,
-    FEATURE_MAPS_BORROWED,
-    FEATURE_MAPS_CACHE,
     FEATURES_DIR,
     IMAGES_FILE,
     IMAGES_SCHEMA,
@@ -133,9 +131,10 @@ class CacheReader:
 
     def _open_maps_borrowed_from(self) -> "CacheReader | None":
         """The cache whose feature maps a proposals cache reads (it stores only SAM tokens)."""
-        if self.provenance.feature_maps != FEATURE_MAPS_BORROWED:
+        kind = self.provenance.kind
+        if kind.owns_feature_maps:
             return None
-        source = (self.root / str(self.provenance.paths.get(FEATURE_MAPS_CACHE))).resolve()
+        source = (self.root / str(kind.base)).resolve()
         try:
             base = CacheReader(source)
         except CacheFormatError as err:

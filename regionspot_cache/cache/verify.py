@@ -117,7 +117,7 @@ def _cost(root: Path) -> dict[str, Any]:
 def _view_summary(root: Path) -> dict[str, Any]:
     """Mode, seed, images, bytes and extraction cost of one view cache."""
     reader = CacheReader(root)
-    view = reader.provenance.view
+    view = reader.provenance.kind.view
     on_disk = _bytes_on_disk(root)
     return {
         "mode": view.mode if view else "?",

@@ -111,9 +111,9 @@ def repair(
     from regionspot_cache.cli.report import print_extract_summary
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.data.proposals import with_box_source
-    from regionspot_cache.encoders import models_recorded_in
     from regionspot_cache.extract.distribute import Dask, InProcess
     from regionspot_cache.extract.repair import repair_cache
+    from regionspot_cache.identity import models_recorded_in
 
     config = recipe_from(recipe, overrides)
     models = models_recorded_in(Provenance.read(cache)).with_overrides(

@@ -76,10 +76,10 @@ def evaluate(
     from regionspot_cache.cache import CacheReader
     from regionspot_cache.config import EvalMethod
     from regionspot_cache.data.datasets import load_manifest
-    from regionspot_cache.encoders import models_recorded_in
     from regionspot_cache.evaluate.api import evaluate as evaluate_on_lvis
     from regionspot_cache.evaluate.api import released_input_differences
     from regionspot_cache.head.model import load_head
+    from regionspot_cache.identity import models_recorded_in
 
     chosen = EvalMethod.find(method)
     if chosen is None:
@@ -101,8 +101,9 @@ def evaluate(
     given_models = (sam_variant, sam_checkpoint, clip_model, clip_pretrained)
     # The models the cache recorded, with the files (or names) given here, e.g. paths on this machine.
     models = models_recorded_in(CacheReader(cache).provenance).with_overrides(*given_models) if any(given_models) else None
-    model, head_config = load_head(head) if chosen.needs_head else (None, {})
-    released_input_differences(head_config, cache)  # logs a warning for an imported head on a non-released cache
+    model, metadata = load_head(head) if chosen.needs_head else (None, None)
+    # Logs a warning for an imported head on a non-released cache.
+    released_input_differences(metadata.imported_from if metadata else None, cache)
     result = evaluate_on_lvis(cache, annotations, config.eval, method=chosen, head=model, masks=masks,
                               image_root=image_root, models=models, results_file=output)
     name = head.name if chosen.needs_head else chosen.value

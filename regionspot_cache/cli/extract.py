@@ -52,7 +52,7 @@ def extract(
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.data.proposals import with_box_source
     from regionspot_cache.extract.distribute import Dask, InProcess
-    from regionspot_cache.extract.runner import run_extraction
+    from regionspot_cache.extract.runner import CacheTarget, load_encoders, run_extraction
 
     config = recipe_from(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
                      clip_model=clip_model, clip_pretrained=clip_pretrained)
@@ -60,14 +60,15 @@ def extract(
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
     distributor = InProcess() if in_process else Dask(scheduler, workers, retries)
-    summary = run_extraction(dataset, cache, config.models, config.extract, box_source, distributor=distributor)
+    encoders = load_encoders(config.models, config.extract, distributor)  # for the cache and its views
+    summary = run_extraction(dataset, CacheTarget(cache, box_source=box_source), encoders, config.extract, distributor)
     print_extract_summary(summary)
     if summary.failed_shards:
         raise typer.Exit(1)
     if config.extract.views:  # each view a cache of its own under CACHE/views/, resumable the same way
         from regionspot_cache.extract.views import extract_views
 
-        views = extract_views(dataset, cache, config.extract, box_source, config.models, distributor=distributor)
+        views = extract_views(dataset, cache, config.extract, box_source, encoders=encoders, distributor=distributor)
         for view_summary in views.values():
             print_extract_summary(view_summary)
         if any(view_summary.failed_shards for view_summary in views.values()):

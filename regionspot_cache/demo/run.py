@@ -18,7 +18,7 @@ from regionspot_cache.encoders import load_frozen_encoders
 from regionspot_cache.evaluate import evaluate_head
 from regionspot_cache.evaluate.lvis import METRICS, EvalResult
 from regionspot_cache.evaluate.report import ReportData, cache_labels, write_report
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import RegionSpotHead, load_head
 from regionspot_cache.progress import console, log_to_console, metrics_table, say
 from regionspot_cache.runtime import resolve_device, write_json
@@ -45,12 +45,12 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
                   f"CLIP {models.clip.model} from {models.clip.pretrained}")
 
     console.rule("[bold]2/4 extract (frozen SAM + CLIP, once per image)")
-    encoders = load_frozen_encoders(models, resolve_device(config.extract.device))
+    encoders = load_frozen_encoders(models, resolve_device(config.extract.device), config.extract.preprocess)
     caches = {}
     for split, annotation_file in (("train", train_json), ("val", val_json)):
         dataset = load_coco_format(annotation_file, data_dir / "images", name=f"demo_{split}")
         caches[split] = workdir / "cache" / split
-        print_extract_summary(run_extraction(dataset, caches[split], models, config.extract, encoders=encoders))
+        print_extract_summary(run_extraction(dataset, CacheTarget(caches[split]), encoders, config.extract))
     del encoders
 
     console.rule("[bold]3/4 train the head from the cache")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from regionspot_cache.cache.format import ClipIdentity, Provenance, SamIdentity
-from regionspot_cache.config import ClipSpec, ModelsConfig, Preprocessing, SamSpec
+from regionspot_cache.config import ModelsConfig, Preprocessing
 from regionspot_cache.encoders.clip import ClipEncoder, load_clip
 from regionspot_cache.encoders.sam import SAM_ARCHITECTURES, TOKEN_DIM, SamBoxEncoder, build_sam
 from regionspot_cache.encoders.sam2 import SAM2_ARCHITECTURES, Sam2BoxEncoder, build_sam2_model
+from regionspot_cache.identity import ClipIdentity, SamIdentity, WeightFiles
 from regionspot_cache.runtime import sha256_file
 
 
@@ -72,11 +72,10 @@ class FrozenEncoders:
             logit_bias=self.clip.logit_bias,
         )
 
-    def paths(self) -> dict[str, str | None]:
+    def weight_files(self) -> WeightFiles:
         """Where the weights were read from, absolute, so that commands run from another
         directory (eval --masks, clip-*, repair) find them again."""
-        return {"sam_checkpoint": _absolute_if_file(self.spec.sam.checkpoint),
-                "clip_pretrained": _absolute_if_file(self.spec.clip.pretrained)}
+        return WeightFiles(_absolute_if_file(self.spec.sam.checkpoint), _absolute_if_file(self.spec.clip.pretrained))
 
 
 def _absolute_if_file(path: str | None) -> str | None:
@@ -103,13 +102,3 @@ def load_frozen_encoders(spec: ModelsConfig, device: torch.device,
     sam = load_box_encoder(spec.sam.variant, spec.sam.checkpoint, device)
     clip = load_clip(spec.clip.model, spec.clip.pretrained, device)
     return FrozenEncoders(sam, clip, spec).with_preprocess(preprocess)
-
-
-def models_recorded_in(provenance: Provenance) -> ModelsConfig:
-    """The models a cache was extracted with, from the variants and paths its provenance
-    recorded (checkpoint hashes are checked again when the cache is reopened for writing)."""
-    paths = provenance.paths
-    return ModelsConfig(
-        SamSpec(provenance.sam.variant, paths.get("sam_checkpoint")),
-        ClipSpec(provenance.clip.model, paths.get("clip_pretrained") or provenance.clip.pretrained),
-    )

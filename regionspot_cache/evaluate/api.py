@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -127,11 +126,11 @@ def evaluate_head(
     return evaluate(cache_dir, annotation_file, config, head=head, results_file=results_file, vocabulary=vocabulary)
 
 
-def released_input_differences(head_config: dict[str, Any], cache_dir: Path | str, vocabulary: str | None = None) -> list[str]:
-    """For a head imported from a released checkpoint (its JSON config records ``imported_from``):
+def released_input_differences(imported_from: str | None, cache_dir: Path | str, vocabulary: str | None = None) -> list[str]:
+    """For a head imported from the released checkpoint ``imported_from`` (``HeadMetadata.imported_from``):
     what of the cache is not made as the released code makes it, each logged as a warning (the
-    paper's numbers need ``released`` preprocessing and text recipe). Other heads: nothing."""
-    if "imported_from" not in head_config:
+    paper's numbers need ``released`` preprocessing and text recipe). Other heads (None): nothing."""
+    if imported_from is None:
         return []
     reader = CacheReader(cache_dir)
     name = vocabulary or reader.provenance.dataset
@@ -140,5 +139,5 @@ def released_input_differences(head_config: dict[str, Any], cache_dir: Path | st
     found = [f"{key} is {value!r}, not {released!r}" for key, (value, released) in made.items() if value is not released]
     for difference in found:
         logger.warning("%s: the head was imported from the released checkpoint %s, but the cache's %s; "
-                       "features differ from those it was trained on", cache_dir, head_config["imported_from"], difference)
+                       "features differ from those it was trained on", cache_dir, imported_from, difference)
     return found

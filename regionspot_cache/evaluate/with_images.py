@@ -14,10 +14,11 @@ from regionspot_cache.cache import CacheFormatError, CacheReader, Provenance
 from regionspot_cache.config import ModelsConfig, Preprocessing
 from regionspot_cache.data.datasets import ImageEntry
 from regionspot_cache.data.images import ImageSource
-from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in
+from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
 from regionspot_cache.encoders.sam import SamBoxEncoder
 from regionspot_cache.evaluate.masks import add_segmentations
 from regionspot_cache.evaluate.scoring import Detections, cap_per_image
+from regionspot_cache.identity import models_recorded_in
 from regionspot_cache.runtime import differences, resolve_device, write_json
 
 

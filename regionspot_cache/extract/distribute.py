@@ -24,7 +24,8 @@ from regionspot_cache.cache import CacheWriter, Provenance
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset, ImageEntry
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
-from regionspot_cache.extract.worker import OnBatch, Shard, ShardResult, extract_shards, shard_dataset
+from regionspot_cache.extract.plan import Shard, shard_dataset
+from regionspot_cache.extract.worker import OnBatch, ShardResult, extract_shards
 from regionspot_cache.runtime import resolve_device
 
 
@@ -52,7 +53,8 @@ class Distributor(Protocol):
 
     def run(self, work: ExtractionWork, shards: Sequence[Shard], encoders: FrozenEncoders, writer: CacheWriter,
             on_batch: OnBatch) -> Iterator[ShardOutcome]:
-        """Encode and commit ``shards``, yielding each one's outcome as it finishes."""
+        """Encode and commit ``shards``, yielding each one's outcome as it finishes (``encoders``
+        come with ``work.config.preprocess`` applied)."""
 
 
 @dataclass
@@ -125,9 +127,9 @@ _WORKER_ENCODERS: dict[str, FrozenEncoders] = {}  # loaded once per worker proce
 def extract_shard_task(shard_id: int, entries: list[ImageEntry], work: ExtractionWork) -> ShardResult:
     """One shard on a dask worker (module-level, so the task pickles by reference)."""
     device = _worker_device(work.config)
-    key = f"{work.models!r}@{device}"
+    key = f"{work.models!r}@{device}/{work.config.preprocess}"
     if key not in _WORKER_ENCODERS:
-        _WORKER_ENCODERS[key] = load_frozen_encoders(work.models, device)
+        _WORKER_ENCODERS[key] = load_frozen_encoders(work.models, device, work.config.preprocess)
     writer = CacheWriter(work.cache_dir, work.provenance)  # refuses a cache of another identity
     if shard_id in writer.committed_shards():  # committed by an earlier attempt
         return ShardResult(shard_id=shard_id)

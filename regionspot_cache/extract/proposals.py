@@ -15,13 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.cache.format import FEATURE_MAPS_OWN, PROPOSALS_DIR
+from regionspot_cache.cache.format import PROPOSALS_DIR
 from regionspot_cache.config import ExtractConfig, ModelsConfig, Preprocessing, TextRecipe
 from regionspot_cache.data.datasets import DetectionDataset
-from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in
+from regionspot_cache.encoders import FrozenEncoders
 from regionspot_cache.extract.distribute import Distributor
-from regionspot_cache.extract.runner import run_extraction
-from regionspot_cache.runtime import resolve_device
+from regionspot_cache.extract.runner import CacheTarget, load_encoders, run_extraction
+from regionspot_cache.identity import CacheKind, models_recorded_in
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +50,17 @@ def cache_with_boxes(
     _check_maps_can_be_borrowed(base, dataset)
     target = proposals_cache_dir(cache_dir, box_source)
     # SAM must see images and boxes prepared as the base cache's were (its maps are reused as they are).
+    # Same shards as the base, so a proposals shard's images are one base shard's.
     config = replace(config, preprocess=Preprocessing.recorded_in(base.provenance),
-                     text_recipe=_text_recipe_of(base, dataset.name, config.text_recipe))
-    encoders = encoders or load_frozen_encoders(models or models_recorded_in(base.provenance), resolve_device(config.device))
-    encoders = encoders.with_preprocess(config.preprocess)
+                     text_recipe=_text_recipe_of(base, dataset.name, config.text_recipe),
+                     shard_size=base.provenance.shard_size)
+    encoders = encoders or load_encoders(models or models_recorded_in(base.provenance), config, distributor)
+    encoders = encoders.with_preprocess(config.preprocess)  # for the comparison below (run_extraction's is then a no-op)
     if encoders.clip_provenance() != base.provenance.clip:
         raise ValueError(f"{cache_dir}: its feature maps come from another CLIP than the models given; "
                          "pass the models the cache was extracted with")
-    # Same shards as the base, so a proposals shard's images are one base shard's.
-    config = replace(config, shard_size=base.provenance.shard_size)
-    summary = run_extraction(dataset, target, encoders.spec, config, box_source, encoders,
-                             borrow_maps_from=os.path.relpath(cache_dir.resolve(), target.resolve()), distributor=distributor)
+    kind = CacheKind.proposals(os.path.relpath(cache_dir.resolve(), target.resolve()))
+    summary = run_extraction(dataset, CacheTarget(target, kind, box_source), encoders, config, distributor)
     failed = f"; shards failed: {summary.failed_shards}" if summary.failed_shards else ""
     logger.log(logging.WARNING if failed else logging.INFO,
                "proposals cache %s: SAM tokens of %d images, %d boxes (%d images failed) in %.1f s%s",
@@ -74,7 +74,7 @@ def _text_recipe_of(base: CacheReader, vocabulary: str, default: TextRecipe) -> 
 
 def _check_maps_can_be_borrowed(base: CacheReader, dataset: DetectionDataset) -> None:
     provenance = base.provenance
-    if provenance.feature_maps != FEATURE_MAPS_OWN:
+    if not provenance.kind.owns_feature_maps:
         raise ValueError(f"{base.root}: borrows its feature maps itself; use the cache it borrows them from")
     if provenance.dataset != dataset.name:
         raise ValueError(f"{base.root}: holds dataset {provenance.dataset!r}, not {dataset.name!r}")

@@ -12,9 +12,10 @@ from regionspot_cache.cache import Provenance, exclusive_extraction, verify_cach
 from regionspot_cache.cache.format import SHARDS_DIR
 from regionspot_cache.config import ExtractConfig, ModelsConfig, Preprocessing
 from regionspot_cache.data.datasets import DetectionDataset
-from regionspot_cache.encoders import FrozenEncoders, models_recorded_in
+from regionspot_cache.encoders import FrozenEncoders
 from regionspot_cache.extract.distribute import Distributor
-from regionspot_cache.extract.runner import ExtractSummary, run_extraction
+from regionspot_cache.extract.runner import CacheTarget, ExtractSummary, load_encoders, run_extraction
+from regionspot_cache.identity import models_recorded_in
 
 
 @dataclass
@@ -57,9 +58,10 @@ def repair_cache(
     # The shards come back as the cache recorded them, whatever the recipe given says.
     config = replace(config, shard_size=provenance.shard_size, feature_dtype=provenance.feature_dtype,
                      preprocess=Preprocessing.recorded_in(provenance))
-    # A view cache is re-extracted through its view (recorded in cache.json), not as a plain cache.
-    config = replace(config, strict=False) if provenance.view is not None else config
-    extraction = run_extraction(dataset, cache_dir, models or models_recorded_in(provenance), config,
-                                box_source, encoders, only_shards={int(name) for name in damaged},
-                                distributor=distributor, view=provenance.view)
+    # A view or proposals cache is re-extracted as the kind cache.json records, not as a plain cache.
+    config = replace(config, strict=False) if provenance.kind.view is not None else config
+    target = CacheTarget(cache_dir, provenance.kind, box_source)
+    only = {int(name) for name in damaged}
+    encoders = encoders or load_encoders(models or models_recorded_in(provenance), config, distributor)
+    extraction = run_extraction(dataset, target, encoders, config, distributor, only_shards=only)
     return RepairSummary(damaged, extraction)

@@ -1,6 +1,8 @@
 """Phase 1: run the frozen encoders once per image and write the feature cache.
 
-The runner assembles the parts (clip-retrieval's shape): ``reader`` decodes and resizes in
+The runner assembles the parts it is handed (clip-retrieval's shape): the dataset, the cache
+target (where, which kind, which boxes), the loaded encoders and a distributor. ``plan`` splits
+the dataset into shards and picks those still to extract; ``reader`` decodes and resizes in
 data-loading workers, ``mapper`` runs SAM and CLIP, ``worker`` commits shard after shard through
 the one ``CacheWriter``, and a ``distribute`` distributor decides where shards run (this process,
 or dask tasks). Committed shards are skipped, so re-running resumes.
@@ -11,26 +13,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from regionspot_cache import __version__
-from regionspot_cache.cache import CacheWriter, Provenance, exclusive_extraction
-from regionspot_cache.cache.format import (
-    FEATURE_MAPS_BORROWED,
-    FEATURE_MAPS_CACHE,
-    FEATURE_MAPS_OWN,
-    VIEW_BASE_CACHE,
-    CacheFormatError,
-    ViewIdentity,
-    record_extraction_cost,
-)
+from regionspot_cache.cache import CacheFormatError, CacheWriter, Provenance, exclusive_extraction
+from regionspot_cache.cache.format import record_extraction_cost
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
 from regionspot_cache.extract.distribute import Distributor, ExtractionWork, InProcess, ShardOutcome
-from regionspot_cache.extract.worker import ExtractCounts, Shard, shard_entries, shard_input_digest
+from regionspot_cache.extract.plan import check_inputs_unchanged, pending_shards, planned_shards, shard_entries
+from regionspot_cache.extract.worker import ExtractCounts
+from regionspot_cache.identity import CacheKind
 from regionspot_cache.progress import progress_bar
 
 
@@ -49,32 +44,40 @@ class ExtractSummary(ExtractCounts):
         self.shards_written += 1
 
 
+@dataclass(frozen=True)
+class CacheTarget:
+    """The cache an extraction writes: where it is, its kind, and the source of its boxes
+    (``gt`` or the id of a proposals file), which its identity records."""
+
+    root: Path
+    kind: CacheKind = CacheKind()
+    box_source: str = "gt"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+
 def run_extraction(
     dataset: DetectionDataset,
-    cache_dir: Path | str,
-    models: ModelsConfig,
+    target: CacheTarget,
+    encoders: FrozenEncoders,
     config: ExtractConfig,
-    box_source: str = "gt",
-    encoders: FrozenEncoders | None = None,
-    borrow_maps_from: str | None = None,
-    only_shards: set[int] | None = None,
     distributor: Distributor | None = None,
-    view: ViewIdentity | None = None,
+    only_shards: set[int] | None = None,
 ) -> ExtractSummary:
-    """Extract every shard of ``dataset`` that ``cache_dir`` does not hold yet.
+    """Extract every shard of ``dataset`` that the ``target`` cache does not hold yet.
 
     Arguments:
       dataset: images (``ImageEntry``: id, file, size) and their boxes (``BoxSet``: (N, 4) float32
         x1 y1 x2 y2 in original pixels, category ids, scores).
-      cache_dir: the cache to create or resume; its identity (models, boxes, shard size) must match.
-      models: the SAM and CLIP to load (``encoders``, if given, are used instead in this process).
-      config: batch size, shard size, loader workers, device, strictness.
-      box_source: ``gt`` or the id of a proposals file, recorded in the cache's identity.
-      borrow_maps_from: for a proposals cache, the path (relative to it) of the cache whose CLIP feature
-        maps it borrows: then only SAM runs.
-      only_shards: extract only these shard ids (``repair``).
+      target: the cache to create or resume, its kind (plain, proposals borrowing a base cache's
+        feature maps: then only SAM runs, view of a base cache) and box source; its identity
+        (models, boxes, shard size, kind) must match.
+      encoders: the loaded SAM and CLIP (``extract_dataset`` loads them from a ``ModelsConfig``);
+        ``config.preprocess`` is applied to them here, once.
+      config: batch size, shard size, loader workers, device, strictness, preprocessing.
       distributor: ``InProcess()`` (default) or ``Dask(scheduler, workers, retries)``.
-      view: for a view cache (extract/views.py), the augmented view its images are seen through.
+      only_shards: extract only these shard ids (``repair``).
 
     Returns:
       An ``ExtractSummary``: counts of images, boxes, failures, shards written / skipped / failed
@@ -84,77 +87,67 @@ def run_extraction(
     distributor = distributor or InProcess()
     # One thread count for every process that encodes (see ExtractConfig.threads).
     config = replace(config, threads=config.threads or torch.get_num_threads())
+    encoders = encoders.with_preprocess(config.preprocess)  # the same models, the recipe's image preprocessing
     started = time.perf_counter()
-    with exclusive_extraction(cache_dir):
-        encoders = encoders or load_frozen_encoders(models, distributor.setup_device(config))
-        writer = prepare_cache(dataset, cache_dir, encoders, config, box_source, borrow_maps_from, view)
+    with exclusive_extraction(target.root):
+        writer = prepare_cache(dataset, target, encoders, config)
         shards = list(shard_entries(dataset.images, config.shard_size))
         committed = writer.committed_shards()
         check_inputs_unchanged(writer, dataset, [shard for shard in shards if shard[0] in committed])
         pending = pending_shards(shards, committed, only_shards)
         summary = ExtractSummary(shards_skipped=len(shards) - len(pending))
-        work = ExtractionWork(dataset, Path(cache_dir), models, config, writer.provenance)
+        work = ExtractionWork(dataset, target.root, encoders.spec, config, writer.provenance)
         with ExtractProgress(dataset.name, sum(len(entries) for _, entries in pending)) as progress:
             for outcome in distributor.run(work, pending, encoders, writer, progress.advance):
                 summary.record(outcome)
     summary.seconds = time.perf_counter() - started
-    record_extraction_cost(Path(cache_dir), summary.seconds, summary.images)
+    record_extraction_cost(target.root, summary.seconds, summary.images)
     return summary
 
 
-def check_inputs_unchanged(writer: CacheWriter, dataset: DetectionDataset, committed: Sequence[Shard]) -> None:
-    """Refuse to skip committed shards whose images or boxes have changed since they were
-    extracted (an edited annotation file under the same dataset name): they would be stale."""
-    changed = [shard_id for shard_id, entries in committed
-               if writer.recorded_input_digest(shard_id) not in (None, shard_input_digest(dataset, entries))]
-    if changed:
-        names = ", ".join(f"{shard_id:06d}" for shard_id in changed[:8]) + (" ..." if len(changed) > 8 else "")
-        raise CacheFormatError(
-            f"{writer.root}: shards {names} were extracted from other images or boxes than {dataset.name!r} has now "
-            "(an edited annotation or proposals file?), so their features would be stale. Extract into a new cache, "
-            "or delete those shard directories under shards/ and re-run to extract only them again")
+def extract_dataset(dataset: DetectionDataset, target: CacheTarget, models: ModelsConfig, config: ExtractConfig,
+                    distributor: Distributor | None = None) -> ExtractSummary:
+    """The front door: ``run_extraction`` with the encoders ``models`` names (``load_encoders``)."""
+    config.validate()
+    return run_extraction(dataset, target, load_encoders(models, config, distributor), config, distributor)
 
 
-def pending_shards(shards: Sequence[Shard], committed: set[int], only: set[int] | None) -> list[Shard]:
-    """The shards still to extract: not committed, and among ``only`` when given."""
-    return [(i, entries) for i, entries in shards if i not in committed and (only is None or i in only)]
+def load_encoders(models: ModelsConfig, config: ExtractConfig, distributor: Distributor | None = None) -> FrozenEncoders:
+    """The encoders ``models`` names, with ``config.preprocess``, on the device where ``distributor``
+    (default this process) wants the runner's own: the one that computes the cache's identity and vocabulary."""
+    return load_frozen_encoders(models, (distributor or InProcess()).setup_device(config), config.preprocess)
 
 
-def make_provenance(dataset: DetectionDataset, encoders: FrozenEncoders, config: ExtractConfig, box_source: str,
-                    borrow_maps_from: str | None = None, view: ViewIdentity | None = None) -> Provenance:
-    """``borrow_maps_from``: for a proposals cache, the path (relative to it) of the cache whose
-    feature maps it borrows. ``view``: for a view cache, its view (its base cache is ``..``/``..``)."""
-    paths = encoders.paths() if borrow_maps_from is None else {**encoders.paths(), FEATURE_MAPS_CACHE: borrow_maps_from}
-    encoders = encoders.with_preprocess(config.preprocess)
-    if view is not None:
-        paths[VIEW_BASE_CACHE] = "../.."
+def make_provenance(dataset: DetectionDataset, target: CacheTarget, encoders: FrozenEncoders,
+                    config: ExtractConfig) -> Provenance:
+    """The identity of ``target`` extracted from ``dataset`` by ``encoders`` (with
+    ``config.preprocess`` already applied to them)."""
     return Provenance(
         dataset=dataset.name,
-        box_source=box_source,
+        box_source=target.box_source,
         shard_size=config.shard_size,
-        planned_shards=-(-len(dataset.images) // config.shard_size),
+        planned_shards=planned_shards(dataset.images, config.shard_size),
         sam=encoders.sam_provenance(),
         clip=encoders.clip_provenance(),
         package_version=__version__,
-        paths=paths,
-        feature_maps=FEATURE_MAPS_OWN if borrow_maps_from is None else FEATURE_MAPS_BORROWED,
+        weights=encoders.weight_files(),
+        kind=target.kind,
         feature_dtype=config.feature_dtype,
-        view=view,
     )
 
 
-def prepare_cache(dataset: DetectionDataset, cache_dir: Path | str, encoders: FrozenEncoders, config: ExtractConfig,
-                  box_source: str, borrow_maps_from: str | None = None, view: ViewIdentity | None = None) -> CacheWriter:
+def prepare_cache(dataset: DetectionDataset, target: CacheTarget, encoders: FrozenEncoders,
+                  config: ExtractConfig) -> CacheWriter:
     """Create or reopen the cache (identity checked) and store the dataset's vocabulary."""
     config.validate()
-    writer = CacheWriter(cache_dir, make_provenance(dataset, encoders, config, box_source, borrow_maps_from, view))
+    writer = CacheWriter(target.root, make_provenance(dataset, target, encoders, config))
     if not writer.has_vocabulary(dataset.name):
         embeddings = encoders.clip.text_embeddings([c.name for c in dataset.categories], config.text_recipe)
         writer.write_vocabulary(dataset.name, dataset.categories, embeddings.float().cpu().numpy(), config.text_recipe)
         return writer
     recorded = writer.vocabulary_text_recipe(dataset.name)
     if recorded != config.text_recipe:
-        raise CacheFormatError(f"{cache_dir}: vocabulary {dataset.name!r} was built with text recipe {recorded!r}, "
+        raise CacheFormatError(f"{target.root}: vocabulary {dataset.name!r} was built with text recipe {recorded!r}, "
                                f"this run asks for {config.text_recipe!r} (extract.text_recipe)")
     return writer
 

@@ -13,13 +13,13 @@ from typing import Any, Sequence
 import torch
 
 from regionspot_cache.cache import ImageFeatures
-from regionspot_cache.cache.format import ViewIdentity
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import BoxSet
 from regionspot_cache.data.views import view_by_id
 from regionspot_cache.encoders import FrozenEncoders
 from regionspot_cache.extract.mapper import FeatureMapper, _non_finite, _to_float16
 from regionspot_cache.extract.reader import LoadedImage
+from regionspot_cache.identity import ViewIdentity
 
 
 def view_loading(view: ViewIdentity | None) -> dict[str, Any]:

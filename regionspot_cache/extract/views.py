@@ -17,14 +17,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.cache.format import FEATURE_MAPS_OWN, VIEWS_DIR, ViewIdentity
+from regionspot_cache.cache.format import VIEWS_DIR
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.data.views import parse_views
-from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in
+from regionspot_cache.encoders import FrozenEncoders
 from regionspot_cache.extract.distribute import Distributor
-from regionspot_cache.extract.runner import ExtractSummary, run_extraction
-from regionspot_cache.runtime import resolve_device
+from regionspot_cache.extract.runner import CacheTarget, ExtractSummary, load_encoders, run_extraction
+from regionspot_cache.identity import CacheKind, ViewIdentity, models_recorded_in
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +52,14 @@ def extract_views(
     cache_dir = Path(cache_dir)
     base = CacheReader(cache_dir)
     _check_base(base, dataset, box_source)
-    encoders = encoders or load_frozen_encoders(models or models_recorded_in(base.provenance), resolve_device(config.device))
     # Same shards as the base; --strict already held for the base, and a crop leaving a box out is not bad input.
     config = replace(config, shard_size=base.provenance.shard_size, strict=False)
+    encoders = encoders or load_encoders(models or models_recorded_in(base.provenance), config, distributor)
     summaries = {}
     for view in views:
-        identity = ViewIdentity(view.id, config.views_seed, config.views_mode)
-        summary = run_extraction(dataset, view_cache_dir(cache_dir, view.id), encoders.spec, config, box_source, encoders,
-                                 distributor=distributor, view=identity)
+        kind = CacheKind.of_view(ViewIdentity(view.id, config.views_seed, config.views_mode))
+        summary = run_extraction(dataset, CacheTarget(view_cache_dir(cache_dir, view.id), kind, box_source), encoders,
+                                 config, distributor)
         logger.log(logging.WARNING if summary.failed_shards else logging.INFO,
                    "view %s (%s): %d images, %d boxes, %d boxes outside the view, in %.1f s",
                    view.id, config.views_mode, summary.images, summary.boxes, summary.dropped_boxes, summary.seconds)
@@ -69,7 +69,7 @@ def extract_views(
 
 def _check_base(base: CacheReader, dataset: DetectionDataset, box_source: str) -> None:
     provenance = base.provenance
-    if provenance.feature_maps != FEATURE_MAPS_OWN or provenance.view is not None:
+    if not provenance.kind.is_plain:
         raise ValueError(f"{base.root}: is itself a proposals or view cache; extract views of the cache it belongs to")
     if (provenance.dataset, provenance.box_source) != (dataset.name, box_source):
         raise ValueError(f"{base.root}: holds {provenance.dataset!r} with boxes {provenance.box_source!r}, "

@@ -7,25 +7,21 @@ next one computes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
-
 from regionspot_cache.cache import CacheWriter, ImageFeatures
-from regionspot_cache.cache.format import FEATURE_MAPS_OWN, STATUS_FAILED
+from regionspot_cache.cache.format import STATUS_FAILED
 from regionspot_cache.config import ExtractConfig
-from regionspot_cache.data.datasets import DetectionDataset, ImageEntry
+from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders
 from regionspot_cache.extract.mapper import NO_BOXES, FeatureMapper
+from regionspot_cache.extract.plan import Shard, shard_input_digest
 from regionspot_cache.extract.reader import image_loader
 from regionspot_cache.extract.view_mapper import view_loading, view_mapper
 from regionspot_cache.runtime import torch_threads
 
-Shard = tuple[int, list[ImageEntry]]  # (shard id, its images in id order)
 OnBatch = Callable[[int, int], None]  # (images, boxes) just encoded, for progress
 
 
@@ -64,30 +60,6 @@ class ExtractionError(ValueError):
     """Bad input met with ``strict`` on; shards committed before it stay committed."""
 
 
-def shard_entries(images: Sequence[ImageEntry], shard_size: int) -> Iterator[Shard]:
-    """Images in id order, ``shard_size`` per shard: the split depends only on the dataset."""
-    ordered = sorted(images, key=lambda entry: entry.id)
-    for shard_id, start in enumerate(range(0, len(ordered), shard_size)):
-        yield shard_id, ordered[start : start + shard_size]
-
-
-def shard_input_digest(dataset: DetectionDataset, entries: Sequence[ImageEntry]) -> str:
-    """SHA-256 of what a shard is extracted from: its images (id, file, size) and their boxes as
-    given (coordinates, categories, scores), recorded at commit to notice edited inputs later."""
-    digest = hashlib.sha256()
-    for entry in entries:
-        boxes = dataset.boxes_of(entry.id)
-        digest.update(json.dumps([entry.id, entry.file_name, entry.width, entry.height, len(boxes)]).encode())
-        for values, dtype in ((boxes.xyxy, np.float32), (boxes.category_ids, np.int64), (boxes.scores, np.float32)):
-            digest.update(np.ascontiguousarray(values, dtype=dtype).tobytes())
-    return digest.hexdigest()
-
-
-def shard_dataset(dataset: DetectionDataset, entries: list[ImageEntry]) -> DetectionDataset:
-    """The part of ``dataset`` one shard needs (what is sent to a remote worker)."""
-    return replace(dataset, images=entries, boxes={e.id: dataset.boxes_of(e.id) for e in entries})
-
-
 def extract_shards(
     shards: Sequence[Shard],
     dataset: DetectionDataset,
@@ -96,12 +68,12 @@ def extract_shards(
     config: ExtractConfig,
     on_batch: OnBatch = lambda images, boxes: None,
 ) -> Iterator[ShardResult]:
-    """Encode and commit ``shards`` in order, yielding each one's result once committed. A
-    cache that borrows its feature maps (``writer.provenance``) gets SAM tokens only; a view
-    cache (``writer.provenance.view``) sees the images through its view."""
-    with_clip = writer.provenance.feature_maps == FEATURE_MAPS_OWN
-    encoders = encoders.with_preprocess(config.preprocess)  # the same models, the recipe's image preprocessing
-    view = writer.provenance.view
+    """Encode and commit ``shards`` in order, yielding each one's result once committed.
+    ``encoders`` come with ``config.preprocess`` applied. The cache's kind
+    (``writer.provenance.kind``) says what to compute: a proposals cache, which borrows its
+    feature maps, gets SAM tokens only; a view cache sees the images through its view."""
+    kind = writer.provenance.kind
+    with_clip, view = kind.owns_feature_maps, kind.view
     mapper = FeatureMapper(encoders, config, with_clip) if view is None else view_mapper(encoders, config, view)
     batches = iter(image_loader(dataset, shards, encoders, config, with_clip, **view_loading(view)))
     with torch_threads(config.threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-cache-commit") as committer:

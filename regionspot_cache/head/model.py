@@ -9,8 +9,9 @@ Module names match the released RegionSpot code (``to_clip``, ``decoder.layers.N
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,8 +102,42 @@ def region_logits(
 CONFIG_SUFFIX = ".json"
 
 
+@dataclass
+class HeadMetadata:
+    """What the JSON file beside a head's weights records: its config, and where it came from
+    (imported from a released checkpoint, or trained: the train recipe, vocabularies, caches)."""
+
+    config: HeadConfig
+    imported_from: str | None = None  # the released checkpoint (head/released.py)
+    train: dict[str, Any] | None = None  # the train recipe as written then (TrainConfig fields of that version)
+    vocabularies: list[str] | None = None
+    caches: list[str] | None = None
+    # Keys this version does not know (``save_head``'s ``extra``), kept so the file writes back the same.
+    other: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def imported(self) -> bool:
+        """Imported from a released checkpoint: it wants the released inputs (preprocess, text recipe)."""
+        return self.imported_from is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """As the file records it: ``head`` and the keys that are set."""
+        known = {name: getattr(self, name) for name in _RECORDED if getattr(self, name) is not None}
+        return {"head": asdict(self.config), **known, **self.other}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> HeadMetadata:
+        """KeyError or TypeError when ``head`` is missing or does not fit ``HeadConfig``."""
+        other = {key: value for key, value in data.items() if key not in ("head", *_RECORDED)}
+        return HeadMetadata(HeadConfig(**data["head"]), **{name: data.get(name) for name in _RECORDED}, other=other)
+
+
+_RECORDED = ("imported_from", "train", "vocabularies", "caches")  # HeadMetadata's optional keys, in its JSON
+
+
 def save_head(head: RegionSpotHead, path: Path | str, extra: dict | None = None) -> None:
-    """Safetensors weights at ``path`` and a JSON config beside it (``path`` with ``.json``)."""
+    """Safetensors weights at ``path`` and a JSON config beside it (``path`` with ``.json``):
+    ``head`` and the ``extra`` keys, read back by ``load_head`` as ``HeadMetadata``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -111,15 +146,16 @@ def save_head(head: RegionSpotHead, path: Path | str, extra: dict | None = None)
         write_json(path.with_suffix(CONFIG_SUFFIX), config, indent=2)
 
 
-def load_head(path: Path | str) -> tuple[RegionSpotHead, dict]:
+def load_head(path: Path | str) -> tuple[RegionSpotHead, HeadMetadata]:
+    """The head saved at ``path`` and what its JSON file records."""
     path = Path(path)
     config_path = path.with_suffix(CONFIG_SUFFIX)
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        head = RegionSpotHead(HeadConfig(**config["head"]))
+        metadata = HeadMetadata.from_json(json.loads(config_path.read_text(encoding="utf-8")))
+        head = RegionSpotHead(metadata.config)
     except FileNotFoundError:
         raise FileNotFoundError(f"{config_path}: head config not found (expected beside {path.name})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{config_path}: not a head config: {err!r}") from None
     try:
         state = load_file(str(path))
@@ -131,4 +167,4 @@ def load_head(path: Path | str) -> tuple[RegionSpotHead, dict]:
         head.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not fit the config in {config_path.name}: {err}") from None
-    return head, config
+    return head, metadata

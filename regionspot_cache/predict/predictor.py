@@ -26,7 +26,6 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from regionspot_cache.cache.format import ClipIdentity
 from regionspot_cache.config import ModelsConfig, OpenSetConfig, Preprocessing, TextRecipe
 from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.data.datasets import BoxSet, xyxy_array
@@ -35,6 +34,7 @@ from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_e
 from regionspot_cache.evaluate.masks import box_mask_rles
 from regionspot_cache.evaluate.open_set import kept_regions
 from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
+from regionspot_cache.identity import ClipIdentity
 from regionspot_cache.runtime import atomic_path, resolve_device
 
 ImageInput = Union[np.ndarray, Image.Image, str, Path]
@@ -180,8 +180,8 @@ class Predictor:
         text_recipe: TextRecipe | str | None = None,
     ):
         device = resolve_device(device) if isinstance(device, str) else device
-        model, head_config = (head, {}) if isinstance(head, RegionSpotHead) else load_head(head)
-        imported = "imported_from" in head_config  # released checkpoints want the released inputs
+        model, metadata = (head, None) if isinstance(head, RegionSpotHead) else load_head(head)
+        imported = metadata is not None and metadata.imported  # released checkpoints want the released inputs
         preprocess = preprocess or (Preprocessing.RELEASED if imported else Preprocessing.DIRECT)
         text_recipe = TextRecipe.parse(text_recipe or (TextRecipe.RELEASED if imported else TextRecipe.OPENCLIP), "text recipe")
         encoders = models if isinstance(models, FrozenEncoders) else load_frozen_encoders(models, device)

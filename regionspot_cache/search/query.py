@@ -13,7 +13,8 @@ import torch
 
 from regionspot_cache.cache import CacheFormatError, CacheReader
 from regionspot_cache.encoders.clip import ClipEncoder, load_clip
-from regionspot_cache.encoders.frozen import FrozenEncoders, models_recorded_in
+from regionspot_cache.encoders.frozen import FrozenEncoders
+from regionspot_cache.identity import models_recorded_in
 from regionspot_cache.runtime import differences, resolve_device
 from regionspot_cache.search.index import RegionIndex
 

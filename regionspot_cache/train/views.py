@@ -40,7 +40,7 @@ def open_views(base: CacheReader, wanted: Sequence[str]) -> list[CachedView]:
 
 def _open_view(base: CacheReader, name: str, root: Path) -> CachedView:
     reader = CacheReader(root)
-    view, provenance = reader.provenance.view, base.provenance
+    view, provenance = reader.provenance.kind.view, base.provenance
     if view is None or (reader.provenance.dataset, reader.provenance.clip) != (provenance.dataset, provenance.clip):
         raise ValueError(f"{root}: not a view cache of {base.root} (another dataset or CLIP, or no view recorded)")
     return CachedView(name, reader, reader if view.mode.has_own_boxes else base)

@@ -18,8 +18,8 @@ from regionspot_cache.cache import (
     inspect_cache,
     verify_cache,
 )
-from regionspot_cache.cache.format import ClipIdentity, SamIdentity
 from regionspot_cache.data.datasets import BoxSet, Category
+from regionspot_cache.identity import CacheKind, ClipIdentity, SamIdentity, ViewIdentity, WeightFiles
 
 RNG = np.random.default_rng(0)
 
@@ -30,7 +30,7 @@ CLIP = ClipIdentity("RS-Tiny-ViT", None, "cd", [128, 128], 8, 5, 4, 14.3, "clip 
 
 def _provenance(**changes) -> Provenance:
     fields = dict(dataset="toy", box_source="gt", shard_size=3, planned_shards=2, sam=SAM, clip=CLIP,
-                  package_version="0", paths={"sam_checkpoint": "/x"})
+                  package_version="0", weights=WeightFiles("/x"))
     fields.update(changes)
     return Provenance(**fields)
 
@@ -83,7 +83,7 @@ def test_vocabulary_round_trip(tmp_path):
 
 def test_identity_mismatch_is_refused_naming_the_key(tmp_path):
     CacheWriter(tmp_path, _provenance())
-    CacheWriter(tmp_path, _provenance(package_version="9", paths={"sam_checkpoint": "/elsewhere"}))  # not identity
+    CacheWriter(tmp_path, _provenance(package_version="9", weights=WeightFiles("/elsewhere")))  # not identity
     with pytest.raises(CacheFormatError, match=r"sam\.checkpoint_sha256: cache has 'ab', this run has 'cd'"):
         CacheWriter(tmp_path, _provenance(sam=dataclasses.replace(SAM, checkpoint_sha256="cd")))
 
@@ -252,4 +252,37 @@ def test_a_cache_json_missing_an_identity_field_is_refused_naming_it(tmp_path):
     del data["clip"]["logit_scale"]
     (tmp_path / "cache.json").write_text(json.dumps(data))
     with pytest.raises(CacheFormatError, match="cache.json: clip: .*logit_scale"):
+        Provenance.read(tmp_path)
+
+
+def _as_last_release_wrote(**changes) -> str:
+    """A cache.json as the writer before identity.py wrote it: the 0.1.0 keys plus feature_dtype and logit_bias."""
+    data = json.loads(CACHE_JSON_0_1_0)
+    data.update(feature_dtype="float16", clip={**data["clip"], "logit_bias": None})
+    for key, value in changes.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+@pytest.mark.parametrize("changes, kind", [
+    ({}, CacheKind()),
+    ({"feature_maps": "borrowed", "paths": {"feature_maps_cache": "../.."}}, CacheKind.proposals("../..")),
+    ({"view": {"id": "hflip", "seed": 3, "mode": "consistent"}, "paths": {"view_base_cache": "../.."}},
+     CacheKind.of_view(ViewIdentity("hflip", 3, "consistent"))),
+], ids=["plain", "proposals", "view"])
+def test_each_kind_of_cache_json_reads_into_its_kind_and_writes_back_byte_for_byte(tmp_path, changes, kind):
+    text = _as_last_release_wrote(**changes)
+    (tmp_path / "cache.json").write_text(text)
+    provenance = Provenance.read(tmp_path)
+    assert provenance.kind == kind and provenance.kind.owns_feature_maps == (not kind.is_proposals)
+    assert provenance.weights == WeightFiles("/tmp/tmp4pwx2nm2/sam_tiny.pth", "/tmp/tmp4pwx2nm2/clip_tiny.pt")
+    assert provenance.to_json() == text
+    CacheWriter(tmp_path, provenance)  # reopened for writing: the same identity
+    CacheWriter(tmp_path / "again", provenance)  # and a new cache with it records the same bytes
+    assert (tmp_path / "again" / "cache.json").read_text() == text
+
+
+def test_a_borrowed_cache_json_that_does_not_say_from_where_is_refused(tmp_path):
+    (tmp_path / "cache.json").write_text(_as_last_release_wrote(feature_maps="borrowed"))
+    with pytest.raises(CacheFormatError, match="feature_maps_cache"):
         Provenance.read(tmp_path)

@@ -8,8 +8,8 @@ import zarr
 
 from regionspot_cache.cache import CacheFormatError, CacheReader, CacheWriter, ImageFeatures, Provenance
 from regionspot_cache.cache.arrays import dequantize_rows, quantize_rows
-from regionspot_cache.cache.format import ClipIdentity, SamIdentity
 from regionspot_cache.data.datasets import BoxSet
+from regionspot_cache.identity import ClipIdentity, SamIdentity
 
 SAM = SamIdentity("tiny", "ab", 1024, 256, "sam preprocess", "mask token 0")
 

@@ -133,7 +133,7 @@ def test_eval_on_proposals_extracts_only_the_missing_sam_tokens(extracted, tmp_p
                                  "--set", "extract.num_workers=0"])
     assert result.exit_code == 0, result.output
     derived = next((cache / "proposals").iterdir())
-    assert CacheReader(derived).provenance.feature_maps == "borrowed"
+    assert CacheReader(derived).provenance.kind.is_proposals
     boxes = {tuple(d["bbox"]) for d in json.loads(output.read_text())}
     assert boxes == {(0.0, 0.0, 25.0, 25.0), (5.0, 5.0, 35.0, 25.0)}
     result = runner.invoke(app, ["eval", "-c", str(cache), "--head", str(head), "-m", str(root / "toy.toml"),

@@ -131,15 +131,16 @@ def test_recorded_weight_paths_are_absolute(encoders, tiny_models, monkeypatch):
     from pathlib import Path
 
     from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
+    from regionspot_cache.identity import WeightFiles
 
     monkeypatch.chdir(Path(tiny_models.sam.checkpoint).parent)
     relative = ModelsConfig(SamSpec("tiny", "sam_tiny.pth"), ClipSpec(tiny_models.clip.model, "clip_tiny.pt"))
-    assert dataclasses.replace(encoders, spec=relative).paths() == {
-        "sam_checkpoint": str(Path(tiny_models.sam.checkpoint).resolve()),
-        "clip_pretrained": str(Path(tiny_models.clip.pretrained).resolve()),
-    }
+    assert dataclasses.replace(encoders, spec=relative).weight_files() == WeightFiles(
+        sam_checkpoint=str(Path(tiny_models.sam.checkpoint).resolve()),
+        clip_pretrained=str(Path(tiny_models.clip.pretrained).resolve()),
+    )
     tagged = ModelsConfig(SamSpec("tiny", None), ClipSpec("ViT-B-16", "openai"))
-    assert dataclasses.replace(encoders, spec=tagged).paths() == {"sam_checkpoint": None, "clip_pretrained": "openai"}
+    assert dataclasses.replace(encoders, spec=tagged).weight_files() == WeightFiles(sam_checkpoint=None, clip_pretrained="openai")
 
 
 def test_long_vocabularies_are_encoded_in_chunks_with_the_same_embeddings(encoders, capsys):

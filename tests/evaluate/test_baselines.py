@@ -20,11 +20,11 @@ from regionspot_cache.config import EvalConfig, ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.encoders import models_recorded_in
 from regionspot_cache.evaluate.baselines import CropEmbedder, crop_bounds, masked_box_crops, score_cache_with_baseline
 from regionspot_cache.evaluate.with_images import cache_images, load_cache_encoders
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
+from regionspot_cache.identity import models_recorded_in
 
 runner = CliRunner()
 EVAL = EvalConfig(device="cpu")
@@ -37,7 +37,7 @@ def toy(tmp_path_factory, tiny_models, encoders):
     annotations = generate_split(root, "val", spec)
     dataset = load_coco_format(annotations, root / "images", name="toy")
     config = ExtractConfig(shard_size=8, batch_size=4, num_workers=0, device="cpu")
-    run_extraction(dataset, root / "cache", tiny_models, config, encoders=encoders)
+    run_extraction(dataset, CacheTarget(root / "cache"), encoders, config)
     return root, annotations, CacheReader(root / "cache")
 
 

@@ -21,7 +21,7 @@ from regionspot_cache.evaluate import evaluate
 from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.report import ReportData, ap_chart, percent, write_report
 from regionspot_cache.evaluate.scoring import Detections, protocol_for
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, save_head
 
 METRICS = {"AP": 0.4321, "AP50": 0.61, "AP75": 0.45, "APs": 0.2, "APm": 0.35, "APl": 0.5,
@@ -92,7 +92,7 @@ def toy_cache(tmp_path_factory, tiny_models, encoders):
     annotations = generate_split(root, "val", SyntheticSpec(images=3, seed=4, min_size=64, max_size=80))
     dataset = load_coco_format(annotations, root / "images", name="toy")
     config = ExtractConfig(shard_size=2, num_workers=0, device="cpu")
-    run_extraction(dataset, root / "cache", tiny_models, config, encoders=encoders)
+    run_extraction(dataset, CacheTarget(root / "cache"), encoders, config)
     torch.manual_seed(0)
     head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim))
     save_head(head, root / "head.safetensors")

@@ -61,13 +61,13 @@ def test_eval_drops_the_boxes_the_rule_rejects(tmp_path_factory, tiny_models, en
     from regionspot_cache.config import ExtractConfig
     from regionspot_cache.data.datasets import load_coco_format
     from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-    from regionspot_cache.extract.runner import run_extraction
+    from regionspot_cache.extract.runner import CacheTarget, run_extraction
     from regionspot_cache.head.model import HeadConfig, RegionSpotHead
 
     root = tmp_path_factory.mktemp("open_set")
     annotations = generate_split(root, "val", SyntheticSpec(images=3, seed=2, min_size=64, max_size=80))
-    run_extraction(load_coco_format(annotations, root / "images", name="toy"), root / "cache", tiny_models,
-                   ExtractConfig(shard_size=2, num_workers=0, device="cpu"), encoders=encoders)
+    run_extraction(load_coco_format(annotations, root / "images", name="toy"), CacheTarget(root / "cache"), encoders,
+                   ExtractConfig(shard_size=2, num_workers=0, device="cpu"))
     reader = CacheReader(root / "cache")
     torch.manual_seed(0)
     head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1, ffn_dim=64))

@@ -13,7 +13,7 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.data.images import load_rgb
-from regionspot_cache.extract import ExtractionError, run_extraction
+from regionspot_cache.extract import CacheTarget, ExtractionError, run_extraction
 
 CONFIG = ExtractConfig(shard_size=4, batch_size=2, num_workers=0, device="cpu")
 
@@ -58,7 +58,7 @@ def awkward(tmp_path):
 
 
 def test_each_image_is_decoded_or_recorded_with_a_reason(awkward, tmp_path, tiny_models, encoders):
-    summary = run_extraction(awkward, tmp_path / "cache", tiny_models, CONFIG, encoders=encoders)
+    summary = run_extraction(awkward, CacheTarget(tmp_path / "cache"), encoders, CONFIG)
     reader = CacheReader(tmp_path / "cache")
     statuses = {entry.file_name: reader.status(entry.id) for entry in awkward.images}
     for name, (_, _, expected) in CASES.items():
@@ -82,7 +82,7 @@ def test_inspect_failed_lists_every_failed_image_and_rejected_box_with_its_reaso
     odd = np.concatenate([boxes.xyxy, [[5, 5, 1, 9]]]).astype(np.float32)
     dataset = replace(awkward, boxes={**awkward.boxes, first.id: replace(
         boxes, xyxy=odd, category_ids=np.append(boxes.category_ids, 1), scores=np.append(boxes.scores, 1.0))})
-    run_extraction(dataset, tmp_path / "cache", tiny_models, CONFIG, encoders=encoders)
+    run_extraction(dataset, CacheTarget(tmp_path / "cache"), encoders, CONFIG)
     recorded = recorded_failures(tmp_path / "cache")
     failed = {name for name, (*_, status) in CASES.items() if status == "failed"}
     assert {row["file_name"] for row in recorded.images} == failed
@@ -109,11 +109,11 @@ def test_strict_names_a_degenerate_box(awkward, tmp_path, tiny_models, encoders)
     boxes = awkward.boxes[first.id]
     broken = replace(awkward, images=[first], boxes={first.id: replace(boxes, xyxy=np.array([[5, 5, 1, 9]], np.float32))})
     with pytest.raises(ExtractionError, match=r"image 1 \(cmyk.jpg\): box \[5.0, 5.0, 1.0, 9.0\]: zero or negative size"):
-        run_extraction(broken, tmp_path / "cache", tiny_models, replace(CONFIG, strict=True), encoders=encoders)
+        run_extraction(broken, CacheTarget(tmp_path / "cache"), encoders, replace(CONFIG, strict=True))
 
 
 def test_strict_stops_at_the_first_bad_image_keeping_earlier_shards(awkward, tmp_path, tiny_models, encoders):
     strict = replace(CONFIG, strict=True)
     with pytest.raises(ExtractionError, match="truncated.jpg"):
-        run_extraction(awkward, tmp_path / "cache", tiny_models, strict, encoders=encoders)
+        run_extraction(awkward, CacheTarget(tmp_path / "cache"), encoders, strict)
     assert [p.name for p in (tmp_path / "cache" / "shards").iterdir() if p.name.isdigit()] == ["000000"]

@@ -15,7 +15,7 @@ from regionspot_cache.cache import CacheReader, verify_cache
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 
 CONFIG = ExtractConfig(shard_size=2, batch_size=1, num_workers=0, device="cpu")
 
@@ -24,11 +24,11 @@ WORKER = textwrap.dedent(
     import sys
     from regionspot_cache.config import ClipSpec, ExtractConfig, ModelsConfig, SamSpec
     from regionspot_cache.data.datasets import load_coco_format
-    from regionspot_cache.extract.runner import run_extraction
+    from regionspot_cache.extract.runner import CacheTarget, extract_dataset
     annotations, images, cache, sam, clip_model, clip = sys.argv[1:]
     models = ModelsConfig(SamSpec("tiny", sam), ClipSpec(clip_model, clip))
     config = ExtractConfig(shard_size=2, batch_size=1, num_workers=0, device="cpu")
-    run_extraction(load_coco_format(annotations, images, name="toy"), cache, models, config)
+    extract_dataset(load_coco_format(annotations, images, name="toy"), CacheTarget(cache), models, config)
     """
 )
 
@@ -42,7 +42,7 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path, tiny_model
     annotations = generate_split(tmp_path, "val", SyntheticSpec(images=10, seed=4, min_size=64, max_size=96))
     dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
     reference = tmp_path / "reference"
-    run_extraction(dataset, reference, tiny_models, CONFIG, encoders=encoders)
+    run_extraction(dataset, CacheTarget(reference), encoders, CONFIG)
 
     killed = tmp_path / "killed"
     args = [str(annotations), str(tmp_path / "images"), str(killed), tiny_models.sam.checkpoint,
@@ -61,7 +61,7 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path, tiny_model
     assert 1 <= len(committed) < 5, "the kill must land mid-run"
     assert len(CacheReader(killed).image_ids(False)) == 2 * len(committed)  # readers see whole shards only
 
-    summary = run_extraction(dataset, killed, tiny_models, CONFIG, encoders=encoders)
+    summary = run_extraction(dataset, CacheTarget(killed), encoders, CONFIG)
     assert summary.shards_skipped == len(committed) and summary.shards_written == 5 - len(committed)
     assert not any(p.name.startswith(".tmp-") for p in shards.iterdir())
     assert verify_cache(killed) == []

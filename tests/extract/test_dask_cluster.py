@@ -19,7 +19,7 @@ from regionspot_cache.cache import CacheReader, verify_cache
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 
 # Only a guard against a hang (the test never depends on how fast the machine is).
 HANG_GUARD_S = 900
@@ -91,8 +91,8 @@ def test_worker_killed_mid_run_its_shards_run_on_the_other_and_the_cache_is_bit_
     manifest.write_text(f'name = "toy"\nannotations = "{annotations}"\nimage_root = "{tmp_path / "images"}"\n')
     reference = tmp_path / "reference"
     dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
-    run_extraction(dataset, reference, tiny_models, ExtractConfig(shard_size=1, batch_size=1, num_workers=0, device="cpu",
-                                                                  threads=1), encoders=encoders)
+    run_extraction(dataset, CacheTarget(reference), encoders,
+                   ExtractConfig(shard_size=1, batch_size=1, num_workers=0, device="cpu", threads=1))
 
     cache = tmp_path / "cluster"
     run = subprocess.Popen(_extract_command(manifest, cache, tiny_models, "--scheduler", address, "--retries", "2"),

@@ -11,7 +11,7 @@ from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.distribute import Dask
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 
 CONFIG = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu")
 
@@ -19,14 +19,13 @@ CONFIG = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu")
 def test_two_worker_cluster_matches_in_process_run_and_reports_a_bad_shard(tmp_path, tiny_models, encoders):
     annotations = generate_split(tmp_path, "val", SyntheticSpec(images=7, seed=8, min_size=64, max_size=96))
     dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
-    run_extraction(dataset, tmp_path / "reference", tiny_models, CONFIG, encoders=encoders)
+    run_extraction(dataset, CacheTarget(tmp_path / "reference"), encoders, CONFIG)
     # A shard whose final name is taken by a file cannot commit: it fails every try, alone.
     (tmp_path / "dask" / "shards").mkdir(parents=True)
     blocker = tmp_path / "dask" / "shards" / "000002"
     blocker.write_text("in the way")
     environ = dict(os.environ)
-    summary = run_extraction(dataset, tmp_path / "dask", tiny_models, CONFIG, encoders=encoders,
-                             distributor=Dask(workers=2, retries=1))
+    summary = run_extraction(dataset, CacheTarget(tmp_path / "dask"), encoders, CONFIG, distributor=Dask(workers=2, retries=1))
     assert dict(os.environ) == environ  # starting dask workers must not change our environment
     assert summary.shards_written == 3 and list(summary.failed_shards) == [2]
     assert "000002" in summary.failed_shards[2]
@@ -37,7 +36,7 @@ def test_two_worker_cluster_matches_in_process_run_and_reports_a_bad_shard(tmp_p
         for field in ("tokens", "feature_map"):
             np.testing.assert_array_equal(getattr(distributed.image(image_id), field), getattr(reference.image(image_id), field))
     blocker.unlink()
-    again = run_extraction(dataset, tmp_path / "dask", tiny_models, CONFIG, encoders=encoders, distributor=Dask(workers=1))
+    again = run_extraction(dataset, CacheTarget(tmp_path / "dask"), encoders, CONFIG, distributor=Dask(workers=1))
     assert (again.shards_written, again.shards_skipped, again.failed_shards) == (1, 3, {})
     assert verify_cache(tmp_path / "dask") == [] and len(CacheReader(tmp_path / "dask").image_ids()) == 7
 
@@ -52,7 +51,7 @@ def test_repair_and_proposals_run_on_dask_through_the_one_runner(tmp_path, tiny_
     annotations = generate_split(tmp_path, "val", SyntheticSpec(images=4, seed=9, min_size=64, max_size=80))
     dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
     cache = tmp_path / "cache"
-    run_extraction(dataset, cache, tiny_models, CONFIG, encoders=encoders)
+    run_extraction(dataset, CacheTarget(cache), encoders, CONFIG)
     before = CacheReader(cache).image(CacheReader(cache).image_ids()[0]).tokens
     (cache / "shards" / "000000" / "boxes.parquet").write_bytes(b"damaged")
     repaired = repair_cache(cache, dataset, "gt", CONFIG, tiny_models, encoders, distributor=Dask(workers=1))

@@ -14,7 +14,7 @@ from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 
 CONFIG = ExtractConfig(shard_size=3, batch_size=2, num_workers=0, device="cpu")
 
@@ -26,7 +26,7 @@ def setup(tmp_path_factory, tiny_models, encoders):
     models = tiny_models
     dataset = load_coco_format(annotations, root / "images", name="toy")
     cache = root / "cache"
-    summary = run_extraction(dataset, cache, models, CONFIG, encoders=encoders)
+    summary = run_extraction(dataset, CacheTarget(cache), encoders, CONFIG)
     return dataset, models, encoders, cache, summary
 
 
@@ -97,7 +97,7 @@ def test_rerun_skips_committed_shards_and_fills_missing_ones(setup, tmp_path):
     dataset, models, encoders, cache, _ = setup
     copy = _copy_cache(cache, tmp_path / "cache")
     shutil.rmtree(copy / "shards" / "000001")
-    summary = run_extraction(dataset, copy, models, CONFIG, encoders=encoders)
+    summary = run_extraction(dataset, CacheTarget(copy), encoders, CONFIG)
     assert (summary.shards_skipped, summary.shards_written) == (2, 1)
     original, resumed = _all_values(cache), _all_values(copy)
     assert original.keys() == resumed.keys()
@@ -110,7 +110,7 @@ def test_other_settings_are_refused_naming_the_difference(setup, tmp_path):
     dataset, models, encoders, cache, _ = setup
     copy = _copy_cache(cache, tmp_path / "cache")
     with pytest.raises(CacheFormatError, match="shard_size"):
-        run_extraction(dataset, copy, models, replace(CONFIG, shard_size=4), encoders=encoders)
+        run_extraction(dataset, CacheTarget(copy), encoders, replace(CONFIG, shard_size=4))
 
 
 def test_bad_image_and_degenerate_box_do_not_stop_the_run(setup, tmp_path):
@@ -122,7 +122,7 @@ def test_bad_image_and_degenerate_box_do_not_stop_the_run(setup, tmp_path):
     other = dataset.images[2]
     boxes = broken.boxes[other.id]
     broken.boxes = {**dataset.boxes, other.id: replace(boxes, xyxy=np.vstack([boxes.xyxy[:1] * 0 + [5, 5, 5, 9], boxes.xyxy[1:]]).astype(np.float32))}
-    summary = run_extraction(broken, tmp_path / "cache", models, CONFIG, encoders=encoders)
+    summary = run_extraction(broken, CacheTarget(tmp_path / "cache"), encoders, CONFIG)
     assert summary.failed == 1 and summary.dropped_boxes == 1
     reader = CacheReader(tmp_path / "cache")
     assert victim.id not in reader.image_ids() and victim.id in reader.image_ids(only_ok=False)
@@ -149,10 +149,10 @@ def test_edited_boxes_are_noticed_instead_of_skipping_a_stale_shard(setup, tmp_p
     (tmp_path / "val.json").write_text(json.dumps(annotations))
     edited = load(tmp_path / "val.json", dataset.image_root, name=dataset.name)
     with pytest.raises(CacheFormatError, match=r"shards 000001 were extracted from other images or boxes"):
-        run_extraction(edited, copy, tiny_models, CONFIG, encoders=encoders)
-    assert run_extraction(dataset, copy, tiny_models, CONFIG, encoders=encoders).shards_written == 0  # unchanged: skipped
+        run_extraction(edited, CacheTarget(copy), encoders, CONFIG)
+    assert run_extraction(dataset, CacheTarget(copy), encoders, CONFIG).shards_written == 0  # unchanged: skipped
     shutil.rmtree(copy / "shards" / "000001")  # the documented way to rebuild only what changed
-    again = run_extraction(edited, copy, tiny_models, CONFIG, encoders=encoders)
+    again = run_extraction(edited, CacheTarget(copy), encoders, CONFIG)
     assert again.shards_written == 1
     boxes = CacheReader(copy).image(edited_image).boxes
     assert boxes[0, 0] == pytest.approx(first["bbox"][0])

@@ -13,7 +13,7 @@ from regionspot_cache.data.datasets import DatasetError, Manifest, load_coco_for
 from regionspot_cache.data.proposals import GROUND_TRUTH, load_proposals, with_box_source
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.evaluate.cached import score_cache
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead
 
 
@@ -57,7 +57,7 @@ def test_extract_and_score_proposals(tmp_path, tiny_models, encoders):
     with_proposals, source = with_box_source(dataset, manifest, "glip")
     assert source.startswith("proposals:glip.json:") and with_box_source(dataset, manifest, "gt")[1] == GROUND_TRUTH
     config = ExtractConfig(shard_size=2, num_workers=0, device="cpu")
-    run_extraction(with_proposals, tmp_path / "cache", tiny_models, config, box_source=source, encoders=encoders)
+    run_extraction(with_proposals, CacheTarget(tmp_path / "cache", box_source=source), encoders, config)
     reader = CacheReader(tmp_path / "cache")
     assert reader.provenance.box_source == source
     assert len(reader.image(1).boxes) == 2 and len(reader.image(2).boxes) == 0
@@ -93,14 +93,14 @@ def test_proposals_cache_reuses_the_feature_maps_and_computes_only_sam(tmp_path,
     annotations = generate_split(tmp_path, "val", SyntheticSpec(images=5, seed=4, min_size=64, max_size=80))
     dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
     config = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu")
-    run_extraction(dataset, tmp_path / "gt", tiny_models, config, encoders=encoders)
+    run_extraction(dataset, CacheTarget(tmp_path / "gt"), encoders, config)
     glip = tmp_path / "glip.json"
     glip.write_text(json.dumps({"1": {"boxes": [[0, 0, 30, 30], [10, 10, 60, 50]], "scores": [0.8, 0.5], "labels": [0, 0]},
                                 "4": {"boxes": [[5, 5, 20, 25]], "scores": [0.25], "labels": [0]}}))
     manifest = Manifest("toy", annotations, tmp_path / "images", proposals={"glip": glip})
     with_proposals, source = with_box_source(dataset, manifest, "glip")
     # The reference: a cache extracted from scratch for the proposals, CLIP included.
-    run_extraction(with_proposals, tmp_path / "full", tiny_models, config, box_source=source, encoders=encoders)
+    run_extraction(with_proposals, CacheTarget(tmp_path / "full", box_source=source), encoders, config)
 
     def no_clip(*args, **kwargs):
         raise AssertionError("CLIP image encoder must not run: the feature maps are cached")
@@ -132,7 +132,7 @@ def test_proposals_cache_needs_a_complete_base(tmp_path, tiny_models, encoders):
     annotations = generate_split(tmp_path, "val", SyntheticSpec(images=3, seed=4, min_size=64, max_size=80))
     dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
     config = ExtractConfig(shard_size=2, num_workers=0, device="cpu")
-    run_extraction(dataset, tmp_path / "gt", tiny_models, config, encoders=encoders)
+    run_extraction(dataset, CacheTarget(tmp_path / "gt"), encoders, config)
     import shutil
 
     shutil.rmtree(tmp_path / "gt" / "shards" / "000001")

@@ -15,7 +15,7 @@ from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from tests.encoders.test_encoders import _manual_vit_tokens
 from tests.encoders.test_released_preprocess import hand_released_text, released_clip_input
 
@@ -33,7 +33,7 @@ def released_cache(tmp_path_factory, tiny_models, encoders):
     annotations = generate_split(root, "val", SyntheticSpec(images=3, seed=5, min_size=64, max_size=120))
     dataset = load_coco_format(annotations, root / "images", name="toy")
     cache = root / "cache"
-    run_extraction(dataset, cache, tiny_models, RELEASED, encoders=encoders)
+    run_extraction(dataset, CacheTarget(cache), encoders, RELEASED)
     return dataset, cache
 
 
@@ -58,10 +58,10 @@ def test_feature_maps_and_text_equal_the_released_steps(released_cache, encoders
 def test_a_released_cache_is_not_resumed_as_direct(released_cache, tiny_models, encoders):
     dataset, cache = released_cache
     with pytest.raises(CacheFormatError, match="preprocess"):
-        run_extraction(dataset, cache, tiny_models, replace(RELEASED, preprocess="direct"), encoders=encoders)
+        run_extraction(dataset, CacheTarget(cache), encoders, replace(RELEASED, preprocess="direct"))
     with pytest.raises(CacheFormatError, match="text recipe 'released', this run asks for 'openclip'"):
-        run_extraction(dataset, cache, tiny_models, replace(RELEASED, text_recipe="openclip"), encoders=encoders)
-    summary = run_extraction(dataset, cache, tiny_models, RELEASED, encoders=encoders)  # the same way resumes
+        run_extraction(dataset, CacheTarget(cache), encoders, replace(RELEASED, text_recipe="openclip"))
+    summary = run_extraction(dataset, CacheTarget(cache), encoders, RELEASED)  # the same way resumes
     assert summary.shards_written == 0 and summary.shards_skipped == 2
 
 
@@ -83,8 +83,8 @@ def test_imported_head_on_a_direct_cache_is_warned(released_cache, tmp_path, cap
     from regionspot_cache.evaluate.api import released_input_differences
 
     _, cache = released_cache
-    assert released_input_differences({"imported_from": "regionspot_bl.pth"}, cache) == []
-    assert released_input_differences({}, cache) == []
+    assert released_input_differences("regionspot_bl.pth", cache) == []
+    assert released_input_differences(None, cache) == []
     # The same cache as if made the direct way, with an openclip vocabulary.
     direct = tmp_path / "direct"
     provenance = CacheReader(cache).provenance
@@ -96,6 +96,6 @@ def test_imported_head_on_a_direct_cache_is_warned(released_cache, tmp_path, cap
     writer.write_vocabulary("toy", [Category(i, n) for i, n in zip(vocabulary.category_ids, vocabulary.names)],
                             vocabulary.embeddings)
     with caplog.at_level("WARNING"):
-        found = released_input_differences({"imported_from": "regionspot_bl.pth"}, direct)
+        found = released_input_differences("regionspot_bl.pth", direct)
     assert found == ["extract.preprocess is 'direct', not 'released'", "extract.text_recipe is 'openclip', not 'released'"]
     assert "regionspot_bl.pth" in caplog.text and "extract.preprocess is 'direct'" in caplog.text

@@ -13,7 +13,7 @@ from regionspot_cache.data.datasets import BoxSet, ImageEntry, load_coco_format
 from regionspot_cache.data.views import apply_view, parse_views, view_by_id, view_geometry
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.repair import repair_cache
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.extract.views import extract_views, view_cache_dir
 
 
@@ -54,7 +54,7 @@ def toy(tmp_path, tiny_models, encoders):
     annotations = generate_split(tmp_path, "train", SyntheticSpec(images=3, seed=4, min_size=64, max_size=80))
     dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
     config = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu", views=["hflip", "crop:0.4-0.7"])
-    run_extraction(dataset, tmp_path / "base", tiny_models, config, encoders=encoders)
+    run_extraction(dataset, CacheTarget(tmp_path / "base"), encoders, config)
     return dataset, config, tmp_path / "base"
 
 
@@ -68,7 +68,7 @@ def test_released_views_store_only_the_clip_maps_of_the_view(toy, encoders, monk
     summaries = extract_views(dataset, base, config, encoders=encoders)
     assert set(summaries) == {"hflip", "crop-0.4-0.7-0"}
     flipped, reader = CacheReader(view_cache_dir(base, "hflip")), CacheReader(base)
-    assert flipped.provenance.view.mode == "released" and len(flipped.boxes) == 0
+    assert flipped.provenance.kind.view.mode == "released" and len(flipped.boxes) == 0
     for image_id in reader.image_ids():
         assert not np.array_equal(flipped.feature_map(image_id), reader.feature_map(image_id))
     summary = inspect_cache(base)
@@ -84,7 +84,7 @@ def test_consistent_views_resume_verify_and_repair_per_view(toy, tiny_models, en
     extract_views(dataset, base, config, encoders=encoders)
     crop = view_cache_dir(base, "crop-0.4-0.7-0")
     reader, original = CacheReader(crop), CacheReader(base)
-    assert reader.provenance.view.mode == "consistent"
+    assert reader.provenance.kind.view.mode == "consistent"
     assert len(reader.boxes) + sum(r.startswith("outside view") for r in reader.rejected_boxes["reason"].to_pylist()) \
         == len(original.boxes)
     for image_id in reader.image_ids():  # boxes are inside the view, and the view's size is recorded

@@ -19,7 +19,7 @@ from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import DatasetError, load_coco_format, load_manifest
 from regionspot_cache.data.images import ImageDecodeError, load_rgb
 from regionspot_cache.data.proposals import load_proposals
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 
 RNG = np.random.default_rng(7)
 PIXEL_LIMIT = 1_000_000
@@ -71,7 +71,7 @@ def test_hostile_image_corpus_is_recorded_image_by_image(tmp_path, tiny_models, 
     (tmp_path / "ann.json").write_text(json.dumps(data))
     dataset = load_coco_format(tmp_path / "ann.json", images, name="hostile")
     config = ExtractConfig(shard_size=8, batch_size=4, num_workers=0, device="cpu", max_image_pixels=PIXEL_LIMIT)
-    summary = run_extraction(dataset, tmp_path / "cache", tiny_models, config, encoders=encoders)
+    summary = run_extraction(dataset, CacheTarget(tmp_path / "cache"), encoders, config)
     reader = CacheReader(tmp_path / "cache")
     for entry in dataset.images:
         status, reason = reader.status(entry.id)
@@ -142,7 +142,7 @@ def test_nan_negative_and_huge_boxes_are_rejected_with_reasons(tmp_path, tiny_mo
                                                         images=[{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}])))
     dataset = load_coco_format(tmp_path / "ann.json", tmp_path, name="boxes")
     config = ExtractConfig(num_workers=0, device="cpu")
-    summary = run_extraction(dataset, tmp_path / "cache", tiny_models, config, encoders=encoders)
+    summary = run_extraction(dataset, CacheTarget(tmp_path / "cache"), encoders, config)
     reader = CacheReader(tmp_path / "cache")
     assert summary.dropped_boxes == 4 and len(reader.image(1).boxes) == 1
     reasons = reader.rejected_boxes.column("reason").to_pylist()

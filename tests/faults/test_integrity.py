@@ -14,7 +14,7 @@ from regionspot_cache.cli import app
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 
 CONFIG = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu")
 
@@ -25,7 +25,7 @@ def pristine(tmp_path_factory, tiny_models, encoders):
     annotations = generate_split(root, "val", SyntheticSpec(images=6, seed=8, min_size=64, max_size=80))
     (root / "toy.toml").write_text(f'name = "toy"\nannotations = "{annotations.name}"\nimage_root = "images"\n')
     dataset = load_coco_format(annotations, root / "images", name="toy")
-    run_extraction(dataset, root / "cache", tiny_models, CONFIG, encoders=encoders)
+    run_extraction(dataset, CacheTarget(root / "cache"), encoders, CONFIG)
     return root
 
 
@@ -63,13 +63,13 @@ def test_repair_re_extracts_only_the_damaged_shards(pristine, tmp_path):
     _flip(next((cache / "shards" / "000000" / "features.zarr" / "clip_maps").rglob("c/*/*/*")))
     _flip(cache / "shards" / "000002" / "images.parquet")
     intact = (cache / "shards" / "000001").stat().st_ino
-    models = CacheReader(cache).provenance.paths
+    models = CacheReader(cache).provenance.weights
     result = CliRunner().invoke(app, ["repair", str(cache), "-m", str(pristine / "toy.toml"), "--data-root", str(pristine),
                                       "--set", "extract.num_workers=0", "--set", "extract.batch_size=2"])
     assert result.exit_code == 0, result.output
     assert "shard 000000 re-extracted" in result.output and "shard 000002 re-extracted" in result.output
     assert "000001" not in result.output and (cache / "shards" / "000001").stat().st_ino == intact
-    assert models["sam_checkpoint"] and verify_cache(cache) == []
+    assert models.sam_checkpoint and verify_cache(cache) == []
     expected, repaired = _values(pristine / "cache"), _values(cache)
     assert expected.keys() == repaired.keys()
     for image_id, arrays in expected.items():
@@ -144,7 +144,7 @@ def test_repair_re_extracts_as_the_cache_recorded_whatever_the_recipe_says(prist
 
     dataset = load_coco_format(pristine / "val.json", pristine / "images", name="toy")
     made_as = replace(CONFIG, preprocess="released", feature_dtype="int8")
-    run_extraction(dataset, tmp_path / "cache", tiny_models, made_as, encoders=encoders)
+    run_extraction(dataset, CacheTarget(tmp_path / "cache"), encoders, made_as)
     expected = _values(tmp_path / "cache")
     _flip(tmp_path / "cache" / "shards" / "000002" / "boxes.parquet")
     summary = repair_cache(tmp_path / "cache", dataset, "gt", CONFIG, tiny_models, encoders)

@@ -21,7 +21,7 @@ from regionspot_cache.cache import CacheReader, verify_cache
 from regionspot_cache.config import ExtractConfig, TrainConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import load_head
 from regionspot_cache.train.loop import run_dir_for, train_head
 
@@ -80,7 +80,7 @@ def _cache_values(cache: Path) -> dict:
 
 def test_extraction_killed_at_random_moments_resumes_identically(toy, tiny_models, encoders, tmp_path):
     root, dataset = toy
-    extract = lambda cache: (lambda: run_extraction(dataset, cache, tiny_models, EXTRACT, encoders=encoders))  # noqa: E731
+    extract = lambda cache: (lambda: run_extraction(dataset, CacheTarget(cache), encoders, EXTRACT))  # noqa: E731
     duration = _timed(extract(tmp_path / "reference"))
     expected = _cache_values(tmp_path / "reference")
     rng, landed = np.random.default_rng(SEED), 0
@@ -110,7 +110,7 @@ def test_training_killed_at_random_moments_resumes_identically(toy, tiny_models,
     root, dataset = toy
     cache = root / "cache"
     if not cache.is_dir():
-        run_extraction(dataset, cache, tiny_models, EXTRACT, encoders=encoders)
+        run_extraction(dataset, CacheTarget(cache), encoders, EXTRACT)
     train = lambda output: (lambda: train_head(cache, output, TRAIN))  # noqa: E731
     reference = tmp_path / "reference" / "head.safetensors"
     duration = _timed(train(reference))

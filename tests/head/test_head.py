@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -77,7 +78,7 @@ def test_save_and_load_round_trip(tmp_path):
     head = RegionSpotHead(CONFIG)
     save_head(head, tmp_path / "h.safetensors", {"vocabulary": "toy"})
     loaded, config = load_head(tmp_path / "h.safetensors")
-    assert config["vocabulary"] == "toy" and loaded.config == CONFIG
+    assert config.other["vocabulary"] == "toy" and loaded.config == CONFIG
     for key, value in head.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
     (tmp_path / "h.json").unlink()
@@ -116,3 +117,23 @@ def test_epoch_sampler_is_seeded_and_resumable():
     assert sorted(i for _, i in full[:5]) == list(range(5)) and {e for e, _ in full[5:10]} == {1}
     assert take(EpochSampler(5, seed=3, start=7), 6) == full[7:13]
     assert full != take(EpochSampler(5, seed=4), 13)
+
+
+@pytest.mark.parametrize("recorded", [
+    {"imported_from": "/weights/regionspot_bl.pth"},
+    {"train": {"iterations": 3, "init_from": None}, "vocabularies": ["toy"], "caches": ["/caches/toy"]},
+    {"vocabulary": "toy"},
+], ids=["imported", "trained", "other keys"])
+def test_a_head_json_as_written_before_reads_into_metadata_and_writes_back_the_same(tmp_path, recorded):
+    import json
+
+    from regionspot_cache.head.model import HeadMetadata
+
+    save_head(RegionSpotHead(CONFIG), tmp_path / "h.safetensors")
+    written = {"head": dataclasses.asdict(CONFIG), **recorded}
+    (tmp_path / "h.json").write_text(json.dumps(written, indent=2))
+    _, metadata = load_head(tmp_path / "h.safetensors")
+    assert isinstance(metadata, HeadMetadata) and metadata.config == CONFIG
+    assert metadata.imported == ("imported_from" in recorded)
+    assert (metadata.imported_from, metadata.vocabularies) == (recorded.get("imported_from"), recorded.get("vocabularies"))
+    assert metadata.to_json() == written

@@ -29,7 +29,7 @@ def test_import_gives_the_same_outputs(tmp_path):
     result = CliRunner().invoke(app, ["import-checkpoint", str(path), "-o", str(tmp_path / "head.safetensors")])
     assert result.exit_code == 0, result.output
     imported, config = load_head(tmp_path / "head.safetensors")
-    assert imported.config == CONFIG and config["imported_from"] == str(path)
+    assert imported.config == CONFIG and config.imported_from == str(path)
     tokens, feature_map = torch.randn(1, 3, 256), torch.randn(1, 10, 32)
     torch.testing.assert_close(imported.eval()(tokens, feature_map), released(tokens, feature_map))
 

@@ -17,7 +17,7 @@ from regionspot_cache.cli import app
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
 from regionspot_cache.search import head_sha256, like_region, nearest_regions, open_region_index, parse_like
 from regionspot_cache.search import index as index_module
@@ -41,7 +41,7 @@ def planted(tmp_path_factory, tiny_models, encoders):
     annotation_file.write_text(json.dumps(data))
     dataset = load_coco_format(annotation_file, root / "images", name="planted")
     config = ExtractConfig(shard_size=2, num_workers=0, device="cpu")
-    run_extraction(dataset, root / "cache", tiny_models, config, encoders=encoders)
+    run_extraction(dataset, CacheTarget(root / "cache"), encoders, config)
     torch.manual_seed(0)
     head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1, ffn_dim=64))
     save_head(head, root / "head.safetensors")

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from regionspot_cache.cache import CacheReader, CacheWriter, ImageFeatures, Provenance
-from regionspot_cache.cache.format import ClipIdentity, SamIdentity
 from regionspot_cache.data.datasets import BoxSet, Category
+from regionspot_cache.identity import ClipIdentity, SamIdentity
 from regionspot_cache.train.data import BatchPlan, CachedRegions, MultiSourceRegions, RankBatchSampler, region_loader
 
 

@@ -19,7 +19,7 @@ from regionspot_cache.cli import app
 from regionspot_cache.config import ExtractConfig, TrainConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import load_head
 from regionspot_cache.train.data import (
     CHOICE_BLOCK,
@@ -54,7 +54,7 @@ def caches(tmp_path_factory, tiny_models, encoders) -> dict[str, Path]:
         _relabel(annotations, keep, offset)
         dataset = load_coco_format(annotations, root / name / "images", name=name)
         made[name] = root / name / "cache"
-        run_extraction(dataset, made[name], tiny_models, ExtractConfig(num_workers=0, device="cpu"), encoders=encoders)
+        run_extraction(dataset, CacheTarget(made[name]), encoders, ExtractConfig(num_workers=0, device="cpu"))
     return made
 
 
@@ -138,7 +138,7 @@ def test_stage1_then_stage2_recipes_end_to_end(caches, tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(12))
     assert {r["dataset"] for r in rows} == set(DATASETS)
     head, config = load_head(stage2)
-    assert config["vocabularies"] == list(DATASETS) and config["train"]["init_from"] == str(stage1)
+    assert config.vocabularies == list(DATASETS) and config.train["init_from"] == str(stage1)
 
     # Zero steps from stage 1 must give back exactly the stage-1 weights.
     unchanged = tmp_path / "heads" / "zero.safetensors"

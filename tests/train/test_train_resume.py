@@ -18,7 +18,7 @@ import pytest
 from regionspot_cache.config import ExtractConfig, TrainConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import load_head
 from regionspot_cache.train.loop import run_dir_for, train_head
 
@@ -40,7 +40,7 @@ def cache(tmp_path_factory, tiny_models, encoders):
     root = tmp_path_factory.mktemp("train_cache")
     annotations = generate_split(root, "train", SyntheticSpec(images=6, seed=2, min_size=64, max_size=80))
     dataset = load_coco_format(annotations, root / "images", name="toy")
-    run_extraction(dataset, root / "cache", tiny_models, ExtractConfig(num_workers=0, device="cpu"), encoders=encoders)
+    run_extraction(dataset, CacheTarget(root / "cache"), encoders, ExtractConfig(num_workers=0, device="cpu"))
     return root / "cache"
 
 

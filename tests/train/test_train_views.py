@@ -14,7 +14,7 @@ from regionspot_cache.config import EvalConfig, ExtractConfig, TrainConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.evaluate import evaluate_head
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.extract.views import extract_views
 from regionspot_cache.head.model import load_head
 from regionspot_cache.train.data import CachedRegions
@@ -32,7 +32,7 @@ def caches(tmp_path_factory, tiny_models, encoders):
     annotations = generate_split(root, "train", SyntheticSpec(images=3, seed=2, min_size=64, max_size=80))
     dataset = load_coco_format(annotations, root / "images", name="toy")
     config = ExtractConfig(shard_size=2, batch_size=3, num_workers=0, device="cpu", views=["hflip", "crop:0.5-0.8"])
-    run_extraction(dataset, root / "released", tiny_models, config, encoders=encoders)
+    run_extraction(dataset, CacheTarget(root / "released"), encoders, config)
     shutil.copytree(root / "released", root / "consistent")
     for mode in ("released", "consistent"):
         extract_views(dataset, root / mode, replace(config, views_mode=mode), encoders=encoders)
