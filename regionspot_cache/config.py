@@ -16,11 +16,8 @@ from typing import Any, ClassVar, Mapping
 
 import tomllib
 
+from regionspot_cache.errors import ConfigError
 from regionspot_cache.runtime import read_toml
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the config dataclasses."""
 
 
 # Field constraints, as dataclass field metadata read by ``Validated.validate``: every numeric

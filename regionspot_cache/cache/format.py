@@ -9,8 +9,10 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
+from regionspot_cache.config import FEATURE_DTYPES, from_dict  # noqa: F401
+
 # FEATURE_DTYPES: how maps and tokens are stored (Provenance.feature_dtype), defined with the config that picks it.
-from regionspot_cache.config import FEATURE_DTYPES, ConfigError, from_dict  # noqa: F401
+from regionspot_cache.errors import CacheFormatError, ConfigError
 from regionspot_cache.runtime import differences, sha256_file, write_json
 
 FORMAT_VERSION = 1
@@ -84,9 +86,6 @@ def vocabulary_text_recipe(schema: pa.Schema) -> str:
     metadata = schema.metadata or {}
     return metadata.get(TEXT_RECIPE_KEY, DEFAULT_TEXT_RECIPE.encode()).decode()
 
-
-class CacheFormatError(ValueError):
-    """A cache that is missing, damaged, or does not match what the caller asked for."""
 
 
 def shard_name(shard_id: int) -> str:

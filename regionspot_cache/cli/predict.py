@@ -15,9 +15,9 @@ from regionspot_cache.cli.options import (
     SamCheckpointOption,
     SamVariantOption,
     SetOption,
-    UserError,
     recipe_from,
 )
+from regionspot_cache.errors import UserError
 from regionspot_cache.progress import say
 
 

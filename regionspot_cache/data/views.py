@@ -27,6 +27,7 @@ from torchvision.transforms.v2 import functional as F
 from regionspot_cache.config import VIEW_MODES, ConfigError  # noqa: F401 (VIEW_MODES: released | consistent)
 from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.data.datasets import BoxSet, ImageEntry
+from regionspot_cache.errors import CacheFormatError
 
 IDENTITY = "identity"
 MIN_INSIDE_PX = 1.0  # a box with less than this width or height inside the crop is dropped
@@ -104,7 +105,7 @@ def view_by_id(view_id: str) -> View:
     if view_id == IDENTITY:
         return View(IDENTITY)
     if not view_id or not match:
-        raise ValueError(f"{view_id!r} is not a view id")
+        raise CacheFormatError(f"{view_id!r} is not a view id")
     crop = (float(match["lo"]), float(match["hi"])) if match["lo"] else None
     return View(view_id, match["flip"] is not None, crop)
 

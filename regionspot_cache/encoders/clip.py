@@ -31,6 +31,7 @@ from regionspot_cache.encoders.preprocess import (
     released_clip_pixels,
 )
 from regionspot_cache.encoders.tower import TokenTower, register_tiny_timm_tower, token_tower
+from regionspot_cache.errors import ConfigError, MissingFileError
 from regionspot_cache.progress import progress_bar
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -53,7 +54,7 @@ TEXT_RECIPES = (RELEASED_RECIPE, OPENCLIP_RECIPE)
 def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> "ClipEncoder":
     """Create open_clip ``model_name`` with weights from a pretrained tag or a local file."""
     if pretrained and (Path(pretrained).suffix or "/" in pretrained) and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"{pretrained}: CLIP weights file not found")
+        raise MissingFileError(f"{pretrained}: CLIP weights file not found")
     model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
     tower = token_tower(model.visual, model_name)  # refuses towers without a token grid before the tokenizer loads
     tokenizer = open_clip.get_tokenizer(model_name)  # each model's own (BPE, SentencePiece, ...)
@@ -155,7 +156,7 @@ class ClipEncoder:
         """
         names = [clean_class_name(name) for name in class_names]
         if recipe not in (RELEASED_RECIPE, OPENCLIP_RECIPE):
-            raise ValueError(f"text recipe {recipe!r} is not one of {', '.join(TEXT_RECIPES)}")
+            raise ConfigError(f"text recipe {recipe!r} is not one of {', '.join(TEXT_RECIPES)}")
         # Classes are independent, so encoding them in chunks changes nothing but shows progress:
         # a first-time vocabulary of thousands of names takes minutes on a CPU.
         chunks = [names[start : start + TEXT_CHUNK] for start in range(0, len(names), TEXT_CHUNK)]

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from regionspot_cache.errors import ConfigError
+
 DIRECT, RELEASED = "direct", "released"
 OPENCLIP_RECIPE, RELEASED_RECIPE = "openclip", "released"
 
@@ -64,7 +66,7 @@ def test_resize_for(preprocess: str) -> TestResize | None:
 
 def check_preprocess(preprocess: str) -> None:
     if preprocess not in (DIRECT, RELEASED):
-        raise ValueError(f"preprocess {preprocess!r} is not one of {DIRECT}, {RELEASED}")
+        raise ConfigError(f"preprocess {preprocess!r} is not one of {DIRECT}, {RELEASED}")
 
 
 def released_clip_pixels(image: Image.Image, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from regionspot_cache.encoders.memory import FittingBatches, sam_image_bytes
 from regionspot_cache.encoders.preprocess import DIRECT, TestResize, test_resize_for
 from regionspot_cache.encoders.sam_attention import use_fused_attention
+from regionspot_cache.errors import ModelLoadError
 from regionspot_cache.runtime import load_torch_weights
 
 
@@ -51,9 +52,9 @@ def build_sam(variant: str, checkpoint: Path | str | None, attention: str = "sdp
     """Build SAM ``variant`` and load ``checkpoint`` (a state dict file) into it. ``attention``:
     ``sdpa`` (fused, bounded memory) or ``eager`` (segment-anything's own forward, for comparison)."""
     if attention not in SAM_ATTENTIONS:
-        raise ValueError(f"unknown SAM attention {attention!r}; known: {', '.join(SAM_ATTENTIONS)}")
+        raise ModelLoadError(f"unknown SAM attention {attention!r}; known: {', '.join(SAM_ATTENTIONS)}")
     if variant not in SAM_ARCHITECTURES:
-        raise ValueError(f"unknown SAM variant {variant!r}; known: {sorted(SAM_ARCHITECTURES)}")
+        raise ModelLoadError(f"unknown SAM variant {variant!r}; known: {sorted(SAM_ARCHITECTURES)}")
     arch = SAM_ARCHITECTURES[variant]
     sam = _build_sam(
         encoder_embed_dim=arch.embed_dim,
@@ -67,7 +68,7 @@ def build_sam(variant: str, checkpoint: Path | str | None, attention: str = "sdp
         try:
             sam.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"{checkpoint}: does not fit SAM {variant!r}: {err}") from None
+            raise ModelLoadError(f"{checkpoint}: does not fit SAM {variant!r}: {err}") from None
     if attention == "sdpa":
         use_fused_attention(sam.image_encoder)
     return sam.eval().requires_grad_(False)

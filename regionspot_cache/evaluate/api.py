@@ -14,6 +14,7 @@ import torch
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import EvalConfig, ModelsConfig
 from regionspot_cache.encoders import preprocess_recorded_in
+from regionspot_cache.errors import InputError
 from regionspot_cache.evaluate.baselines import BASELINES, score_cache_with_baseline
 from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.ground_truth import load_ground_truth
@@ -111,11 +112,11 @@ def background_embeddings(reader: CacheReader, models: ModelsConfig | None, conf
 def check_method(method: str, head: RegionSpotHead | None, masks: bool, image_root: Path | str | None) -> None:
     """Refuse, before anything loads, a method that is unknown or lacks what it needs."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        raise InputError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     if method == REGIONSPOT and head is None:
-        raise ValueError("method regionspot needs a head checkpoint")
+        raise InputError("method regionspot needs a head checkpoint")
     if (method != REGIONSPOT or masks) and image_root is None:
-        raise ValueError(f"method {method}{' with masks' if masks else ''} reads the original images: give their image_root")
+        raise InputError(f"method {method}{' with masks' if masks else ''} reads the original images: give their image_root")
 
 
 def evaluate_head(

@@ -19,6 +19,7 @@ from regionspot_cache.cache.format import FEATURE_MAPS_OWN, PROPOSALS_DIR
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders, models_recorded_in, preprocess_recorded_in
+from regionspot_cache.errors import CacheFormatError
 from regionspot_cache.extract.distribute import Distributor
 from regionspot_cache.extract.runner import run_extraction
 from regionspot_cache.runtime import resolve_device
@@ -55,7 +56,7 @@ def cache_with_boxes(
     encoders = encoders or load_frozen_encoders(models or models_recorded_in(base.provenance), resolve_device(config.device))
     encoders = encoders.with_preprocess(config.preprocess)
     if encoders.clip_provenance() != base.provenance.clip:
-        raise ValueError(f"{cache_dir}: its feature maps come from another CLIP than the models given; "
+        raise CacheFormatError(f"{cache_dir}: its feature maps come from another CLIP than the models given; "
                          "pass the models the cache was extracted with")
     # Same shards as the base, so a proposals shard's images are one base shard's.
     config = replace(config, shard_size=base.provenance.shard_size)
@@ -75,11 +76,11 @@ def _text_recipe_of(base: CacheReader, vocabulary: str, default: str) -> str:
 def _check_maps_can_be_borrowed(base: CacheReader, dataset: DetectionDataset) -> None:
     provenance = base.provenance
     if provenance.feature_maps != FEATURE_MAPS_OWN:
-        raise ValueError(f"{base.root}: borrows its feature maps itself; use the cache it borrows them from")
+        raise CacheFormatError(f"{base.root}: borrows its feature maps itself; use the cache it borrows them from")
     if provenance.dataset != dataset.name:
-        raise ValueError(f"{base.root}: holds dataset {provenance.dataset!r}, not {dataset.name!r}")
+        raise CacheFormatError(f"{base.root}: holds dataset {provenance.dataset!r}, not {dataset.name!r}")
     committed = {int(p.name) for p in base.shard_dirs}
     missing = sorted(set(range(provenance.planned_shards)) - committed)
     if missing:
-        raise ValueError(f"{base.root}: shards {missing[:8]} are not extracted yet; finish `rs-cache extract` "
+        raise CacheFormatError(f"{base.root}: shards {missing[:8]} are not extracted yet; finish `rs-cache extract` "
                          "first (its feature maps are reused for the proposals)")

@@ -20,6 +20,7 @@ from regionspot_cache.cache.format import FEATURE_MAPS_OWN, STATUS_FAILED
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import DetectionDataset, ImageEntry
 from regionspot_cache.encoders import FrozenEncoders
+from regionspot_cache.errors import ExtractionError
 from regionspot_cache.extract.mapper import NO_BOXES, FeatureMapper
 from regionspot_cache.extract.reader import image_loader
 from regionspot_cache.extract.view_mapper import view_loading, view_mapper
@@ -59,9 +60,6 @@ class ExtractCounts:
 class ShardResult(ExtractCounts):
     shard_id: int
 
-
-class ExtractionError(ValueError):
-    """Bad input met with ``strict`` on; shards committed before it stay committed."""
 
 
 def shard_entries(images: Sequence[ImageEntry], shard_size: int) -> Iterator[Shard]:

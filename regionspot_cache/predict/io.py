@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from regionspot_cache.drawing import PALETTE, draw_labelled_box
+from regionspot_cache.errors import InputError, MissingFileError
 from regionspot_cache.evaluate.masks import decode_rle
 
 MASK_ALPHA = 0.45
@@ -25,10 +26,10 @@ def parse_boxes(text: str, where: str = "--boxes") -> np.ndarray:
         except ValueError:
             box = []
         if len(box) != 4:
-            raise ValueError(f"{where}: box {index + 1} {part.strip()!r} is not x1,y1,x2,y2 (four numbers)")
+            raise InputError(f"{where}: box {index + 1} {part.strip()!r} is not x1,y1,x2,y2 (four numbers)")
         boxes.append(box)
     if not boxes:
-        raise ValueError(f"{where}: no boxes given; expected \"x1,y1,x2,y2;x1,y1,x2,y2;...\"")
+        raise InputError(f"{where}: no boxes given; expected \"x1,y1,x2,y2;x1,y1,x2,y2;...\"")
     return np.asarray(boxes, np.float32)
 
 
@@ -37,15 +38,15 @@ def read_boxes_file(path: Path) -> np.ndarray:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: boxes file not found") from None
+        raise MissingFileError(f"{path}: boxes file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
+        raise InputError(f"{path}: not valid JSON: {err}") from None
     boxes = data.get("boxes") if isinstance(data, dict) else data
     if not isinstance(boxes, list) or not boxes:
-        raise ValueError(f"{path}: expected a non-empty JSON list of [x1, y1, x2, y2] boxes")
+        raise InputError(f"{path}: expected a non-empty JSON list of [x1, y1, x2, y2] boxes")
     for index, box in enumerate(boxes):
         if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
-            raise ValueError(f"{path}: box {index + 1} {box!r} is not [x1, y1, x2, y2] (four numbers)")
+            raise InputError(f"{path}: box {index + 1} {box!r} is not [x1, y1, x2, y2] (four numbers)")
     return np.asarray(boxes, np.float32)
 
 
@@ -56,7 +57,7 @@ def _is_number(value: object) -> bool:
 def parse_vocabulary(text: str, where: str = "--vocab") -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
-        raise ValueError(f"{where}: the vocabulary is empty; expected class names separated by commas")
+        raise InputError(f"{where}: the vocabulary is empty; expected class names separated by commas")
     return names
 
 
@@ -65,12 +66,12 @@ def read_vocabulary_file(path: Path) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: vocabulary file not found") from None
+        raise MissingFileError(f"{path}: vocabulary file not found") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not a UTF-8 text file: {err}") from None
+        raise InputError(f"{path}: not a UTF-8 text file: {err}") from None
     names = [line.strip() for line in lines if line.strip()]
     if not names:
-        raise ValueError(f"{path}: the vocabulary file has no class names (expected one per line)")
+        raise InputError(f"{path}: the vocabulary file has no class names (expected one per line)")
     return names
 
 

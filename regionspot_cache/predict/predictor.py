@@ -32,6 +32,7 @@ from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.data.datasets import BoxSet, xyxy_array
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_encoders
+from regionspot_cache.errors import InputError, ModelLoadError
 from regionspot_cache.evaluate.masks import box_mask_rles
 from regionspot_cache.evaluate.open_set import kept_regions, known_scores, needs_background
 from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
@@ -56,19 +57,19 @@ def to_rgb_image(image: ImageInput) -> Image.Image:
         return image.convert("RGB")
     array = np.asarray(image)
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        raise ValueError(f"image array: expected (H, W, 3) uint8 RGB, got shape {array.shape} dtype {array.dtype}")
+        raise InputError(f"image array: expected (H, W, 3) uint8 RGB, got shape {array.shape} dtype {array.dtype}")
     return Image.fromarray(array).convert("RGB")
 
 
 def checked_vocabulary(vocabulary: Sequence[str]) -> list[str]:
     names = [str(name).strip() for name in vocabulary]
     if not names:
-        raise ValueError("vocabulary is empty: give at least one class name")
+        raise InputError("vocabulary is empty: give at least one class name")
     for index, name in enumerate(names):
         if not name:
-            raise ValueError(f"vocabulary: class name {index + 1} is empty")
+            raise InputError(f"vocabulary: class name {index + 1} is empty")
         if name in names[:index]:
-            raise ValueError(f"vocabulary: {name!r} appears twice")
+            raise InputError(f"vocabulary: {name!r} appears twice")
     return names
 
 
@@ -78,13 +79,13 @@ def checked_boxes(boxes: Any, width: int, height: int) -> np.ndarray:
     try:
         xyxy = xyxy_array(boxes)
     except ValueError:
-        raise ValueError(f"boxes: expected an (N, 4) array of x1, y1, x2, y2, got {np.shape(boxes)}") from None
+        raise InputError(f"boxes: expected an (N, 4) array of x1, y1, x2, y2, got {np.shape(boxes)}") from None
     kept, _, reasons = split_boxes(_box_set(xyxy), width, height)
     if reasons:  # find the first bad box, to name it
         for index, box in enumerate(xyxy):
             _, _, box_reasons = split_boxes(_box_set(box[None]), width, height)
             if box_reasons:
-                raise ValueError(f"box {index} {box.tolist()}: {box_reasons[0]}; the image is {width}x{height}")
+                raise InputError(f"box {index} {box.tolist()}: {box_reasons[0]}; the image is {width}x{height}")
     return kept.xyxy
 
 
@@ -275,7 +276,7 @@ class Predictor:
 
 def check_head_fits(head: RegionSpotHead, clip: ClipEncoder, name: str) -> None:
     if (head.config.clip_width, head.config.text_dim) != (clip.width, clip.text_dim):
-        raise ValueError(
+        raise ModelLoadError(
             f"{name}: the head expects CLIP width {head.config.clip_width} and text dim {head.config.text_dim}, "
             f"the CLIP model has {clip.width} and {clip.text_dim}: give the CLIP the head was trained with"
         )
