@@ -18,6 +18,7 @@ import tomllib
 
 from regionspot_cache.errors import ConfigError
 from regionspot_cache.runtime import read_toml
+from regionspot_cache.view_specs import parse_views
 
 
 # Field constraints, as dataclass field metadata read by ``Validated.validate``: every numeric
@@ -181,8 +182,6 @@ class ExtractConfig(Validated):
     views_seed: int = field(default=0, metadata=between(0, 2**63 - 1))
 
     def check_relations(self) -> None:
-        from regionspot_cache.data.views import parse_views  # it imports ConfigError from here
-
         parse_views(self.views)
 
 
@@ -235,7 +234,7 @@ class TrainConfig(Validated):
 
 @dataclass
 class OpenSetConfig(Validated):
-    """Open-set rejection (``evaluate/open_set.py``): ``rule`` gives each region a known score in
+    """Open-set rejection (``regions/open_set.py``): ``rule`` gives each region a known score in
     [0, 1], regions below ``threshold`` are "none of the vocabulary". ``off`` keeps every region."""
 
     SECTION: ClassVar[str] = "eval.open_set"

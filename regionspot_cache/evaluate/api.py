@@ -11,24 +11,23 @@ from typing import Any
 
 import torch
 
+# The cache-only path: nothing here loads SAM or CLIP or reads an image. The baselines and masks
+# import them inside ``evaluate`` (``with_images.py``, ``baselines.py``), when a method needs them.
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import EvalConfig, ModelsConfig
-from regionspot_cache.encoders import preprocess_recorded_in
 from regionspot_cache.errors import InputError
-from regionspot_cache.evaluate.baselines import BASELINES, score_cache_with_baseline
 from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.ground_truth import load_ground_truth
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
 from regionspot_cache.evaluate.masks import without_boxes
-from regionspot_cache.evaluate.open_set import needs_background
+from regionspot_cache.evaluate.methods import METHODS, REGIONSPOT
 from regionspot_cache.evaluate.scoring import protocol_for, write_results_json
-from regionspot_cache.evaluate.with_images import cache_images, load_cache_encoders, records_with_masks, write_records_json
 from regionspot_cache.head.model import RegionSpotHead
+from regionspot_cache.regions.open_set import needs_background
 
 logger = logging.getLogger(__name__)
 
-REGIONSPOT = "regionspot"
-METHODS = (REGIONSPOT, *BASELINES)
+__all__ = ["METHODS", "REGIONSPOT", "evaluate", "evaluate_head", "released_input_differences"]
 
 
 def evaluate(
@@ -83,17 +82,21 @@ def evaluate(
     ground_truth = load_ground_truth(annotation_file, vocab)  # checked before the scoring work
     encoders = images = None
     if method != REGIONSPOT or masks:
-        encoders = load_cache_encoders(reader, models, config.device)
-        images = cache_images(reader, image_root)
+        from regionspot_cache.evaluate import with_images  # SAM, CLIP and the images: only for these
+
+        encoders = with_images.load_cache_encoders(reader, models, config.device)
+        images = with_images.cache_images(reader, image_root)
     if method == REGIONSPOT:
         detections = score_cache(reader, head, vocab, config, background_embeddings(reader, models, config))
     else:
+        from regionspot_cache.evaluate.baselines import score_cache_with_baseline
+
         detections = score_cache_with_baseline(reader, vocab, config, method, encoders, images)
     segm_metrics = None
     if masks:
-        records = records_with_masks(detections, protocol.lvis_max_dets, images, encoders.sam)
+        records = with_images.records_with_masks(detections, protocol.lvis_max_dets, images, encoders.sam)
         if results_file is not None:
-            results_file = write_records_json(records, results_file)
+            results_file = with_images.write_records_json(records, results_file)
         segm_metrics = lvis_ap(copy.deepcopy(ground_truth), without_boxes(records), protocol.lvis_max_dets, iou_type="segm")
     elif results_file is not None:
         results_file = write_results_json(detections, results_file)
@@ -105,6 +108,8 @@ def background_embeddings(reader: CacheReader, models: ModelsConfig | None, conf
     """The cache's CLIP text embeddings of the background prompts, when the open-set rule needs them."""
     if not needs_background(config.open_set):
         return None
+    from regionspot_cache.evaluate.with_images import load_cache_encoders  # CLIP for the prompts' text
+
     clip = load_cache_encoders(reader, models, config.device).clip
     return clip.text_embeddings(config.open_set.background_prompts).float()
 
@@ -137,6 +142,8 @@ def released_input_differences(head_config: dict[str, Any], cache_dir: Path | st
     paper's numbers need ``released`` preprocessing and text recipe). Other heads: nothing."""
     if "imported_from" not in head_config:
         return []
+    from regionspot_cache.encoders import preprocess_recorded_in  # reads the provenance; the module loads the encoders
+
     reader = CacheReader(cache_dir)
     name = vocabulary or reader.provenance.dataset
     made = {"extract.preprocess": preprocess_recorded_in(reader.provenance),

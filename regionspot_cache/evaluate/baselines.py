@@ -23,13 +23,10 @@ from regionspot_cache.cache import CacheReader, Vocabulary
 from regionspot_cache.config import EvalConfig
 from regionspot_cache.data.images import ImageSource
 from regionspot_cache.encoders import ClipEncoder, FrozenEncoders
+from regionspot_cache.evaluate.methods import BASELINES, CLIP_BOX
 from regionspot_cache.evaluate.scoring import Detections, detections_from_logits
 from regionspot_cache.head.model import region_logits
 from regionspot_cache.progress import progress_bar
-
-CLIP_BOX = "clip-box"
-CLIP_MASK = "clip-mask"
-BASELINES = (CLIP_BOX, CLIP_MASK)
 
 
 def crop_bounds(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:

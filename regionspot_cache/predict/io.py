@@ -11,7 +11,7 @@ from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from regionspot_cache.drawing import PALETTE, draw_labelled_box
 from regionspot_cache.errors import InputError, MissingFileError
-from regionspot_cache.evaluate.masks import decode_rle
+from regionspot_cache.regions.masks import decode_rle
 
 MASK_ALPHA = 0.45
 

@@ -33,9 +33,9 @@ from regionspot_cache.data.datasets import BoxSet, xyxy_array
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_encoders
 from regionspot_cache.errors import InputError, ModelLoadError
-from regionspot_cache.evaluate.masks import box_mask_rles
-from regionspot_cache.evaluate.open_set import kept_regions, known_scores, needs_background
 from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
+from regionspot_cache.regions.masks import box_mask_rles
+from regionspot_cache.regions.open_set import kept_regions, known_scores, needs_background
 from regionspot_cache.runtime import atomic_path, resolve_device
 
 ImageInput = Union[np.ndarray, Image.Image, str, Path]
@@ -210,7 +210,7 @@ class Predictor:
           attention (bool): also return where the head looks: the last decoder layer's
             cross-attention over the CLIP grid, averaged over heads.
           open_set (OpenSetConfig or None): a rule that may reject a box as none of the
-            vocabulary (``evaluate/open_set.py``); None or rule ``off``: never.
+            vocabulary (``regions/open_set.py``); None or rule ``off``: never.
 
         Returns:
           (list of dict): N results, in box order: ``box`` (list of 4 floats, clipped),

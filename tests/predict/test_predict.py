@@ -15,9 +15,9 @@ from segment_anything import SamPredictor
 from typer.testing import CliRunner
 
 from regionspot_cache import cli
-from regionspot_cache.evaluate.masks import decode_rle
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
 from regionspot_cache.predict.predictor import Predictor
+from regionspot_cache.regions.masks import decode_rle
 
 runner = CliRunner()
 VOCAB = ["red square", "blue triangle", "traffic light"]
