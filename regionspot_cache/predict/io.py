@@ -11,6 +11,7 @@ from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from regionspot_cache.drawing import PALETTE, draw_labelled_box
 from regionspot_cache.errors import InputError, MissingFileError
+from regionspot_cache.predict.predictor import Region
 from regionspot_cache.regions.masks import decode_rle
 
 MASK_ALPHA = 0.45
@@ -75,40 +76,40 @@ def read_vocabulary_file(path: Path) -> list[str]:
     return names
 
 
-def region_label(region: dict) -> str:
+def region_label(region: Region) -> str:
     """The caption drawn at a predicted box: its label ("none of these" when rejected) and score."""
-    label = "none of these" if region["label"] is None else region["label"]
-    return f"{label} {region['score']:.2f}"
+    label = "none of these" if region.label is None else region.label
+    return f"{label} {region.score:.2f}"
 
 
-def draw_regions(image: Image.Image, regions: list[dict], path: Path) -> None:
+def draw_regions(image: Image.Image, regions: list[Region], path: Path) -> None:
     """Write ``image`` with each region's box, ``label score`` and (if present) mask as a PNG."""
-    colours = _label_colours([r["label"] for r in regions])
+    colours = _label_colours([r.label for r in regions])
     canvas = _with_masks(image.convert("RGB"), regions, colours)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(10, min(canvas.size) // 40))
     width = max(1, min(canvas.size) // 200)
     for region in regions:
-        draw_labelled_box(draw, tuple(region["box"]), region_label(region), colours[region["label"]], font, width)
+        draw_labelled_box(draw, tuple(region.box), region_label(region), colours[region.label], font, width)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
 
 
-def _label_colours(labels: list[str]) -> dict[str, str]:
+def _label_colours(labels: list[str | None]) -> dict[str | None, str]:
     """One palette colour per label, in order of first appearance."""
-    colours: dict[str, str] = {}
+    colours: dict[str | None, str] = {}
     for label in labels:
         colours.setdefault(label, PALETTE[len(colours) % len(PALETTE)])
     return colours
 
 
-def _with_masks(image: Image.Image, regions: list[dict], colours: dict[str, str]) -> Image.Image:
-    with_masks = [r for r in regions if "mask" in r]
+def _with_masks(image: Image.Image, regions: list[Region], colours: dict[str | None, str]) -> Image.Image:
+    with_masks = [r for r in regions if r.mask is not None]
     if not with_masks:
         return image.copy()
     pixels = np.asarray(image, np.float32).copy()
-    for region, mask in zip(with_masks, decode_rle([r["mask"] for r in with_masks])):
-        colour = np.array(ImageColor.getrgb(colours[region["label"]]), np.float32)
+    for region, mask in zip(with_masks, decode_rle([r.mask for r in with_masks])):
+        colour = np.array(ImageColor.getrgb(colours[region.label]), np.float32)
         pixels[mask] = (1 - MASK_ALPHA) * pixels[mask] + MASK_ALPHA * colour
     return Image.fromarray(pixels.round().astype(np.uint8))

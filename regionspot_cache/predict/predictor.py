@@ -1,8 +1,8 @@
 """Recognise the regions of any image against any vocabulary, in memory: SAM + CLIP + the head.
 
->>> predictor = Predictor("heads/bl.safetensors", models)         # models: ModelsConfig
+>>> predictor = Predictor.from_files("heads/bl.safetensors", models)  # models: ModelsConfig
 >>> predictor.predict("dog.jpg", [[10, 20, 200, 180]], ["dog", "cat"], masks=True)
-[{'box': [10.0, 20.0, 200.0, 180.0], 'label': 'dog', 'score': 0.93, 'mask': {'size': [..], 'counts': '..'}}]
+[Region(box=[10.0, 20.0, 200.0, 180.0], label='dog', score=0.93, mask={'size': [..], 'counts': '..'})]
 
 Class text embeddings are built as the cache builds them (``ClipEncoder.text_embeddings``: the
 80-template ensemble) and kept by (CLIP identity, vocabulary): in memory, and on disk as small
@@ -39,6 +39,7 @@ from regionspot_cache.regions.open_set import kept_regions, known_scores, needs_
 from regionspot_cache.runtime import atomic_path, resolve_device
 
 ImageInput = Union[np.ndarray, Image.Image, str, Path]
+
 TEXT_CACHE_VERSION = 1  # bump when the text embedding code changes what it computes
 
 logger = logging.getLogger(__name__)
@@ -151,53 +152,99 @@ class TextEmbeddingCache:
             logger.warning("cannot write the text embedding cache %s: %s", path, err)
 
 
+@dataclass
+class Region:
+    """What ``Predictor.predict`` says about one box; the optional fields are set when asked for."""
+
+    box: list[float]  # x1, y1, x2, y2 in original pixels, clipped to the image
+    label: str | None  # the most probable class name; None when the open-set rule rejects the box
+    score: float  # its softmax probability over the vocabulary
+    known: float | None = None  # with an open-set rule: the box's known score
+    # With ``attention``: the head's last-layer cross-attention over the CLIP grid (grid_h, grid_w)
+    # float32, mean over heads, and its share on the class token; together they sum to one.
+    attention: np.ndarray | None = field(default=None, compare=False, repr=False)
+    attention_class_token: float | None = None
+    mask: dict | None = field(default=None, repr=False)  # with ``masks``: COCO RLE {"size": [H, W], "counts": str}
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that are set, as JSON types; the attention map is drawn, not written."""
+        optional = {"known": self.known, "attention_class_token": self.attention_class_token, "mask": self.mask}
+        return {"box": self.box, "label": self.label, "score": self.score,
+                **{key: value for key, value in optional.items() if value is not None}}
+
+
 class Predictor:
     """The head with its frozen SAM and CLIP, for images and vocabularies given at call time.
 
     Arguments:
-      head (Path, str or RegionSpotHead): a head checkpoint (.safetensors) or the head itself;
-        its CLIP width and text dim must be those of the CLIP given.
-      models (ModelsConfig or FrozenEncoders): the SAM and CLIP the head was trained with, as
-        specs to load or already loaded.
-      device (str or torch.device): ``auto`` (CUDA when present), ``cpu``, ``cuda:1``, ...;
-        ignored when ``models`` are loaded encoders (their device is used).
-      text_cache_dir (Path, str or None): where class text embeddings are kept between runs
-        (default ``~/.cache/regionspot-cache/text-embeddings``).
-      disk_cache (bool): False keeps text embeddings in memory only.
-      preprocess, text_recipe (str or None): as ``extract.preprocess`` / ``extract.text_recipe``;
-        None: ``released`` for a head imported from a released checkpoint, else ``direct`` /
-        ``openclip`` (the config defaults). Use what the head's training cache was made with.
+      head (RegionSpotHead): the head; its CLIP width and text dim must be those of the encoders'
+        CLIP. It is moved to their device.
+      encoders (FrozenEncoders): the SAM and CLIP the head was trained with, loaded, with the
+        image preprocessing of its training cache (``FrozenEncoders.with_preprocess``).
+      text (TextEmbeddingCache or None): the class text embeddings, by vocabulary; None: in
+        memory only, with the ``openclip`` text recipe.
+
+    ``from_files`` loads all of them from a head checkpoint and model specs; ``from_head_file``
+    loads the head for encoders already loaded (several heads, one SAM and CLIP).
     """
 
-    def __init__(
-        self,
-        head: Path | str | RegionSpotHead,
-        models: ModelsConfig | FrozenEncoders,
+    def __init__(self, head: RegionSpotHead, encoders: FrozenEncoders, text: TextEmbeddingCache | None = None):
+        check_head_fits(head, encoders.clip, "head")
+        self.encoders = encoders
+        self.device = encoders.sam.device
+        self.head = head.to(self.device).eval()
+        self.text = text or TextEmbeddingCache(encoders.clip, encoders.clip_provenance(), None)
+
+    @classmethod
+    def from_files(
+        cls,
+        head_file: Path | str,
+        models: ModelsConfig,
         device: str | torch.device = "auto",
         text_cache_dir: Path | str | None = None,
         disk_cache: bool = True,
         preprocess: str | None = None,
         text_recipe: str | None = None,
-    ):
-        device = resolve_device(device) if isinstance(device, str) else device
-        model, head_config = (head, {}) if isinstance(head, RegionSpotHead) else load_head(head)
+    ) -> Predictor:
+        """Load the head checkpoint and the SAM and CLIP that ``models`` name onto ``device``
+        (``auto``: CUDA when present; ``cpu``, ``cuda:1``, ...); the other arguments as ``from_head_file``."""
+        encoders = load_frozen_encoders(models, resolve_device(device) if isinstance(device, str) else device)
+        return cls.from_head_file(head_file, encoders, text_cache_dir, disk_cache, preprocess, text_recipe)
+
+    @classmethod
+    def from_head_file(
+        cls,
+        head_file: Path | str,
+        encoders: FrozenEncoders,
+        text_cache_dir: Path | str | None = None,
+        disk_cache: bool = True,
+        preprocess: str | None = None,
+        text_recipe: str | None = None,
+    ) -> Predictor:
+        """A head checkpoint (.safetensors) with encoders already loaded.
+
+        Arguments:
+          text_cache_dir (Path, str or None): where class text embeddings are kept between runs
+            (default ``~/.cache/regionspot-cache/text-embeddings``).
+          disk_cache (bool): False keeps text embeddings in memory only.
+          preprocess, text_recipe (str or None): as ``extract.preprocess`` / ``extract.text_recipe``;
+            None: ``released`` for a head imported from a released checkpoint, else ``direct`` /
+            ``openclip`` (the config defaults). Use what the head's training cache was made with.
+        """
+        head, head_config = load_head(head_file)
         imported = "imported_from" in head_config  # released checkpoints want the released inputs
-        preprocess = preprocess or ("released" if imported else "direct")
-        text_recipe = text_recipe or ("released" if imported else "openclip")
-        encoders = models if isinstance(models, FrozenEncoders) else load_frozen_encoders(models, device)
-        self.encoders = encoders.with_preprocess(preprocess)
-        self.device = self.encoders.sam.device
-        check_head_fits(model, self.encoders.clip, str(head) if not isinstance(head, RegionSpotHead) else "head")
-        self.head = model.to(self.device).eval()
+        encoders = encoders.with_preprocess(preprocess or ("released" if imported else "direct"))
+        check_head_fits(head, encoders.clip, str(head_file))
         directory = Path(text_cache_dir) if text_cache_dir else default_text_cache_dir()
-        self.text = TextEmbeddingCache(self.encoders.clip, self.encoders.clip_provenance(), directory if disk_cache else None,
-                                       recipe=text_recipe)
+        text = TextEmbeddingCache(encoders.clip, encoders.clip_provenance(), directory if disk_cache else None,
+                                  recipe=text_recipe or ("released" if imported else "openclip"))
+        return cls(head, encoders, text)
 
     @torch.no_grad()
     def predict(
         self, image: ImageInput, boxes: Any, vocabulary: Sequence[str], masks: bool = False,
         attention: bool = False, open_set: OpenSetConfig | None = None,
-    ) -> list[dict]:
+    ) -> list[Region]:
         """Label each box of one image with the most probable class of ``vocabulary``.
 
         Arguments:
@@ -213,12 +260,10 @@ class Predictor:
             vocabulary (``regions/open_set.py``); None or rule ``off``: never.
 
         Returns:
-          (list of dict): N results, in box order: ``box`` (list of 4 floats, clipped),
-            ``label`` (str; None when the open-set rule rejects the box), ``score`` (float,
-            softmax probability over the vocabulary), with ``masks`` ``mask``: COCO RLE
-            ``{"size": [H, W], "counts": str}``, with an open-set rule ``known`` (float, its
-            known score), and with ``attention`` ``attention``: (grid_h, grid_w) float32 array
-            and ``attention_class_token`` (float): together they sum to one.
+          (list of Region): N regions, in box order: ``box`` (4 floats, clipped), ``label``
+            (str; None when the open-set rule rejects the box), ``score`` (float, softmax
+            probability over the vocabulary); with ``masks`` ``mask``, with an open-set rule
+            ``known``, with ``attention`` ``attention`` and ``attention_class_token``.
         """
         names = checked_vocabulary(vocabulary)
         open_set = open_set or OpenSetConfig()
@@ -235,27 +280,24 @@ class Predictor:
         logits, weights = self.region_logits(picture, embedding, xyxy, torch.cat([text, background]), attention)
         logits, background_logits = logits[:, : len(names)], logits[:, len(names):]
         scores, labels = logits.softmax(dim=-1).max(dim=-1)
-        results = [
-            {"box": box, "label": names[label], "score": score}
-            for box, label, score in zip(xyxy.tolist(), labels.tolist(), scores.tolist())
-        ]
+        results = [Region(box, names[label], score) for box, label, score in zip(xyxy.tolist(), labels.tolist(), scores.tolist())]
         if open_set.rule != "off":
             known = known_scores(logits, open_set.rule, background_logits)
             for result, score, kept in zip(results, known.tolist(), kept_regions(known, open_set).tolist()):
-                result["known"] = score
-                result["label"] = result["label"] if kept else None
+                result.known = score
+                result.label = result.label if kept else None
         if attention:
             self._add_attention(results, weights)
         if masks:
             for result, rle in zip(results, box_mask_rles(sam, embedding, xyxy, pixels.shape[:2])):
-                result["mask"] = rle
+                result.mask = rle
         return results
 
-    def _add_attention(self, results: list[dict], weights: torch.Tensor) -> None:
+    def _add_attention(self, results: list[Region], weights: torch.Tensor) -> None:
         grid = tuple(self.encoders.clip.model.visual.grid_size)
         for result, row in zip(results, weights.float().cpu().numpy()):
-            result["attention_class_token"] = float(row[0])
-            result["attention"] = row[1:].reshape(grid)
+            result.attention_class_token = float(row[0])
+            result.attention = row[1:].reshape(grid)
 
     def region_logits(
         self, picture: Image.Image, sam_embedding: torch.Tensor, xyxy: np.ndarray, text: torch.Tensor,
