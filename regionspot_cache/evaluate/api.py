@@ -27,8 +27,6 @@ from regionspot_cache.regions.open_set import needs_background
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "REGIONSPOT", "evaluate", "evaluate_head", "released_input_differences"]
-
 
 def evaluate(
     cache_dir: Path | str,
