@@ -1,4 +1,4 @@
-"""Open-set rejection on generated data with held-out categories (``evaluate/open_set.py``).
+"""Open-set rejection on generated data with held-out categories (``regions/open_set.py``).
 
 The demo's generator (12 colour x shape categories) renders a training and a balanced test
 split. `--held-out` categories leave the vocabulary at test time; with `--setting vocabulary`
@@ -32,9 +32,9 @@ from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import load_frozen_encoders
-from regionspot_cache.evaluate.open_set import OpenSetRule, accuracy_at_known_recall, auroc, known_scores
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import load_head, region_logits
+from regionspot_cache.regions.open_set import OpenSetRule, accuracy_at_known_recall, auroc, known_scores
 from regionspot_cache.train.loop import train_head
 
 RULES = [rule for rule in OpenSetRule if rule.rejects]

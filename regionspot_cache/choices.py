@@ -6,21 +6,21 @@ member what to do instead of comparing words. Members are ``str`` subclasses who
 word, so TOML, ``--set`` and the CLI take the same words as before, members compare equal to their
 words, and ``cache.json``, vocabulary metadata and head JSON get byte for byte the same strings.
 
-This module imports neither torch nor PIL (the CLI starts without them): members whose behaviour
-needs them import them inside the method, or delegate to the module that holds the implementation.
+This module imports neither torch nor PIL (the CLI starts without them) and nothing of the package
+but ``errors``: a member says what it decides (``Preprocessing.runs_test_resize``), and the module
+that holds the implementation (``encoders/preprocess.py``, ``encoders/clip.py``) asks it.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from regionspot_cache.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
-    from regionspot_cache.cache.format import Provenance
-    from regionspot_cache.encoders.preprocess import TestResize
 
 ChoiceT = TypeVar("ChoiceT", bound="Choice")
 
@@ -48,10 +48,10 @@ class Choice(str, enum.Enum):
 
     @classmethod
     def parse(cls: type[ChoiceT], word: Any, what: str) -> ChoiceT:
-        """The member named ``word``; a ValueError naming ``what`` and the known words otherwise."""
+        """The member named ``word``; a ConfigError naming ``what`` and the known words otherwise."""
         found = cls.find(word)
         if found is None:
-            raise ValueError(f"{what} {word!r} is not one of {', '.join(cls.words())}")
+            raise ConfigError(f"{what} {word!r} is not one of {', '.join(cls.words())}")
         return found
 
 
@@ -73,20 +73,11 @@ class Preprocessing(Choice):
         """What ``cache.json`` records as CLIP's ``preprocess`` (``interpolation``: the model's, for ``direct``)."""
         return _RELEASED_CLIP_STEPS if self is Preprocessing.RELEASED else f"resize (no crop) {interpolation}, mean/std"
 
-    def test_resize(self) -> TestResize | None:
-        """detectron2's test resize, run before SAM's and CLIP's own (``released``), or None."""
-        from regionspot_cache.encoders.preprocess import TestResize
-
-        return TestResize() if self is Preprocessing.RELEASED else None
-
-    def clip_pixels(self, image: Image.Image, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor,
-                    interpolation: str) -> torch.Tensor:
-        """(3, H, W) normalised CLIP input of ``image`` at ``size`` (height, width)."""
-        from regionspot_cache.encoders import preprocess
-
-        if self is Preprocessing.RELEASED:
-            return preprocess.released_clip_pixels(image, size, mean, std)
-        return preprocess.direct_clip_pixels(image, size, mean, std, interpolation)
+    @property
+    def runs_test_resize(self) -> bool:
+        """Whether detectron2's test resize runs first, and CLIP's resize is then the released
+        tensor resize (``released``; the steps are ``encoders/preprocess.py``'s)."""
+        return self is Preprocessing.RELEASED
 
     @classmethod
     def of_sam_steps(cls, sam_steps: str) -> Preprocessing:
@@ -94,8 +85,8 @@ class Preprocessing(Choice):
         return cls.RELEASED if sam_steps == _SAM_STEPS[cls.RELEASED] else cls.DIRECT
 
     @classmethod
-    def recorded_in(cls, provenance: Provenance) -> Preprocessing:
-        """The preprocessing a cache was extracted with."""
+    def recorded_in(cls, provenance: Any) -> Preprocessing:
+        """The preprocessing a cache was extracted with (``provenance``: a ``cache.format.Provenance``)."""
         return cls.of_sam_steps(provenance.sam.preprocess)
 
 
@@ -124,13 +115,10 @@ class TextRecipe(Choice):
         """Whether each template's features are normalised before the mean (``openclip``)."""
         return self is TextRecipe.OPENCLIP
 
-    def templates(self) -> Sequence[str | Callable[[str], str]]:
-        """The prompt templates: format strings (``released``) or open_clip's template functions."""
-        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-        from regionspot_cache.encoders.clip import RELEASED_TEMPLATES
-
-        return OPENAI_IMAGENET_TEMPLATES if self.normalises_each_template else RELEASED_TEMPLATES
+    @property
+    def uses_openai_templates(self) -> bool:
+        """OpenAI's 80 ImageNet templates (``openclip``), or the released code's 81 (``encoders/clip.py``)."""
+        return self is TextRecipe.OPENCLIP
 
 
 class ViewMode(Choice):

@@ -27,11 +27,9 @@ from regionspot_cache.choices import (  # noqa: F401
     TextRecipe,
     ViewMode,
 )
+from regionspot_cache.errors import ConfigError
 from regionspot_cache.runtime import read_toml
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the config dataclasses."""
+from regionspot_cache.view_specs import parse_views
 
 
 # Field constraints, as dataclass field metadata read by ``Validated.validate``: every numeric
@@ -189,8 +187,6 @@ class ExtractConfig(Validated):
     views_seed: int = field(default=0, metadata=between(0, 2**63 - 1))
 
     def check_relations(self) -> None:
-        from regionspot_cache.data.views import parse_views  # it imports ConfigError from here
-
         parse_views(self.views)
 
 
@@ -243,7 +239,7 @@ class TrainConfig(Validated):
 
 @dataclass
 class OpenSetConfig(Validated):
-    """Open-set rejection (``evaluate/open_set.py``): ``rule`` gives each region a known score in
+    """Open-set rejection (``regions/open_set.py``): ``rule`` gives each region a known score in
     [0, 1], regions below ``threshold`` are "none of the vocabulary". ``off`` keeps every region."""
 
     SECTION: ClassVar[str] = "eval.open_set"

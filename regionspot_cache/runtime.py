@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import tomllib
 
+from regionspot_cache.errors import MissingFileError, ModelLoadError, NonFiniteValueError, UnsafeCheckpointError
+
 if TYPE_CHECKING:  # torch is imported where used, so config and CLI start without it
     import torch
 
@@ -38,9 +40,6 @@ def sha256_file(path: Path | str, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint that cannot be loaded without running arbitrary code."""
-
 
 def load_torch_weights(path: Path | str) -> Any:
     """``torch.load`` restricted to tensors and plain containers: a pickle that would run code is
@@ -49,7 +48,7 @@ def load_torch_weights(path: Path | str) -> Any:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found")
+        raise MissingFileError(f"{path}: checkpoint file not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -58,7 +57,7 @@ def load_torch_weights(path: Path | str) -> Any:
             f"containers, and loading it could run code ({err.__class__.__name__})"
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:  # text files end in KeyError
-        raise ValueError(f"{path}: not a readable torch checkpoint (expected a file written by torch.save): "
+        raise ModelLoadError(f"{path}: not a readable torch checkpoint (expected a file written by torch.save): "
                          f"{err.__class__.__name__}: {err}") from None
 
 
@@ -94,9 +93,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
-
-class NonFiniteValueError(ValueError):
-    """A value to be written as JSON that JSON cannot hold (NaN, +-Infinity)."""
 
 
 def json_text(data: Any, path: Path | str, indent: int | None = None) -> str:

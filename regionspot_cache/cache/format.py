@@ -9,7 +9,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from regionspot_cache.config import ConfigError, FeatureDtype, TextRecipe
+from regionspot_cache.config import FeatureDtype, TextRecipe
+from regionspot_cache.errors import CacheFormatError, ConfigError
 
 # The identities lived here: re-exported for a while (the package itself imports identity).
 from regionspot_cache.identity import CacheKind, ClipIdentity, SamIdentity, ViewIdentity, WeightFiles  # noqa: F401
@@ -90,9 +91,6 @@ def vocabulary_text_recipe(schema: pa.Schema) -> TextRecipe:
         raise CacheFormatError(f"vocabulary text recipe {word!r} is not one of {', '.join(TextRecipe.words())}")
     return recipe
 
-
-class CacheFormatError(ValueError):
-    """A cache that is missing, damaged, or does not match what the caller asked for."""
 
 
 def shard_name(shard_id: int) -> str:

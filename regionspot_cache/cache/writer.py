@@ -48,13 +48,11 @@ from regionspot_cache.cache.format import (
 )
 from regionspot_cache.choices import FeatureDtype, TextRecipe
 from regionspot_cache.data.datasets import BoxSet, Category
+from regionspot_cache.errors import CacheBusyError
 from regionspot_cache.runtime import atomic_path, atomic_write_bytes, remove_abandoned_temps
 
 LOCK_FILE = ".extract.lock"
 
-
-class CacheBusyError(CacheFormatError):
-    """Another extraction holds the cache."""
 
 
 @contextmanager

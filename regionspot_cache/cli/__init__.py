@@ -10,8 +10,7 @@ import sys
 import typer
 
 from regionspot_cache.cli import cache, demo, evaluate, extract, predict, search, train
-from regionspot_cache.cli.options import UserError
-from regionspot_cache.config import ConfigError
+from regionspot_cache.errors import RegionSpotCacheError
 from regionspot_cache.progress import log_to_console, say
 
 app = typer.Typer(
@@ -35,17 +34,11 @@ app.command()(search.search)
 
 
 def main() -> None:
-    """Console entry point: expected failures become one clear line and exit code 2."""
-    from regionspot_cache.cache import CacheFormatError
-    from regionspot_cache.data.datasets import DatasetError
-    from regionspot_cache.data.images import ImageDecodeError
-    from regionspot_cache.runtime import UnsafeCheckpointError
-
-    expected = (UserError, ConfigError, DatasetError, CacheFormatError, ImageDecodeError,
-                UnsafeCheckpointError, FileNotFoundError, ValueError)
+    """Console entry point: an error the user can fix (``RegionSpotCacheError``) becomes one clear
+    line and exit code 2; anything else is a bug and keeps its traceback."""
     log_to_console()
     try:
         app()
-    except expected as err:
+    except RegionSpotCacheError as err:
         say(("error:", "bold red"), f" {err}")
         sys.exit(2)

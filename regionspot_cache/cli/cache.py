@@ -108,9 +108,9 @@ def repair(
     damaged shards are extracted in this process, or as dask tasks with --scheduler or --workers.
     """
     from regionspot_cache.cache import Provenance
-    from regionspot_cache.cli.report import print_extract_summary
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.data.proposals import with_box_source
+    from regionspot_cache.demo.report import print_extract_summary
     from regionspot_cache.extract.distribute import Dask, InProcess
     from regionspot_cache.extract.repair import repair_cache
     from regionspot_cache.identity import models_recorded_in

@@ -12,10 +12,10 @@ from regionspot_cache.cli.options import (
     DataRootOption,
     RecipeOption,
     SetOption,
-    UserError,
     recipe_from,
 )
 from regionspot_cache.config import Recipe
+from regionspot_cache.errors import UserError
 from regionspot_cache.progress import console, say
 
 

@@ -48,9 +48,9 @@ def extract(
     skipped, so re-running the same command resumes. With extract.views in the recipe (or --set),
     each augmented view is then cached under CACHE/views/<view id>/.
     """
-    from regionspot_cache.cli.report import print_extract_summary
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.data.proposals import with_box_source
+    from regionspot_cache.demo.report import print_extract_summary
     from regionspot_cache.extract.distribute import Dask, InProcess
     from regionspot_cache.extract.runner import CacheTarget, load_encoders, run_extraction
 

@@ -32,9 +32,6 @@ WorkersOption = typer.Option(
 RetriesOption = typer.Option(2, help="Times a failed shard is retried on dask before it is reported.")
 
 
-class UserError(Exception):
-    """Shown to the user as one line, without a traceback."""
-
 
 def recipe_from(path: Optional[Path], overrides: List[str], **models: Optional[str]) -> Recipe:
     recipe = load_recipe(path) if path else Recipe()

@@ -15,9 +15,9 @@ from regionspot_cache.cli.options import (
     SamCheckpointOption,
     SamVariantOption,
     SetOption,
-    UserError,
     recipe_from,
 )
+from regionspot_cache.errors import UserError
 from regionspot_cache.progress import say
 
 
@@ -85,7 +85,7 @@ def predict(
     checked_vocabulary(names)
     config.eval.open_set.rule = reject or config.eval.open_set.rule
     config.eval.validate()
-    regions = Predictor(head, config.models, device, text_cache).predict(
+    regions = Predictor.from_files(head, config.models, device, text_cache).predict(
         picture, box_array, names, masks=masks, attention=attention, open_set=config.eval.open_set
     )
     out = out or Path(f"{image.stem}.regions.png")
@@ -94,5 +94,5 @@ def predict(
     if attention:
         written.append(draw_attention_grid(picture, regions, out.with_name(f"{out.stem.removesuffix('.regions')}.attention.png")))
     # The maps are in the PNG; the JSON keeps each box's share on the class token.
-    print(json.dumps([{k: v for k, v in region.items() if k != "attention"} for region in regions]))
+    print(json.dumps([region.to_json() for region in regions]))
     say(f"{len(regions)} regions; wrote {', '.join(map(str, written))}")

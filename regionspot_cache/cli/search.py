@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from regionspot_cache.cli.options import UserError
+from regionspot_cache.errors import UserError
 from regionspot_cache.progress import say
 from regionspot_cache.runtime import write_json
 
@@ -48,10 +48,7 @@ def search(
     index = open_region_index(reader, load_head(head)[0], device)
     named = {}
     for text, (image_id, box) in zip(like, examples):
-        try:
-            named[f"like {text}"] = like_region(index, image_id, box)
-        except KeyError as err:
-            raise UserError(str(err).strip("'\"")) from None
+        named[f"like {text}"] = like_region(index, image_id, box)
     if queries:
         named.update(zip(queries, text_queries(cache_clip(reader, clip_pretrained, device), queries)))
     hits = dict(zip(named, nearest_regions(index, np.stack(list(named.values())), top)))

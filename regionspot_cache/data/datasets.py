@@ -13,13 +13,11 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
+from regionspot_cache.errors import DatasetError
 from regionspot_cache.runtime import read_toml
 
 T = TypeVar("T")
 
-
-class DatasetError(ValueError):
-    """An annotation file or manifest that cannot be used; the message names the file."""
 
 
 @dataclass(frozen=True)

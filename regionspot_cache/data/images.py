@@ -9,10 +9,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from regionspot_cache.data.datasets import ImageEntry, image_path_under
-
-
-class ImageDecodeError(ValueError):
-    """A file that cannot be decoded as an image; the message names the file."""
+from regionspot_cache.errors import ImageDecodeError
 
 
 def load_rgb(path: Path, max_pixels: int | None = None) -> Image.Image:

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.cli.report import print_extract_summary
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.config import DemoConfig
+from regionspot_cache.demo.report import print_extract_summary
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import load_frozen_encoders

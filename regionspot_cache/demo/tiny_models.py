@@ -16,6 +16,7 @@ from regionspot_cache.config import ClipSpec, ModelsConfig, SamSpec
 from regionspot_cache.encoders.clip import MODEL_CONFIG_DIR  # noqa: F401  registers the tiny open_clip configs
 from regionspot_cache.encoders.sam import build_sam
 from regionspot_cache.encoders.sam2 import SAM2_ARCHITECTURES, build_sam2_model
+from regionspot_cache.errors import InputError
 
 TINY_SAM = "tiny"
 TINY_CLIP = "RS-Tiny-ViT"
@@ -30,7 +31,7 @@ def write_tiny_checkpoints(directory: Path | str, seed: int = 0, sam_variant: st
     """Save a random tiny SAM (``sam_<variant>.pth``) and CLIP (``clip_tiny.pt`` / ``clip_<model>.pt``)
     as released checkpoints are laid out; returns their spec."""
     if sam_variant not in TINY_SAMS or clip_model not in TINY_CLIPS:
-        raise ValueError(f"tiny models are {TINY_SAMS} and {TINY_CLIPS}, not {sam_variant!r} and {clip_model!r}")
+        raise InputError(f"tiny models are {TINY_SAMS} and {TINY_CLIPS}, not {sam_variant!r} and {clip_model!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sam_path = directory / f"sam_{sam_variant}.pth"

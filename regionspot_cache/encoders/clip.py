@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import open_clip
 import torch
@@ -22,7 +22,9 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
 from regionspot_cache.choices import Preprocessing, TextRecipe
+from regionspot_cache.encoders.preprocess import clip_pixels
 from regionspot_cache.encoders.tower import TokenTower, register_tiny_timm_tower, token_tower
+from regionspot_cache.errors import MissingFileError
 from regionspot_cache.progress import progress_bar
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -38,10 +40,15 @@ def clean_class_name(name: str) -> str:
 RELEASED_TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES) + ("{}.",)
 
 
+def templates_of(recipe: TextRecipe) -> Sequence[str | Callable[[str], str]]:
+    """The prompt templates: open_clip's template functions (``openclip``) or the released format strings."""
+    return OPENAI_IMAGENET_TEMPLATES if recipe.uses_openai_templates else RELEASED_TEMPLATES
+
+
 def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> "ClipEncoder":
     """Create open_clip ``model_name`` with weights from a pretrained tag or a local file."""
     if pretrained and (Path(pretrained).suffix or "/" in pretrained) and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"{pretrained}: CLIP weights file not found")
+        raise MissingFileError(f"{pretrained}: CLIP weights file not found")
     model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
     tower = token_tower(model.visual, model_name)  # refuses towers without a token grid before the tokenizer loads
     tokenizer = open_clip.get_tokenizer(model_name)  # each model's own (BPE, SentencePiece, ...)
@@ -64,7 +71,7 @@ class ClipPreprocess:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
-        return self.preprocess.clip_pixels(image, self.size, mean, std, self.interpolation)
+        return clip_pixels(self.preprocess, image, self.size, mean, std, self.interpolation)
 
 
 @dataclass
@@ -148,12 +155,12 @@ class ClipEncoder:
 
     def _class_embeddings(self, names: list[str], recipe: TextRecipe) -> torch.Tensor:
         if not recipe.normalises_each_template:
-            return self._raw_template_mean(names, recipe.templates())
+            return self._raw_template_mean(names, templates_of(recipe))
         weights = open_clip.build_zero_shot_classifier(
             self.model,
             tokenizer=self.tokenizer,
             classnames=names,
-            templates=recipe.templates(),
+            templates=templates_of(recipe),
             num_classes_per_batch=8,
             device=self.device,
         )

@@ -10,8 +10,10 @@ import torch
 
 from regionspot_cache.config import ModelsConfig, Preprocessing
 from regionspot_cache.encoders.clip import ClipEncoder, load_clip
+from regionspot_cache.encoders.preprocess import test_resize_for
 from regionspot_cache.encoders.sam import SAM_ARCHITECTURES, TOKEN_DIM, SamBoxEncoder, build_sam
 from regionspot_cache.encoders.sam2 import SAM2_ARCHITECTURES, Sam2BoxEncoder, build_sam2_model
+from regionspot_cache.errors import ConfigError, ModelLoadError
 from regionspot_cache.identity import ClipIdentity, SamIdentity, WeightFiles
 from regionspot_cache.runtime import sha256_file
 
@@ -37,10 +39,10 @@ class FrozenEncoders:
         if preprocess is self.preprocess:
             return self
         if self.is_sam2:
-            raise ValueError(f"extract.preprocess {preprocess!r} repeats the released RegionSpot code, which runs SAM 1; "
+            raise ConfigError(f"extract.preprocess {preprocess!r} repeats the released RegionSpot code, which runs SAM 1; "
                              f"SAM 2.1 ({self.spec.sam.variant}) takes the direct preprocessing")
         sam = copy.copy(self.sam)
-        sam.preprocessing, sam.test_resize = preprocess, preprocess.test_resize()
+        sam.preprocessing, sam.test_resize = preprocess, test_resize_for(preprocess)
         return FrozenEncoders(sam, replace(self.clip, preprocessing=preprocess), self.spec)
 
     def sam_provenance(self) -> SamIdentity:
@@ -93,7 +95,7 @@ def load_box_encoder(variant: str, checkpoint: str | None, device: torch.device)
     if variant in SAM2_ARCHITECTURES:
         return Sam2BoxEncoder(build_sam2_model(variant, checkpoint), device)
     if variant not in SAM_ARCHITECTURES:
-        raise ValueError(f"unknown SAM variant {variant!r}; known: {sorted(SAM_ARCHITECTURES) + sorted(SAM2_ARCHITECTURES)}")
+        raise ModelLoadError(f"unknown SAM variant {variant!r}; known: {sorted(SAM_ARCHITECTURES) + sorted(SAM2_ARCHITECTURES)}")
     return SamBoxEncoder(build_sam(variant, checkpoint), device)
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from regionspot_cache.choices import Preprocessing
+
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
@@ -53,6 +55,19 @@ class TestResize:
         new_h, new_w = self.shape(height, width)
         factors = torch.tensor([new_w / width, new_h / height] * 2, dtype=torch.float64)
         return (boxes_xyxy.double() * factors).to(boxes_xyxy.dtype), (new_h, new_w)
+
+
+def test_resize_for(preprocessing: Preprocessing) -> TestResize | None:
+    """detectron2's test resize, run before SAM's and CLIP's own (``released``), or None."""
+    return TestResize() if preprocessing.runs_test_resize else None
+
+
+def clip_pixels(preprocessing: Preprocessing, image: Image.Image, size: tuple[int, int], mean: torch.Tensor,
+                std: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """(3, H, W) normalised CLIP input of ``image`` at ``size`` (height, width), as ``preprocessing`` makes it."""
+    if preprocessing.runs_test_resize:
+        return released_clip_pixels(image, size, mean, std)
+    return direct_clip_pixels(image, size, mean, std, interpolation)
 
 
 def direct_clip_pixels(image: Image.Image, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor,

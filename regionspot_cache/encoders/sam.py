@@ -21,8 +21,9 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from regionspot_cache.choices import Preprocessing
 from regionspot_cache.encoders.memory import FittingBatches, sam_image_bytes
-from regionspot_cache.encoders.preprocess import TestResize
+from regionspot_cache.encoders.preprocess import TestResize, test_resize_for
 from regionspot_cache.encoders.sam_attention import use_fused_attention
+from regionspot_cache.errors import ModelLoadError
 from regionspot_cache.runtime import load_torch_weights
 
 
@@ -52,9 +53,9 @@ def build_sam(variant: str, checkpoint: Path | str | None, attention: str = "sdp
     """Build SAM ``variant`` and load ``checkpoint`` (a state dict file) into it. ``attention``:
     ``sdpa`` (fused, bounded memory) or ``eager`` (segment-anything's own forward, for comparison)."""
     if attention not in SAM_ATTENTIONS:
-        raise ValueError(f"unknown SAM attention {attention!r}; known: {', '.join(SAM_ATTENTIONS)}")
+        raise ModelLoadError(f"unknown SAM attention {attention!r}; known: {', '.join(SAM_ATTENTIONS)}")
     if variant not in SAM_ARCHITECTURES:
-        raise ValueError(f"unknown SAM variant {variant!r}; known: {sorted(SAM_ARCHITECTURES)}")
+        raise ModelLoadError(f"unknown SAM variant {variant!r}; known: {sorted(SAM_ARCHITECTURES)}")
     arch = SAM_ARCHITECTURES[variant]
     sam = _build_sam(
         encoder_embed_dim=arch.embed_dim,
@@ -68,7 +69,7 @@ def build_sam(variant: str, checkpoint: Path | str | None, attention: str = "sdp
         try:
             sam.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"{checkpoint}: does not fit SAM {variant!r}: {err}") from None
+            raise ModelLoadError(f"{checkpoint}: does not fit SAM {variant!r}: {err}") from None
     if attention == "sdpa":
         use_fused_attention(sam.image_encoder)
     return sam.eval().requires_grad_(False)
@@ -99,7 +100,7 @@ class SamBoxEncoder:
         self.input_size = sam.image_encoder.img_size
         self.transform = ResizeLongestSide(self.input_size)
         self.preprocessing = Preprocessing.parse(preprocess, "preprocess")
-        self.test_resize = self.preprocessing.test_resize()
+        self.test_resize = test_resize_for(self.preprocessing)
 
     def resizer(self) -> "SamResize":
         return SamResize(self.input_size, self.test_resize)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import resize
 
 from regionspot_cache.encoders.memory import ACTIVATIONS_PER_TOKEN_CHANNEL, FittingBatches
+from regionspot_cache.errors import ModelLoadError
 from regionspot_cache.runtime import load_torch_weights
 
 TOKEN_DIM = 256
@@ -73,7 +74,7 @@ def build_sam2_model(variant: str, checkpoint: Path | str | None) -> torch.nn.Mo
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError) as err:
-            raise ValueError(f"{checkpoint}: does not fit SAM 2 {variant!r}: {err}") from None
+            raise ModelLoadError(f"{checkpoint}: does not fit SAM 2 {variant!r}: {err}") from None
     return model.eval().requires_grad_(False)
 
 

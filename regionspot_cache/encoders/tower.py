@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import torch
 from open_clip.transformer import VisionTransformer
 
+from regionspot_cache.errors import NoTokenGridError
+
 FAMILY_OPEN_CLIP_VIT = "open_clip VisionTransformer"
 FAMILY_TIMM_VIT = "timm ViT"
 
-
-class NoTokenGridError(ValueError):
-    """A vision tower whose output is not a sequence of patch tokens (ConvNeXt, ResNet)."""
 
 
 @dataclass(frozen=True)

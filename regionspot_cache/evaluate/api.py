@@ -10,18 +10,20 @@ from pathlib import Path
 
 import torch
 
+# The cache-only path: nothing here loads SAM or CLIP or reads an image. The baselines and masks
+# import them inside ``evaluate`` (``with_images.py``, ``baselines.py``), when a method needs them.
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import EvalConfig, EvalMethod, ModelsConfig, Preprocessing, TextRecipe
-from regionspot_cache.evaluate.baselines import score_cache_with_baseline
+from regionspot_cache.errors import InputError
 from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.ground_truth import load_ground_truth
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
 from regionspot_cache.evaluate.masks import without_boxes
 from regionspot_cache.evaluate.scoring import protocol_for, write_results_json
-from regionspot_cache.evaluate.with_images import cache_images, load_cache_encoders, records_with_masks, write_records_json
 from regionspot_cache.head.model import RegionSpotHead
 
 logger = logging.getLogger(__name__)
+
 
 def evaluate(
     cache_dir: Path | str,
@@ -75,17 +77,21 @@ def evaluate(
     ground_truth = load_ground_truth(annotation_file, vocab)  # checked before the scoring work
     encoders = images = None
     if method.reads_images or masks:
-        encoders = load_cache_encoders(reader, models, config.device)
-        images = cache_images(reader, image_root)
+        from regionspot_cache.evaluate import with_images  # SAM, CLIP and the images: only for these
+
+        encoders = with_images.load_cache_encoders(reader, models, config.device)
+        images = with_images.cache_images(reader, image_root)
     if method.needs_head:
         detections = score_cache(reader, head, vocab, config, background_embeddings(reader, models, config))
     else:
+        from regionspot_cache.evaluate.baselines import score_cache_with_baseline
+
         detections = score_cache_with_baseline(reader, vocab, config, method, encoders, images)
     segm_metrics = None
     if masks:
-        records = records_with_masks(detections, protocol.lvis_max_dets, images, encoders.sam)
+        records = with_images.records_with_masks(detections, protocol.lvis_max_dets, images, encoders.sam)
         if results_file is not None:
-            results_file = write_records_json(records, results_file)
+            results_file = with_images.write_records_json(records, results_file)
         segm_metrics = lvis_ap(copy.deepcopy(ground_truth), without_boxes(records), protocol.lvis_max_dets, iou_type="segm")
     elif results_file is not None:
         results_file = write_results_json(detections, results_file)
@@ -97,6 +103,8 @@ def background_embeddings(reader: CacheReader, models: ModelsConfig | None, conf
     """The cache's CLIP text embeddings of the background prompts, when the open-set rule needs them."""
     if not config.open_set.rule.needs_background:
         return None
+    from regionspot_cache.evaluate.with_images import load_cache_encoders  # CLIP for the prompts' text
+
     clip = load_cache_encoders(reader, models, config.device).clip
     return clip.text_embeddings(config.open_set.background_prompts).float()
 
@@ -106,11 +114,11 @@ def check_method(method: EvalMethod | str, head: RegionSpotHead | None, masks: b
     """The method named, refused before anything loads if it is unknown or lacks what it needs."""
     chosen = EvalMethod.find(method)
     if chosen is None:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(EvalMethod.words())}")
+        raise InputError(f"unknown method {method!r}; known: {', '.join(EvalMethod.words())}")
     if chosen.needs_head and head is None:
-        raise ValueError(f"method {chosen} needs a head checkpoint")
+        raise InputError(f"method {chosen} needs a head checkpoint")
     if (chosen.reads_images or masks) and image_root is None:
-        raise ValueError(f"method {chosen}{' with masks' if masks else ''} reads the original images: give their image_root")
+        raise InputError(f"method {chosen}{' with masks' if masks else ''} reads the original images: give their image_root")
     return chosen
 
 
@@ -132,6 +140,7 @@ def released_input_differences(imported_from: str | None, cache_dir: Path | str,
     paper's numbers need ``released`` preprocessing and text recipe). Other heads (None): nothing."""
     if imported_from is None:
         return []
+
     reader = CacheReader(cache_dir)
     name = vocabulary or reader.provenance.dataset
     made = {"extract.preprocess": (Preprocessing.recorded_in(reader.provenance), Preprocessing.RELEASED),

@@ -15,10 +15,10 @@ import torch
 
 from regionspot_cache.cache import CachedImage, CacheReader, Vocabulary
 from regionspot_cache.config import EvalConfig
-from regionspot_cache.evaluate.open_set import kept_regions
 from regionspot_cache.evaluate.scoring import Detections, detections_from_logits
 from regionspot_cache.head.model import RegionSpotHead, region_logits
 from regionspot_cache.progress import progress_bar
+from regionspot_cache.regions.open_set import kept_regions
 from regionspot_cache.runtime import resolve_device
 
 

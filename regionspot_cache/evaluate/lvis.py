@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from regionspot_cache.errors import InputError
 from regionspot_cache.evaluate.scoring import (
     Detections,
     cap_per_image,
@@ -51,7 +52,7 @@ def evaluable(gt: Any, detections: Detections) -> Detections:
     images = gt.dataset["images"]
     unknown = np.setdiff1d(detections.image_ids, np.array([img["id"] for img in images], np.int64))
     if len(unknown):
-        raise ValueError(f"detections for images not in the annotations, e.g. {unknown[:5].tolist()}")
+        raise InputError(f"detections for images not in the annotations, e.g. {unknown[:5].tolist()}")
     pairs = [(a["image_id"], a["category_id"]) for a in gt.dataset["annotations"]]
     pairs += [(img["id"], c) for img in images for c in img.get("neg_category_ids", [])]
     allowed = np.array(pairs, np.int64).reshape(-1, 2)

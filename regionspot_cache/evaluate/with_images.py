@@ -16,6 +16,7 @@ from regionspot_cache.data.datasets import ImageEntry
 from regionspot_cache.data.images import ImageSource
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
 from regionspot_cache.encoders.sam import SamBoxEncoder
+from regionspot_cache.errors import MissingFileError
 from regionspot_cache.evaluate.masks import add_segmentations
 from regionspot_cache.evaluate.scoring import Detections, cap_per_image
 from regionspot_cache.identity import models_recorded_in
@@ -29,7 +30,7 @@ def load_cache_encoders(reader: CacheReader, models: ModelsConfig | None, device
         # The images are prepared as at extraction (extract.preprocess), so masks fit the cached tokens.
         encoders = load_frozen_encoders(models, resolve_device(device), Preprocessing.recorded_in(reader.provenance))
     except FileNotFoundError as err:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{err} (models recorded in {reader.root / 'cache.json'}; give their files with "
             "--sam-checkpoint / --clip-pretrained)"
         ) from None

@@ -19,6 +19,7 @@ from regionspot_cache.cache.format import PROPOSALS_DIR
 from regionspot_cache.config import ExtractConfig, ModelsConfig, Preprocessing, TextRecipe
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders
+from regionspot_cache.errors import CacheFormatError
 from regionspot_cache.extract.distribute import Distributor
 from regionspot_cache.extract.runner import CacheTarget, load_encoders, run_extraction
 from regionspot_cache.identity import CacheKind, models_recorded_in
@@ -57,7 +58,7 @@ def cache_with_boxes(
     encoders = encoders or load_encoders(models or models_recorded_in(base.provenance), config, distributor)
     encoders = encoders.with_preprocess(config.preprocess)  # for the comparison below (run_extraction's is then a no-op)
     if encoders.clip_provenance() != base.provenance.clip:
-        raise ValueError(f"{cache_dir}: its feature maps come from another CLIP than the models given; "
+        raise CacheFormatError(f"{cache_dir}: its feature maps come from another CLIP than the models given; "
                          "pass the models the cache was extracted with")
     kind = CacheKind.proposals(os.path.relpath(cache_dir.resolve(), target.resolve()))
     summary = run_extraction(dataset, CacheTarget(target, kind, box_source), encoders, config, distributor)
@@ -75,11 +76,11 @@ def _text_recipe_of(base: CacheReader, vocabulary: str, default: TextRecipe) -> 
 def _check_maps_can_be_borrowed(base: CacheReader, dataset: DetectionDataset) -> None:
     provenance = base.provenance
     if not provenance.kind.owns_feature_maps:
-        raise ValueError(f"{base.root}: borrows its feature maps itself; use the cache it borrows them from")
+        raise CacheFormatError(f"{base.root}: borrows its feature maps itself; use the cache it borrows them from")
     if provenance.dataset != dataset.name:
-        raise ValueError(f"{base.root}: holds dataset {provenance.dataset!r}, not {dataset.name!r}")
+        raise CacheFormatError(f"{base.root}: holds dataset {provenance.dataset!r}, not {dataset.name!r}")
     committed = {int(p.name) for p in base.shard_dirs}
     missing = sorted(set(range(provenance.planned_shards)) - committed)
     if missing:
-        raise ValueError(f"{base.root}: shards {missing[:8]} are not extracted yet; finish `rs-cache extract` "
+        raise CacheFormatError(f"{base.root}: shards {missing[:8]} are not extracted yet; finish `rs-cache extract` "
                          "first (its feature maps are reused for the proposals)")

@@ -22,6 +22,7 @@ from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.data.views import parse_views
 from regionspot_cache.encoders import FrozenEncoders
+from regionspot_cache.errors import CacheFormatError
 from regionspot_cache.extract.distribute import Distributor
 from regionspot_cache.extract.runner import CacheTarget, ExtractSummary, load_encoders, run_extraction
 from regionspot_cache.identity import CacheKind, ViewIdentity, models_recorded_in
@@ -70,11 +71,11 @@ def extract_views(
 def _check_base(base: CacheReader, dataset: DetectionDataset, box_source: str) -> None:
     provenance = base.provenance
     if not provenance.kind.is_plain:
-        raise ValueError(f"{base.root}: is itself a proposals or view cache; extract views of the cache it belongs to")
+        raise CacheFormatError(f"{base.root}: is itself a proposals or view cache; extract views of the cache it belongs to")
     if (provenance.dataset, provenance.box_source) != (dataset.name, box_source):
-        raise ValueError(f"{base.root}: holds {provenance.dataset!r} with boxes {provenance.box_source!r}, "
+        raise CacheFormatError(f"{base.root}: holds {provenance.dataset!r} with boxes {provenance.box_source!r}, "
                          f"not {dataset.name!r} with {box_source!r}")
     committed = {int(p.name) for p in base.shard_dirs}
     missing = sorted(set(range(provenance.planned_shards)) - committed)
     if missing:
-        raise ValueError(f"{base.root}: shards {missing[:8]} are not extracted yet; finish the cache before its views")
+        raise CacheFormatError(f"{base.root}: shards {missing[:8]} are not extracted yet; finish the cache before its views")

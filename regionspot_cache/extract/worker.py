@@ -16,6 +16,7 @@ from regionspot_cache.cache.format import STATUS_FAILED
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders
+from regionspot_cache.errors import ExtractionError
 from regionspot_cache.extract.mapper import NO_BOXES, FeatureMapper
 from regionspot_cache.extract.plan import Shard, shard_input_digest
 from regionspot_cache.extract.reader import image_loader
@@ -55,9 +56,6 @@ class ExtractCounts:
 class ShardResult(ExtractCounts):
     shard_id: int
 
-
-class ExtractionError(ValueError):
-    """Bad input met with ``strict`` on; shards committed before it stay committed."""
 
 
 def extract_shards(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from regionspot_cache.errors import MissingFileError, ModelLoadError
 from regionspot_cache.runtime import atomic_path, write_json
 
 
@@ -154,17 +155,17 @@ def load_head(path: Path | str) -> tuple[RegionSpotHead, HeadMetadata]:
         metadata = HeadMetadata.from_json(json.loads(config_path.read_text(encoding="utf-8")))
         head = RegionSpotHead(metadata.config)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{config_path}: head config not found (expected beside {path.name})") from None
+        raise MissingFileError(f"{config_path}: head config not found (expected beside {path.name})") from None
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{config_path}: not a head config: {err!r}") from None
+        raise ModelLoadError(f"{config_path}: not a head config: {err!r}") from None
     try:
         state = load_file(str(path))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: head checkpoint not found") from None
+        raise MissingFileError(f"{path}: head checkpoint not found") from None
     except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path}: not a readable safetensors checkpoint: {err}") from None
+        raise ModelLoadError(f"{path}: not a readable safetensors checkpoint: {err}") from None
     try:
         head.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit the config in {config_path.name}: {err}") from None
+        raise ModelLoadError(f"{path}: weights do not fit the config in {config_path.name}: {err}") from None
     return head, metadata

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from regionspot_cache.errors import ReleasedCheckpointError
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
 from regionspot_cache.runtime import load_torch_weights
 
@@ -19,9 +20,6 @@ PREFIX = "model."
 HEAD_PARTS = ("to_clip.", "decoder.", "projector.")
 IGNORED_PARTS = ("sam.", "clip_model.", "text_feats", "logit_scale", "ln_clip.")
 
-
-class ReleasedCheckpointError(ValueError):
-    """A released checkpoint whose keys or shapes do not make a RegionSpot head."""
 
 
 def released_head_state(path: Path | str) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
-"""Regions of any image against any vocabulary, in memory: ``Predictor``."""
+"""Regions of any image against any vocabulary, in memory: ``Predictor``, whose answers are ``Region``s."""
 
-from regionspot_cache.predict.predictor import Predictor
+from regionspot_cache.predict.predictor import Predictor, Region
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "Region"]

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from regionspot_cache.drawing import PALETTE, draw_labelled_box
 from regionspot_cache.predict.io import region_label
+from regionspot_cache.predict.predictor import Region
 
 TILE_SIDE = 256  # long side of each drawn image
 OVERLAY_ALPHA = 0.55
@@ -30,7 +31,7 @@ def attention_overlay(image: Image.Image, attention: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels.round().astype(np.uint8))
 
 
-def draw_attention_grid(image: Image.Image, regions: list[dict], path: Path | str) -> Path:
+def draw_attention_grid(image: Image.Image, regions: list[Region], path: Path | str) -> Path:
     """One row per region: the image with its box and label, and the attention overlay (with
     the box outlined too); ``regions`` as ``Predictor.predict(..., attention=True)`` returns."""
     scale = TILE_SIDE / max(image.size)
@@ -40,8 +41,8 @@ def draw_attention_grid(image: Image.Image, regions: list[dict], path: Path | st
     sheet = Image.new("RGB", (2 * size[0] + 12, len(regions) * (size[1] + 8) + 4), "white")
     for row, region in enumerate(regions):
         colour = PALETTE[row % len(PALETTE)]
-        box = tuple(scale * v for v in region["box"])
-        left, right = base.copy(), attention_overlay(base, region["attention"])
+        box = tuple(scale * v for v in region.box)
+        left, right = base.copy(), attention_overlay(base, region.attention)
         draw_labelled_box(ImageDraw.Draw(left), box, region_label(region), colour, font, 2)
         ImageDraw.Draw(right).rectangle(box, outline=colour, width=1)
         top = 4 + row * (size[1] + 8)

@@ -10,7 +10,9 @@ import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from regionspot_cache.drawing import PALETTE, draw_labelled_box
-from regionspot_cache.evaluate.masks import decode_rle
+from regionspot_cache.errors import InputError, MissingFileError
+from regionspot_cache.predict.predictor import Region
+from regionspot_cache.regions.masks import decode_rle
 
 MASK_ALPHA = 0.45
 
@@ -25,10 +27,10 @@ def parse_boxes(text: str, where: str = "--boxes") -> np.ndarray:
         except ValueError:
             box = []
         if len(box) != 4:
-            raise ValueError(f"{where}: box {index + 1} {part.strip()!r} is not x1,y1,x2,y2 (four numbers)")
+            raise InputError(f"{where}: box {index + 1} {part.strip()!r} is not x1,y1,x2,y2 (four numbers)")
         boxes.append(box)
     if not boxes:
-        raise ValueError(f"{where}: no boxes given; expected \"x1,y1,x2,y2;x1,y1,x2,y2;...\"")
+        raise InputError(f"{where}: no boxes given; expected \"x1,y1,x2,y2;x1,y1,x2,y2;...\"")
     return np.asarray(boxes, np.float32)
 
 
@@ -37,15 +39,15 @@ def read_boxes_file(path: Path) -> np.ndarray:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: boxes file not found") from None
+        raise MissingFileError(f"{path}: boxes file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
+        raise InputError(f"{path}: not valid JSON: {err}") from None
     boxes = data.get("boxes") if isinstance(data, dict) else data
     if not isinstance(boxes, list) or not boxes:
-        raise ValueError(f"{path}: expected a non-empty JSON list of [x1, y1, x2, y2] boxes")
+        raise InputError(f"{path}: expected a non-empty JSON list of [x1, y1, x2, y2] boxes")
     for index, box in enumerate(boxes):
         if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
-            raise ValueError(f"{path}: box {index + 1} {box!r} is not [x1, y1, x2, y2] (four numbers)")
+            raise InputError(f"{path}: box {index + 1} {box!r} is not [x1, y1, x2, y2] (four numbers)")
     return np.asarray(boxes, np.float32)
 
 
@@ -56,7 +58,7 @@ def _is_number(value: object) -> bool:
 def parse_vocabulary(text: str, where: str = "--vocab") -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
-        raise ValueError(f"{where}: the vocabulary is empty; expected class names separated by commas")
+        raise InputError(f"{where}: the vocabulary is empty; expected class names separated by commas")
     return names
 
 
@@ -65,49 +67,49 @@ def read_vocabulary_file(path: Path) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: vocabulary file not found") from None
+        raise MissingFileError(f"{path}: vocabulary file not found") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not a UTF-8 text file: {err}") from None
+        raise InputError(f"{path}: not a UTF-8 text file: {err}") from None
     names = [line.strip() for line in lines if line.strip()]
     if not names:
-        raise ValueError(f"{path}: the vocabulary file has no class names (expected one per line)")
+        raise InputError(f"{path}: the vocabulary file has no class names (expected one per line)")
     return names
 
 
-def region_label(region: dict) -> str:
+def region_label(region: Region) -> str:
     """The caption drawn at a predicted box: its label ("none of these" when rejected) and score."""
-    label = "none of these" if region["label"] is None else region["label"]
-    return f"{label} {region['score']:.2f}"
+    label = "none of these" if region.label is None else region.label
+    return f"{label} {region.score:.2f}"
 
 
-def draw_regions(image: Image.Image, regions: list[dict], path: Path) -> None:
+def draw_regions(image: Image.Image, regions: list[Region], path: Path) -> None:
     """Write ``image`` with each region's box, ``label score`` and (if present) mask as a PNG."""
-    colours = _label_colours([r["label"] for r in regions])
+    colours = _label_colours([r.label for r in regions])
     canvas = _with_masks(image.convert("RGB"), regions, colours)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(10, min(canvas.size) // 40))
     width = max(1, min(canvas.size) // 200)
     for region in regions:
-        draw_labelled_box(draw, tuple(region["box"]), region_label(region), colours[region["label"]], font, width)
+        draw_labelled_box(draw, tuple(region.box), region_label(region), colours[region.label], font, width)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
 
 
-def _label_colours(labels: list[str]) -> dict[str, str]:
+def _label_colours(labels: list[str | None]) -> dict[str | None, str]:
     """One palette colour per label, in order of first appearance."""
-    colours: dict[str, str] = {}
+    colours: dict[str | None, str] = {}
     for label in labels:
         colours.setdefault(label, PALETTE[len(colours) % len(PALETTE)])
     return colours
 
 
-def _with_masks(image: Image.Image, regions: list[dict], colours: dict[str, str]) -> Image.Image:
-    with_masks = [r for r in regions if "mask" in r]
+def _with_masks(image: Image.Image, regions: list[Region], colours: dict[str | None, str]) -> Image.Image:
+    with_masks = [r for r in regions if r.mask is not None]
     if not with_masks:
         return image.copy()
     pixels = np.asarray(image, np.float32).copy()
-    for region, mask in zip(with_masks, decode_rle([r["mask"] for r in with_masks])):
-        colour = np.array(ImageColor.getrgb(colours[region["label"]]), np.float32)
+    for region, mask in zip(with_masks, decode_rle([r.mask for r in with_masks])):
+        colour = np.array(ImageColor.getrgb(colours[region.label]), np.float32)
         pixels[mask] = (1 - MASK_ALPHA) * pixels[mask] + MASK_ALPHA * colour
     return Image.fromarray(pixels.round().astype(np.uint8))

@@ -1,8 +1,8 @@
 """Recognise the regions of any image against any vocabulary, in memory: SAM + CLIP + the head.
 
->>> predictor = Predictor("heads/bl.safetensors", models)         # models: ModelsConfig
+>>> predictor = Predictor.from_files("heads/bl.safetensors", models)  # models: ModelsConfig
 >>> predictor.predict("dog.jpg", [[10, 20, 200, 180]], ["dog", "cat"], masks=True)
-[{'box': [10.0, 20.0, 200.0, 180.0], 'label': 'dog', 'score': 0.93, 'mask': {'size': [..], 'counts': '..'}}]
+[Region(box=[10.0, 20.0, 200.0, 180.0], label='dog', score=0.93, mask={'size': [..], 'counts': '..'})]
 
 Class text embeddings are built as the cache builds them (``ClipEncoder.text_embeddings``: the
 80-template ensemble) and kept by (CLIP identity, vocabulary): in memory, and on disk as small
@@ -31,13 +31,15 @@ from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.data.datasets import BoxSet, xyxy_array
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_encoders
-from regionspot_cache.evaluate.masks import box_mask_rles
-from regionspot_cache.evaluate.open_set import kept_regions
+from regionspot_cache.errors import InputError, ModelLoadError
 from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
 from regionspot_cache.identity import ClipIdentity
+from regionspot_cache.regions.masks import box_mask_rles
+from regionspot_cache.regions.open_set import kept_regions
 from regionspot_cache.runtime import atomic_path, resolve_device
 
 ImageInput = Union[np.ndarray, Image.Image, str, Path]
+
 TEXT_CACHE_VERSION = 1  # bump when the text embedding code changes what it computes
 
 logger = logging.getLogger(__name__)
@@ -56,19 +58,19 @@ def to_rgb_image(image: ImageInput) -> Image.Image:
         return image.convert("RGB")
     array = np.asarray(image)
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        raise ValueError(f"image array: expected (H, W, 3) uint8 RGB, got shape {array.shape} dtype {array.dtype}")
+        raise InputError(f"image array: expected (H, W, 3) uint8 RGB, got shape {array.shape} dtype {array.dtype}")
     return Image.fromarray(array).convert("RGB")
 
 
 def checked_vocabulary(vocabulary: Sequence[str]) -> list[str]:
     names = [str(name).strip() for name in vocabulary]
     if not names:
-        raise ValueError("vocabulary is empty: give at least one class name")
+        raise InputError("vocabulary is empty: give at least one class name")
     for index, name in enumerate(names):
         if not name:
-            raise ValueError(f"vocabulary: class name {index + 1} is empty")
+            raise InputError(f"vocabulary: class name {index + 1} is empty")
         if name in names[:index]:
-            raise ValueError(f"vocabulary: {name!r} appears twice")
+            raise InputError(f"vocabulary: {name!r} appears twice")
     return names
 
 
@@ -78,13 +80,13 @@ def checked_boxes(boxes: Any, width: int, height: int) -> np.ndarray:
     try:
         xyxy = xyxy_array(boxes)
     except ValueError:
-        raise ValueError(f"boxes: expected an (N, 4) array of x1, y1, x2, y2, got {np.shape(boxes)}") from None
+        raise InputError(f"boxes: expected an (N, 4) array of x1, y1, x2, y2, got {np.shape(boxes)}") from None
     kept, _, reasons = split_boxes(_box_set(xyxy), width, height)
     if reasons:  # find the first bad box, to name it
         for index, box in enumerate(xyxy):
             _, _, box_reasons = split_boxes(_box_set(box[None]), width, height)
             if box_reasons:
-                raise ValueError(f"box {index} {box.tolist()}: {box_reasons[0]}; the image is {width}x{height}")
+                raise InputError(f"box {index} {box.tolist()}: {box_reasons[0]}; the image is {width}x{height}")
     return kept.xyxy
 
 
@@ -151,53 +153,100 @@ class TextEmbeddingCache:
             logger.warning("cannot write the text embedding cache %s: %s", path, err)
 
 
+@dataclass
+class Region:
+    """What ``Predictor.predict`` says about one box; the optional fields are set when asked for."""
+
+    box: list[float]  # x1, y1, x2, y2 in original pixels, clipped to the image
+    label: str | None  # the most probable class name; None when the open-set rule rejects the box
+    score: float  # its softmax probability over the vocabulary
+    known: float | None = None  # with an open-set rule: the box's known score
+    # With ``attention``: the head's last-layer cross-attention over the CLIP grid (grid_h, grid_w)
+    # float32, mean over heads, and its share on the class token; together they sum to one.
+    attention: np.ndarray | None = field(default=None, compare=False, repr=False)
+    attention_class_token: float | None = None
+    mask: dict | None = field(default=None, repr=False)  # with ``masks``: COCO RLE {"size": [H, W], "counts": str}
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that are set, as JSON types; the attention map is drawn, not written."""
+        optional = {"known": self.known, "attention_class_token": self.attention_class_token, "mask": self.mask}
+        return {"box": self.box, "label": self.label, "score": self.score,
+                **{key: value for key, value in optional.items() if value is not None}}
+
+
 class Predictor:
     """The head with its frozen SAM and CLIP, for images and vocabularies given at call time.
 
     Arguments:
-      head (Path, str or RegionSpotHead): a head checkpoint (.safetensors) or the head itself;
-        its CLIP width and text dim must be those of the CLIP given.
-      models (ModelsConfig or FrozenEncoders): the SAM and CLIP the head was trained with, as
-        specs to load or already loaded.
-      device (str or torch.device): ``auto`` (CUDA when present), ``cpu``, ``cuda:1``, ...;
-        ignored when ``models`` are loaded encoders (their device is used).
-      text_cache_dir (Path, str or None): where class text embeddings are kept between runs
-        (default ``~/.cache/regionspot-cache/text-embeddings``).
-      disk_cache (bool): False keeps text embeddings in memory only.
-      preprocess, text_recipe (str or None): as ``extract.preprocess`` / ``extract.text_recipe``;
-        None: ``released`` for a head imported from a released checkpoint, else ``direct`` /
-        ``openclip`` (the config defaults). Use what the head's training cache was made with.
+      head (RegionSpotHead): the head; its CLIP width and text dim must be those of the encoders'
+        CLIP. It is moved to their device.
+      encoders (FrozenEncoders): the SAM and CLIP the head was trained with, loaded, with the
+        image preprocessing of its training cache (``FrozenEncoders.with_preprocess``).
+      text (TextEmbeddingCache or None): the class text embeddings, by vocabulary; None: in
+        memory only, with the ``openclip`` text recipe.
+
+    ``from_files`` loads all of them from a head checkpoint and model specs; ``from_head_file``
+    loads the head for encoders already loaded (several heads, one SAM and CLIP).
     """
 
-    def __init__(
-        self,
-        head: Path | str | RegionSpotHead,
-        models: ModelsConfig | FrozenEncoders,
+    def __init__(self, head: RegionSpotHead, encoders: FrozenEncoders, text: TextEmbeddingCache | None = None):
+        check_head_fits(head, encoders.clip, "head")
+        self.encoders = encoders
+        self.device = encoders.sam.device
+        self.head = head.to(self.device).eval()
+        self.text = text or TextEmbeddingCache(encoders.clip, encoders.clip_provenance(), None)
+
+    @classmethod
+    def from_files(
+        cls,
+        head_file: Path | str,
+        models: ModelsConfig,
         device: str | torch.device = "auto",
         text_cache_dir: Path | str | None = None,
         disk_cache: bool = True,
         preprocess: Preprocessing | str | None = None,
         text_recipe: TextRecipe | str | None = None,
-    ):
-        device = resolve_device(device) if isinstance(device, str) else device
-        model, metadata = (head, None) if isinstance(head, RegionSpotHead) else load_head(head)
-        imported = metadata is not None and metadata.imported  # released checkpoints want the released inputs
-        preprocess = preprocess or (Preprocessing.RELEASED if imported else Preprocessing.DIRECT)
-        text_recipe = TextRecipe.parse(text_recipe or (TextRecipe.RELEASED if imported else TextRecipe.OPENCLIP), "text recipe")
-        encoders = models if isinstance(models, FrozenEncoders) else load_frozen_encoders(models, device)
-        self.encoders = encoders.with_preprocess(preprocess)
-        self.device = self.encoders.sam.device
-        check_head_fits(model, self.encoders.clip, str(head) if not isinstance(head, RegionSpotHead) else "head")
-        self.head = model.to(self.device).eval()
+    ) -> Predictor:
+        """Load the head checkpoint and the SAM and CLIP that ``models`` name onto ``device``
+        (``auto``: CUDA when present; ``cpu``, ``cuda:1``, ...); the other arguments as ``from_head_file``."""
+        encoders = load_frozen_encoders(models, resolve_device(device) if isinstance(device, str) else device)
+        return cls.from_head_file(head_file, encoders, text_cache_dir, disk_cache, preprocess, text_recipe)
+
+    @classmethod
+    def from_head_file(
+        cls,
+        head_file: Path | str,
+        encoders: FrozenEncoders,
+        text_cache_dir: Path | str | None = None,
+        disk_cache: bool = True,
+        preprocess: Preprocessing | str | None = None,
+        text_recipe: TextRecipe | str | None = None,
+    ) -> Predictor:
+        """A head checkpoint (.safetensors) with encoders already loaded.
+
+        Arguments:
+          text_cache_dir (Path, str or None): where class text embeddings are kept between runs
+            (default ``~/.cache/regionspot-cache/text-embeddings``).
+          disk_cache (bool): False keeps text embeddings in memory only.
+          preprocess, text_recipe (choice or its word, or None): as ``extract.preprocess`` /
+            ``extract.text_recipe``; None: ``released`` for a head imported from a released
+            checkpoint, else ``direct`` / ``openclip`` (the config defaults). Use what the head's
+            training cache was made with.
+        """
+        head, metadata = load_head(head_file)
+        imported = metadata.imported  # released checkpoints want the released inputs
+        encoders = encoders.with_preprocess(preprocess or (Preprocessing.RELEASED if imported else Preprocessing.DIRECT))
+        check_head_fits(head, encoders.clip, str(head_file))
         directory = Path(text_cache_dir) if text_cache_dir else default_text_cache_dir()
-        self.text = TextEmbeddingCache(self.encoders.clip, self.encoders.clip_provenance(), directory if disk_cache else None,
-                                       recipe=text_recipe)
+        recipe = TextRecipe.parse(text_recipe or (TextRecipe.RELEASED if imported else TextRecipe.OPENCLIP), "text recipe")
+        text = TextEmbeddingCache(encoders.clip, encoders.clip_provenance(), directory if disk_cache else None, recipe=recipe)
+        return cls(head, encoders, text)
 
     @torch.no_grad()
     def predict(
         self, image: ImageInput, boxes: Any, vocabulary: Sequence[str], masks: bool = False,
         attention: bool = False, open_set: OpenSetConfig | None = None,
-    ) -> list[dict]:
+    ) -> list[Region]:
         """Label each box of one image with the most probable class of ``vocabulary``.
 
         Arguments:
@@ -210,15 +259,13 @@ class Predictor:
           attention (bool): also return where the head looks: the last decoder layer's
             cross-attention over the CLIP grid, averaged over heads.
           open_set (OpenSetConfig or None): a rule that may reject a box as none of the
-            vocabulary (``evaluate/open_set.py``); None or rule ``off``: never.
+            vocabulary (``regions/open_set.py``); None or rule ``off``: never.
 
         Returns:
-          (list of dict): N results, in box order: ``box`` (list of 4 floats, clipped),
-            ``label`` (str; None when the open-set rule rejects the box), ``score`` (float,
-            softmax probability over the vocabulary), with ``masks`` ``mask``: COCO RLE
-            ``{"size": [H, W], "counts": str}``, with an open-set rule ``known`` (float, its
-            known score), and with ``attention`` ``attention``: (grid_h, grid_w) float32 array
-            and ``attention_class_token`` (float): together they sum to one.
+          (list of Region): N regions, in box order: ``box`` (4 floats, clipped), ``label``
+            (str; None when the open-set rule rejects the box), ``score`` (float, softmax
+            probability over the vocabulary); with ``masks`` ``mask``, with an open-set rule
+            ``known``, with ``attention`` ``attention`` and ``attention_class_token``.
         """
         names = checked_vocabulary(vocabulary)
         open_set = open_set or OpenSetConfig()
@@ -236,27 +283,24 @@ class Predictor:
         logits, weights = self.region_logits(picture, embedding, xyxy, torch.cat([text, background]), attention)
         logits, background_logits = logits[:, : len(names)], logits[:, len(names):]
         scores, labels = logits.softmax(dim=-1).max(dim=-1)
-        results = [
-            {"box": box, "label": names[label], "score": score}
-            for box, label, score in zip(xyxy.tolist(), labels.tolist(), scores.tolist())
-        ]
+        results = [Region(box, names[label], score) for box, label, score in zip(xyxy.tolist(), labels.tolist(), scores.tolist())]
         if open_set.rule.rejects:
             known = open_set.rule.known_scores(logits, background_logits)
             for result, score, kept in zip(results, known.tolist(), kept_regions(known, open_set).tolist()):
-                result["known"] = score
-                result["label"] = result["label"] if kept else None
+                result.known = score
+                result.label = result.label if kept else None
         if attention:
             self._add_attention(results, weights)
         if masks:
             for result, rle in zip(results, box_mask_rles(sam, embedding, xyxy, pixels.shape[:2])):
-                result["mask"] = rle
+                result.mask = rle
         return results
 
-    def _add_attention(self, results: list[dict], weights: torch.Tensor) -> None:
+    def _add_attention(self, results: list[Region], weights: torch.Tensor) -> None:
         grid = tuple(self.encoders.clip.model.visual.grid_size)
         for result, row in zip(results, weights.float().cpu().numpy()):
-            result["attention_class_token"] = float(row[0])
-            result["attention"] = row[1:].reshape(grid)
+            result.attention_class_token = float(row[0])
+            result.attention = row[1:].reshape(grid)
 
     def region_logits(
         self, picture: Image.Image, sam_embedding: torch.Tensor, xyxy: np.ndarray, text: torch.Tensor,
@@ -277,7 +321,7 @@ class Predictor:
 
 def check_head_fits(head: RegionSpotHead, clip: ClipEncoder, name: str) -> None:
     if (head.config.clip_width, head.config.text_dim) != (clip.width, clip.text_dim):
-        raise ValueError(
+        raise ModelLoadError(
             f"{name}: the head expects CLIP width {head.config.clip_width} and text dim {head.config.text_dim}, "
             f"the CLIP model has {clip.width} and {clip.text_dim}: give the CLIP the head was trained with"
         )

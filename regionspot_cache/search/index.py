@@ -20,6 +20,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from regionspot_cache.cache import CacheReader
+from regionspot_cache.errors import CacheFormatError
 from regionspot_cache.head.model import RegionSpotHead
 from regionspot_cache.progress import progress_bar
 from regionspot_cache.runtime import atomic_path, resolve_device, sha256_file, write_json
@@ -89,7 +90,7 @@ def build_index(reader: CacheReader, head: RegionSpotHead, device: torch.device,
             parts.append(_embed_images(reader, head, batch, device))
             bar.update(task, advance=len(parts[-1]))
     if not parts:
-        raise ValueError(f"{reader.root}: the cache has no extracted boxes to index")
+        raise CacheFormatError(f"{reader.root}: the cache has no extracted boxes to index")
     fields = ("image_ids", "box_index", "boxes", "embeddings")
     return RegionIndex(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 

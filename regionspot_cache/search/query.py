@@ -14,6 +14,7 @@ import torch
 from regionspot_cache.cache import CacheFormatError, CacheReader
 from regionspot_cache.encoders.clip import ClipEncoder, load_clip
 from regionspot_cache.encoders.frozen import FrozenEncoders
+from regionspot_cache.errors import InputError, MissingFileError
 from regionspot_cache.identity import models_recorded_in
 from regionspot_cache.runtime import differences, resolve_device
 from regionspot_cache.search.index import RegionIndex
@@ -73,23 +74,26 @@ def parse_like(text: str) -> tuple[int, int | list[float]]:
             return int(match.group(1)), [float(v) for v in numbers]
     except ValueError:
         pass
-    raise ValueError(f"--like {text!r}: expected {LIKE_SYNTAX}")
+    raise InputError(f"--like {text!r}: expected {LIKE_SYNTAX}")
 
 
 def like_region(index: RegionIndex, image_id: int, box: int | list[float]) -> np.ndarray:
     """The indexed embedding of a region: by box index, or the cached box overlapping the given
     coordinates most (IoU at least 0.5)."""
     if isinstance(box, int):
-        return index.embeddings[index.row(image_id, box)]
+        try:
+            return index.embeddings[index.row(image_id, box)]
+        except KeyError as err:
+            raise InputError(f"--like: {err.args[0]}") from None
     rows = np.flatnonzero(index.image_ids == image_id)
     if not len(rows):
-        raise KeyError(f"--like: image {image_id} has no cached boxes")
+        raise InputError(f"--like: image {image_id} has no cached boxes")
     from torchvision.ops import box_iou
 
     ious = box_iou(torch.tensor([box]), torch.from_numpy(index.boxes[rows]))[0]
     best = int(ious.argmax())
     if float(ious[best]) < 0.5:
-        raise KeyError(f"--like: no cached box of image {image_id} overlaps {box} (best IoU {float(ious[best]):.2f} < 0.5)")
+        raise InputError(f"--like: no cached box of image {image_id} overlaps {box} (best IoU {float(ious[best]):.2f} < 0.5)")
     return index.embeddings[rows[best]]
 
 
@@ -99,7 +103,7 @@ def cache_clip(reader: CacheReader, pretrained: str | None = None, device: str =
     try:
         clip = load_clip(models.clip.model, models.clip.pretrained, resolve_device(device))
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err} (recorded in {reader.root / 'cache.json'}; give the file with "
+        raise MissingFileError(f"{err} (recorded in {reader.root / 'cache.json'}; give the file with "
                                 "--clip-pretrained)") from None
     given = FrozenEncoders(None, clip, models).clip_provenance()
     found = differences(reader.provenance.clip, given, "{key}: cache has {old!r}, given {new!r}")

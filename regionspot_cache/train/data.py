@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from regionspot_cache.cache import CacheReader, Vocabulary
 from regionspot_cache.data.views import IDENTITY
+from regionspot_cache.errors import CacheFormatError, ConfigError, DatasetError
 from regionspot_cache.runtime import differences
 from regionspot_cache.train.views import CachedView, open_views, pick_view
 
@@ -74,7 +75,7 @@ class CachedRegions(Dataset):
         self.image_ids = [i for i, views_of_image in candidates.items() if views_of_image]
         self.candidates = [candidates[i] for i in self.image_ids]
         if not self.image_ids:
-            raise ValueError(f"{reader.root}: no image has a box labelled with vocabulary {vocabulary.name!r}")
+            raise DatasetError(f"{reader.root}: no image has a box labelled with vocabulary {vocabulary.name!r}")
 
     @staticmethod
     def _usable_images(view: CachedView, labels: np.ndarray) -> set[int]:
@@ -176,7 +177,7 @@ class BatchPlan:
 
     def __init__(self, sizes: Sequence[int], weights: Sequence[float], batch_size: int, seed: int):
         if len(weights) != len(sizes) or any(w < 0 for w in weights) or not sum(weights) > 0:
-            raise ValueError(f"dataset weights {list(weights)} must be {len(sizes)} non-negative numbers, not all zero")
+            raise ConfigError(f"dataset weights {list(weights)} must be {len(sizes)} non-negative numbers, not all zero")
         self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
         self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
 
@@ -215,7 +216,7 @@ class RankBatchSampler(Sampler):
 
     def __init__(self, plan: BatchPlan, start: int, rank: int = 0, world_size: int = 1):
         if plan.batch_size % world_size:
-            raise ValueError(f"batch size {plan.batch_size} is not divisible by the {world_size} training processes")
+            raise ConfigError(f"batch size {plan.batch_size} is not divisible by the {world_size} training processes")
         self.plan, self.start, self.rank = plan, start, rank
         self.per_rank = plan.batch_size // world_size
 
@@ -271,9 +272,9 @@ def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str], view
     (view ids, "identity" for the images themselves; empty: all it has); all must come from the
     same SAM and CLIP, since one head is trained on all of them."""
     if vocabularies and len(vocabularies) != len(caches):
-        raise ValueError(f"{len(vocabularies)} vocabularies given for {len(caches)} caches")
+        raise ConfigError(f"{len(vocabularies)} vocabularies given for {len(caches)} caches")
     if not caches:
-        raise ValueError("no training cache given (--cache, or train.caches in the recipe)")
+        raise ConfigError("no training cache given (--cache, or train.caches in the recipe)")
     sources = []
     for i, cache in enumerate(caches):
         reader = CacheReader(cache)
@@ -284,6 +285,6 @@ def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str], view
         for model in ("sam", "clip"):
             diff = differences(getattr(first.reader.provenance, model), getattr(other.reader.provenance, model))
             if diff:
-                raise ValueError(f"{other.cache}: extracted with another {model.upper()} than {first.cache} "
+                raise CacheFormatError(f"{other.cache}: extracted with another {model.upper()} than {first.cache} "
                                  f"(differs in {', '.join(diff)}); all training caches need the same models")
     return sources

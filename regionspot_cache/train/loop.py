@@ -19,6 +19,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import TrainConfig
+from regionspot_cache.errors import ModelLoadError
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, region_logits, save_head
 from regionspot_cache.progress import progress_bar
 from regionspot_cache.runtime import differences, sha256_file
@@ -91,7 +92,7 @@ def initial_head(reader: CacheReader, config: TrainConfig) -> RegionSpotHead:
         start, _ = load_head(config.init_from)
         mismatched = differences(start.config, head.config, "{key} is {old!r}, here {new!r}")
         if mismatched:
-            raise ValueError(f"{config.init_from}: head does not fit this training run: " + ", ".join(mismatched))
+            raise ModelLoadError(f"{config.init_from}: head does not fit this training run: " + ", ".join(mismatched))
         head.load_state_dict(start.state_dict())
     return head
 

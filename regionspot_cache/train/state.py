@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from regionspot_cache.errors import ConfigError, ModelLoadError
 from regionspot_cache.runtime import atomic_path, differences, json_text, remove_abandoned_temps
 
 STEP_PREFIX = "step-"
@@ -74,10 +75,10 @@ def load_train_state(
         tensors = load_file(str(checkpoint / "tensors.safetensors"))
         state = json.loads((checkpoint / "state.json").read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{checkpoint}: unreadable training state: {err}") from None
+        raise ModelLoadError(f"{checkpoint}: unreadable training state: {err}") from None
     changed = differences(state.get("identity", {}), identity, "{key} was {old!r}, now {new!r}")
     if changed:
-        raise ValueError(f"{checkpoint}: cannot resume: settings differ from the saved run: "
+        raise ConfigError(f"{checkpoint}: cannot resume: settings differ from the saved run: "
                          + ", ".join(changed) + " (use another output, or --no-resume)")
     head.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer_state: dict[int, dict[str, torch.Tensor]] = {}

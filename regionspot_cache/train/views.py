@@ -12,6 +12,7 @@ import numpy as np
 
 from regionspot_cache.cache import CacheReader, view_caches
 from regionspot_cache.data.views import IDENTITY
+from regionspot_cache.errors import CacheFormatError
 
 VIEW_STREAM = 0x71E5  # keeps the view draw apart from the box-capping draw of the same key
 
@@ -32,7 +33,7 @@ def open_views(base: CacheReader, wanted: Sequence[str]) -> list[CachedView]:
     names = list(wanted) or [IDENTITY, *available]
     unknown = [name for name in names if name != IDENTITY and name not in available]
     if unknown:
-        raise ValueError(f"{base.root}: train.views names {unknown}, but the cache has views "
+        raise CacheFormatError(f"{base.root}: train.views names {unknown}, but the cache has views "
                          f"{[IDENTITY, *available]} (extract them with extract.views)")
     return [CachedView(IDENTITY, base, base) if name == IDENTITY else _open_view(base, name, available[name])
             for name in dict.fromkeys(names)]
@@ -42,7 +43,7 @@ def _open_view(base: CacheReader, name: str, root: Path) -> CachedView:
     reader = CacheReader(root)
     view, provenance = reader.provenance.kind.view, base.provenance
     if view is None or (reader.provenance.dataset, reader.provenance.clip) != (provenance.dataset, provenance.clip):
-        raise ValueError(f"{root}: not a view cache of {base.root} (another dataset or CLIP, or no view recorded)")
+        raise CacheFormatError(f"{root}: not a view cache of {base.root} (another dataset or CLIP, or no view recorded)")
     return CachedView(name, reader, reader if view.mode.has_own_boxes else base)
 
 

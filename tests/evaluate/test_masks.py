@@ -13,7 +13,8 @@ from segment_anything import SamPredictor
 from regionspot_cache.data.datasets import ImageEntry
 from regionspot_cache.data.images import ImageSource
 from regionspot_cache.evaluate.lvis import lvis_ap
-from regionspot_cache.evaluate.masks import add_segmentations, box_mask_rles, decode_rle, encode_rle, without_boxes
+from regionspot_cache.evaluate.masks import add_segmentations, without_boxes
+from regionspot_cache.regions.masks import box_mask_rles, decode_rle, encode_rle
 
 BOXES = np.array([[10, 5, 60, 40], [30, 20, 90, 60], [0, 0, 140, 90], [100, 50, 139, 89], [5.5, 7.25, 33, 80]], np.float32)
 

@@ -12,7 +12,7 @@ import torch
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import ConfigError, EvalConfig, OpenSetConfig
 from regionspot_cache.evaluate.cached import score_cache
-from regionspot_cache.evaluate.open_set import accuracy_at_known_recall, auroc, known_scores
+from regionspot_cache.regions.open_set import accuracy_at_known_recall, auroc, known_scores
 
 
 def test_auroc_is_the_share_of_pairs_ranked_right_ties_half():

@@ -15,9 +15,9 @@ from segment_anything import SamPredictor
 from typer.testing import CliRunner
 
 from regionspot_cache import cli
-from regionspot_cache.evaluate.masks import decode_rle
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
 from regionspot_cache.predict.predictor import Predictor
+from regionspot_cache.regions.masks import decode_rle
 
 runner = CliRunner()
 VOCAB = ["red square", "blue triangle", "traffic light"]
@@ -35,7 +35,7 @@ def head_path(tmp_path_factory, encoders):
 
 @pytest.fixture(scope="module")
 def predictor(head_path, encoders, tmp_path_factory):
-    return Predictor(head_path, encoders, text_cache_dir=tmp_path_factory.mktemp("text"))
+    return Predictor.from_head_file(head_path, encoders, text_cache_dir=tmp_path_factory.mktemp("text"))
 
 
 def count_text_calls(monkeypatch, predictor: Predictor) -> list[list[str]]:
@@ -57,13 +57,13 @@ def test_predict_matches_the_pipeline_run_by_hand(predictor, encoders, rgb_image
         feature_map = clip.feature_maps(clip.preprocess(Image.fromarray(rgb_image))[None])
         regions = predictor.head(tokens[None], feature_map)[0]
         probs = torch.softmax(clip.logit_scale * regions @ clip.text_embeddings(VOCAB).T, dim=-1)
-    assert [r["box"] for r in results] == clipped.tolist()
-    assert [r["label"] for r in results] == [VOCAB[i] for i in probs.argmax(-1).tolist()]
-    np.testing.assert_allclose([r["score"] for r in results], probs.max(-1).values.numpy(), rtol=1e-4)
+    assert [r.box for r in results] == clipped.tolist()
+    assert [r.label for r in results] == [VOCAB[i] for i in probs.argmax(-1).tolist()]
+    np.testing.assert_allclose([r.score for r in results], probs.max(-1).values.numpy(), rtol=1e-4)
     expected_masks = np.stack([sam_predictor.predict(box=b, multimask_output=False)[0][0] for b in clipped])
-    np.testing.assert_array_equal(decode_rle([r["mask"] for r in results]), expected_masks)
-    json.dumps(results)  # plain JSON types throughout
-    assert set(predictor.predict(rgb_image, BOXES[:1], VOCAB)[0]) == {"box", "label", "score"}
+    np.testing.assert_array_equal(decode_rle([r.mask for r in results]), expected_masks)
+    json.dumps([r.to_json() for r in results])  # plain JSON types throughout
+    assert set(predictor.predict(rgb_image, BOXES[:1], VOCAB)[0].to_json()) == {"box", "label", "score"}
 
 
 def test_images_as_array_pil_or_file_give_the_same_result(predictor, rgb_image, tmp_path):
@@ -76,7 +76,7 @@ def test_images_as_array_pil_or_file_give_the_same_result(predictor, rgb_image, 
 
 
 def test_text_embeddings_are_computed_once_per_model_and_vocabulary(head_path, encoders, rgb_image, tmp_path, monkeypatch):
-    first = Predictor(head_path, encoders, text_cache_dir=tmp_path / "text")
+    first = Predictor.from_head_file(head_path, encoders, text_cache_dir=tmp_path / "text")
     calls = count_text_calls(monkeypatch, first)
     expected = first.predict(rgb_image, BOXES, VOCAB)
     assert calls == [VOCAB]
@@ -88,14 +88,14 @@ def test_text_embeddings_are_computed_once_per_model_and_vocabulary(head_path, e
     torch.testing.assert_close(embeddings, encoders.clip.text_embeddings(VOCAB))  # the cache's own text code
     calls.clear()
 
-    second = Predictor(head_path, encoders, text_cache_dir=tmp_path / "text")
+    second = Predictor.from_head_file(head_path, encoders, text_cache_dir=tmp_path / "text")
     assert second.predict(rgb_image, BOXES, VOCAB) == expected
     assert calls == []  # from disk, not recomputed
     second.text.get(VOCAB[::-1])
     assert calls == [VOCAB[::-1]]  # another vocabulary (order matters) is another key
 
     files[0].write_bytes(b"damaged")  # a damaged file is recomputed, not trusted
-    third = Predictor(head_path, encoders, text_cache_dir=tmp_path / "text")
+    third = Predictor.from_head_file(head_path, encoders, text_cache_dir=tmp_path / "text")
     torch.testing.assert_close(third.text.get(VOCAB), embeddings)
     assert calls == [VOCAB[::-1], VOCAB]
 
@@ -193,9 +193,9 @@ def test_predict_command_names_an_unreadable_image(tiny_models, head_path, tmp_p
 
 
 def test_text_recipe_and_preprocessing_follow_the_head(head_path, encoders, tmp_path):
-    ours = Predictor(head_path, encoders, text_cache_dir=tmp_path / "text")
+    ours = Predictor.from_head_file(head_path, encoders, text_cache_dir=tmp_path / "text")
     assert ours.encoders.preprocess == "direct" and ours.text.recipe == "openclip"
-    released = Predictor(head_path, encoders, text_cache_dir=tmp_path / "text", preprocess="released", text_recipe="released")
+    released = Predictor.from_head_file(head_path, encoders, text_cache_dir=tmp_path / "text", preprocess="released", text_recipe="released")
     assert released.encoders.preprocess == "released" and released.text.key(VOCAB) != ours.text.key(VOCAB)
     torch.testing.assert_close(released.text.get(VOCAB), encoders.clip.text_embeddings(VOCAB, "released"))
     # A head imported from a released checkpoint (its JSON records the origin) gets the released inputs.
@@ -203,7 +203,7 @@ def test_text_recipe_and_preprocessing_follow_the_head(head_path, encoders, tmp_
     imported = tmp_path / "imported.safetensors"
     imported.write_bytes(head_path.read_bytes())
     imported.with_suffix(".json").write_text(json.dumps({**config, "imported_from": "regionspot_bl.pth"}))
-    predictor = Predictor(imported, encoders, disk_cache=False)
+    predictor = Predictor.from_head_file(imported, encoders, disk_cache=False)
     assert predictor.encoders.preprocess == "released" and predictor.text.recipe == "released"
 
 
@@ -211,13 +211,13 @@ def test_attention_maps_have_the_grid_shape_and_sum_to_one_with_the_class_token(
     results = predictor.predict(rgb_image, BOXES, VOCAB, attention=True)
     grid = tuple(predictor.encoders.clip.model.visual.grid_size)
     for result in results:
-        assert result["attention"].shape == grid and result["attention"].dtype == np.float32
-        assert (result["attention"] >= 0).all()
-        assert result["attention"].sum() + result["attention_class_token"] == pytest.approx(1.0, abs=1e-5)
+        assert result.attention.shape == grid and result.attention.dtype == np.float32
+        assert (result.attention >= 0).all()
+        assert result.attention.sum() + result.attention_class_token == pytest.approx(1.0, abs=1e-5)
     # Asking for the maps changes no label or score.
     plain = predictor.predict(rgb_image, BOXES, VOCAB)
-    assert [r["label"] for r in plain] == [r["label"] for r in results]
-    assert [r["score"] for r in plain] == pytest.approx([r["score"] for r in results], rel=1e-5)
+    assert [r.label for r in plain] == [r.label for r in results]
+    assert [r.score for r in plain] == pytest.approx([r.score for r in results], rel=1e-5)
 
 
 def test_head_attention_path_gives_the_forward_embeddings(predictor):
@@ -236,11 +236,11 @@ def test_open_set_rules_reject_below_the_threshold(predictor, rgb_image, rule):
     from regionspot_cache.config import OpenSetConfig
 
     scored = predictor.predict(rgb_image, BOXES, VOCAB, open_set=OpenSetConfig(rule, threshold=0.0))
-    assert all(r["label"] in VOCAB and 0.0 <= r["known"] <= 1.0 for r in scored)
-    middle = sorted(r["known"] for r in scored)[1]
+    assert all(r.label in VOCAB and 0.0 <= r.known <= 1.0 for r in scored)
+    middle = sorted(r.known for r in scored)[1]
     judged = predictor.predict(rgb_image, BOXES, VOCAB, open_set=OpenSetConfig(rule, threshold=middle))
-    assert [r["label"] is None for r in judged] == [r["known"] < middle for r in scored]
-    assert sum(r["label"] is None for r in judged) >= 1 or len({r["known"] for r in scored}) == 1
+    assert [r.label is None for r in judged] == [r.known < middle for r in scored]
+    assert sum(r.label is None for r in judged) >= 1 or len({r.known for r in scored}) == 1
 
 
 def test_predict_command_draws_attention_and_rejects(tiny_models, head_path, rgb_image, tmp_path):
@@ -256,3 +256,8 @@ def test_predict_command_draws_attention_and_rejects(tiny_models, head_path, rgb
     assert all("attention" not in r and 0 <= r["attention_class_token"] <= 1 for r in regions)
     with Image.open(tmp_path / "in.attention.png") as sheet:
         assert sheet.width > sheet.height / 2 and len(np.unique(np.asarray(sheet).reshape(-1, 3), axis=0)) > 50
+
+
+def test_a_predictor_from_its_parts_answers_as_from_files(predictor, rgb_image):
+    parts = Predictor(predictor.head, predictor.encoders, predictor.text)
+    assert parts.predict(rgb_image, BOXES, VOCAB) == predictor.predict(rgb_image, BOXES, VOCAB)

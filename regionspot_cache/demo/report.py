@@ -1,4 +1,5 @@
-"""What the commands print about a finished phase."""
+"""What the demo and the commands print about a finished phase (the commands sit above the demo,
+so they import it from here)."""
 
 from __future__ import annotations
 
