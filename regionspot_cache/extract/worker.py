@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ from regionspot_cache.cache.format import FEATURE_MAPS_OWN, STATUS_FAILED
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import DetectionDataset, ImageEntry
 from regionspot_cache.encoders import FrozenEncoders
+from regionspot_cache.extract.decode import device_pixels
 from regionspot_cache.extract.mapper import NO_BOXES, FeatureMapper
 from regionspot_cache.extract.reader import image_loader
 from regionspot_cache.extract.view_mapper import view_loading, view_mapper
@@ -39,6 +41,14 @@ class ExtractCounts:
     dropped_boxes: int = 0
     without_boxes: int = 0
     bytes_written: int = 0
+    # Time the mapper waited for the loader's next batch: when it is a large part of the run, the
+    # device starves (more loader workers, or extract.decode = "device", would feed it).
+    loader_wait_seconds: float = 0.0
+    batches: int = 0
+
+    @property
+    def loader_wait_per_batch(self) -> float:
+        return self.loader_wait_seconds / max(self.batches, 1)
 
     def add(self, other: ExtractCounts) -> None:
         for counter in fields(ExtractCounts):
@@ -103,13 +113,19 @@ def extract_shards(
     encoders = encoders.with_preprocess(config.preprocess)  # the same models, the recipe's image preprocessing
     view = writer.provenance.view
     mapper = FeatureMapper(encoders, config, with_clip) if view is None else view_mapper(encoders, config, view)
-    batches = iter(image_loader(dataset, shards, encoders, config, with_clip, **view_loading(view)))
+    loading = view_loading(view)
+    batches = iter(image_loader(dataset, shards, encoders, config, with_clip, **loading))
+    pixels = device_pixels(encoders, config, with_clip, **loading)
     with torch_threads(config.threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-cache-commit") as committer:
         pending: Future | None = None
         for shard_id, entries in shards:
             result, features = ShardResult(shard_id=shard_id), []
             for _ in range(-(-len(entries) // config.batch_size)):
-                images = mapper(next(batches))
+                waited = time.perf_counter()
+                batch = next(batches)
+                result.loader_wait_seconds += time.perf_counter() - waited
+                result.batches += 1
+                images = mapper(pixels(batch))
                 if config.strict:
                     _raise_on_failure(images)
                 features.extend(images)
