@@ -2,14 +2,14 @@
 
 ``cpu``: loader workers decode plain JPEGs with ``torchvision.io.decode_jpeg`` (libjpeg-turbo,
 about 3x faster than PIL's decoder and bit-identical to it: same library, same IDCT, same
-upsampling; tests/extract/test_fast_decode.py checks it on photographs); the resizes stay PIL's,
-since torchvision's uint8 resizes differ from PIL's by one or two levels on a few pixels in a
-thousand. ``device``: workers only read the bytes of plain JPEGs; ``DevicePixels`` decodes them in
-batches on the encoders' device and resizes and normalises there with torch (not bit-identical
-to PIL: within the rounding above, and nvJPEG's decode on CUDA). Everything that is not a plain
-JPEG (PNG, GIF, WebP, 16-bit, CMYK, an EXIF rotation, trailing bytes, an image over the pixel
-limit, a file that cannot be read) goes through ``data/images.load_rgb`` as before, so its pixels
-and its error messages are unchanged.
+upsampling; tests/extract/test_fast_decode.py checks it); the resizes stay PIL's, since
+torchvision's uint8 resizes differ from PIL's by a level or two on a few pixels in a thousand (a
+few in a hundred when upsampling). ``device``: workers only read the bytes of plain JPEGs;
+``DevicePixels`` decodes them in batches on the encoders' device, then resizes and normalises
+there with torch (not bit-identical to PIL: the rounding above, and nvJPEG's decode on CUDA).
+Everything that is not a plain JPEG (PNG, GIF, WebP, 16-bit, CMYK, an EXIF rotation, trailing
+bytes, over the pixel limit, unreadable) goes through ``data/images.load_rgb`` as before, so
+its pixels and its error messages are unchanged.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ class DeviceResize:
     def sam_pixels(self, image: torch.Tensor) -> torch.Tensor:
         image = self._test_resized(image)
         shape = ResizeLongestSide.get_preprocess_shape(image.shape[1], image.shape[2], self.sam_long_side)
-        return _resize_uint8(image, shape, InterpolationMode.BICUBIC)  # PIL's default resample in ResizeLongestSide
+        # ResizeLongestSide.apply_image: torchvision's resize of a PIL image, bilinear by default
+        return _resize_uint8(image, shape, InterpolationMode.BILINEAR)
 
     def clip_pixels(self, image: torch.Tensor) -> torch.Tensor:
         """``direct``: resize the uint8 image (antialiased, as PIL), then [0, 1] and mean/std;
