@@ -229,3 +229,26 @@ class EvalMethod(Choice):
     def masks_crops(self) -> bool:
         """Whether the pixels outside SAM's mask of the box are painted over (``clip-mask``)."""
         return self is EvalMethod.CLIP_MASK
+
+
+class Decode(Choice):
+    """Where JPEGs are decoded and resized at extraction (``extract.decode``; extract/decode.py):
+    ``cpu`` in the loader workers, ``device`` on the extracting device (workers read bytes only),
+    ``auto``: ``device`` on CUDA, else ``cpu``."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    DEVICE = "device"
+
+    def resolved(self, device_type: str, with_view: bool = False) -> Decode:
+        """``cpu`` or ``device`` for an extraction on a device of ``device_type`` ("cuda", "cpu", ...);
+        a view cache always decodes on the CPU (its flips and crops work on PIL images)."""
+        if with_view:
+            return Decode.CPU
+        if self is Decode.AUTO:
+            return Decode.DEVICE if device_type == "cuda" else Decode.CPU
+        return self
+
+    @property
+    def on_device(self) -> bool:
+        return self is Decode.DEVICE

@@ -19,6 +19,7 @@ import tomllib
 # The choices a recipe makes, parsed by _coerce into these objects (choices.py); imported from here too.
 from regionspot_cache.choices import (  # noqa: F401
     Choice,
+    Decode,
     EvalMethod,
     FeatureDtype,
     OpenSetRule,
@@ -154,7 +155,15 @@ class ExtractConfig(Validated):
     SECTION: ClassVar[str] = "extract"
     shard_size: int = field(default=256, metadata=at_least(1))
     batch_size: int = field(default=8, metadata=at_least(1))
-    num_workers: int = field(default=2, metadata=at_least(0))
+    # Loader workers per extracting process (None: automatic, extract/decode.default_loader_workers:
+    # the cores this process may use (its CPU affinity) divided among the machine's CUDA devices,
+    # less one for the process driving its device; at least 1, at most 16). 0 loads in this process.
+    num_workers: int | None = field(default=None, metadata=at_least(0))
+    # Where JPEGs are decoded and resized (extract/decode.py): "cpu" (loader workers: libjpeg-turbo,
+    # bit-identical to PIL, then PIL's resizes), "device" (workers only read the bytes; decode, resizes
+    # and normalisation run batched on the extraction device, within a level or two of PIL's pixels),
+    # or "auto": "device" when extracting on CUDA, else "cpu". Not part of the cache's identity.
+    decode: Decode = field(default=Decode.AUTO, metadata=one_of(*Decode))
     boxes_per_decoder_call: int = field(default=64, metadata=at_least(1))
     device: str = field(default="auto", metadata=DEVICE)
     # torch threads of the encoders, the same in every process (None: this process's torch default,

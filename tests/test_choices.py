@@ -26,7 +26,10 @@ from regionspot_cache.config import (
 
 PACKAGE = Path(regionspot_cache.__file__).parent
 CHOICE_KINDS = [kind for kind in vars(choices).values() if isinstance(kind, type) and issubclass(kind, Choice) and kind is not Choice]
-WORDS = {word for kind in CHOICE_KINDS for word in kind.words()}
+# Device names are open-ended strings (cuda:N), not a choice: "auto" and "cpu" are also Decode's
+# words, so they are left to the device code (runtime.resolve_device) to compare.
+DEVICE_WORDS = {"auto", "cpu"}
+WORDS = {word for kind in CHOICE_KINDS for word in kind.words()} - DEVICE_WORDS
 DEFINING_MODULE = Path(choices.__file__)
 COMPARISONS = (ast.Eq, ast.NotEq, ast.In, ast.NotIn)
 

@@ -15,5 +15,9 @@ def print_extract_summary(summary: ExtractSummary) -> None:
         f"({summary.dropped_boxes} degenerate boxes rejected); shards written {summary.shards_written}, "
         f"skipped {summary.shards_skipped}; {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s"
     )
+    if summary.batches:
+        say(f"loader wait: {summary.loader_wait_seconds:.1f} s over {summary.batches} batches "
+            f"({summary.loader_wait_per_batch * 1e3:.0f} ms per batch; much more than none means the encoders "
+            "wait for images: see extract.num_workers and extract.decode)")
     for shard_id, error in summary.failed_shards.items():
         say((f"shard {shard_id} failed", "red"), f": {error}")

@@ -57,15 +57,15 @@ class TestResize:
         return (boxes_xyxy.double() * factors).to(boxes_xyxy.dtype), (new_h, new_w)
 
 
-def test_resize_for(preprocessing: Preprocessing) -> TestResize | None:
+def test_resize_for(preprocessing: Preprocessing | str) -> TestResize | None:
     """detectron2's test resize, run before SAM's and CLIP's own (``released``), or None."""
-    return TestResize() if preprocessing.runs_test_resize else None
+    return TestResize() if Preprocessing.parse(preprocessing, "preprocess").runs_test_resize else None
 
 
-def clip_pixels(preprocessing: Preprocessing, image: Image.Image, size: tuple[int, int], mean: torch.Tensor,
+def clip_pixels(preprocessing: Preprocessing | str, image: Image.Image, size: tuple[int, int], mean: torch.Tensor,
                 std: torch.Tensor, interpolation: str) -> torch.Tensor:
     """(3, H, W) normalised CLIP input of ``image`` at ``size`` (height, width), as ``preprocessing`` makes it."""
-    if preprocessing.runs_test_resize:
+    if Preprocessing.parse(preprocessing, "preprocess").runs_test_resize:
         return released_clip_pixels(image, size, mean, std)
     return direct_clip_pixels(image, size, mean, std, interpolation)
 

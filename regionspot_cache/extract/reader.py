@@ -11,9 +11,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import BoxSet, DatasetError, DetectionDataset, ImageEntry
-from regionspot_cache.data.images import ImageDecodeError, load_rgb
+from regionspot_cache.data.images import ImageDecodeError
 from regionspot_cache.data.views import View, apply_view
 from regionspot_cache.encoders import FrozenEncoders
+from regionspot_cache.extract.decode import default_loader_workers, plain_jpeg, read_rgb, resolve_decode
 
 
 @dataclass
@@ -22,6 +23,7 @@ class LoadedImage:
     boxes: BoxSet
     sam_pixels: torch.Tensor | None = None  # (3, h, w) uint8, long side 1024
     clip_pixels: torch.Tensor | None = None  # (3, H, W) float, normalised
+    jpeg: torch.Tensor | None = None  # with extract.decode = "device": the file's bytes, decoded later (extract/decode.py)
     error: str = ""
     dropped: BoxSet = field(default_factory=BoxSet.empty)  # boxes a view's crop left out, as given
     dropped_reasons: list[str] = field(default_factory=list)
@@ -32,8 +34,10 @@ class ImageReader(Dataset):
 
     def __init__(self, dataset: DetectionDataset, entries: Sequence[ImageEntry], sam_resize: Callable,
                  clip_preprocess: Callable | None, max_pixels: int | None = None,
-                 view: tuple[View, int] | None = None):
+                 view: tuple[View, int] | None = None, load: Callable = read_rgb, device_decode: bool = False):
         self.dataset = dataset
+        self.load = load  # path, max_pixels -> PIL RGB image (extract/decode.py)
+        self.device_decode = device_decode  # plain JPEGs are only read here, decoded by DevicePixels
         self.view = view  # (view, seed): images and boxes are seen through it (data/views.py)
         self.max_pixels = max_pixels
         self.entries = list(entries)
@@ -48,15 +52,19 @@ class ImageReader(Dataset):
         boxes = self.dataset.boxes_of(entry.id)
         try:
             path = self.dataset.image_path(entry)
-            image = load_rgb(path, self.max_pixels)
+            jpeg = plain_jpeg(path, self.max_pixels) if self.device_decode and self.view is None else None
+            image = self.load(path, self.max_pixels) if jpeg is None else None
         except (ImageDecodeError, DatasetError) as err:
             return LoadedImage(entry, boxes, error=str(err))
-        if image.size != (entry.width, entry.height):
+        size = image.size if jpeg is None else jpeg.size
+        if size != (entry.width, entry.height):
             return LoadedImage(
                 entry, boxes,
-                error=f"{path}: decoded size {image.size[0]}x{image.size[1]} differs from the annotation's "
+                error=f"{path}: decoded size {size[0]}x{size[1]} differs from the annotation's "
                 f"{entry.width}x{entry.height}",
             )
+        if jpeg is not None:
+            return LoadedImage(entry, boxes, jpeg=jpeg.tensor())
         dropped, dropped_reasons = BoxSet.empty(), []
         if self.view is not None:
             viewed = apply_view(*self.view, image, entry, boxes)
@@ -78,12 +86,14 @@ def image_loader(dataset: DetectionDataset, shards: Sequence[tuple[int, list[Ima
         batches += [list(range(i, min(i + config.batch_size, start + len(shard))))
                     for i in range(start, start + len(shard), config.batch_size)]
         start += len(shard)
+    device_decode = resolve_decode(config.decode, encoders.sam.device, view is not None).on_device
     reader = ImageReader(dataset, entries, encoders.sam.resizer() if with_sam else None,
-                         encoders.clip.preprocessor() if with_clip else None, config.max_image_pixels, view)
+                         encoders.clip.preprocessor() if with_clip else None, config.max_image_pixels, view,
+                         device_decode=device_decode)
     return DataLoader(
         reader,
         batch_sampler=batches,
-        num_workers=config.num_workers,
+        num_workers=default_loader_workers() if config.num_workers is None else config.num_workers,
         collate_fn=list,
         pin_memory=encoders.sam.device.type == "cuda",
     )

@@ -7,6 +7,7 @@ next one computes.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders
 from regionspot_cache.errors import ExtractionError
+from regionspot_cache.extract.decode import device_pixels
 from regionspot_cache.extract.mapper import NO_BOXES, FeatureMapper
 from regionspot_cache.extract.plan import Shard, shard_input_digest
 from regionspot_cache.extract.reader import image_loader
@@ -36,6 +38,14 @@ class ExtractCounts:
     dropped_boxes: int = 0
     without_boxes: int = 0
     bytes_written: int = 0
+    # Time the mapper waited for the loader's next batch: when it is a large part of the run, the
+    # device starves (more loader workers, or extract.decode = "device", would feed it).
+    loader_wait_seconds: float = 0.0
+    batches: int = 0
+
+    @property
+    def loader_wait_per_batch(self) -> float:
+        return self.loader_wait_seconds / max(self.batches, 1)
 
     def add(self, other: ExtractCounts) -> None:
         for counter in fields(ExtractCounts):
@@ -73,13 +83,19 @@ def extract_shards(
     kind = writer.provenance.kind
     with_clip, view = kind.owns_feature_maps, kind.view
     mapper = FeatureMapper(encoders, config, with_clip) if view is None else view_mapper(encoders, config, view)
-    batches = iter(image_loader(dataset, shards, encoders, config, with_clip, **view_loading(view)))
+    loading = view_loading(view)
+    batches = iter(image_loader(dataset, shards, encoders, config, with_clip, **loading))
+    pixels = device_pixels(encoders, config, with_clip, **loading)
     with torch_threads(config.threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-cache-commit") as committer:
         pending: Future | None = None
         for shard_id, entries in shards:
             result, features = ShardResult(shard_id=shard_id), []
             for _ in range(-(-len(entries) // config.batch_size)):
-                images = mapper(next(batches))
+                waited = time.perf_counter()
+                batch = next(batches)
+                result.loader_wait_seconds += time.perf_counter() - waited
+                result.batches += 1
+                images = mapper(pixels(batch))
                 if config.strict:
                     _raise_on_failure(images)
                 features.extend(images)
