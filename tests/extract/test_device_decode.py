@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.cli.report import print_extract_summary
+from regionspot_cache.demo.report import print_extract_summary
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.extract.runner import run_extraction
