@@ -15,7 +15,7 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.demo.report import print_extract_summary
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
-from regionspot_cache.extract.runner import run_extraction
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from tests.extract.test_fast_decode import _exif, photo_like
 from tests.faults.test_hostile_inputs import PIXEL_LIMIT, _corpus
 
@@ -56,7 +56,7 @@ def test_device_path_gives_the_cpu_paths_features(tmp_path, tiny_models, encoder
     readers = {}
     for decode in ("cpu", "device"):
         config = ExtractConfig(**{**CONFIG.__dict__, "decode": decode, "preprocess": preprocess})
-        summary = run_extraction(dataset, tmp_path / decode, tiny_models, config, encoders=encoders)
+        summary = run_extraction(dataset, CacheTarget(tmp_path / decode), encoders, config)
         assert summary.failed == 0
         readers[decode] = CacheReader(tmp_path / decode)
     for entry in dataset.images:
@@ -77,7 +77,7 @@ def test_hostile_images_are_recorded_with_their_reason_on_both_paths(tmp_path, t
     files["corrupt_middle.jpg"] = (ok[:200] + bytes(200) + ok[400:], (64, 48))  # ends as a JPEG, does not decode
     dataset = _dataset(tmp_path / "data", files, "hostile")
     config = ExtractConfig(**{**CONFIG.__dict__, "decode": decode, "max_image_pixels": PIXEL_LIMIT})
-    run_extraction(dataset, tmp_path / "cache", tiny_models, config, encoders=encoders)
+    run_extraction(dataset, CacheTarget(tmp_path / "cache"), encoders, config)
     reader = CacheReader(tmp_path / "cache")
     for entry in dataset.images:
         status, reason = reader.status(entry.id)
@@ -89,7 +89,7 @@ def test_hostile_images_are_recorded_with_their_reason_on_both_paths(tmp_path, t
 
 def test_loader_wait_is_recorded_per_batch_and_printed(tmp_path, tiny_models, encoders, capsys):
     dataset = _dataset(tmp_path / "data", _photos(tmp_path), "photos")
-    summary = run_extraction(dataset, tmp_path / "cache", tiny_models, CONFIG, encoders=encoders)
+    summary = run_extraction(dataset, CacheTarget(tmp_path / "cache"), encoders, CONFIG)
     assert summary.batches == 3  # 7 images: shards of 4 and 3, batches of at most 3 within a shard
     assert summary.loader_wait_seconds >= 0 and summary.loader_wait_per_batch >= 0
     print_extract_summary(summary)
