@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.demo.report import print_extract_summary
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
+from regionspot_cache.demo.report import print_extract_summary
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from tests.extract.test_fast_decode import _exif, photo_like
 from tests.faults.test_hostile_inputs import PIXEL_LIMIT, _corpus
