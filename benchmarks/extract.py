@@ -36,7 +36,7 @@ from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import FrozenEncoders, SamBoxEncoder, build_sam, load_clip, load_frozen_encoders
 from regionspot_cache.extract.runner import CacheTarget, prepare_cache, run_extraction
-from regionspot_cache.runtime import resolve_device
+from regionspot_cache.runtime.devices import resolve_device
 
 
 def released_flow(dataset: DetectionDataset, encoders: FrozenEncoders, out_dir: Path) -> dict[int, tuple]:

@@ -29,7 +29,7 @@ from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import FrozenEncoders, SamBoxEncoder, build_sam, load_clip, load_frozen_encoders
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import RegionSpotHead
-from regionspot_cache.runtime import resolve_device
+from regionspot_cache.runtime.devices import resolve_device
 from regionspot_cache.train.data import (
     BatchPlan,
     CachedRegions,

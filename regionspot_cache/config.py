@@ -29,7 +29,7 @@ from regionspot_cache.choices import (  # noqa: F401
     ViewMode,
 )
 from regionspot_cache.errors import ConfigError
-from regionspot_cache.runtime import read_toml
+from regionspot_cache.runtime.files import read_toml
 from regionspot_cache.view_specs import parse_views
 
 

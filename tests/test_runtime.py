@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from regionspot_cache.runtime import atomic_path, atomic_write_bytes, differences, remove_abandoned_temps
+from regionspot_cache.runtime.files import atomic_path, atomic_write_bytes, remove_abandoned_temps
+from regionspot_cache.runtime.records import differences
 
 
 def test_atomic_path_replaces_a_file_whole_or_not_at_all(tmp_path):

@@ -14,7 +14,8 @@ from regionspot_cache.errors import CacheFormatError, ConfigError
 
 # The identities lived here: re-exported for a while (the package itself imports identity).
 from regionspot_cache.identity import CacheKind, ClipIdentity, SamIdentity, ViewIdentity, WeightFiles  # noqa: F401
-from regionspot_cache.runtime import differences, sha256_file, write_json
+from regionspot_cache.runtime.files import sha256_file, write_json
+from regionspot_cache.runtime.records import differences
 
 FORMAT_VERSION = 1
 

@@ -49,7 +49,7 @@ from regionspot_cache.cache.format import (
 from regionspot_cache.choices import FeatureDtype, TextRecipe
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.errors import CacheBusyError
-from regionspot_cache.runtime import atomic_path, atomic_write_bytes, remove_abandoned_temps
+from regionspot_cache.runtime.files import atomic_path, atomic_write_bytes, remove_abandoned_temps
 
 LOCK_FILE = ".extract.lock"
 

@@ -134,7 +134,7 @@ def _show_and_write(result, name: str, proposals: str, output: Optional[Path]) -
     """Print the box (and mask) AP tables; with --output, write the metrics beside the results."""
     from regionspot_cache.evaluate.lvis import METRICS, write_metrics
     from regionspot_cache.progress import metrics_table
-    from regionspot_cache.runtime import write_json
+    from regionspot_cache.runtime.files import write_json
 
     title = f"LVIS box AP ({proposals} boxes; {result.settings['description']})"
     console.print(metrics_table(title, {name: result.metrics}, METRICS))

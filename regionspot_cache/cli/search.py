@@ -10,7 +10,7 @@ import typer
 
 from regionspot_cache.errors import UserError
 from regionspot_cache.progress import say
-from regionspot_cache.runtime import write_json
+from regionspot_cache.runtime.files import write_json
 
 
 def search(

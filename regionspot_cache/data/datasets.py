@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from regionspot_cache.errors import DatasetError
-from regionspot_cache.runtime import read_toml
+from regionspot_cache.runtime.files import read_toml
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from regionspot_cache.data.datasets import BoxSet, DatasetError, DetectionDataset, Manifest, read_json, xyxy_array
-from regionspot_cache.runtime import sha256_file
+from regionspot_cache.runtime.files import sha256_file
 
 GROUND_TRUTH = "gt"
 

@@ -21,7 +21,8 @@ from regionspot_cache.evaluate.report import ReportData, cache_labels, write_rep
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import RegionSpotHead, load_head
 from regionspot_cache.progress import console, log_to_console, metrics_table, say
-from regionspot_cache.runtime import resolve_device, write_json
+from regionspot_cache.runtime.devices import resolve_device
+from regionspot_cache.runtime.files import write_json
 from regionspot_cache.train.loop import head_config_for, train_head
 
 

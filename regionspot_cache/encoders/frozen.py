@@ -15,7 +15,7 @@ from regionspot_cache.encoders.sam import SAM_ARCHITECTURES, TOKEN_DIM, SamBoxEn
 from regionspot_cache.encoders.sam2 import SAM2_ARCHITECTURES, Sam2BoxEncoder, build_sam2_model
 from regionspot_cache.errors import ConfigError, ModelLoadError
 from regionspot_cache.identity import ClipIdentity, SamIdentity, WeightFiles
-from regionspot_cache.runtime import sha256_file
+from regionspot_cache.runtime.files import sha256_file
 
 
 @dataclass

@@ -24,7 +24,7 @@ from regionspot_cache.encoders.memory import FittingBatches, sam_image_bytes
 from regionspot_cache.encoders.preprocess import TestResize, test_resize_for
 from regionspot_cache.encoders.sam_attention import use_fused_attention
 from regionspot_cache.errors import ModelLoadError
-from regionspot_cache.runtime import load_torch_weights
+from regionspot_cache.runtime.weights import load_torch_weights
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torchvision.transforms.functional import resize
 
 from regionspot_cache.encoders.memory import ACTIVATIONS_PER_TOKEN_CHANNEL, FittingBatches
 from regionspot_cache.errors import ModelLoadError
-from regionspot_cache.runtime import load_torch_weights
+from regionspot_cache.runtime.weights import load_torch_weights
 
 TOKEN_DIM = 256
 PIXEL_MEAN, PIXEL_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SAM2Transforms' values

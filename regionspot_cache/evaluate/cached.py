@@ -19,7 +19,7 @@ from regionspot_cache.evaluate.scoring import Detections, detections_from_logits
 from regionspot_cache.head.model import RegionSpotHead, region_logits
 from regionspot_cache.progress import progress_bar
 from regionspot_cache.regions.open_set import kept_regions
-from regionspot_cache.runtime import resolve_device
+from regionspot_cache.runtime.devices import resolve_device
 
 
 @torch.no_grad()

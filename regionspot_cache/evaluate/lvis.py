@@ -15,7 +15,7 @@ from regionspot_cache.evaluate.scoring import (
     Detections,
     cap_per_image,
 )
-from regionspot_cache.runtime import write_json
+from regionspot_cache.runtime.files import write_json
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 # The paper's headline: AP over all categories and by LVIS frequency group (name -> group).

@@ -33,7 +33,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from regionspot_cache.config import EvalConfig, Scoring
-from regionspot_cache.runtime import NonFiniteValueError, atomic_path
+from regionspot_cache.runtime.files import NonFiniteValueError, atomic_path
 
 
 def class_probabilities(logits: torch.Tensor, scoring: Scoring | str) -> torch.Tensor:

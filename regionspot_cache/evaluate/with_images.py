@@ -20,7 +20,9 @@ from regionspot_cache.errors import MissingFileError
 from regionspot_cache.evaluate.masks import add_segmentations
 from regionspot_cache.evaluate.scoring import Detections, cap_per_image
 from regionspot_cache.identity import models_recorded_in
-from regionspot_cache.runtime import differences, resolve_device, write_json
+from regionspot_cache.runtime.devices import resolve_device
+from regionspot_cache.runtime.files import write_json
+from regionspot_cache.runtime.records import differences
 
 
 def load_cache_encoders(reader: CacheReader, models: ModelsConfig | None, device: str) -> FrozenEncoders:

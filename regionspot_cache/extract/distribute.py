@@ -26,7 +26,7 @@ from regionspot_cache.data.datasets import DetectionDataset, ImageEntry
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
 from regionspot_cache.extract.plan import Shard, shard_dataset
 from regionspot_cache.extract.worker import OnBatch, ShardResult, extract_shards
-from regionspot_cache.runtime import resolve_device
+from regionspot_cache.runtime.devices import resolve_device
 
 
 @dataclass

@@ -23,7 +23,7 @@ from regionspot_cache.extract.mapper import NO_BOXES, FeatureMapper
 from regionspot_cache.extract.plan import Shard, shard_input_digest
 from regionspot_cache.extract.reader import image_loader
 from regionspot_cache.extract.view_mapper import view_loading, view_mapper
-from regionspot_cache.runtime import torch_threads
+from regionspot_cache.runtime.devices import torch_threads
 
 OnBatch = Callable[[int, int], None]  # (images, boxes) just encoded, for progress
 

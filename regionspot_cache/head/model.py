@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from regionspot_cache.errors import MissingFileError, ModelLoadError
-from regionspot_cache.runtime import atomic_path, write_json
+from regionspot_cache.runtime.files import atomic_path, write_json
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from regionspot_cache.errors import ReleasedCheckpointError
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
-from regionspot_cache.runtime import load_torch_weights
+from regionspot_cache.runtime.weights import load_torch_weights
 
 PREFIX = "model."
 HEAD_PARTS = ("to_clip.", "decoder.", "projector.")

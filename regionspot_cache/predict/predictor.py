@@ -36,7 +36,8 @@ from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
 from regionspot_cache.identity import ClipIdentity
 from regionspot_cache.regions.masks import box_mask_rles
 from regionspot_cache.regions.open_set import kept_regions
-from regionspot_cache.runtime import atomic_path, resolve_device
+from regionspot_cache.runtime.devices import resolve_device
+from regionspot_cache.runtime.files import atomic_path
 
 ImageInput = Union[np.ndarray, Image.Image, str, Path]
 

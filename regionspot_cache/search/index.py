@@ -23,7 +23,8 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.errors import CacheFormatError
 from regionspot_cache.head.model import RegionSpotHead
 from regionspot_cache.progress import progress_bar
-from regionspot_cache.runtime import atomic_path, resolve_device, sha256_file, write_json
+from regionspot_cache.runtime.devices import resolve_device
+from regionspot_cache.runtime.files import atomic_path, sha256_file, write_json
 
 REGIONS_DIR = "regions"
 INDEX_FILE = "regions.safetensors"

@@ -16,7 +16,8 @@ from regionspot_cache.encoders.clip import ClipEncoder, load_clip
 from regionspot_cache.encoders.frozen import FrozenEncoders
 from regionspot_cache.errors import InputError, MissingFileError
 from regionspot_cache.identity import models_recorded_in
-from regionspot_cache.runtime import differences, resolve_device
+from regionspot_cache.runtime.devices import resolve_device
+from regionspot_cache.runtime.records import differences
 from regionspot_cache.search.index import RegionIndex
 
 CHUNK_ROWS = 1 << 17  # regions per matrix product: bounds the (queries x chunk) score memory

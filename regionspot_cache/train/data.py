@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from regionspot_cache.cache import CacheReader, Vocabulary
 from regionspot_cache.data.views import IDENTITY
 from regionspot_cache.errors import CacheFormatError, ConfigError, DatasetError
-from regionspot_cache.runtime import differences
+from regionspot_cache.runtime.records import differences
 from regionspot_cache.train.views import CachedView, open_views, pick_view
 
 # Steps whose dataset choices are drawn from one seeded generator; resuming at step s replays

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from regionspot_cache.runtime import resolve_device
+from regionspot_cache.runtime.devices import resolve_device
 
 
 @dataclass(frozen=True)

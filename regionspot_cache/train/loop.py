@@ -22,7 +22,8 @@ from regionspot_cache.config import TrainConfig
 from regionspot_cache.errors import ModelLoadError
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, region_logits, save_head
 from regionspot_cache.progress import progress_bar
-from regionspot_cache.runtime import differences, sha256_file
+from regionspot_cache.runtime.files import sha256_file
+from regionspot_cache.runtime.records import differences
 from regionspot_cache.train.data import (
     BatchPlan,
     CachedRegions,

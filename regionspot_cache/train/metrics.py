@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from regionspot_cache.runtime import atomic_write_bytes
+from regionspot_cache.runtime.files import atomic_write_bytes
 
 
 class MetricsLog:

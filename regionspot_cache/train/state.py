@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from regionspot_cache.errors import ConfigError, ModelLoadError
-from regionspot_cache.runtime import atomic_path, differences, json_text, remove_abandoned_temps
+from regionspot_cache.runtime.files import atomic_path, json_text, remove_abandoned_temps
+from regionspot_cache.runtime.records import differences
 
 STEP_PREFIX = "step-"
 

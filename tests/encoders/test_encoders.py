@@ -14,7 +14,7 @@ from PIL import Image
 from segment_anything import SamPredictor
 
 from regionspot_cache.encoders import build_sam
-from regionspot_cache.runtime import UnsafeCheckpointError, load_torch_weights
+from regionspot_cache.runtime.weights import UnsafeCheckpointError, load_torch_weights
 
 
 def _manual_vit_tokens(visual: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:

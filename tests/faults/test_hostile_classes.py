@@ -26,7 +26,7 @@ from regionspot_cache.demo.config import DemoConfig
 from regionspot_cache.evaluate.ground_truth import load_ground_truth
 from regionspot_cache.evaluate.lvis import lvis_ap
 from regionspot_cache.evaluate.scoring import Detections, write_results_json
-from regionspot_cache.runtime import NonFiniteValueError, write_json
+from regionspot_cache.runtime.files import NonFiniteValueError, write_json
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf, 1e39, -1e300])

@@ -1,35 +1,20 @@
-"""Small runtime helpers shared by the phases: devices, safe weight loading, file hashing, atomic
-writes and the cleanup after killed writers, comparing records."""
+"""Files: hashing, reading TOML, atomic writes (aside, then renamed) and the cleanup after killed writers."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import tomllib
 
-from regionspot_cache.errors import MissingFileError, ModelLoadError, NonFiniteValueError, UnsafeCheckpointError
-
-if TYPE_CHECKING:  # torch is imported where used, so config and CLI start without it
-    import torch
-
-
-def resolve_device(name: str) -> "torch.device":
-    """``auto`` picks CUDA when present, else the CPU."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from regionspot_cache.errors import NonFiniteValueError
 
 
 def sha256_file(path: Path | str, block: int = 1 << 20) -> str:
@@ -40,25 +25,14 @@ def sha256_file(path: Path | str, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-
-def load_torch_weights(path: Path | str) -> Any:
-    """``torch.load`` restricted to tensors and plain containers: a pickle that would run code is
-    refused rather than executed (checkpoints come from the web)."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: checkpoint file not found")
+def read_toml(path: Path, what: str, error: type[Exception]) -> dict[str, Any]:
+    """Parse a TOML file; a missing or invalid file raises ``error`` naming the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: the file holds objects other than tensors and plain "
-            f"containers, and loading it could run code ({err.__class__.__name__})"
-        ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:  # text files end in KeyError
-        raise ModelLoadError(f"{path}: not a readable torch checkpoint (expected a file written by torch.save): "
-                         f"{err.__class__.__name__}: {err}") from None
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid TOML: {err}") from None
 
 
 TEMP_PREFIX = ".tmp-"
@@ -92,7 +66,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write aside then rename, so readers see the old file or the new one, never a partial one."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-
 
 
 def json_text(data: Any, path: Path | str, indent: int | None = None) -> str:
@@ -158,40 +131,6 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def differences(old: Any, new: Any, template: str = "{key}") -> list[str]:
-    """The keys whose values differ between two records (mappings or dataclasses; nested ones
-    give dotted keys, a key missing on one side counts as None), sorted, each formatted with
-    ``template`` from ``key``, ``old`` and ``new``."""
-    mine, theirs = _flat_record(old), _flat_record(new)
-    return [
-        template.format(key=key, old=mine.get(key), new=theirs.get(key))
-        for key in sorted(set(mine) | set(theirs))
-        if mine.get(key) != theirs.get(key)
-    ]
-
-
-def _flat_record(record: Any, prefix: str = "") -> dict[str, Any]:
-    if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        record = dataclasses.asdict(record)
-    flat: dict[str, Any] = {}
-    for key, value in record.items():
-        if isinstance(value, Mapping) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
-            flat.update(_flat_record(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def read_toml(path: Path, what: str, error: type[Exception]) -> dict[str, Any]:
-    """Parse a TOML file; a missing or invalid file raises ``error`` naming the file."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: {what} not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{path}: not valid TOML: {err}") from None
-
-
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (on this machine): temp files named after a dead writer's
     pid are leftovers of a kill and can go."""
@@ -202,17 +141,3 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run with ``count`` torch intra-op threads (None: as they are), then restore them."""
-    import torch
-
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -1,0 +1,29 @@
+"""Loading weight files safely: tensors and plain containers only (checkpoints come from the web)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+from regionspot_cache.errors import MissingFileError, ModelLoadError, UnsafeCheckpointError
+
+
+def load_torch_weights(path: Path | str) -> Any:
+    """``torch.load`` restricted to tensors and plain containers: a pickle that would run code is
+    refused rather than executed (checkpoints come from the web)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and plain "
+            f"containers, and loading it could run code ({err.__class__.__name__})"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:  # text files end in KeyError
+        raise ModelLoadError(f"{path}: not a readable torch checkpoint (expected a file written by torch.save): "
+                         f"{err.__class__.__name__}: {err}") from None
