@@ -240,13 +240,16 @@ class Decode(Choice):
     CPU = "cpu"
     DEVICE = "device"
 
-    def resolved(self, device_type: str, with_view: bool = False) -> Decode:
-        """``cpu`` or ``device`` for an extraction on a device of ``device_type`` ("cuda", "cpu", ...);
-        a view cache always decodes on the CPU (its flips and crops work on PIL images)."""
+    def resolved(self, device_type: str, with_view: bool = False, preprocessing: Preprocessing | None = None) -> Decode:
+        """``cpu`` or ``device`` for an extraction on a device of ``device_type`` ("cuda", "cpu", ...).
+        A view cache always decodes on the CPU (its flips and crops work on PIL images); ``auto``
+        keeps the CPU for ``released`` preprocessing, whose PIL resizes the device path only
+        approximates (a user comparing with the released code gets its pixels)."""
         if with_view:
             return Decode.CPU
         if self is Decode.AUTO:
-            return Decode.DEVICE if device_type == "cuda" else Decode.CPU
+            exact = preprocessing is not None and preprocessing.runs_test_resize
+            return Decode.DEVICE if device_type == "cuda" and not exact else Decode.CPU
         return self
 
     @property

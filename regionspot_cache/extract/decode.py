@@ -29,7 +29,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from regionspot_cache.config import Decode
+from regionspot_cache.config import Decode, Preprocessing
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.encoders.preprocess import TestResize, test_resize_for
 
@@ -41,10 +41,11 @@ _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": Interpolatio
 log = logging.getLogger(__name__)
 
 
-def resolve_decode(decode: Decode | str, device: torch.device, with_view: bool = False) -> Decode:
-    """``auto`` -> ``device`` on CUDA, else ``cpu``; a view cache always decodes on the CPU (its
-    flips and crops work on PIL images)."""
-    return Decode.parse(decode, "extract.decode").resolved(device.type, with_view)
+def resolve_decode(decode: Decode | str, device: torch.device, with_view: bool = False,
+                   preprocessing: Preprocessing | None = None) -> Decode:
+    """``auto`` -> ``device`` on CUDA (but ``cpu`` for ``released`` preprocessing), else ``cpu``;
+    a view cache always decodes on the CPU (its flips and crops work on PIL images)."""
+    return Decode.parse(decode, "extract.decode").resolved(device.type, with_view, preprocessing)
 
 
 def default_loader_workers(cores: int | None = None, devices: int | None = None) -> int:
@@ -205,7 +206,7 @@ def device_pixels(encoders, config, with_clip: bool = True, with_sam: bool = Tru
     """The step between loader and mapper: ``DevicePixels`` when ``config.decode`` resolves to
     ``device`` (``image_loader`` then hands over JPEG bytes), else nothing to do."""
     device = encoders.sam.device
-    if not resolve_decode(config.decode, device, view is not None).on_device:
+    if not resolve_decode(config.decode, device, view is not None, config.preprocess).on_device:
         return list
     resize = DeviceResize.of(encoders.sam.resizer() if with_sam else None, encoders.clip.preprocessor() if with_clip else None)
     return DevicePixels(resize, device, with_sam, with_clip)

@@ -86,7 +86,7 @@ def image_loader(dataset: DetectionDataset, shards: Sequence[tuple[int, list[Ima
         batches += [list(range(i, min(i + config.batch_size, start + len(shard))))
                     for i in range(start, start + len(shard), config.batch_size)]
         start += len(shard)
-    device_decode = resolve_decode(config.decode, encoders.sam.device, view is not None).on_device
+    device_decode = resolve_decode(config.decode, encoders.sam.device, view is not None, config.preprocess).on_device
     reader = ImageReader(dataset, entries, encoders.sam.resizer() if with_sam else None,
                          encoders.clip.preprocessor() if with_clip else None, config.max_image_pixels, view,
                          device_decode=device_decode)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from regionspot_cache.choices import Preprocessing
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.images import ImageDecodeError, load_rgb
 from regionspot_cache.encoders.clip import ClipPreprocess
@@ -129,6 +130,9 @@ def test_auto_decodes_on_the_device_only_on_cuda_and_never_for_views():
     assert resolve_decode("auto", torch.device("cuda")) == "device"
     assert resolve_decode("device", torch.device("cpu")) == "device"
     assert resolve_decode("device", torch.device("cuda"), with_view=True) == "cpu"
+    # released preprocessing keeps PIL's resizes unless the device path is asked for
+    assert resolve_decode("auto", torch.device("cuda"), preprocessing=Preprocessing.RELEASED) == "cpu"
+    assert resolve_decode("device", torch.device("cuda"), preprocessing=Preprocessing.RELEASED) == "device"
 
 
 def test_automatic_loader_workers_share_the_cores_among_devices():
