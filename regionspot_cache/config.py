@@ -184,6 +184,8 @@ class ExtractConfig(Validated):
     views_seed: int = field(default=0, metadata=between(0, 2**63 - 1))
 
     def check_relations(self) -> None:
+        if not self.views:  # nothing to parse: and no torch import (data/views.py) for `--help` and `inspect`
+            return
         from regionspot_cache.data.views import parse_views  # it imports ConfigError from here
 
         parse_views(self.views)
