@@ -13,14 +13,14 @@ from regionspot_cache.cli.options import (
     SamCheckpointOption,
     SamVariantOption,
 )
-from regionspot_cache.demo.config import DemoConfig
+from regionspot_cache.demo.config import ITERATIONS, DemoConfig
 
 
 def demo(
     workdir: Path = typer.Option(Path("rs-cache-demo"), help="Directory for the generated data, models, caches and results."),
     train_images: int = typer.Option(DemoConfig.train_images, help="Generated training images."),
     val_images: int = typer.Option(DemoConfig.val_images, help="Generated validation images."),
-    iterations: int = typer.Option(DemoConfig().train.iterations, help="Training iterations of the head."),
+    iterations: int = typer.Option(ITERATIONS, help="Training iterations of the head."),
     seed: int = typer.Option(DemoConfig.seed, help="Seed for data, model weights and training."),
     sam_variant: Optional[str] = SamVariantOption,
     sam_checkpoint: Optional[str] = SamCheckpointOption,
