@@ -77,7 +77,9 @@ def progress_bar(description: str, total: int, fields: str = "", disable: bool =
     ``completed``: work done before this run (a resumed training), left out of the rate.
     ``disable`` keeps it silent (e.g. in all training processes but the first)."""
     if not console.is_terminal or disable:
-        lines = LogLines(description, total, fields, progress_interval(), silent=disable, completed=completed)
+        # Nothing to do (e.g. every shard committed already): no lines about it either.
+        lines = LogLines(description, total, fields, progress_interval(), silent=disable or total <= completed,
+                         completed=completed)
         yield lines, 0
         lines.finish()
         return
