@@ -110,13 +110,13 @@ def verify(
             {"cache": str(directory), "shard": problem.shard, "problem": problem.problem} for directory, problem in problems]}))
     for directory, problem in [] if as_json else problems:
         where = "" if directory == cache else f"{directory.relative_to(cache)} "
-        results.print(Text.assemble((f"{where}shard {problem.shard}", "red"), f": {problem.problem}"))
+        results.print(Text.assemble((f"{where}shard {problem.shard}", "red"), f": {problem.problem}"), soft_wrap=True)
     if problems:
         raise typer.Exit(1)
     if not as_json:
         nested = {"proposals": len(proposals_caches(cache)), "view": len(view_caches(cache))}
         checked = "".join(f" and {count} {kind} cache(s)" for kind, count in nested.items() if count)
-        results.print(Text(f"{cache}{checked}: every committed shard matches its checksums"))
+        results.print(Text(f"{cache}{checked}: every committed shard matches its checksums"), soft_wrap=True)
 
 
 def repair(
