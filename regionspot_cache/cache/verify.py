@@ -91,14 +91,20 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
         "sam": f"{sam.variant} (sha256 {str(sam.checkpoint_sha256)[:12]})",
         "clip": f"{clip.model} ({clip.pretrained or 'file sha256 ' + str(clip.weights_sha256)[:12]})",
         "vocabularies": reader.vocabulary_names(),
+        "feature_dtype": provenance.feature_dtype,
         "bytes_on_disk": on_disk,
-        # float16 payload: one feature map per image, one 256-d token per box.
-        "bytes_per_image_map": 2 * clip.num_tokens * clip.width,
-        "bytes_per_box_token": 2 * sam.token_dim,
+        # The payload: one feature map per image (num_tokens rows), one token per box (one row).
+        "bytes_per_image_map": clip.num_tokens * stored_row_bytes(clip.width, provenance.feature_dtype),
+        "bytes_per_box_token": stored_row_bytes(sam.token_dim, provenance.feature_dtype),
         "bytes_on_disk_per_image": round(on_disk / max(len(status), 1)),
         **_cost(Path(root)),
         "views": {view_id: _view_summary(path) for view_id, path in view_caches(root).items()},
     }
+
+
+def stored_row_bytes(width: int, feature_dtype: str) -> int:
+    """Bytes of one stored row of ``width`` features: float16, or int8 and its float32 scale."""
+    return width + 4 if feature_dtype == "int8" else 2 * width
 
 
 def _bytes_on_disk(root: Path) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.text import Text
 
 from regionspot_cache.cli.options import (
     DataRootOption,
@@ -14,9 +16,10 @@ from regionspot_cache.cli.options import (
     SchedulerOption,
     SetOption,
     WorkersOption,
+    flag,
     recipe_from,
 )
-from regionspot_cache.progress import console, plain, say
+from regionspot_cache.progress import plain, results, say
 
 
 def import_checkpoint(
@@ -38,21 +41,29 @@ def import_checkpoint(
 
 def inspect(
     cache: Path = typer.Argument(..., help="Cache directory to summarise."),
-    failed: bool = typer.Option(
-        False, "--failed", help="Also list the images that failed and the boxes that were rejected, with their reasons."
+    failed: bool = flag(
+        "--failed", help="Also list the images that failed and the boxes that were rejected, with their reasons."
     ),
+    as_json: bool = flag("--json", help="Print the summary as one JSON object (sizes in bytes) instead of tables."),
 ) -> None:
-    """Summarise a cache: images, boxes, shards committed and missing, models, bytes on disk."""
+    """Summarise a cache: images, boxes, shards committed and missing, models, storage dtype and
+    sizes on disk. Printed to stdout (tables, or JSON with --json); reads metadata only."""
+    from dataclasses import asdict
+
     from rich.table import Table
 
     from regionspot_cache.cache import inspect_cache, recorded_failures
 
+    summary = inspect_cache(cache)
+    recorded = recorded_failures(cache) if failed else None
+    if as_json:
+        print(json.dumps({**summary, **({"failures": asdict(recorded)} if recorded else {})}, default=str))
+        return
     table = Table(title=plain(cache), show_header=False)
-    for key, value in inspect_cache(cache).items():
-        table.add_row(key, plain(value))
-    console.print(table)
-    if failed:
-        recorded = recorded_failures(cache)
+    for key, value in summary.items():
+        table.add_row(key, plain(_readable(key, value)))
+    results.print(table)
+    if recorded is not None:
         for title, rows in ((f"{len(recorded.images)} failed images", recorded.images),
                             (f"{len(recorded.boxes)} rejected boxes", recorded.boxes)):
             listing = Table(title=plain(title))
@@ -60,29 +71,52 @@ def inspect(
                 listing.add_column(column)
             for row in rows:
                 listing.add_row(*(plain(value) for value in row.values()))
-            console.print(listing)
+            results.print(listing)
 
 
-def verify(cache: Path = typer.Argument(..., help="Cache directory to check.")) -> None:
+def _readable(key: str, value: object) -> object:
+    """Sizes (the ``bytes*`` entries) in decimal units, in nested view summaries too."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_readable(k, v)}" for k, v in value.items()) if value else "-"
+    if key.startswith("bytes") and isinstance(value, (int, float)):
+        return human_bytes(value)
+    return value
+
+
+def human_bytes(count: float) -> str:
+    """``1.6 GB``, ``320 kB``, ``12 B`` (decimal units, as disk sizes are quoted)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" or abs(count) >= 100 else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def verify(
+    cache: Path = typer.Argument(..., help="Cache directory to check."),
+    as_json: bool = flag("--json", help="Print the result as one JSON object: cache, ok, and each damaged shard's problem."),
+) -> None:
     """Check every committed shard against the SHA-256 checksums recorded when it was committed,
-    also in the proposals caches inside CACHE.
+    also in the proposals caches inside CACHE. The result goes to stdout.
 
     Exits with status 1 and names each damaged shard and file if any differ.
     """
-    from regionspot_cache.cache import verify_cache_tree
+    from regionspot_cache.cache import proposals_caches, verify_cache_tree, view_caches
 
-    results = verify_cache_tree(cache)
-    for directory, problems in results.items():
+    found = verify_cache_tree(cache)
+    problems = [(directory, problem) for directory, listed in found.items() for problem in listed]
+    if as_json:
+        print(json.dumps({"cache": str(cache), "ok": not problems, "problems": [
+            {"cache": str(directory), "shard": problem.shard, "problem": problem.problem} for directory, problem in problems]}))
+    for directory, problem in [] if as_json else problems:
         where = "" if directory == cache else f"{directory.relative_to(cache)} "
-        for problem in problems:
-            say((f"{where}shard {problem.shard}", "red"), f": {problem.problem}")
-    if any(results.values()):
+        results.print(Text.assemble((f"{where}shard {problem.shard}", "red"), f": {problem.problem}"), soft_wrap=True)
+    if problems:
         raise typer.Exit(1)
-    from regionspot_cache.cache import proposals_caches, view_caches
-
-    nested = {"proposals": len(proposals_caches(cache)), "view": len(view_caches(cache))}
-    checked = "".join(f" and {count} {kind} cache(s)" for kind, count in nested.items() if count)
-    say(f"{cache}{checked}: every committed shard matches its checksums")
+    if not as_json:
+        nested = {"proposals": len(proposals_caches(cache)), "view": len(view_caches(cache))}
+        checked = "".join(f" and {count} {kind} cache(s)" for kind, count in nested.items() if count)
+        results.print(Text(f"{cache}{checked}: every committed shard matches its checksums"), soft_wrap=True)
 
 
 def repair(

@@ -13,14 +13,14 @@ from regionspot_cache.cli.options import (
     SamCheckpointOption,
     SamVariantOption,
 )
-from regionspot_cache.demo.config import DemoConfig
+from regionspot_cache.demo.config import ITERATIONS, DemoConfig, demo_train_config
 
 
 def demo(
     workdir: Path = typer.Option(Path("rs-cache-demo"), help="Directory for the generated data, models, caches and results."),
     train_images: int = typer.Option(DemoConfig.train_images, help="Generated training images."),
     val_images: int = typer.Option(DemoConfig.val_images, help="Generated validation images."),
-    iterations: int = typer.Option(DemoConfig().train.iterations, help="Training iterations of the head."),
+    iterations: int = typer.Option(ITERATIONS, help="Training iterations of the head."),
     seed: int = typer.Option(DemoConfig.seed, help="Seed for data, model weights and training."),
     sam_variant: Optional[str] = SamVariantOption,
     sam_checkpoint: Optional[str] = SamCheckpointOption,
@@ -36,9 +36,8 @@ def demo(
     from regionspot_cache.demo.run import run_demo
     from regionspot_cache.demo.tiny_models import TINY_CLIP, TINY_CLIPS, TINY_SAM, TINY_SAMS
 
-    config = DemoConfig(train_images=train_images, val_images=val_images, seed=seed)
+    config = DemoConfig(train_images=train_images, val_images=val_images, seed=seed, train=demo_train_config(iterations))
     config.train.seed = seed
-    config.train.iterations = iterations
     only_tiny = sam_variant in (None, *TINY_SAMS) and clip_model in (None, *TINY_CLIPS)
     if sam_checkpoint is None and clip_pretrained is None and only_tiny:
         # Only tiny kinds named: their random weights are written to files and loaded back, as real ones are.

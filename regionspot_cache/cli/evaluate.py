@@ -12,6 +12,7 @@ from regionspot_cache.cli.options import (
     DataRootOption,
     RecipeOption,
     SetOption,
+    flag,
     recipe_from,
 )
 from regionspot_cache.config import Recipe
@@ -25,7 +26,7 @@ def evaluate(
         None, "--head", help="Head checkpoint (.safetensors) written by `rs-cache train` (needed by --method regionspot)."
     ),
     annotations: Optional[Path] = typer.Option(
-        None, "--annotations", "-a", help="LVIS-format ground-truth JSON (default: the manifest's annotations)."
+        None, "--annotations", "-a", help="Ground-truth JSON in LVIS or COCO format (default: the manifest's annotations)."
     ),
     manifest: Optional[Path] = typer.Option(
         None, "--manifest", "-m", help="Dataset manifest naming annotations and proposal sets."
@@ -43,8 +44,8 @@ def evaluate(
         "regionspot", help="Scorer: `regionspot` (the head), or a training-free baseline of the paper: `clip-box` "
         "(CLIP on each box crop) or `clip-mask` (CLIP on the crop with SAM's mask, background in CLIP's mean colour)."
     ),
-    masks: bool = typer.Option(
-        False, "--masks", help="Also report mask AP: SAM's mask for each detection's box prompt, as RLE in the results."
+    masks: bool = flag(
+        "--masks", help="Also report mask AP: SAM's mask for each detection's box prompt, as RLE in the results."
     ),
     image_root: Optional[Path] = typer.Option(
         None, help="Directory of the images, for clip-*, --masks and --report (default: the manifest's image_root)."
@@ -59,9 +60,13 @@ def evaluate(
         None, help="Class probabilities: `softmax` over the vocabulary (the released code) or `sigmoid` per class "
         "(the focal training loss); sets eval.scoring."
     ),
-    fixed_ap: bool = typer.Option(
-        False, "--fixed-ap", help="AP-fixed protocol (Dave et al. 2021): no per-image cap, the top "
+    fixed_ap: bool = flag(
+        "--fixed-ap", help="AP-fixed protocol (Dave et al. 2021): no per-image cap, the top "
         "eval.fixed_dets_per_class (10,000) detections per class over the dataset; sets eval.protocol=fixed."
+    ),
+    device: Optional[str] = typer.Option(
+        None, help="Torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...; sets eval.device (and extract.device "
+        "for the SAM tokens of --proposals)."
     ),
     report: Optional[Path] = typer.Option(
         None, help="Write a results page here: results.md with the metrics, settings, an AP-by-frequency chart "
@@ -93,6 +98,9 @@ def evaluate(
     config = recipe_from(recipe, overrides)
     config.eval.scoring = scoring or config.eval.scoring
     config.eval.protocol = "fixed" if fixed_ap else config.eval.protocol
+    if device is not None:
+        config.eval.device = config.extract.device = device
+        config.extract.validate()
     config.eval.validate()
     cache = _cache_holding(cache, proposals, spec, config)
     image_root = image_root or (spec.image_root if spec else None)

@@ -18,6 +18,7 @@ from regionspot_cache.cli.options import (
     SchedulerOption,
     SetOption,
     WorkersOption,
+    flag,
     recipe_from,
 )
 
@@ -36,11 +37,11 @@ def extract(
     sam_checkpoint: Optional[str] = SamCheckpointOption,
     clip_model: Optional[str] = ClipModelOption,
     clip_pretrained: Optional[str] = ClipPretrainedOption,
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad image or degenerate box instead of recording it."),
+    strict: bool = flag("--strict", help="Stop at the first bad image or degenerate box instead of recording it."),
     scheduler: Optional[str] = SchedulerOption,
     workers: Optional[int] = WorkersOption,
     retries: int = RetriesOption,
-    in_process: bool = typer.Option(False, "--in-process", help="Run the shards in this process, without dask."),
+    in_process: bool = flag("--in-process", help="Run the shards in this process, without dask."),
 ) -> None:
     """Run frozen SAM and CLIP once per image and write tokens and feature maps to the cache.
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from regionspot_cache.config import Recipe, apply_overrides, load_recipe
+from regionspot_cache.config import SAM_VARIANTS, Recipe, apply_overrides, load_recipe
 
 RecipeOption = typer.Option(
     None, "--recipe", "-r", help="Recipe TOML (see pipelines/) with tables models.sam, models.clip, extract, train and eval."
@@ -17,7 +17,8 @@ SetOption = typer.Option(
 )
 DataRootOption = typer.Option(Path("."), help="Directory that the manifest's relative paths start from.")
 SamCheckpointOption = typer.Option(None, help="SAM checkpoint file (e.g. sam_vit_b_01ec64.pth); sets models.sam.checkpoint.")
-SamVariantOption = typer.Option(None, help="SAM architecture: vit_b, vit_l, vit_h (or tiny); sets models.sam.variant.")
+SamVariantOption = typer.Option(
+    None, help=f"SAM architecture: {', '.join(SAM_VARIANTS)}; sets models.sam.variant.")
 ClipModelOption = typer.Option(None, help="open_clip model name, e.g. ViT-L-14, ViT-B-16, ViT-L-14-336; sets models.clip.model.")
 ClipPretrainedOption = typer.Option(
     None, help="open_clip pretrained tag (e.g. openai) or a local weights file; sets models.clip.pretrained."
@@ -30,6 +31,12 @@ WorkersOption = typer.Option(
     None, help="Workers of the local dask cluster (default: one per GPU, or one on a CPU-only machine)."
 )
 RetriesOption = typer.Option(2, help="Times a failed shard is retried on dask before it is reported.")
+
+
+def flag(*names: str, help: str, default: bool = False):
+    """A boolean option shown as a plain switch (``--masks``, ``--resume/--no-resume``) rather than
+    with typer's ``<bool>`` type column, which reads as if it took a value."""
+    return typer.Option(default, *names, help=help, metavar="")
 
 
 

@@ -15,6 +15,7 @@ from regionspot_cache.cli.options import (
     SamCheckpointOption,
     SamVariantOption,
     SetOption,
+    flag,
     recipe_from,
 )
 from regionspot_cache.errors import UserError
@@ -30,11 +31,11 @@ def predict(
     ),
     vocab: Optional[str] = typer.Option(None, help="Class names separated by commas, e.g. \"dog,cat,traffic light\"."),
     vocab_file: Optional[Path] = typer.Option(None, help="Text file with one class name per line (instead of --vocab)."),
-    masks: bool = typer.Option(
-        False, "--masks", help="Add SAM's mask for each box prompt (RLE in the JSON, overlaid in the PNG)."
+    masks: bool = flag(
+        "--masks", help="Add SAM's mask for each box prompt (RLE in the JSON, overlaid in the PNG)."
     ),
-    attention: bool = typer.Option(
-        False, "--attention", help="Also write where the head looks: per box, the last decoder layer's cross-attention "
+    attention: bool = flag(
+        "--attention", help="Also write where the head looks: per box, the last decoder layer's cross-attention "
         "over the CLIP grid (mean over heads) overlaid on the image, to OUT's stem + .attention.png."
     ),
     reject: Optional[str] = typer.Option(

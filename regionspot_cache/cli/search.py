@@ -34,7 +34,7 @@ def search(
 
     from regionspot_cache.cache import CacheReader
     from regionspot_cache.head.model import load_head
-    from regionspot_cache.search import like_region, nearest_regions, open_region_index, parse_like, text_queries
+    from regionspot_cache.search import labelled_hits, like_row, nearest_regions, open_region_index, parse_like, text_queries
     from regionspot_cache.search.query import cache_clip
     from regionspot_cache.search.sheet import contact_sheet
 
@@ -46,17 +46,22 @@ def search(
     examples = [parse_like(text) for text in like]  # bad syntax fails before anything loads
     reader = CacheReader(cache)
     index = open_region_index(reader, load_head(head)[0], device)
-    named = {}
+    example_rows: dict[str, int] = {}  # an unknown example region fails before CLIP loads
     for text, (image_id, box) in zip(like, examples):
-        named[f"like {text}"] = like_region(index, image_id, box)
+        example_rows[f"like {text}"] = like_row(index, image_id, box)
+    # Text queries first, then the --like examples, each in the order given (the JSON keeps it).
+    named: dict[str, np.ndarray] = {}
     if queries:
         named.update(zip(queries, text_queries(cache_clip(reader, clip_pretrained, device), queries)))
-    hits = dict(zip(named, nearest_regions(index, np.stack(list(named.values())), top)))
+    named.update((name, index.embeddings[row]) for name, row in example_rows.items())
+    # An example region is its own nearest neighbour: it is left out of its hits.
+    found = nearest_regions(index, np.stack(list(named.values())), top, [example_rows.get(name) for name in named])
+    hits = {name: labelled_hits(found_hits, reader) for name, found_hits in zip(named, found)}
     payload = {query: [hit.to_dict() for hit in found] for query, found in hits.items()}
     write_json(out / "hits.json", payload, indent=1)  # creates ``out``
     print(json.dumps(payload))
     written = [out / "hits.json"]
     if image_root is not None:
-        rows = reader.images.select(["image_id", "file_name"]).to_pydict()
-        written.append(contact_sheet(hits, dict(zip(rows["image_id"], rows["file_name"])), image_root, out / "contact_sheet.png"))
+        file_names = {hit.image_id: hit.file_name for found in hits.values() for hit in found}
+        written.append(contact_sheet(hits, file_names, image_root, out / "contact_sheet.png"))
     say(f"{len(index)} regions searched; wrote {', '.join(map(str, written))}")

@@ -11,9 +11,9 @@ import typer
 from regionspot_cache.cli.options import (
     RecipeOption,
     SetOption,
+    flag,
     recipe_from,
 )
-from regionspot_cache.progress import say
 
 
 def train(
@@ -32,7 +32,7 @@ def train(
     ),
     recipe: Optional[Path] = RecipeOption,
     overrides: List[str] = SetOption,
-    resume: bool = typer.Option(True, help="Continue from the newest training state saved beside OUTPUT (exact resume)."),
+    resume: bool = flag(default=True, help="Continue from the newest training state saved beside OUTPUT (exact resume)."),
 ) -> None:
     """Train the RegionSpot head from cached features only (no encoder in the loop).
 
@@ -41,6 +41,7 @@ def train(
     metrics go to `<stem>.run/metrics.csv` and `<stem>.run/tensorboard`. Multi-GPU:
     `torchrun --nproc-per-node N -m regionspot_cache train ...` (train.batch_size stays the global batch).
     """
+    from regionspot_cache.demo.report import print_train_summary
     from regionspot_cache.train.loop import train_head
 
     given = [f"train.init_from={json.dumps(str(init_from))}"] if init_from is not None else []
@@ -50,5 +51,5 @@ def train(
     if vocabulary:
         config.train.vocabularies = list(vocabulary)
     summary = train_head(None, output, config.train, resume)
-    say(f"wrote {summary.checkpoint} after {summary.steps} steps "
-                  f"({summary.samples_per_second:.1f} images/s); final loss {summary.final_loss:.4f}")
+    print_train_summary(summary)
+

@@ -3,8 +3,13 @@ so they import it from here)."""
 
 from __future__ import annotations
 
-from regionspot_cache.extract.runner import ExtractSummary
+from typing import TYPE_CHECKING
+
 from regionspot_cache.progress import say
+
+if TYPE_CHECKING:  # the runner imports torch; the commands that print a summary have loaded it already
+    from regionspot_cache.extract.runner import ExtractSummary
+    from regionspot_cache.train.loop import TrainSummary
 
 
 def print_extract_summary(summary: ExtractSummary) -> None:
@@ -21,3 +26,15 @@ def print_extract_summary(summary: ExtractSummary) -> None:
             "wait for images: see extract.num_workers and extract.decode)")
     for shard_id, error in summary.failed_shards.items():
         say((f"shard {shard_id} failed", "red"), f": {error}")
+
+
+def print_train_summary(summary: TrainSummary) -> None:
+    """One line: the steps trained now (and where a resumed run began), or that the saved state
+    had them all, with the loss and rate recorded when they were trained."""
+    if summary.already_trained:
+        say(f"already trained: {summary.steps} steps in the saved state; wrote {summary.checkpoint} "
+            f"(recorded final loss {summary.final_loss:.4f}, {summary.samples_per_second:.1f} images/s)")
+        return
+    resumed = f", resumed from step {summary.resumed_from}" if summary.resumed_from else ""
+    say(f"wrote {summary.checkpoint} after {summary.steps} steps{resumed} in {summary.seconds:.1f} s "
+        f"({summary.samples_per_second:.1f} images/s); final loss {summary.final_loss:.4f}")

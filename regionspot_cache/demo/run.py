@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.data.datasets import load_coco_format
+from regionspot_cache.data.datasets import load_manifest
 from regionspot_cache.demo.config import DemoConfig
-from regionspot_cache.demo.report import print_extract_summary
+from regionspot_cache.demo.manifests import write_demo_manifest, write_jittered_proposals
+from regionspot_cache.demo.report import print_extract_summary, print_train_summary
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import load_frozen_encoders
@@ -41,24 +42,25 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
     console.rule("[bold]1/4 generate data")
     train_json = generate_split(data_dir, "train", SyntheticSpec(config.train_images, config.seed))
     val_json = generate_split(data_dir, "val", SyntheticSpec(config.val_images, config.seed + 1, balanced=True))
+    manifests = {split: write_demo_manifest(data_dir, split, annotations, write_jittered_proposals(
+                     annotations, data_dir / f"{split}_proposals.json", config.seed + offset))
+                 for offset, (split, annotations) in enumerate((("train", train_json), ("val", val_json)))}
     models = config.models or write_tiny_checkpoints(workdir / "models", config.seed, config.tiny_sam, config.tiny_clip)
-    say(f"data in {data_dir}; SAM {models.sam.variant} from {models.sam.checkpoint}; "
-                  f"CLIP {models.clip.model} from {models.clip.pretrained}")
+    say(f"data in {data_dir}; manifests {', '.join(str(path) for path in manifests.values())}; "
+        f"SAM {models.sam.variant} from {models.sam.checkpoint}; CLIP {models.clip.model} from {models.clip.pretrained}")
 
     console.rule("[bold]2/4 extract (frozen SAM + CLIP, once per image)")
     encoders = load_frozen_encoders(models, resolve_device(config.extract.device), config.extract.preprocess)
     caches = {}
-    for split, annotation_file in (("train", train_json), ("val", val_json)):
-        dataset = load_coco_format(annotation_file, data_dir / "images", name=f"demo_{split}")
+    for split, manifest in manifests.items():
+        dataset = load_manifest(manifest).load()
         caches[split] = workdir / "cache" / split
         print_extract_summary(run_extraction(dataset, CacheTarget(caches[split]), encoders, config.extract))
     del encoders
 
     console.rule("[bold]3/4 train the head from the cache")
     head_path = workdir / "head" / "head.safetensors"
-    summary = train_head(caches["train"], head_path, config.train)
-    say(f"trained {summary.steps} steps in {summary.seconds:.1f} s "
-                  f"({summary.samples_per_second:.1f} images/s), final loss {summary.final_loss:.4f}")
+    print_train_summary(train_head(caches["train"], head_path, config.train))
 
     console.rule("[bold]4/4 evaluate on the validation split (LVIS AP, ground-truth boxes)")
     torch.manual_seed(config.train.seed)

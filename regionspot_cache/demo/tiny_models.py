@@ -36,6 +36,11 @@ def write_tiny_checkpoints(directory: Path | str, seed: int = 0, sam_variant: st
     directory.mkdir(parents=True, exist_ok=True)
     sam_path = directory / f"sam_{sam_variant}.pth"
     clip_path = directory / ("clip_tiny.pt" if clip_model == TINY_CLIP else f"clip_{clip_model}.pt")
+    spec = ModelsConfig(SamSpec(sam_variant, str(sam_path)), ClipSpec(clip_model, str(clip_path)))
+    if (directory / _written_marker(seed, sam_variant, clip_model)).is_file():
+        # Written by an earlier run: kept, since the caches it extracted record their SHA-256
+        # (a resumed demo would be refused if the files were rewritten with other bytes).
+        return spec
     torch.manual_seed(seed)
     if sam_variant in SAM2_ARCHITECTURES:  # SAM 2 releases hold {"model": state_dict}
         torch.save({"model": build_sam2_model(sam_variant, None).state_dict()}, sam_path)
@@ -47,4 +52,9 @@ def write_tiny_checkpoints(directory: Path | str, seed: int = 0, sam_variant: st
     finally:
         logging.disable(logging.NOTSET)
     torch.save(clip.state_dict(), clip_path)
-    return ModelsConfig(SamSpec(sam_variant, str(sam_path)), ClipSpec(clip_model, str(clip_path)))
+    (directory / _written_marker(seed, sam_variant, clip_model)).touch()  # last: both files are complete
+    return spec
+
+
+def _written_marker(seed: int, sam_variant: str, clip_model: str) -> str:
+    return f".written-seed{seed}-{sam_variant}-{clip_model}"

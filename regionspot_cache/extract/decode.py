@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +31,7 @@ from torchvision.transforms.v2 import functional as F
 from regionspot_cache.config import Decode, Preprocessing
 from regionspot_cache.data.images import load_rgb
 from regionspot_cache.encoders.preprocess import TestResize, test_resize_for
+from regionspot_cache.runtime.devices import usable_cpus
 
 MAX_AUTO_WORKERS = 16
 EXIF_ORIENTATION = 0x0112
@@ -52,7 +52,7 @@ def default_loader_workers(cores: int | None = None, devices: int | None = None)
     """Loader workers per extracting process: the cores this process may use, shared among the
     devices of the machine (one extracting process each), less one for the process that drives its
     device; at least 1, at most ``MAX_AUTO_WORKERS``."""
-    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    cores = usable_cpus() if cores is None else cores
     devices = max(torch.cuda.device_count(), 1) if devices is None else max(devices, 1)
     return min(MAX_AUTO_WORKERS, max(1, cores // devices - 1))
 

@@ -3,6 +3,7 @@ config and the CLI start without it)."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
@@ -31,3 +32,11 @@ def torch_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity (a SLURM or taskset share), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on macOS and Windows
+        return os.cpu_count() or 1

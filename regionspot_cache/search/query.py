@@ -5,7 +5,7 @@ top-k, in chunks; ``benchmarks/search.py`` measures it up to 1M regions."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -29,17 +29,36 @@ class Hit:
     box_index: int  # among the image's cached boxes
     box: list[float]  # x1, y1, x2, y2 in original pixels
     score: float  # cosine similarity to the query
+    file_name: str | None = None  # the image's file, relative to the image root (``labelled_hits``)
+    category: str | None = None  # the cached box's class name (None for proposals)
 
     def to_dict(self) -> dict:
-        return {"image_id": self.image_id, "box_index": self.box_index, "box": self.box, "score": self.score}
+        return {"image_id": self.image_id, "file_name": self.file_name, "box_index": self.box_index, "box": self.box,
+                "category": self.category, "score": self.score}
 
 
-def nearest_regions(index: RegionIndex, queries: np.ndarray | torch.Tensor, top: int) -> list[list[Hit]]:
+def nearest_regions(index: RegionIndex, queries: np.ndarray | torch.Tensor, top: int,
+                    exclude_rows: Sequence[int | None] = ()) -> list[list[Hit]]:
     """The ``top`` regions of highest cosine similarity to each (Q, D) L2-normalised query,
-    best first (ties: index order)."""
-    best_scores, best_rows = top_k_cosine(torch.as_tensor(index.embeddings), torch.as_tensor(queries).float(), top)
-    return [[_hit(index, row, score) for row, score in zip(rows, scores)]
-            for rows, scores in zip(best_rows.tolist(), best_scores.tolist())]
+    best first (ties: index order). ``exclude_rows``: per query, an index row to leave out (the
+    example region of a ``--like`` query, which would otherwise always come first)."""
+    excluded = list(exclude_rows) + [None] * (len(queries) - len(exclude_rows))
+    extra = int(any(row is not None for row in excluded))
+    best_scores, best_rows = top_k_cosine(torch.as_tensor(index.embeddings), torch.as_tensor(queries).float(), top + extra)
+    return [[_hit(index, row, score) for row, score in zip(rows, scores) if row != skip][:top]
+            for rows, scores, skip in zip(best_rows.tolist(), best_scores.tolist(), excluded)]
+
+
+def labelled_hits(hits: list[Hit], reader: CacheReader) -> list[Hit]:
+    """``hits`` with the file name of their image and the class name of their cached box."""
+    files = dict(zip(*reader.images.select(["image_id", "file_name"]).to_pydict().values()))
+    vocabulary = reader.vocabulary(reader.provenance.dataset)
+    names = dict(zip(vocabulary.category_ids.tolist(), vocabulary.names))
+    labelled = []
+    for hit in hits:
+        category_id = int(reader.box_category_ids[reader.box_rows(hit.image_id).start + hit.box_index])
+        labelled.append(replace(hit, file_name=files.get(hit.image_id), category=names.get(category_id)))
+    return labelled
 
 
 def top_k_cosine(embeddings: torch.Tensor, queries: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,11 +98,16 @@ def parse_like(text: str) -> tuple[int, int | list[float]]:
 
 
 def like_region(index: RegionIndex, image_id: int, box: int | list[float]) -> np.ndarray:
-    """The indexed embedding of a region: by box index, or the cached box overlapping the given
+    """The indexed embedding of a region (see ``like_row``)."""
+    return index.embeddings[like_row(index, image_id, box)]
+
+
+def like_row(index: RegionIndex, image_id: int, box: int | list[float]) -> int:
+    """The index row of a region: by box index, or the cached box overlapping the given
     coordinates most (IoU at least 0.5)."""
     if isinstance(box, int):
         try:
-            return index.embeddings[index.row(image_id, box)]
+            return index.row(image_id, box)
         except KeyError as err:
             raise InputError(f"--like: {err.args[0]}") from None
     rows = np.flatnonzero(index.image_ids == image_id)
@@ -95,7 +119,7 @@ def like_region(index: RegionIndex, image_id: int, box: int | list[float]) -> np
     best = int(ious.argmax())
     if float(ious[best]) < 0.5:
         raise InputError(f"--like: no cached box of image {image_id} overlaps {box} (best IoU {float(ious[best]):.2f} < 0.5)")
-    return index.embeddings[rows[best]]
+    return int(rows[best])
 
 
 def cache_clip(reader: CacheReader, pretrained: str | None = None, device: str = "auto") -> ClipEncoder:

@@ -8,6 +8,7 @@ a resumed run can start at any step without replaying the earlier ones.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from regionspot_cache.cache import CacheReader, Vocabulary
 from regionspot_cache.data.views import IDENTITY
 from regionspot_cache.errors import CacheFormatError, ConfigError, DatasetError
+from regionspot_cache.runtime.devices import usable_cpus
 from regionspot_cache.runtime.records import differences
 from regionspot_cache.train.views import CachedView, open_views, pick_view
 
@@ -247,7 +249,9 @@ def region_loader(
     dataset: MultiSourceRegions, sampler: RankBatchSampler, num_workers: int, prefetch_batches: int, pin_memory: bool,
 ) -> DataLoader:
     """Batches read by background workers, ``prefetch_batches`` ahead per worker, into pinned
-    memory on CUDA so host-to-device copies overlap compute."""
+    memory on CUDA so host-to-device copies overlap compute. ``num_workers`` is capped at the CPUs
+    this process may use (a recipe's 8 on a 2-core machine only adds processes and a torch warning)."""
+    num_workers = fitted_workers(num_workers)
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_regions, pin_memory=pin_memory,
         prefetch_factor=prefetch_batches if num_workers else None, persistent_workers=num_workers > 0,
@@ -255,6 +259,14 @@ def region_loader(
         # or a resumed run would see other dropout masks.
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def fitted_workers(configured: int) -> int:
+    """``configured`` loader workers, at most one per usable CPU (logged when fewer)."""
+    fitted = min(configured, usable_cpus())
+    if fitted < configured:
+        logging.getLogger(__name__).info("train.num_workers %d: using %d, the CPUs this process may use", configured, fitted)
+    return fitted
 
 
 @dataclass

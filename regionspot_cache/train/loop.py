@@ -6,6 +6,7 @@ several, each with its own vocabulary (see ``train_data``).
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -42,8 +43,10 @@ from regionspot_cache.train.distributed import (
     join_process_group,
     leave_process_group,
 )
-from regionspot_cache.train.metrics import MetricsLog
+from regionspot_cache.train.metrics import MetricsLog, recorded_last_step
 from regionspot_cache.train.state import latest_train_state, load_train_state, rng_state, save_train_state
+
+logger = logging.getLogger(__name__)
 
 
 def focal_loss_sum(
@@ -76,6 +79,12 @@ class TrainSummary:
     seconds: float
     samples_per_second: float
     checkpoint: Path
+    resumed_from: int = 0  # the step the run continued from (0: a fresh start)
+
+    @property
+    def already_trained(self) -> bool:
+        """The saved state had every step: nothing was trained, loss and rate are the recorded ones."""
+        return self.resumed_from >= self.steps > 0
 
 
 def head_config_for(reader: CacheReader, config: TrainConfig) -> HeadConfig:
@@ -169,6 +178,8 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
     barrier(processes)
     latest = latest_train_state(state_dir) if resume else None
     start = load_train_state(latest, head, optimizer, scheduler, identity, processes.rank) if latest else 0
+    if start and processes.is_main:
+        logger.info("resumed from step %d of %d (%s)", start, config.iterations, latest)
     model = DistributedDataParallel(head) if processes.distributed else head
     regions = MultiSourceRegions([
         CachedRegions(source.reader, source.vocabulary, config.max_boxes_per_image, config.seed, i, source.views)
@@ -181,8 +192,7 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
     started, loss_value, samples = time.perf_counter(), math.nan, 0
     try:
         with progress_bar("train head", config.iterations, "loss {task.fields[loss]} {task.fields[rate]}",
-                          disable=not processes.is_main) as (bar, task):
-            bar.update(task, advance=start)
+                          disable=not processes.is_main, completed=start) as (bar, task):
             for step, batch in zip(range(start, config.iterations), loader):
                 lr = optimizer.param_groups[0]["lr"]
                 loss_value = train_step(model, optimizer, batch.to(device), texts[batch.source], logit_scale, config, processes,
@@ -206,11 +216,15 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
         if metrics is not None:
             metrics.close()
     seconds = time.perf_counter() - started
+    rate = samples / max(seconds, 1e-9)
+    recorded = recorded_last_step(run_dir_for(output)) if start >= config.iterations else None
+    if recorded is not None:  # nothing trained now: report the finished run's last loss and rate
+        loss_value, rate = recorded
     if processes.is_main:
         save_head(head, output, {"train": asdict(config), "vocabularies": [s.vocabulary.name for s in sources],
                                  "caches": [str(s.cache) for s in sources]})
     barrier(processes)
-    return TrainSummary(config.iterations, loss_value, seconds, samples / max(seconds, 1e-9), output)
+    return TrainSummary(config.iterations, loss_value, seconds, rate, output, start)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: RegionBatch, text: torch.Tensor,

@@ -57,6 +57,17 @@ class MetricsLog:
             self.board.close()
 
 
+def recorded_last_step(run_dir: Path) -> tuple[float, float] | None:
+    """(loss, images per second) of the last step in ``metrics.csv``, or None if none is recorded:
+    what a re-run of a finished training reports instead of a loss it did not compute."""
+    path = run_dir / "metrics.csv"
+    rows = path.read_text(encoding="utf-8").splitlines()[1:] if path.is_file() else []
+    if not rows or not rows[-1]:
+        return None
+    _, loss, _, rate, _ = rows[-1].split(",", 4)
+    return float(loss), float(rate)
+
+
 def _wait_past_event_files(directory: Path) -> None:
     """TensorBoard reads a run's event files in name order, and a name starts with the second it
     was created in, then the pid: a resumed writer's file made in the same second as the killed

@@ -144,6 +144,16 @@ def test_inspect_counts_and_missing_shards(tmp_path):
     assert summary["shards_committed"] == 1 and summary["shards_missing"] == [0]
     assert summary["bytes_on_disk"] > 0 and summary["bytes_on_disk_per_image"] == round(summary["bytes_on_disk"] / 2)
     assert summary["bytes_per_image_map"] == 2 * 5 * 8 and summary["bytes_per_box_token"] == 2 * 256  # float16
+    assert summary["feature_dtype"] == "float16"
+
+
+def test_inspect_reports_the_sizes_of_an_int8_cache(tmp_path):
+    writer = CacheWriter(tmp_path, _provenance(feature_dtype="int8"))
+    writer.write_shard(0, [_image(4, 2)])
+    summary = inspect_cache(tmp_path)
+    # One byte per value plus one float32 scale per row: per token of a map, and per box token.
+    assert summary["feature_dtype"] == "int8"
+    assert summary["bytes_per_image_map"] == 5 * (8 + 4) and summary["bytes_per_box_token"] == 256 + 4
 
 
 def test_writer_removes_what_a_killed_writer_left_aside(tmp_path):

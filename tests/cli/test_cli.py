@@ -67,6 +67,13 @@ def test_extract_train_eval_from_the_command_line(extracted):
     ])
     assert result.exit_code == 0, result.output
     assert head.is_file() and head.with_suffix(".json").is_file()
+    train_again = ["train", "-c", str(root / "cache"), "-o", str(head), "--set", "train.batch_size=2", "--set", "train.device=cpu"]
+    finished = runner.invoke(app, [*train_again, "--set", "train.iterations=3"])  # all steps are in the saved state
+    said = " ".join(finished.output.split())  # rich wraps long lines
+    assert finished.exit_code == 0 and "already trained: 3 steps" in said, said
+    assert "nan" not in said and " 0.0 images/s" not in said
+    longer = runner.invoke(app, [*train_again, "--set", "train.iterations=4"])
+    assert longer.exit_code == 0 and "resumed from step 3" in " ".join(longer.output.split()), longer.output
     output = root / "results" / "val.json"
     result = runner.invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(head), "-a", str(annotations),
                                  "-o", str(output)])
@@ -84,15 +91,55 @@ def test_inspect_and_verify(extracted, tmp_path):
     root, _, _ = extracted
     cache = shutil.copytree(root / "cache", tmp_path / "cache")
     result = runner.invoke(app, ["inspect", str(cache)])
-    assert result.exit_code == 0 and "shards_committed" in result.output and "RS-Tiny-ViT" in result.output
-    assert runner.invoke(app, ["verify", str(cache)]).exit_code == 0
+    # The summary is the command's result: on stdout, sizes in units, with the storage dtype.
+    assert result.exit_code == 0 and "shards_committed" in result.stdout and "RS-Tiny-ViT" in result.stdout
+    assert "float16" in result.stdout and " kB" in result.stdout
+    summary = json.loads(runner.invoke(app, ["inspect", str(cache), "--json"]).stdout)
+    assert summary["images"] == 4 and summary["feature_dtype"] == "float16" and summary["bytes_on_disk"] > 0
+    verified = runner.invoke(app, ["verify", str(cache)])
+    assert verified.exit_code == 0 and "every committed shard matches" in verified.stdout
+    assert json.loads(runner.invoke(app, ["verify", str(cache), "--json"]).stdout)["ok"] is True
     shard_file = next((cache / "shards" / "000001" / "features.zarr" / "clip_maps").rglob("c/*/*/*"))
     data = bytearray(shard_file.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte in a chunk
     shard_file.write_bytes(bytes(data))
     result = runner.invoke(app, ["verify", str(cache)])
-    assert result.exit_code == 1 and "shard 000001" in result.output and "checksum differs" in result.output
+    assert result.exit_code == 1 and "shard 000001" in result.stdout and "checksum differs" in result.stdout
     assert "000000" not in result.output
+    result = runner.invoke(app, ["verify", str(cache), "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and not report["ok"] and [p["shard"] for p in report["problems"]] == ["000001"]
+
+
+LOADED_MODULES = """
+import sys
+from regionspot_cache.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit:
+    pass
+print("loaded:", *sorted(name for name in ("torch", "open_clip", "segment_anything", "sam2") if name in sys.modules))
+"""
+
+
+def _heavy_modules_loaded(*arguments: str) -> tuple[list[str], str]:
+    """The heavy modules a ``rs-cache`` run with ``arguments`` imported, and its output."""
+    result = subprocess.run([sys.executable, "-c", LOADED_MODULES, *arguments], capture_output=True, text=True)
+    report = [line for line in result.stdout.splitlines() if line.startswith("loaded:")]
+    assert report, result.stdout + result.stderr
+    return report[-1].split()[1:], result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["eval", "--help"], ["predict", "x.jpg", "--boxes"]])
+def test_help_and_argument_errors_load_no_torch(arguments):
+    loaded, output = _heavy_modules_loaded(*arguments)
+    assert loaded == [], output
+
+
+def test_inspect_reads_metadata_without_torch(extracted):
+    root, _, _ = extracted
+    loaded, output = _heavy_modules_loaded("inspect", str(root / "cache"))
+    assert "RS-Tiny-ViT" in output and loaded == [], output
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
