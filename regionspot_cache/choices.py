@@ -191,6 +191,10 @@ class FeatureDtype(Choice):
         """Whether each array has a ``<name>_scale`` array beside it (one float32 per row)."""
         return self is FeatureDtype.INT8
 
+    def row_bytes(self, width: int) -> int:
+        """Bytes of one stored row of ``width`` features: 2 per feature, or 1 and a float32 scale."""
+        return width + 4 if self.scaled else 2 * width
+
 
 class Scoring(Choice):
     """Class probability of a region (``eval.scoring``; evaluate/scoring.py): ``softmax`` over the

@@ -19,6 +19,7 @@ from regionspot_cache.cache.format import (
     shard_checksums,
 )
 from regionspot_cache.cache.reader import CacheReader, committed_shard_dirs
+from regionspot_cache.choices import FeatureDtype
 
 
 @dataclass
@@ -102,9 +103,9 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
     }
 
 
-def stored_row_bytes(width: int, feature_dtype: str) -> int:
+def stored_row_bytes(width: int, feature_dtype: FeatureDtype | str) -> int:
     """Bytes of one stored row of ``width`` features: float16, or int8 and its float32 scale."""
-    return width + 4 if feature_dtype == "int8" else 2 * width
+    return FeatureDtype.parse(feature_dtype, "feature_dtype").row_bytes(width)
 
 
 def _bytes_on_disk(root: Path) -> int:
