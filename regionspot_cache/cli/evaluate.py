@@ -41,7 +41,8 @@ def evaluate(
     overrides: List[str] = SetOption,
     method: str = typer.Option(
         "regionspot", help="Scorer: `regionspot` (the head), or a training-free baseline of the paper: `clip-box` "
-        "(CLIP on each box crop) or `clip-mask` (CLIP on the crop with SAM's mask, background in CLIP's mean colour)."
+        "(CLIP on each box crop) or `clip-mask` (CLIP on the crop with SAM's mask, background in CLIP's mean colour); or "
+        "`detector`: the --proposals file's own classes and scores (from `rs-cache propose`), RegionSpot's baseline."
     ),
     masks: bool = typer.Option(
         False, "--masks", help="Also report mask AP: SAM's mask for each detection's box prompt, as RLE in the results."
@@ -76,7 +77,7 @@ def evaluate(
     from regionspot_cache.cache import CacheReader
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.encoders import models_recorded_in
-    from regionspot_cache.evaluate.api import METHODS, REGIONSPOT, released_input_differences
+    from regionspot_cache.evaluate.api import DETECTOR, METHODS, REGIONSPOT, released_input_differences
     from regionspot_cache.evaluate.api import evaluate as evaluate_on_lvis
     from regionspot_cache.head.model import load_head
 
@@ -84,6 +85,8 @@ def evaluate(
         raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     if method == REGIONSPOT and head is None:
         raise UserError("eval --method regionspot needs --head (the clip-box and clip-mask baselines do not)")
+    if method == DETECTOR and proposals == "gt":
+        raise UserError("eval --method detector scores a proposal file's own classes: pass --proposals NAME or FILE")
     spec = load_manifest(manifest, data_root) if manifest else None
     annotations = annotations or (spec.annotations if spec else None)
     if annotations is None:
@@ -92,9 +95,11 @@ def evaluate(
     config.eval.scoring = scoring or config.eval.scoring
     config.eval.protocol = "fixed" if fixed_ap else config.eval.protocol
     config.eval.validate()
-    cache = _cache_holding(cache, proposals, spec, config)
+    proposals_file = _checked_proposals(cache, proposals, spec)
+    if method != DETECTOR:  # the detector's own result needs no features: the cache gives the vocabulary
+        cache = _cache_holding(cache, proposals, spec, config)
     image_root = image_root or (spec.image_root if spec else None)
-    if (method != REGIONSPOT or masks) and image_root is None:
+    if (method not in (REGIONSPOT, DETECTOR) or masks) and image_root is None:
         raise UserError(f"eval --method {method}{' --masks' if masks else ''} reads the images: pass --image-root or --manifest")
     given_models = (sam_variant, sam_checkpoint, clip_model, clip_pretrained)
     # The models the cache recorded, with the files (or names) given here, e.g. paths on this machine.
@@ -102,12 +107,28 @@ def evaluate(
     model, head_config = load_head(head) if method == REGIONSPOT else (None, {})
     released_input_differences(head_config, cache)  # logs a warning for an imported head on a non-released cache
     result = evaluate_on_lvis(cache, annotations, config.eval, method=method, head=model, masks=masks,
-                              image_root=image_root, models=models, results_file=output)
+                              image_root=image_root, models=models, results_file=output, proposals_file=proposals_file)
     name = head.name if method == REGIONSPOT else method
     _show_and_write(result, name, proposals, output)
     if report is not None:
         page = _write_report(report, cache, result, f"LVIS box AP of {name} ({proposals} boxes)", image_root, output)
         say(f"wrote {page}")
+
+
+def _checked_proposals(cache: Path, proposals: str, spec) -> Optional[Path]:
+    """The proposal file of ``proposals`` (None for ``gt``), refused if its recorded provenance
+    (``rs-cache propose``) does not match the file or the cache's vocabulary."""
+    from regionspot_cache.cache import CacheReader
+    from regionspot_cache.data.datasets import Category
+    from regionspot_cache.data.proposals import GROUND_TRUTH, check_provenance, proposal_path
+
+    if proposals == GROUND_TRUTH:
+        return None
+    path = proposal_path(spec, proposals)
+    reader = CacheReader(cache)
+    vocabulary = reader.vocabulary(reader.provenance.dataset)
+    check_provenance(path, [Category(int(i), n) for i, n in zip(vocabulary.category_ids, vocabulary.names)])
+    return path
 
 
 def _cache_holding(cache: Path, proposals: str, spec, config: Recipe) -> Path:

@@ -16,6 +16,7 @@ from regionspot_cache.config import EvalConfig, ModelsConfig
 from regionspot_cache.encoders import preprocess_recorded_in
 from regionspot_cache.evaluate.baselines import BASELINES, score_cache_with_baseline
 from regionspot_cache.evaluate.cached import score_cache
+from regionspot_cache.evaluate.detector import detector_detections
 from regionspot_cache.evaluate.ground_truth import load_ground_truth
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
 from regionspot_cache.evaluate.masks import without_boxes
@@ -27,7 +28,8 @@ from regionspot_cache.head.model import RegionSpotHead
 logger = logging.getLogger(__name__)
 
 REGIONSPOT = "regionspot"
-METHODS = (REGIONSPOT, *BASELINES)
+DETECTOR = "detector"  # the proposal file's own classes and scores (rs-cache propose)
+METHODS = (REGIONSPOT, *BASELINES, DETECTOR)
 
 
 def evaluate(
@@ -42,6 +44,7 @@ def evaluate(
     models: ModelsConfig | None = None,
     results_file: Path | str | None = None,
     vocabulary: str | None = None,
+    proposals_file: Path | str | None = None,
 ) -> EvalResult:
     """Score the cache's boxes with ``method`` and evaluate them with the official LVIS code.
 
@@ -55,7 +58,7 @@ def evaluate(
         (``ground_truth.py``).
       config (EvalConfig): scoring (softmax / sigmoid), protocol (standard / fixed), device.
       method (str): ``regionspot`` (the head), ``clip-box`` or ``clip-mask`` (the paper's
-        training-free baselines).
+        training-free baselines), or ``detector``: ``proposals_file``'s own classes and scores.
       head (RegionSpotHead or None): the head; needed by ``regionspot`` only.
       masks (bool): add SAM's mask for each counted detection's box and report mask AP too.
       image_root (Path, str or None): directory of the original images (image_root / file_name,
@@ -66,6 +69,7 @@ def evaluate(
         ``segmentation`` when ``masks``); None: nothing is written.
       vocabulary (str or None): vocabulary stored in the cache to score against; None: the
         cache's dataset.
+      proposals_file (Path, str or None): for ``detector``, the proposal file whose classes are scored.
 
     Returns:
       (EvalResult): ``metrics`` (AP, AP50, AP75, APs/m/l, APr/c/f as floats in [0, 1], -1 where
@@ -76,15 +80,19 @@ def evaluate(
     """
     config.validate()
     check_method(method, head, masks, image_root)
+    if method == DETECTOR and proposals_file is None:
+        raise ValueError("method detector needs the proposal file whose classes it scores")
     protocol = protocol_for(config)
     reader = CacheReader(cache_dir)
     vocab = reader.vocabulary(vocabulary or reader.provenance.dataset)
     ground_truth = load_ground_truth(annotation_file, vocab)  # checked before the scoring work
     encoders = images = None
-    if method != REGIONSPOT or masks:
+    if method not in (REGIONSPOT, DETECTOR) or masks:
         encoders = load_cache_encoders(reader, models, config.device)
         images = cache_images(reader, image_root)
-    if method == REGIONSPOT:
+    if method == DETECTOR:
+        detections = detector_detections(proposals_file, vocab)
+    elif method == REGIONSPOT:
         detections = score_cache(reader, head, vocab, config, background_embeddings(reader, models, config))
     else:
         detections = score_cache_with_baseline(reader, vocab, config, method, encoders, images)
@@ -114,7 +122,7 @@ def check_method(method: str, head: RegionSpotHead | None, masks: bool, image_ro
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     if method == REGIONSPOT and head is None:
         raise ValueError("method regionspot needs a head checkpoint")
-    if (method != REGIONSPOT or masks) and image_root is None:
+    if (method not in (REGIONSPOT, DETECTOR) or masks) and image_root is None:
         raise ValueError(f"method {method}{' with masks' if masks else ''} reads the original images: give their image_root")
 
 
