@@ -20,7 +20,7 @@ def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def write_tiny_grounding_dino(directory: Path | str, seed: int = 0, image_size: int = 64) -> Path:
+def write_tiny_grounding_dino(directory: Path | str, seed: int = 0, image_size: int = 96) -> Path:
     """A Grounding DINO (Swin backbone, BERT text encoder) a few hundred kB large."""
     from transformers import (
         BertConfig,

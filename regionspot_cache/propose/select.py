@@ -68,7 +68,9 @@ def merge_chunks(parts: Sequence[Detected], boxes_shared: bool, selection: Selec
         pooled = best_over_chunks(parts)
     else:
         pooled = Detected(*(np.concatenate(columns) for columns in zip(*(_top(part, selection.top_k) for part in parts))))
-    pooled = pooled.take(pooled.scores >= selection.min_score)
+    # Boxes clipped to nothing (predicted in OWLv2's padding, say) are no proposals.
+    has_area = (pooled.xyxy[:, 2] > pooled.xyxy[:, 0]) & (pooled.xyxy[:, 3] > pooled.xyxy[:, 1])
+    pooled = pooled.take((pooled.scores >= selection.min_score) & has_area)
     return class_agnostic_nms(pooled, selection.nms_iou, selection.top_k)
 
 

@@ -9,7 +9,13 @@ from PIL import Image
 
 from regionspot_cache.data.proposals import load_proposals
 from regionspot_cache.demo.tiny_detectors import write_not_a_detector
-from regionspot_cache.propose.detectors import DetectorError, detector_family, load_detector, resolve_model_dir, to_original_pixels
+from regionspot_cache.propose.detectors import (
+    DetectorError,
+    detector_family,
+    load_detector,
+    resolve_model_dir,
+    to_original_pixels,
+)
 from regionspot_cache.propose.select import Selection, class_agnostic_nms, detect_image
 from regionspot_cache.propose.writer import records
 from regionspot_cache.runtime import write_json
@@ -80,7 +86,7 @@ def test_grounding_dino_chunks_fit_its_text_length(tiny_grounding_dino):
     assert [i for chunk in chunks for i in chunk] == list(range(len(names)))
     for chunk in chunks:  # [CLS] + each name's tokens and its period + [SEP] within max_text_len (32)
         assert 2 + sum(len(detector._tokens(names[i])) + 1 for i in chunk) <= 32
-    found = detect_image(detector, _image(64, 64), names, Selection(top_k=15, chunk_size=100))
+    found = detect_image(detector, _image(80, 64), names, Selection(top_k=15, chunk_size=100))
     assert len(found) <= 15 and found.classes.max() < len(names)
 
 
