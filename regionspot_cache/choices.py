@@ -212,13 +212,15 @@ class Scoring(Choice):
 
 class EvalMethod(Choice):
     """What scores a cache's boxes in ``evaluate`` (``rs-cache eval --method``): ``regionspot``
-    (the head, on the cache alone) or one of the paper's training-free baselines on the original
+    (the head, on the cache alone), one of the paper's training-free baselines on the original
     images (evaluate/baselines.py): ``clip-box`` (CLIP on each box crop) or ``clip-mask`` (CLIP on
-    the crop with SAM's mask, background in CLIP's mean colour)."""
+    the crop with SAM's mask, background in CLIP's mean colour), or ``detector``: the classes and
+    scores a detector gave the proposals (evaluate/detector.py), the baseline RegionSpot must beat."""
 
     REGIONSPOT = "regionspot"
     CLIP_BOX = "clip-box"
     CLIP_MASK = "clip-mask"
+    DETECTOR = "detector"  # a proposal file's own classes and scores (rs-cache propose): the detector alone
 
     @property
     def needs_head(self) -> bool:
@@ -227,7 +229,12 @@ class EvalMethod(Choice):
     @property
     def reads_images(self) -> bool:
         """Whether the method reads the original images (the baselines)."""
-        return self is not EvalMethod.REGIONSPOT
+        return self in (EvalMethod.CLIP_BOX, EvalMethod.CLIP_MASK)
+
+    @property
+    def scores_proposal_classes(self) -> bool:
+        """Whether the detections are a proposal file's own (``detector``): it needs that file."""
+        return self is EvalMethod.DETECTOR
 
     @property
     def masks_crops(self) -> bool:

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"data"},  # datasets, boxes, images, views
     {"encoders", "cache"},  # the frozen models; the cache format (neither imports the other)
     {"head", "regions"},  # the trained head; masks and open-set rules on regions
-    {"extract", "train", "evaluate", "search", "predict"},  # the phases
+    {"extract", "propose", "train", "evaluate", "search", "predict"},  # the phases
     {"demo"},
     {"cli", "__main__"},
 ]

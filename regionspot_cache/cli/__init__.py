@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from regionspot_cache.cli import cache, demo, evaluate, extract, predict, search, train
+from regionspot_cache.cli import cache, demo, evaluate, extract, predict, propose, search, train
 from regionspot_cache.errors import RegionSpotCacheError
 from regionspot_cache.progress import log_to_console, say
 
@@ -22,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command()(extract.extract)
+app.command()(propose.propose)
 app.command()(train.train)
 app.command("eval")(evaluate.evaluate)
 app.command()(predict.predict)

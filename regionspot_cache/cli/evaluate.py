@@ -42,7 +42,8 @@ def evaluate(
     overrides: List[str] = SetOption,
     method: str = typer.Option(
         "regionspot", help="Scorer: `regionspot` (the head), or a training-free baseline of the paper: `clip-box` "
-        "(CLIP on each box crop) or `clip-mask` (CLIP on the crop with SAM's mask, background in CLIP's mean colour)."
+        "(CLIP on each box crop) or `clip-mask` (CLIP on the crop with SAM's mask, background in CLIP's mean colour); or "
+        "`detector`: the --proposals file's own classes and scores (from `rs-cache propose`), RegionSpot's baseline."
     ),
     masks: bool = flag(
         "--masks", help="Also report mask AP: SAM's mask for each detection's box prompt, as RLE in the results."
@@ -91,6 +92,8 @@ def evaluate(
         raise UserError(f"--method {method!r}: expected one of {', '.join(EvalMethod.words())}")
     if chosen.needs_head and head is None:
         raise UserError(f"eval --method {chosen} needs --head (the clip-box and clip-mask baselines do not)")
+    if chosen.scores_proposal_classes and proposals == "gt":
+        raise UserError(f"eval --method {chosen} scores a proposal file's own classes: pass --proposals NAME or FILE")
     spec = load_manifest(manifest, data_root) if manifest else None
     annotations = annotations or (spec.annotations if spec else None)
     if annotations is None:
@@ -102,7 +105,9 @@ def evaluate(
         config.eval.device = config.extract.device = device
         config.extract.validate()
     config.eval.validate()
-    cache = _cache_holding(cache, proposals, spec, config)
+    proposals_file = _checked_proposals(cache, proposals, spec)
+    if not chosen.scores_proposal_classes:  # the detector's own result needs no features: the cache gives the vocabulary
+        cache = _cache_holding(cache, proposals, spec, config)
     image_root = image_root or (spec.image_root if spec else None)
     if (chosen.reads_images or masks) and image_root is None:
         raise UserError(f"eval --method {chosen}{' --masks' if masks else ''} reads the images: pass --image-root or --manifest")
@@ -113,12 +118,28 @@ def evaluate(
     # Logs a warning for an imported head on a non-released cache.
     released_input_differences(metadata.imported_from if metadata else None, cache)
     result = evaluate_on_lvis(cache, annotations, config.eval, method=chosen, head=model, masks=masks,
-                              image_root=image_root, models=models, results_file=output)
+                              image_root=image_root, models=models, results_file=output, proposals_file=proposals_file)
     name = head.name if chosen.needs_head else chosen.value
     _show_and_write(result, name, proposals, output)
     if report is not None:
         page = _write_report(report, cache, result, f"LVIS box AP of {name} ({proposals} boxes)", image_root, output)
         say(f"wrote {page}")
+
+
+def _checked_proposals(cache: Path, proposals: str, spec) -> Optional[Path]:
+    """The proposal file of ``proposals`` (None for ``gt``), refused if its recorded provenance
+    (``rs-cache propose``) does not match the file or the cache's vocabulary."""
+    from regionspot_cache.cache import CacheReader
+    from regionspot_cache.data.datasets import Category
+    from regionspot_cache.data.proposals import GROUND_TRUTH, check_provenance, proposal_path
+
+    if proposals == GROUND_TRUTH:
+        return None
+    path = proposal_path(spec, proposals)
+    reader = CacheReader(cache)
+    vocabulary = reader.vocabulary(reader.provenance.dataset)
+    check_provenance(path, [Category(int(i), n) for i, n in zip(vocabulary.category_ids, vocabulary.names)])
+    return path
 
 
 def _cache_holding(cache: Path, proposals: str, spec, config: Recipe) -> Path:

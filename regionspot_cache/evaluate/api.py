@@ -16,6 +16,7 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.config import EvalConfig, EvalMethod, ModelsConfig, Preprocessing, TextRecipe
 from regionspot_cache.errors import InputError
 from regionspot_cache.evaluate.cached import score_cache
+from regionspot_cache.evaluate.detector import detector_detections
 from regionspot_cache.evaluate.ground_truth import load_ground_truth
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
 from regionspot_cache.evaluate.masks import without_boxes
@@ -37,6 +38,7 @@ def evaluate(
     models: ModelsConfig | None = None,
     results_file: Path | str | None = None,
     vocabulary: str | None = None,
+    proposals_file: Path | str | None = None,
 ) -> EvalResult:
     """Score the cache's boxes with ``method`` and evaluate them with the official LVIS code.
 
@@ -50,7 +52,7 @@ def evaluate(
         (``ground_truth.py``).
       config (EvalConfig): scoring (softmax / sigmoid), protocol (standard / fixed), device.
       method (EvalMethod or its word): ``regionspot`` (the head), ``clip-box`` or ``clip-mask`` (the paper's
-        training-free baselines).
+        training-free baselines), or ``detector``: ``proposals_file``'s own classes and scores.
       head (RegionSpotHead or None): the head; needed by ``regionspot`` only.
       masks (bool): add SAM's mask for each counted detection's box and report mask AP too.
       image_root (Path, str or None): directory of the original images (image_root / file_name,
@@ -61,6 +63,7 @@ def evaluate(
         ``segmentation`` when ``masks``); None: nothing is written.
       vocabulary (str or None): vocabulary stored in the cache to score against; None: the
         cache's dataset.
+      proposals_file (Path, str or None): for ``detector``, the proposal file whose classes are scored.
 
     Returns:
       (EvalResult): ``metrics`` (AP, AP50, AP75, APs/m/l, APr/c/f as floats in [0, 1], -1 where
@@ -71,6 +74,8 @@ def evaluate(
     """
     config.validate()
     method = check_method(method, head, masks, image_root)
+    if method.scores_proposal_classes and proposals_file is None:
+        raise InputError(f"method {method} needs the proposal file whose classes it scores")
     protocol = protocol_for(config)
     reader = CacheReader(cache_dir)
     vocab = reader.vocabulary(vocabulary or reader.provenance.dataset)
@@ -81,7 +86,9 @@ def evaluate(
 
         encoders = with_images.load_cache_encoders(reader, models, config.device)
         images = with_images.cache_images(reader, image_root)
-    if method.needs_head:
+    if method.scores_proposal_classes:
+        detections = detector_detections(proposals_file, vocab)
+    elif method.needs_head:
         detections = score_cache(reader, head, vocab, config, background_embeddings(reader, models, config))
     else:
         from regionspot_cache.evaluate.baselines import score_cache_with_baseline

@@ -86,7 +86,7 @@ class Dask:
     def run(self, work: ExtractionWork, shards: Sequence[Shard], encoders: FrozenEncoders, writer: CacheWriter,
             on_batch: OnBatch) -> Iterator[ShardOutcome]:
         run_id = time.time_ns()
-        with self._client() as client:
+        with dask_client(self.scheduler, self.workers) as client:
             futures = {
                 client.submit(extract_shard_task, shard_id, entries, _task_work(work, entries), retries=self.retries,
                               key=f"rs-cache-shard-{shard_id}-{run_id}"): shard_id
@@ -102,19 +102,21 @@ class Dask:
                 on_batch(result.images, result.boxes)
                 yield ShardOutcome(shard_id, result)
 
-    @contextmanager
-    def _client(self) -> Iterator[Client]:
-        """A client of the scheduler, or of a local cluster that is closed however the run ends."""
-        if self.scheduler:
-            with Client(self.scheduler) as client:
-                yield client
-            return
-        cluster = local_cluster(self.workers or default_workers())
-        try:
-            with Client(cluster) as client:
-                yield client
-        finally:
-            close_quietly(cluster)
+
+@contextmanager
+def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Client]:
+    """A client of ``scheduler``, or of a local cluster of ``workers`` processes (default: one per
+    GPU, else one) that is closed however the run ends. Shared with ``propose.distribute``."""
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client
+        return
+    cluster = local_cluster(workers or default_workers())
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        close_quietly(cluster)
 
 
 def _task_work(work: ExtractionWork, entries: list[ImageEntry]) -> ExtractionWork:
@@ -127,7 +129,7 @@ _WORKER_ENCODERS: dict[str, FrozenEncoders] = {}  # loaded once per worker proce
 
 def extract_shard_task(shard_id: int, entries: list[ImageEntry], work: ExtractionWork) -> ShardResult:
     """One shard on a dask worker (module-level, so the task pickles by reference)."""
-    device = _worker_device(work.config)
+    device = worker_device(work.config.device)
     key = f"{work.models!r}@{device}/{work.config.preprocess}"
     if key not in _WORKER_ENCODERS:
         _WORKER_ENCODERS[key] = load_frozen_encoders(work.models, device, work.config.preprocess)
@@ -137,12 +139,12 @@ def extract_shard_task(shard_id: int, entries: list[ImageEntry], work: Extractio
     return next(extract_shards([(shard_id, entries)], work.dataset, _WORKER_ENCODERS[key], writer, work.config))
 
 
-def _worker_device(config: ExtractConfig) -> torch.device:
+def worker_device(name: str) -> torch.device:
     """``auto`` on a worker of a local GPU cluster: one GPU per worker, by worker number."""
-    if config.device != "auto" or not torch.cuda.is_available():
-        return resolve_device(config.device)
-    name = str(get_worker().name)
-    index = int(name) if name.isdigit() else 0
+    if name != "auto" or not torch.cuda.is_available():
+        return resolve_device(name)
+    worker = str(get_worker().name)
+    index = int(worker) if worker.isdigit() else 0
     return torch.device(f"cuda:{index % torch.cuda.device_count()}")
 
 

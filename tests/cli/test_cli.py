@@ -19,7 +19,7 @@ from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.progress import console, log_to_console
 
 runner = CliRunner()
-COMMANDS = ["extract", "train", "eval", "predict", "search", "demo", "inspect", "verify", "repair", "import-checkpoint"]
+COMMANDS = ["extract", "propose", "train", "eval", "predict", "search", "demo", "inspect", "verify", "repair", "import-checkpoint"]
 
 
 def test_every_option_of_every_command_is_explained():

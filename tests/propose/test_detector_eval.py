@@ -1,0 +1,59 @@
+"""``eval --method detector``: the proposal file's own classes, through the same LVIS evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from regionspot_cache.cli import app
+from regionspot_cache.evaluate.lvis import lvis_ap
+from regionspot_cache.propose.select import Selection
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def cached(toy_split, tiny_models, tmp_path_factory):
+    """A feature cache of the toy split (it supplies the vocabulary eval scores against)."""
+    root, manifest, _ = toy_split
+    cache = tmp_path_factory.mktemp("detector-eval") / "cache"
+    result = runner.invoke(app, [
+        "extract", "-m", str(manifest), "--data-root", str(root), "-c", str(cache), "--in-process",
+        "--sam-variant", "tiny", "--sam-checkpoint", tiny_models.sam.checkpoint, "--clip-model", tiny_models.clip.model,
+        "--clip-pretrained", tiny_models.clip.pretrained, "--set", "extract.num_workers=0",
+    ])
+    assert result.exit_code == 0, result.output
+    return cache
+
+
+def test_eval_method_detector_gives_the_lvis_ap_of_the_files_own_classes(toy_split, cached, tiny_owlv2, tmp_path):
+    from regionspot_cache.data.datasets import load_manifest
+    from regionspot_cache.propose.runner import run_proposals
+
+    root, manifest, annotations = toy_split
+    proposals = tmp_path / "owl.json"
+    run_proposals(load_manifest(manifest, root).load(), proposals, str(tiny_owlv2), Selection(top_k=50), device="cpu")
+    output = tmp_path / "detector.json"
+    result = runner.invoke(app, ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root),
+                                 "--proposals", str(proposals), "--method", "detector", "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(output.with_suffix(".metrics.json").read_text())
+    expected = lvis_ap(annotations, json.loads(proposals.read_text()))  # the official code on the file as written
+    assert {name: metrics[name] for name in expected} == pytest.approx(expected)
+
+
+def test_eval_method_detector_needs_proposals_and_refuses_an_edited_file(toy_split, cached, tiny_owlv2, tmp_path):
+    from regionspot_cache.data.datasets import load_manifest
+    from regionspot_cache.propose.runner import run_proposals
+
+    root, manifest, _ = toy_split
+    result = runner.invoke(app, ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root), "--method", "detector"])
+    assert result.exit_code != 0 and "pass --proposals" in str(result.exception)
+    proposals = tmp_path / "owl.json"
+    run_proposals(load_manifest(manifest, root).load(), proposals, str(tiny_owlv2), Selection(top_k=5), device="cpu")
+    proposals.write_text(proposals.read_text() + "\n")
+    result = runner.invoke(app, ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root),
+                                 "--proposals", str(proposals), "--method", "detector"])
+    assert result.exit_code != 0 and "edited or replaced" in str(result.exception)
