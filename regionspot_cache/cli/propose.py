@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from regionspot_cache.cli.options import DataRootOption, RetriesOption, SchedulerOption, WorkersOption
+from regionspot_cache.cli.options import DataRootOption, RetriesOption, SchedulerOption, WorkersOption, flag
 from regionspot_cache.errors import UserError
 
 
@@ -34,12 +34,12 @@ def propose(
     scheduler: Optional[str] = SchedulerOption,
     workers: Optional[int] = WorkersOption,
     retries: int = RetriesOption,
-    in_process: bool = typer.Option(False, "--in-process", help="Run the shards in this process, without dask."),
+    in_process: bool = flag("--in-process", help="Run the shards in this process, without dask."),
 ) -> None:
     """Run an open-vocabulary detector prompted with the dataset's vocabulary and write its top
     boxes per image, each with the detector's class, as a proposal set.
 
-    Then name it in the manifest (`[proposals] NAME = "file"`) and use it with
+    Then name it in the manifest's proposals table (`NAME = "file"`) and use it with
     `rs-cache extract --boxes NAME` and `rs-cache eval --proposals NAME` (`--method detector` scores
     the detector's own classes). Re-running the same command resumes after an interruption.
     """
