@@ -231,6 +231,7 @@ def _commands(tmp, models):
     return {
         "extract-config": (["extract", "-m", missing, "-c", missing, "--set", "extract.shard_size=0"], "shard_size"),
         "extract-manifest": (["extract", "-m", missing, "-c", str(tmp / "c")], "no[/b]such[copy]"),
+        "propose": (["propose", "-m", missing, "-d", missing, "-o", str(tmp / "p.json"), "--in-process"], "no[/b]such[copy]"),
         "train": (["train", "-c", missing, "-o", str(tmp / "h.safetensors"), "--set", "train.iterations=0"], "iterations"),
         "train-cache": (["train", "-c", missing, "-o", str(tmp / "h.safetensors")], "no[/b]such[copy]"),
         "eval": (["eval", "-c", missing, "-a", missing, "--head", missing, "--set", "eval.top_k_per_image=0"], "top_k"),
@@ -247,7 +248,7 @@ def _commands(tmp, models):
     }
 
 
-CASES = ["extract-config", "extract-manifest", "train", "train-cache", "eval", "predict", "demo", "inspect", "search",
+CASES = ["extract-config", "extract-manifest", "propose", "train", "train-cache", "eval", "predict", "demo", "inspect", "search",
          "search-top", "verify",
          "repair", "import-checkpoint", "sam-checkpoint-text"]
 
