@@ -45,6 +45,8 @@ REMOTE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "memory")
 LEASE_SECONDS = 120.0  # a lease not renewed for this long belongs to a dead run
 COMMIT_RECORD = "checksums.json"  # written last: a shard without it is not committed
 SHARDS_DIR = "shards"
+_CONFIG_VARS = ("AWS_", "GOOGLE_", "GCS", "AZURE_")  # environment variables the clients read their configuration from
+_FILESYSTEMS: dict[tuple, Any] = {}
 
 
 def shard_name(shard_id: int) -> str:
@@ -97,11 +99,22 @@ class CacheLocation:
 
     @property
     def fs(self) -> Any:
-        """The fsspec filesystem (one instance per protocol and process: fsspec caches them)."""
+        return self._filesystem(asynchronous=False)
+
+    def _filesystem(self, asynchronous: bool) -> Any:
+        """The fsspec filesystem: one per protocol, process and configuration in the environment
+        (fsspec's own instance cache would keep using the endpoint and keys it first saw). zarr
+        runs its own event loop and needs an instance made for it (``asynchronous``)."""
         import fsspec
 
+        config = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CONFIG_VARS)))
+        key = (self.protocol, os.getpid(), asynchronous, config)
         try:
-            return fsspec.filesystem(self.protocol)
+            if key not in _FILESYSTEMS:
+                cls = fsspec.get_filesystem_class(self.protocol)
+                options = {"asynchronous": True} if asynchronous and cls.async_impl else {}
+                _FILESYSTEMS[key] = fsspec.filesystem(self.protocol, skip_instance_cache=True, **options)
+            return _FILESYSTEMS[key]
         except ImportError as err:
             raise CacheStorageError(f"{self.url}: no client for {self.protocol}:// installed ({err}); "
                                     "install regionspot-cache[s3] (s3fs), gcsfs or adlfs") from None
@@ -177,6 +190,13 @@ class CacheLocation:
             found = self.fs.glob(self.path(f"{relative}/*{suffix}"))
         return sorted(posixpath.basename(p).removesuffix(suffix) for p in found)
 
+    def bytes_stored(self, except_under: tuple[str, ...] = ()) -> int:
+        """Bytes of the objects under the root, but those under the prefixes ``except_under``."""
+        with self.requests("list"):
+            sizes = self.fs.find(self.key, detail=True)
+        skipped = tuple(self.path(p) + "/" for p in except_under)
+        return sum(int(info.get("size") or 0) for path, info in sizes.items() if not path.startswith(skipped))
+
     # Shards.
 
     def committed_shards(self, shards_dir: str) -> list[int]:
@@ -243,7 +263,7 @@ class CacheLocation:
         return FsspecStore(self._async_fs(), path=self.path(relative), read_only=read_only)
 
     def _async_fs(self) -> Any:
-        fs = self.fs
+        fs = self._filesystem(asynchronous=True)
         if getattr(fs, "async_impl", False):
             return fs
         from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
