@@ -224,6 +224,12 @@ class CacheLocation:
             self.fetch_dir(relative, tmp)
         return final
 
+    def uncommit_shard(self, shard_id: int) -> None:
+        """Remove a committed shard: its commit record first, so no reader sees half of it."""
+        relative = f"{SHARDS_DIR}/{shard_name(shard_id)}"
+        self.delete(f"{relative}/{COMMIT_RECORD}")
+        self.delete(relative)
+
     def publish_dir(self, staged: Path, relative: str) -> None:
         """Upload a staged shard directory to ``relative``: first remove what a killed writer left
         there, then every file but the commit record, then the commit record (the commit)."""

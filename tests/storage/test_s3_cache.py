@@ -88,3 +88,24 @@ def test_a_local_copy_of_the_same_extraction_reads_the_same(s3_env, toy, tmp_pat
     assert {p.name for p in fetched.rglob("*") if p.is_file()} == {
         p.name for p in (tmp_path / "local" / "shards" / "000001").rglob("*") if p.is_file()}
     assert isinstance(CacheWriter, type)
+
+
+def test_inspect_verify_and_repair_a_cache_on_s3(s3_env, toy):
+    root, manifest, annotations, models = toy
+    cache = f"s3://{s3_env.new_prefix()}/c"
+    result = runner.invoke(app, extract_args(manifest, root, models, cache))
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["inspect", cache])
+    assert result.exit_code == 0 and "shards_committed" in result.output, result.output
+    assert runner.invoke(app, ["verify", cache]).exit_code == 0
+
+    fs, key = s3_env.filesystem(), cache.removeprefix("s3://")
+    fs.pipe_file(f"{key}/shards/000001/boxes.parquet", b"damaged")
+    result = runner.invoke(app, ["verify", cache])
+    assert result.exit_code == 1 and "boxes.parquet" in result.output, result.output
+
+    result = runner.invoke(app, ["repair", cache, "-m", str(manifest), "--data-root", str(root),
+                                 "--set", "extract.num_workers=0"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["verify", cache]).exit_code == 0
+    assert len(CacheReader(cache)) == 4
