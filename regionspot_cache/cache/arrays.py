@@ -56,12 +56,12 @@ def _round_up(value: int, multiple: int) -> int:
 class RowArray:
     """Rows of one stored array, by memory map when the layout allows it, else through zarr."""
 
-    def __init__(self, array: zarr.Array, directory: Path, mappable: bool = True):
+    def __init__(self, array: zarr.Array, directory: Path):
         self.array, self.directory = array, directory
         self.shape = tuple(array.shape)
         self.dtype = array.dtype
-        self.mapped = _memory_map(array, directory) if mappable and len(array.shape) and array.shape[0] else None
-        if self.mapped is None and mappable and self.shape and self.shape[0]:
+        self.mapped = _memory_map(array, directory) if len(array.shape) and array.shape[0] else None
+        if self.mapped is None and self.shape and self.shape[0]:
             log.debug("%s: not laid out for memory mapping; reading through zarr", directory)
 
     def rows(self, rows: np.ndarray | slice) -> np.ndarray:

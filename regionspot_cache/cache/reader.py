@@ -8,6 +8,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -73,14 +77,13 @@ class ShardFeatures:
         return values.rows(rows) if scale is None else dequantize_rows(values.rows(rows), scale.rows(rows))
 
     @staticmethod
-    def open(where: Path | str, expected: dict[str, tuple | None], dtype: FeatureDtype, store=None) -> "ShardFeatures":
-        """Open and check the arrays against the shapes the manifest and cache.json call for.
-        ``store``: the zarr store of a shard on object storage (read through zarr, never mapped)."""
+    def open(where: Path | str, expected: dict[str, tuple | None], dtype: FeatureDtype) -> "ShardFeatures":
+        """Open and check the arrays against the shapes the manifest and cache.json call for."""
         names = [CLIP_MAPS, BOX_TOKENS]
         if dtype.scaled:
             names += [CLIP_MAPS + SCALE_SUFFIX, BOX_TOKENS + SCALE_SUFFIX]
         try:
-            group = zarr.open_group(where if store is None else store, mode="r")
+            group = zarr.open_group(where, mode="r")
             arrays = {name: group[name] for name in names}
         except (OSError, KeyError, ValueError) as err:
             raise CacheFormatError(f"{where}: unreadable feature arrays: {err}") from None
@@ -92,7 +95,7 @@ class ShardFeatures:
             if array.dtype != want_dtype or (shape is not None and tuple(array.shape) != shape):
                 raise CacheFormatError(f"{where}/{name}: {array.dtype} array of shape {tuple(array.shape)}, but the "
                                        f"shard's manifest and cache.json call for {np.dtype(want_dtype)} {shape}")
-        rows = {name: RowArray(array, Path(where) / name, mappable=store is None) for name, array in arrays.items()}
+        rows = {name: RowArray(array, Path(where) / name) for name, array in arrays.items()}
         return ShardFeatures(rows[CLIP_MAPS], rows[BOX_TOKENS], rows.get(CLIP_MAPS + SCALE_SUFFIX),
                              rows.get(BOX_TOKENS + SCALE_SUFFIX))
 
@@ -107,6 +110,32 @@ class Vocabulary:
     text_recipe: TextRecipe = TextRecipe.OPENCLIP  # how the embeddings were made (extract.text_recipe)
 
 
+class FetchedShards:
+    """The feature arrays of shards of a cache on object storage, fetched whole into a local
+    temporary directory of this process and then read by memory map like a local cache's: one
+    concurrent GET per object instead of a ranged GET per image (~5x the throughput on loopback).
+    A process forked from the one that fetched them (a loader worker) fetches its own."""
+
+    def __init__(self, location: CacheLocation):
+        self.location, self.pid, self.directory = location, os.getpid(), None
+
+    def features(self, shard: int, relative: str) -> Path:
+        if self.directory is None or self.pid != os.getpid():
+            self.pid, self.directory = os.getpid(), Path(tempfile.mkdtemp(prefix="rs-cache-shards-"))
+            weakref.finalize(self, _remove_own_directory, self.directory, self.pid)
+        return self.location.fetch_dir(relative, self.directory / shard_name(shard))
+
+    def forget(self, shard: int) -> None:
+        """Delete a fetched shard (open memory maps of it stay valid until dropped)."""
+        if self.directory is not None and self.pid == os.getpid():
+            shutil.rmtree(self.directory / shard_name(shard), ignore_errors=True)
+
+
+def _remove_own_directory(directory: Path, pid: int) -> None:
+    if os.getpid() == pid:  # not a forked child's copy of the finalizer
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class CacheReader:
     """Reads a cache written by ``CacheWriter``: its committed shards, vocabularies and identity.
 
@@ -114,6 +143,8 @@ class CacheReader:
       root: the cache directory (holding ``cache.json``). A proposals cache reads the feature
         maps of the cache it borrows them from (``maps_borrowed_from``).
     """
+
+    remote_shards_kept = 4  # shards of a cache on object storage kept fetched, per process
 
     def __init__(self, root: Path | str | CacheLocation):
         self.location = CacheLocation.parse(root)
@@ -131,6 +162,7 @@ class CacheReader:
         self._box_offsets = self._box_offsets_per_shard()
         self._numpy_columns()
         self._opened: dict[int, ShardFeatures] = {}
+        self._fetched = FetchedShards(self.location)
         self.maps_borrowed_from = self._open_maps_borrowed_from()
 
     def _open_maps_borrowed_from(self) -> "CacheReader | None":
@@ -296,18 +328,21 @@ class CacheReader:
 
     def __getstate__(self) -> dict:
         # Loader workers reopen the shards they read: memory maps must not be pickled (copied).
-        return {**self.__dict__, "_opened": {}}
+        return {**self.__dict__, "_opened": {}, "_fetched": FetchedShards(self.location)}
 
     def _arrays(self, shard: int) -> ShardFeatures:
         """The shard's feature arrays, opened once (opening reads metadata and maps the files)
         and checked against the shard's manifest and the provenance before any value is used."""
         if shard not in self._opened:
             self._opened[shard] = self._open_arrays(shard)
+            if self.location.remote and len(self._opened) > self.remote_shards_kept:
+                self._fetched.forget(next(iter(self._opened)))  # the oldest: its rows were copied out
+                del self._opened[next(iter(self._opened))]
         return self._opened[shard]
 
     def _open_arrays(self, shard: int) -> ShardFeatures:
         relative = f"{SHARDS_DIR}/{shard_name(shard)}/{FEATURES_DIR}"
-        where = self.location.path(relative)
+        where = self._fetched.features(shard, relative) if self.location.remote else self.location.path(relative)
         in_shard = self._shard == shard
         maps = int((self._map_row[in_shard] >= 0).sum())
         boxes = int(self._box_count[in_shard].sum())
@@ -316,8 +351,7 @@ class CacheReader:
             CLIP_MAPS: (maps, clip.num_tokens, clip.width) if maps else None,
             BOX_TOKENS: (boxes, self.provenance.sam.token_dim) if boxes else None,
         }
-        store = self.location.zarr_store(relative) if self.location.remote else None
-        return ShardFeatures.open(where, expected, self.provenance.feature_dtype, store)
+        return ShardFeatures.open(where, expected, self.provenance.feature_dtype)
 
     def vocabulary_names(self) -> list[str]:
         return self.location.names(VOCAB_DIR, ".parquet")

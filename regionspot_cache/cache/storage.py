@@ -103,8 +103,7 @@ class CacheLocation:
 
     def _filesystem(self, asynchronous: bool) -> Any:
         """The fsspec filesystem: one per protocol, process and configuration in the environment
-        (fsspec's own instance cache would keep using the endpoint and keys it first saw). zarr
-        runs its own event loop and needs an instance made for it (``asynchronous``)."""
+        (fsspec's own instance cache would keep using the endpoint and keys it first saw)."""
         import fsspec
 
         config = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CONFIG_VARS)))
@@ -259,22 +258,6 @@ class CacheLocation:
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
             self.fs.get(keys, targets)
         return local_dir
-
-    def zarr_store(self, relative: str, read_only: bool = True) -> Any:
-        """A zarr v3 store of the group at ``relative`` (a shard's ``features.zarr``)."""
-        from zarr.storage import FsspecStore, LocalStore
-
-        if self.local is not None:
-            return LocalStore(self.local / relative, read_only=read_only)
-        return FsspecStore(self._async_fs(), path=self.path(relative), read_only=read_only)
-
-    def _async_fs(self) -> Any:
-        fs = self._filesystem(asynchronous=True)
-        if getattr(fs, "async_impl", False):
-            return fs
-        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-
-        return AsyncFileSystemWrapper(fs)
 
     @contextmanager
     def requests(self, what: str) -> Iterator[None]:
