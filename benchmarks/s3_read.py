@@ -12,6 +12,8 @@ after one untimed warm-up round:
   Keep ``--images`` within ``CacheReader.remote_shards_kept`` shards: the loader's order is random
   over the whole cache, so a larger cache makes each process fetch shards again (shard-aware order
   is what avoids that).
+- local: the same loader on a local copy of the cache (the page cache warm), the loader's own
+  ceiling on this machine.
 
 Medians over the rounds, with the spread. The server and credentials come from the environment
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...). A SeaweedFS server on loopback, for example::
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,14 +69,22 @@ def main() -> None:
     if not location.exists("cache.json"):
         write_cache(args.cache_url, args.images, args.shape, args.boxes, args.shard_size, args.feature_dtype)
     one_round = argparse.Namespace(**{**vars(args), "repeats": 1, "warmup": 0})
-    raw, loader_rounds = [], []
+    local_copy = Path(tempfile.mkdtemp(prefix="rs-cache-bench-"))
+    for part in (SHARDS_DIR, "vocabularies"):
+        location.fetch_dir(part, local_copy / part)
+    (local_copy / "cache.json").write_bytes(location.read_bytes("cache.json"))
+    local_reader = CacheReader(local_copy)
+    local_regions = CachedRegions(local_reader, local_reader.vocabulary("bench"), args.max_boxes, seed=0)
+    raw, loader_rounds, local_rounds = [], [], []
     for round_ in range(args.repeats + 1):  # rounds take turns: each times both flows; the first is a warm-up
         rate, stored = raw_get_rate(location)
         reader = CacheReader(location)  # fresh: no shard fetched yet
         figures = measure_loader(CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=round_), one_round)
+        local = measure_loader(local_regions, one_round)
         if round_:
             raw.append(rate / 1e6)
             loader_rounds.append(figures)
+            local_rounds.append(local)
     loader = {flow: [round_[flow]["MB_per_s"]["median"] for round_ in loader_rounds] for flow in loader_rounds[0]}
     images = {flow: [round_[flow]["images_per_s"]["median"] for round_ in loader_rounds] for flow in loader_rounds[0]}
     raw_median = median_spread(raw)["median"]
@@ -81,7 +92,9 @@ def main() -> None:
                "raw_get_MB_per_s": median_spread(raw),
                "loader": {flow: {"MB_per_s": median_spread(loader[flow]), "images_per_s": median_spread(images[flow]),
                                  "of_raw_get": round(median_spread(loader[flow])["median"] / raw_median, 3)}
-                          for flow in loader}}
+                          for flow in loader},
+               "local_copy_loader_MB_per_s": {flow: median_spread([r[flow]["MB_per_s"]["median"] for r in local_rounds])
+                                              for flow in loader}}
     print(json.dumps(figures, indent=1))
 
 
