@@ -69,3 +69,8 @@ class NoTokenGridError(ModelLoadError):
 
 class NonFiniteValueError(RegionSpotCacheError, ValueError):
     """A value to be written as JSON that JSON cannot hold (NaN, +-Infinity)."""
+
+
+class CacheStorageError(CacheFormatError):
+    """Object storage that holds (or should hold) a cache refused a request or could not be reached:
+    a wrong endpoint, a missing bucket, credentials without the right to read or write it."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from regionspot_cache.cache.storage import SHARDS_DIR, CacheLocation, shard_name  # noqa: F401 (the format's names)
 from regionspot_cache.config import FeatureDtype, TextRecipe
 from regionspot_cache.errors import CacheFormatError, ConfigError
 
@@ -20,7 +21,6 @@ from regionspot_cache.runtime.records import differences
 FORMAT_VERSION = 1
 
 PROVENANCE_FILE = "cache.json"
-SHARDS_DIR = "shards"
 VOCAB_DIR = "vocabularies"
 IMAGES_FILE = "images.parquet"
 BOXES_FILE = "boxes.parquet"
@@ -94,10 +94,6 @@ def vocabulary_text_recipe(schema: pa.Schema) -> TextRecipe:
 
 
 
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:06d}"
-
-
 def shard_checksums(shard_dir: Path) -> dict[str, str]:
     """SHA-256 of every file of a shard but the checksum file, by path relative to the shard."""
     return {
@@ -163,13 +159,14 @@ class Provenance:
         return json.dumps(self._as_dict(), indent=2, sort_keys=True)
 
     @staticmethod
-    def read(root: Path) -> "Provenance":
-        path = root / PROVENANCE_FILE
+    def read(root: Path | str | CacheLocation) -> "Provenance":
+        location = CacheLocation.parse(root)
+        path = location.path(PROVENANCE_FILE)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(location.read_bytes(PROVENANCE_FILE).decode("utf-8"))
         except FileNotFoundError:
-            raise CacheFormatError(f"{root}: not a feature cache ({PROVENANCE_FILE} missing)") from None
-        except json.JSONDecodeError as err:
+            raise CacheFormatError(f"{location}: not a feature cache ({PROVENANCE_FILE} missing)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CacheFormatError(f"{path}: damaged: {err}") from None
         if not isinstance(data, dict):
             raise CacheFormatError(f"{path}: damaged: expected a JSON object")
@@ -200,18 +197,22 @@ class Provenance:
 _KIND_AND_WEIGHTS = ("paths", "feature_maps", "view")  # cache.json keys that Provenance holds as typed parts
 
 
-def record_extraction_cost(root: Path, seconds: float, images: int) -> None:
+def record_extraction_cost(root: Path | str | CacheLocation, seconds: float, images: int) -> None:
     """Add a run's wall seconds and images to the cache's running totals (not part of its identity;
     ``rs-cache inspect`` shows them, e.g. what a view costs next to its base cache)."""
-    cost = read_extraction_cost(root)
+    location = CacheLocation.parse(root)
+    cost = read_extraction_cost(location)
     cost = {"seconds": round(cost["seconds"] + seconds, 3), "images": cost["images"] + images, "runs": cost["runs"] + 1}
-    write_json(root / EXTRACTION_COST_FILE, cost)
+    if location.local is not None:
+        write_json(location.local / EXTRACTION_COST_FILE, cost)
+    else:
+        location.write_bytes(EXTRACTION_COST_FILE, json.dumps(cost).encode())
 
 
-def read_extraction_cost(root: Path) -> dict[str, Any]:
+def read_extraction_cost(root: Path | str | CacheLocation) -> dict[str, Any]:
     """{"seconds", "images", "runs"} of the extractions into ``root`` so far (zeros if none recorded)."""
     try:
-        data = json.loads((root / EXTRACTION_COST_FILE).read_text(encoding="utf-8"))
+        data = json.loads(CacheLocation.parse(root).read_bytes(EXTRACTION_COST_FILE).decode("utf-8"))
         return {"seconds": float(data["seconds"]), "images": int(data["images"]), "runs": int(data["runs"])}
     except (OSError, ValueError, KeyError, TypeError):
         return {"seconds": 0.0, "images": 0, "runs": 0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from regionspot_cache.cache.format import (
     shard_checksums,
 )
 from regionspot_cache.cache.reader import CacheReader, committed_shard_dirs
+from regionspot_cache.cache.storage import SHARDS_DIR, CacheLocation
 from regionspot_cache.choices import FeatureDtype
 
 
@@ -29,12 +31,26 @@ class ShardProblem:
 
 
 def verify_cache(root: Path | str) -> list[ShardProblem]:
-    """Check every committed shard's files against the checksums recorded when it was committed."""
+    """Check every committed shard's files against the checksums recorded when it was committed
+    (on object storage each shard is downloaded to a temporary directory to be checked)."""
+    location = CacheLocation.parse(root)
+    if location.remote:
+        return _verify_remote(location)
     root = Path(root)
     Provenance.read(root)
     problems = []
     for shard_dir in committed_shard_dirs(root):
         problems.extend(ShardProblem(shard_dir.name, p) for p in _shard_problems(shard_dir))
+    return problems
+
+
+def _verify_remote(location: CacheLocation) -> list[ShardProblem]:
+    Provenance.read(location)
+    problems = []
+    for shard in location.committed_shards(SHARDS_DIR):
+        with tempfile.TemporaryDirectory(prefix="rs-cache-verify-") as tmp:
+            shard_dir = location.fetch_shard(shard, Path(tmp))
+            problems.extend(ShardProblem(shard_dir.name, p) for p in _shard_problems(shard_dir))
     return problems
 
 
@@ -79,7 +95,8 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
     sam, clip = provenance.sam, provenance.clip
     committed = {int(p.name) for p in reader.shard_dirs}
     status = reader.images.column("status").to_pylist()
-    on_disk = _bytes_on_disk(Path(root))
+    location = CacheLocation.parse(root)
+    on_disk = _bytes_on_disk(Path(root)) if not location.remote else location.bytes_stored((PROPOSALS_DIR, VIEWS_DIR))
     return {
         "dataset": provenance.dataset,
         "box_source": provenance.box_source,
@@ -98,7 +115,7 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
         "bytes_per_image_map": clip.num_tokens * stored_row_bytes(clip.width, provenance.feature_dtype),
         "bytes_per_box_token": stored_row_bytes(sam.token_dim, provenance.feature_dtype),
         "bytes_on_disk_per_image": round(on_disk / max(len(status), 1)),
-        **_cost(Path(root)),
+        **_cost(location),
         "views": {view_id: _view_summary(path) for view_id, path in view_caches(root).items()},
     }
 
@@ -114,7 +131,7 @@ def _bytes_on_disk(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not nested & set(p.parents))
 
 
-def _cost(root: Path) -> dict[str, Any]:
+def _cost(root: Path | CacheLocation) -> dict[str, Any]:
     cost = read_extraction_cost(root)
     per_image = cost["seconds"] / cost["images"] if cost["images"] else None
     return {"extraction_seconds": cost["seconds"], "extracted_images": cost["images"],

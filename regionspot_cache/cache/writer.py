@@ -1,4 +1,6 @@
-"""The one writer of the cache format. Shards are written aside and committed by one rename."""
+"""The one writer of the cache format. Shards are written aside and committed by one rename (a local
+cache) or staged locally, uploaded, and committed by their checksums.json uploaded last (object
+storage: cache/storage.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import os
 import re
 import socket
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +49,7 @@ from regionspot_cache.cache.format import (
     vocabulary_schema,
     vocabulary_text_recipe,
 )
+from regionspot_cache.cache.storage import CacheLocation, extraction_lease
 from regionspot_cache.choices import FeatureDtype, TextRecipe
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.errors import CacheBusyError
@@ -59,7 +63,13 @@ LOCK_FILE = ".extract.lock"
 def exclusive_extraction(root: Path | str) -> Iterator[None]:
     """Held by the process that runs an extraction into ``root`` (dask workers write the shards
     it hands out). A second extraction is refused rather than racing on the same shards. The
-    kernel drops the lock when its holder dies, so a killed run never leaves a stale lock."""
+    kernel drops the lock when its holder dies, so a killed run never leaves a stale lock. On object
+    storage, a lease object instead (``storage.extraction_lease``)."""
+    location = CacheLocation.parse(root)
+    if location.remote:
+        with extraction_lease(location):
+            yield
+        return
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     handle = open(root / LOCK_FILE, "a+", encoding="utf-8")
@@ -100,42 +110,49 @@ class ImageFeatures:
 class CacheWriter:
     """Creates a cache, or reopens one whose identity matches ``provenance``."""
 
-    def __init__(self, root: Path | str, provenance: Provenance):
-        self.root = Path(root)
+    def __init__(self, root: Path | str | CacheLocation, provenance: Provenance):
+        self.location = CacheLocation.parse(root)
+        self.root = self.location.local or Path(self.location.url)  # a Path for local caches
         self.provenance = provenance
         self.shards_dir = self.root / SHARDS_DIR
-        if (self.root / PROVENANCE_FILE).exists():
-            existing = Provenance.read(self.root)
+        if self.location.exists(PROVENANCE_FILE):
+            existing = Provenance.read(self.location)
             differences = provenance.differences(existing)
             if differences:
                 raise CacheFormatError(
-                    f"{self.root}: refusing to extract into a cache made with other settings:\n  "
+                    f"{self.location}: refusing to extract into a cache made with other settings:\n  "
                     + "\n  ".join(differences)
                 )
+        elif self.location.remote:
+            self.location.write_bytes(PROVENANCE_FILE, provenance.to_json().encode())
         else:
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.root / PROVENANCE_FILE, provenance.to_json().encode())
-        self.shards_dir.mkdir(exist_ok=True)
+        if not self.location.remote:
+            self.shards_dir.mkdir(exist_ok=True)
 
     def committed_shards(self) -> set[int]:
-        return {int(p.name) for p in self.shards_dir.iterdir() if p.name.isdigit() and p.is_dir()}
+        return set(self.location.committed_shards(SHARDS_DIR))
 
     def recorded_input_digest(self, shard_id: int) -> str | None:
         """The digest of the inputs a committed shard was extracted from; None for shards written
         before digests were recorded (nothing to compare)."""
-        path = self.shards_dir / shard_name(shard_id) / INPUT_FILE
+        relative = f"{SHARDS_DIR}/{shard_name(shard_id)}/{INPUT_FILE}"
+        path = self.location.path(relative)
         try:
-            return str(json.loads(path.read_text(encoding="utf-8"))["sha256"])
+            return str(json.loads(self.location.read_bytes(relative).decode("utf-8"))["sha256"])
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CacheFormatError(f"{path}: damaged ({err}); run `rs-cache verify` and `rs-cache repair`") from None
 
     def has_vocabulary(self, name: str) -> bool:
-        return (self.root / VOCAB_DIR / f"{name}.parquet").is_file()
+        return self.location.exists(f"{VOCAB_DIR}/{name}.parquet")
 
     def vocabulary_text_recipe(self, name: str) -> TextRecipe:
         """The text recipe vocabulary ``name`` was built with (it must exist)."""
+        if self.location.remote:
+            return vocabulary_text_recipe(self.location.read_table(f"{VOCAB_DIR}/{name}.parquet").schema)
         return vocabulary_text_recipe(pq.read_schema(self.root / VOCAB_DIR / f"{name}.parquet"))
 
     def write_vocabulary(self, name: str, categories: Sequence[Category], embeddings: np.ndarray,
@@ -154,6 +171,11 @@ class CacheWriter:
             },
             schema=vocabulary_schema(embeddings.shape[1]).with_metadata({TEXT_RECIPE_KEY: recipe}),
         )
+        if self.location.remote:
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            self.location.write_bytes(f"{VOCAB_DIR}/{name}.parquet", sink.getvalue().to_pybytes())
+            return
         directory = self.root / VOCAB_DIR
         directory.mkdir(exist_ok=True)
         with atomic_path(directory / f"{name}.parquet") as tmp:
@@ -163,6 +185,8 @@ class CacheWriter:
         """Write one shard aside and commit it with a rename; returns bytes written. A shard
         that is already committed is never rewritten. ``input_digest``: of the images and boxes it
         was extracted from (``recorded_input_digest`` gives it back)."""
+        if self.location.remote:
+            return self._upload_shard(shard_id, images, input_digest)
         final = self.shards_dir / shard_name(shard_id)
         if final.is_dir():
             raise CacheFormatError(f"{final}: shard {shard_id} is already committed")
@@ -171,10 +195,7 @@ class CacheWriter:
         try:
             with atomic_path(final) as tmp:
                 tmp.mkdir()
-                self._write_shard_files(tmp, images)
-                if input_digest is not None:
-                    (tmp / INPUT_FILE).write_text(json.dumps({"sha256": input_digest}))
-                write_checksums(tmp)
+                self._stage_shard(tmp, images, input_digest)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFormatError(
@@ -183,6 +204,24 @@ class CacheWriter:
                 ) from None
             raise
         return sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+
+    def _stage_shard(self, directory: Path, images: Sequence[ImageFeatures], input_digest: str | None) -> None:
+        self._write_shard_files(directory, images)
+        if input_digest is not None:
+            (directory / INPUT_FILE).write_text(json.dumps({"sha256": input_digest}))
+        write_checksums(directory)
+
+    def _upload_shard(self, shard_id: int, images: Sequence[ImageFeatures], input_digest: str | None) -> int:
+        """Object storage: stage the shard in a local temporary directory, then upload it with its
+        commit record last (``CacheLocation.publish_dir``), replacing what a killed writer left."""
+        if shard_id in self.committed_shards():
+            raise CacheFormatError(f"{self.location}: shard {shard_id} is already committed")
+        with tempfile.TemporaryDirectory(prefix="rs-cache-shard-") as tmp:
+            staged = Path(tmp) / shard_name(shard_id)
+            staged.mkdir()
+            self._stage_shard(staged, images, input_digest)
+            self.location.publish_dir(staged, f"{SHARDS_DIR}/{shard_name(shard_id)}")
+            return sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
 
     def _write_shard_files(self, directory: Path, images: Sequence[ImageFeatures]) -> None:
         rows, box_rows, maps, tokens, rejected_rows = [], [], [], [], []

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from regionspot_cache.cache import Provenance, exclusive_extraction, verify_cache
 from regionspot_cache.cache.format import SHARDS_DIR
+from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.config import ExtractConfig, ModelsConfig, Preprocessing
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders
@@ -32,7 +33,12 @@ def damaged_shards(cache_dir: Path | str) -> dict[str, list[str]]:
 
 
 def remove_shard(cache_dir: Path, shard: str) -> None:
-    """Make the shard invisible with one rename (readers never see half of it), then delete it."""
+    """Make the shard invisible with one rename (readers never see half of it), then delete it
+    (on object storage: its commit record first)."""
+    location = CacheLocation.parse(cache_dir)
+    if location.remote:
+        location.uncommit_shard(int(shard))
+        return
     shards = cache_dir / SHARDS_DIR
     doomed = shards / f".removed-{shard}-{os.getpid()}-{time.time_ns()}"
     os.rename(shards / shard, doomed)

