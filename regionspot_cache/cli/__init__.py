@@ -40,5 +40,20 @@ def main() -> None:
     try:
         app()
     except RegionSpotCacheError as err:
-        say(("error:", "bold red"), f" {err}")
-        sys.exit(2)
+        _fail(str(err))
+    except OSError as err:
+        if err.filename is None:  # an OSError that names no file is not the user's to fix
+            raise
+        _fail(file_error_message(err))
+
+
+def file_error_message(err: OSError) -> str:
+    """A file the machine refused (read-only directory, full disk, a directory where a file was
+    expected) as one line naming the file: the user's to fix, whichever command wrote it."""
+    names = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+    return f"{names}: {err.strerror or err.__class__.__name__}"
+
+
+def _fail(message: str) -> None:
+    say(("error:", "bold red"), f" {message}")
+    sys.exit(2)

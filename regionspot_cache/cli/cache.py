@@ -120,7 +120,7 @@ def repair(
         sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained)
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
-    distributor = Dask(scheduler, workers, retries) if scheduler or workers else InProcess()
+    distributor = Dask(scheduler, workers, retries) if scheduler or workers is not None else InProcess()
     from regionspot_cache.cache import view_caches
 
     for where in [cache, *view_caches(cache).values()]:  # the cache, then each of its view caches

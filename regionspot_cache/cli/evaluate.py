@@ -9,12 +9,14 @@ from typing import List, Optional
 import typer
 
 from regionspot_cache.cli.options import (
+    AllowPartialOption,
     DataRootOption,
     RecipeOption,
     SetOption,
+    option_over_recipe,
     recipe_from,
 )
-from regionspot_cache.config import Recipe
+from regionspot_cache.config import EvalConfig, Recipe
 from regionspot_cache.errors import UserError
 from regionspot_cache.progress import console, say
 
@@ -63,6 +65,7 @@ def evaluate(
         False, "--fixed-ap", help="AP-fixed protocol (Dave et al. 2021): no per-image cap, the top "
         "eval.fixed_dets_per_class (10,000) detections per class over the dataset; sets eval.protocol=fixed."
     ),
+    allow_partial: bool = AllowPartialOption,
     report: Optional[Path] = typer.Option(
         None, help="Write a results page here: results.md with the metrics, settings, an AP-by-frequency chart "
         "and example images with predictions drawn (from --image-root or the manifest's images)."
@@ -76,8 +79,8 @@ def evaluate(
     from regionspot_cache.cache import CacheReader
     from regionspot_cache.config import EvalMethod
     from regionspot_cache.data.datasets import load_manifest
+    from regionspot_cache.evaluate.api import check_applicable, released_input_differences
     from regionspot_cache.evaluate.api import evaluate as evaluate_on_lvis
-    from regionspot_cache.evaluate.api import released_input_differences
     from regionspot_cache.head.model import load_head
     from regionspot_cache.identity import models_recorded_in
 
@@ -91,9 +94,13 @@ def evaluate(
     if annotations is None:
         raise UserError("eval needs --annotations or --manifest")
     config = recipe_from(recipe, overrides)
-    config.eval.scoring = scoring or config.eval.scoring
-    config.eval.protocol = "fixed" if fixed_ap else config.eval.protocol
+    defaults = EvalConfig()
+    config.eval.scoring = option_over_recipe("--scoring", scoring, "eval.scoring", config.eval.scoring, defaults.scoring)
+    config.eval.protocol = option_over_recipe("--fixed-ap", fixed_ap, "eval.protocol", config.eval.protocol,
+                                              defaults.protocol, meaning="fixed")
+    config.eval.allow_partial = allow_partial or config.eval.allow_partial
     config.eval.validate()
+    check_applicable(chosen, config.eval)  # settings the method would ignore
     cache = _cache_holding(cache, proposals, spec, config)
     image_root = image_root or (spec.image_root if spec else None)
     if (chosen.reads_images or masks) and image_root is None:

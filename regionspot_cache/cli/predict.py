@@ -15,8 +15,10 @@ from regionspot_cache.cli.options import (
     SamCheckpointOption,
     SamVariantOption,
     SetOption,
+    option_over_recipe,
     recipe_from,
 )
+from regionspot_cache.config import OpenSetConfig
 from regionspot_cache.errors import UserError
 from regionspot_cache.progress import say
 
@@ -83,7 +85,8 @@ def predict(
     picture = to_rgb_image(image)
     checked_boxes(box_array, picture.width, picture.height)  # bad input fails before the models load
     checked_vocabulary(names)
-    config.eval.open_set.rule = reject or config.eval.open_set.rule
+    config.eval.open_set.rule = option_over_recipe("--reject", reject, "eval.open_set.rule", config.eval.open_set.rule,
+                                                   OpenSetConfig().rule)
     config.eval.validate()
     regions = Predictor.from_files(head, config.models, device, text_cache).predict(
         picture, box_array, names, masks=masks, attention=attention, open_set=config.eval.open_set

@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from regionspot_cache.data.datasets import BoxSet, DatasetError, DetectionDataset, Manifest, read_json, xyxy_array
+from regionspot_cache.data.datasets import (
+    BoxSet,
+    DatasetError,
+    DetectionDataset,
+    Manifest,
+    exact_int,
+    read_json,
+    xyxy_array,
+)
 from regionspot_cache.runtime.files import sha256_file
 
 GROUND_TRUTH = "gt"
@@ -38,7 +46,7 @@ def _from_glip(path: Path, data: dict[str, Any]) -> dict[int, BoxSet]:
         try:
             xyxy = xyxy_array(entry["boxes"])
             scores = np.asarray(entry["scores"], dtype=np.float64).reshape(-1)
-            image_id = int(key)
+            image_id = exact_int(int(key), "image id")
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"{path}: entry for image {key!r}: {err!r}") from None
         if len(scores) != len(xyxy):
@@ -53,7 +61,7 @@ def _from_coco_results(path: Path, data: list[Any]) -> dict[int, BoxSet]:
     for index, entry in enumerate(data):
         try:
             x, y, w, h = (float(v) for v in entry["bbox"])
-            grouped.setdefault(int(entry["image_id"]), []).append(([x, y, x + w, y + h], float(entry["score"])))
+            grouped.setdefault(exact_int(entry["image_id"], "image_id"), []).append(([x, y, x + w, y + h], float(entry["score"])))
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"{path}: result #{index}: {err!r}") from None
         check_scores(path, f"result #{index}", [float(entry["score"])])

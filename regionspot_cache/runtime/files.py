@@ -45,6 +45,10 @@ def temp_sibling(final: Path) -> Path:
     return final.with_name(f"{TEMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+_UMASK = os.umask(0o022)  # read once, at import, and restored at once: os.umask can only be read by setting it
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final`` for the caller (or a library such as
@@ -54,6 +58,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = temp_sibling(final)
     try:
         yield tmp
+        if tmp.is_file():  # safetensors writes 0600: a head would be unreadable to others beside its 0644 JSON
+            os.chmod(tmp, 0o666 & ~_UMASK)
         fsync_tree(tmp)
         os.replace(tmp, final)
     except BaseException:
