@@ -50,8 +50,9 @@ def main() -> None:
 def file_error_message(err: OSError) -> str:
     """A file the machine refused (read-only directory, full disk, a directory where a file was
     expected) as one line naming the file: the user's to fix, whichever command wrote it."""
-    names = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
-    return f"{names}: {err.strerror or err.__class__.__name__}"
+    # A rename names the temporary file first and the file the user asked for second.
+    name = err.filename2 if err.filename2 is not None else err.filename
+    return f"{name}: {err.strerror or err.__class__.__name__}"
 
 
 def _fail(message: str) -> None:

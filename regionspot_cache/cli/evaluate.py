@@ -19,6 +19,7 @@ from regionspot_cache.cli.options import (
 from regionspot_cache.config import EvalConfig, Recipe
 from regionspot_cache.errors import UserError
 from regionspot_cache.progress import console, say
+from regionspot_cache.runtime.files import check_writable
 
 
 def evaluate(
@@ -89,15 +90,19 @@ def evaluate(
         raise UserError(f"--method {method!r}: expected one of {', '.join(EvalMethod.words())}")
     if chosen.needs_head and head is None:
         raise UserError(f"eval --method {chosen} needs --head (the clip-box and clip-mask baselines do not)")
+    for path, option, directory in ((output, "--output", False), (report, "--report", True)):
+        if path is not None:
+            check_writable(path, option, directory)
     spec = load_manifest(manifest, data_root) if manifest else None
     annotations = annotations or (spec.annotations if spec else None)
     if annotations is None:
         raise UserError("eval needs --annotations or --manifest")
     config = recipe_from(recipe, overrides)
     defaults = EvalConfig()
-    config.eval.scoring = option_over_recipe("--scoring", scoring, "eval.scoring", config.eval.scoring, defaults.scoring)
+    config.eval.scoring = option_over_recipe("--scoring", scoring, "eval.scoring", config.eval.scoring, defaults.scoring,
+                                             overrides)
     config.eval.protocol = option_over_recipe("--fixed-ap", fixed_ap, "eval.protocol", config.eval.protocol,
-                                              defaults.protocol, meaning="fixed")
+                                              defaults.protocol, overrides, meaning="fixed")
     config.eval.allow_partial = allow_partial or config.eval.allow_partial
     config.eval.validate()
     check_applicable(chosen, config.eval)  # settings the method would ignore

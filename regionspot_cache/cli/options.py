@@ -47,13 +47,14 @@ AllowPartialOption = typer.Option(
 )
 
 
-def option_over_recipe(option: str, given, field: str, recipe_value, default, meaning=None):
-    """The value an option sets a recipe field to, refused when the recipe (or --set) already set
-    that field to something else: one of the two would be dropped without a word."""
+def option_over_recipe(option: str, given, field: str, recipe_value, default, overrides: List[str], meaning=None):
+    """The value an option sets a recipe field to, refused when the recipe or a --set of
+    ``overrides`` set that field to something else: one of the two would be dropped without a word."""
     if given is None or given is False:
         return recipe_value
     wanted = given if meaning is None else meaning
-    if recipe_value != default and recipe_value != wanted:
+    named = any(override.split("=", 1)[0].strip() == field for override in overrides)
+    if (named or recipe_value != default) and recipe_value != wanted:
         raise UserError(f"{option} sets {field}={wanted}, but the recipe or --set gives {field}={recipe_value}; "
                         "give one of the two")
     return wanted

@@ -21,6 +21,7 @@ from regionspot_cache.cli.options import (
 from regionspot_cache.config import OpenSetConfig
 from regionspot_cache.errors import UserError
 from regionspot_cache.progress import say
+from regionspot_cache.runtime.files import check_writable
 
 
 def predict(
@@ -80,18 +81,19 @@ def predict(
                      clip_model=clip_model, clip_pretrained=clip_pretrained)
     if config.models.sam.checkpoint is None:
         raise UserError("predict needs the SAM weights: --sam-checkpoint (or models.sam.checkpoint in a recipe)")
+    out = out or Path(f"{image.stem}.regions.png")
+    check_writable(out, "--out")
     box_array = parse_boxes(boxes) if boxes is not None else read_boxes_file(boxes_file)
     names = parse_vocabulary(vocab) if vocab is not None else read_vocabulary_file(vocab_file)
     picture = to_rgb_image(image)
     checked_boxes(box_array, picture.width, picture.height)  # bad input fails before the models load
     checked_vocabulary(names)
     config.eval.open_set.rule = option_over_recipe("--reject", reject, "eval.open_set.rule", config.eval.open_set.rule,
-                                                   OpenSetConfig().rule)
+                                                   OpenSetConfig().rule, overrides)
     config.eval.validate()
     regions = Predictor.from_files(head, config.models, device, text_cache).predict(
         picture, box_array, names, masks=masks, attention=attention, open_set=config.eval.open_set
     )
-    out = out or Path(f"{image.stem}.regions.png")
     draw_regions(picture, regions, out)
     written = [out]
     if attention:

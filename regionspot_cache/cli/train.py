@@ -16,6 +16,7 @@ from regionspot_cache.cli.options import (
 )
 from regionspot_cache.errors import UserError
 from regionspot_cache.progress import say
+from regionspot_cache.runtime.files import check_writable
 
 
 def train(
@@ -48,6 +49,7 @@ def train(
 
     if init_from is not None and any(o.split("=", 1)[0].strip() == "train.init_from" for o in overrides):
         raise UserError("--init-from and --set train.init_from=... both given; give one of the two")
+    check_writable(output, "--output")
     given = [f"train.init_from={json.dumps(str(init_from))}"] if init_from is not None else []
     config = recipe_from(recipe, [*given, *overrides])  # validated with init_from: 0 iterations need it
     if cache:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import tomllib
 
-from regionspot_cache.errors import NonFiniteValueError
+from regionspot_cache.errors import InputError, NonFiniteValueError
 
 
 def sha256_file(path: Path | str, block: int = 1 << 20) -> str:
@@ -147,3 +147,19 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def check_writable(path: Path, what: str, directory: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: a directory where a file goes (or
+    the reverse), a path under a file, or under a directory this process may not write to."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise InputError(f"{path}: {what} is {'a file' if directory else 'a directory'}; expected "
+                         f"{'a directory' if directory else 'a file'} path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{path}: cannot write {what}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: cannot write {what}: {parent} is not writable")
