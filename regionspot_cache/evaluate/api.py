@@ -22,7 +22,7 @@ from regionspot_cache.evaluate.ground_truth import check_same_images, load_groun
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
 from regionspot_cache.evaluate.masks import without_boxes
 from regionspot_cache.evaluate.scoring import protocol_for, write_results_json
-from regionspot_cache.head.model import RegionSpotHead
+from regionspot_cache.head.model import RegionSpotHead, check_head_fits_cache
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ def evaluate(
         encoders = with_images.load_cache_encoders(reader, models, config.device)
         images = with_images.cache_images(reader, image_root)
     if method.needs_head:
+        clip = reader.provenance.clip
+        check_head_fits_cache(head, reader.root, clip.width, clip.text_dim, reader.provenance.sam.token_dim)
         detections = score_cache(reader, head, vocab, config, background_embeddings(reader, models, config))
     else:
         from regionspot_cache.evaluate.baselines import score_cache_with_baseline

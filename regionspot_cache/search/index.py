@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.completeness import content_digest
 from regionspot_cache.errors import CacheFormatError
-from regionspot_cache.head.model import RegionSpotHead
+from regionspot_cache.head.model import RegionSpotHead, check_head_fits_cache
 from regionspot_cache.progress import progress_bar
 from regionspot_cache.runtime.devices import resolve_device
 from regionspot_cache.runtime.files import atomic_path, sha256_file, write_json
@@ -69,6 +69,8 @@ def open_region_index(
     reader: CacheReader, head: RegionSpotHead, device: str = "auto", batch_images: int = 32
 ) -> RegionIndex:
     """The cache's region index for ``head``: read if built and intact, else built and written."""
+    clip = reader.provenance.clip
+    check_head_fits_cache(head, reader.root, clip.width, clip.text_dim, reader.provenance.sam.token_dim)
     head_hash = head_sha256(head)
     directory = index_dir(reader.root, head_hash)
     cache_digest = content_digest(reader)  # shards re-extracted with other boxes make the index stale

@@ -39,6 +39,9 @@ def work(tmp_path_factory, tiny_models, encoders):
     torch.manual_seed(0)
     head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1, ffn_dim=32))
     save_head(head, root / "head.safetensors")
+    wide = RegionSpotHead(HeadConfig(clip_width=2 * encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1,
+                                     ffn_dim=32))
+    save_head(wide, root / "wide.safetensors")  # a head of another CLIP's width
     (root / "text.txt").write_text("hello, not weights\n")
     (root / "object.json").write_text('{"boxes": 1}')
     (root / "a-dir").mkdir()
@@ -98,6 +101,8 @@ def _bad(root, models) -> dict[str, tuple[str, object, str]]:
         cases[f"{command}-clip-dir"] = (command, ("--clip-pretrained", a_dir), "a-dir")
         cases[f"{command}-head-text"] = (command, ("--head", text), "text.txt")
         cases[f"{command}-head-dir"] = (command, ("--head", a_dir), "a-dir")
+    for command in ("predict", "search", "eval"):
+        cases[f"{command}-head-other-width"] = (command, ("--head", str(root / "wide.safetensors")), "CLIP width")
     cases["predict-clip-unknown"] = ("predict", ("--clip-model", "ViT-Q-99"), "not an open_clip model name")
     cases["predict-out-dir"] = ("predict", ("--out", a_dir), "a-dir")
     cases["predict-out-under-file"] = ("predict", ("--out", f"{text}/p.png"), "text.txt")
