@@ -19,6 +19,7 @@ from regionspot_cache.cache.format import (
     shard_checksums,
 )
 from regionspot_cache.cache.reader import CacheReader, committed_shard_dirs
+from regionspot_cache.choices import FeatureDtype
 
 
 @dataclass
@@ -92,13 +93,19 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
         "clip": f"{clip.model} ({clip.pretrained or 'file sha256 ' + str(clip.weights_sha256)[:12]})",
         "vocabularies": reader.vocabulary_names(),
         "bytes_on_disk": on_disk,
-        # float16 payload: one feature map per image, one 256-d token per box.
-        "bytes_per_image_map": 2 * clip.num_tokens * clip.width,
-        "bytes_per_box_token": 2 * sam.token_dim,
+        "feature_dtype": str(provenance.feature_dtype),
+        # The stored payload: one feature map per image, one token per box (int8: a byte per value
+        # and one float32 scale per row; float16: two bytes per value).
+        "bytes_per_image_map": clip.num_tokens * _row_bytes(clip.width, provenance.feature_dtype),
+        "bytes_per_box_token": _row_bytes(sam.token_dim, provenance.feature_dtype),
         "bytes_on_disk_per_image": round(on_disk / max(len(status), 1)),
         **_cost(Path(root)),
         "views": {view_id: _view_summary(path) for view_id, path in view_caches(root).items()},
     }
+
+
+def _row_bytes(width: int, dtype: FeatureDtype) -> int:
+    return width + 4 if dtype.scaled else 2 * width
 
 
 def _bytes_on_disk(root: Path) -> int:

@@ -171,3 +171,10 @@ def test_completeness_fraction_and_record(tmp_path):
     found = Completeness(tmp_path, 4, (1,))
     assert not found.complete and found.fraction == 0.75
     assert found.to_dict()["shards_missing"] == [1] and Completeness(tmp_path, 0, ()).fraction == 1.0
+
+
+def test_inspect_sizes_are_those_of_the_stored_dtype():
+    from regionspot_cache.cache.verify import _row_bytes
+    from regionspot_cache.choices import FeatureDtype
+
+    assert _row_bytes(256, FeatureDtype.FLOAT16) == 512 and _row_bytes(256, FeatureDtype.INT8) == 256 + 4
