@@ -72,6 +72,7 @@ def predict(
         read_vocabulary_file,
     )
     from regionspot_cache.predict.predictor import Predictor, checked_boxes, checked_vocabulary, to_rgb_image
+    from regionspot_cache.regions.open_set import warn_if_never_rejects
 
     if (boxes is None) == (boxes_file is None):
         raise UserError("predict needs exactly one of --boxes and --boxes-file")
@@ -91,6 +92,7 @@ def predict(
     config.eval.open_set.rule = option_over_recipe("--reject", reject, "eval.open_set.rule", config.eval.open_set.rule,
                                                    OpenSetConfig().rule, overrides)
     config.eval.validate()
+    warn_if_never_rejects(config.eval.open_set, len(names))
     regions = Predictor.from_files(head, config.models, device, text_cache).predict(
         picture, box_array, names, masks=masks, attention=attention, open_set=config.eval.open_set
     )

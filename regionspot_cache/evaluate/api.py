@@ -14,7 +14,6 @@ import torch
 # import them inside ``evaluate`` (``with_images.py``, ``baselines.py``), when a method needs them.
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.completeness import Completeness, check_complete
-from regionspot_cache.choices import OpenSetRule
 from regionspot_cache.config import EvalConfig, EvalMethod, ModelsConfig, Preprocessing, TextRecipe
 from regionspot_cache.errors import InputError
 from regionspot_cache.evaluate.cached import score_cache
@@ -23,6 +22,7 @@ from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
 from regionspot_cache.evaluate.masks import without_boxes
 from regionspot_cache.evaluate.scoring import protocol_for, write_results_json
 from regionspot_cache.head.model import RegionSpotHead, check_head_fits_cache
+from regionspot_cache.regions.open_set import warn_if_never_rejects
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def evaluate(
     check_scorable(reader)
     found = check_complete(reader, config.allow_partial)
     vocab = reader.vocabulary(vocabulary or reader.provenance.dataset)
-    warn_if_never_rejects(config, vocab)
+    warn_if_never_rejects(config.open_set, len(vocab.names))
     ground_truth = load_ground_truth(annotation_file, vocab)  # checked before the scoring work
     cached = dict(zip(reader.images.column("image_id").to_pylist(), reader.images.column("file_name").to_pylist()))
     ground_truth = check_same_images(Path(annotation_file), ground_truth, cached, not found.complete)
@@ -130,12 +130,6 @@ def check_scorable(reader: CacheReader) -> None:
     if view is not None:
         raise InputError(f"{reader.root}: a view cache ({view.id}): its boxes are in the coordinates of transformed "
                          "images, not the annotation file's; evaluate the cache it was made from")
-
-
-def warn_if_never_rejects(config: EvalConfig, vocab) -> None:
-    if config.open_set.rule.rejects and len(vocab.names) == 1 and config.open_set.rule is OpenSetRule.MAX_SOFTMAX:
-        logger.warning("eval.open_set.rule max-softmax with a vocabulary of one name never rejects (a softmax over "
-                       "one class is always 1); use max-sigmoid or background-prompt")
 
 
 def background_embeddings(reader: CacheReader, models: ModelsConfig | None, config: EvalConfig) -> torch.Tensor | None:

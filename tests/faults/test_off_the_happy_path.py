@@ -178,3 +178,12 @@ def test_inspect_sizes_are_those_of_the_stored_dtype():
     from regionspot_cache.choices import FeatureDtype
 
     assert _row_bytes(256, FeatureDtype.FLOAT16) == 512 and _row_bytes(256, FeatureDtype.INT8) == 256 + 4
+
+
+def test_max_softmax_over_one_name_says_it_never_rejects(caplog):
+    from regionspot_cache.config import OpenSetConfig, OpenSetRule
+    from regionspot_cache.regions.open_set import warn_if_never_rejects
+
+    assert warn_if_never_rejects(OpenSetConfig(rule=OpenSetRule.MAX_SOFTMAX), 1) and "never rejects" in caplog.text
+    assert not warn_if_never_rejects(OpenSetConfig(rule=OpenSetRule.MAX_SOFTMAX), 2)
+    assert not warn_if_never_rejects(OpenSetConfig(rule=OpenSetRule.MAX_SIGMOID), 1)
