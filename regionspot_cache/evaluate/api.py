@@ -114,8 +114,8 @@ def run_settings(protocol, config: EvalConfig, found: Completeness) -> dict:
     detections, so it changes AP) and, for a partial cache, the fraction of it that was scored."""
     settings = protocol.settings()
     rule = config.open_set.rule
-    settings["open_set"] = {"rule": str(rule), "threshold": config.open_set.threshold} if rule.rejects else None
     if rule.rejects:
+        settings["open_set"] = {"rule": str(rule), "threshold": config.open_set.threshold}
         settings["description"] += f"; open-set {rule} < {config.open_set.threshold:g} rejected"
     if not found.complete:
         settings["partial_cache"] = found.to_dict()

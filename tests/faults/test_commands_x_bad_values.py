@@ -184,3 +184,19 @@ def test_every_command_that_combines_artifacts_is_driven():
     """A command added later without cases here would escape the enumeration."""
     commands = {command for command, _, _ in _bad_listing().values()}
     assert commands == {"predict", "search", "train", "eval", "extract"}
+
+
+def test_allow_partial_scores_the_committed_shards_and_records_the_fraction(work, monkeypatch, capsys):
+    root, models = work
+    out = root / "out" / "partial.json"
+    args = _with(_with(_commands(root, models)["eval"], "-c", str(root / "partial")), "-o", str(out))
+    monkeypatch.setattr(sys, "argv", ["rs-cache", *args, "--allow-partial", "--set", "eval.open_set.rule=max-sigmoid"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    printed = " ".join((captured.out + captured.err).split())
+    settings = json.loads(out.with_suffix(".metrics.json").read_text())["eval"]
+    assert settings["partial_cache"]["shards_missing"] == [1] and settings["partial_cache"]["fraction_of_shards"] == 0.5
+    assert settings["open_set"] == {"rule": "max-sigmoid", "threshold": 0.5}
+    assert "PARTIAL cache: 50% of its shards" in printed and "open-set max-sigmoid" in printed
