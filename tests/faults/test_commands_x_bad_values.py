@@ -200,3 +200,18 @@ def test_allow_partial_scores_the_committed_shards_and_records_the_fraction(work
     assert settings["partial_cache"]["shards_missing"] == [1] and settings["partial_cache"]["fraction_of_shards"] == 0.5
     assert settings["open_set"] == {"rule": "max-sigmoid", "threshold": 0.5}
     assert "PARTIAL cache: 50% of its shards" in printed and "open-set max-sigmoid" in printed
+
+
+def test_a_category_renamed_in_the_annotation_file_renames_the_cached_vocabulary(work, encoders, tmp_path):
+    from regionspot_cache.cache import CacheReader
+
+    root, _ = work
+    cache = shutil.copytree(root / "cache", tmp_path / "cache")
+    data = json.loads((root / "val.json").read_text())
+    data["categories"][0]["name"] = "renamed thing"
+    renamed = tmp_path / "val.json"
+    renamed.write_text(json.dumps(data))
+    dataset = load_coco_format(renamed, root / "images", name="toy")
+    run_extraction(dataset, CacheTarget(cache), encoders, ExtractConfig(shard_size=2, num_workers=0, device="cpu"))
+    vocabulary = CacheReader(cache).vocabulary("toy")
+    assert vocabulary.names[0] == "renamed thing" and vocabulary.names[1:] == [c["name"] for c in data["categories"][1:]]
