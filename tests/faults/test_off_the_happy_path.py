@@ -187,3 +187,12 @@ def test_max_softmax_over_one_name_says_it_never_rejects(caplog):
     assert warn_if_never_rejects(OpenSetConfig(rule=OpenSetRule.MAX_SOFTMAX), 1) and "never rejects" in caplog.text
     assert not warn_if_never_rejects(OpenSetConfig(rule=OpenSetRule.MAX_SOFTMAX), 2)
     assert not warn_if_never_rejects(OpenSetConfig(rule=OpenSetRule.MAX_SIGMOID), 1)
+
+
+@pytest.mark.parametrize("box", [[10, 10, 10.2, 10.3], [49.9, 39.9, 50, 40], [60, 60, 70, 70], [-20, -20, -10, -10]])
+def test_contact_sheet_crops_of_sub_pixel_or_outside_boxes(box):
+    from PIL import Image
+
+    from regionspot_cache.search.sheet import THUMB, crop_of
+
+    assert max(crop_of(Image.new("RGB", (50, 40)), box).size) == THUMB
