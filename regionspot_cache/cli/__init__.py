@@ -34,8 +34,9 @@ app.command()(search.search)
 
 
 def main() -> None:
-    """Console entry point: an error the user can fix (``RegionSpotCacheError``) becomes one clear
-    line and exit code 2; anything else is a bug and keeps its traceback."""
+    """Console entry point: an error the user can fix (``RegionSpotCacheError``, or an ``OSError``
+    naming a file: a read-only directory, a full disk) becomes one clear line and exit code 2;
+    anything else is a bug and keeps its traceback."""
     log_to_console()
     try:
         app()
