@@ -234,6 +234,8 @@ class TrainConfig(Validated):
     # Cached views (``rs-cache extract`` with extract.views) each (image, epoch) draws one of:
     # empty = the identity and every view the cache has; else view ids, "identity" for the image itself.
     views: list[str] = field(default_factory=list)
+    # Train on a cache with shards missing (killed or failed extraction); refused by default.
+    allow_partial: bool = False
 
     def check_relations(self) -> None:
         if self.iterations == 0 and self.init_from is None:  # would write an untrained head
@@ -281,6 +283,8 @@ class EvalConfig(Validated):
     fixed_dets_per_class: int = field(default=10_000, metadata=at_least(1))
     device: str = field(default="auto", metadata=DEVICE)
     open_set: OpenSetConfig = field(default_factory=OpenSetConfig)  # regions rejected as none of the vocabulary
+    # Score a cache with shards missing (its AP is of those images only); refused by default.
+    allow_partial: bool = False
 
     def check_relations(self) -> None:
         if self.max_dets_per_image == 0:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from regionspot_cache.errors import CacheFormatError, ConfigError
 
 IDENTITY = "identity"
+MAX_CROPS = 100
 _SPEC = re.compile(r"^(?P<flip>hflip)?(?:\+?crop:(?P<lo>[0-9.]+)-(?P<hi>[0-9.]+)(?:x(?P<n>[0-9]+))?)?$")
 
 
@@ -64,6 +65,8 @@ def _parse_spec(spec: str, where: str) -> list[View]:
         raise ConfigError(f"{where}: {spec!r}: crop sizes must be numbers, e.g. crop:0.6-1.0") from None
     if not 0 < lo <= hi <= 1 or count < 1:
         raise ConfigError(f"{where}: {spec!r}: need 0 < LO <= HI <= 1 and at least one crop")
+    if count > MAX_CROPS:  # checked before the views are listed: xN of 10**20 would fill memory
+        raise ConfigError(f"{where}: {spec!r}: at most {MAX_CROPS} crops per spec (each view is a cache of its own)")
     prefix = "hflip+" if flip else ""
     return [View(f"{prefix}crop-{lo:g}-{hi:g}-{k}", flip, (lo, hi)) for k in range(count)]
 

@@ -109,9 +109,10 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
         "sam": f"{sam.variant} (sha256 {str(sam.checkpoint_sha256)[:12]})",
         "clip": f"{clip.model} ({clip.pretrained or 'file sha256 ' + str(clip.weights_sha256)[:12]})",
         "vocabularies": reader.vocabulary_names(),
-        "feature_dtype": provenance.feature_dtype,
         "bytes_on_disk": on_disk,
-        # The payload: one feature map per image (num_tokens rows), one token per box (one row).
+        "feature_dtype": str(provenance.feature_dtype),
+        # The stored payload: one feature map per image, one token per box (int8: a byte per value
+        # and one float32 scale per row; float16: two bytes per value).
         "bytes_per_image_map": clip.num_tokens * stored_row_bytes(clip.width, provenance.feature_dtype),
         "bytes_per_box_token": stored_row_bytes(sam.token_dim, provenance.feature_dtype),
         "bytes_on_disk_per_image": round(on_disk / max(len(status), 1)),

@@ -35,11 +35,28 @@ app.command()(search.search)
 
 
 def main() -> None:
-    """Console entry point: an error the user can fix (``RegionSpotCacheError``) becomes one clear
-    line and exit code 2; anything else is a bug and keeps its traceback."""
+    """Console entry point: an error the user can fix (``RegionSpotCacheError``, or an ``OSError``
+    naming a file: a read-only directory, a full disk) becomes one clear line and exit code 2;
+    anything else is a bug and keeps its traceback."""
     log_to_console()
     try:
         app()
     except RegionSpotCacheError as err:
-        say(("error:", "bold red"), f" {err}")
-        sys.exit(2)
+        _fail(str(err))
+    except OSError as err:
+        if err.filename is None:  # an OSError that names no file is not the user's to fix
+            raise
+        _fail(file_error_message(err))
+
+
+def file_error_message(err: OSError) -> str:
+    """A file the machine refused (read-only directory, full disk, a directory where a file was
+    expected) as one line naming the file: the user's to fix, whichever command wrote it."""
+    # A rename names the temporary file first and the file the user asked for second.
+    name = err.filename2 if err.filename2 is not None else err.filename
+    return f"{name}: {err.strerror or err.__class__.__name__}"
+
+
+def _fail(message: str) -> None:
+    say(("error:", "bold red"), f" {message}")
+    sys.exit(2)

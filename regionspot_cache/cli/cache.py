@@ -154,11 +154,16 @@ def repair(
         sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained)
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
-    distributor = Dask(scheduler, workers, retries) if scheduler or workers else InProcess()
-    from regionspot_cache.cache import view_caches
+    distributor = Dask(scheduler, workers, retries) if scheduler or workers is not None else InProcess()
+    from regionspot_cache.cache import proposals_caches, view_caches
+    from regionspot_cache.extract.repair import damaged_shards
 
-    for where in [cache, *view_caches(cache).values()]:  # the cache, then each of its view caches
-        summary = repair_cache(where, dataset, box_source, config.extract, models, distributor=distributor)
+    targets = [cache, *view_caches(cache).values(), *proposals_caches(cache)]  # the cache, its views, its proposals
+    for where in targets:
+        data, source = dataset, box_source
+        if where in proposals_caches(cache) and damaged_shards(where):  # its boxes: the manifest's set it was made of
+            data, source = with_box_source(spec.load(), spec, _proposal_set_of(where, spec))
+        summary = repair_cache(where, data, source, config.extract, models, distributor=distributor)
         if not summary.damaged:
             say(f"{where}: every committed shard matches its checksums; nothing to repair")
             continue
@@ -166,3 +171,18 @@ def repair(
             prefix = "" if where == cache else f"{where.relative_to(cache)} "
             say((f"{prefix}shard {shard}", "yellow"), f" re-extracted: {'; '.join(problems)}")
         print_extract_summary(summary.extraction)
+
+
+def _proposal_set_of(proposals_cache: Path, spec) -> str:
+    """The manifest's proposal set a proposals cache was extracted from (matched by the file's
+    SHA-256, which the cache recorded as its box source)."""
+    from regionspot_cache.cache import Provenance
+    from regionspot_cache.data.proposals import box_source_id
+    from regionspot_cache.errors import UserError
+
+    recorded = Provenance.read(proposals_cache).box_source
+    for name, path in spec.proposals.items():
+        if path.is_file() and box_source_id(path) == recorded:
+            return name
+    raise UserError(f"{proposals_cache}: damaged, but no proposal set of {spec.source} is the file it was extracted "
+                    f"from ({recorded}); name that file under [proposals] in the manifest to repair it")

@@ -9,15 +9,18 @@ from typing import List, Optional
 import typer
 
 from regionspot_cache.cli.options import (
+    AllowPartialOption,
     DataRootOption,
     RecipeOption,
     SetOption,
     flag,
+    option_over_recipe,
     recipe_from,
 )
-from regionspot_cache.config import Recipe
+from regionspot_cache.config import EvalConfig, Recipe
 from regionspot_cache.errors import UserError
 from regionspot_cache.progress import console, say
+from regionspot_cache.runtime.files import check_writable
 
 
 def evaluate(
@@ -69,6 +72,7 @@ def evaluate(
         None, help="Torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...; sets eval.device (and extract.device "
         "for the SAM tokens of --proposals)."
     ),
+    allow_partial: bool = AllowPartialOption,
     report: Optional[Path] = typer.Option(
         None, help="Write a results page here: results.md with the metrics, settings, an AP-by-frequency chart "
         "and example images with predictions drawn (from --image-root or the manifest's images)."
@@ -82,8 +86,8 @@ def evaluate(
     from regionspot_cache.cache import CacheReader
     from regionspot_cache.config import EvalMethod
     from regionspot_cache.data.datasets import load_manifest
+    from regionspot_cache.evaluate.api import check_applicable, released_input_differences
     from regionspot_cache.evaluate.api import evaluate as evaluate_on_lvis
-    from regionspot_cache.evaluate.api import released_input_differences
     from regionspot_cache.head.model import load_head
     from regionspot_cache.identity import models_recorded_in
 
@@ -94,17 +98,25 @@ def evaluate(
         raise UserError(f"eval --method {chosen} needs --head (the clip-box and clip-mask baselines do not)")
     if chosen.scores_proposal_classes and proposals == "gt":
         raise UserError(f"eval --method {chosen} scores a proposal file's own classes: pass --proposals NAME or FILE")
+    for path, option, directory in ((output, "--output", False), (report, "--report", True)):
+        if path is not None:
+            check_writable(path, option, directory)
     spec = load_manifest(manifest, data_root) if manifest else None
     annotations = annotations or (spec.annotations if spec else None)
     if annotations is None:
         raise UserError("eval needs --annotations or --manifest")
     config = recipe_from(recipe, overrides)
-    config.eval.scoring = scoring or config.eval.scoring
-    config.eval.protocol = "fixed" if fixed_ap else config.eval.protocol
+    defaults = EvalConfig()
+    config.eval.scoring = option_over_recipe("--scoring", scoring, "eval.scoring", config.eval.scoring, defaults.scoring,
+                                             overrides)
+    config.eval.protocol = option_over_recipe("--fixed-ap", fixed_ap, "eval.protocol", config.eval.protocol,
+                                              defaults.protocol, overrides, meaning="fixed")
+    config.eval.allow_partial = allow_partial or config.eval.allow_partial
     if device is not None:
         config.eval.device = config.extract.device = device
         config.extract.validate()
     config.eval.validate()
+    check_applicable(chosen, config.eval)  # settings the method would ignore
     proposals_file = _checked_proposals(cache, proposals, spec)
     if not chosen.scores_proposal_classes:  # the detector's own result needs no features: the cache gives the vocabulary
         cache = _cache_holding(cache, proposals, spec, config)

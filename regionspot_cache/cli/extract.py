@@ -21,6 +21,7 @@ from regionspot_cache.cli.options import (
     flag,
     recipe_from,
 )
+from regionspot_cache.runtime.files import check_writable
 
 
 def extract(
@@ -58,9 +59,10 @@ def extract(
     config = recipe_from(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
                      clip_model=clip_model, clip_pretrained=clip_pretrained)
     config.extract.strict = strict or config.extract.strict
+    check_writable(cache, "--cache", directory=True)
+    distributor = InProcess() if in_process else Dask(scheduler, workers, retries)  # counts checked before any work
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
-    distributor = InProcess() if in_process else Dask(scheduler, workers, retries)
     encoders = load_encoders(config.models, config.extract, distributor)  # for the cache and its views
     summary = run_extraction(dataset, CacheTarget(cache, box_source=box_source), encoders, config.extract, distributor)
     print_extract_summary(summary)

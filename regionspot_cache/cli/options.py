@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from regionspot_cache.config import SAM_VARIANTS, Recipe, apply_overrides, load_recipe
+from regionspot_cache.errors import UserError
 
 RecipeOption = typer.Option(
     None, "--recipe", "-r", help="Recipe TOML (see pipelines/) with tables models.sam, models.clip, extract, train and eval."
@@ -45,3 +46,22 @@ def recipe_from(path: Optional[Path], overrides: List[str], **models: Optional[s
     recipe = apply_overrides(recipe, list(overrides))
     recipe.models = recipe.models.with_overrides(**models)
     return recipe
+
+
+AllowPartialOption = typer.Option(
+    False, "--allow-partial", help="Use a cache with shards missing (a killed or failed extraction): refused by default; "
+    "with this, only its committed shards are used and the fraction is recorded."
+)
+
+
+def option_over_recipe(option: str, given, field: str, recipe_value, default, overrides: List[str], meaning=None):
+    """The value an option sets a recipe field to, refused when the recipe or a --set of
+    ``overrides`` set that field to something else: one of the two would be dropped without a word."""
+    if given is None or given is False:
+        return recipe_value
+    wanted = given if meaning is None else meaning
+    named = any(override.split("=", 1)[0].strip() == field for override in overrides)
+    if (named or recipe_value != default) and recipe_value != wanted:
+        raise UserError(f"{option} sets {field}={wanted}, but the recipe or --set gives {field}={recipe_value}; "
+                        "give one of the two")
+    return wanted

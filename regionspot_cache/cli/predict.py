@@ -16,10 +16,13 @@ from regionspot_cache.cli.options import (
     SamVariantOption,
     SetOption,
     flag,
+    option_over_recipe,
     recipe_from,
 )
+from regionspot_cache.config import OpenSetConfig
 from regionspot_cache.errors import UserError
 from regionspot_cache.progress import say
+from regionspot_cache.runtime.files import check_writable
 
 
 def predict(
@@ -70,6 +73,7 @@ def predict(
         read_vocabulary_file,
     )
     from regionspot_cache.predict.predictor import Predictor, checked_boxes, checked_vocabulary, to_rgb_image
+    from regionspot_cache.regions.open_set import warn_if_never_rejects
 
     if (boxes is None) == (boxes_file is None):
         raise UserError("predict needs exactly one of --boxes and --boxes-file")
@@ -79,17 +83,20 @@ def predict(
                      clip_model=clip_model, clip_pretrained=clip_pretrained)
     if config.models.sam.checkpoint is None:
         raise UserError("predict needs the SAM weights: --sam-checkpoint (or models.sam.checkpoint in a recipe)")
+    out = out or Path(f"{image.stem}.regions.png")
+    check_writable(out, "--out")
     box_array = parse_boxes(boxes) if boxes is not None else read_boxes_file(boxes_file)
     names = parse_vocabulary(vocab) if vocab is not None else read_vocabulary_file(vocab_file)
     picture = to_rgb_image(image)
     checked_boxes(box_array, picture.width, picture.height)  # bad input fails before the models load
     checked_vocabulary(names)
-    config.eval.open_set.rule = reject or config.eval.open_set.rule
+    config.eval.open_set.rule = option_over_recipe("--reject", reject, "eval.open_set.rule", config.eval.open_set.rule,
+                                                   OpenSetConfig().rule, overrides)
     config.eval.validate()
+    warn_if_never_rejects(config.eval.open_set, len(names))
     regions = Predictor.from_files(head, config.models, device, text_cache).predict(
         picture, box_array, names, masks=masks, attention=attention, open_set=config.eval.open_set
     )
-    out = out or Path(f"{image.stem}.regions.png")
     draw_regions(picture, regions, out)
     written = [out]
     if attention:

@@ -8,9 +8,10 @@ from typing import List, Optional
 
 import typer
 
+from regionspot_cache.cli.options import AllowPartialOption
 from regionspot_cache.errors import UserError
 from regionspot_cache.progress import say
-from regionspot_cache.runtime.files import write_json
+from regionspot_cache.runtime.files import check_writable, write_json
 
 
 def search(
@@ -27,12 +28,14 @@ def search(
         None, help="Directory of the cache's images, for the contact sheet (none: JSON only)."),
     clip_pretrained: Optional[str] = typer.Option(None, help="CLIP weights file, if not where the cache recorded it."),
     device: str = typer.Option("auto", help="Torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."),
+    allow_partial: bool = AllowPartialOption,
 ) -> None:
     """Embed every cached region with the head once (kept in CACHE/regions/<head sha256>/), then
     print and write the best regions for each query: image id, box and cosine similarity."""
     import numpy as np
 
     from regionspot_cache.cache import CacheReader
+    from regionspot_cache.cache.completeness import check_complete
     from regionspot_cache.head.model import load_head
     from regionspot_cache.search import labelled_hits, like_row, nearest_regions, open_region_index, parse_like, text_queries
     from regionspot_cache.search.query import cache_clip
@@ -43,8 +46,10 @@ def search(
         raise UserError("search needs text queries or --like IMAGE:BOX")
     if top < 1:
         raise UserError(f"--top {top}: must be at least 1")
+    check_writable(out, "--out", directory=True)
     examples = [parse_like(text) for text in like]  # bad syntax fails before anything loads
     reader = CacheReader(cache)
+    check_complete(reader, allow_partial)
     index = open_region_index(reader, load_head(head)[0], device)
     example_rows: dict[str, int] = {}  # an unknown example region fails before CLIP loads
     for text, (image_id, box) in zip(like, examples):

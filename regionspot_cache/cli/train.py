@@ -9,11 +9,14 @@ from typing import List, Optional
 import typer
 
 from regionspot_cache.cli.options import (
+    AllowPartialOption,
     RecipeOption,
     SetOption,
     flag,
     recipe_from,
 )
+from regionspot_cache.errors import UserError
+from regionspot_cache.runtime.files import check_writable
 
 
 def train(
@@ -32,6 +35,7 @@ def train(
     ),
     recipe: Optional[Path] = RecipeOption,
     overrides: List[str] = SetOption,
+    allow_partial: bool = AllowPartialOption,
     resume: bool = flag(default=True, help="Continue from the newest training state saved beside OUTPUT (exact resume)."),
 ) -> None:
     """Train the RegionSpot head from cached features only (no encoder in the loop).
@@ -44,12 +48,16 @@ def train(
     from regionspot_cache.demo.report import print_train_summary
     from regionspot_cache.train.loop import train_head
 
+    if init_from is not None and any(o.split("=", 1)[0].strip() == "train.init_from" for o in overrides):
+        raise UserError("--init-from and --set train.init_from=... both given; give one of the two")
+    check_writable(output, "--output")
     given = [f"train.init_from={json.dumps(str(init_from))}"] if init_from is not None else []
     config = recipe_from(recipe, [*given, *overrides])  # validated with init_from: 0 iterations need it
     if cache:
         config.train.caches = [str(path) for path in cache]
     if vocabulary:
         config.train.vocabularies = list(vocabulary)
+    config.train.allow_partial = allow_partial or config.train.allow_partial
     summary = train_head(None, output, config.train, resume)
     print_train_summary(summary)
 

@@ -139,7 +139,7 @@ def read_json(path: Path, what: str) -> Any:
         raise DatasetError(f"{path}: not usable JSON: nested too deeply") from None
 
 
-def _image_file_name(image: dict) -> str:
+def image_file_name(image: dict) -> str:
     """COCO has ``file_name``; LVIS v1 has only ``coco_url`` ending in ``split/file``."""
     if "file_name" in image:
         return str(image["file_name"])
@@ -184,17 +184,35 @@ def _parse_entries(path: Path, data: dict, section: str, parse: Callable[[Any], 
     return parsed
 
 
+INT64_MAX = 2**63 - 1  # ids are stored as int64 in the cache
+
+
+def exact_int(value: Any, field: str, low: int = 0, high: int = INT64_MAX) -> int:
+    """``value`` as an int only when that loses nothing: 1.7 or "3" or True are refused, not turned
+    into 1, 3 or 1 (a category id of 1.7 silently becoming 1 scores the box as another class), and
+    an id the int64 columns cannot hold is refused before the writer overflows."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field} {value!r} is not an integer")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{field} {value!r} is not an integer")
+    if not low <= value <= high:
+        raise ValueError(f"{field} {value!r} is outside {low}..{high}")
+    return int(value)
+
+
 def _image_entry(image: dict) -> ImageEntry:
-    return ImageEntry(int(image["id"]), _image_file_name(image), int(image["width"]), int(image["height"]))
+    return ImageEntry(exact_int(image["id"], "id"), image_file_name(image), exact_int(image["width"], "width", 1),
+                      exact_int(image["height"], "height", 1))
 
 
 def _category(category: dict) -> Category:
-    return Category(int(category["id"]), str(category["name"]), category.get("frequency"))
+    return Category(exact_int(category["id"], "id"), str(category["name"]), category.get("frequency"))
 
 
 def _annotation(annotation: dict) -> tuple[int, list[float], int]:
     x, y, w, h = (float(v) for v in annotation["bbox"])
-    return int(annotation["image_id"]), [x, y, x + w, y + h], int(annotation["category_id"])
+    image_id, category_id = exact_int(annotation["image_id"], "image_id"), exact_int(annotation["category_id"], "category_id")
+    return image_id, [x, y, x + w, y + h], category_id
 
 
 def _group_boxes(annotations: list[tuple[int, list[float], int]]) -> dict[int, BoxSet]:

@@ -30,6 +30,7 @@ from regionspot_cache.data.datasets import (
     DatasetError,
     DetectionDataset,
     Manifest,
+    exact_int,
     read_json,
     xyxy_array,
 )
@@ -57,7 +58,7 @@ def _from_glip(path: Path, data: dict[str, Any], with_classes: bool) -> dict[int
             xyxy = xyxy_array(entry["boxes"])
             scores = np.asarray(entry["scores"], dtype=np.float64).reshape(-1)
             labels = np.asarray(entry["labels"] if with_classes else [-1] * len(xyxy), np.int64).reshape(-1)
-            image_id = int(key)
+            image_id = exact_int(int(key), "image id")
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"{path}: entry for image {key!r}: {err!r}") from None
         if not len(scores) == len(labels) == len(xyxy):
@@ -73,8 +74,9 @@ def _from_coco_results(path: Path, data: list[Any], with_classes: bool) -> dict[
     for index, entry in enumerate(data):
         try:
             x, y, w, h = (float(v) for v in entry["bbox"])
-            label = int(entry["category_id"]) if with_classes else -1
-            grouped.setdefault(int(entry["image_id"]), []).append(([x, y, x + w, y + h], float(entry["score"]), label))
+            label = exact_int(entry["category_id"], "category_id") if with_classes else -1
+            grouped.setdefault(exact_int(entry["image_id"], "image_id"), []).append(
+                ([x, y, x + w, y + h], float(entry["score"]), label))
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"{path}: result #{index}: {err!r}") from None
         check_scores(path, f"result #{index}", [float(entry["score"])])

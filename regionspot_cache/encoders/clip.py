@@ -12,6 +12,8 @@ open_clip's ``forward_intermediates`` for both kinds (``tower.py``); towers with
 
 from __future__ import annotations
 
+import difflib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +26,7 @@ from PIL import Image
 from regionspot_cache.choices import Preprocessing, TextRecipe
 from regionspot_cache.encoders.preprocess import clip_pixels
 from regionspot_cache.encoders.tower import TokenTower, register_tiny_timm_tower, token_tower
-from regionspot_cache.errors import MissingFileError
+from regionspot_cache.errors import MissingFileError, ModelLoadError
 from regionspot_cache.progress import progress_bar
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -49,10 +51,28 @@ def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> 
     """Create open_clip ``model_name`` with weights from a pretrained tag or a local file."""
     if pretrained and (Path(pretrained).suffix or "/" in pretrained) and not Path(pretrained).is_file():
         raise MissingFileError(f"{pretrained}: CLIP weights file not found")
-    model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
+    _check_model_name(model_name)
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
+    except (RuntimeError, KeyError, EOFError, ValueError, OSError, pickle.UnpicklingError) as err:
+        # A text file ends in KeyError, another model's weights in a state_dict RuntimeError.
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelLoadError(f"{pretrained}: not CLIP weights of {model_name} (expected the file or tag of that "
+                             f"model): {err.__class__.__name__}: {first_line[:200]}") from None
     tower = token_tower(model.visual, model_name)  # refuses towers without a token grid before the tokenizer loads
     tokenizer = open_clip.get_tokenizer(model_name)  # each model's own (BPE, SentencePiece, ...)
     return ClipEncoder(model.eval().requires_grad_(False), tokenizer, device, tower=tower)
+
+
+def _check_model_name(model_name: str) -> None:
+    """An unknown open_clip model name is refused with the closest known names, not open_clip's
+    traceback listing all of them."""
+    if model_name.startswith(("hf-hub:", "local-dir:")) or model_name in open_clip.list_models():
+        return
+    close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else " (`open_clip.list_models()` lists them)"
+    raise ModelLoadError(f"CLIP model {model_name!r}: not an open_clip model name{hint}")
+
 
 TEXT_CHUNK = 64  # class names per progress step
 

@@ -13,15 +13,17 @@ import torch
 # The cache-only path: nothing here loads SAM or CLIP or reads an image. The baselines and masks
 # import them inside ``evaluate`` (``with_images.py``, ``baselines.py``), when a method needs them.
 from regionspot_cache.cache import CacheReader
+from regionspot_cache.cache.completeness import Completeness, check_complete
 from regionspot_cache.config import EvalConfig, EvalMethod, ModelsConfig, Preprocessing, TextRecipe
 from regionspot_cache.errors import InputError
 from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.detector import detector_detections
-from regionspot_cache.evaluate.ground_truth import load_ground_truth
+from regionspot_cache.evaluate.ground_truth import check_same_images, load_ground_truth
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
 from regionspot_cache.evaluate.masks import without_boxes
 from regionspot_cache.evaluate.scoring import protocol_for, write_results_json
-from regionspot_cache.head.model import RegionSpotHead
+from regionspot_cache.head.model import RegionSpotHead, check_head_fits_cache
+from regionspot_cache.regions.open_set import warn_if_never_rejects
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +75,18 @@ def evaluate(
         (D, 4) float32 x, y, w, h, scores (D,) float64).
     """
     config.validate()
-    method = check_method(method, head, masks, image_root)
+    method = check_method(method, head, masks, image_root, config)
     if method.scores_proposal_classes and proposals_file is None:
         raise InputError(f"method {method} needs the proposal file whose classes it scores")
     protocol = protocol_for(config)
     reader = CacheReader(cache_dir)
+    check_scorable(reader)
+    found = check_complete(reader, config.allow_partial)
     vocab = reader.vocabulary(vocabulary or reader.provenance.dataset)
+    warn_if_never_rejects(config.open_set, len(vocab.names))
     ground_truth = load_ground_truth(annotation_file, vocab)  # checked before the scoring work
+    cached = dict(zip(reader.images.column("image_id").to_pylist(), reader.images.column("file_name").to_pylist()))
+    ground_truth = check_same_images(Path(annotation_file), ground_truth, cached, not found.complete)
     encoders = images = None
     if method.reads_images or masks:
         from regionspot_cache.evaluate import with_images  # SAM, CLIP and the images: only for these
@@ -89,6 +96,8 @@ def evaluate(
     if method.scores_proposal_classes:
         detections = detector_detections(proposals_file, vocab)
     elif method.needs_head:
+        clip = reader.provenance.clip
+        check_head_fits_cache(head, reader.root, clip.width, clip.text_dim, reader.provenance.sam.token_dim)
         detections = score_cache(reader, head, vocab, config, background_embeddings(reader, models, config))
     else:
         from regionspot_cache.evaluate.baselines import score_cache_with_baseline
@@ -103,7 +112,31 @@ def evaluate(
     elif results_file is not None:
         results_file = write_results_json(detections, results_file)
     metrics = lvis_ap(ground_truth, detections, protocol.lvis_max_dets)
-    return EvalResult(metrics, len(detections), results_file, segm_metrics, protocol.settings(), detections)
+    settings = run_settings(protocol, config, found)
+    return EvalResult(metrics, len(detections), results_file, segm_metrics, settings, detections)
+
+
+def run_settings(protocol, config: EvalConfig, found: Completeness) -> dict:
+    """What produced the metrics: the protocol, the open-set rule (rejected regions make no
+    detections, so it changes AP) and, for a partial cache, the fraction of it that was scored."""
+    settings = protocol.settings()
+    rule = config.open_set.rule
+    if rule.rejects:
+        settings["open_set"] = {"rule": str(rule), "threshold": config.open_set.threshold}
+        settings["description"] += f"; open-set {rule} < {config.open_set.threshold:g} rejected"
+    if not found.complete:
+        settings["partial_cache"] = found.to_dict()
+        settings["description"] += f"; PARTIAL cache: {found.fraction:.0%} of its shards"
+    return settings
+
+
+def check_scorable(reader: CacheReader) -> None:
+    """A view cache holds the boxes of flipped or cropped images: scored against the annotation
+    file it would give a meaningless AP."""
+    view = reader.provenance.kind.view
+    if view is not None:
+        raise InputError(f"{reader.root}: a view cache ({view.id}): its boxes are in the coordinates of transformed "
+                         "images, not the annotation file's; evaluate the cache it was made from")
 
 
 def background_embeddings(reader: CacheReader, models: ModelsConfig | None, config: EvalConfig) -> torch.Tensor | None:
@@ -117,16 +150,27 @@ def background_embeddings(reader: CacheReader, models: ModelsConfig | None, conf
 
 
 def check_method(method: EvalMethod | str, head: RegionSpotHead | None, masks: bool,
-                 image_root: Path | str | None) -> EvalMethod:
-    """The method named, refused before anything loads if it is unknown or lacks what it needs."""
+                 image_root: Path | str | None, config: EvalConfig | None = None) -> EvalMethod:
+    """The method named, refused before anything loads if it is unknown, lacks what it needs or
+    would ignore a setting it was given (open-set rejection works on the head's logits only)."""
     chosen = EvalMethod.find(method)
     if chosen is None:
         raise InputError(f"unknown method {method!r}; known: {', '.join(EvalMethod.words())}")
+    if config is not None:
+        check_applicable(chosen, config)
     if chosen.needs_head and head is None:
         raise InputError(f"method {chosen} needs a head checkpoint")
     if (chosen.reads_images or masks) and image_root is None:
         raise InputError(f"method {chosen}{' with masks' if masks else ''} reads the original images: give their image_root")
     return chosen
+
+
+def check_applicable(method: EvalMethod, config: EvalConfig) -> None:
+    """Settings ``method`` would ignore are refused, not dropped (open-set rejection works on the
+    head's logits only)."""
+    if config.open_set.rule.rejects and not method.needs_head:
+        raise InputError(f"method {method} does not apply eval.open_set (rule {config.open_set.rule}): open-set "
+                         "rejection works on the head's logits; use --method regionspot or eval.open_set.rule=off")
 
 
 def evaluate_head(

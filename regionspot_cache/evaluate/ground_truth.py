@@ -1,7 +1,8 @@
 """The ground truth that evaluation compares against, checked before anything is scored.
 
-Two checks make a silent AP of 0.0 impossible: the file's categories must be the vocabulary the
-detections are labelled in (same ids, same names), and a COCO-format file (without LVIS's
+Three checks make a silent AP of 0.0 impossible: the file's categories must be the vocabulary the
+detections are labelled in (same ids, same names); its images must be the cache's (same ids, same
+file names: an annotation file of another dataset with the same categories is refused); and a COCO-format file (without LVIS's
 ``neg_category_ids``, ``not_exhaustive_category_ids`` and ``frequency``) gets those fields filled
 in as COCO means them: every category not annotated in an image is a verified negative there
 (COCO labels exhaustively), none is non-exhaustive, and every category counts as ``f``requent
@@ -17,7 +18,7 @@ from typing import Any
 from lvis import LVIS
 
 from regionspot_cache.cache.reader import Vocabulary
-from regionspot_cache.data.datasets import DatasetError, read_json
+from regionspot_cache.data.datasets import DatasetError, image_file_name, read_json
 
 log = logging.getLogger(__name__)
 FILLED_FREQUENCY = "f"
@@ -93,3 +94,32 @@ def fill_lvis_fields(data: dict[str, Any]) -> list[str]:
             annotation.setdefault("area", float(annotation["bbox"][2]) * float(annotation["bbox"][3]))
         filled.append("area")
     return filled
+
+
+def check_same_images(path: Path, data: dict[str, Any], cached: dict[int, str], partial: bool) -> dict[str, Any]:
+    """The ground truth of the images the cache holds (``cached``: image id -> file name). An image
+    of another file name, or a cached image the file lacks, is refused: the annotation file is of
+    another dataset. Images of the file the cache lacks are refused too (they would count as misses)
+    unless the cache is ``partial`` by choice (--allow-partial): then they are left out of the AP."""
+    try:
+        in_file = {image["id"]: image_file_name(image) for image in data["images"]}
+    except (KeyError, TypeError) as err:
+        raise DatasetError(f"{path}: images: malformed entry: {err!r}") from None
+    renamed = [i for i in set(in_file) & set(cached) if in_file[i] != cached[i]]
+    if renamed:
+        i = min(renamed)
+        raise DatasetError(f"{path}: not the annotation file of this cache: {len(renamed)} image ids name other files "
+                           f"(image {i} is {in_file[i]!r} in the file, {cached[i]!r} in the cache)")
+    only_cached = sorted(set(cached) - set(in_file))
+    if only_cached:
+        raise DatasetError(f"{path}: not the annotation file of this cache: it lacks {len(only_cached)} of the cache's "
+                           f"{len(cached)} images (e.g. image ids {only_cached[:3]})")
+    only_in_file = sorted(set(in_file) - set(cached))
+    if not only_in_file:
+        return data
+    if not partial:
+        raise DatasetError(f"{path}: {len(only_in_file)} of its {len(in_file)} images are not in the cache (e.g. image "
+                           f"ids {only_in_file[:3]}); they would count as misses")
+    kept = set(cached)
+    return {**data, "images": [image for image in data["images"] if image["id"] in kept],
+            "annotations": [a for a in data["annotations"] if a.get("image_id") in kept]}

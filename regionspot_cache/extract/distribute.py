@@ -25,6 +25,7 @@ from regionspot_cache.cache import CacheWriter, Provenance
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset, ImageEntry
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
+from regionspot_cache.errors import InputError
 from regionspot_cache.extract.plan import Shard, shard_dataset
 from regionspot_cache.extract.worker import OnBatch, ShardResult, extract_shards
 from regionspot_cache.runtime.devices import resolve_device
@@ -79,6 +80,13 @@ class Dask:
     scheduler: str | None = None
     workers: int | None = None
     retries: int = 2
+
+    def __post_init__(self) -> None:
+        # A local cluster of -1 workers waits forever for workers that never come.
+        if self.workers is not None and self.workers < 1:
+            raise InputError(f"--workers {self.workers}: must be at least 1")
+        if self.retries < 0:
+            raise InputError(f"--retries {self.retries}: must be at least 0")
 
     def setup_device(self, config: ExtractConfig) -> torch.device:
         return torch.device("cpu")  # identity and vocabulary only; the workers load their own encoders

@@ -8,12 +8,16 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from regionspot_cache.cache import Provenance, exclusive_extraction, verify_cache
-from regionspot_cache.cache.format import SHARDS_DIR
+from regionspot_cache.cache.format import IMAGES_FILE, SHARDS_DIR, STATUS_OK
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.config import ExtractConfig, ModelsConfig, Preprocessing
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders
+from regionspot_cache.errors import ExtractionError
 from regionspot_cache.extract.distribute import Distributor
 from regionspot_cache.extract.runner import CacheTarget, ExtractSummary, load_encoders, run_extraction
 from regionspot_cache.identity import models_recorded_in
@@ -32,17 +36,38 @@ def damaged_shards(cache_dir: Path | str) -> dict[str, list[str]]:
     return problems
 
 
-def remove_shard(cache_dir: Path, shard: str) -> None:
-    """Make the shard invisible with one rename (readers never see half of it), then delete it
-    (on object storage: its commit record first)."""
-    location = CacheLocation.parse(cache_dir)
-    if location.remote:
-        location.uncommit_shard(int(shard))
-        return
+def set_aside(cache_dir: Path, shard: str) -> Path:
+    """Hide the shard with one rename (a hidden name is never read); returns where it now lies."""
     shards = cache_dir / SHARDS_DIR
-    doomed = shards / f".removed-{shard}-{os.getpid()}-{time.time_ns()}"
-    os.rename(shards / shard, doomed)
-    shutil.rmtree(doomed)
+    aside = shards / f".removed-{shard}-{os.getpid()}-{time.time_ns()}"
+    os.rename(shards / shard, aside)
+    return aside
+
+
+def images_ok(shard_dir: Path) -> tuple[int, list[str]] | None:
+    """(images extracted, reasons of those that failed) by the shard's manifest; None if unreadable."""
+    try:
+        rows = pq.read_table(shard_dir / IMAGES_FILE, columns=["status", "reason"]).to_pylist()
+    except (OSError, pa.ArrowInvalid, KeyError):
+        return None
+    return sum(row["status"] == STATUS_OK for row in rows), [row["reason"] for row in rows if row["status"] != STATUS_OK]
+
+
+def keep_the_more_complete(cache_dir: Path, shard: str, aside: Path) -> str | None:
+    """A replacement is kept only if it holds at least as many extracted images as the damaged
+    shard it replaces (whose manifest may be readable though a feature byte is not): a repair at a
+    moment the images cannot be read would otherwise swap good records for failed ones. Else the
+    damaged shard is put back and the reasons the replacement failed are returned."""
+    before, now = images_ok(aside), images_ok(cache_dir / SHARDS_DIR / shard)
+    if now is None:  # not re-extracted at all (its task failed): put the damaged one back, as found
+        os.rename(aside, cache_dir / SHARDS_DIR / shard)
+        return "not extracted again"
+    if before is not None and now[0] < before[0]:
+        shutil.rmtree(set_aside(cache_dir, shard))
+        os.rename(aside, cache_dir / SHARDS_DIR / shard)
+        return f"{now[0]} images extracted where the damaged shard had {before[0]}: {'; '.join(now[1][:3])}"
+    shutil.rmtree(aside)
+    return None
 
 
 def repair_cache(
@@ -55,10 +80,14 @@ def repair_cache(
     refuses any others."""
     cache_dir = Path(cache_dir)
     provenance = Provenance.read(cache_dir)  # not CacheReader: the shards' manifests may be the damage
+    remote = CacheLocation.parse(cache_dir).remote
     with exclusive_extraction(cache_dir):  # no extraction may run while shards are replaced
         damaged = damaged_shards(cache_dir)
-        for shard in damaged:
-            remove_shard(cache_dir, shard)
+        # Local shards are kept aside until the replacement proves at least as complete; on object
+        # storage (no rename) a damaged shard is uncommitted, its commit record first.
+        aside = {} if remote else {shard: set_aside(cache_dir, shard) for shard in damaged}
+        for shard in damaged if remote else ():
+            CacheLocation.parse(cache_dir).uncommit_shard(int(shard))
     if not damaged:
         return RepairSummary()
     # The shards come back as the cache recorded them, whatever the recipe given says.
@@ -69,5 +98,13 @@ def repair_cache(
     target = CacheTarget(cache_dir, provenance.kind, box_source)
     only = {int(name) for name in damaged}
     encoders = encoders or load_encoders(models or models_recorded_in(provenance), config, distributor)
-    extraction = run_extraction(dataset, target, encoders, config, distributor, only_shards=only)
+    try:
+        extraction = run_extraction(dataset, target, encoders, config, distributor, only_shards=only)
+    finally:
+        with exclusive_extraction(cache_dir):
+            refused = {shard: why for shard in aside if (why := keep_the_more_complete(cache_dir, shard, aside[shard]))}
+    if refused:
+        raise ExtractionError(f"{cache_dir}: repair refused for shard(s) {', '.join(sorted(refused))}, kept as they were "
+                              f"(damaged): the replacement was less complete ({'; '.join(refused.values())}); make the "
+                              "images readable and run repair again")
     return RepairSummary(damaged, extraction)

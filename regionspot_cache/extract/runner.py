@@ -10,15 +10,17 @@ or dask tasks). Committed shards are skipped, so re-running resumes.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from regionspot_cache import __version__
 from regionspot_cache.cache import CacheFormatError, CacheWriter, Provenance, exclusive_extraction
-from regionspot_cache.cache.format import record_extraction_cost
+from regionspot_cache.cache.format import VOCAB_DIR, record_extraction_cost
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
@@ -27,6 +29,8 @@ from regionspot_cache.extract.plan import check_inputs_unchanged, pending_shards
 from regionspot_cache.extract.worker import ExtractCounts
 from regionspot_cache.identity import CacheKind
 from regionspot_cache.progress import progress_bar
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,7 +145,7 @@ def prepare_cache(dataset: DetectionDataset, target: CacheTarget, encoders: Froz
     """Create or reopen the cache (identity checked) and store the dataset's vocabulary."""
     config.validate()
     writer = CacheWriter(target.root, make_provenance(dataset, target, encoders, config))
-    if not writer.has_vocabulary(dataset.name):
+    if not writer.has_vocabulary(dataset.name) or _categories_changed(writer, dataset):
         embeddings = encoders.clip.text_embeddings([c.name for c in dataset.categories], config.text_recipe)
         writer.write_vocabulary(dataset.name, dataset.categories, embeddings.float().cpu().numpy(), config.text_recipe)
         return writer
@@ -150,6 +154,18 @@ def prepare_cache(dataset: DetectionDataset, target: CacheTarget, encoders: Froz
         raise CacheFormatError(f"{target.root}: vocabulary {dataset.name!r} was built with text recipe {recorded!r}, "
                                f"this run asks for {config.text_recipe!r} (extract.text_recipe)")
     return writer
+
+
+def _categories_changed(writer: CacheWriter, dataset: DetectionDataset) -> bool:
+    """Whether the dataset's categories (ids and names) differ from the vocabulary the cache
+    recorded, e.g. a category renamed in the annotation file: the vocabulary (text embeddings only,
+    no feature depends on it) is then written again rather than keeping the old names."""
+    recorded = pq.read_table(writer.root / VOCAB_DIR / f"{dataset.name}.parquet", columns=["category_id", "name"])
+    changed = list(zip(*recorded.to_pydict().values())) != [(c.id, c.name) for c in dataset.categories]
+    if changed:
+        logger.warning("%s: the categories of %r changed since its vocabulary was written; writing it again",
+                       writer.root, dataset.name)
+    return changed
 
 
 class ExtractProgress:

@@ -169,3 +169,14 @@ def load_head(path: Path | str) -> tuple[RegionSpotHead, HeadMetadata]:
     except RuntimeError as err:
         raise ModelLoadError(f"{path}: weights do not fit the config in {config_path.name}: {err}") from None
     return head, metadata
+
+
+def check_head_fits_cache(head: RegionSpotHead, cache: Path | str, clip_width: int, text_dim: int, token_dim: int) -> None:
+    """A head trained on another CLIP (or SAM) than the cache's would fail deep in a matrix product:
+    refused with one line naming both sides."""
+    config = head.config
+    if (config.clip_width, config.text_dim, config.token_dim) != (clip_width, text_dim, token_dim):
+        raise ModelLoadError(
+            f"the head expects CLIP width {config.clip_width}, text dim {config.text_dim} and SAM token dim "
+            f"{config.token_dim}; {cache} holds {clip_width}, {text_dim} and {token_dim}: use a head trained on "
+            "caches of the same SAM and CLIP")

@@ -298,10 +298,12 @@ class Predictor:
         return results
 
     def _add_attention(self, results: list[Region], weights: torch.Tensor) -> None:
-        grid = tuple(self.encoders.clip.model.visual.grid_size)
+        # The tower says where the patch grid starts: towers without a class token (SigLIP) have no
+        # prefix share to report, and timm towers keep their grid elsewhere than open_clip's.
+        tower = self.encoders.clip.tower
         for result, row in zip(results, weights.float().cpu().numpy()):
-            result.attention_class_token = float(row[0])
-            result.attention = row[1:].reshape(grid)
+            result.attention_class_token = float(row[: tower.prefix_tokens].sum()) if tower.prefix_tokens else None
+            result.attention = row[tower.prefix_tokens:].reshape(tower.grid)
 
     def region_logits(
         self, picture: Image.Image, sam_embedding: torch.Tensor, xyxy: np.ndarray, text: torch.Tensor,

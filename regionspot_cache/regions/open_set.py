@@ -17,12 +17,24 @@ detection of it). The rules (``choices.OpenSetRule``, where each computes its kn
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from regionspot_cache.config import OpenSetConfig, OpenSetRule
 
 __all__ = ["OpenSetConfig", "OpenSetRule", "known_scores", "kept_regions", "auroc"]
+
+
+def warn_if_never_rejects(config: OpenSetConfig, vocabulary_size: int) -> bool:
+    """max-softmax over a one-name vocabulary is always 1, so it can never reject: said, not silent."""
+    if config.rule is OpenSetRule.MAX_SOFTMAX and vocabulary_size == 1:
+        logging.getLogger(__name__).warning(
+            "open-set rule max-softmax with a vocabulary of one name never rejects (a softmax over one class is "
+            "always 1); use max-sigmoid or background-prompt")
+        return True
+    return False
 
 
 def known_scores(

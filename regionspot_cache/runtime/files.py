@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import tomllib
 
-from regionspot_cache.errors import NonFiniteValueError
+from regionspot_cache.errors import InputError, NonFiniteValueError
 
 
 def sha256_file(path: Path | str, block: int = 1 << 20) -> str:
@@ -45,6 +45,10 @@ def temp_sibling(final: Path) -> Path:
     return final.with_name(f"{TEMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+_UMASK = os.umask(0o022)  # read once, at import, and restored at once: os.umask can only be read by setting it
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final`` for the caller (or a library such as
@@ -54,6 +58,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = temp_sibling(final)
     try:
         yield tmp
+        if tmp.is_file():  # safetensors writes 0600: a head would be unreadable to others beside its 0644 JSON
+            os.chmod(tmp, 0o666 & ~_UMASK)
         fsync_tree(tmp)
         os.replace(tmp, final)
     except BaseException:
@@ -141,3 +147,19 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def check_writable(path: Path, what: str, directory: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: a directory where a file goes (or
+    the reverse), a path under a file, or under a directory this process may not write to."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise InputError(f"{path}: {what} is {'a file' if directory else 'a directory'}; expected "
+                         f"{'a directory' if directory else 'a file'} path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{path}: cannot write {what}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: cannot write {what}: {parent} is not writable")

@@ -20,8 +20,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from regionspot_cache.cache import CacheReader
+from regionspot_cache.cache.completeness import content_digest
 from regionspot_cache.errors import CacheFormatError
-from regionspot_cache.head.model import RegionSpotHead
+from regionspot_cache.head.model import RegionSpotHead, check_head_fits_cache
 from regionspot_cache.progress import progress_bar
 from regionspot_cache.runtime.devices import resolve_device
 from regionspot_cache.runtime.files import atomic_path, sha256_file, write_json
@@ -68,12 +69,15 @@ def open_region_index(
     reader: CacheReader, head: RegionSpotHead, device: str = "auto", batch_images: int = 32
 ) -> RegionIndex:
     """The cache's region index for ``head``: read if built and intact, else built and written."""
+    clip = reader.provenance.clip
+    check_head_fits_cache(head, reader.root, clip.width, clip.text_dim, reader.provenance.sam.token_dim)
     head_hash = head_sha256(head)
     directory = index_dir(reader.root, head_hash)
-    index = read_index(directory, head_hash, len(reader.boxes))
+    cache_digest = content_digest(reader)  # shards re-extracted with other boxes make the index stale
+    index = read_index(directory, head_hash, len(reader.boxes), cache_digest)
     if index is None:
         index = build_index(reader, head, resolve_device(device), batch_images)
-        write_index(index, directory, head_hash)
+        write_index(index, directory, head_hash, cache_digest)
     return index
 
 
@@ -112,7 +116,7 @@ def _embed_images(reader: CacheReader, head: RegionSpotHead, image_ids: list[int
                        np.concatenate([np.arange(c, dtype=np.int64) for c in counts]), boxes, embeddings)
 
 
-def write_index(index: RegionIndex, directory: Path, head_hash: str) -> None:
+def write_index(index: RegionIndex, directory: Path, head_hash: str, cache_digest: str | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / INDEX_FILE
     arrays = {"image_ids": index.image_ids, "box_index": index.box_index, "boxes": index.boxes,
@@ -120,19 +124,19 @@ def write_index(index: RegionIndex, directory: Path, head_hash: str) -> None:
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp))
     meta = {"version": INDEX_VERSION, "head_sha256": head_hash, "regions": len(index),
-            "file_sha256": sha256_file(path)}
+            "cache_digest": cache_digest, "file_sha256": sha256_file(path)}
     write_json(directory / META_FILE, meta, indent=2)
     logger.info("wrote the region index of %d regions to %s", len(index), directory)
 
 
-def read_index(directory: Path, head_hash: str, regions: int) -> RegionIndex | None:
+def read_index(directory: Path, head_hash: str, regions: int, cache_digest: str | None = None) -> RegionIndex | None:
     """The stored index, or None when it is missing, stale or fails its checksum (logged)."""
     path, meta_path = directory / INDEX_FILE, directory / META_FILE
     if not (path.is_file() and meta_path.is_file()):
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        expected = {"version": INDEX_VERSION, "head_sha256": head_hash, "regions": regions}
+        expected = {"version": INDEX_VERSION, "head_sha256": head_hash, "regions": regions, "cache_digest": cache_digest}
         if any(meta.get(k) != v for k, v in expected.items()):
             logger.warning("%s: index made for another head, cache or version; rebuilding", directory)
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping
 
@@ -17,11 +18,20 @@ COLUMNS = 10
 CONTEXT = 0.1  # share of the box's size shown around it
 
 
+def _inside(value: int, size: int) -> int:
+    return min(max(0, value), size - 1)
+
+
 def crop_of(image: Image.Image, box: list[float]) -> Image.Image:
     """The box with a little context, fitted into a THUMB x THUMB cell (aspect kept)."""
     x1, y1, x2, y2 = box
     pad_x, pad_y = CONTEXT * (x2 - x1), CONTEXT * (y2 - y1)
-    crop = image.crop((max(0, x1 - pad_x), max(0, y1 - pad_y), min(image.width, x2 + pad_x), min(image.height, y2 + pad_y)))
+    # Whole pixels, rounded outward and kept inside the image: a sub-pixel box is at least one
+    # pixel, and a box beyond the border (an image file other than the cached one) its nearest edge.
+    left, top = _inside(math.floor(x1 - pad_x), image.width), _inside(math.floor(y1 - pad_y), image.height)
+    right = min(image.width, max(left + 1, math.ceil(x2 + pad_x)))
+    bottom = min(image.height, max(top + 1, math.ceil(y2 + pad_y)))
+    crop = image.crop((left, top, right, bottom))
     scale = THUMB / max(crop.size)
     return crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.BICUBIC)
 

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from regionspot_cache.cache import CacheReader, Vocabulary
+from regionspot_cache.cache.completeness import check_complete
 from regionspot_cache.data.views import IDENTITY
 from regionspot_cache.errors import CacheFormatError, ConfigError, DatasetError
 from regionspot_cache.runtime.devices import usable_cpus
@@ -279,10 +280,12 @@ class TrainSource:
     views: list[CachedView] | None = None  # None: the identity alone
 
 
-def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str], views: Sequence[str] = ()) -> list[TrainSource]:
+def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str], views: Sequence[str] = (),
+                 allow_partial: bool = False) -> list[TrainSource]:
     """Open each cache with its vocabulary (default: the cache's own dataset) and its ``views``
     (view ids, "identity" for the images themselves; empty: all it has); all must come from the
-    same SAM and CLIP, since one head is trained on all of them."""
+    same SAM and CLIP, since one head is trained on all of them. A cache or view cache with shards
+    missing is refused unless ``allow_partial``."""
     if vocabularies and len(vocabularies) != len(caches):
         raise ConfigError(f"{len(vocabularies)} vocabularies given for {len(caches)} caches")
     if not caches:
@@ -290,8 +293,13 @@ def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str], view
     sources = []
     for i, cache in enumerate(caches):
         reader = CacheReader(cache)
+        check_complete(reader, allow_partial)
         name = vocabularies[i] if vocabularies else reader.provenance.dataset
-        sources.append(TrainSource(Path(cache), reader, reader.vocabulary(name), open_views(reader, views)))
+        opened = open_views(reader, views)
+        for view in opened:  # a half-extracted view cache is as incomplete as a half-extracted cache
+            if view.maps is not reader:
+                check_complete(view.maps, allow_partial, " with extract.views")
+        sources.append(TrainSource(Path(cache), reader, reader.vocabulary(name), opened))
     first = sources[0]
     for other in sources[1:]:
         for model in ("sam", "clip"):

@@ -156,7 +156,8 @@ def train_head(
         caches = [caches]
     processes, device = join_process_group(config.device)
     try:
-        return _train(open_sources(caches, config.vocabularies, config.views), Path(output), config, resume, processes, device)
+        sources = open_sources(caches, config.vocabularies, config.views, config.allow_partial)
+        return _train(sources, Path(output), config, resume, processes, device)
     finally:
         leave_process_group(processes)
 

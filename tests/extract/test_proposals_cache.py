@@ -138,3 +138,33 @@ def test_proposals_cache_needs_a_complete_base(tmp_path, tiny_models, encoders):
     shutil.rmtree(tmp_path / "gt" / "shards" / "000001")
     with pytest.raises(ValueError, match=r"gt: shards \[1\] are not extracted yet"):
         cache_with_boxes(tmp_path / "gt", dataset, "proposals:x:y", config, encoders=encoders)
+
+
+def test_a_damaged_proposals_cache_is_repaired_like_the_base_cache(tmp_path, tiny_models, encoders):
+    """verify reports damage in a proposals cache; repair finds its proposal set in the manifest
+    (by the file's SHA-256 the cache recorded) and re-extracts its damaged shard."""
+    from typer.testing import CliRunner
+
+    from regionspot_cache.cache import verify_cache_tree
+    from regionspot_cache.cli import app
+    from regionspot_cache.extract.proposals import cache_with_boxes
+
+    annotations = generate_split(tmp_path, "val", SyntheticSpec(images=3, seed=4, min_size=48, max_size=64))
+    dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
+    config = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu")
+    run_extraction(dataset, CacheTarget(tmp_path / "gt"), encoders, config)
+    glip = tmp_path / "glip.json"
+    glip.write_text(json.dumps({"1": {"boxes": [[0, 0, 30, 30]], "scores": [0.8], "labels": [0]}}))
+    (tmp_path / "toy.toml").write_text(f'name = "toy"\nannotations = "{annotations.name}"\nimage_root = "images"\n'
+                                       '[proposals]\nglip = "glip.json"\n')
+    manifest = Manifest("toy", annotations, tmp_path / "images", proposals={"glip": glip})
+    derived = cache_with_boxes(tmp_path / "gt", *with_box_source(dataset, manifest, "glip"), config, encoders=encoders)
+    tokens = next((derived / "shards" / "000000" / "features.zarr" / "box_tokens").rglob("c/*/*"))
+    data = bytearray(tokens.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tokens.write_bytes(bytes(data))
+    assert [p.shard for p in verify_cache_tree(tmp_path / "gt")[derived]] == ["000000"]
+    result = CliRunner().invoke(app, ["repair", str(tmp_path / "gt"), "-m", str(tmp_path / "toy.toml"),
+                                      "--data-root", str(tmp_path), "--set", "extract.num_workers=0"])
+    assert result.exit_code == 0, result.output
+    assert not any(verify_cache_tree(tmp_path / "gt").values())

@@ -153,3 +153,22 @@ def test_repair_re_extracts_as_the_cache_recorded_whatever_the_recipe_says(prist
     for image_id, arrays in expected.items():
         for want, got in zip(arrays, repaired[image_id]):
             np.testing.assert_array_equal(got, want)
+
+
+def test_repair_refuses_a_replacement_less_complete_than_the_damaged_shard(pristine, tmp_path):
+    """One damaged feature byte while the images cannot be read: repair would swap good records for
+    failed ones. It keeps the damaged shard (verify still names it) and says what it could not read."""
+    root = shutil.copytree(pristine, tmp_path / "work", ignore=shutil.ignore_patterns("regions"))
+    cache = root / "cache"
+    _flip(next((cache / "shards" / "000000" / "features.zarr" / "clip_maps").rglob("c/*/*/*")))
+    shutil.move(root / "images", root / "images-away")  # e.g. a network disk not mounted at the moment
+    before = CacheReader(cache).status(1)
+    result = CliRunner().invoke(app, ["repair", str(cache), "-m", str(root / "toy.toml"), "--data-root", str(root),
+                                      "--set", "extract.num_workers=0"])
+    assert result.exit_code != 0 and "repair refused for shard(s) 000000" in str(result.exception), result.output
+    assert {p.shard for p in verify_cache(cache)} == {"000000"} and CacheReader(cache).status(1) == before
+    shutil.move(root / "images-away", root / "images")
+    result = CliRunner().invoke(app, ["repair", str(cache), "-m", str(root / "toy.toml"), "--data-root", str(root),
+                                      "--set", "extract.num_workers=0"])
+    assert result.exit_code == 0, result.output
+    assert verify_cache(cache) == []

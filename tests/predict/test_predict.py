@@ -261,3 +261,18 @@ def test_predict_command_draws_attention_and_rejects(tiny_models, head_path, rgb
 def test_a_predictor_from_its_parts_answers_as_from_files(predictor, rgb_image):
     parts = Predictor(predictor.head, predictor.encoders, predictor.text)
     assert parts.predict(rgb_image, BOXES, VOCAB) == predictor.predict(rgb_image, BOXES, VOCAB)
+
+
+def test_attention_with_a_tower_without_class_token(tmp_path, rgb_image):
+    """A SigLIP-shaped timm tower has no class token and keeps its grid elsewhere than open_clip's:
+    the map still has the grid's shape and sums to one, with no class-token share reported."""
+    from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
+    from regionspot_cache.encoders import load_frozen_encoders
+
+    encoders = load_frozen_encoders(write_tiny_checkpoints(tmp_path, clip_model="RS-Tiny-Timm-ViT"), torch.device("cpu"))
+    head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1, ffn_dim=32))
+    save_head(head, tmp_path / "head.safetensors")
+    predictor = Predictor.from_head_file(tmp_path / "head.safetensors", encoders, text_cache_dir=tmp_path / "text")
+    for result in predictor.predict(rgb_image, BOXES[:1], VOCAB, attention=True):
+        assert result.attention.shape == encoders.clip.tower.grid and result.attention_class_token is None
+        assert result.attention.sum() == pytest.approx(1.0, abs=1e-5) and "attention_class_token" not in result.to_json()
