@@ -79,12 +79,11 @@ def sequential_mb_per_s(root: Path) -> float:
     return total / (time.perf_counter() - started) / 1e6
 
 
-def ordered_read_mb_per_s(root: Path, order, args, readahead: bool = False) -> float:
-    """Cold reads of ``--batches`` batches in ``order``, by the training dataset's batched read
-    (``readahead``: as training reads the shard order, each shard read ahead whole on first use)."""
+def ordered_read_mb_per_s(root: Path, order, args) -> float:
+    """Cold reads of ``--batches`` batches in ``order``, by the training dataset's batched read."""
     evict(root)
     reader = CacheReader(root)
-    regions = CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=0, readahead=readahead)
+    regions = CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=0)
     keys = [(0, int(i)) for i in order.permutation(0)[: args.batches * args.batch_size]]
     started, total = time.perf_counter(), 0
     for i in range(0, len(keys), args.batch_size):
@@ -109,8 +108,7 @@ def local_cache_training(root: Path, local: Path, args) -> dict:
     largest = max(cache.shard_bytes((0, int(s))) for s in np.unique(shards))
     cache.check_room(min(2 * args.resident, args.batch_size) * largest)
     local_reader = LocalShardReader(root, cache.local_dir(0))
-    regions = MultiSourceRegions([CachedRegions(local_reader, local_reader.vocabulary("bench"), args.max_boxes, seed=0,
-                                                readahead=True)])
+    regions = MultiSourceRegions([CachedRegions(local_reader, local_reader.vocabulary("bench"), args.max_boxes, seed=0)])
     evict(root)
     cache.start()
     loader = iter(region_loader(regions, RankBatchSampler(plan, 0), args.train_workers, 4, pin_memory=False))
@@ -212,15 +210,12 @@ def main() -> None:
                    "cache_bytes": tree_bytes(root / "shards"), "batch_size": args.batch_size, "resident": args.resident,
                    "cpus": os.cpu_count(), "load_average": os.getloadavg()}
         if "read" not in skip:
-            by_shards = ShardOrder(shards, 0, args.resident)
-            # (order, shard read-ahead): "shards" is what training does with train.order = "shards".
-            orders = {"uniform": (UniformOrder(len(shards), 0), False), "shards_no_readahead": (by_shards, False),
-                      "shards": (by_shards, True)}
-            rates: dict[str, list[float]] = {"sequential": [], **{name: [] for name in orders}}
+            orders = {"uniform": UniformOrder(len(shards), 0), "shards": ShardOrder(shards, 0, args.resident)}
+            rates: dict[str, list[float]] = {"sequential": [], "uniform": [], "shards": []}
             for _ in range(args.repeats):
                 rates["sequential"].append(sequential_mb_per_s(root))
-                for name, (order, readahead) in orders.items():
-                    rates[name].append(ordered_read_mb_per_s(root, order, args, readahead))
+                for name, order in orders.items():
+                    rates[name].append(ordered_read_mb_per_s(root, order, args))
             figures["cold_read_MB_per_s"] = {name: median_spread(values) for name, values in rates.items()}
             figures["cold_read_vs_sequential"] = {
                 name: median_spread([r / s for r, s in zip(rates[name], rates["sequential"])]) for name in orders}

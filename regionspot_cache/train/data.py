@@ -8,7 +8,6 @@ a resumed run can start at any step without replaying the earlier ones.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -63,13 +62,8 @@ class CachedRegions(Dataset):
     random box capping are functions of the key alone."""
 
     def __init__(self, reader: CacheReader, vocabulary: Vocabulary, max_boxes: int, seed: int, source: int = 0,
-                 views: Sequence[CachedView] | None = None, readahead: bool = False):
+                 views: Sequence[CachedView] | None = None):
         self.reader = reader
-        # With the shard order: the first read of a shard in an epoch asks the kernel to read the
-        # whole shard ahead (sequentially), instead of faulting its images in one by one.
-        self.readahead = readahead
-        self._read_ahead: set[tuple[int, int]] = set()  # (epoch, shard)
-        self._shard_of: np.ndarray | None = None
         self.max_boxes = max_boxes
         self.seed = seed
         self.source = source
@@ -118,8 +112,6 @@ class CachedRegions(Dataset):
 
     def read(self, keys: Sequence[tuple[int, int]]) -> list[RegionItem]:
         """The item of each key; the feature maps of each view gathered in one call."""
-        if self.readahead:
-            self._read_shards_ahead(keys)
         image_ids = [self.image_ids[index] for _, index in keys]
         picked = [self.view_of(key) for key in keys]
         items: dict[int, RegionItem] = {}  # by position in keys
@@ -131,25 +123,6 @@ class CachedRegions(Dataset):
                 tokens = self.views[view].boxes.box_tokens(image_ids[i], keep)
                 items[i] = RegionItem(tokens, feature_map, labels, self.source)
         return [items[i] for i in range(len(keys))]
-
-
-    def _read_shards_ahead(self, keys: Sequence[tuple[int, int]]) -> None:
-        if self._shard_of is None:
-            self._shard_of = self.shards()
-        for epoch, shard in {(epoch, int(self._shard_of[index])) for epoch, index in keys} - self._read_ahead:
-            self._read_ahead.add((epoch, shard))
-            advise_will_need(self.reader.shard_dir(shard))
-
-
-def advise_will_need(directory: Path) -> None:
-    """Ask the kernel to read the files under ``directory`` into the page cache, in the background."""
-    for path in directory.rglob("*"):
-        if path.is_file() and hasattr(os, "posix_fadvise"):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
 
 
 def vocabulary_index(category_ids: np.ndarray, vocabulary_ids: np.ndarray) -> np.ndarray:

@@ -236,8 +236,7 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
 
 def training_regions(sources: Sequence[TrainSource], config: TrainConfig) -> MultiSourceRegions:
     return MultiSourceRegions([
-        CachedRegions(source.reader, source.vocabulary, config.max_boxes_per_image, config.seed, i, source.views,
-                      readahead=config.order.by_shards)
+        CachedRegions(source.reader, source.vocabulary, config.max_boxes_per_image, config.seed, i, source.views)
         for i, source in enumerate(sources)
     ])
 
