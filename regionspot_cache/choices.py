@@ -266,3 +266,19 @@ class Decode(Choice):
     @property
     def on_device(self) -> bool:
         return self is Decode.DEVICE
+
+
+class TrainOrder(Choice):
+    """The order training reads a cache's images in (``train.order``; train/order.py).
+    ``uniform``: each epoch a seeded permutation of all images (every read is a random one: with
+    the pages not in memory, a seek or a round trip per image). ``shards``: each epoch a seeded
+    permutation of the shards, read ``train.resident_shards`` at a time with their images
+    shuffled together (as WebDataset, Mosaic streaming and LitData do): reads stay within a few
+    shards, which can be fetched whole (``train.local_cache_dir``)."""
+
+    UNIFORM = "uniform"
+    SHARDS = "shards"
+
+    @property
+    def by_shards(self) -> bool:
+        return self is TrainOrder.SHARDS

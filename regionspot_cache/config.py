@@ -26,6 +26,7 @@ from regionspot_cache.choices import (  # noqa: F401
     Preprocessing,
     Scoring,
     TextRecipe,
+    TrainOrder,
     ViewMode,
 )
 from regionspot_cache.errors import ConfigError
@@ -236,8 +237,23 @@ class TrainConfig(Validated):
     views: list[str] = field(default_factory=list)
     # Train on a cache with shards missing (killed or failed extraction); refused by default.
     allow_partial: bool = False
+    # The order images are read in (choices.TrainOrder): "shards" walks a seeded permutation of
+    # the shards per epoch, ``resident_shards`` at a time with their images shuffled together, so
+    # a cache larger than memory is read shard by shard instead of a seek per image; "uniform"
+    # draws every image of the cache at random (the order of earlier versions). Both read every
+    # image exactly once per epoch.
+    order: TrainOrder = field(default=TrainOrder.SHARDS, metadata=one_of(*TrainOrder))
+    resident_shards: int = field(default=8, metadata=at_least(1))
+    # A local copy of the shards being read (order "shards" only): whole shards are fetched ahead
+    # into ``local_cache_dir`` and evicted when read, keeping at most ``local_cache_gb`` there
+    # (per training process). None: read the cache where it is.
+    local_cache_dir: str | None = None
+    local_cache_gb: float = field(default=50.0, metadata=above(0))
 
     def check_relations(self) -> None:
+        if self.local_cache_dir is not None and not self.order.by_shards:
+            raise ConfigError(f"train.local_cache_dir needs train.order = {TrainOrder.SHARDS!r}: the {self.order!r} "
+                              "order reads every shard all the time, so a partial local copy would be refetched endlessly")
         if self.iterations == 0 and self.init_from is None:  # would write an untrained head
             raise ConfigError("train.iterations: 0 must be at least 1 (0 only with train.init_from, to re-save that head)")
         if self.lr_steps != sorted(set(self.lr_steps)):

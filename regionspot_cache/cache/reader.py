@@ -340,9 +340,13 @@ class CacheReader:
                 del self._opened[next(iter(self._opened))]
         return self._opened[shard]
 
+    def shard_dir(self, shard: int) -> Path:
+        """Where the shard's files are read from (a local copy's reader overrides it: train/shard_cache.py)."""
+        return self.root / SHARDS_DIR / shard_name(shard)
+
     def _open_arrays(self, shard: int) -> ShardFeatures:
         relative = f"{SHARDS_DIR}/{shard_name(shard)}/{FEATURES_DIR}"
-        where = self._fetched.features(shard, relative) if self.location.remote else self.location.path(relative)
+        where = self._fetched.features(shard, relative) if self.location.remote else self.shard_dir(shard) / FEATURES_DIR
         in_shard = self._shard == shard
         maps = int((self._map_row[in_shard] >= 0).sum())
         boxes = int(self._box_count[in_shard].sum())

@@ -23,6 +23,7 @@ from regionspot_cache.data.views import IDENTITY
 from regionspot_cache.errors import CacheFormatError, ConfigError, DatasetError
 from regionspot_cache.runtime.devices import usable_cpus
 from regionspot_cache.runtime.records import differences
+from regionspot_cache.train.order import EpochOrder, UniformOrder
 from regionspot_cache.train.views import CachedView, open_views, pick_view
 
 # Steps whose dataset choices are drawn from one seeded generator; resuming at step s replays
@@ -87,6 +88,12 @@ class CachedRegions(Dataset):
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def shards(self) -> np.ndarray:
+        """(len(self),) the shard each index's image is stored in (of the cache itself: a view or
+        a proposals cache borrowing maps keeps its images in the same shards)."""
+        rows = np.asarray([self.reader.row_of(i) for i in self.image_ids], dtype=np.int64)
+        return self.reader.images.column("shard").to_numpy()[rows].astype(np.int64)
 
     def view_of(self, key: tuple[int, int]) -> int:
         """Index in ``views`` of the view the key reads."""
@@ -155,13 +162,15 @@ class MultiSourceRegions(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Endless seeded shuffles of one dataset, yielding ``(epoch, index)``; can start anywhere."""
+    """Endless epochs of one dataset in ``order`` (default: uniform seeded shuffles), yielding
+    ``(epoch, index)``; can start anywhere."""
 
-    def __init__(self, size: int, seed: int, start: int = 0, source: int = 0):
+    def __init__(self, size: int, seed: int, start: int = 0, source: int = 0, order: EpochOrder | None = None):
         self.size, self.seed, self.start, self.source = size, seed, start, source
+        self.epoch_order = order or UniformOrder(size, seed, source)
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.source, epoch]).permutation(self.size)
+        return self.epoch_order.permutation(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, offset = divmod(self.start, self.size)
@@ -175,13 +184,18 @@ class BatchPlan:
     """Which dataset and which images make the global batch of each step.
 
     The dataset of step ``s`` is drawn with probability proportional to ``weights``; each dataset
-    walks its own endless sequence of seeded shuffles, ``batch_size`` images per batch it serves.
+    walks its own endless sequence of epochs in its ``orders`` entry (default: uniform seeded
+    shuffles; see ``train/order.py``), ``batch_size`` images per batch it serves.
     """
 
-    def __init__(self, sizes: Sequence[int], weights: Sequence[float], batch_size: int, seed: int):
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], batch_size: int, seed: int,
+                 orders: Sequence[EpochOrder] | None = None):
         if len(weights) != len(sizes) or any(w < 0 for w in weights) or not sum(weights) > 0:
             raise ConfigError(f"dataset weights {list(weights)} must be {len(sizes)} non-negative numbers, not all zero")
         self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
+        self.orders = list(orders) if orders is not None else [UniformOrder(n, seed, i) for i, n in enumerate(sizes)]
+        if [order.size for order in self.orders] != self.sizes:
+            raise ValueError(f"orders of sizes {[o.size for o in self.orders]} for datasets of sizes {self.sizes}")
         self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
 
     def sources(self, block: int) -> np.ndarray:
@@ -203,7 +217,7 @@ class BatchPlan:
     def global_batches(self, start: int) -> Iterator[list[Key]]:
         """The keys of the global batch of every step from ``start`` on."""
         streams = [
-            iter(EpochSampler(size, self.seed, int(served) * self.batch_size, source))
+            iter(EpochSampler(size, self.seed, int(served) * self.batch_size, source, self.orders[source]))
             for source, (size, served) in enumerate(zip(self.sizes, self.batches_before(start)))
         ]
         step = start

@@ -6,6 +6,7 @@ several, each with its own vocabulary (see ``train_data``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import shutil
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import sigmoid_focal_loss
@@ -44,6 +46,8 @@ from regionspot_cache.train.distributed import (
     leave_process_group,
 )
 from regionspot_cache.train.metrics import MetricsLog, recorded_last_step
+from regionspot_cache.train.order import EpochOrder, epoch_order
+from regionspot_cache.train.shard_cache import ShardCache, ShardCacheStats, open_local_sources, shard_schedule
 from regionspot_cache.train.state import latest_train_state, load_train_state, rng_state, save_train_state
 
 logger = logging.getLogger(__name__)
@@ -80,6 +84,7 @@ class TrainSummary:
     samples_per_second: float
     checkpoint: Path
     resumed_from: int = 0  # the step the run continued from (0: a fresh start)
+    local_cache: ShardCacheStats | None = None  # with train.local_cache_dir: bytes fetched, peak on disk
 
     @property
     def already_trained(self) -> bool:
@@ -116,7 +121,9 @@ def resume_identity(config: TrainConfig, sources: Sequence[TrainSource]) -> dict
     """What a resumed run must share with the saved one: all but length and machinery."""
     # "views" as resolved to the views read (below, only when there are any besides the identity).
     machinery = ("iterations", "num_workers", "prefetch_batches", "device", "checkpoint_every", "tensorboard", "caches",
-                 "views")
+                 "views", "local_cache_dir", "local_cache_gb")
+    if not config.order.by_shards:  # the order of earlier versions: their saved states resume
+        machinery += ("order", "resident_shards")
     settings = {k: v for k, v in asdict(config).items() if k not in machinery}
     settings["init_from"] = sha256_file(config.init_from) if config.init_from else None
     views = {"views": [[v.name for v in s.views] for s in sources]} if any(len(s.views or ()) > 1 for s in sources) else {}
@@ -182,12 +189,15 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
     if start and processes.is_main:
         logger.info("resumed from step %d of %d (%s)", start, config.iterations, latest)
     model = DistributedDataParallel(head) if processes.distributed else head
-    regions = MultiSourceRegions([
-        CachedRegions(source.reader, source.vocabulary, config.max_boxes_per_image, config.seed, i, source.views)
-        for i, source in enumerate(sources)
-    ])
-    plan = BatchPlan(regions.sizes(), config.dataset_weights or [1.0] * len(sources), config.batch_size, config.seed)
+    regions = training_regions(sources, config)
+    plan = BatchPlan(regions.sizes(), config.dataset_weights or [1.0] * len(sources), config.batch_size, config.seed,
+                     dataset_orders(regions, config))
     sampler = RankBatchSampler(plan, start, processes.rank, processes.world_size)
+    shard_cache = None
+    if config.local_cache_dir is not None:
+        shard_cache = local_shard_cache(regions, sampler, sources, config, start, processes)
+        regions = training_regions(open_local_sources(sources, shard_cache, config.views), config)
+        shard_cache.start()
     loader = region_loader(regions, sampler, config.num_workers, config.prefetch_batches, device.type == "cuda")
     metrics = MetricsLog(run_dir_for(output), start, config.tensorboard) if processes.is_main else None
     started, loss_value, samples = time.perf_counter(), math.nan, 0
@@ -195,6 +205,8 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
         with progress_bar("train head", config.iterations, "loss {task.fields[loss]} {task.fields[rate]}",
                           disable=not processes.is_main, completed=start) as (bar, task):
             for step, batch in zip(range(start, config.iterations), loader):
+                if shard_cache is not None:
+                    shard_cache.delivered(step)  # its reads are done: the shards it alone needed may go
                 lr = optimizer.param_groups[0]["lr"]
                 loss_value = train_step(model, optimizer, batch.to(device), texts[batch.source], logit_scale, config, processes,
                                         logit_bias)
@@ -216,6 +228,8 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
     finally:
         if metrics is not None:
             metrics.close()
+        if shard_cache is not None:
+            shard_cache.close()
     seconds = time.perf_counter() - started
     rate = samples / max(seconds, 1e-9)
     recorded = recorded_last_step(run_dir_for(output)) if start >= config.iterations else None
@@ -225,7 +239,36 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
         save_head(head, output, {"train": asdict(config), "vocabularies": [s.vocabulary.name for s in sources],
                                  "caches": [str(s.cache) for s in sources]})
     barrier(processes)
-    return TrainSummary(config.iterations, loss_value, seconds, rate, output, start)
+    local = shard_cache.stats if shard_cache is not None else None
+    if local is not None:
+        logger.info("local shard cache: %d shards fetched (%.3g GB), peak %.3g GB on disk", local.fetches,
+                    local.fetched_bytes / 1e9, local.peak_disk_bytes / 1e9)
+    return TrainSummary(config.iterations, loss_value, seconds, rate, output, start, local)
+
+
+def training_regions(sources: Sequence[TrainSource], config: TrainConfig) -> MultiSourceRegions:
+    return MultiSourceRegions([
+        CachedRegions(source.reader, source.vocabulary, config.max_boxes_per_image, config.seed, i, source.views)
+        for i, source in enumerate(sources)
+    ])
+
+
+def dataset_orders(regions: MultiSourceRegions, config: TrainConfig) -> list[EpochOrder]:
+    """Each dataset's epoch order (``train.order``): a function of the seed and the dataset alone."""
+    return [epoch_order(config.order, source.shards() if config.order.by_shards else range(len(source)), config.seed, i,
+                        config.resident_shards) for i, source in enumerate(regions.sources)]
+
+
+def local_shard_cache(regions: MultiSourceRegions, sampler: RankBatchSampler, sources: Sequence[TrainSource],
+                      config: TrainConfig, start: int, processes: Processes) -> ShardCache:
+    """The local copy this process reads its shards from, fetched ahead along its own batches."""
+    shards = [source.shards() for source in regions.sources]
+    schedule = shard_schedule(itertools.islice(iter(sampler), config.iterations - start), shards, start)
+    local_root = Path(config.local_cache_dir) / f"rank-{processes.rank}"
+    cache = ShardCache([s.cache for s in sources], local_root, int(config.local_cache_gb * 1e9), schedule)
+    largest = max(cache.shard_bytes((i, int(s))) for i, per_source in enumerate(shards) for s in np.unique(per_source))
+    cache.check_room(min(2 * config.resident_shards, sampler.per_rank) * largest)
+    return cache
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: RegionBatch, text: torch.Tensor,

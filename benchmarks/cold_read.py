@@ -1,0 +1,232 @@
+"""Reading a cache whose pages are not in memory: uniform-random vs shard-aware order against the
+disk's sequential bandwidth, and training steps fed through a small local shard cache vs from memory.
+
+Writes a cache of ``--images`` images at BB or BL shapes (``cache_read.py``'s writer), then, in
+``--repeats`` rounds that take turns (a change of load on a shared machine hits every flow):
+
+- sequential: every cache file read in order in 8 MiB blocks, pages evicted first (the physical limit);
+- uniform / shards: ``--batches`` batches of ``--batch-size`` images read by the training dataset
+  (``CachedRegions.read``) in ``train.order`` uniform and shards (``--resident`` shards at a
+  time), pages evicted first; MB/s of the shard files' bytes touched per second;
+- fetch: the shard cache alone over whole epochs: bytes fetched per epoch vs the cache's size;
+- train: training steps fed by the loader reading through a ``ShardCache`` (budget
+  ``--budget-fraction`` of the cache, fetched cold from the cache) vs steps fed from batches
+  held in memory, alternating step by step, ``--steps`` each per round, after ``--warmup``
+  untimed steps; with the bytes fetched per epoch read.
+
+Pages are evicted with ``posix_fadvise(DONTNEED)`` on every cache file (no root needed; dirty
+pages are synced first). Medians over the rounds, spread (min-max) in brackets.
+
+    python benchmarks/cold_read.py --shape bl --images 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cache_read import SHAPES, median_spread, summary, write_cache  # noqa: E402
+
+from regionspot_cache.cache import CacheReader  # noqa: E402
+from regionspot_cache.config import TrainConfig  # noqa: E402
+from regionspot_cache.head.model import HeadConfig, RegionSpotHead  # noqa: E402
+from regionspot_cache.train.data import (  # noqa: E402
+    BatchPlan,
+    CachedRegions,
+    MultiSourceRegions,
+    RankBatchSampler,
+    region_loader,
+)
+from regionspot_cache.train.loop import train_step  # noqa: E402
+from regionspot_cache.train.order import ShardOrder, UniformOrder  # noqa: E402
+from regionspot_cache.train.shard_cache import LocalShardReader, ShardCache, shard_schedule, tree_bytes  # noqa: E402
+
+BLOCK = 8 << 20
+
+
+def cache_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def evict(root: Path) -> None:
+    """Drop the cache's pages from the page cache."""
+    os.sync()
+    for path in cache_files(root):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sequential_mb_per_s(root: Path) -> float:
+    evict(root)
+    started, total = time.perf_counter(), 0
+    for path in cache_files(root / "shards"):
+        with open(path, "rb", buffering=0) as handle:
+            while chunk := handle.read(BLOCK):
+                total += len(chunk)
+    return total / (time.perf_counter() - started) / 1e6
+
+
+def ordered_read_mb_per_s(root: Path, order, args) -> float:
+    """Cold reads of ``--batches`` batches in ``order``, by the training dataset's batched read."""
+    evict(root)
+    reader = CacheReader(root)
+    regions = CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=0)
+    keys = [(0, int(i)) for i in order.permutation(0)[: args.batches * args.batch_size]]
+    started, total = time.perf_counter(), 0
+    for i in range(0, len(keys), args.batch_size):
+        for item in regions.read(keys[i : i + args.batch_size]):
+            total += item.feature_map.nbytes + item.tokens.nbytes
+    return total / (time.perf_counter() - started) / 1e6
+
+
+def local_cache_training(root: Path, local: Path, args) -> dict:
+    """Steps fed through a ShardCache of ``--budget-fraction`` of the cache vs steps fed from memory."""
+    _, width, text_dim = SHAPES[args.shape]
+    reader = CacheReader(root)
+    plain = CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=0)
+    shards = plain.shards()
+    plan = BatchPlan([len(plain)], [1.0], args.batch_size, 0, [ShardOrder(shards, 0, args.resident)])
+    cache_bytes = tree_bytes(root / "shards")
+    # Exactly the batches the run reads (the loader's prefetch past them waits, untimed): every
+    # byte fetched is read.
+    total_steps = max(args.warmup, 4) + args.repeats * args.steps
+    schedule = shard_schedule(itertools.islice(iter(RankBatchSampler(plan, 0)), total_steps), [shards], 0)
+    cache = ShardCache([root], local, int(args.budget_fraction * cache_bytes), schedule)
+    largest = max(cache.shard_bytes((0, int(s))) for s in np.unique(shards))
+    cache.check_room(min(2 * args.resident, args.batch_size) * largest)
+    local_reader = LocalShardReader(root, cache.local_dir(0))
+    regions = MultiSourceRegions([CachedRegions(local_reader, local_reader.vocabulary("bench"), args.max_boxes, seed=0)])
+    evict(root)
+    cache.start()
+    loader = iter(region_loader(regions, RankBatchSampler(plan, 0), args.train_workers, 4, pin_memory=False))
+    config = TrainConfig(batch_size=args.batch_size, lr=1e-4, warmup_iters=0, max_boxes_per_image=args.max_boxes)
+    torch.manual_seed(0)
+    head = RegionSpotHead(HeadConfig(clip_width=width, text_dim=text_dim)).train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr)
+    text = torch.from_numpy(reader.vocabulary("bench").embeddings)
+    step = itertools.count()
+
+    def cached_batch():
+        batch = next(loader)
+        cache.delivered(next(step))
+        return batch
+
+    memory_batches = [cached_batch() for _ in range(4)]
+    memory = (memory_batches[i % len(memory_batches)] for i in itertools.count())
+
+    def seconds_of(batches) -> float:
+        started = time.perf_counter()
+        batch = next(batches) if not callable(batches) else batches()
+        train_step(head, optimizer, batch.to(torch.device("cpu")), text, 100.0, config)
+        return time.perf_counter() - started
+
+    for _ in range(max(0, args.warmup - 4)):
+        seconds_of(memory), seconds_of(cached_batch)
+    rates: dict[str, list[float]] = {"local_cache": [], "memory": []}
+    for _ in range(args.repeats):
+        seconds = {"local_cache": 0.0, "memory": 0.0}
+        for _ in range(args.steps):
+            seconds["memory"] += seconds_of(memory)
+            seconds["local_cache"] += seconds_of(cached_batch)
+        for name, total in seconds.items():
+            rates[name].append(args.steps * args.batch_size / total)
+    images_read = next(step) * args.batch_size
+    cache.close()
+    return {
+        "workers": args.train_workers, "budget_bytes": cache.budget, "cache_bytes": cache_bytes,
+        "local_cache_images_per_s": median_spread(rates["local_cache"]), "memory_images_per_s": median_spread(rates["memory"]),
+        "local_vs_memory": median_spread([c / m for c, m in zip(rates["local_cache"], rates["memory"])]),
+        "images_read": images_read, "fetched_bytes": cache.stats.fetched_bytes, "peak_disk_bytes": cache.stats.peak_disk_bytes,
+    }
+
+
+def fetch_epochs(root: Path, local: Path, args) -> dict:
+    """The shard cache alone over ``--fetch-epochs`` whole epochs (no training: a reader that
+    waits for each step's shards, then marks the step read): bytes fetched per epoch, peak on disk."""
+    reader = CacheReader(root)
+    shards = CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=0).shards()
+    plan = BatchPlan([len(shards)], [1.0], args.batch_size, 0, [ShardOrder(shards, 0, args.resident)])
+    steps = -(-args.fetch_epochs * len(shards) // args.batch_size)
+    batches = list(itertools.islice(iter(RankBatchSampler(plan, 0)), steps))
+    cache_bytes = tree_bytes(root / "shards")
+    cache = ShardCache([root], local, int(args.budget_fraction * cache_bytes), shard_schedule(batches, [shards], 0))
+    evict(root)
+    started = time.perf_counter()
+    cache.start()
+    for step, keys in enumerate(batches):
+        for shard in {int(shards[index]) for _, _, index in keys}:
+            while not (cache.local_dir(0) / "shards" / f"{shard:06d}").is_dir():
+                time.sleep(0.001)
+        cache.delivered(step)
+    cache.close()
+    epochs = steps * args.batch_size / len(shards)
+    return {"epochs": epochs, "budget_vs_cache": cache.budget / cache_bytes, "seconds": time.perf_counter() - started,
+            "fetched_per_epoch_vs_cache": cache.stats.fetched_bytes / epochs / cache_bytes,
+            "peak_disk_vs_budget": cache.stats.peak_disk_bytes / cache.budget, "fetches": cache.stats.fetches,
+            "shards": int(len(np.unique(shards)))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bl")
+    parser.add_argument("--images", type=int, default=2048, help="cache size (BL: ~0.55 MB an image)")
+    parser.add_argument("--boxes", type=int, default=12)
+    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--resident", type=int, default=2, help="train.resident_shards")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=24, help="cold-read batches per order and round")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps per flow and round")
+    parser.add_argument("--warmup", type=int, default=6, help="untimed training steps per flow")
+    parser.add_argument("--train-workers", type=int, default=1)
+    parser.add_argument("--budget-fraction", type=float, default=0.25)
+    parser.add_argument("--fetch-epochs", type=int, default=2)
+    parser.add_argument("--max-boxes", type=int, default=100)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: read,fetch,train")
+    parser.add_argument("--cache", type=Path, help="write the cache here (default: a temporary folder)")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    with tempfile.TemporaryDirectory(dir=args.cache.parent if args.cache else None) as tmp:
+        root = args.cache or Path(tmp) / "cache"
+        if not root.exists():
+            write_cache(root, args.images, args.shape, args.boxes, args.shard_size, "float16")
+        reader = CacheReader(root)
+        shards = CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=0).shards()
+        figures = {"shape": args.shape, "images": len(reader), "shards": int(len(np.unique(shards))),
+                   "cache_bytes": tree_bytes(root / "shards"), "batch_size": args.batch_size, "resident": args.resident,
+                   "cpus": os.cpu_count(), "load_average": os.getloadavg()}
+        if "read" not in skip:
+            orders = {"uniform": UniformOrder(len(shards), 0), "shards": ShardOrder(shards, 0, args.resident)}
+            rates: dict[str, list[float]] = {"sequential": [], "uniform": [], "shards": []}
+            for _ in range(args.repeats):
+                rates["sequential"].append(sequential_mb_per_s(root))
+                for name, order in orders.items():
+                    rates[name].append(ordered_read_mb_per_s(root, order, args))
+            figures["cold_read_MB_per_s"] = {name: median_spread(values) for name, values in rates.items()}
+            figures["cold_read_vs_sequential"] = {
+                name: median_spread([r / s for r, s in zip(rates[name], rates["sequential"])]) for name in orders}
+        if "fetch" not in skip:
+            figures["fetch"] = fetch_epochs(root, Path(tmp) / "fetch", args)
+        if "train" not in skip:
+            figures["train"] = local_cache_training(root, Path(tmp) / "local", args)
+    print(json.dumps(summary(figures), indent=1))
+    if args.output:
+        args.output.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""A local copy of the shards training is about to read, within a byte budget (``train.local_cache_dir``).
+
+For a cache larger than the node's disk and memory (read from a shared filesystem or object
+storage): a background thread walks the shards the coming steps read (the batch plan is a pure
+function of the step, so the walk is known in advance), fetches each whole shard into the local
+directory before its first read, and evicts the least recently needed shard that no batch still
+to be delivered needs, whenever the next fetch would overflow the budget. Readers
+(``LocalShardReader``, in the loader workers too) wait for a shard's directory to appear; a
+fetch lands by one rename, so a directory that exists is complete.
+
+With ``train.order = "shards"`` every shard is needed during one window per epoch, so an epoch
+fetches each shard once (plus the few that straddle the budget at epoch boundaries).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from regionspot_cache.cache import CacheReader
+from regionspot_cache.cache.format import SHARDS_DIR, shard_name
+from regionspot_cache.cache.storage import CacheLocation
+from regionspot_cache.errors import CacheFormatError, ConfigError
+from regionspot_cache.train.data import TrainSource
+from regionspot_cache.train.views import open_views
+
+log = logging.getLogger(__name__)
+
+FAILED_FILE = "FAILED"  # written by the fetching thread when it stops on an error; readers raise it
+FETCHING_SUFFIX = ".fetching"
+WAIT_POLL_S = 0.002
+WAIT_LIMIT_S = 1800.0
+
+ShardKey = tuple[int, int]  # (source, shard)
+Fetcher = Callable[[Path, int, Path], int]
+
+
+def open_local_sources(sources: Sequence[TrainSource], cache: "ShardCache", views: Sequence[str]) -> list[TrainSource]:
+    """``sources`` read through ``cache``'s local copies (view caches other than the identity are
+    still read where they are)."""
+    local = []
+    for i, source in enumerate(sources):
+        reader = LocalShardReader(source.cache, cache.local_dir(i))
+        local.append(replace(source, reader=reader, views=open_views(reader, views)))
+    return local
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 if it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def fetch_shard(source_cache: Path | str, shard_id: int, local_dir: Path | str) -> int:
+    """Copy committed shard ``shard_id`` of the cache at ``source_cache`` to
+    ``local_dir/shards/<name>``, landing by one rename; returns the bytes copied.
+
+    The one place a shard is fetched: from a cache on object storage, the storage layer's own
+    fetch (GETs of the committed shard's objects, landing by one rename too)."""
+    final = Path(local_dir) / SHARDS_DIR / shard_name(shard_id)
+    location = CacheLocation.parse(source_cache)
+    if location.remote:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return tree_bytes(location.fetch_shard(shard_id, final.parent))
+        except FileNotFoundError as err:
+            raise CacheFormatError(f"{err}; cannot fetch it into {final.parent}") from None
+    source = Path(source_cache) / SHARDS_DIR / shard_name(shard_id)
+    staging = final.with_name(final.name + FETCHING_SUFFIX)
+    shutil.rmtree(staging, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(source, staging)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CacheFormatError(f"{source}: cannot fetch the shard into {final.parent}: {err}") from None
+    os.rename(staging, final)
+    return tree_bytes(final)
+
+
+@dataclass
+class ShardCacheStats:
+    fetched_bytes: int = 0
+    fetches: int = 0
+    evictions: int = 0
+    peak_disk_bytes: int = 0  # the local directory's size, measured on disk after each fetch
+    wait_seconds: float = 0.0  # the fetching thread's time waiting for room (it is ahead of the readers)
+
+
+def shard_schedule(batches: Iterable[Sequence[tuple[int, int, int]]], shards: Sequence[np.ndarray],
+                   start: int) -> Iterator[tuple[int, list[ShardKey]]]:
+    """(step, the (source, shard) pairs the step's keys read) for each batch of ``batches``
+    (keys ``(source, epoch, index)``, as ``RankBatchSampler`` yields them), counting from ``start``."""
+    for step, keys in enumerate(batches, start):
+        yield step, list(dict.fromkeys((source, int(shards[source][index])) for source, _, index in keys))
+
+
+class ShardCache:
+    """Fetches the shards of ``schedule`` ahead into ``local_root/<source>/``, at most ``budget``
+    bytes there; ``delivered(step)`` tells it which batches are read (their shards may go).
+
+    Arguments:
+      caches: the training caches, by source.
+      local_root: this process's local directory (emptied first: what a killed run left is not trusted).
+      budget: bytes allowed on disk under ``local_root``.
+      schedule: ``shard_schedule`` of this process's batches from the first step on.
+      fetch: ``fetch_shard`` or another with its contract.
+    """
+
+    def __init__(self, caches: Sequence[Path], local_root: Path, budget: int, schedule: Iterator[tuple[int, list[ShardKey]]],
+                 fetch: Fetcher = fetch_shard):
+        self.caches, self.local_root, self.budget = [Path(c) for c in caches], Path(local_root), budget
+        self.schedule, self.fetch = schedule, fetch
+        self.stats = ShardCacheStats()
+        self._present: OrderedDict[ShardKey, int] = OrderedDict()  # bytes, least recently needed first
+        self._last_needed: dict[ShardKey, int] = {}
+        self._delivered = -1
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._sizes: dict[ShardKey, int] = {}
+        shutil.rmtree(self.local_root, ignore_errors=True)
+        self.local_root.mkdir(parents=True)
+        self._thread = threading.Thread(target=self._run, name="shard-fetcher", daemon=True)
+
+    def local_dir(self, source: int) -> Path:
+        return self.local_root / str(source)
+
+    def check_room(self, largest_step: int) -> None:
+        """Refuse a budget that cannot hold the shards of one step (the fetcher would wait forever)."""
+        if largest_step > self.budget:
+            raise ConfigError(f"train.local_cache_gb: {self.budget / 1e9:.3g} GB cannot hold the shards one step reads "
+                              f"({largest_step / 1e9:.3g} GB: up to twice train.resident_shards of the largest); raise it")
+
+    def shard_bytes(self, key: ShardKey) -> int:
+        if key not in self._sizes:
+            self._sizes[key] = tree_bytes(self.caches[key[0]] / SHARDS_DIR / shard_name(key[1]))
+        return self._sizes[key]
+
+    def start(self) -> "ShardCache":
+        self._thread.start()
+        return self
+
+    def delivered(self, step: int) -> None:
+        """Every batch up to ``step`` is read: shards no later batch needs may be evicted."""
+        with self._changed:
+            self._delivered = step
+            self._changed.notify_all()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def disk_bytes(self) -> int:
+        return tree_bytes(self.local_root)
+
+    def _run(self) -> None:
+        try:
+            for step, keys in self.schedule:
+                for key in keys:
+                    if not self._make_room_and_fetch(step, key):
+                        return
+        except BaseException as err:  # noqa: BLE001 - handed to the training loop and to the readers
+            self._error = err
+            (self.local_root / FAILED_FILE).write_text(f"{type(err).__name__}: {err}")
+            log.error("local shard cache stopped: %s", err)
+
+    def _make_room_and_fetch(self, step: int, key: ShardKey) -> bool:
+        with self._changed:
+            self._last_needed[key] = step
+            if key in self._present:
+                self._present.move_to_end(key)
+                return True
+            size = self.shard_bytes(key)
+            waited = time.perf_counter()
+            while sum(self._present.values()) + size > self.budget:
+                if self._stopping:
+                    return False
+                victim = next((k for k in self._present if self._last_needed[k] <= self._delivered), None)
+                if victim is None:
+                    self._changed.wait(timeout=1.0)
+                    continue
+                shutil.rmtree(self.local_dir(victim[0]) / SHARDS_DIR / shard_name(victim[1]))
+                del self._present[victim]
+                self.stats.evictions += 1
+            self.stats.wait_seconds += time.perf_counter() - waited
+            if self._stopping:
+                return False
+        fetched = self.fetch(self.caches[key[0]], key[1], self.local_dir(key[0]))
+        with self._changed:
+            self._present[key] = fetched
+            self.stats.fetched_bytes += fetched
+            self.stats.fetches += 1
+            self.stats.peak_disk_bytes = max(self.stats.peak_disk_bytes, self.disk_bytes())
+        return True
+
+
+class LocalShardReader(CacheReader):
+    """A ``CacheReader`` of ``root`` whose shard files are read from ``local_dir`` (a ``ShardCache``'s
+    ``local_dir(source)``), waiting for each shard to be fetched there. The maps of shards evicted
+    meanwhile are closed whenever it opens another shard (once per window), freeing their blocks."""
+
+    def __init__(self, root: Path | str, local_dir: Path):
+        super().__init__(root)
+        self.local_dir = Path(local_dir)
+        self._identities: dict[int, tuple[int, int]] = {}
+
+    def shard_dir(self, shard: int) -> Path:
+        where = self.local_dir / SHARDS_DIR / shard_name(shard)
+        waited = 0.0
+        while not where.is_dir():
+            failed = self.local_dir.parent / FAILED_FILE
+            if failed.is_file():
+                raise CacheFormatError(f"{where}: never fetched: {failed.read_text()}")
+            if waited > WAIT_LIMIT_S:
+                raise CacheFormatError(f"{where}: not fetched after {WAIT_LIMIT_S:.0f} s")
+            time.sleep(WAIT_POLL_S)
+            waited += WAIT_POLL_S
+        return where
+
+    def _arrays(self, shard: int):  # noqa: ANN202 - ShardFeatures
+        if shard not in self._opened:
+            self._close_evicted()
+            features = super()._arrays(shard)
+            self._identities[shard] = _identity(self.local_dir / SHARDS_DIR / shard_name(shard))
+            return features
+        return self._opened[shard]
+
+    def _close_evicted(self) -> None:
+        """Drop the maps of shards evicted (or evicted and fetched again) since they were opened."""
+        for shard in list(self._opened):
+            if _identity(self.local_dir / SHARDS_DIR / shard_name(shard)) != self._identities.get(shard):
+                del self._opened[shard]
+                self._identities.pop(shard, None)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_identities": {}}
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return (-1, -1)
+    return (status.st_ino, status.st_ctime_ns)

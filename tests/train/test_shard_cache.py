@@ -1,0 +1,163 @@
+"""The local shard cache (train/shard_cache.py): whole shards fetched ahead within a byte budget,
+evicted once read; training through it reads the same batches as from the cache itself."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from regionspot_cache.cache.format import SHARDS_DIR, shard_name
+from regionspot_cache.choices import TrainOrder
+from regionspot_cache.config import ConfigError, ExtractConfig, TrainConfig
+from regionspot_cache.data.datasets import load_coco_format
+from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
+from regionspot_cache.extract.runner import CacheTarget, run_extraction
+from regionspot_cache.train.loop import run_dir_for, train_head
+from regionspot_cache.train.order import ShardOrder
+from regionspot_cache.train.shard_cache import ShardCache, fetch_shard, shard_schedule, tree_bytes
+
+
+def fake_cache(root, sizes: list[int]):
+    """A directory laid out as a cache's shards, shard ``i`` holding ``sizes[i]`` bytes in two files."""
+    for shard, size in enumerate(sizes):
+        where = root / SHARDS_DIR / shard_name(shard) / "features.zarr"
+        where.mkdir(parents=True)
+        (where / "a").write_bytes(os.urandom(size // 2))
+        (where.parent / "images.parquet").write_bytes(os.urandom(size - size // 2))
+    return root
+
+
+def test_fetch_shard_copies_the_shard_whole_and_counts_its_bytes(tmp_path):
+    source = fake_cache(tmp_path / "cache", [1000, 3000])
+    fetched = fetch_shard(source, 1, tmp_path / "local")
+    copy = tmp_path / "local" / SHARDS_DIR / shard_name(1)
+    assert fetched == 3000 == tree_bytes(copy)
+    assert (copy / "features.zarr" / "a").read_bytes() == (source / SHARDS_DIR / shard_name(1) / "features.zarr" / "a").read_bytes()
+    assert sorted(p.name for p in copy.parent.iterdir()) == [shard_name(1)]  # no staging left
+
+
+@pytest.mark.parametrize("resident", [1, 2, 3])
+def test_a_budget_below_the_cache_holds_every_step_and_fetches_each_shard_about_once_per_epoch(tmp_path, resident):
+    sizes = [4000, 2500, 3000, 4000, 1500, 3500, 4000, 2000, 3000, 2500] * 2
+    source = fake_cache(tmp_path / "cache", sizes)
+    shards = np.repeat(np.arange(len(sizes)), 6)
+    order = ShardOrder(shards, seed=1, resident=resident)
+    epochs, batch = 3, 4
+    keys = [(0, epoch, int(i)) for epoch in range(epochs) for i in order.permutation(epoch)]
+    batches = [keys[i : i + batch] for i in range(0, len(keys), batch)]
+    budget = (2 * resident + 1) * max(sizes)
+    disk_after_fetch, fetched_shards = [], []
+
+    def fetch(cache, shard, local):
+        fetched_shards.append(shard)
+        fetched = fetch_shard(cache, shard, local)
+        disk_after_fetch.append(tree_bytes(tmp_path / "local"))
+        return fetched
+
+    cache = ShardCache([source], tmp_path / "local", budget, shard_schedule(batches, [shards], 0), fetch)
+    cache.check_room(2 * resident * max(sizes))
+    cache.start()
+    try:
+        for step, keys_of_step in enumerate(batches):
+            for shard in {int(shards[index]) for _, _, index in keys_of_step}:
+                where = cache.local_dir(0) / SHARDS_DIR / shard_name(shard)
+                deadline = time.monotonic() + 30
+                while not where.is_dir() and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert tree_bytes(where) == sizes[shard]  # there, whole, while its step is read
+            cache.delivered(step)
+    finally:
+        cache.close()
+    assert max(disk_after_fetch) <= budget and cache.stats.peak_disk_bytes <= budget
+    assert cache.stats.fetches == len(fetched_shards)
+    assert cache.stats.fetched_bytes == sum(sizes[shard] for shard in fetched_shards)
+    # Each epoch fetches every shard once, but for shards still there from the epoch before.
+    assert sum(sizes) * epochs - budget <= cache.stats.fetched_bytes <= sum(sizes) * epochs
+
+
+def test_a_budget_smaller_than_one_step_is_refused(tmp_path):
+    source = fake_cache(tmp_path / "cache", [1000, 1000])
+    cache = ShardCache([source], tmp_path / "local", 1500, iter([]))
+    with pytest.raises(ConfigError, match="local_cache_gb"):
+        cache.check_room(2000)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_models, encoders):
+    root = tmp_path_factory.mktemp("sharded_cache")
+    annotations = generate_split(root, "train", SyntheticSpec(images=12, seed=4, min_size=64, max_size=80))
+    dataset = load_coco_format(annotations, root / "images", name="toy")
+    run_extraction(dataset, CacheTarget(root / "cache"), encoders, ExtractConfig(num_workers=0, device="cpu", shard_size=2))
+    return root / "cache"
+
+
+def _losses(output) -> list[tuple[int, str]]:
+    with open(run_dir_for(output) / "metrics.csv") as handle:
+        return [(int(row["step"]), row["loss"]) for row in csv.DictReader(handle)]
+
+
+def _budget_gb(cache, shards: int) -> float:
+    largest = max(tree_bytes(p) for p in (cache / SHARDS_DIR).iterdir() if p.is_dir())
+    return shards * largest / 1e9
+
+
+CONFIG = TrainConfig(iterations=16, batch_size=2, lr=1e-3, warmup_iters=4, lr_steps=[10], max_boxes_per_image=3,
+                     checkpoint_every=4, device="cpu", order=TrainOrder.SHARDS, resident_shards=1)
+
+
+def test_training_through_a_small_local_cache_sees_the_same_batches(cache, tmp_path, workers=2):
+    reference = train_head(cache, tmp_path / "direct" / "head.safetensors", replace(CONFIG, num_workers=workers))
+    budget = _budget_gb(cache, 3)  # half the cache's 6 shards
+    config = replace(CONFIG, num_workers=workers, local_cache_dir=str(tmp_path / "local"), local_cache_gb=budget)
+    summary = train_head(cache, tmp_path / "local_copy" / "head.safetensors", config)
+    assert _losses(tmp_path / "local_copy" / "head.safetensors") == _losses(tmp_path / "direct" / "head.safetensors")
+    assert summary.final_loss == reference.final_loss
+    stats = summary.local_cache
+    assert 0 < stats.peak_disk_bytes <= budget * 1e9
+    cache_bytes = tree_bytes(cache / SHARDS_DIR)
+    epochs = 16 * 2 / 12
+    assert stats.fetched_bytes <= cache_bytes * (epochs + 1)  # each shard about once per epoch begun
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    from regionspot_cache.choices import TrainOrder
+    from regionspot_cache.config import TrainConfig
+    from regionspot_cache.train.loop import train_head
+    train_head(sys.argv[1], sys.argv[2], TrainConfig(iterations=16, batch_size=2, lr=1e-3, warmup_iters=4, lr_steps=[10],
+               max_boxes_per_image=3, checkpoint_every=4, device="cpu", order=TrainOrder.SHARDS, resident_shards=1,
+               local_cache_dir=sys.argv[3], local_cache_gb=float(sys.argv[4])))
+    """
+)
+
+
+def test_sigkill_then_resume_through_the_local_cache_repeats_the_losses(cache, tmp_path):
+    reference = tmp_path / "reference" / "head.safetensors"
+    train_head(cache, reference, CONFIG)
+    output, local, budget = tmp_path / "killed" / "head.safetensors", tmp_path / "local", _budget_gb(cache, 3)
+    process = subprocess.Popen([sys.executable, "-c", WORKER, str(cache), str(output), str(local), repr(budget)],
+                               stderr=subprocess.DEVNULL)
+    metrics = run_dir_for(output) / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) > 5:
+            break
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 4 < len(metrics.read_text().splitlines()) - 1 < 16, "the kill must land mid-run"
+    (local / "rank-0" / "0" / SHARDS_DIR / "999999.fetching").mkdir(parents=True)  # as a killed fetch leaves it
+    summary = train_head(cache, output, replace(CONFIG, local_cache_dir=str(local), local_cache_gb=budget))
+    assert _losses(output) == _losses(reference)
+    assert summary.local_cache.peak_disk_bytes <= budget * 1e9
+    assert not (local / "rank-0" / "0" / SHARDS_DIR / "999999.fetching").exists()
