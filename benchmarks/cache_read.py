@@ -46,8 +46,18 @@ CLASSES = 100
 def model_identities(shape: str, tokens: int, width: int, text_dim: int) -> dict:
     """``sam`` and ``clip`` of the provenance: typed identities, or the dicts of older checkouts."""
     sam = {"variant": "vit_b", "checkpoint_sha256": None, "input_size": 1024, "token_dim": 256, "preprocess": "", "token": ""}
-    clip = {"model": shape, "pretrained": None, "weights_sha256": None, "image_size": [224, 224], "width": width,
-            "num_tokens": tokens, "text_dim": text_dim, "logit_scale": 100.0, "preprocess": "", "feature_map": ""}
+    clip = {
+        "model": shape,
+        "pretrained": None,
+        "weights_sha256": None,
+        "image_size": [224, 224],
+        "width": width,
+        "num_tokens": tokens,
+        "text_dim": text_dim,
+        "logit_scale": 100.0,
+        "preprocess": "",
+        "feature_map": "",
+    }
     try:
         from regionspot_cache.cache.format import ClipIdentity, SamIdentity
     except ImportError:
@@ -59,24 +69,37 @@ def write_cache(root: Path, images: int, shape: str, boxes: int, shard_size: int
     tokens, width, text_dim = SHAPES[shape]
     extra = {} if feature_dtype == "float16" else {"feature_dtype": feature_dtype}  # older checkouts lack it
     provenance = Provenance(
-        dataset="bench", box_source="gt", shard_size=shard_size, planned_shards=-(-images // shard_size),
+        dataset="bench",
+        box_source="gt",
+        shard_size=shard_size,
+        planned_shards=-(-images // shard_size),
         **model_identities(shape, tokens, width, text_dim),
         **extra,
     )
     writer = CacheWriter(root, provenance)
     rng = np.random.default_rng(0)
-    writer.write_vocabulary("bench", [Category(i + 1, f"class {i}") for i in range(CLASSES)],
-                            rng.normal(size=(CLASSES, text_dim)).astype(np.float32))
+    writer.write_vocabulary(
+        "bench", [Category(i + 1, f"class {i}") for i in range(CLASSES)], rng.normal(size=(CLASSES, text_dim)).astype(np.float32)
+    )
     for shard, start in enumerate(range(0, images, shard_size)):
         batch = []
         for image_id in range(start, min(start + shard_size, images)):
             count = int(rng.integers(1, 2 * boxes))
             xy = rng.uniform(0, 400, size=(count, 2)).astype(np.float32)
-            box_set = BoxSet(np.concatenate([xy, xy + 50], axis=1), rng.integers(1, CLASSES + 1, count),
-                             np.ones(count, np.float32))
-            batch.append(ImageFeatures(image_id, f"{image_id}.jpg", 640, 480, box_set,
-                                       feature_map=rng.normal(size=(tokens, width)).astype(np.float16),
-                                       box_tokens=rng.normal(size=(count, 256)).astype(np.float16)))
+            box_set = BoxSet(
+                np.concatenate([xy, xy + 50], axis=1), rng.integers(1, CLASSES + 1, count), np.ones(count, np.float32)
+            )
+            batch.append(
+                ImageFeatures(
+                    image_id,
+                    f"{image_id}.jpg",
+                    640,
+                    480,
+                    box_set,
+                    feature_map=rng.normal(size=(tokens, width)).astype(np.float16),
+                    box_tokens=rng.normal(size=(count, 256)).astype(np.float16),
+                )
+            )
         writer.write_shard(shard, batch)
 
 
@@ -120,8 +143,9 @@ def measure_loader(regions: CachedRegions, args) -> dict:
             seconds = time.perf_counter() - started
             rates[workers].append(images / seconds)
             megabytes[workers].append(size / seconds / 1e6)
-    return {f"workers_{w}": {"images_per_s": median_spread(rates[w]), "MB_per_s": median_spread(megabytes[w])}
-            for w in args.workers}
+    return {
+        f"workers_{w}": {"images_per_s": median_spread(rates[w]), "MB_per_s": median_spread(megabytes[w])} for w in args.workers
+    }
 
 
 def measure_training(regions: CachedRegions, reader: CacheReader, args) -> dict:
@@ -153,8 +177,12 @@ def measure_training(regions: CachedRegions, reader: CacheReader, args) -> dict:
         for name, total in seconds.items():
             rates[name].append(args.steps * args.batch_size / total)
     ratios = [c / m for c, m in zip(rates["cache"], rates["memory"])]
-    return {"workers": args.train_workers, "cache_images_per_s": median_spread(rates["cache"]),
-            "memory_images_per_s": median_spread(rates["memory"]), "cache_vs_memory": median_spread(ratios)}
+    return {
+        "workers": args.train_workers,
+        "cache_images_per_s": median_spread(rates["cache"]),
+        "memory_images_per_s": median_spread(rates["memory"]),
+        "cache_vs_memory": median_spread(ratios),
+    }
 
 
 @torch.no_grad()
@@ -173,8 +201,11 @@ def measure_eval(reader: CacheReader, args) -> dict:
             tokens = torch.from_numpy(item.tokens).float()[None]
             region_logits(head(tokens, torch.from_numpy(item.feature_map).float()[None])[0], text, 100.0)
         forward.append((time.perf_counter() - started) / len(ids) * 1e3)
-    return {"read_ms_per_image": median_spread(read), "head_ms_per_image": median_spread(forward),
-            "read_vs_head": median_spread([r / f for r, f in zip(read, forward)])}
+    return {
+        "read_ms_per_image": median_spread(read),
+        "head_ms_per_image": median_spread(forward),
+        "read_vs_head": median_spread([r / f for r, f in zip(read, forward)]),
+    }
 
 
 def summary(figures: dict) -> dict:
@@ -214,9 +245,14 @@ def main() -> None:
         stored = warm_page_cache(root / "shards")
         reader = CacheReader(root)
         regions = CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=0)
-        figures = {"shape": args.shape, "images": len(reader), "feature_dtype": args.feature_dtype,
-                   "stored_bytes_per_image": stored / len(reader), "batch_size": args.batch_size,
-                   "cpu_threads": torch.get_num_threads()}
+        figures = {
+            "shape": args.shape,
+            "images": len(reader),
+            "feature_dtype": args.feature_dtype,
+            "stored_bytes_per_image": stored / len(reader),
+            "batch_size": args.batch_size,
+            "cpu_threads": torch.get_num_threads(),
+        }
         if "loader" not in skip:
             figures["loader"] = measure_loader(regions, args)
         if "train" not in skip:

@@ -146,10 +146,15 @@ def local_cache_training(root: Path, local: Path, args) -> dict:
     images_read = next(step) * args.batch_size
     cache.close()
     return {
-        "workers": args.train_workers, "budget_bytes": cache.budget, "cache_bytes": cache_bytes,
-        "local_cache_images_per_s": median_spread(rates["local_cache"]), "memory_images_per_s": median_spread(rates["memory"]),
+        "workers": args.train_workers,
+        "budget_bytes": cache.budget,
+        "cache_bytes": cache_bytes,
+        "local_cache_images_per_s": median_spread(rates["local_cache"]),
+        "memory_images_per_s": median_spread(rates["memory"]),
         "local_vs_memory": median_spread([c / m for c, m in zip(rates["local_cache"], rates["memory"])]),
-        "images_read": images_read, "fetched_bytes": cache.stats.fetched_bytes, "peak_disk_bytes": cache.stats.peak_disk_bytes,
+        "images_read": images_read,
+        "fetched_bytes": cache.stats.fetched_bytes,
+        "peak_disk_bytes": cache.stats.peak_disk_bytes,
     }
 
 
@@ -173,10 +178,15 @@ def fetch_epochs(root: Path, local: Path, args) -> dict:
         cache.delivered(step)
     cache.close()
     epochs = steps * args.batch_size / len(shards)
-    return {"epochs": epochs, "budget_vs_cache": cache.budget / cache_bytes, "seconds": time.perf_counter() - started,
-            "fetched_per_epoch_vs_cache": cache.stats.fetched_bytes / epochs / cache_bytes,
-            "peak_disk_vs_budget": cache.stats.peak_disk_bytes / cache.budget, "fetches": cache.stats.fetches,
-            "shards": int(len(np.unique(shards)))}
+    return {
+        "epochs": epochs,
+        "budget_vs_cache": cache.budget / cache_bytes,
+        "seconds": time.perf_counter() - started,
+        "fetched_per_epoch_vs_cache": cache.stats.fetched_bytes / epochs / cache_bytes,
+        "peak_disk_vs_budget": cache.stats.peak_disk_bytes / cache.budget,
+        "fetches": cache.stats.fetches,
+        "shards": int(len(np.unique(shards))),
+    }
 
 
 def main() -> None:
@@ -206,9 +216,16 @@ def main() -> None:
             write_cache(root, args.images, args.shape, args.boxes, args.shard_size, "float16")
         reader = CacheReader(root)
         shards = CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=0).shards()
-        figures = {"shape": args.shape, "images": len(reader), "shards": int(len(np.unique(shards))),
-                   "cache_bytes": tree_bytes(root / "shards"), "batch_size": args.batch_size, "resident": args.resident,
-                   "cpus": os.cpu_count(), "load_average": os.getloadavg()}
+        figures = {
+            "shape": args.shape,
+            "images": len(reader),
+            "shards": int(len(np.unique(shards))),
+            "cache_bytes": tree_bytes(root / "shards"),
+            "batch_size": args.batch_size,
+            "resident": args.resident,
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(),
+        }
         if "read" not in skip:
             orders = {"uniform": UniformOrder(len(shards), 0), "shards": ShardOrder(shards, 0, args.resident)}
             rates: dict[str, list[float]] = {"sequential": [], "uniform": [], "shards": []}
@@ -218,7 +235,8 @@ def main() -> None:
                     rates[name].append(ordered_read_mb_per_s(root, order, args))
             figures["cold_read_MB_per_s"] = {name: median_spread(values) for name, values in rates.items()}
             figures["cold_read_vs_sequential"] = {
-                name: median_spread([r / s for r, s in zip(rates[name], rates["sequential"])]) for name in orders}
+                name: median_spread([r / s for r, s in zip(rates[name], rates["sequential"])]) for name in orders
+            }
         if "fetch" not in skip:
             figures["fetch"] = fetch_epochs(root, Path(tmp) / "fetch", args)
         if "train" not in skip:

@@ -25,8 +25,12 @@ def one_run(demo_args: list[str]) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryDirectory(prefix="rs-cache-demo-") as workdir:
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "regionspot_cache", "demo", "--workdir", workdir, *demo_args],
-                       check=True, stdout=subprocess.DEVNULL, env={**os.environ, "RS_CACHE_PROGRESS_INTERVAL": "600"})
+        subprocess.run(
+            [sys.executable, "-m", "regionspot_cache", "demo", "--workdir", workdir, *demo_args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "RS_CACHE_PROGRESS_INTERVAL": "600"},
+        )
         wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall

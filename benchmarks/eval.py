@@ -53,8 +53,15 @@ def synthetic_lvis(images: int, categories: int, boxes_per_image: float, rng: np
     w, h = np.exp(rng.uniform(np.log(6), np.log(400), (2, len(classes))))
     x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
     annotations = [
-        {"id": i + 1, "image_id": int(img), "category_id": int(c) + 1, "bbox": [bx, by, bw, bh], "area": bw * bh,
-         "iscrowd": 0, "segmentation": [[bx, by, bx + bw, by, bx + bw, by + bh, bx, by + bh]]}
+        {
+            "id": i + 1,
+            "image_id": int(img),
+            "category_id": int(c) + 1,
+            "bbox": [bx, by, bw, bh],
+            "area": bw * bh,
+            "iscrowd": 0,
+            "segmentation": [[bx, by, bx + bw, by, bx + bw, by + bh, bx, by + bh]],
+        }
         for i, (img, c, bx, by, bw, bh) in enumerate(zip(*(a.tolist() for a in (image_ids, classes, x, y, w, h))))
     ]
     image_entries = []
@@ -63,10 +70,21 @@ def synthetic_lvis(images: int, categories: int, boxes_per_image: float, rng: np
         present = set(classes[starts[image_id - 1] : starts[image_id]].tolist())
         negatives = [int(c) + 1 for c in rng.choice(categories, 8, replace=False) if c not in present]
         not_exhaustive = [int(next(iter(present))) + 1] if rng.random() < 0.1 else []
-        image_entries.append({"id": image_id, "width": 640, "height": 480, "neg_category_ids": negatives,
-                              "not_exhaustive_category_ids": not_exhaustive, "file_name": f"{image_id:012d}.jpg"})
-    gt = {"images": image_entries, "annotations": annotations,
-          "categories": [{"id": i + 1, "name": f"class{i + 1}", "frequency": str(f)} for i, f in enumerate(frequency)]}
+        image_entries.append(
+            {
+                "id": image_id,
+                "width": 640,
+                "height": 480,
+                "neg_category_ids": negatives,
+                "not_exhaustive_category_ids": not_exhaustive,
+                "file_name": f"{image_id:012d}.jpg",
+            }
+        )
+    gt = {
+        "images": image_entries,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": f"class{i + 1}", "frequency": str(f)} for i, f in enumerate(frequency)],
+    }
     boxes = np.column_stack([image_ids, x, y, x + w, y + h, classes]).astype(np.float64)
     return gt, boxes
 
@@ -91,7 +109,8 @@ def run_protocol(config: EvalConfig, gt_lvis, boxes, embeddings, text, directory
     category_ids = np.arange(1, len(text) + 1)
     detections_from_logits(region_stream(boxes[:50], embeddings, text, 100.0), category_ids, config)  # warm-up
     detections, row["scoring_s"] = timed(
-        lambda: detections_from_logits(region_stream(boxes, embeddings, text, 100.0), category_ids, config))
+        lambda: detections_from_logits(region_stream(boxes, embeddings, text, 100.0), category_ids, config)
+    )
     row["detections"] = len(detections)
     _, row["writing_s"] = timed(write_results_json, detections, directory / f"results_{config.protocol}.json")
     with numpy_float_alias():
@@ -115,8 +134,12 @@ def main() -> None:
     parser.add_argument("--scoring", choices=["softmax", "sigmoid"], default="softmax")
     parser.add_argument("--fixed-dets-per-class", type=int, default=None)
     parser.add_argument("--compare", action="store_true", help="also time the old path (dicts + json.dumps, no pruning)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads: per-image tensors are small, "
-                        "and on a busy machine more threads mostly contend (0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads: per-image tensors are small, and on a busy machine more threads mostly contend (0: torch's default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the measurements here")
     args = parser.parse_args()
@@ -131,10 +154,14 @@ def main() -> None:
     true_text = text[torch.from_numpy(boxes[:, 5].astype(np.int64))]
     embeddings = torch.nn.functional.normalize(true_text + 0.7 * noise, dim=-1)
     per_class = args.fixed_dets_per_class or max(1, round(10_000 * args.images / LVIS_VAL_IMAGES))
-    configs = [EvalConfig(protocol=p, scoring=args.scoring, fixed_dets_per_class=per_class, device="cpu")
-               for p in (["standard", "fixed"] if args.protocol == "both" else [args.protocol])]
-    print(f"{args.images} images, {args.categories} categories, {len(boxes)} boxes ({len(boxes) / args.images:.1f}/image), "
-          f"{args.scoring} scoring; fixed protocol: {per_class} detections per class")
+    configs = [
+        EvalConfig(protocol=p, scoring=args.scoring, fixed_dets_per_class=per_class, device="cpu")
+        for p in (["standard", "fixed"] if args.protocol == "both" else [args.protocol])
+    ]
+    print(
+        f"{args.images} images, {args.categories} categories, {len(boxes)} boxes ({len(boxes) / args.images:.1f}/image), "
+        f"{args.scoring} scoring; fixed protocol: {per_class} detections per class"
+    )
     from lvis import LVIS
 
     rows = []
@@ -153,13 +180,20 @@ def main() -> None:
 
 def print_row(row: dict, images: int) -> None:
     lvis = row["lvis_s"]
-    print(f"\n{row['protocol']} protocol: {row['detections']} detections ({row['detections'] / images:.0f}/image), "
-          + " ".join(f"{name} {percent(row[name])}" for name in FREQUENCY_METRICS))
+    print(
+        f"\n{row['protocol']} protocol: {row['detections']} detections ({row['detections'] / images:.0f}/image), "
+        + " ".join(f"{name} {percent(row[name])}" for name in FREQUENCY_METRICS)
+    )
     print(f"  {'stage':40s} {'seconds':>9s} {'ms/image':>9s} {'x LVIS':>8s}")
-    stages = [("(a) scoring: logits -> top-k -> detections", "scoring_s"), ("(b) writing the results JSON", "writing_s"),
-              ("(c) LVISResults + LVISEval.run", "lvis_s"), ("    loading the ground truth (lvis.LVIS)", "gt_load_s"),
-              ("old: a dict per detection", "old_records_s"), ("old: json.dumps + write", "old_writing_s"),
-              ("old: LVIS given every detection", "old_lvis_s")]
+    stages = [
+        ("(a) scoring: logits -> top-k -> detections", "scoring_s"),
+        ("(b) writing the results JSON", "writing_s"),
+        ("(c) LVISResults + LVISEval.run", "lvis_s"),
+        ("    loading the ground truth (lvis.LVIS)", "gt_load_s"),
+        ("old: a dict per detection", "old_records_s"),
+        ("old: json.dumps + write", "old_writing_s"),
+        ("old: LVIS given every detection", "old_lvis_s"),
+    ]
     for name, key in stages:
         if key in row:
             print(f"  {name:40s} {row[key]:9.2f} {1000 * row[key] / images:9.2f} {row[key] / lvis:8.3f}")

@@ -55,8 +55,9 @@ def released_flow(dataset: DetectionDataset, encoders: FrozenEncoders, out_dir: 
             captured.clear()
             with torch.no_grad():
                 if len(boxes):
-                    predictor.predict_torch(None, None, boxes=predictor.transform.apply_boxes_torch(boxes, pixels.shape[:2]),
-                                            multimask_output=False)
+                    predictor.predict_torch(
+                        None, None, boxes=predictor.transform.apply_boxes_torch(boxes, pixels.shape[:2]), multimask_output=False
+                    )
                 feature_map = clip.feature_maps(clip.preprocess(image)[None].to(clip.device))[0]
             tokens = torch.cat(captured) if captured else torch.zeros(0, 256, device=predictor.device)
             torch.save({"mask_tokens": tokens.cpu(), "clip_feature_map": feature_map.cpu()}, out_dir / f"{entry.id}.pth")
@@ -183,8 +184,11 @@ def main() -> None:
         peak = matmul_rate(device, peak_dtype)
         sam_rates = sam_encoder_alone(encoders, device, [int(b) for b in args.sam_batches.split(",")])
         best_sam = max(sam_rates, key=sam_rates.get)
-        image_bytes = sum((root / "images" / "bench" / e.file_name.split("/")[-1]).stat().st_size
-                          for e in dataset.images if (root / "images" / "bench" / e.file_name.split("/")[-1]).is_file())
+        image_bytes = sum(
+            (root / "images" / "bench" / e.file_name.split("/")[-1]).stat().st_size
+            for e in dataset.images
+            if (root / "images" / "bench" / e.file_name.split("/")[-1]).is_file()
+        )
         reader = CacheReader(root / "cache")
         token_error = max(relative_error(reader.image(i).tokens, reference[i][0]) for i in reference if len(reference[i][0]))
         map_error = max(relative_error(reader.image(i).feature_map, reference[i][1]) for i in reference)
@@ -193,7 +197,10 @@ def main() -> None:
     figures = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "models": "SAM ViT-B + CLIP ViT-L/14@224 (random weights)" if args.real_size else "tiny SAM + tiny CLIP",
-        "images": args.images, "boxes": boxes, "batch_size": args.batch_size, "workers": args.workers,
+        "images": args.images,
+        "boxes": boxes,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
         "released_images_per_s": args.images / released_seconds,
         "ours_images_per_s": args.images / ours_seconds,
         "speedup": released_seconds / ours_seconds,

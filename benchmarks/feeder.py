@@ -78,14 +78,22 @@ def write_dataset(root: Path, size: tuple[int, int], count: int):
 
 
 def preprocessors(preprocess: str) -> tuple[SamResize, ClipPreprocess]:
-    return SamResize(1024, test_resize_for(preprocess)), ClipPreprocess((224, 224), OPENAI_MEAN, OPENAI_STD, "bicubic",
-                                                                         preprocess)
+    return SamResize(1024, test_resize_for(preprocess)), ClipPreprocess(
+        (224, 224), OPENAI_MEAN, OPENAI_STD, "bicubic", preprocess
+    )
 
 
 def reader_for(path: str, dataset, preprocess: str) -> ImageReader:
     sam, clip = preprocessors(preprocess)
-    return ImageReader(dataset, dataset.images, sam, clip, 100_000_000, load=load_rgb if path == "today" else read_rgb,
-                       device_decode=path == "device")
+    return ImageReader(
+        dataset,
+        dataset.images,
+        sam,
+        clip,
+        100_000_000,
+        load=load_rgb if path == "today" else read_rgb,
+        device_decode=path == "device",
+    )
 
 
 def per_image_ms(reader: ImageReader, repeats: int) -> np.ndarray:
@@ -114,8 +122,10 @@ def loader_core_ms(reader: ImageReader, workers: int, epochs: int) -> float:
 
 def cpu_table(images: int, repeats: int, epochs: int) -> None:
     print(f"torch threads {torch.get_num_threads()}; {images} images per size, {repeats} repeats; ms per image per core")
-    print(f"{'size':<15} {'preprocess':<9} {'path':<7} {'median':>7} {'p25-p75':>13} {'cores@400/s':>11} "
-          f"{'1 worker':>9} {'2 workers':>9} {'vs today':>8}")
+    print(
+        f"{'size':<15} {'preprocess':<9} {'path':<7} {'median':>7} {'p25-p75':>13} {'cores@400/s':>11} "
+        f"{'1 worker':>9} {'2 workers':>9} {'vs today':>8}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for label, size in SIZES.items():
             dataset = write_dataset(Path(tmp) / label.split()[0], size, images)
@@ -127,9 +137,11 @@ def cpu_table(images: int, repeats: int, epochs: int) -> None:
                     median = float(np.median(times))
                     today = today or median
                     workers = [loader_core_ms(reader, n, epochs) for n in (1, 2)]
-                    print(f"{label:<15} {preprocess:<9} {path:<7} {median:7.2f} "
-                          f"{np.percentile(times, 25):6.2f}-{np.percentile(times, 75):6.2f} "
-                          f"{TARGET * median / 1e3:11.2f} {workers[0]:9.2f} {workers[1]:9.2f} {median / today:8.2f}")
+                    print(
+                        f"{label:<15} {preprocess:<9} {path:<7} {median:7.2f} "
+                        f"{np.percentile(times, 25):6.2f}-{np.percentile(times, 75):6.2f} "
+                        f"{TARGET * median / 1e3:11.2f} {workers[0]:9.2f} {workers[1]:9.2f} {median / today:8.2f}"
+                    )
 
 
 def gpu_throughput(images: int, batch_size: int, batches: int, tiny: bool) -> None:
@@ -160,8 +172,10 @@ def gpu_throughput(images: int, batch_size: int, batches: int, tiny: bool) -> No
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        print(f"{label}: {batches * batch_size / (time.perf_counter() - started):.1f} images/s "
-              f"(batches of {batch_size}, 1024x768 JPEG q90, {device})")
+        print(
+            f"{label}: {batches * batch_size / (time.perf_counter() - started):.1f} images/s "
+            f"(batches of {batch_size}, 1024x768 JPEG q90, {device})"
+        )
 
     def encode() -> None:
         ready = pixels(batch)

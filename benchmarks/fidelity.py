@@ -32,8 +32,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def images(demo_count: int, workdir: Path) -> list[tuple[str, Image.Image]]:
     sample_data = Path(matplotlib.get_data_path()) / "sample_data"
-    found = [(f"photo {name}", Image.open(sample_data / name).convert("RGB"))
-             for name in PHOTOS if (sample_data / name).is_file()]
+    found = [
+        (f"photo {name}", Image.open(sample_data / name).convert("RGB")) for name in PHOTOS if (sample_data / name).is_file()
+    ]
     generate_split(workdir, "val", SyntheticSpec(images=demo_count, seed=0))
     demo = sorted((workdir / "images").rglob("*.jpg")) + sorted((workdir / "images").rglob("*.png"))
     return found + [(f"demo {path.name}", Image.open(path).convert("RGB")) for path in demo[:demo_count]]
@@ -52,9 +53,16 @@ def main() -> None:
         for name, image in images(args.demo_images, Path(workdir)):
             pixels_d, pixels_r = direct.preprocess(image), released.preprocess(image)
             maps_d, maps_r = direct.feature_maps(pixels_d[None])[0], released.feature_maps(pixels_r[None])[0]
-            per_token = ((maps_r - maps_d).norm(dim=-1) / maps_d.norm(dim=-1))
-            rows.append((name, f"{image.width}x{image.height}", relative_error(pixels_r, pixels_d),
-                         relative_error(maps_r, maps_d), float(per_token.max())))
+            per_token = (maps_r - maps_d).norm(dim=-1) / maps_d.norm(dim=-1)
+            rows.append(
+                (
+                    name,
+                    f"{image.width}x{image.height}",
+                    relative_error(pixels_r, pixels_d),
+                    relative_error(maps_r, maps_d),
+                    float(per_token.max()),
+                )
+            )
     print("| image | size | pixels rel. error | feature map rel. error | worst token |")
     print("|---|---|---|---|---|")
     for name, size, pixels, maps, worst in rows:
@@ -62,8 +70,10 @@ def main() -> None:
     for kind in ("photo", "demo"):
         values = [r[3] for r in rows if r[0].startswith(kind)]
         if values:
-            print(f"\n{kind}: feature map rel. error median {np.median(values):.4f}, "
-                  f"min {min(values):.4f}, max {max(values):.4f} over {len(values)} images")
+            print(
+                f"\n{kind}: feature map rel. error median {np.median(values):.4f}, "
+                f"min {min(values):.4f}, max {max(values):.4f} over {len(values)} images"
+            )
 
 
 if __name__ == "__main__":

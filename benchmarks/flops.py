@@ -77,8 +77,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # open_clip warns that random weights are random
     torch.manual_seed(0)
-    print("| recipe | SAM | CLIP | SAM image GFLOPs | SAM GFLOPs/box | CLIP GFLOPs | total GFLOPs/image (+100 boxes) "
-          "| cache bytes/image (map) | bytes/box |")
+    print(
+        "| recipe | SAM | CLIP | SAM image GFLOPs | SAM GFLOPs/box | CLIP GFLOPs | total GFLOPs/image (+100 boxes) "
+        "| cache bytes/image (map) | bytes/box |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for recipe in RECIPES:
         if args.only and recipe.name not in args.only:
@@ -86,8 +88,11 @@ def main() -> None:
         sam_image, sam_box = sam_flops(recipe.sam_variant)
         clip, map_bytes = clip_flops_and_bytes(recipe.clip_model)
         total = sam_image + clip + 100 * sam_box
-        print(f"| {recipe.name} | {recipe.sam_variant} | {recipe.clip_model} | {sam_image / 1e9:.1f} | {sam_box / 1e9:.3f} "
-              f"| {clip / 1e9:.1f} | {total / 1e9:.1f} | {map_bytes:,} | {FLOAT16_BYTES * 256} |", flush=True)
+        print(
+            f"| {recipe.name} | {recipe.sam_variant} | {recipe.clip_model} | {sam_image / 1e9:.1f} | {sam_box / 1e9:.3f} "
+            f"| {clip / 1e9:.1f} | {total / 1e9:.1f} | {map_bytes:,} | {FLOAT16_BYTES * 256} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

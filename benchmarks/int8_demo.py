@@ -49,13 +49,22 @@ def int8_copy(source: Path, target: Path) -> None:
             status, reason = reader.status(image_id)
             if status != "ok":
                 row = reader.images.slice(reader.row_of(image_id), 1).to_pylist()[0]
-                images.append(ImageFeatures(image_id, row["file_name"], row["width"], row["height"],
-                                            status=status, reason=reason))
+                images.append(
+                    ImageFeatures(image_id, row["file_name"], row["width"], row["height"], status=status, reason=reason)
+                )
                 continue
             item = reader.image(image_id)
-            images.append(ImageFeatures(image_id, item.file_name, item.width, item.height,
-                                        BoxSet(item.boxes, item.category_ids, item.scores),
-                                        feature_map=item.feature_map, box_tokens=item.tokens))
+            images.append(
+                ImageFeatures(
+                    image_id,
+                    item.file_name,
+                    item.width,
+                    item.height,
+                    BoxSet(item.boxes, item.category_ids, item.scores),
+                    feature_map=item.feature_map,
+                    box_tokens=item.tokens,
+                )
+            )
         writer.write_shard(int(shard), images)
 
 
@@ -102,17 +111,24 @@ def one_seed(work: Path, seed: int, args: argparse.Namespace) -> dict:
     for split, cache in caches.items():
         int8_copy(cache, int8 / split)
     val_json = work / "float16" / "data" / "val.json"  # written by the demo's generate_split
-    heads = {"float16": work / "float16" / "head" / "head.safetensors", "int8": int8 / "head.safetensors",
-             "reseeded": work / "float16-reseeded.safetensors"}
+    heads = {
+        "float16": work / "float16" / "head" / "head.safetensors",
+        "int8": int8 / "head.safetensors",
+        "reseeded": work / "float16-reseeded.safetensors",
+    }
     train_head(int8 / "train", heads["int8"], config.train)
     config.train.seed = seed + 1000
     train_head(caches["train"], heads["reseeded"], config.train)
-    ap = {"float16": half.trained["AP"], "int8": score(heads["int8"], int8 / "val", val_json, config),
-          "float16_head_on_int8_val": score(heads["float16"], int8 / "val", val_json, config),
-          "int8_head_on_float16_val": score(heads["int8"], caches["val"], val_json, config),
-          "float16_other_training_seed": score(heads["reseeded"], caches["val"], val_json, config)}
+    ap = {
+        "float16": half.trained["AP"],
+        "int8": score(heads["int8"], int8 / "val", val_json, config),
+        "float16_head_on_int8_val": score(heads["float16"], int8 / "val", val_json, config),
+        "int8_head_on_float16_val": score(heads["int8"], caches["val"], val_json, config),
+        "float16_other_training_seed": score(heads["reseeded"], caches["val"], val_json, config),
+    }
     return {
-        "seed": seed, "AP": ap,
+        "seed": seed,
+        "AP": ap,
         "int8_minus_float16_points": 100 * (ap["int8"] - ap["float16"]),
         "inference_only_points": 100 * (ap["float16_head_on_int8_val"] - ap["float16"]),
         "training_seed_effect_points": 100 * (ap["float16_other_training_seed"] - ap["float16"]),
@@ -141,7 +157,9 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)  # a long run shows each seed as it ends
     bytes_ratio = [r["feature_bytes_per_image"]["int8"] / r["feature_bytes_per_image"]["float16"] for r in runs]
     figures = {
-        "train_images": args.train_images, "val_images": args.val_images, "runs": runs,
+        "train_images": args.train_images,
+        "val_images": args.val_images,
+        "runs": runs,
         "int8_vs_float16_bytes": spread(bytes_ratio),
         "int8_minus_float16_points": spread([r["int8_minus_float16_points"] for r in runs]),
         "inference_only_points": spread([r["inference_only_points"] for r in runs]),

@@ -47,8 +47,9 @@ def child(attention: str, batch: int, images: int) -> dict:
     torch.manual_seed(0)
     device = torch.device("cpu")
     spec = ModelsConfig(SamSpec("vit_b", None), ClipSpec(CLIP_MODEL, None))
-    encoders = FrozenEncoders(SamBoxEncoder(build_sam("vit_b", None, attention), device),
-                              load_clip(CLIP_MODEL, None, device), spec)
+    encoders = FrozenEncoders(
+        SamBoxEncoder(build_sam("vit_b", None, attention), device), load_clip(CLIP_MODEL, None, device), spec
+    )
     loaded_gb = _rss_gb()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -83,8 +84,10 @@ def cpu_table(args: argparse.Namespace) -> None:
     for r in rows:
         print(f"| {r['attention']} | {r['batch']} | {r['images']} | {r['loaded_gb']:.2f} | {r['peak_gb']:.2f} |")
     slopes = {a: slope_gb_per_image([r for r in rows if r["attention"] == a]) for a in ("eager", "sdpa")}
-    print(f"peak GB per image in the batch (slope): eager {slopes['eager']:.2f}, sdpa {slopes['sdpa']:.2f}, "
-          f"ratio {slopes['sdpa'] / slopes['eager']:.2f}")
+    print(
+        f"peak GB per image in the batch (slope): eager {slopes['eager']:.2f}, sdpa {slopes['sdpa']:.2f}, "
+        f"ratio {slopes['sdpa'] / slopes['eager']:.2f}"
+    )
 
 
 def gpu_table(args: argparse.Namespace) -> None:
@@ -117,8 +120,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--eager-batches", type=int, nargs="*", default=[1, 2, 4],
-                        help="eager at batch 8 needs about 21 GB: leave it out on a small machine")
+    parser.add_argument(
+        "--eager-batches",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4],
+        help="eager at batch 8 needs about 21 GB: leave it out on a small machine",
+    )
     parser.add_argument("--gpu", action="store_true", help="the CUDA encoder-alone table instead of the CPU one")
     parser.add_argument("--jobs", type=int, default=1, help="CPU table: extractions run side by side")
     parser.add_argument("--warmup", type=int, default=2)

@@ -63,8 +63,9 @@ def test_logits(cache: Path, head_path: Path, vocabulary: str, held_out: set[int
     logits, truth = [], []
     for image_id in reader.image_ids():
         item = reader.image(image_id)
-        regions = head(torch.from_numpy(item.tokens.astype(np.float32))[None],
-            torch.from_numpy(item.feature_map.astype(np.float32))[None])[0]
+        regions = head(
+            torch.from_numpy(item.tokens.astype(np.float32))[None], torch.from_numpy(item.feature_map.astype(np.float32))[None]
+        )[0]
         logits.append(region_logits(regions, text, reader.provenance.clip.logit_scale))
         truth.append(item.category_ids)
     logits, count = torch.cat(logits), int(known.sum())
@@ -77,8 +78,12 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=96)
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--held-out", type=int, nargs="+", default=[3, 6, 9, 12], help="category ids (1-12) held out")
-    parser.add_argument("--setting", choices=["vocabulary", "training"], default="vocabulary",
-                        help="held out of the test vocabulary only, or of the training labels too")
+    parser.add_argument(
+        "--setting",
+        choices=["vocabulary", "training"],
+        default="vocabulary",
+        help="held out of the test vocabulary only, or of the training labels too",
+    )
     parser.add_argument("--prompts", nargs="+", default=["background"], help="background prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -97,31 +102,55 @@ def main() -> None:
         for name, annotations in (("train", train_json), ("test", test_json)):
             dataset = load_coco_format(annotations, root / "images", name=f"openset_{name}")
             run_extraction(dataset, CacheTarget(root / "cache" / name), encoders, extract)
-        config = TrainConfig(iterations=args.iterations, batch_size=8, lr=1e-3, warmup_iters=100,
-                             lr_steps=[int(0.8 * args.iterations)], max_boxes_per_image=16, tensorboard=False,
-                             seed=args.seed, device="cpu", checkpoint_every=10**9)
+        config = TrainConfig(
+            iterations=args.iterations,
+            batch_size=8,
+            lr=1e-3,
+            warmup_iters=100,
+            lr_steps=[int(0.8 * args.iterations)],
+            max_boxes_per_image=16,
+            tensorboard=False,
+            seed=args.seed,
+            device="cpu",
+            checkpoint_every=10**9,
+        )
         train_head(root / "cache" / "train", root / "head.safetensors", config)
-        logits, background, truth, known_ids = test_logits(root / "cache" / "test", root / "head.safetensors",
-                                                           "openset_train", held_out, args.prompts, encoders)
+        logits, background, truth, known_ids = test_logits(
+            root / "cache" / "test", root / "head.safetensors", "openset_train", held_out, args.prompts, encoders
+        )
     is_known = np.isin(truth, known_ids)
     correct = known_ids[logits.argmax(dim=1).numpy()] == truth
     where = "the test vocabulary" if args.setting == "vocabulary" else "the training labels and the test vocabulary"
-    print(f"{int(is_known.sum())} known and {int((~is_known).sum())} held-out test boxes; "
-          f"held out of {where}: {sorted(held_out)}; "
-          f"closed-set accuracy on known boxes {correct[is_known].mean():.3f}")
+    print(
+        f"{int(is_known.sum())} known and {int((~is_known).sum())} held-out test boxes; "
+        f"held out of {where}: {sorted(held_out)}; "
+        f"closed-set accuracy on known boxes {correct[is_known].mean():.3f}"
+    )
     print("| rule | AUROC known vs held-out | known acc. at 95% known recall | held-out rejected |")
     print("|---|---:|---:|---:|")
     rows = {}
     for rule in RULES:
         known = known_scores(logits, rule, background).numpy()
         threshold, accuracy = accuracy_at_known_recall(known[is_known], correct[is_known])
-        rows[rule] = {"auroc": auroc(known[is_known], known[~is_known]), "known_accuracy_at_95_recall": accuracy,
-                      "held_out_rejected": float((known[~is_known] < threshold).mean())}
+        rows[rule] = {
+            "auroc": auroc(known[is_known], known[~is_known]),
+            "known_accuracy_at_95_recall": accuracy,
+            "held_out_rejected": float((known[~is_known] < threshold).mean()),
+        }
         print(f"| {rule} | {rows[rule]['auroc']:.3f} | {accuracy:.3f} | {rows[rule]['held_out_rejected']:.3f} |")
     if args.output:
-        args.output.write_text(json.dumps({
-            "setting": args.setting, "known_boxes": int(is_known.sum()), "held_out_boxes": int((~is_known).sum()),
-            "closed_set_accuracy": float(correct[is_known].mean()), "rules": rows}, indent=2))
+        args.output.write_text(
+            json.dumps(
+                {
+                    "setting": args.setting,
+                    "known_boxes": int(is_known.sum()),
+                    "held_out_boxes": int((~is_known).sum()),
+                    "closed_set_accuracy": float(correct[is_known].mean()),
+                    "rules": rows,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -62,9 +62,16 @@ def measure(model_dir: Path, names: list[str], args: argparse.Namespace) -> dict
         if torch.cuda.is_available() and args.device != "cpu":
             torch.cuda.synchronize()
         rounds.append((time.perf_counter() - started) / len(pictures))
-    return {"detector": detector.family, "model": str(model_dir.name), "classes": len(names),
-            "chunks": len(detector.chunks(names, args.chunk_size)), "size": f"{args.size}x{args.size * 3 // 4}",
-            "median": statistics.median(rounds), "min": min(rounds), "max": max(rounds)}
+    return {
+        "detector": detector.family,
+        "model": str(model_dir.name),
+        "classes": len(names),
+        "chunks": len(detector.chunks(names, args.chunk_size)),
+        "size": f"{args.size}x{args.size * 3 // 4}",
+        "median": statistics.median(rounds),
+        "min": min(rounds),
+        "max": max(rounds),
+    }
 
 
 def main() -> None:
@@ -86,13 +93,17 @@ def main() -> None:
     names = vocabulary(args.classes, args.lvis)
     with tempfile.TemporaryDirectory() as scratch:
         models = [resolve_model_dir(m) for m in args.real] or [
-            write_tiny_grounding_dino(Path(scratch) / "tiny-grounding-dino"), write_tiny_owlv2(Path(scratch) / "tiny-owlv2")]
+            write_tiny_grounding_dino(Path(scratch) / "tiny-grounding-dino"),
+            write_tiny_owlv2(Path(scratch) / "tiny-owlv2"),
+        ]
         rows = [measure(model, names, args) for model in models]
     print(f"| detector | model | classes | chunks | image | s / image, median [min-max] over {args.repeats} rounds |")
     print("|---|---|---:|---:|---|---|")
     for r in rows:
-        print(f"| {r['detector']} | {r['model']} | {r['classes']} | {r['chunks']} | {r['size']} | "
-              f"{r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] |")
+        print(
+            f"| {r['detector']} | {r['model']} | {r['classes']} | {r['chunks']} | {r['size']} | "
+            f"{r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] |"
+        )
     print(f"\ndevice {args.device}, torch threads {torch.get_num_threads()}, top K {args.top_k}, chunk size {args.chunk_size}")
 
 

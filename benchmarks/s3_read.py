@@ -88,13 +88,24 @@ def main() -> None:
     loader = {flow: [round_[flow]["MB_per_s"]["median"] for round_ in loader_rounds] for flow in loader_rounds[0]}
     images = {flow: [round_[flow]["images_per_s"]["median"] for round_ in loader_rounds] for flow in loader_rounds[0]}
     raw_median = median_spread(raw)["median"]
-    figures = {"cache_url": args.cache_url, "shape": args.shape, "images": len(reader), "stored_shard_bytes": stored,
-               "raw_get_MB_per_s": median_spread(raw),
-               "loader": {flow: {"MB_per_s": median_spread(loader[flow]), "images_per_s": median_spread(images[flow]),
-                                 "of_raw_get": round(median_spread(loader[flow])["median"] / raw_median, 3)}
-                          for flow in loader},
-               "local_copy_loader_MB_per_s": {flow: median_spread([r[flow]["MB_per_s"]["median"] for r in local_rounds])
-                                              for flow in loader}}
+    figures = {
+        "cache_url": args.cache_url,
+        "shape": args.shape,
+        "images": len(reader),
+        "stored_shard_bytes": stored,
+        "raw_get_MB_per_s": median_spread(raw),
+        "loader": {
+            flow: {
+                "MB_per_s": median_spread(loader[flow]),
+                "images_per_s": median_spread(images[flow]),
+                "of_raw_get": round(median_spread(loader[flow])["median"] / raw_median, 3),
+            }
+            for flow in loader
+        },
+        "local_copy_loader_MB_per_s": {
+            flow: median_spread([r[flow]["MB_per_s"]["median"] for r in local_rounds]) for flow in loader
+        },
+    }
     print(json.dumps(figures, indent=1))
 
 

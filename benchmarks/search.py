@@ -59,8 +59,10 @@ def embedding_rate(images: int, repeats: int) -> None:
         head = RegionSpotHead(HeadConfig(clip_width=reader.provenance.clip.width, text_dim=reader.provenance.clip.text_dim))
         times = timed(lambda: build_index(reader, head, torch.device("cpu"), 32), repeats)
         rate = len(reader.boxes) / statistics.median(times)
-        print(f"embedding: {len(reader.boxes)} regions of {images} images (tiny CLIP, full-size head), "
-              f"{rate:.0f} regions/s; {spread(times)} per build")
+        print(
+            f"embedding: {len(reader.boxes)} regions of {images} images (tiny CLIP, full-size head), "
+            f"{rate:.0f} regions/s; {spread(times)} per build"
+        )
 
 
 def query_latency(sizes: list[int], dim: int, repeats: int, top: int) -> None:

@@ -107,10 +107,13 @@ def main() -> None:
 
         sources = MultiSourceRegions([regions])
         plan = BatchPlan(sources.sizes(), [1.0], args.batch_size, seed=0)
-        cache_loader = region_loader(sources, RankBatchSampler(plan, 0), args.workers, config.prefetch_batches,
-                                     pin_memory=device.type == "cuda")
-        in_memory = [collate_regions([regions[(0, i)] for i in range(s, s + args.batch_size)])
-                     for s in range(0, len(regions) - args.batch_size + 1, args.batch_size)]
+        cache_loader = region_loader(
+            sources, RankBatchSampler(plan, 0), args.workers, config.prefetch_batches, pin_memory=device.type == "cuda"
+        )
+        in_memory = [
+            collate_regions([regions[(0, i)] for i in range(s, s + args.batch_size)])
+            for s in range(0, len(regions) - args.batch_size + 1, args.batch_size)
+        ]
         memory_batches = (in_memory[i % len(in_memory)] for i in range(10**9))
         rates = {}
         released = released_batches(regions, reader, encoders.clip, root / "images", args.batch_size, device)
@@ -120,7 +123,9 @@ def main() -> None:
     figures = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "clip": "ViT-L/14@224 (random weights)" if args.real_size else "tiny",
-        "batch_size": args.batch_size, "steps": args.steps, "workers": args.workers,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "workers": args.workers,
         **{f"{name}_samples_per_s": rate for name, rate in rates.items()},
         "cache_vs_memory": rates["cache"] / rates["memory"],
         "cache_vs_released": rates["cache"] / rates["released"],

@@ -79,13 +79,22 @@ def prepare_caches(workdir: Path, args: argparse.Namespace) -> tuple[dict[str, P
     return caches, val_json
 
 
-def train_and_evaluate(workdir: Path, caches: dict[str, Path], val_json: Path, condition: str, seed: int,
-                       iterations: int) -> float:
+def train_and_evaluate(
+    workdir: Path, caches: dict[str, Path], val_json: Path, condition: str, seed: int, iterations: int
+) -> float:
     """AP on the validation split of a head trained ``iterations`` steps on ``condition``'s cache."""
     scale = iterations / 2000  # the demo's schedule, shortened
-    config = replace(demo_train_config(), iterations=iterations, warmup_iters=max(1, round(100 * scale)),
-                     lr_steps=[round(1600 * scale), round(1900 * scale)], seed=seed, tensorboard=False,
-                     checkpoint_every=iterations, views=["identity"] if condition == CONDITIONS[0] else [], device="cpu")
+    config = replace(
+        demo_train_config(),
+        iterations=iterations,
+        warmup_iters=max(1, round(100 * scale)),
+        lr_steps=[round(1600 * scale), round(1900 * scale)],
+        seed=seed,
+        tensorboard=False,
+        checkpoint_every=iterations,
+        views=["identity"] if condition == CONDITIONS[0] else [],
+        device="cpu",
+    )
     output = workdir / "heads" / f"{condition.replace(' ', '-')}-{seed}.safetensors"
     train_head(caches[condition], output, config, resume=False)
     head, _ = load_head(output)
@@ -93,8 +102,10 @@ def train_and_evaluate(workdir: Path, caches: dict[str, Path], val_json: Path, c
 
 
 def print_table(results: dict[str, list[float]], args: argparse.Namespace) -> None:
-    print(f"\n{args.train_images} training images, views {args.views}, {args.iterations} iterations, "
-          f"{args.seeds} seeds (AP on {args.val_images} validation images)")
+    print(
+        f"\n{args.train_images} training images, views {args.views}, {args.iterations} iterations, "
+        f"{args.seeds} seeds (AP on {args.val_images} validation images)"
+    )
     print("| training data | AP mean | AP std | min | max |")
     print("|---|---|---|---|---|")
     for condition, values in results.items():

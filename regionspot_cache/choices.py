@@ -97,8 +97,10 @@ _SAM_STEPS = {
     Preprocessing.RELEASED: "detectron2 test resize (short 800, max 1333, PIL bilinear uint8), boxes scaled to it; "
     "then ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
 }
-_RELEASED_CLIP_STEPS = ("detectron2 test resize (short 800, max 1333, PIL bilinear uint8); float [0, 1]; "
-                        "torchvision tensor resize bilinear antialias=False (no crop), mean/std")
+_RELEASED_CLIP_STEPS = (
+    "detectron2 test resize (short 800, max 1333, PIL bilinear uint8); float [0, 1]; "
+    "torchvision tensor resize bilinear antialias=False (no crop), mean/std"
+)
 
 
 class TextRecipe(Choice):
@@ -174,7 +176,7 @@ class OpenSetRule(Choice):
             import torch
 
             both = torch.cat([logits, background_logits.double()], dim=-1).softmax(dim=-1)
-            return 1.0 - both[:, logits.shape[1]:].sum(dim=-1)
+            return 1.0 - both[:, logits.shape[1] :].sum(dim=-1)
         return logits.new_ones(logits.shape[0])
 
 

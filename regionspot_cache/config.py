@@ -55,8 +55,17 @@ def one_of(*choices: Any) -> dict[str, Any]:
 DEVICE = {"device": True}  # "auto", "cpu", "mps", "cuda" or "cuda:N"
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # The keys of encoders.sam.SAM_ARCHITECTURES (SAM 1) and encoders.sam2.SAM2_ARCHITECTURES (SAM 2.1).
-SAM_VARIANTS = ("vit_b", "vit_l", "vit_h", "tiny", "sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus",
-                "sam2.1_hiera_large", "sam2_tiny")
+SAM_VARIANTS = (
+    "vit_b",
+    "vit_l",
+    "vit_h",
+    "tiny",
+    "sam2.1_hiera_tiny",
+    "sam2.1_hiera_small",
+    "sam2.1_hiera_base_plus",
+    "sam2.1_hiera_large",
+    "sam2_tiny",
+)
 
 
 class Validated:
@@ -252,8 +261,10 @@ class TrainConfig(Validated):
 
     def check_relations(self) -> None:
         if self.local_cache_dir is not None and not self.order.by_shards:
-            raise ConfigError(f"train.local_cache_dir needs train.order = {TrainOrder.SHARDS!r}: the {self.order!r} "
-                              "order reads every shard all the time, so a partial local copy would be refetched endlessly")
+            raise ConfigError(
+                f"train.local_cache_dir needs train.order = {TrainOrder.SHARDS!r}: the {self.order!r} "
+                "order reads every shard all the time, so a partial local copy would be refetched endlessly"
+            )
         if self.iterations == 0 and self.init_from is None:  # would write an untrained head
             raise ConfigError("train.iterations: 0 must be at least 1 (0 only with train.init_from, to re-save that head)")
         if self.lr_steps != sorted(set(self.lr_steps)):
@@ -368,8 +379,9 @@ def _choice(kind: type[Choice], word: str, where: str) -> Choice:
 def _type_name(hint: Any) -> str:
     kinds = typing.get_args(hint) or (hint,)
     # A choice is written as a word: "is not a str", as before choices were objects.
-    names = ["str" if isinstance(kind, type) and issubclass(kind, Choice) else getattr(kind, "__name__", str(kind))
-             for kind in kinds]
+    names = [
+        "str" if isinstance(kind, type) and issubclass(kind, Choice) else getattr(kind, "__name__", str(kind)) for kind in kinds
+    ]
     text = " or ".join("none" if name == "NoneType" else name for name in names)
     return ("an " if text[0] in "aeiou" else "a ") + text
 

@@ -10,8 +10,12 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def draw_labelled_box(
-    draw: ImageDraw.ImageDraw, xyxy: tuple[float, float, float, float], label: str, colour: str,
-    font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
+    draw: ImageDraw.ImageDraw,
+    xyxy: tuple[float, float, float, float],
+    label: str,
+    colour: str,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    width: int,
 ) -> None:
     """The box outline and a filled tag with ``label`` at its top left corner: above the box
     when there is room, else inside it (at the image's top edge)."""

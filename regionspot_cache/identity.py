@@ -148,15 +148,17 @@ class CacheKind:
         paths = data.get("paths") or {}
         feature_maps = data.get("feature_maps", FEATURE_MAPS_OWN)
         if data.get("view") is not None:
-            return CacheKind.of_view(ViewIdentity.from_dict(data["view"], f"{where}: view"),
-                                     paths.get(VIEW_BASE_CACHE, VIEW_BASE))
+            return CacheKind.of_view(
+                ViewIdentity.from_dict(data["view"], f"{where}: view"), paths.get(VIEW_BASE_CACHE, VIEW_BASE)
+            )
         if feature_maps == FEATURE_MAPS_OWN:
             return CacheKind()
         if feature_maps != FEATURE_MAPS_BORROWED:
             raise ConfigError(f"{where}: feature_maps {feature_maps!r} is not one of {FEATURE_MAPS_OWN}, {FEATURE_MAPS_BORROWED}")
         if not isinstance(paths.get(FEATURE_MAPS_CACHE), str):
-            raise ConfigError(f"{where}: feature_maps is {FEATURE_MAPS_BORROWED!r} but paths.{FEATURE_MAPS_CACHE} "
-                              "does not say from where")
+            raise ConfigError(
+                f"{where}: feature_maps is {FEATURE_MAPS_BORROWED!r} but paths.{FEATURE_MAPS_CACHE} does not say from where"
+            )
         return CacheKind.proposals(paths[FEATURE_MAPS_CACHE])
 
 
@@ -172,5 +174,7 @@ def models_recorded_in(provenance: RecordsModels) -> ModelsConfig:
     """The models a cache was extracted with, from the variants and paths its provenance
     recorded (checkpoint hashes are checked again when the cache is reopened for writing)."""
     weights = provenance.weights
-    return ModelsConfig(SamSpec(provenance.sam.variant, weights.sam_checkpoint),
-                        ClipSpec(provenance.clip.model, weights.clip_pretrained or provenance.clip.pretrained))
+    return ModelsConfig(
+        SamSpec(provenance.sam.variant, weights.sam_checkpoint),
+        ClipSpec(provenance.clip.model, weights.clip_pretrained or provenance.clip.pretrained),
+    )

@@ -70,16 +70,18 @@ def plain(text: object) -> Text:
 
 
 @contextmanager
-def progress_bar(description: str, total: int, fields: str = "", disable: bool = False,
-                 completed: int = 0) -> Iterator[tuple[Progress | LogLines, int]]:
+def progress_bar(
+    description: str, total: int, fields: str = "", disable: bool = False, completed: int = 0
+) -> Iterator[tuple[Progress | LogLines, int]]:
     """A bar with count, rate-bearing ``fields`` (e.g. ``"{task.fields[rate]}"``) and ETA, on a
     terminal; periodic ``LogLines`` otherwise. Both are driven by ``bar.update(task, advance=n, **fields)``.
     ``completed``: work done before this run (a resumed training), left out of the rate.
     ``disable`` keeps it silent (e.g. in all training processes but the first)."""
     if not console.is_terminal or disable:
         # Nothing to do (e.g. every shard committed already): no lines about it either.
-        lines = LogLines(description, total, fields, progress_interval(), silent=disable or total <= completed,
-                         completed=completed)
+        lines = LogLines(
+            description, total, fields, progress_interval(), silent=disable or total <= completed, completed=completed
+        )
         yield lines, 0
         lines.finish()
         return
@@ -103,8 +105,7 @@ def progress_interval() -> float:
     try:
         return max(float(text), 0.0) if text.strip() else DEFAULT_INTERVAL_S
     except ValueError:
-        logging.getLogger(__name__).warning("%s=%r is not a number of seconds; using %g", INTERVAL_ENV, text,
-                                            DEFAULT_INTERVAL_S)
+        logging.getLogger(__name__).warning("%s=%r is not a number of seconds; using %g", INTERVAL_ENV, text, DEFAULT_INTERVAL_S)
         return DEFAULT_INTERVAL_S
 
 
@@ -112,8 +113,7 @@ class LogLines:
     """Progress as plain lines, for output that is not a terminal: one when the phase starts,
     then at most one per ``interval`` seconds as work is done, and one when it ends."""
 
-    def __init__(self, description: str, total: int, fields: str, interval: float, silent: bool = False,
-                 completed: int = 0):
+    def __init__(self, description: str, total: int, fields: str, interval: float, silent: bool = False, completed: int = 0):
         self.description, self.total, self.fields_format, self.interval = description, total, fields, interval
         self.silent = silent
         self.completed = self.resumed = completed

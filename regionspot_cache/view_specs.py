@@ -54,8 +54,9 @@ def _parse_spec(spec: str, where: str) -> list[View]:
         return []
     match = _SPEC.match(spec)
     if not spec or not match:
-        raise ConfigError(f"{where}: {spec!r} is not a view; use identity, hflip, crop:LO-HI[xN] or hflip+crop:LO-HI[xN] "
-                          "(e.g. crop:0.6-1.0x2)")
+        raise ConfigError(
+            f"{where}: {spec!r} is not a view; use identity, hflip, crop:LO-HI[xN] or hflip+crop:LO-HI[xN] (e.g. crop:0.6-1.0x2)"
+        )
     flip = match["flip"] is not None
     if match["lo"] is None:
         return [View("hflip", flip=True)]

@@ -32,9 +32,17 @@ def rgb_image() -> np.ndarray:
 @pytest.fixture(scope="session")
 def lvis_annotation():
     """Builds an LVIS annotation whose segmentation is its box as a polygon."""
+
     def make(id_: int, image_id: int, category_id: int, bbox: list[float]) -> dict:
         x, y, w, h = bbox
-        return {"id": id_, "image_id": image_id, "category_id": category_id, "bbox": bbox, "area": w * h,
-                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], "iscrowd": 0}
+        return {
+            "id": id_,
+            "image_id": image_id,
+            "category_id": category_id,
+            "bbox": bbox,
+            "area": w * h,
+            "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+            "iscrowd": 0,
+        }
 
     return make

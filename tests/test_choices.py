@@ -25,7 +25,9 @@ from regionspot_cache.config import (
 )
 
 PACKAGE = Path(regionspot_cache.__file__).parent
-CHOICE_KINDS = [kind for kind in vars(choices).values() if isinstance(kind, type) and issubclass(kind, Choice) and kind is not Choice]
+CHOICE_KINDS = [
+    kind for kind in vars(choices).values() if isinstance(kind, type) and issubclass(kind, Choice) and kind is not Choice
+]
 # Device names are open-ended strings (cuda:N), not a choice: "auto" and "cpu" are also Decode's
 # words, so they are left to the device code (runtime.resolve_device) to compare.
 DEVICE_WORDS = {"auto", "cpu"}
@@ -106,13 +108,21 @@ def test_no_module_compares_choice_words():
 def test_the_scan_finds_string_comparisons(tmp_path):
     package = tmp_path / "pkg"
     package.mkdir()
-    (package / "a.py").write_text('RELEASED = "released"\nBASELINES = ("clip-box", "clip-mask")\n'
-                                  'def f(mode, method, rule):\n'
-                                  '    return mode == RELEASED or method in BASELINES or rule != "off" or method not in ("x", "int8")\n')
-    (package / "b.py").write_text('from pkg.a import RELEASED\ndef g(mode):\n    return RELEASED == mode or mode == "unrelated"\n')
+    (package / "a.py").write_text(
+        'RELEASED = "released"\nBASELINES = ("clip-box", "clip-mask")\n'
+        "def f(mode, method, rule):\n"
+        '    return mode == RELEASED or method in BASELINES or rule != "off" or method not in ("x", "int8")\n'
+    )
+    (package / "b.py").write_text(
+        'from pkg.a import RELEASED\ndef g(mode):\n    return RELEASED == mode or mode == "unrelated"\n'
+    )
     (package / "choices.py").write_text('def h(word):\n    return word == "released"\n')  # its own module may
     assert choice_word_comparisons(package) == [
-        "pkg/a.py:4: RELEASED", "pkg/a.py:4: BASELINES", "pkg/a.py:4: off", "pkg/a.py:4: int8", "pkg/b.py:3: RELEASED",
+        "pkg/a.py:4: RELEASED",
+        "pkg/a.py:4: BASELINES",
+        "pkg/a.py:4: off",
+        "pkg/a.py:4: int8",
+        "pkg/b.py:3: RELEASED",
     ]
 
 
@@ -140,4 +150,6 @@ def test_bad_words_are_named_as_before():
 def test_recorded_steps_read_back():
     for choice in Preprocessing:
         assert Preprocessing.of_sam_steps(choice.sam_steps) is choice
-    assert Preprocessing.of_sam_steps("square resize+mean_std, no_mem_embed (SAM2ImagePredictor.set_image)") is Preprocessing.DIRECT
+    assert (
+        Preprocessing.of_sam_steps("square resize+mean_std, no_mem_embed (SAM2ImagePredictor.set_image)") is Preprocessing.DIRECT
+    )

@@ -25,8 +25,12 @@ def test_recipe_fills_nested_dataclasses(tmp_path):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("[train]\nlrr = 1\n", "unknown key"), ("[train]\nlr = 'x'\n", "train.lr"), ("[train\n", "not valid TOML"),
-     ("[train]\nlr_steps = [1, 'a']\n", r"lr_steps\[1\]")],
+    [
+        ("[train]\nlrr = 1\n", "unknown key"),
+        ("[train]\nlr = 'x'\n", "train.lr"),
+        ("[train\n", "not valid TOML"),
+        ("[train]\nlr_steps = [1, 'a']\n", r"lr_steps\[1\]"),
+    ],
 )
 def test_bad_recipes_name_the_file_and_the_problem(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -37,13 +41,25 @@ def test_bad_recipes_name_the_file_and_the_problem(tmp_path, text, message):
 
 
 def test_overrides():
-    recipe = apply_overrides(Recipe(), ["train.lr=1e-4", "train.lr_steps=[1,2]", "models.clip.model=ViT-B-16",
-                                        "models.sam.checkpoint=/w/sam.pth", "train.normalize_feature_map=false"])
+    recipe = apply_overrides(
+        Recipe(),
+        [
+            "train.lr=1e-4",
+            "train.lr_steps=[1,2]",
+            "models.clip.model=ViT-B-16",
+            "models.sam.checkpoint=/w/sam.pth",
+            "train.normalize_feature_map=false",
+        ],
+    )
     assert recipe.train.lr == 1e-4 and recipe.train.lr_steps == [1, 2]
     assert recipe.models.clip.model == "ViT-B-16" and recipe.models.sam.checkpoint == "/w/sam.pth"
     assert recipe.train.normalize_feature_map is False
-    for bad, message in [("train.lr", "KEY=VALUE"), ("train.nope=1", "no field 'nope'"), ("nope.lr=1", "no section"),
-                         ("train.iterations=1.5", "train.iterations")]:
+    for bad, message in [
+        ("train.lr", "KEY=VALUE"),
+        ("train.nope=1", "no field 'nope'"),
+        ("nope.lr=1", "no section"),
+        ("train.iterations=1.5", "train.iterations"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(Recipe(), [bad])
 
@@ -60,11 +76,17 @@ def test_shipped_recipes_and_manifests_load():
 
 def test_lvis_images_take_their_path_from_coco_url(tmp_path):
     path = tmp_path / "lvis.json"
-    path.write_text(json.dumps({
-        "images": [{"id": 7, "width": 640, "height": 480, "coco_url": "http://images.cocodataset.org/val2017/000000000007.jpg"}],
-        "annotations": [{"id": 1, "image_id": 7, "category_id": 2, "bbox": [10, 20, 30, 40]}],
-        "categories": [{"id": 2, "name": "b", "frequency": "c"}, {"id": 1, "name": "a", "frequency": "r"}],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": 7, "width": 640, "height": 480, "coco_url": "http://images.cocodataset.org/val2017/000000000007.jpg"}
+                ],
+                "annotations": [{"id": 1, "image_id": 7, "category_id": 2, "bbox": [10, 20, 30, 40]}],
+                "categories": [{"id": 2, "name": "b", "frequency": "c"}, {"id": 1, "name": "a", "frequency": "r"}],
+            }
+        )
+    )
     dataset = load_coco_format(path, tmp_path / "coco")
     assert dataset.images[0].file_name == "val2017/000000000007.jpg"
     assert dataset.image_path(dataset.images[0]) == tmp_path / "coco" / "val2017" / "000000000007.jpg"
@@ -75,14 +97,23 @@ def test_lvis_images_take_their_path_from_coco_url(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [("{not json", r"not valid JSON: .*line 1 column 2"), ('{"images": [{"id": 1}], "categories": []}', r"images\[0\]: malformed"),
-     ('{"images": [], "categories": [], "annotations": [{"image_id": 1}]}', r"annotations\[0\]: malformed"),
-     ('{"images": [{"id": 1, "file_name": "a", "width": 2, "height": 2}], "categories": [{"id": 1, "name": "a"}], '
-      '"annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1], "category_id": 1}, {"image_id": 2, "bbox": [0, 0, 1, 1], "category_id": 1}]}',
-      r"annotations\[1\]: image_id 2 is not in images"),
-     ('{"images": [{"id": 1, "file_name": "a", "width": 2, "height": 2}, {"id": 1, "file_name": "b", "width": 2, "height": 2}], '
-      '"categories": []}', "images: duplicate id 1"),
-     ('{"images": {}, "categories": []}', "images: expected a list"), ("[]", "expected a JSON object")],
+    [
+        ("{not json", r"not valid JSON: .*line 1 column 2"),
+        ('{"images": [{"id": 1}], "categories": []}', r"images\[0\]: malformed"),
+        ('{"images": [], "categories": [], "annotations": [{"image_id": 1}]}', r"annotations\[0\]: malformed"),
+        (
+            '{"images": [{"id": 1, "file_name": "a", "width": 2, "height": 2}], "categories": [{"id": 1, "name": "a"}], '
+            '"annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1], "category_id": 1}, {"image_id": 2, "bbox": [0, 0, 1, 1], "category_id": 1}]}',
+            r"annotations\[1\]: image_id 2 is not in images",
+        ),
+        (
+            '{"images": [{"id": 1, "file_name": "a", "width": 2, "height": 2}, {"id": 1, "file_name": "b", "width": 2, "height": 2}], '
+            '"categories": []}',
+            "images: duplicate id 1",
+        ),
+        ('{"images": {}, "categories": []}', "images: expected a list"),
+        ("[]", "expected a JSON object"),
+    ],
 )
 def test_malformed_annotation_files_name_the_file(tmp_path, content, message):
     path = tmp_path / "broken.json"

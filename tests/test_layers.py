@@ -132,8 +132,7 @@ def test_every_unit_has_a_layer():
 
 
 def test_no_import_points_up_or_joins_units_kept_apart():
-    found = [f"{edge}: {breaks(edge)}" for edge in package_edges()
-             if breaks(edge) and (edge.source, edge.target) not in KNOWN]
+    found = [f"{edge}: {breaks(edge)}" for edge in package_edges() if breaks(edge) and (edge.source, edge.target) not in KNOWN]
     assert found == [], "\n".join(found)
 
 
@@ -159,8 +158,9 @@ def test_no_cycle_between_units():
                 stack.extend(graph.get(unit, ()))
         return False
 
-    cycles = sorted({tuple(sorted((source, target))) for source, targets in graph.items() for target in targets
-                     if reaches(target, source)})
+    cycles = sorted(
+        {tuple(sorted((source, target))) for source, targets in graph.items() for target in targets if reaches(target, source)}
+    )
     assert cycles == [], f"units that import each other (directly or through others): {cycles}"
 
 
@@ -184,9 +184,11 @@ def test_importing_evaluate_loads_no_encoder_and_reads_no_image():
     import subprocess
     import sys
 
-    code = ("import regionspot_cache.evaluate, sys; "
-            "print(sorted(m for m in sys.modules if m.startswith('regionspot_cache.encoders'))); "
-            "print(sorted(m for m in sys.modules if m in {'regionspot_cache.data.images', 'regionspot_cache.evaluate.with_images', "
-            "'regionspot_cache.evaluate.baselines', 'open_clip', 'segment_anything', 'sam2'}))")
+    code = (
+        "import regionspot_cache.evaluate, sys; "
+        "print(sorted(m for m in sys.modules if m.startswith('regionspot_cache.encoders'))); "
+        "print(sorted(m for m in sys.modules if m in {'regionspot_cache.data.images', 'regionspot_cache.evaluate.with_images', "
+        "'regionspot_cache.evaluate.baselines', 'open_clip', 'segment_anything', 'sam2'}))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.splitlines() == ["[]", "[]"], done.stdout

@@ -65,7 +65,6 @@ def test_legacy_head_loads_with_its_metadata(legacy):
 def test_legacy_head_scores_legacy_cache_the_same(legacy, name):
     record = EXPECTED["caches"][name]
     head, _ = load_head(legacy / "head" / "head.safetensors")
-    result = evaluate_head(legacy / record["root"], head, legacy / "data" / "val.json",
-                           EvalConfig(device="cpu"))
+    result = evaluate_head(legacy / record["root"], head, legacy / "data" / "val.json", EvalConfig(device="cpu"))
     assert result.num_detections == record["num_detections"]
     assert result.metrics == pytest.approx(record["metrics"], abs=1e-9)

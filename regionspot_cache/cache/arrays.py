@@ -43,8 +43,9 @@ def write_rows(group: zarr.Group, name: str, data: np.ndarray, dtype: str, chunk
     chunks = (max(1, min(chunk_rows, len(data))), *data.shape[1:])
     shards = (_round_up(max(len(data), 1), chunks[0]), *data.shape[1:])
     # write_empty_chunks keeps all-zero rows in the file, so the chunks stay contiguous (mappable).
-    array = group.create_array(name, shape=data.shape, chunks=chunks, shards=shards, dtype=dtype, compressors=None,
-                               config={"write_empty_chunks": True})
+    array = group.create_array(
+        name, shape=data.shape, chunks=chunks, shards=shards, dtype=dtype, compressors=None, config={"write_empty_chunks": True}
+    )
     if len(data):
         array[:] = data
 
@@ -75,8 +76,9 @@ class RowArray:
                 return np.zeros((0, *self.shape[1:]), self.dtype)
             return np.asarray(self.array.get_orthogonal_selection((rows,)))
         except (OSError, ValueError, RuntimeError) as err:  # truncated or corrupt chunk data
-            raise CacheFormatError(f"{self.directory}: unreadable ({type(err).__name__}: {err}); "
-                                   "run `rs-cache verify` and `rs-cache repair`") from None
+            raise CacheFormatError(
+                f"{self.directory}: unreadable ({type(err).__name__}: {err}); run `rs-cache verify` and `rs-cache repair`"
+            ) from None
 
 
 def _memory_map(array: zarr.Array, directory: Path) -> np.memmap | None:
@@ -110,6 +112,7 @@ def _memory_map(array: zarr.Array, directory: Path) -> np.memmap | None:
     in_order = (index[:, 0] == expected).all() and (index[:, 1] == chunk_rows * row_bytes).all()
     if (index[:, 0] == NO_CHUNK).any() or not in_order:
         return None
-    mapped = np.memmap(path, dtype=array.dtype.newbyteorder("<"), mode="r", offset=start,
-                       shape=(chunk_count * chunk_rows, *array.shape[1:]))
+    mapped = np.memmap(
+        path, dtype=array.dtype.newbyteorder("<"), mode="r", offset=start, shape=(chunk_count * chunk_rows, *array.shape[1:])
+    )
     return mapped[: array.shape[0]]

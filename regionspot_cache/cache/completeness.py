@@ -39,8 +39,12 @@ class Completeness:
         return not self.missing
 
     def to_dict(self) -> dict:
-        return {"cache": str(self.cache), "shards_planned": self.planned, "shards_missing": list(self.missing),
-                "fraction_of_shards": round(self.fraction, 6)}
+        return {
+            "cache": str(self.cache),
+            "shards_planned": self.planned,
+            "shards_missing": list(self.missing),
+            "fraction_of_shards": round(self.fraction, 6),
+        }
 
 
 def completeness(reader: CacheReader) -> Completeness:
@@ -60,7 +64,8 @@ def check_complete(reader: CacheReader, allow_partial: bool, kind: str = "") -> 
     if not allow_partial:
         raise CacheFormatError(
             f"{reader.root}: {what}; complete it by running the same `rs-cache extract`{kind} again (it resumes "
-            "and extracts only those), or pass --allow-partial to use the committed shards alone")
+            "and extracts only those), or pass --allow-partial to use the committed shards alone"
+        )
     logger.warning("%s: %s; --allow-partial: using %.1f%% of the planned shards", reader.root, what, 100 * found.fraction)
     return found
 

@@ -93,7 +93,6 @@ def vocabulary_text_recipe(schema: pa.Schema) -> TextRecipe:
     return recipe
 
 
-
 def shard_checksums(shard_dir: Path) -> dict[str, str]:
     """SHA-256 of every file of a shard but the checksum file, by path relative to the shard."""
     return {
@@ -145,10 +144,17 @@ class Provenance:
         """As ``cache.json`` records it."""
         kind, kind_paths = self.kind.recorded()
         return {
-            "dataset": self.dataset, "box_source": self.box_source, "shard_size": self.shard_size,
-            "planned_shards": self.planned_shards, "sam": self.sam.to_dict(), "clip": self.clip.to_dict(),
-            "format_version": self.format_version, "package_version": self.package_version,
-            "paths": {**self.weights.to_paths(), **kind_paths}, "feature_dtype": self.feature_dtype, **kind,
+            "dataset": self.dataset,
+            "box_source": self.box_source,
+            "shard_size": self.shard_size,
+            "planned_shards": self.planned_shards,
+            "sam": self.sam.to_dict(),
+            "clip": self.clip.to_dict(),
+            "format_version": self.format_version,
+            "package_version": self.package_version,
+            "paths": {**self.weights.to_paths(), **kind_paths},
+            "feature_dtype": self.feature_dtype,
+            **kind,
         }
 
     def differences(self, other: "Provenance") -> list[str]:
@@ -182,10 +188,15 @@ class Provenance:
         """The provenance a ``cache.json`` object records; what does not fit is a CacheFormatError."""
         recorded = {key: value for key, value in data.items() if key not in _KIND_AND_WEIGHTS}
         try:
-            return Provenance(**{**recorded, "sam": SamIdentity.from_dict(data.get("sam"), f"{where}: sam"),
-                                 "clip": ClipIdentity.from_dict(data.get("clip"), f"{where}: clip"),
-                                 "weights": WeightFiles.from_paths(data.get("paths") or {}),
-                                 "kind": CacheKind.read(data, where)})
+            return Provenance(
+                **{
+                    **recorded,
+                    "sam": SamIdentity.from_dict(data.get("sam"), f"{where}: sam"),
+                    "clip": ClipIdentity.from_dict(data.get("clip"), f"{where}: clip"),
+                    "weights": WeightFiles.from_paths(data.get("paths") or {}),
+                    "kind": CacheKind.read(data, where),
+                }
+            )
         except ConfigError as err:
             raise CacheFormatError(str(err)) from None
         except TypeError as err:

@@ -93,11 +93,14 @@ class ShardFeatures:
             shape = shape[:-1] if shape is not None and name.endswith(SCALE_SUFFIX) else shape
             array = arrays[name]
             if array.dtype != want_dtype or (shape is not None and tuple(array.shape) != shape):
-                raise CacheFormatError(f"{where}/{name}: {array.dtype} array of shape {tuple(array.shape)}, but the "
-                                       f"shard's manifest and cache.json call for {np.dtype(want_dtype)} {shape}")
+                raise CacheFormatError(
+                    f"{where}/{name}: {array.dtype} array of shape {tuple(array.shape)}, but the "
+                    f"shard's manifest and cache.json call for {np.dtype(want_dtype)} {shape}"
+                )
         rows = {name: RowArray(array, Path(where) / name) for name, array in arrays.items()}
-        return ShardFeatures(rows[CLIP_MAPS], rows[BOX_TOKENS], rows.get(CLIP_MAPS + SCALE_SUFFIX),
-                             rows.get(BOX_TOKENS + SCALE_SUFFIX))
+        return ShardFeatures(
+            rows[CLIP_MAPS], rows[BOX_TOKENS], rows.get(CLIP_MAPS + SCALE_SUFFIX), rows.get(BOX_TOKENS + SCALE_SUFFIX)
+        )
 
 
 @dataclass
@@ -156,9 +159,7 @@ class CacheReader:
         self.images = self._concat(IMAGES_FILE, IMAGES_SCHEMA, with_shard=True)
         self.boxes = self._concat(BOXES_FILE, BOXES_SCHEMA, with_shard=False)
         self.rejected_boxes = self._concat(REJECTED_FILE, REJECTED_SCHEMA, with_shard=False)
-        self._index = {
-            image_id: row for row, image_id in enumerate(self.images.column("image_id").to_pylist())
-        }
+        self._index = {image_id: row for row, image_id in enumerate(self.images.column("image_id").to_pylist())}
         self._box_offsets = self._box_offsets_per_shard()
         self._numpy_columns()
         self._opened: dict[int, ShardFeatures] = {}
@@ -174,11 +175,11 @@ class CacheReader:
         try:
             base = CacheReader(source)
         except CacheFormatError as err:
-            raise CacheFormatError(f"{self.root}: its feature maps come from {source}, "
-                                   f"which is unusable: {err}") from None
+            raise CacheFormatError(f"{self.root}: its feature maps come from {source}, which is unusable: {err}") from None
         if (base.provenance.dataset, base.provenance.clip) != (self.provenance.dataset, self.provenance.clip):
-            raise CacheFormatError(f"{self.root}: the cache it borrows feature maps from ({source}) holds another "
-                                   "dataset or CLIP model")
+            raise CacheFormatError(
+                f"{self.root}: the cache it borrows feature maps from ({source}) holds another dataset or CLIP model"
+            )
         return base
 
     def _concat(self, file_name: str, schema: pa.Schema, with_shard: bool) -> pa.Table:
@@ -363,8 +364,9 @@ class CacheReader:
     def vocabulary(self, name: str) -> Vocabulary:
         relative = f"{VOCAB_DIR}/{name}.parquet"
         if not self.location.exists(relative):
-            raise CacheFormatError(f"{self.location.path(relative)}: no vocabulary {name!r}; "
-                                   f"the cache has {self.vocabulary_names()}")
+            raise CacheFormatError(
+                f"{self.location.path(relative)}: no vocabulary {name!r}; the cache has {self.vocabulary_names()}"
+            )
         table = self.location.read_table(relative)
         embeddings = np.array(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
         return Vocabulary(

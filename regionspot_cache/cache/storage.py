@@ -116,8 +116,10 @@ class CacheLocation:
                 _FILESYSTEMS[key] = fsspec.filesystem(self.protocol, skip_instance_cache=True, **options)
             return _FILESYSTEMS[key]
         except ImportError as err:
-            raise CacheStorageError(f"{self.url}: no client for {self.protocol}:// installed ({err}); "
-                                    "install regionspot-cache[s3] (s3fs), gcsfs or adlfs") from None
+            raise CacheStorageError(
+                f"{self.url}: no client for {self.protocol}:// installed ({err}); "
+                "install regionspot-cache[s3] (s3fs), gcsfs or adlfs"
+            ) from None
 
     def child(self, relative: str) -> "CacheLocation":
         """A location under (or beside, with ``..``) this one: proposals and view caches."""
@@ -203,8 +205,9 @@ class CacheLocation:
         """Ids of the shards with a commit record (remote) or a committed directory (local)."""
         if self.local is not None:
             directory = self.local / shards_dir
-            return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()) \
-                if directory.is_dir() else []
+            return (
+                sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()) if directory.is_dir() else []
+            )
         with self.requests(f"list {shards_dir}"):
             found = self.fs.glob(self.path(f"{shards_dir}/*/{COMMIT_RECORD}"))
         names = (posixpath.basename(posixpath.dirname(p)) for p in found)
@@ -254,8 +257,11 @@ class CacheLocation:
         with self.requests(f"download {relative}"):
             sizes = {key: int(info.get("size") or 0) for key, info in self.fs.find(self.path(relative), detail=True).items()}
             prefix = self.path(relative) + "/"
-            parts = [(key, start, min(start + DOWNLOAD_PART, size)) for key, size in sizes.items()
-                     for start in range(0, max(size, 1), DOWNLOAD_PART)]
+            parts = [
+                (key, start, min(start + DOWNLOAD_PART, size))
+                for key, size in sizes.items()
+                for start in range(0, max(size, 1), DOWNLOAD_PART)
+            ]
             # Ranged GETs of every object's parts at once: a shard is a few large objects, and
             # one stream per object would leave the link mostly idle.
             data = self.fs.cat_ranges([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
@@ -276,15 +282,19 @@ class CacheLocation:
                 raise CacheStorageError(f"{self.url}: bucket {self.bucket!r} does not exist ({what})") from None
             raise
         except PermissionError as err:
-            raise CacheStorageError(f"{self.url}: access denied ({what}): {err}; check the credentials "
-                                    "(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) and their rights on the bucket") from None
+            raise CacheStorageError(
+                f"{self.url}: access denied ({what}): {err}; check the credentials "
+                "(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) and their rights on the bucket"
+            ) from None
         except CacheStorageError:
             raise
         except Exception as err:
             if not _is_store_failure(err):
                 raise
-            raise CacheStorageError(f"{self.url}: the object store failed ({what}): {type(err).__name__}: {err}; "
-                                    "check the endpoint (AWS_ENDPOINT_URL), the network and the bucket") from None
+            raise CacheStorageError(
+                f"{self.url}: the object store failed ({what}): {type(err).__name__}: {err}; "
+                "check the endpoint (AWS_ENDPOINT_URL), the network and the bucket"
+            ) from None
 
 
 def _is_store_failure(err: Exception) -> bool:
@@ -332,8 +342,10 @@ def _take_lease(location: CacheLocation, holder: dict) -> None:
     except ValueError:
         current = {"expires": 0}
     if current and not _lease_stale(current):
-        raise CacheBusyError(f"{location}: another rs-cache extract (pid {current.get('pid')} on {current.get('host')}) "
-                             "is writing this cache; wait for it to finish or stop it, then re-run to resume")
+        raise CacheBusyError(
+            f"{location}: another rs-cache extract (pid {current.get('pid')} on {current.get('host')}) "
+            "is writing this cache; wait for it to finish or stop it, then re-run to resume"
+        )
     log.info("%s: taking over the lease of a run that is gone (%s)", location, current)
     location.delete(LEASE_FILE)
     if not location.create_bytes(LEASE_FILE, _lease_bytes(holder)):

@@ -81,9 +81,7 @@ def _shard_problems(shard_dir: Path) -> list[str]:
     problems = [f"{name}: missing" for name in sorted(set(recorded) - set(actual))]
     problems += [f"{name}: not recorded at commit" for name in sorted(set(actual) - set(recorded))]
     problems += [
-        f"{name}: checksum differs (damaged)"
-        for name in sorted(set(recorded) & set(actual))
-        if recorded[name] != actual[name]
+        f"{name}: checksum differs (damaged)" for name in sorted(set(recorded) & set(actual)) if recorded[name] != actual[name]
     ]
     return problems
 
@@ -135,8 +133,11 @@ def _bytes_on_disk(root: Path) -> int:
 def _cost(root: Path | CacheLocation) -> dict[str, Any]:
     cost = read_extraction_cost(root)
     per_image = cost["seconds"] / cost["images"] if cost["images"] else None
-    return {"extraction_seconds": cost["seconds"], "extracted_images": cost["images"],
-            "extraction_seconds_per_image": None if per_image is None else round(per_image, 4)}
+    return {
+        "extraction_seconds": cost["seconds"],
+        "extracted_images": cost["images"],
+        "extraction_seconds_per_image": None if per_image is None else round(per_image, 4),
+    }
 
 
 def _view_summary(root: Path) -> dict[str, Any]:

@@ -58,7 +58,6 @@ from regionspot_cache.runtime.files import atomic_path, atomic_write_bytes, remo
 LOCK_FILE = ".extract.lock"
 
 
-
 @contextmanager
 def exclusive_extraction(root: Path | str) -> Iterator[None]:
     """Held by the process that runs an extraction into ``root`` (dask workers write the shards
@@ -79,8 +78,10 @@ def exclusive_extraction(root: Path | str) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise CacheBusyError(f"{root}: another rs-cache extract ({holder}) is writing this cache; "
-                                 "wait for it to finish or stop it, then re-run to resume") from None
+            raise CacheBusyError(
+                f"{root}: another rs-cache extract ({holder}) is writing this cache; "
+                "wait for it to finish or stop it, then re-run to resume"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -120,8 +121,7 @@ class CacheWriter:
             differences = provenance.differences(existing)
             if differences:
                 raise CacheFormatError(
-                    f"{self.location}: refusing to extract into a cache made with other settings:\n  "
-                    + "\n  ".join(differences)
+                    f"{self.location}: refusing to extract into a cache made with other settings:\n  " + "\n  ".join(differences)
                 )
         elif self.location.remote:
             self.location.write_bytes(PROVENANCE_FILE, provenance.to_json().encode())
@@ -155,8 +155,13 @@ class CacheWriter:
             return vocabulary_text_recipe(self.location.read_table(f"{VOCAB_DIR}/{name}.parquet").schema)
         return vocabulary_text_recipe(pq.read_schema(self.root / VOCAB_DIR / f"{name}.parquet"))
 
-    def write_vocabulary(self, name: str, categories: Sequence[Category], embeddings: np.ndarray,
-                         text_recipe: TextRecipe | str = DEFAULT_TEXT_RECIPE) -> None:
+    def write_vocabulary(
+        self,
+        name: str,
+        categories: Sequence[Category],
+        embeddings: np.ndarray,
+        text_recipe: TextRecipe | str = DEFAULT_TEXT_RECIPE,
+    ) -> None:
         """``text_recipe``: how ``embeddings`` were made, recorded in the file's schema metadata."""
         embeddings = np.asarray(embeddings, dtype=np.float32)
         recipe = TextRecipe.parse(text_recipe, "text recipe").value.encode()  # the word, as files before choices were objects
@@ -165,9 +170,7 @@ class CacheWriter:
                 "category_id": [c.id for c in categories],
                 "name": [c.name for c in categories],
                 "frequency": [c.frequency for c in categories],
-                "embedding": pa.FixedSizeListArray.from_arrays(
-                    pa.array(embeddings.reshape(-1)), embeddings.shape[1]
-                ),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), embeddings.shape[1]),
             },
             schema=vocabulary_schema(embeddings.shape[1]).with_metadata({TEXT_RECIPE_KEY: recipe}),
         )

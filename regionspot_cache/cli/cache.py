@@ -23,9 +23,7 @@ from regionspot_cache.progress import plain, results, say
 
 
 def import_checkpoint(
-    checkpoint: Path = typer.Argument(
-        ..., help="Checkpoint of the released RegionSpot code (torch file with a 'model' dict)."
-    ),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint of the released RegionSpot code (torch file with a 'model' dict)."),
     output: Path = typer.Option(
         ..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."
     ),
@@ -35,8 +33,10 @@ def import_checkpoint(
     from regionspot_cache.head.released import import_released_checkpoint
 
     head = import_released_checkpoint(checkpoint, output)
-    say(f"wrote {output}: width {head.config.clip_width}, text dim {head.config.text_dim}, "
-                  f"{head.config.num_layers} decoder layers")
+    say(
+        f"wrote {output}: width {head.config.clip_width}, text dim {head.config.text_dim}, "
+        f"{head.config.num_layers} decoder layers"
+    )
 
 
 def inspect(
@@ -64,10 +64,12 @@ def inspect(
         table.add_row(key, plain(_readable(key, value)))
     results.print(table)
     if recorded is not None:
-        for title, rows in ((f"{len(recorded.images)} failed images", recorded.images),
-                            (f"{len(recorded.boxes)} rejected boxes", recorded.boxes)):
+        for title, rows in (
+            (f"{len(recorded.images)} failed images", recorded.images),
+            (f"{len(recorded.boxes)} rejected boxes", recorded.boxes),
+        ):
             listing = Table(title=plain(title))
-            for column in (rows[0] if rows else {}):
+            for column in rows[0] if rows else {}:
                 listing.add_column(column)
             for row in rows:
                 listing.add_row(*(plain(value) for value in row.values()))
@@ -106,8 +108,18 @@ def verify(
     found = verify_cache_tree(cache)
     problems = [(directory, problem) for directory, listed in found.items() for problem in listed]
     if as_json:
-        print(json.dumps({"cache": str(cache), "ok": not problems, "problems": [
-            {"cache": str(directory), "shard": problem.shard, "problem": problem.problem} for directory, problem in problems]}))
+        print(
+            json.dumps(
+                {
+                    "cache": str(cache),
+                    "ok": not problems,
+                    "problems": [
+                        {"cache": str(directory), "shard": problem.shard, "problem": problem.problem}
+                        for directory, problem in problems
+                    ],
+                }
+            )
+        )
     for directory, problem in [] if as_json else problems:
         where = "" if directory == cache else f"{directory.relative_to(cache)} "
         results.print(Text.assemble((f"{where}shard {problem.shard}", "red"), f": {problem.problem}"), soft_wrap=True)
@@ -151,7 +163,8 @@ def repair(
 
     config = recipe_from(recipe, overrides)
     models = models_recorded_in(Provenance.read(cache)).with_overrides(
-        sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained)
+        sam_checkpoint=sam_checkpoint, clip_pretrained=clip_pretrained
+    )
     spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
     distributor = Dask(scheduler, workers, retries) if scheduler or workers is not None else InProcess()
@@ -184,5 +197,7 @@ def _proposal_set_of(proposals_cache: Path, spec) -> str:
     for name, path in spec.proposals.items():
         if path.is_file() and box_source_id(path) == recorded:
             return name
-    raise UserError(f"{proposals_cache}: damaged, but no proposal set of {spec.source} is the file it was extracted "
-                    f"from ({recorded}); name that file under [proposals] in the manifest to repair it")
+    raise UserError(
+        f"{proposals_cache}: damaged, but no proposal set of {spec.source} is the file it was extracted "
+        f"from ({recorded}); name that file under [proposals] in the manifest to repair it"
+    )

@@ -44,8 +44,9 @@ def demo(
         config.tiny_sam, config.tiny_clip = sam_variant or TINY_SAM, clip_model or TINY_CLIP
     elif any(v is not None for v in (sam_variant, sam_checkpoint, clip_model, clip_pretrained)):
         # Tiny models for the parts not given; a real checkpoint alone implies the default architecture.
-        defaults = ModelsConfig(SamSpec("vit_b" if sam_checkpoint else TINY_SAM, None),
-                                ClipSpec("ViT-L-14" if clip_pretrained else TINY_CLIP, None))
+        defaults = ModelsConfig(
+            SamSpec("vit_b" if sam_checkpoint else TINY_SAM, None), ClipSpec("ViT-L-14" if clip_pretrained else TINY_CLIP, None)
+        )
         config.models = defaults.with_overrides(sam_variant, sam_checkpoint, clip_model, clip_pretrained)
     config.validate()  # the options above were assigned after construction
     run_demo(workdir, config)

@@ -36,21 +36,21 @@ def evaluate(
     ),
     data_root: Path = DataRootOption,
     proposals: str = typer.Option(
-        "gt", help="Boxes to score: `gt`, a proposal set named in the manifest (e.g. `glip`) or a proposal file. "
+        "gt",
+        help="Boxes to score: `gt`, a proposal set named in the manifest (e.g. `glip`) or a proposal file. "
         "If CACHE holds other boxes, SAM tokens for these are extracted into CACHE/proposals/ (its CLIP "
-        "feature maps are reused; needs --manifest)."
+        "feature maps are reused; needs --manifest).",
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write LVIS results JSON here and metrics beside it."),
     recipe: Optional[Path] = RecipeOption,
     overrides: List[str] = SetOption,
     method: str = typer.Option(
-        "regionspot", help="Scorer: `regionspot` (the head), or a training-free baseline of the paper: `clip-box` "
+        "regionspot",
+        help="Scorer: `regionspot` (the head), or a training-free baseline of the paper: `clip-box` "
         "(CLIP on each box crop) or `clip-mask` (CLIP on the crop with SAM's mask, background in CLIP's mean colour); or "
-        "`detector`: the --proposals file's own classes and scores (from `rs-cache propose`), RegionSpot's baseline."
+        "`detector`: the --proposals file's own classes and scores (from `rs-cache propose`), RegionSpot's baseline.",
     ),
-    masks: bool = flag(
-        "--masks", help="Also report mask AP: SAM's mask for each detection's box prompt, as RLE in the results."
-    ),
+    masks: bool = flag("--masks", help="Also report mask AP: SAM's mask for each detection's box prompt, as RLE in the results."),
     image_root: Optional[Path] = typer.Option(
         None, help="Directory of the images, for clip-*, --masks and --report (default: the manifest's image_root)."
     ),
@@ -61,21 +61,25 @@ def evaluate(
         None, help="CLIP pretrained tag or weights file for clip-* (default: the cache's)."
     ),
     scoring: Optional[str] = typer.Option(
-        None, help="Class probabilities: `softmax` over the vocabulary (the released code) or `sigmoid` per class "
-        "(the focal training loss); sets eval.scoring."
+        None,
+        help="Class probabilities: `softmax` over the vocabulary (the released code) or `sigmoid` per class "
+        "(the focal training loss); sets eval.scoring.",
     ),
     fixed_ap: bool = flag(
-        "--fixed-ap", help="AP-fixed protocol (Dave et al. 2021): no per-image cap, the top "
-        "eval.fixed_dets_per_class (10,000) detections per class over the dataset; sets eval.protocol=fixed."
+        "--fixed-ap",
+        help="AP-fixed protocol (Dave et al. 2021): no per-image cap, the top "
+        "eval.fixed_dets_per_class (10,000) detections per class over the dataset; sets eval.protocol=fixed.",
     ),
     device: Optional[str] = typer.Option(
-        None, help="Torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...; sets eval.device (and extract.device "
-        "for the SAM tokens of --proposals)."
+        None,
+        help="Torch device: auto (CUDA when present), cpu, cuda, cuda:1, ...; sets eval.device (and extract.device "
+        "for the SAM tokens of --proposals).",
     ),
     allow_partial: bool = AllowPartialOption,
     report: Optional[Path] = typer.Option(
-        None, help="Write a results page here: results.md with the metrics, settings, an AP-by-frequency chart "
-        "and example images with predictions drawn (from --image-root or the manifest's images)."
+        None,
+        help="Write a results page here: results.md with the metrics, settings, an AP-by-frequency chart "
+        "and example images with predictions drawn (from --image-root or the manifest's images).",
     ),
 ) -> None:
     """Score every cached box against the vocabulary and print LVIS AP, APr, APc, APf.
@@ -107,10 +111,12 @@ def evaluate(
         raise UserError("eval needs --annotations or --manifest")
     config = recipe_from(recipe, overrides)
     defaults = EvalConfig()
-    config.eval.scoring = option_over_recipe("--scoring", scoring, "eval.scoring", config.eval.scoring, defaults.scoring,
-                                             overrides)
-    config.eval.protocol = option_over_recipe("--fixed-ap", fixed_ap, "eval.protocol", config.eval.protocol,
-                                              defaults.protocol, overrides, meaning="fixed")
+    config.eval.scoring = option_over_recipe(
+        "--scoring", scoring, "eval.scoring", config.eval.scoring, defaults.scoring, overrides
+    )
+    config.eval.protocol = option_over_recipe(
+        "--fixed-ap", fixed_ap, "eval.protocol", config.eval.protocol, defaults.protocol, overrides, meaning="fixed"
+    )
     config.eval.allow_partial = allow_partial or config.eval.allow_partial
     if device is not None:
         config.eval.device = config.extract.device = device
@@ -129,8 +135,18 @@ def evaluate(
     model, metadata = load_head(head) if chosen.needs_head else (None, None)
     # Logs a warning for an imported head on a non-released cache.
     released_input_differences(metadata.imported_from if metadata else None, cache)
-    result = evaluate_on_lvis(cache, annotations, config.eval, method=chosen, head=model, masks=masks,
-                              image_root=image_root, models=models, results_file=output, proposals_file=proposals_file)
+    result = evaluate_on_lvis(
+        cache,
+        annotations,
+        config.eval,
+        method=chosen,
+        head=model,
+        masks=masks,
+        image_root=image_root,
+        models=models,
+        results_file=output,
+        proposals_file=proposals_file,
+    )
     name = head.name if chosen.needs_head else chosen.value
     _show_and_write(result, name, proposals, output)
     if report is not None:
@@ -165,8 +181,10 @@ def _cache_holding(cache: Path, proposals: str, spec, config: Recipe) -> Path:
     if wanted == CacheReader(cache).provenance.box_source:
         return cache
     if spec is None:
-        raise UserError(f"{cache}: holds other boxes than {proposals!r}; pass --manifest so that the missing "
-                        "SAM tokens can be extracted (the cached CLIP feature maps are reused)")
+        raise UserError(
+            f"{cache}: holds other boxes than {proposals!r}; pass --manifest so that the missing "
+            "SAM tokens can be extracted (the cached CLIP feature maps are reused)"
+        )
     dataset, box_source = with_box_source(spec.load(), spec, proposals)
     return cache_with_boxes(cache, dataset, box_source, config.extract)
 
@@ -195,4 +213,3 @@ def _write_report(directory: Path, cache: Path, result, title: str, image_root: 
     files = {"results": output, "metrics": output.with_suffix(".metrics.json")} if output is not None else {}
     data = ReportData(result.metrics, result.settings, title, result.detections, names, file_names, image_root, files)
     return write_report(directory, data)
-

@@ -29,8 +29,9 @@ def extract(
     cache: Path = typer.Option(..., "--cache", "-c", help="Cache directory to create or resume."),
     data_root: Path = DataRootOption,
     boxes: str = typer.Option(
-        "gt", help="Boxes to encode: `gt` (ground truth), a proposal set named in the manifest (e.g. `glip`), "
-        "or a proposal file (GLIP result JSON or COCO results list)."
+        "gt",
+        help="Boxes to encode: `gt` (ground truth), a proposal set named in the manifest (e.g. `glip`), "
+        "or a proposal file (GLIP result JSON or COCO results list).",
     ),
     recipe: Optional[Path] = RecipeOption,
     overrides: List[str] = SetOption,
@@ -56,8 +57,14 @@ def extract(
     from regionspot_cache.extract.distribute import Dask, InProcess
     from regionspot_cache.extract.runner import CacheTarget, load_encoders, run_extraction
 
-    config = recipe_from(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
-                     clip_model=clip_model, clip_pretrained=clip_pretrained)
+    config = recipe_from(
+        recipe,
+        overrides,
+        sam_variant=sam_variant,
+        sam_checkpoint=sam_checkpoint,
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+    )
     config.extract.strict = strict or config.extract.strict
     check_writable(cache, "--cache", directory=True)
     distributor = InProcess() if in_process else Dask(scheduler, workers, retries)  # counts checked before any work

@@ -18,19 +18,14 @@ SetOption = typer.Option(
 )
 DataRootOption = typer.Option(Path("."), help="Directory that the manifest's relative paths start from.")
 SamCheckpointOption = typer.Option(None, help="SAM checkpoint file (e.g. sam_vit_b_01ec64.pth); sets models.sam.checkpoint.")
-SamVariantOption = typer.Option(
-    None, help=f"SAM architecture: {', '.join(SAM_VARIANTS)}; sets models.sam.variant.")
+SamVariantOption = typer.Option(None, help=f"SAM architecture: {', '.join(SAM_VARIANTS)}; sets models.sam.variant.")
 ClipModelOption = typer.Option(None, help="open_clip model name, e.g. ViT-L-14, ViT-B-16, ViT-L-14-336; sets models.clip.model.")
 ClipPretrainedOption = typer.Option(
     None, help="open_clip pretrained tag (e.g. openai) or a local weights file; sets models.clip.pretrained."
 )
 
-SchedulerOption = typer.Option(
-    None, help="Address of an existing dask scheduler (e.g. tcp://host:8786) to run the shards on."
-)
-WorkersOption = typer.Option(
-    None, help="Workers of the local dask cluster (default: one per GPU, or one on a CPU-only machine)."
-)
+SchedulerOption = typer.Option(None, help="Address of an existing dask scheduler (e.g. tcp://host:8786) to run the shards on.")
+WorkersOption = typer.Option(None, help="Workers of the local dask cluster (default: one per GPU, or one on a CPU-only machine).")
 RetriesOption = typer.Option(2, help="Times a failed shard is retried on dask before it is reported.")
 
 
@@ -38,7 +33,6 @@ def flag(*names: str, help: str, default: bool = False):
     """A boolean option shown as a plain switch (``--masks``, ``--resume/--no-resume``) rather than
     with typer's ``<bool>`` type column, which reads as if it took a value."""
     return typer.Option(default, *names, help=help, metavar="")
-
 
 
 def recipe_from(path: Optional[Path], overrides: List[str], **models: Optional[str]) -> Recipe:
@@ -49,8 +43,10 @@ def recipe_from(path: Optional[Path], overrides: List[str], **models: Optional[s
 
 
 AllowPartialOption = typer.Option(
-    False, "--allow-partial", help="Use a cache with shards missing (a killed or failed extraction): refused by default; "
-    "with this, only its committed shards are used and the fraction is recorded."
+    False,
+    "--allow-partial",
+    help="Use a cache with shards missing (a killed or failed extraction): refused by default; "
+    "with this, only its committed shards are used and the fraction is recorded.",
 )
 
 
@@ -62,6 +58,7 @@ def option_over_recipe(option: str, given, field: str, recipe_value, default, ov
     wanted = given if meaning is None else meaning
     named = any(override.split("=", 1)[0].strip() == field for override in overrides)
     if (named or recipe_value != default) and recipe_value != wanted:
-        raise UserError(f"{option} sets {field}={wanted}, but the recipe or --set gives {field}={recipe_value}; "
-                        "give one of the two")
+        raise UserError(
+            f"{option} sets {field}={wanted}, but the recipe or --set gives {field}={recipe_value}; give one of the two"
+        )
     return wanted

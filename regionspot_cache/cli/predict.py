@@ -28,22 +28,22 @@ from regionspot_cache.runtime.files import check_writable
 def predict(
     image: Path = typer.Argument(..., help="Image file to recognise regions in (any format Pillow decodes)."),
     head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) written by `rs-cache train`."),
-    boxes: Optional[str] = typer.Option(None, help="Boxes in original pixels: \"x1,y1,x2,y2;x1,y1,x2,y2;...\"."),
+    boxes: Optional[str] = typer.Option(None, help='Boxes in original pixels: "x1,y1,x2,y2;x1,y1,x2,y2;...".'),
     boxes_file: Optional[Path] = typer.Option(
         None, help="JSON file with a list of boxes, each a list x1, y1, x2, y2 (instead of --boxes)."
     ),
-    vocab: Optional[str] = typer.Option(None, help="Class names separated by commas, e.g. \"dog,cat,traffic light\"."),
+    vocab: Optional[str] = typer.Option(None, help='Class names separated by commas, e.g. "dog,cat,traffic light".'),
     vocab_file: Optional[Path] = typer.Option(None, help="Text file with one class name per line (instead of --vocab)."),
-    masks: bool = flag(
-        "--masks", help="Add SAM's mask for each box prompt (RLE in the JSON, overlaid in the PNG)."
-    ),
+    masks: bool = flag("--masks", help="Add SAM's mask for each box prompt (RLE in the JSON, overlaid in the PNG)."),
     attention: bool = flag(
-        "--attention", help="Also write where the head looks: per box, the last decoder layer's cross-attention "
-        "over the CLIP grid (mean over heads) overlaid on the image, to OUT's stem + .attention.png."
+        "--attention",
+        help="Also write where the head looks: per box, the last decoder layer's cross-attention "
+        "over the CLIP grid (mean over heads) overlaid on the image, to OUT's stem + .attention.png.",
     ),
     reject: Optional[str] = typer.Option(
-        None, help="Open-set rule that may label a box none of the vocabulary (label null): max-softmax, max-sigmoid "
-        "or background-prompt; sets eval.open_set.rule (threshold: --set eval.open_set.threshold=...)."
+        None,
+        help="Open-set rule that may label a box none of the vocabulary (label null): max-softmax, max-sigmoid "
+        "or background-prompt; sets eval.open_set.rule (threshold: --set eval.open_set.threshold=...).",
     ),
     out: Optional[Path] = typer.Option(
         None, help="PNG to write with the labelled boxes (default: IMAGE's stem + .regions.png here)."
@@ -79,8 +79,14 @@ def predict(
         raise UserError("predict needs exactly one of --boxes and --boxes-file")
     if (vocab is None) == (vocab_file is None):
         raise UserError("predict needs exactly one of --vocab and --vocab-file")
-    config = recipe_from(recipe, overrides, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
-                     clip_model=clip_model, clip_pretrained=clip_pretrained)
+    config = recipe_from(
+        recipe,
+        overrides,
+        sam_variant=sam_variant,
+        sam_checkpoint=sam_checkpoint,
+        clip_model=clip_model,
+        clip_pretrained=clip_pretrained,
+    )
     if config.models.sam.checkpoint is None:
         raise UserError("predict needs the SAM weights: --sam-checkpoint (or models.sam.checkpoint in a recipe)")
     out = out or Path(f"{image.stem}.regions.png")
@@ -90,8 +96,9 @@ def predict(
     picture = to_rgb_image(image)
     checked_boxes(box_array, picture.width, picture.height)  # bad input fails before the models load
     checked_vocabulary(names)
-    config.eval.open_set.rule = option_over_recipe("--reject", reject, "eval.open_set.rule", config.eval.open_set.rule,
-                                                   OpenSetConfig().rule, overrides)
+    config.eval.open_set.rule = option_over_recipe(
+        "--reject", reject, "eval.open_set.rule", config.eval.open_set.rule, OpenSetConfig().rule, overrides
+    )
     config.eval.validate()
     warn_if_never_rejects(config.eval.open_set, len(names))
     regions = Predictor.from_files(head, config.models, device, text_cache).predict(

@@ -14,8 +14,11 @@ from regionspot_cache.errors import UserError
 
 def propose(
     detector: str = typer.Option(
-        ..., "--detector", "-d", help="Hugging Face model id or local directory of a transformers detector: Grounding DINO, "
-        "MM-Grounding-DINO (e.g. LLMDet's weights), OWLv2 / OWL-ViT, or SAM 3."
+        ...,
+        "--detector",
+        "-d",
+        help="Hugging Face model id or local directory of a transformers detector: Grounding DINO, "
+        "MM-Grounding-DINO (e.g. LLMDet's weights), OWLv2 / OWL-ViT, or SAM 3.",
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Proposal file to write (COCO results JSON); shards go beside it."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", "-m", help="Dataset manifest TOML (see manifests/)."),
@@ -57,8 +60,10 @@ def propose(
     selection = Selection(top_k=top_k, nms_iou=nms_iou, min_score=min_score, chunk_size=chunk_size)
     distributor = InProcess() if in_process else Dask(scheduler, workers, retries)
     summary = run_proposals(dataset, output, detector, selection, shard_size, device, distributor)
-    say(f"{summary.images} images, {summary.boxes} boxes, {summary.failed_images} unreadable images, "
-        f"{summary.shards_written} shards written, {summary.shards_skipped} resumed, {summary.seconds:.1f} s")
+    say(
+        f"{summary.images} images, {summary.boxes} boxes, {summary.failed_images} unreadable images, "
+        f"{summary.shards_written} shards written, {summary.shards_skipped} resumed, {summary.seconds:.1f} s"
+    )
     for shard_id, error in sorted(summary.failed_shards.items()):
         say(("failed", "bold red"), f" shard {shard_id:06d}: {error}")
     if summary.provenance is None:

@@ -15,17 +15,20 @@ from regionspot_cache.runtime.files import check_writable, write_json
 
 
 def search(
-    queries: List[str] = typer.Argument(None, help="Text queries, e.g. \"red umbrella\" \"dog on a sofa\"."),
+    queries: List[str] = typer.Argument(None, help='Text queries, e.g. "red umbrella" "dog on a sofa".'),
     cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache whose regions are searched."),
     head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) that embeds the regions."),
     like: List[str] = typer.Option(
-        [], "--like", help="Find regions like a cached one: IMAGE:BOX, BOX being its index among the image's cached "
-        "boxes (42:0) or its x1,y1,x2,y2 (the cached box with IoU >= 0.5). Repeatable."
+        [],
+        "--like",
+        help="Find regions like a cached one: IMAGE:BOX, BOX being its index among the image's cached "
+        "boxes (42:0) or its x1,y1,x2,y2 (the cached box with IoU >= 0.5). Repeatable.",
     ),
     top: int = typer.Option(20, "--top", help="Regions to return per query."),
     out: Path = typer.Option(Path("search"), "--out", "-o", help="Directory for hits.json and contact_sheet.png."),
     image_root: Optional[Path] = typer.Option(
-        None, help="Directory of the cache's images, for the contact sheet (none: JSON only)."),
+        None, help="Directory of the cache's images, for the contact sheet (none: JSON only)."
+    ),
     clip_pretrained: Optional[str] = typer.Option(None, help="CLIP weights file, if not where the cache recorded it."),
     device: str = typer.Option("auto", help="Torch device: auto (CUDA when present), cpu, cuda, cuda:1, ..."),
     allow_partial: bool = AllowPartialOption,

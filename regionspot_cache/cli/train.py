@@ -21,8 +21,11 @@ from regionspot_cache.runtime.files import check_writable
 
 def train(
     cache: List[Path] = typer.Option(
-        [], "--cache", "-c", help="Feature cache made by `rs-cache extract`; repeat for multi-dataset training "
-        "(replaces train.caches of the recipe; weights: train.dataset_weights)."
+        [],
+        "--cache",
+        "-c",
+        help="Feature cache made by `rs-cache extract`; repeat for multi-dataset training "
+        "(replaces train.caches of the recipe; weights: train.dataset_weights).",
     ),
     output: Path = typer.Option(
         ..., "--output", "-o", help="Head checkpoint to write (.safetensors; a .json config goes beside it)."
@@ -60,4 +63,3 @@ def train(
     config.train.allow_partial = allow_partial or config.train.allow_partial
     summary = train_head(None, output, config.train, resume)
     print_train_summary(summary)
-

@@ -23,8 +23,13 @@ def split_boxes(boxes: BoxSet, width: int, height: int) -> tuple[BoxSet, BoxSet,
     inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     keep = finite & positive & near & inside
     reasons = [
-        "coordinates not finite" if not f else "zero or negative size" if not p
-        else "coordinates far outside the image" if not n else "outside the image"
+        "coordinates not finite"
+        if not f
+        else "zero or negative size"
+        if not p
+        else "coordinates far outside the image"
+        if not n
+        else "outside the image"
         for f, p, n in zip(finite[~keep], positive[~keep], near[~keep])
     ]
     kept = BoxSet(clipped[keep], boxes.category_ids[keep], boxes.scores[keep])

@@ -19,7 +19,6 @@ from regionspot_cache.runtime.files import read_toml
 T = TypeVar("T")
 
 
-
 @dataclass(frozen=True)
 class Category:
     id: int
@@ -65,9 +64,11 @@ class BoxSet:
     @staticmethod
     def concat(parts: Sequence["BoxSet"]) -> "BoxSet":
         """The boxes of ``parts``, one set after another."""
-        return BoxSet(np.concatenate([p.xyxy.reshape(-1, 4) for p in parts]).astype(np.float32),
-                      np.concatenate([p.category_ids for p in parts]).astype(np.int64),
-                      np.concatenate([p.scores for p in parts]).astype(np.float32))
+        return BoxSet(
+            np.concatenate([p.xyxy.reshape(-1, 4) for p in parts]).astype(np.float32),
+            np.concatenate([p.category_ids for p in parts]).astype(np.int64),
+            np.concatenate([p.scores for p in parts]).astype(np.float32),
+        )
 
 
 @dataclass
@@ -201,8 +202,12 @@ def exact_int(value: Any, field: str, low: int = 0, high: int = INT64_MAX) -> in
 
 
 def _image_entry(image: dict) -> ImageEntry:
-    return ImageEntry(exact_int(image["id"], "id"), image_file_name(image), exact_int(image["width"], "width", 1),
-                      exact_int(image["height"], "height", 1))
+    return ImageEntry(
+        exact_int(image["id"], "id"),
+        image_file_name(image),
+        exact_int(image["width"], "width", 1),
+        exact_int(image["height"], "height", 1),
+    )
 
 
 def _category(category: dict) -> Category:

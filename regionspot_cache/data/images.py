@@ -18,8 +18,9 @@ def load_rgb(path: Path, max_pixels: int | None = None) -> Image.Image:
     try:
         with Image.open(path) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:
-                raise ImageDecodeError(f"{path}: {image.width}x{image.height} pixels, more than the limit of "
-                                       f"{max_pixels} (extract.max_image_pixels)")
+                raise ImageDecodeError(
+                    f"{path}: {image.width}x{image.height} pixels, more than the limit of {max_pixels} (extract.max_image_pixels)"
+                )
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16-bit grayscale: keep the top 8 bits rather than clipping at 255.
@@ -48,7 +49,6 @@ class ImageSource:
         image = load_rgb(path)
         if image.size != (entry.width, entry.height):
             raise ImageDecodeError(
-                f"{path}: decoded size {image.size[0]}x{image.size[1]} differs from the recorded "
-                f"{entry.width}x{entry.height}"
+                f"{path}: decoded size {image.size[0]}x{image.size[1]} differs from the recorded {entry.width}x{entry.height}"
             )
         return image

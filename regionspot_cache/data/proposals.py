@@ -62,8 +62,9 @@ def _from_glip(path: Path, data: dict[str, Any], with_classes: bool) -> dict[int
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"{path}: entry for image {key!r}: {err!r}") from None
         if not len(scores) == len(labels) == len(xyxy):
-            raise DatasetError(f"{path}: entry for image {key!r}: {len(xyxy)} boxes but {len(scores)} scores "
-                               f"and {len(labels)} labels")
+            raise DatasetError(
+                f"{path}: entry for image {key!r}: {len(xyxy)} boxes but {len(scores)} scores and {len(labels)} labels"
+            )
         check_scores(path, f"entry for image {key!r}", scores)
         result[image_id] = BoxSet(xyxy, labels, scores.astype(np.float32))
     return result
@@ -76,7 +77,8 @@ def _from_coco_results(path: Path, data: list[Any], with_classes: bool) -> dict[
             x, y, w, h = (float(v) for v in entry["bbox"])
             label = exact_int(entry["category_id"], "category_id") if with_classes else -1
             grouped.setdefault(exact_int(entry["image_id"], "image_id"), []).append(
-                ([x, y, x + w, y + h], float(entry["score"]), label))
+                ([x, y, x + w, y + h], float(entry["score"]), label)
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"{path}: result #{index}: {err!r}") from None
         check_scores(path, f"result #{index}", [float(entry["score"])])
@@ -202,11 +204,15 @@ def check_provenance(proposal_file: Path | str, categories: Sequence[Category]) 
     where = provenance_path(proposal_file)
     found = sha256_file(proposal_file)
     if recorded.proposals_sha256 != found:
-        raise DatasetError(f"{proposal_file}: its provenance {where.name} records sha256 "
-                           f"{recorded.proposals_sha256 or '(none)'}, the file has {found}: edited or replaced since "
-                           "`rs-cache propose`")
+        raise DatasetError(
+            f"{proposal_file}: its provenance {where.name} records sha256 "
+            f"{recorded.proposals_sha256 or '(none)'}, the file has {found}: edited or replaced since "
+            "`rs-cache propose`"
+        )
     vocabulary = vocabulary_digest(categories)
     if recorded.vocabulary_sha256 != vocabulary:
-        raise DatasetError(f"{proposal_file}: made for vocabulary {recorded.vocabulary_sha256[:12]} ({recorded.dataset}, "
-                           f"{recorded.num_classes} classes), the dataset's is {vocabulary[:12]} ({len(categories)} classes)")
+        raise DatasetError(
+            f"{proposal_file}: made for vocabulary {recorded.vocabulary_sha256[:12]} ({recorded.dataset}, "
+            f"{recorded.num_classes} classes), the dataset's is {vocabulary[:12]} ({len(categories)} classes)"
+        )
     return recorded

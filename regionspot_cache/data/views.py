@@ -64,8 +64,11 @@ def apply_view(view: View, seed: int, image: Image.Image, entry: ImageEntry, box
     ``split_boxes`` gives them; boxes the crop leaves out are dropped with a reason naming the view."""
     geometry = view_geometry(view, seed, entry.id, entry.width, entry.height)
     valid, rejected, reasons = split_boxes(boxes, entry.width, entry.height)
-    canvas = tv_tensors.BoundingBoxes(torch.from_numpy(np.asarray(valid.xyxy, np.float32).reshape(-1, 4)),
-                                      format="XYXY", canvas_size=(entry.height, entry.width))
+    canvas = tv_tensors.BoundingBoxes(
+        torch.from_numpy(np.asarray(valid.xyxy, np.float32).reshape(-1, 4)),
+        format="XYXY",
+        canvas_size=(entry.height, entry.width),
+    )
     if geometry.flip:
         image, canvas = F.horizontal_flip(image), F.horizontal_flip(canvas)
     if view.crop is not None:  # torchvision clamps boxes to the crop window

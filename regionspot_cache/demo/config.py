@@ -15,8 +15,13 @@ def demo_train_config(iterations: int = ITERATIONS) -> TrainConfig:
     learning rate for a tiny head; the state is saved every 100 steps, so an interrupted demo
     loses little of its training."""
     return TrainConfig(
-        iterations=iterations, batch_size=8, lr=1e-3, warmup_iters=min(50, iterations // 10),
-        lr_steps=sorted({max(1, int(iterations * share)) for share in (0.8, 0.95)}), max_boxes_per_image=16, num_workers=0,
+        iterations=iterations,
+        batch_size=8,
+        lr=1e-3,
+        warmup_iters=min(50, iterations // 10),
+        lr_steps=sorted({max(1, int(iterations * share)) for share in (0.8, 0.95)}),
+        max_boxes_per_image=16,
+        num_workers=0,
         checkpoint_every=100,
     )
 

@@ -21,9 +21,11 @@ def print_extract_summary(summary: ExtractSummary) -> None:
         f"skipped {summary.shards_skipped}; {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s"
     )
     if summary.batches:
-        say(f"loader wait: {summary.loader_wait_seconds:.1f} s over {summary.batches} batches "
+        say(
+            f"loader wait: {summary.loader_wait_seconds:.1f} s over {summary.batches} batches "
             f"({summary.loader_wait_per_batch * 1e3:.0f} ms per batch; much more than none means the encoders "
-            "wait for images: see extract.num_workers and extract.decode)")
+            "wait for images: see extract.num_workers and extract.decode)"
+        )
     for shard_id, error in summary.failed_shards.items():
         say((f"shard {shard_id} failed", "red"), f": {error}")
 
@@ -32,9 +34,13 @@ def print_train_summary(summary: TrainSummary) -> None:
     """One line: the steps trained now (and where a resumed run began), or that the saved state
     had them all, with the loss and rate recorded when they were trained."""
     if summary.already_trained:
-        say(f"already trained: {summary.steps} steps in the saved state; wrote {summary.checkpoint} "
-            f"(recorded final loss {summary.final_loss:.4f}, {summary.samples_per_second:.1f} images/s)")
+        say(
+            f"already trained: {summary.steps} steps in the saved state; wrote {summary.checkpoint} "
+            f"(recorded final loss {summary.final_loss:.4f}, {summary.samples_per_second:.1f} images/s)"
+        )
         return
     resumed = f", resumed from step {summary.resumed_from}" if summary.resumed_from else ""
-    say(f"wrote {summary.checkpoint} after {summary.steps} steps{resumed} in {summary.seconds:.1f} s "
-        f"({summary.samples_per_second:.1f} images/s); final loss {summary.final_loss:.4f}")
+    say(
+        f"wrote {summary.checkpoint} after {summary.steps} steps{resumed} in {summary.seconds:.1f} s "
+        f"({summary.samples_per_second:.1f} images/s); final loss {summary.final_loss:.4f}"
+    )

@@ -42,12 +42,20 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
     console.rule("[bold]1/4 generate data")
     train_json = generate_split(data_dir, "train", SyntheticSpec(config.train_images, config.seed))
     val_json = generate_split(data_dir, "val", SyntheticSpec(config.val_images, config.seed + 1, balanced=True))
-    manifests = {split: write_demo_manifest(data_dir, split, annotations, write_jittered_proposals(
-                     annotations, data_dir / f"{split}_proposals.json", config.seed + offset))
-                 for offset, (split, annotations) in enumerate((("train", train_json), ("val", val_json)))}
+    manifests = {
+        split: write_demo_manifest(
+            data_dir,
+            split,
+            annotations,
+            write_jittered_proposals(annotations, data_dir / f"{split}_proposals.json", config.seed + offset),
+        )
+        for offset, (split, annotations) in enumerate((("train", train_json), ("val", val_json)))
+    }
     models = config.models or write_tiny_checkpoints(workdir / "models", config.seed, config.tiny_sam, config.tiny_clip)
-    say(f"data in {data_dir}; manifests {', '.join(str(path) for path in manifests.values())}; "
-        f"SAM {models.sam.variant} from {models.sam.checkpoint}; CLIP {models.clip.model} from {models.clip.pretrained}")
+    say(
+        f"data in {data_dir}; manifests {', '.join(str(path) for path in manifests.values())}; "
+        f"SAM {models.sam.variant} from {models.sam.checkpoint}; CLIP {models.clip.model} from {models.clip.pretrained}"
+    )
 
     console.rule("[bold]2/4 extract (frozen SAM + CLIP, once per image)")
     encoders = load_frozen_encoders(models, resolve_device(config.extract.device), config.extract.preprocess)
@@ -81,8 +89,16 @@ def write_demo_report(workdir: Path, cache: Path, result: EvalResult, image_root
     """The page ``eval --report`` writes, for the trained head: a first-time user sees pictures."""
     names, file_names = cache_labels(cache)
     results_file = workdir / "results" / "trained.json"
-    data = ReportData(result.metrics, result.settings, "demo: LVIS box AP of the trained head (ground-truth boxes)",
-                      result.detections, names, file_names, image_root, {"results": results_file})
+    data = ReportData(
+        result.metrics,
+        result.settings,
+        "demo: LVIS box AP of the trained head (ground-truth boxes)",
+        result.detections,
+        names,
+        file_names,
+        image_root,
+        {"results": results_file},
+    )
     return write_report(workdir / "report", data)
 
 

@@ -38,13 +38,38 @@ def write_tiny_grounding_dino(directory: Path | str, seed: int = 0, image_size: 
     vocab_file = directory / "vocab.txt"
     vocab_file.write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizer(vocab_file=str(vocab_file), do_lower_case=True)
-    swin = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=image_size,
-                      out_features=["stage2", "stage3", "stage4"])
-    bert = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=64)
-    config = GroundingDinoConfig(backbone_config=swin, text_config=bert, d_model=32, encoder_layers=1, decoder_layers=2,
-                                 encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
-                                 num_queries=20, num_feature_levels=4, max_text_len=32, encoder_n_points=2, decoder_n_points=2)
+    swin = SwinConfig(
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        image_size=image_size,
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    bert = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=swin,
+        text_config=bert,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=20,
+        num_feature_levels=4,
+        max_text_len=32,
+        encoder_n_points=2,
+        decoder_n_points=2,
+    )
     _seeded(seed)
     GroundingDinoForObjectDetection(config).eval().save_pretrained(directory)
     images = GroundingDinoImageProcessor(size={"shortest_edge": image_size, "longest_edge": 2 * image_size})
@@ -65,11 +90,25 @@ def write_tiny_owlv2(directory: Path | str, seed: int = 0, image_size: int = 32)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = CLIPTokenizer(*_clip_bpe_files(directory))
-    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "max_position_embeddings": 16,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": 0}
-    vision = {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "image_size": image_size, "patch_size": 8}
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": 0,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": 8,
+    }
     config = Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
     _seeded(seed)
     Owlv2ForObjectDetection(config).eval().save_pretrained(directory)
@@ -100,6 +139,7 @@ def write_not_a_detector(directory: Path | str) -> Path:
     from transformers import BertConfig, BertModel
 
     directory = Path(directory)
-    BertModel(BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                         intermediate_size=8)).save_pretrained(directory)
+    BertModel(
+        BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
+    ).save_pretrained(directory)
     return directory

@@ -26,8 +26,9 @@ TINY_SAMS = (TINY_SAM, "sam2_tiny")
 TINY_CLIPS = (TINY_CLIP, "RS-Tiny-Timm-ViT")
 
 
-def write_tiny_checkpoints(directory: Path | str, seed: int = 0, sam_variant: str = TINY_SAM,
-                           clip_model: str = TINY_CLIP) -> ModelsConfig:
+def write_tiny_checkpoints(
+    directory: Path | str, seed: int = 0, sam_variant: str = TINY_SAM, clip_model: str = TINY_CLIP
+) -> ModelsConfig:
     """Save a random tiny SAM (``sam_<variant>.pth``) and CLIP (``clip_tiny.pt`` / ``clip_<model>.pt``)
     as released checkpoints are laid out; returns their spec."""
     if sam_variant not in TINY_SAMS or clip_model not in TINY_CLIPS:

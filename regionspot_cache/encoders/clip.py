@@ -33,6 +33,7 @@ MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 register_tiny_timm_tower()  # the tower of RS-Tiny-Timm-ViT
 
+
 def clean_class_name(name: str) -> str:
     """Strip the ``-other``, ``-merged`` and ``-stuff`` suffixes of COCO-style category names."""
     return name.replace("-other", "").replace("-merged", "").replace("-stuff", "")
@@ -57,8 +58,10 @@ def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> 
     except (RuntimeError, KeyError, EOFError, ValueError, OSError, pickle.UnpicklingError) as err:
         # A text file ends in KeyError, another model's weights in a state_dict RuntimeError.
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ModelLoadError(f"{pretrained}: not CLIP weights of {model_name} (expected the file or tag of that "
-                             f"model): {err.__class__.__name__}: {first_line[:200]}") from None
+        raise ModelLoadError(
+            f"{pretrained}: not CLIP weights of {model_name} (expected the file or tag of that "
+            f"model): {err.__class__.__name__}: {first_line[:200]}"
+        ) from None
     tower = token_tower(model.visual, model_name)  # refuses towers without a token grid before the tokenizer loads
     tokenizer = open_clip.get_tokenizer(model_name)  # each model's own (BPE, SentencePiece, ...)
     return ClipEncoder(model.eval().requires_grad_(False), tokenizer, device, tower=tower)

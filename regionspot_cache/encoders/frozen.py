@@ -39,8 +39,10 @@ class FrozenEncoders:
         if preprocess is self.preprocess:
             return self
         if self.is_sam2:
-            raise ConfigError(f"extract.preprocess {preprocess!r} repeats the released RegionSpot code, which runs SAM 1; "
-                             f"SAM 2.1 ({self.spec.sam.variant}) takes the direct preprocessing")
+            raise ConfigError(
+                f"extract.preprocess {preprocess!r} repeats the released RegionSpot code, which runs SAM 1; "
+                f"SAM 2.1 ({self.spec.sam.variant}) takes the direct preprocessing"
+            )
         sam = copy.copy(self.sam)
         sam.preprocessing, sam.test_resize = preprocess, test_resize_for(preprocess)
         return FrozenEncoders(sam, replace(self.clip, preprocessing=preprocess), self.spec)
@@ -99,8 +101,9 @@ def load_box_encoder(variant: str, checkpoint: str | None, device: torch.device)
     return SamBoxEncoder(build_sam(variant, checkpoint), device)
 
 
-def load_frozen_encoders(spec: ModelsConfig, device: torch.device,
-                         preprocess: Preprocessing | str = Preprocessing.DIRECT) -> FrozenEncoders:
+def load_frozen_encoders(
+    spec: ModelsConfig, device: torch.device, preprocess: Preprocessing | str = Preprocessing.DIRECT
+) -> FrozenEncoders:
     sam = load_box_encoder(spec.sam.variant, spec.sam.checkpoint, device)
     clip = load_clip(spec.clip.model, spec.clip.pretrained, device)
     return FrozenEncoders(sam, clip, spec).with_preprocess(preprocess)

@@ -62,16 +62,23 @@ def test_resize_for(preprocessing: Preprocessing | str) -> TestResize | None:
     return TestResize() if Preprocessing.parse(preprocessing, "preprocess").runs_test_resize else None
 
 
-def clip_pixels(preprocessing: Preprocessing | str, image: Image.Image, size: tuple[int, int], mean: torch.Tensor,
-                std: torch.Tensor, interpolation: str) -> torch.Tensor:
+def clip_pixels(
+    preprocessing: Preprocessing | str,
+    image: Image.Image,
+    size: tuple[int, int],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    interpolation: str,
+) -> torch.Tensor:
     """(3, H, W) normalised CLIP input of ``image`` at ``size`` (height, width), as ``preprocessing`` makes it."""
     if Preprocessing.parse(preprocessing, "preprocess").runs_test_resize:
         return released_clip_pixels(image, size, mean, std)
     return direct_clip_pixels(image, size, mean, std, interpolation)
 
 
-def direct_clip_pixels(image: Image.Image, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor,
-                       interpolation: str) -> torch.Tensor:
+def direct_clip_pixels(
+    image: Image.Image, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor, interpolation: str
+) -> torch.Tensor:
     """The ``direct`` CLIP input: a PIL resize of the image to ``size`` (no crop) -> [0, 1] -> mean/std."""
     height, width = size
     resized = image.convert("RGB").resize((width, height), resample=_INTERPOLATION[interpolation])

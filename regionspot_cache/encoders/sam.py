@@ -141,7 +141,8 @@ class SamBoxEncoder:
         """
         boxes, _ = self.prompt_boxes(boxes_xyxy, original_size)
         return FittingBatches(boxes_per_call, self.device, "boxes").stack(
-            boxes, lambda chunk: self._decode_tokens(image_embedding, chunk), torch.empty(0, TOKEN_DIM, device=self.device))
+            boxes, lambda chunk: self._decode_tokens(image_embedding, chunk), torch.empty(0, TOKEN_DIM, device=self.device)
+        )
 
     def _decode_tokens(self, image_embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         decoder = self.sam.mask_decoder
@@ -173,8 +174,10 @@ class SamBoxEncoder:
         # (the released code goes through the test-resized size first: one resampling fewer here).
         input_size = self.transform.get_preprocess_shape(*frame, self.input_size)
         return FittingBatches(boxes_per_call, self.device, "boxes").stack(
-            boxes, lambda chunk: self._decode_masks(image_embedding, chunk, input_size, original_size),
-            torch.zeros(0, *original_size, dtype=torch.bool, device=self.device))
+            boxes,
+            lambda chunk: self._decode_masks(image_embedding, chunk, input_size, original_size),
+            torch.zeros(0, *original_size, dtype=torch.bool, device=self.device),
+        )
 
     def _decode_masks(
         self, image_embedding: torch.Tensor, boxes: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]

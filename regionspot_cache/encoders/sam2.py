@@ -42,10 +42,15 @@ class Sam2Architecture:
     def overrides(self) -> list[str]:
         trunk = "++model.image_encoder.trunk"
         widths = [self.embed_dim * 2**i for i in reversed(range(len(self.stages)))]
-        return [f"{trunk}.embed_dim={self.embed_dim}", f"{trunk}.num_heads={self.num_heads}",
-                f"{trunk}.stages={list(self.stages)}", f"{trunk}.global_att_blocks={list(self.global_att_blocks)}",
-                f"++model.image_encoder.neck.backbone_channel_list={widths}", f"++model.image_size={self.image_size}",
-                f"++model.memory_attention.num_layers={self.memory_attention_layers}"]
+        return [
+            f"{trunk}.embed_dim={self.embed_dim}",
+            f"{trunk}.num_heads={self.num_heads}",
+            f"{trunk}.stages={list(self.stages)}",
+            f"{trunk}.global_att_blocks={list(self.global_att_blocks)}",
+            f"++model.image_encoder.neck.backbone_channel_list={widths}",
+            f"++model.image_size={self.image_size}",
+            f"++model.memory_attention.num_layers={self.memory_attention_layers}",
+        ]
 
 
 SAM2_CONFIGS = "configs/sam2.1/sam2.1_hiera_{}.yaml"
@@ -145,12 +150,14 @@ class Sam2BoxEncoder:
         return self.model.sam_prompt_encoder(points=(corners, labels), boxes=None, masks=None)
 
     @torch.no_grad()
-    def box_tokens(self, embedding: Sam2ImageEmbedding, boxes_xyxy: np.ndarray, original_size: tuple[int, int],
-                   boxes_per_call: int = 64) -> torch.Tensor:
+    def box_tokens(
+        self, embedding: Sam2ImageEmbedding, boxes_xyxy: np.ndarray, original_size: tuple[int, int], boxes_per_call: int = 64
+    ) -> torch.Tensor:
         """(N, 256) tokens: the two-way transformer's output for mask token 0 (see module doc)."""
         corners = self._prompt_boxes(boxes_xyxy, original_size)
         return FittingBatches(boxes_per_call, self.device, "boxes").stack(
-            corners, lambda chunk: self._decode_tokens(embedding, chunk), torch.empty(0, TOKEN_DIM, device=self.device))
+            corners, lambda chunk: self._decode_tokens(embedding, chunk), torch.empty(0, TOKEN_DIM, device=self.device)
+        )
 
     def _decode_tokens(self, embedding: Sam2ImageEmbedding, corners: torch.Tensor) -> torch.Tensor:
         decoder = self.model.sam_mask_decoder
@@ -165,14 +172,17 @@ class Sam2BoxEncoder:
         return hidden[:, len(first) + 1, :]
 
     @torch.no_grad()
-    def box_masks(self, embedding: Sam2ImageEmbedding, boxes_xyxy: np.ndarray, original_size: tuple[int, int],
-                  boxes_per_call: int = 16) -> torch.Tensor:
+    def box_masks(
+        self, embedding: Sam2ImageEmbedding, boxes_xyxy: np.ndarray, original_size: tuple[int, int], boxes_per_call: int = 16
+    ) -> torch.Tensor:
         """SAM 2's single-mask output per box, as ``SAM2ImagePredictor.predict(box=...,
         multimask_output=False)``: (N, H, W) bool in original pixels."""
         corners = self._prompt_boxes(boxes_xyxy, original_size)
         return FittingBatches(boxes_per_call, self.device, "boxes").stack(
-            corners, lambda chunk: self._decode_masks(embedding, chunk, original_size),
-            torch.zeros(0, *original_size, dtype=torch.bool, device=self.device))
+            corners,
+            lambda chunk: self._decode_masks(embedding, chunk, original_size),
+            torch.zeros(0, *original_size, dtype=torch.bool, device=self.device),
+        )
 
     def _decode_masks(self, embedding: Sam2ImageEmbedding, corners: torch.Tensor, original_size: tuple[int, int]):
         sparse, dense = self._prompts(corners)

@@ -41,9 +41,7 @@ class FusedSamAttention(Attention):
         out = out.reshape(batch, height, width, -1)
         return self.proj(out)
 
-    def _attend_with_rel_pos(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int
-    ) -> torch.Tensor:
+    def _attend_with_rel_pos(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int) -> torch.Tensor:
         rel_h, rel_w = self._decomposed_rel_pos(q, height, width)
         batch, heads, tokens, _ = q.shape
         rows = query_rows_per_call(batch * heads * tokens * q.element_size())

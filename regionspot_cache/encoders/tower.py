@@ -26,7 +26,6 @@ FAMILY_OPEN_CLIP_VIT = "open_clip VisionTransformer"
 FAMILY_TIMM_VIT = "timm ViT"
 
 
-
 @dataclass(frozen=True)
 class TokenTower:
     """A ViT-like vision tower and the shape of the feature map it yields."""
@@ -39,13 +38,16 @@ class TokenTower:
 
     def description(self) -> str:
         """What ``ClipIdentity.feature_map`` records."""
-        return (f"{self.family}: last block output before the final norm, {self.prefix_tokens} prefix token(s) "
-                f"then the {self.grid[0]}x{self.grid[1]} patch grid row-major (forward_intermediates)")
+        return (
+            f"{self.family}: last block output before the final norm, {self.prefix_tokens} prefix token(s) "
+            f"then the {self.grid[0]}x{self.grid[1]} patch grid row-major (forward_intermediates)"
+        )
 
     def last_block_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, prefix_tokens + rows * columns, width)."""
         out = self.visual.forward_intermediates(
-            pixels, indices=1, intermediates_only=True, output_fmt="NLC", output_extra_tokens=self.prefix_tokens > 0)
+            pixels, indices=1, intermediates_only=True, output_fmt="NLC", output_extra_tokens=self.prefix_tokens > 0
+        )
         patches = out["image_intermediates"][-1]
         if self.prefix_tokens == 0:
             return patches
@@ -59,12 +61,18 @@ def token_tower(visual: torch.nn.Module, model_name: str) -> TokenTower:
     trunk = getattr(visual, "trunk", None)
     patch_embed = getattr(trunk, "patch_embed", None)
     if trunk is not None and hasattr(trunk, "num_prefix_tokens") and hasattr(patch_embed, "grid_size"):
-        return TokenTower(visual, FAMILY_TIMM_VIT, int(trunk.embed_dim), int(trunk.num_prefix_tokens),
-                          tuple(int(n) for n in patch_embed.grid_size))
+        return TokenTower(
+            visual,
+            FAMILY_TIMM_VIT,
+            int(trunk.embed_dim),
+            int(trunk.num_prefix_tokens),
+            tuple(int(n) for n in patch_embed.grid_size),
+        )
     kind = type(trunk if trunk is not None else visual).__name__
     raise NoTokenGridError(
         f"CLIP model {model_name!r}: its vision tower ({kind}) yields no patch tokens; RegionSpot needs a ViT-like "
-        "tower (open_clip ViT, SigLIP, PE-Core, EVA), not a ConvNeXt or ResNet")
+        "tower (open_clip ViT, SigLIP, PE-Core, EVA), not a ConvNeXt or ResNet"
+    )
 
 
 # The vision tower of model_configs/RS-Tiny-Timm-ViT.json; not named SigLIP, as open_clip picks a SigLIP tokenizer by name.
@@ -84,8 +92,9 @@ def register_tiny_timm_tower() -> None:
         return
 
     def rs_tiny_map_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
-        shape = dict(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=2, mlp_ratio=2,
-                     class_token=False, global_pool="map")
+        shape = dict(
+            img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=2, mlp_ratio=2, class_token=False, global_pool="map"
+        )
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory passes these
             kwargs.pop(key, None)
         return VisionTransformer(**{**shape, **kwargs})

@@ -135,8 +135,10 @@ def check_scorable(reader: CacheReader) -> None:
     file it would give a meaningless AP."""
     view = reader.provenance.kind.view
     if view is not None:
-        raise InputError(f"{reader.root}: a view cache ({view.id}): its boxes are in the coordinates of transformed "
-                         "images, not the annotation file's; evaluate the cache it was made from")
+        raise InputError(
+            f"{reader.root}: a view cache ({view.id}): its boxes are in the coordinates of transformed "
+            "images, not the annotation file's; evaluate the cache it was made from"
+        )
 
 
 def background_embeddings(reader: CacheReader, models: ModelsConfig | None, config: EvalConfig) -> torch.Tensor | None:
@@ -149,8 +151,13 @@ def background_embeddings(reader: CacheReader, models: ModelsConfig | None, conf
     return clip.text_embeddings(config.open_set.background_prompts).float()
 
 
-def check_method(method: EvalMethod | str, head: RegionSpotHead | None, masks: bool,
-                 image_root: Path | str | None, config: EvalConfig | None = None) -> EvalMethod:
+def check_method(
+    method: EvalMethod | str,
+    head: RegionSpotHead | None,
+    masks: bool,
+    image_root: Path | str | None,
+    config: EvalConfig | None = None,
+) -> EvalMethod:
     """The method named, refused before anything loads if it is unknown, lacks what it needs or
     would ignore a setting it was given (open-set rejection works on the head's logits only)."""
     chosen = EvalMethod.find(method)
@@ -169,8 +176,10 @@ def check_applicable(method: EvalMethod, config: EvalConfig) -> None:
     """Settings ``method`` would ignore are refused, not dropped (open-set rejection works on the
     head's logits only)."""
     if config.open_set.rule.rejects and not method.needs_head:
-        raise InputError(f"method {method} does not apply eval.open_set (rule {config.open_set.rule}): open-set "
-                         "rejection works on the head's logits; use --method regionspot or eval.open_set.rule=off")
+        raise InputError(
+            f"method {method} does not apply eval.open_set (rule {config.open_set.rule}): open-set "
+            "rejection works on the head's logits; use --method regionspot or eval.open_set.rule=off"
+        )
 
 
 def evaluate_head(
@@ -194,10 +203,17 @@ def released_input_differences(imported_from: str | None, cache_dir: Path | str,
 
     reader = CacheReader(cache_dir)
     name = vocabulary or reader.provenance.dataset
-    made = {"extract.preprocess": (Preprocessing.recorded_in(reader.provenance), Preprocessing.RELEASED),
-            "extract.text_recipe": (reader.vocabulary(name).text_recipe, TextRecipe.RELEASED)}
+    made = {
+        "extract.preprocess": (Preprocessing.recorded_in(reader.provenance), Preprocessing.RELEASED),
+        "extract.text_recipe": (reader.vocabulary(name).text_recipe, TextRecipe.RELEASED),
+    }
     found = [f"{key} is {value!r}, not {released!r}" for key, (value, released) in made.items() if value is not released]
     for difference in found:
-        logger.warning("%s: the head was imported from the released checkpoint %s, but the cache's %s; "
-                       "features differ from those it was trained on", cache_dir, imported_from, difference)
+        logger.warning(
+            "%s: the head was imported from the released checkpoint %s, but the cache's %s; "
+            "features differ from those it was trained on",
+            cache_dir,
+            imported_from,
+            difference,
+        )
     return found

@@ -111,12 +111,15 @@ class BaselineScorer:
             crops = masked_box_crops(image, boxes, self.encoders, self.embedder.mean_colour)
         else:
             crops = box_crops(image, boxes)
-        return region_logits(self.embedder.embed(crops), self.text, self.encoders.clip.logit_scale,
-                             self.encoders.clip.logit_bias)
+        return region_logits(self.embedder.embed(crops), self.text, self.encoders.clip.logit_scale, self.encoders.clip.logit_bias)
 
 
 def score_cache_with_baseline(
-    reader: CacheReader, vocab: Vocabulary, config: EvalConfig, method: EvalMethod, encoders: FrozenEncoders,
+    reader: CacheReader,
+    vocab: Vocabulary,
+    config: EvalConfig,
+    method: EvalMethod,
+    encoders: FrozenEncoders,
     images: ImageSource,
 ) -> Detections:
     """Detections of ``method`` for the cache's boxes (ground truth or proposals), under

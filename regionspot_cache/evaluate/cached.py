@@ -24,7 +24,11 @@ from regionspot_cache.runtime.devices import resolve_device
 
 @torch.no_grad()
 def image_logits(
-    head: RegionSpotHead, item: CachedImage, text: torch.Tensor, logit_scale: float, device: torch.device,
+    head: RegionSpotHead,
+    item: CachedImage,
+    text: torch.Tensor,
+    logit_scale: float,
+    device: torch.device,
     logit_bias: float | None = None,
 ) -> torch.Tensor:
     """(boxes, classes) logits of one cached image."""
@@ -73,10 +77,15 @@ def score_cache(
     return detections_from_logits(images(), vocab.category_ids, config)
 
 
-
 def rejecting_unknown(
-    image_id: int, item: CachedImage, head: RegionSpotHead, text: torch.Tensor, background: torch.Tensor | None,
-    logit_scale_bias: tuple[float, float | None], config: EvalConfig, device: torch.device,
+    image_id: int,
+    item: CachedImage,
+    head: RegionSpotHead,
+    text: torch.Tensor,
+    background: torch.Tensor | None,
+    logit_scale_bias: tuple[float, float | None],
+    config: EvalConfig,
+    device: torch.device,
 ) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor]:
     """One image's (id, boxes, box scores, logits), without the boxes the open-set rule rejects."""
     scale, bias = logit_scale_bias
@@ -84,6 +93,6 @@ def rejecting_unknown(
         return image_id, item.boxes, item.scores, image_logits(head, item, text, scale, device, bias)
     extra = background if background is not None else text[:0]
     logits = image_logits(head, item, torch.cat([text, extra.to(device)]), scale, device, bias)
-    logits, background_logits = logits[:, : len(text)], logits[:, len(text):]
+    logits, background_logits = logits[:, : len(text)], logits[:, len(text) :]
     keep = kept_regions(config.open_set.rule.known_scores(logits, background_logits), config.open_set).cpu().numpy()
     return image_id, item.boxes[keep], item.scores[keep], logits[torch.from_numpy(keep).to(logits.device)]

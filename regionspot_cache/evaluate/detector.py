@@ -29,8 +29,10 @@ def detector_detections(proposal_file: Path | str, vocabulary: Vocabulary) -> De
     classes = np.concatenate([p.category_ids for p in parts])
     unknown = np.setdiff1d(classes, vocabulary.category_ids)
     if len(unknown):
-        raise DatasetError(f"{proposal_file}: classes {unknown[:5].tolist()} are not in the vocabulary {vocabulary.name!r} "
-                           "(method detector needs the detector's class per box, as `rs-cache propose` writes it)")
+        raise DatasetError(
+            f"{proposal_file}: classes {unknown[:5].tolist()} are not in the vocabulary {vocabulary.name!r} "
+            "(method detector needs the detector's class per box, as `rs-cache propose` writes it)"
+        )
     xyxy = np.concatenate([p.xyxy for p in parts]).astype(np.float32)
     xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
     ids = np.concatenate([np.full(len(p), i, np.int64) for i, p in zip(image_ids, parts)])

@@ -44,9 +44,12 @@ def load_ground_truth(path: Path | str, vocabulary: Vocabulary) -> dict[str, Any
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise DatasetError(f"{path}: malformed image, annotation or category entry: {err!r}") from None
     if filled:
-        log.warning("%s: COCO-format annotations: filled in %s (every category not annotated in an image counts as "
-                    "a negative there, as COCO labels exhaustively; all categories count as frequent, so APr/APc are n/a)",
-                    path, ", ".join(filled))
+        log.warning(
+            "%s: COCO-format annotations: filled in %s (every category not annotated in an image counts as "
+            "a negative there, as COCO labels exhaustively; all categories count as frequent, so APr/APc are n/a)",
+            path,
+            ", ".join(filled),
+        )
     return data
 
 
@@ -60,8 +63,11 @@ def check_same_categories(path: Path, categories: list[Any], vocabulary: Vocabul
     in_vocab = {int(i): name for i, name in zip(vocabulary.category_ids.tolist(), vocabulary.names)}
     problems = [f"id {i} only in the file" for i in sorted(set(in_file) - set(in_vocab))]
     problems += [f"id {i} only in the vocabulary" for i in sorted(set(in_vocab) - set(in_file))]
-    problems += [f"id {i} is {in_file[i]!r} in the file but {in_vocab[i]!r} in the vocabulary"
-                 for i in sorted(set(in_file) & set(in_vocab)) if in_file[i] != in_vocab[i]]
+    problems += [
+        f"id {i} is {in_file[i]!r} in the file but {in_vocab[i]!r} in the vocabulary"
+        for i in sorted(set(in_file) & set(in_vocab))
+        if in_file[i] != in_vocab[i]
+    ]
     if problems:
         raise DatasetError(
             f"{path}: its categories are not those of the cache's vocabulary {vocabulary.name!r} "
@@ -108,18 +114,27 @@ def check_same_images(path: Path, data: dict[str, Any], cached: dict[int, str], 
     renamed = [i for i in set(in_file) & set(cached) if in_file[i] != cached[i]]
     if renamed:
         i = min(renamed)
-        raise DatasetError(f"{path}: not the annotation file of this cache: {len(renamed)} image ids name other files "
-                           f"(image {i} is {in_file[i]!r} in the file, {cached[i]!r} in the cache)")
+        raise DatasetError(
+            f"{path}: not the annotation file of this cache: {len(renamed)} image ids name other files "
+            f"(image {i} is {in_file[i]!r} in the file, {cached[i]!r} in the cache)"
+        )
     only_cached = sorted(set(cached) - set(in_file))
     if only_cached:
-        raise DatasetError(f"{path}: not the annotation file of this cache: it lacks {len(only_cached)} of the cache's "
-                           f"{len(cached)} images (e.g. image ids {only_cached[:3]})")
+        raise DatasetError(
+            f"{path}: not the annotation file of this cache: it lacks {len(only_cached)} of the cache's "
+            f"{len(cached)} images (e.g. image ids {only_cached[:3]})"
+        )
     only_in_file = sorted(set(in_file) - set(cached))
     if not only_in_file:
         return data
     if not partial:
-        raise DatasetError(f"{path}: {len(only_in_file)} of its {len(in_file)} images are not in the cache (e.g. image "
-                           f"ids {only_in_file[:3]}); they would count as misses")
+        raise DatasetError(
+            f"{path}: {len(only_in_file)} of its {len(in_file)} images are not in the cache (e.g. image "
+            f"ids {only_in_file[:3]}); they would count as misses"
+        )
     kept = set(cached)
-    return {**data, "images": [image for image in data["images"] if image["id"] in kept],
-            "annotations": [a for a in data["annotations"] if a.get("image_id") in kept]}
+    return {
+        **data,
+        "images": [image for image in data["images"] if image["id"] in kept],
+        "annotations": [a for a in data["annotations"] if a.get("image_id") in kept],
+    }

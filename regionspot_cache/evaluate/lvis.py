@@ -102,6 +102,9 @@ def lvis_ap(
 
 def write_metrics(path: Path | str, result: EvalResult) -> Path:
     """The metrics at the top level, and under ``eval`` the protocol and results file behind them."""
-    settings = {**result.settings, "detections": result.num_detections,
-                "results_file": str(result.results_file) if result.results_file else None}
+    settings = {
+        **result.settings,
+        "detections": result.num_detections,
+        "results_file": str(result.results_file) if result.results_file else None,
+    }
     return write_json(path, {**result.metrics, "eval": settings}, indent=2)

@@ -129,14 +129,24 @@ def write_report(directory: Path | str, data: ReportData, examples: int = 4, box
     ap_chart({data.title: data.metrics}, directory / CHART_FILE, data.title)
     columns = [m for m in METRICS if m in data.metrics]
     lines = [
-        f"# {data.title}", "",
-        f"Protocol: **{data.settings.get('description', 'unknown')}**", "",
-        "## Metrics (%)", "",
-        "| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns),
-        "| " + " | ".join(percent(data.metrics[m]) for m in columns) + " |", "",
-        "n/a: no ground truth in that group (LVIS reports -1).", "",
-        f"![AP by frequency group]({CHART_FILE})", "",
-        "## Settings", "", "| setting | value |", "|---|---|",
+        f"# {data.title}",
+        "",
+        f"Protocol: **{data.settings.get('description', 'unknown')}**",
+        "",
+        "## Metrics (%)",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---:|" * len(columns),
+        "| " + " | ".join(percent(data.metrics[m]) for m in columns) + " |",
+        "",
+        "n/a: no ground truth in that group (LVIS reports -1).",
+        "",
+        f"![AP by frequency group]({CHART_FILE})",
+        "",
+        "## Settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
     ]
     lines += [f"| {key} | {'-' if value is None else value} |" for key, value in data.settings.items()]
     lines += [f"| {name} file | {_link(path, directory)} |" for name, path in data.files.items() if path and Path(path).exists()]

@@ -275,8 +275,10 @@ class TapProtocol(ScoringProtocol):
         return box_index.cpu().numpy(), classes.cpu().numpy().astype(np.int32), scores.cpu().numpy()
 
     def rule(self) -> str:
-        return (f"tap (Tokenize Anything): pairs with probability > {self.min_probability}, score sqrt(p x box score), "
-                f"per-class NMS {self.nms_iou}, best {self.config.max_dets_per_image} per image")
+        return (
+            f"tap (Tokenize Anything): pairs with probability > {self.min_probability}, score sqrt(p x box score), "
+            f"per-class NMS {self.nms_iou}, best {self.config.max_dets_per_image} per image"
+        )
 
 
 # By ``EvalConfig.protocol``; a new protocol is one more class here and in config.EVAL_PROTOCOLS.
@@ -313,10 +315,7 @@ class Detections:
 
     def records(self) -> list[dict]:
         """The LVIS results list (fresh dicts: ``lvis.LVISResults`` modifies them)."""
-        return [
-            {"image_id": i, "category_id": c, "bbox": [x, y, w, h], "score": s}
-            for i, c, x, y, w, h, s in self._rows()
-        ]
+        return [{"image_id": i, "category_id": c, "bbox": [x, y, w, h], "score": s} for i, c, x, y, w, h, s in self._rows()]
 
     def _rows(self) -> zip:
         return zip(self.image_ids.tolist(), self.category_ids.tolist(), *self.boxes.T.tolist(), self.scores.tolist())

@@ -33,14 +33,11 @@ def load_cache_encoders(reader: CacheReader, models: ModelsConfig | None, device
         encoders = load_frozen_encoders(models, resolve_device(device), Preprocessing.recorded_in(reader.provenance))
     except FileNotFoundError as err:
         raise MissingFileError(
-            f"{err} (models recorded in {reader.root / 'cache.json'}; give their files with "
-            "--sam-checkpoint / --clip-pretrained)"
+            f"{err} (models recorded in {reader.root / 'cache.json'}; give their files with --sam-checkpoint / --clip-pretrained)"
         ) from None
     differences = model_differences(encoders, reader.provenance)
     if differences:
-        raise CacheFormatError(
-            f"{reader.root}: these are not the models the cache was extracted with: " + "; ".join(differences)
-        )
+        raise CacheFormatError(f"{reader.root}: these are not the models the cache was extracted with: " + "; ".join(differences))
     return encoders
 
 
@@ -55,7 +52,6 @@ def cache_images(reader: CacheReader, image_root: Path | str) -> ImageSource:
     rows = reader.images.select(["image_id", "file_name", "width", "height"]).to_pylist()
     entries = {row["image_id"]: ImageEntry(row["image_id"], row["file_name"], row["width"], row["height"]) for row in rows}
     return ImageSource(Path(image_root), entries)
-
 
 
 def records_with_masks(detections: Detections, max_dets: int, images: ImageSource, sam: SamBoxEncoder) -> list[dict]:

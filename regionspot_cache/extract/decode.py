@@ -41,8 +41,9 @@ _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": Interpolatio
 log = logging.getLogger(__name__)
 
 
-def resolve_decode(decode: Decode | str, device: torch.device, with_view: bool = False,
-                   preprocessing: Preprocessing | None = None) -> Decode:
+def resolve_decode(
+    decode: Decode | str, device: torch.device, with_view: bool = False, preprocessing: Preprocessing | None = None
+) -> Decode:
     """``auto`` -> ``device`` on CUDA (but ``cpu`` for ``released`` preprocessing), else ``cpu``;
     a view cache always decodes on the CPU (its flips and crops work on PIL images)."""
     return Decode.parse(decode, "extract.decode").resolved(device.type, with_view, preprocessing)
@@ -179,7 +180,8 @@ class DevicePixels:
                 batch[i] = replace(item, jpeg=None, error=decoded)
                 continue
             batch[i] = replace(
-                item, jpeg=None,
+                item,
+                jpeg=None,
                 sam_pixels=self.resize.sam_pixels(decoded) if self.with_sam else None,
                 clip_pixels=self.resize.clip_pixels(decoded) if self.with_clip else None,
             )

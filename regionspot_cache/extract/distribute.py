@@ -53,8 +53,9 @@ class Distributor(Protocol):
     def setup_device(self, config: ExtractConfig) -> torch.device:
         """Where the runner loads the encoders it uses for the cache's identity and vocabulary."""
 
-    def run(self, work: ExtractionWork, shards: Sequence[Shard], encoders: FrozenEncoders, writer: CacheWriter,
-            on_batch: OnBatch) -> Iterator[ShardOutcome]:
+    def run(
+        self, work: ExtractionWork, shards: Sequence[Shard], encoders: FrozenEncoders, writer: CacheWriter, on_batch: OnBatch
+    ) -> Iterator[ShardOutcome]:
         """Encode and commit ``shards``, yielding each one's outcome as it finishes (``encoders``
         come with ``work.config.preprocess`` applied)."""
 
@@ -66,8 +67,9 @@ class InProcess:
     def setup_device(self, config: ExtractConfig) -> torch.device:
         return resolve_device(config.device)
 
-    def run(self, work: ExtractionWork, shards: Sequence[Shard], encoders: FrozenEncoders, writer: CacheWriter,
-            on_batch: OnBatch) -> Iterator[ShardOutcome]:
+    def run(
+        self, work: ExtractionWork, shards: Sequence[Shard], encoders: FrozenEncoders, writer: CacheWriter, on_batch: OnBatch
+    ) -> Iterator[ShardOutcome]:
         for result in extract_shards(shards, work.dataset, encoders, writer, work.config, on_batch):
             yield ShardOutcome(result.shard_id, result)
 
@@ -91,13 +93,20 @@ class Dask:
     def setup_device(self, config: ExtractConfig) -> torch.device:
         return torch.device("cpu")  # identity and vocabulary only; the workers load their own encoders
 
-    def run(self, work: ExtractionWork, shards: Sequence[Shard], encoders: FrozenEncoders, writer: CacheWriter,
-            on_batch: OnBatch) -> Iterator[ShardOutcome]:
+    def run(
+        self, work: ExtractionWork, shards: Sequence[Shard], encoders: FrozenEncoders, writer: CacheWriter, on_batch: OnBatch
+    ) -> Iterator[ShardOutcome]:
         run_id = time.time_ns()
         with dask_client(self.scheduler, self.workers) as client:
             futures = {
-                client.submit(extract_shard_task, shard_id, entries, _task_work(work, entries), retries=self.retries,
-                              key=f"rs-cache-shard-{shard_id}-{run_id}"): shard_id
+                client.submit(
+                    extract_shard_task,
+                    shard_id,
+                    entries,
+                    _task_work(work, entries),
+                    retries=self.retries,
+                    key=f"rs-cache-shard-{shard_id}-{run_id}",
+                ): shard_id
                 for shard_id, entries in shards
             }
             for future in as_completed(futures):

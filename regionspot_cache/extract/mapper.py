@@ -51,8 +51,14 @@ class FeatureMapper:
         dtype_bytes = 2 if self.device.type == "cuda" else 4  # bf16 autocast on CUDA
         fit = images_within(budget, self.encoders.sam.image_bytes(dtype_bytes))
         if fit < self.config.batch_size:
-            log.info("a memory budget of %.1f GB holds %d images of SAM %s: batches of %d run in parts of %d",
-                     budget / GIB, fit, self.encoders.spec.sam.variant, self.config.batch_size, fit)
+            log.info(
+                "a memory budget of %.1f GB holds %d images of SAM %s: batches of %d run in parts of %d",
+                budget / GIB,
+                fit,
+                self.encoders.spec.sam.variant,
+                self.config.batch_size,
+                fit,
+            )
         return fit
 
     def __call__(self, batch: Sequence[LoadedImage]) -> list[ImageFeatures]:
@@ -80,25 +86,37 @@ class FeatureMapper:
         # bf16 on CUDA (tensor cores); fp32 on the CPU, where autocast would only slow down.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             embeddings = self.encoders.sam.embed_images([item.sam_pixels for item in items])
-            maps = (self.encoders.clip.feature_maps(torch.stack([item.clip_pixels for item in items]))
-                    if self.with_clip else [None] * len(items))
+            maps = (
+                self.encoders.clip.feature_maps(torch.stack([item.clip_pixels for item in items]))
+                if self.with_clip
+                else [None] * len(items)
+            )
             for item, embedding, feature_map in zip(items, embeddings, maps):
                 boxes, rejected, reasons = split_boxes(item.boxes, item.entry.width, item.entry.height)
                 tokens = self.encoders.sam.box_tokens(
-                    embedding, boxes.xyxy, (item.entry.height, item.entry.width),
+                    embedding,
+                    boxes.xyxy,
+                    (item.entry.height, item.entry.width),
                     self.config.boxes_per_decoder_call,
                 )
                 problem = _non_finite(feature_map, tokens)
                 if problem:  # never let NaN/Inf into the cache: it would poison training
                     results.append(self._failed(replace(item, error=problem)))
                     continue
-                results.append(ImageFeatures(
-                    item.entry.id, item.entry.file_name, item.entry.width, item.entry.height, boxes,
-                    feature_map=None if feature_map is None else _to_float16(feature_map),
-                    box_tokens=_to_float16(tokens),
-                    rejected_boxes=rejected, rejected_reasons=reasons,
-                    reason="" if len(boxes) else NO_BOXES,
-                ))
+                results.append(
+                    ImageFeatures(
+                        item.entry.id,
+                        item.entry.file_name,
+                        item.entry.width,
+                        item.entry.height,
+                        boxes,
+                        feature_map=None if feature_map is None else _to_float16(feature_map),
+                        box_tokens=_to_float16(tokens),
+                        rejected_boxes=rejected,
+                        rejected_reasons=reasons,
+                        reason="" if len(boxes) else NO_BOXES,
+                    )
+                )
         return results
 
     @staticmethod

@@ -47,14 +47,18 @@ def shard_dataset(dataset: DetectionDataset, entries: list[ImageEntry]) -> Detec
 def check_inputs_unchanged(writer: CacheWriter, dataset: DetectionDataset, committed: Sequence[Shard]) -> None:
     """Refuse to skip committed shards whose images or boxes have changed since they were
     extracted (an edited annotation file under the same dataset name): they would be stale."""
-    changed = [shard_id for shard_id, entries in committed
-               if writer.recorded_input_digest(shard_id) not in (None, shard_input_digest(dataset, entries))]
+    changed = [
+        shard_id
+        for shard_id, entries in committed
+        if writer.recorded_input_digest(shard_id) not in (None, shard_input_digest(dataset, entries))
+    ]
     if changed:
         names = ", ".join(f"{shard_id:06d}" for shard_id in changed[:8]) + (" ..." if len(changed) > 8 else "")
         raise CacheFormatError(
             f"{writer.root}: shards {names} were extracted from other images or boxes than {dataset.name!r} has now "
             "(an edited annotation or proposals file?), so their features would be stale. Extract into a new cache, "
-            "or delete those shard directories under shards/ and re-run to extract only them again")
+            "or delete those shard directories under shards/ and re-run to extract only them again"
+        )
 
 
 def pending_shards(shards: Sequence[Shard], committed: set[int], only: set[int] | None) -> list[Shard]:

@@ -52,20 +52,32 @@ def cache_with_boxes(
     target = proposals_cache_dir(cache_dir, box_source)
     # SAM must see images and boxes prepared as the base cache's were (its maps are reused as they are).
     # Same shards as the base, so a proposals shard's images are one base shard's.
-    config = replace(config, preprocess=Preprocessing.recorded_in(base.provenance),
-                     text_recipe=_text_recipe_of(base, dataset.name, config.text_recipe),
-                     shard_size=base.provenance.shard_size)
+    config = replace(
+        config,
+        preprocess=Preprocessing.recorded_in(base.provenance),
+        text_recipe=_text_recipe_of(base, dataset.name, config.text_recipe),
+        shard_size=base.provenance.shard_size,
+    )
     encoders = encoders or load_encoders(models or models_recorded_in(base.provenance), config, distributor)
     encoders = encoders.with_preprocess(config.preprocess)  # for the comparison below (run_extraction's is then a no-op)
     if encoders.clip_provenance() != base.provenance.clip:
-        raise CacheFormatError(f"{cache_dir}: its feature maps come from another CLIP than the models given; "
-                         "pass the models the cache was extracted with")
+        raise CacheFormatError(
+            f"{cache_dir}: its feature maps come from another CLIP than the models given; "
+            "pass the models the cache was extracted with"
+        )
     kind = CacheKind.proposals(os.path.relpath(cache_dir.resolve(), target.resolve()))
     summary = run_extraction(dataset, CacheTarget(target, kind, box_source), encoders, config, distributor)
     failed = f"; shards failed: {summary.failed_shards}" if summary.failed_shards else ""
-    logger.log(logging.WARNING if failed else logging.INFO,
-               "proposals cache %s: SAM tokens of %d images, %d boxes (%d images failed) in %.1f s%s",
-               target, summary.images, summary.boxes, summary.failed, summary.seconds, failed)
+    logger.log(
+        logging.WARNING if failed else logging.INFO,
+        "proposals cache %s: SAM tokens of %d images, %d boxes (%d images failed) in %.1f s%s",
+        target,
+        summary.images,
+        summary.boxes,
+        summary.failed,
+        summary.seconds,
+        failed,
+    )
     return target
 
 
@@ -82,5 +94,7 @@ def _check_maps_can_be_borrowed(base: CacheReader, dataset: DetectionDataset) ->
     committed = {int(p.name) for p in base.shard_dirs}
     missing = sorted(set(range(provenance.planned_shards)) - committed)
     if missing:
-        raise CacheFormatError(f"{base.root}: shards {missing[:8]} are not extracted yet; finish `rs-cache extract` "
-                         "first (its feature maps are reused for the proposals)")
+        raise CacheFormatError(
+            f"{base.root}: shards {missing[:8]} are not extracted yet; finish `rs-cache extract` "
+            "first (its feature maps are reused for the proposals)"
+        )

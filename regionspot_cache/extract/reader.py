@@ -32,9 +32,17 @@ class LoadedImage:
 class ImageReader(Dataset):
     """Decodes and resizes the images of one shard; never raises for a bad file."""
 
-    def __init__(self, dataset: DetectionDataset, entries: Sequence[ImageEntry], sam_resize: Callable,
-                 clip_preprocess: Callable | None, max_pixels: int | None = None,
-                 view: tuple[View, int] | None = None, load: Callable = read_rgb, device_decode: bool = False):
+    def __init__(
+        self,
+        dataset: DetectionDataset,
+        entries: Sequence[ImageEntry],
+        sam_resize: Callable,
+        clip_preprocess: Callable | None,
+        max_pixels: int | None = None,
+        view: tuple[View, int] | None = None,
+        load: Callable = read_rgb,
+        device_decode: bool = False,
+    ):
         self.dataset = dataset
         self.load = load  # path, max_pixels -> PIL RGB image (extract/decode.py)
         self.device_decode = device_decode  # plain JPEGs are only read here, decoded by DevicePixels
@@ -59,37 +67,56 @@ class ImageReader(Dataset):
         size = image.size if jpeg is None else jpeg.size
         if size != (entry.width, entry.height):
             return LoadedImage(
-                entry, boxes,
-                error=f"{path}: decoded size {size[0]}x{size[1]} differs from the annotation's "
-                f"{entry.width}x{entry.height}",
+                entry,
+                boxes,
+                error=f"{path}: decoded size {size[0]}x{size[1]} differs from the annotation's {entry.width}x{entry.height}",
             )
         if jpeg is not None:
             return LoadedImage(entry, boxes, jpeg=jpeg.tensor())
         dropped, dropped_reasons = BoxSet.empty(), []
         if self.view is not None:
             viewed = apply_view(*self.view, image, entry, boxes)
-            image, entry, boxes, dropped, dropped_reasons = (viewed.image, viewed.entry, viewed.boxes, viewed.dropped,
-                                                             viewed.dropped_reasons)
+            image, entry, boxes, dropped, dropped_reasons = (
+                viewed.image,
+                viewed.entry,
+                viewed.boxes,
+                viewed.dropped,
+                viewed.dropped_reasons,
+            )
         clip_pixels = self.clip_preprocess(image) if self.clip_preprocess else None
         sam_pixels = self.sam_resize(np.asarray(image)) if self.sam_resize else None
         return LoadedImage(entry, boxes, sam_pixels, clip_pixels, dropped=dropped, dropped_reasons=dropped_reasons)
 
 
-def image_loader(dataset: DetectionDataset, shards: Sequence[tuple[int, list[ImageEntry]]], encoders: FrozenEncoders,
-            config: ExtractConfig, with_clip: bool = True, with_sam: bool = True,
-            view: tuple[View, int] | None = None) -> DataLoader:
+def image_loader(
+    dataset: DetectionDataset,
+    shards: Sequence[tuple[int, list[ImageEntry]]],
+    encoders: FrozenEncoders,
+    config: ExtractConfig,
+    with_clip: bool = True,
+    with_sam: bool = True,
+    view: tuple[View, int] | None = None,
+) -> DataLoader:
     """Batches of ``config.batch_size`` images that never cross a shard boundary, seen through
     ``view`` (a view and its seed) when given."""
     entries = [entry for _, shard in shards for entry in shard]
     batches, start = [], 0
     for _, shard in shards:
-        batches += [list(range(i, min(i + config.batch_size, start + len(shard))))
-                    for i in range(start, start + len(shard), config.batch_size)]
+        batches += [
+            list(range(i, min(i + config.batch_size, start + len(shard))))
+            for i in range(start, start + len(shard), config.batch_size)
+        ]
         start += len(shard)
     device_decode = resolve_decode(config.decode, encoders.sam.device, view is not None, config.preprocess).on_device
-    reader = ImageReader(dataset, entries, encoders.sam.resizer() if with_sam else None,
-                         encoders.clip.preprocessor() if with_clip else None, config.max_image_pixels, view,
-                         device_decode=device_decode)
+    reader = ImageReader(
+        dataset,
+        entries,
+        encoders.sam.resizer() if with_sam else None,
+        encoders.clip.preprocessor() if with_clip else None,
+        config.max_image_pixels,
+        view,
+        device_decode=device_decode,
+    )
     return DataLoader(
         reader,
         batch_sampler=batches,

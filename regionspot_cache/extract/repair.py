@@ -71,8 +71,13 @@ def keep_the_more_complete(cache_dir: Path, shard: str, aside: Path) -> str | No
 
 
 def repair_cache(
-    cache_dir: Path | str, dataset: DetectionDataset, box_source: str, config: ExtractConfig,
-    models: ModelsConfig | None = None, encoders: FrozenEncoders | None = None, distributor: Distributor | None = None,
+    cache_dir: Path | str,
+    dataset: DetectionDataset,
+    box_source: str,
+    config: ExtractConfig,
+    models: ModelsConfig | None = None,
+    encoders: FrozenEncoders | None = None,
+    distributor: Distributor | None = None,
 ) -> RepairSummary:
     """Find damaged shards by their checksums, remove them and extract them again (on
     ``distributor``, default this process); shards that are intact, or were never extracted, are
@@ -91,8 +96,12 @@ def repair_cache(
     if not damaged:
         return RepairSummary()
     # The shards come back as the cache recorded them, whatever the recipe given says.
-    config = replace(config, shard_size=provenance.shard_size, feature_dtype=provenance.feature_dtype,
-                     preprocess=Preprocessing.recorded_in(provenance))
+    config = replace(
+        config,
+        shard_size=provenance.shard_size,
+        feature_dtype=provenance.feature_dtype,
+        preprocess=Preprocessing.recorded_in(provenance),
+    )
     # A view or proposals cache is re-extracted as the kind cache.json records, not as a plain cache.
     config = replace(config, strict=False) if provenance.kind.view is not None else config
     target = CacheTarget(cache_dir, provenance.kind, box_source)
@@ -104,7 +113,9 @@ def repair_cache(
         with exclusive_extraction(cache_dir):
             refused = {shard: why for shard in aside if (why := keep_the_more_complete(cache_dir, shard, aside[shard]))}
     if refused:
-        raise ExtractionError(f"{cache_dir}: repair refused for shard(s) {', '.join(sorted(refused))}, kept as they were "
-                              f"(damaged): the replacement was less complete ({'; '.join(refused.values())}); make the "
-                              "images readable and run repair again")
+        raise ExtractionError(
+            f"{cache_dir}: repair refused for shard(s) {', '.join(sorted(refused))}, kept as they were "
+            f"(damaged): the replacement was less complete ({'; '.join(refused.values())}); make the "
+            "images readable and run repair again"
+        )
     return RepairSummary(damaged, extraction)

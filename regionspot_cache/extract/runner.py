@@ -109,8 +109,13 @@ def run_extraction(
     return summary
 
 
-def extract_dataset(dataset: DetectionDataset, target: CacheTarget, models: ModelsConfig, config: ExtractConfig,
-                    distributor: Distributor | None = None) -> ExtractSummary:
+def extract_dataset(
+    dataset: DetectionDataset,
+    target: CacheTarget,
+    models: ModelsConfig,
+    config: ExtractConfig,
+    distributor: Distributor | None = None,
+) -> ExtractSummary:
     """The front door: ``run_extraction`` with the encoders ``models`` names (``load_encoders``)."""
     config.validate()
     return run_extraction(dataset, target, load_encoders(models, config, distributor), config, distributor)
@@ -122,8 +127,9 @@ def load_encoders(models: ModelsConfig, config: ExtractConfig, distributor: Dist
     return load_frozen_encoders(models, (distributor or InProcess()).setup_device(config), config.preprocess)
 
 
-def make_provenance(dataset: DetectionDataset, target: CacheTarget, encoders: FrozenEncoders,
-                    config: ExtractConfig) -> Provenance:
+def make_provenance(
+    dataset: DetectionDataset, target: CacheTarget, encoders: FrozenEncoders, config: ExtractConfig
+) -> Provenance:
     """The identity of ``target`` extracted from ``dataset`` by ``encoders`` (with
     ``config.preprocess`` already applied to them)."""
     return Provenance(
@@ -140,8 +146,7 @@ def make_provenance(dataset: DetectionDataset, target: CacheTarget, encoders: Fr
     )
 
 
-def prepare_cache(dataset: DetectionDataset, target: CacheTarget, encoders: FrozenEncoders,
-                  config: ExtractConfig) -> CacheWriter:
+def prepare_cache(dataset: DetectionDataset, target: CacheTarget, encoders: FrozenEncoders, config: ExtractConfig) -> CacheWriter:
     """Create or reopen the cache (identity checked) and store the dataset's vocabulary."""
     config.validate()
     writer = CacheWriter(target.root, make_provenance(dataset, target, encoders, config))
@@ -151,8 +156,10 @@ def prepare_cache(dataset: DetectionDataset, target: CacheTarget, encoders: Froz
         return writer
     recorded = writer.vocabulary_text_recipe(dataset.name)
     if recorded != config.text_recipe:
-        raise CacheFormatError(f"{target.root}: vocabulary {dataset.name!r} was built with text recipe {recorded!r}, "
-                               f"this run asks for {config.text_recipe!r} (extract.text_recipe)")
+        raise CacheFormatError(
+            f"{target.root}: vocabulary {dataset.name!r} was built with text recipe {recorded!r}, "
+            f"this run asks for {config.text_recipe!r} (extract.text_recipe)"
+        )
     return writer
 
 
@@ -163,8 +170,9 @@ def _categories_changed(writer: CacheWriter, dataset: DetectionDataset) -> bool:
     recorded = pq.read_table(writer.root / VOCAB_DIR / f"{dataset.name}.parquet", columns=["category_id", "name"])
     changed = list(zip(*recorded.to_pydict().values())) != [(c.id, c.name) for c in dataset.categories]
     if changed:
-        logger.warning("%s: the categories of %r changed since its vocabulary was written; writing it again",
-                       writer.root, dataset.name)
+        logger.warning(
+            "%s: the categories of %r changed since its vocabulary was written; writing it again", writer.root, dataset.name
+        )
     return changed
 
 
@@ -186,7 +194,4 @@ class ExtractProgress:
     def advance(self, images: int, boxes: int) -> None:
         self.images, self.boxes = self.images + images, self.boxes + boxes
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        self.bar.update(self.task, advance=images,
-                        rate=f"{self.images / elapsed:.3g} img/s {self.boxes / elapsed:.3g} box/s")
-
-
+        self.bar.update(self.task, advance=images, rate=f"{self.images / elapsed:.3g} img/s {self.boxes / elapsed:.3g} box/s")

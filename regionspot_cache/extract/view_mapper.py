@@ -61,7 +61,12 @@ class ClipOnlyMapper(FeatureMapper):
                     results[item.entry.id] = self._failed(replace(item, error=problem))
                     continue
                 entry = item.entry
-                results[entry.id] = ImageFeatures(entry.id, entry.file_name, entry.width, entry.height,
-                                                  feature_map=_to_float16(feature_map), box_tokens=_to_float16(no_tokens))
+                results[entry.id] = ImageFeatures(
+                    entry.id,
+                    entry.file_name,
+                    entry.width,
+                    entry.height,
+                    feature_map=_to_float16(feature_map),
+                    box_tokens=_to_float16(no_tokens),
+                )
         return [results[item.entry.id] for item in batch]
-

@@ -59,11 +59,19 @@ def extract_views(
     summaries = {}
     for view in views:
         kind = CacheKind.of_view(ViewIdentity(view.id, config.views_seed, config.views_mode))
-        summary = run_extraction(dataset, CacheTarget(view_cache_dir(cache_dir, view.id), kind, box_source), encoders,
-                                 config, distributor)
-        logger.log(logging.WARNING if summary.failed_shards else logging.INFO,
-                   "view %s (%s): %d images, %d boxes, %d boxes outside the view, in %.1f s",
-                   view.id, config.views_mode, summary.images, summary.boxes, summary.dropped_boxes, summary.seconds)
+        summary = run_extraction(
+            dataset, CacheTarget(view_cache_dir(cache_dir, view.id), kind, box_source), encoders, config, distributor
+        )
+        logger.log(
+            logging.WARNING if summary.failed_shards else logging.INFO,
+            "view %s (%s): %d images, %d boxes, %d boxes outside the view, in %.1f s",
+            view.id,
+            config.views_mode,
+            summary.images,
+            summary.boxes,
+            summary.dropped_boxes,
+            summary.seconds,
+        )
         summaries[view.id] = summary
     return summaries
 
@@ -73,8 +81,10 @@ def _check_base(base: CacheReader, dataset: DetectionDataset, box_source: str) -
     if not provenance.kind.is_plain:
         raise CacheFormatError(f"{base.root}: is itself a proposals or view cache; extract views of the cache it belongs to")
     if (provenance.dataset, provenance.box_source) != (dataset.name, box_source):
-        raise CacheFormatError(f"{base.root}: holds {provenance.dataset!r} with boxes {provenance.box_source!r}, "
-                         f"not {dataset.name!r} with {box_source!r}")
+        raise CacheFormatError(
+            f"{base.root}: holds {provenance.dataset!r} with boxes {provenance.box_source!r}, "
+            f"not {dataset.name!r} with {box_source!r}"
+        )
     committed = {int(p.name) for p in base.shard_dirs}
     missing = sorted(set(range(provenance.planned_shards)) - committed)
     if missing:

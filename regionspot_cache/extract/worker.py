@@ -67,7 +67,6 @@ class ShardResult(ExtractCounts):
     shard_id: int
 
 
-
 def extract_shards(
     shards: Sequence[Shard],
     dataset: DetectionDataset,
@@ -121,4 +120,5 @@ def _raise_on_failure(results: Sequence[ImageFeatures]) -> None:
         if result.rejected_reasons:
             box = result.rejected_boxes.xyxy[0].tolist()
             raise ExtractionError(
-                f"--strict: image {result.image_id} ({result.file_name}): box {box}: {result.rejected_reasons[0]}")
+                f"--strict: image {result.image_id} ({result.file_name}): box {box}: {result.rejected_reasons[0]}"
+            )

@@ -81,8 +81,7 @@ class RegionSpotHead(nn.Module):
         def keep_weights(_module, _args, output):
             captured.append(output[1])
 
-        handles = [cross.register_forward_pre_hook(want_weights, with_kwargs=True),
-                   cross.register_forward_hook(keep_weights)]
+        handles = [cross.register_forward_pre_hook(want_weights, with_kwargs=True), cross.register_forward_hook(keep_weights)]
         try:
             embeddings = self.forward(tokens, feature_map, box_mask)
         finally:
@@ -179,4 +178,5 @@ def check_head_fits_cache(head: RegionSpotHead, cache: Path | str, clip_width: i
         raise ModelLoadError(
             f"the head expects CLIP width {config.clip_width}, text dim {config.text_dim} and SAM token dim "
             f"{config.token_dim}; {cache} holds {clip_width}, {text_dim} and {token_dim}: use a head trained on "
-            "caches of the same SAM and CLIP")
+            "caches of the same SAM and CLIP"
+        )

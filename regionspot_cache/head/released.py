@@ -21,7 +21,6 @@ HEAD_PARTS = ("to_clip.", "decoder.", "projector.")
 IGNORED_PARTS = ("sam.", "clip_model.", "text_feats", "logit_scale", "ln_clip.")
 
 
-
 def released_head_state(path: Path | str) -> dict[str, torch.Tensor]:
     """The head's tensors of a released checkpoint, with the ``model.`` prefix removed."""
     checkpoint = load_torch_weights(path)
@@ -30,7 +29,7 @@ def released_head_state(path: Path | str) -> dict[str, torch.Tensor]:
         raise ReleasedCheckpointError(f"{path}: expected a dict with a 'model' state dict")
     head = {}
     for key, value in state.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         if name.startswith(HEAD_PARTS):
             head[name] = value
         elif not name.startswith(IGNORED_PARTS):

@@ -30,7 +30,7 @@ def parse_boxes(text: str, where: str = "--boxes") -> np.ndarray:
             raise InputError(f"{where}: box {index + 1} {part.strip()!r} is not x1,y1,x2,y2 (four numbers)")
         boxes.append(box)
     if not boxes:
-        raise InputError(f"{where}: no boxes given; expected \"x1,y1,x2,y2;x1,y1,x2,y2;...\"")
+        raise InputError(f'{where}: no boxes given; expected "x1,y1,x2,y2;x1,y1,x2,y2;..."')
     return np.asarray(boxes, np.float32)
 
 

@@ -107,9 +107,14 @@ class TextEmbeddingCache:
 
     def key(self, names: list[str]) -> str:
         templates = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
-        data = {"version": TEXT_CACHE_VERSION, "clip": self.identity.to_dict(), "templates": templates,
-                # openclip keys carry no recipe, as before there was a choice, so their files are found again
-                "vocabulary": names, **({} if self.recipe is TextRecipe.OPENCLIP else {"recipe": self.recipe.value})}
+        data = {
+            "version": TEXT_CACHE_VERSION,
+            "clip": self.identity.to_dict(),
+            "templates": templates,
+            # openclip keys carry no recipe, as before there was a choice, so their files are found again
+            "vocabulary": names,
+            **({} if self.recipe is TextRecipe.OPENCLIP else {"recipe": self.recipe.value}),
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def get(self, names: list[str]) -> torch.Tensor:
@@ -171,8 +176,12 @@ class Region:
     def to_json(self) -> dict[str, Any]:
         """The fields that are set, as JSON types; the attention map is drawn, not written."""
         optional = {"known": self.known, "attention_class_token": self.attention_class_token, "mask": self.mask}
-        return {"box": self.box, "label": self.label, "score": self.score,
-                **{key: value for key, value in optional.items() if value is not None}}
+        return {
+            "box": self.box,
+            "label": self.label,
+            "score": self.score,
+            **{key: value for key, value in optional.items() if value is not None},
+        }
 
 
 class Predictor:
@@ -245,8 +254,13 @@ class Predictor:
 
     @torch.no_grad()
     def predict(
-        self, image: ImageInput, boxes: Any, vocabulary: Sequence[str], masks: bool = False,
-        attention: bool = False, open_set: OpenSetConfig | None = None,
+        self,
+        image: ImageInput,
+        boxes: Any,
+        vocabulary: Sequence[str],
+        masks: bool = False,
+        attention: bool = False,
+        open_set: OpenSetConfig | None = None,
     ) -> list[Region]:
         """Label each box of one image with the most probable class of ``vocabulary``.
 
@@ -282,7 +296,7 @@ class Predictor:
         rule = open_set.rule
         background = self.text.get(checked_vocabulary(open_set.background_prompts)) if rule.needs_background else text[:0]
         logits, weights = self.region_logits(picture, embedding, xyxy, torch.cat([text, background]), attention)
-        logits, background_logits = logits[:, : len(names)], logits[:, len(names):]
+        logits, background_logits = logits[:, : len(names)], logits[:, len(names) :]
         scores, labels = logits.softmax(dim=-1).max(dim=-1)
         results = [Region(box, names[label], score) for box, label, score in zip(xyxy.tolist(), labels.tolist(), scores.tolist())]
         if open_set.rule.rejects:
@@ -303,10 +317,14 @@ class Predictor:
         tower = self.encoders.clip.tower
         for result, row in zip(results, weights.float().cpu().numpy()):
             result.attention_class_token = float(row[: tower.prefix_tokens].sum()) if tower.prefix_tokens else None
-            result.attention = row[tower.prefix_tokens:].reshape(tower.grid)
+            result.attention = row[tower.prefix_tokens :].reshape(tower.grid)
 
     def region_logits(
-        self, picture: Image.Image, sam_embedding: torch.Tensor, xyxy: np.ndarray, text: torch.Tensor,
+        self,
+        picture: Image.Image,
+        sam_embedding: torch.Tensor,
+        xyxy: np.ndarray,
+        text: torch.Tensor,
         attention: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, C) logits of the boxes against ``text``, and with ``attention`` the head's

@@ -138,8 +138,12 @@ class GroundingDinoDetector:
         ids.append(self._tokenizer.sep_token_id)
         input_ids = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
-            out = self.model(**pixels, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             token_type_ids=torch.zeros_like(input_ids))
+            out = self.model(
+                **pixels,
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                token_type_ids=torch.zeros_like(input_ids),
+            )
         token_scores = out.logits[0].float().sigmoid()  # (Q, max_text_len)
         per_name = torch.stack([token_scores[:, a:b].max(dim=1).values for a, b in spans], dim=1)  # (Q, names)
         scores, classes = per_name.max(dim=1)
@@ -181,12 +185,14 @@ class OwlDetector:
 
         key = tuple(names)
         if key not in self._query_cache:
-            text = self.processor.tokenizer(list(names), padding="max_length", truncation=True,
-                                            max_length=self._text_length, return_tensors="pt")
+            text = self.processor.tokenizer(
+                list(names), padding="max_length", truncation=True, max_length=self._text_length, return_tensors="pt"
+            )
             base = getattr(self.model, self.model.base_model_prefix)
             with torch.inference_mode():
-                out = base.get_text_features(input_ids=text["input_ids"].to(self.device),
-                                             attention_mask=text["attention_mask"].to(self.device))
+                out = base.get_text_features(
+                    input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)
+                )
             # Text embeddings depend on the names alone: computed once per chunk, reused for every image.
             self._query_cache[key] = getattr(out, "pooler_output", out)
         return self._query_cache[key]
@@ -226,8 +232,11 @@ class Sam3Detector:
         text = self.processor.tokenizer(list(names), padding=True, return_tensors="pt")
         count = len(names)
         with torch.inference_mode():
-            out = self.model(vision_embeds=_repeat_batch(vision, count), input_ids=text["input_ids"].to(self.device),
-                             attention_mask=text["attention_mask"].to(self.device))
+            out = self.model(
+                vision_embeds=_repeat_batch(vision, count),
+                input_ids=text["input_ids"].to(self.device),
+                attention_mask=text["attention_mask"].to(self.device),
+            )
         scores = out.pred_logits.float().sigmoid()  # (names, Q)
         if out.presence_logits is not None:
             scores = scores * out.presence_logits.float().sigmoid().reshape(count, 1)
@@ -272,8 +281,10 @@ def resolve_model_dir(source: str) -> Path:
 
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model", "*.bin"]))
     except Exception as err:  # the hub's errors (offline, 404, invalid id) are many; each becomes one line
-        raise DetectorError(f"{source}: not a local model directory, and not found on the Hugging Face Hub "
-                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        raise DetectorError(
+            f"{source}: not a local model directory, and not found on the Hugging Face Hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
 
 
 def weights_digest(model_dir: Path) -> str:
@@ -300,8 +311,9 @@ def detector_family(model_dir: Path) -> str:
         raise DetectorError(f"{model_dir}: no readable transformers config: {str(err).splitlines()[0]}") from None
     family = str(config.model_type).replace("_", "-")
     if family not in FAMILIES:
-        raise DetectorError(f"{model_dir}: model type {config.model_type!r} has no open-vocabulary detection head; "
-                            f"known: {', '.join(FAMILIES)}")
+        raise DetectorError(
+            f"{model_dir}: model type {config.model_type!r} has no open-vocabulary detection head; known: {', '.join(FAMILIES)}"
+        )
     return family
 
 
@@ -313,8 +325,9 @@ def load_detector(model_dir: Path, device: torch.device) -> Detector:
     class_name, adapter = FAMILIES[family]
     model_class = getattr(transformers, class_name, None)
     if model_class is None:
-        raise DetectorError(f"{model_dir}: {family} needs transformers.{class_name}, which transformers "
-                            f"{transformers.__version__} lacks")
+        raise DetectorError(
+            f"{model_dir}: {family} needs transformers.{class_name}, which transformers {transformers.__version__} lacks"
+        )
     try:
         model = model_class.from_pretrained(model_dir).to(device).eval()
         processor = transformers.AutoProcessor.from_pretrained(model_dir)

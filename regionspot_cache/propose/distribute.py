@@ -21,8 +21,9 @@ LoadDetector = Callable[[], Detector]
 
 
 class Distributor(Protocol):
-    def run(self, work: ProposeWork, shards: Sequence[Shard], load: LoadDetector,
-            writer: ProposalWriter) -> Iterator[ShardOutcome]:
+    def run(
+        self, work: ProposeWork, shards: Sequence[Shard], load: LoadDetector, writer: ProposalWriter
+    ) -> Iterator[ShardOutcome]:
         """Write the shard file of each of ``shards``, yielding each one's outcome as it finishes."""
 
 
@@ -30,8 +31,9 @@ class Distributor(Protocol):
 class InProcess:
     """Every shard here, with one detector loaded on first use. Errors propagate."""
 
-    def run(self, work: ProposeWork, shards: Sequence[Shard], load: LoadDetector,
-            writer: ProposalWriter) -> Iterator[ShardOutcome]:
+    def run(
+        self, work: ProposeWork, shards: Sequence[Shard], load: LoadDetector, writer: ProposalWriter
+    ) -> Iterator[ShardOutcome]:
         detector = None
         for shard_id, entries in shards:
             detector = detector or load()
@@ -46,17 +48,21 @@ class Dask:
     workers: int | None = None
     retries: int = 2
 
-    def run(self, work: ProposeWork, shards: Sequence[Shard], load: LoadDetector,
-            writer: ProposalWriter) -> Iterator[ShardOutcome]:
+    def run(
+        self, work: ProposeWork, shards: Sequence[Shard], load: LoadDetector, writer: ProposalWriter
+    ) -> Iterator[ShardOutcome]:
         from distributed import as_completed
 
         from regionspot_cache.extract.distribute import dask_client
 
         run_id = time.time_ns()
         with dask_client(self.scheduler, self.workers) as client:
-            futures = {client.submit(propose_shard_task, shard_id, entries, work, retries=self.retries,
-                                     key=f"rs-cache-propose-{shard_id}-{run_id}"): shard_id
-                       for shard_id, entries in shards}
+            futures = {
+                client.submit(
+                    propose_shard_task, shard_id, entries, work, retries=self.retries, key=f"rs-cache-propose-{shard_id}-{run_id}"
+                ): shard_id
+                for shard_id, entries in shards
+            }
             for future in as_completed(futures):
                 try:
                     yield future.result()

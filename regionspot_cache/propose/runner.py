@@ -94,8 +94,16 @@ def run_proposals(
     committed = writer.committed_shards()
     pending = [(shard_id, entries) for shard_id, entries in shards if shard_id not in committed]
     summary = ProposeSummary(output, shards_skipped=len(shards) - len(pending))
-    work = ProposeWork(dataset.image_root, [prompt_name(c.name) for c in dataset.categories],
-                       [c.id for c in dataset.categories], selection, output, provenance, model_dir, device)
+    work = ProposeWork(
+        dataset.image_root,
+        [prompt_name(c.name) for c in dataset.categories],
+        [c.id for c in dataset.categories],
+        selection,
+        output,
+        provenance,
+        model_dir,
+        device,
+    )
     to_run = pending if max_shards is None else pending[:max_shards]
     distributor = distributor or InProcess()
 
@@ -112,8 +120,9 @@ def run_proposals(
     return summary
 
 
-def make_provenance(dataset: DetectionDataset, detector: str, model_dir: Path, selection: Selection,
-                    shard_size: int) -> ProposalProvenance:
+def make_provenance(
+    dataset: DetectionDataset, detector: str, model_dir: Path, selection: Selection, shard_size: int
+) -> ProposalProvenance:
     import transformers
 
     return ProposalProvenance(

@@ -49,8 +49,9 @@ def prompt_name(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
-def propose_shard(shard_id: int, entries: Sequence[ImageEntry], work: ProposeWork, detector: Detector,
-                  writer: ProposalWriter) -> ShardOutcome:
+def propose_shard(
+    shard_id: int, entries: Sequence[ImageEntry], work: ProposeWork, detector: Detector, writer: ProposalWriter
+) -> ShardOutcome:
     """Detect on each image of the shard and write the shard's file. An image that cannot be read
     (missing, undecodable, another size than its entry) is recorded with its reason and skipped."""
     source = ImageSource(work.image_root, {entry.id: entry for entry in entries})

@@ -46,8 +46,10 @@ def records(image_id: int, xyxy: np.ndarray, category_ids: np.ndarray, scores: n
     """COCO results of one image: ``bbox`` x, y, w, h in original pixels (float32 values)."""
     xyxy = np.asarray(xyxy, np.float32).reshape(-1, 4)
     xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
-    return [{"image_id": image_id, "category_id": c, "bbox": box, "score": s}
-            for box, c, s in zip(xywh.tolist(), np.asarray(category_ids).tolist(), np.asarray(scores, np.float32).tolist())]
+    return [
+        {"image_id": image_id, "category_id": c, "bbox": box, "score": s}
+        for box, c, s in zip(xywh.tolist(), np.asarray(category_ids).tolist(), np.asarray(scores, np.float32).tolist())
+    ]
 
 
 class ProposalWriter:
@@ -68,8 +70,10 @@ class ProposalWriter:
             recorded = read_json(run_file, "proposal run record")
             changed = differences(recorded, wanted, "{key}")
             if changed:
-                raise DatasetError(f"{self.shard_dir}: shards were made with other settings ({', '.join(changed)}); "
-                                   "delete the directory to start afresh, or write to another file")
+                raise DatasetError(
+                    f"{self.shard_dir}: shards were made with other settings ({', '.join(changed)}); "
+                    "delete the directory to start afresh, or write to another file"
+                )
         else:
             write_json(run_file, wanted, indent=2)
         return self
@@ -98,7 +102,13 @@ class ProposalWriter:
             failed.update(shard.failed)
             images += shard.images
         write_json(self.output, results)
-        provenance = ProposalProvenance(**{**self.provenance.to_json(), "proposals_sha256": sha256_file(self.output),
-                                           "images": images, "failed_images": failed})
+        provenance = ProposalProvenance(
+            **{
+                **self.provenance.to_json(),
+                "proposals_sha256": sha256_file(self.output),
+                "images": images,
+                "failed_images": failed,
+            }
+        )
         write_json(provenance_path(self.output), provenance.to_json(), indent=2)
         return provenance

@@ -32,14 +32,13 @@ def warn_if_never_rejects(config: OpenSetConfig, vocabulary_size: int) -> bool:
     if config.rule is OpenSetRule.MAX_SOFTMAX and vocabulary_size == 1:
         logging.getLogger(__name__).warning(
             "open-set rule max-softmax with a vocabulary of one name never rejects (a softmax over one class is "
-            "always 1); use max-sigmoid or background-prompt")
+            "always 1); use max-sigmoid or background-prompt"
+        )
         return True
     return False
 
 
-def known_scores(
-    logits: torch.Tensor, rule: OpenSetRule | str, background_logits: torch.Tensor | None = None
-) -> torch.Tensor:
+def known_scores(logits: torch.Tensor, rule: OpenSetRule | str, background_logits: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) known score of each region from its (N, C) logits over the vocabulary
     (``background_logits``: (N, P) logits of the background prompts, for ``background-prompt``)."""
     return OpenSetRule.parse(rule, "open-set rule").known_scores(logits, background_logits)

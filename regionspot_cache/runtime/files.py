@@ -154,8 +154,10 @@ def check_writable(path: Path, what: str, directory: bool = False) -> None:
     the reverse), a path under a file, or under a directory this process may not write to."""
     path = Path(path)
     if path.exists() and path.is_dir() != directory:
-        raise InputError(f"{path}: {what} is {'a file' if directory else 'a directory'}; expected "
-                         f"{'a directory' if directory else 'a file'} path")
+        raise InputError(
+            f"{path}: {what} is {'a file' if directory else 'a directory'}; expected "
+            f"{'a directory' if directory else 'a file'} path"
+        )
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

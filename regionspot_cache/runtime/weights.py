@@ -21,12 +21,15 @@ def load_torch_weights(path: Path | str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # not a pickle at all (a text file: an unknown opcode or load key)
-            raise ModelLoadError(f"{path}: not a torch checkpoint (expected a file written by torch.save); "
-                                 "is it a text file or another kind of file?") from None
+            raise ModelLoadError(
+                f"{path}: not a torch checkpoint (expected a file written by torch.save); "
+                "is it a text file or another kind of file?"
+            ) from None
         raise UnsafeCheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain "
             f"containers, and loading it could run code ({err.__class__.__name__})"
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:  # text files end in KeyError
-        raise ModelLoadError(f"{path}: not a readable torch checkpoint (expected a file written by torch.save): "
-                         f"{err.__class__.__name__}: {err}") from None
+        raise ModelLoadError(
+            f"{path}: not a readable torch checkpoint (expected a file written by torch.save): {err.__class__.__name__}: {err}"
+        ) from None

@@ -13,5 +13,15 @@ from regionspot_cache.search.query import (
     text_queries,
 )
 
-__all__ = ["Hit", "RegionIndex", "head_sha256", "labelled_hits", "like_region", "like_row", "nearest_regions",
-           "open_region_index", "parse_like", "text_queries"]
+__all__ = [
+    "Hit",
+    "RegionIndex",
+    "head_sha256",
+    "labelled_hits",
+    "like_region",
+    "like_row",
+    "nearest_regions",
+    "open_region_index",
+    "parse_like",
+    "text_queries",
+]

@@ -65,9 +65,7 @@ def index_dir(cache: Path | str, head_hash: str) -> Path:
     return Path(cache) / REGIONS_DIR / head_hash
 
 
-def open_region_index(
-    reader: CacheReader, head: RegionSpotHead, device: str = "auto", batch_images: int = 32
-) -> RegionIndex:
+def open_region_index(reader: CacheReader, head: RegionSpotHead, device: str = "auto", batch_images: int = 32) -> RegionIndex:
     """The cache's region index for ``head``: read if built and intact, else built and written."""
     clip = reader.provenance.clip
     check_head_fits_cache(head, reader.root, clip.width, clip.text_dim, reader.provenance.sam.token_dim)
@@ -112,19 +110,32 @@ def _embed_images(reader: CacheReader, head: RegionSpotHead, image_ids: list[int
     embeddings = head(tokens, maps, mask)[mask].cpu().numpy()
     counts = [len(t) for t in token_sets]
     boxes = np.concatenate([reader.image_boxes(i) for i in image_ids])
-    return RegionIndex(np.repeat(np.asarray(image_ids, np.int64), counts),
-                       np.concatenate([np.arange(c, dtype=np.int64) for c in counts]), boxes, embeddings)
+    return RegionIndex(
+        np.repeat(np.asarray(image_ids, np.int64), counts),
+        np.concatenate([np.arange(c, dtype=np.int64) for c in counts]),
+        boxes,
+        embeddings,
+    )
 
 
 def write_index(index: RegionIndex, directory: Path, head_hash: str, cache_digest: str | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / INDEX_FILE
-    arrays = {"image_ids": index.image_ids, "box_index": index.box_index, "boxes": index.boxes,
-              "embeddings": np.ascontiguousarray(index.embeddings, np.float32)}
+    arrays = {
+        "image_ids": index.image_ids,
+        "box_index": index.box_index,
+        "boxes": index.boxes,
+        "embeddings": np.ascontiguousarray(index.embeddings, np.float32),
+    }
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp))
-    meta = {"version": INDEX_VERSION, "head_sha256": head_hash, "regions": len(index),
-            "cache_digest": cache_digest, "file_sha256": sha256_file(path)}
+    meta = {
+        "version": INDEX_VERSION,
+        "head_sha256": head_hash,
+        "regions": len(index),
+        "cache_digest": cache_digest,
+        "file_sha256": sha256_file(path),
+    }
     write_json(directory / META_FILE, meta, indent=2)
     logger.info("wrote the region index of %d regions to %s", len(index), directory)
 

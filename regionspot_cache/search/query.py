@@ -33,20 +33,29 @@ class Hit:
     category: str | None = None  # the cached box's class name (None for proposals)
 
     def to_dict(self) -> dict:
-        return {"image_id": self.image_id, "file_name": self.file_name, "box_index": self.box_index, "box": self.box,
-                "category": self.category, "score": self.score}
+        return {
+            "image_id": self.image_id,
+            "file_name": self.file_name,
+            "box_index": self.box_index,
+            "box": self.box,
+            "category": self.category,
+            "score": self.score,
+        }
 
 
-def nearest_regions(index: RegionIndex, queries: np.ndarray | torch.Tensor, top: int,
-                    exclude_rows: Sequence[int | None] = ()) -> list[list[Hit]]:
+def nearest_regions(
+    index: RegionIndex, queries: np.ndarray | torch.Tensor, top: int, exclude_rows: Sequence[int | None] = ()
+) -> list[list[Hit]]:
     """The ``top`` regions of highest cosine similarity to each (Q, D) L2-normalised query,
     best first (ties: index order). ``exclude_rows``: per query, an index row to leave out (the
     example region of a ``--like`` query, which would otherwise always come first)."""
     excluded = list(exclude_rows) + [None] * (len(queries) - len(exclude_rows))
     extra = int(any(row is not None for row in excluded))
     best_scores, best_rows = top_k_cosine(torch.as_tensor(index.embeddings), torch.as_tensor(queries).float(), top + extra)
-    return [[_hit(index, row, score) for row, score in zip(rows, scores) if row != skip][:top]
-            for rows, scores, skip in zip(best_rows.tolist(), best_scores.tolist(), excluded)]
+    return [
+        [_hit(index, row, score) for row, score in zip(rows, scores) if row != skip][:top]
+        for rows, scores, skip in zip(best_rows.tolist(), best_scores.tolist(), excluded)
+    ]
 
 
 def labelled_hits(hits: list[Hit], reader: CacheReader) -> list[Hit]:
@@ -128,8 +137,9 @@ def cache_clip(reader: CacheReader, pretrained: str | None = None, device: str =
     try:
         clip = load_clip(models.clip.model, models.clip.pretrained, resolve_device(device))
     except FileNotFoundError as err:
-        raise MissingFileError(f"{err} (recorded in {reader.root / 'cache.json'}; give the file with "
-                                "--clip-pretrained)") from None
+        raise MissingFileError(
+            f"{err} (recorded in {reader.root / 'cache.json'}; give the file with --clip-pretrained)"
+        ) from None
     given = FrozenEncoders(None, clip, models).clip_provenance()
     found = differences(reader.provenance.clip, given, "{key}: cache has {old!r}, given {new!r}")
     if found:

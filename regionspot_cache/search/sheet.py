@@ -36,9 +36,7 @@ def crop_of(image: Image.Image, box: list[float]) -> Image.Image:
     return crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.BICUBIC)
 
 
-def contact_sheet(
-    results: Mapping[str, list[Hit]], file_names: Mapping[int, str], image_root: Path, path: Path | str
-) -> Path:
+def contact_sheet(results: Mapping[str, list[Hit]], file_names: Mapping[int, str], image_root: Path, path: Path | str) -> Path:
     """Write a PNG: for each query its title, then its hits' crops in rows of COLUMNS with
     "rank score / image id" captions. An unreadable image leaves a grey cell saying so."""
     font = ImageFont.load_default(size=11)

@@ -64,8 +64,15 @@ class CachedRegions(Dataset):
     ``(epoch, index)`` so that the view read (of ``views``; default the identity alone) and the
     random box capping are functions of the key alone."""
 
-    def __init__(self, reader: CacheReader, vocabulary: Vocabulary, max_boxes: int, seed: int, source: int = 0,
-                 views: Sequence[CachedView] | None = None):
+    def __init__(
+        self,
+        reader: CacheReader,
+        vocabulary: Vocabulary,
+        max_boxes: int,
+        seed: int,
+        source: int = 0,
+        views: Sequence[CachedView] | None = None,
+    ):
         self.reader = reader
         self.max_boxes = max_boxes
         self.seed = seed
@@ -188,8 +195,14 @@ class BatchPlan:
     shuffles; see ``train/order.py``), ``batch_size`` images per batch it serves.
     """
 
-    def __init__(self, sizes: Sequence[int], weights: Sequence[float], batch_size: int, seed: int,
-                 orders: Sequence[EpochOrder] | None = None):
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        weights: Sequence[float],
+        batch_size: int,
+        seed: int,
+        orders: Sequence[EpochOrder] | None = None,
+    ):
         if len(weights) != len(sizes) or any(w < 0 for w in weights) or not sum(weights) > 0:
             raise ConfigError(f"dataset weights {list(weights)} must be {len(sizes)} non-negative numbers, not all zero")
         self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
@@ -261,15 +274,24 @@ def collate_regions(items: list[RegionItem]) -> RegionBatch:
 
 
 def region_loader(
-    dataset: MultiSourceRegions, sampler: RankBatchSampler, num_workers: int, prefetch_batches: int, pin_memory: bool,
+    dataset: MultiSourceRegions,
+    sampler: RankBatchSampler,
+    num_workers: int,
+    prefetch_batches: int,
+    pin_memory: bool,
 ) -> DataLoader:
     """Batches read by background workers, ``prefetch_batches`` ahead per worker, into pinned
     memory on CUDA so host-to-device copies overlap compute. ``num_workers`` is capped at the CPUs
     this process may use (a recipe's 8 on a 2-core machine only adds processes and a torch warning)."""
     num_workers = fitted_workers(num_workers)
     return DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_regions, pin_memory=pin_memory,
-        prefetch_factor=prefetch_batches if num_workers else None, persistent_workers=num_workers > 0,
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_regions,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_batches if num_workers else None,
+        persistent_workers=num_workers > 0,
         # Its own generator: creating the iterator must not draw from the global RNG (dropout's),
         # or a resumed run would see other dropout masks.
         generator=torch.Generator().manual_seed(0),
@@ -294,8 +316,9 @@ class TrainSource:
     views: list[CachedView] | None = None  # None: the identity alone
 
 
-def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str], views: Sequence[str] = (),
-                 allow_partial: bool = False) -> list[TrainSource]:
+def open_sources(
+    caches: Sequence[Path | str], vocabularies: Sequence[str], views: Sequence[str] = (), allow_partial: bool = False
+) -> list[TrainSource]:
     """Open each cache with its vocabulary (default: the cache's own dataset) and its ``views``
     (view ids, "identity" for the images themselves; empty: all it has); all must come from the
     same SAM and CLIP, since one head is trained on all of them. A cache or view cache with shards
@@ -319,6 +342,8 @@ def open_sources(caches: Sequence[Path | str], vocabularies: Sequence[str], view
         for model in ("sam", "clip"):
             diff = differences(getattr(first.reader.provenance, model), getattr(other.reader.provenance, model))
             if diff:
-                raise CacheFormatError(f"{other.cache}: extracted with another {model.upper()} than {first.cache} "
-                                 f"(differs in {', '.join(diff)}); all training caches need the same models")
+                raise CacheFormatError(
+                    f"{other.cache}: extracted with another {model.upper()} than {first.cache} "
+                    f"(differs in {', '.join(diff)}); all training caches need the same models"
+                )
     return sources

@@ -95,8 +95,10 @@ class TrainSummary:
 def head_config_for(reader: CacheReader, config: TrainConfig) -> HeadConfig:
     clip = reader.provenance.clip
     return HeadConfig(
-        clip_width=clip.width, text_dim=clip.text_dim,
-        dropout=config.dropout, normalize_feature_map=config.normalize_feature_map,
+        clip_width=clip.width,
+        text_dim=clip.text_dim,
+        dropout=config.dropout,
+        normalize_feature_map=config.normalize_feature_map,
     )
 
 
@@ -120,19 +122,36 @@ def run_dir_for(output: Path) -> Path:
 def resume_identity(config: TrainConfig, sources: Sequence[TrainSource]) -> dict:
     """What a resumed run must share with the saved one: all but length and machinery."""
     # "views" as resolved to the views read (below, only when there are any besides the identity).
-    machinery = ("iterations", "num_workers", "prefetch_batches", "device", "checkpoint_every", "tensorboard", "caches",
-                 "views", "local_cache_dir", "local_cache_gb")
+    machinery = (
+        "iterations",
+        "num_workers",
+        "prefetch_batches",
+        "device",
+        "checkpoint_every",
+        "tensorboard",
+        "caches",
+        "views",
+        "local_cache_dir",
+        "local_cache_gb",
+    )
     if not config.order.by_shards:  # the order of earlier versions: their saved states resume
         machinery += ("order", "resident_shards")
     settings = {k: v for k, v in asdict(config).items() if k not in machinery}
     settings["init_from"] = sha256_file(config.init_from) if config.init_from else None
     views = {"views": [[v.name for v in s.views] for s in sources]} if any(len(s.views or ()) > 1 for s in sources) else {}
-    return {**settings, "caches": [str(s.cache.resolve()) for s in sources],
-            "vocabularies": [s.vocabulary.name for s in sources], **views}
+    return {
+        **settings,
+        "caches": [str(s.cache.resolve()) for s in sources],
+        "vocabularies": [s.vocabulary.name for s in sources],
+        **views,
+    }
 
 
 def train_head(
-    caches: Sequence[Path | str] | Path | str | None, output: Path | str, config: TrainConfig, resume: bool = True,
+    caches: Sequence[Path | str] | Path | str | None,
+    output: Path | str,
+    config: TrainConfig,
+    resume: bool = True,
 ) -> TrainSummary:
     """Train a head on every labelled box of ``caches`` from the cached features alone.
 
@@ -169,8 +188,9 @@ def train_head(
         leave_process_group(processes)
 
 
-def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume: bool, processes: Processes,
-           device: torch.device) -> TrainSummary:
+def _train(
+    sources: list[TrainSource], output: Path, config: TrainConfig, resume: bool, processes: Processes, device: torch.device
+) -> TrainSummary:
     torch.manual_seed(config.seed)
     head = initial_head(sources[0].reader, config).to(device).train()
     if processes.rank:
@@ -190,8 +210,13 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
         logger.info("resumed from step %d of %d (%s)", start, config.iterations, latest)
     model = DistributedDataParallel(head) if processes.distributed else head
     regions = training_regions(sources, config)
-    plan = BatchPlan(regions.sizes(), config.dataset_weights or [1.0] * len(sources), config.batch_size, config.seed,
-                     dataset_orders(regions, config))
+    plan = BatchPlan(
+        regions.sizes(),
+        config.dataset_weights or [1.0] * len(sources),
+        config.batch_size,
+        config.seed,
+        dataset_orders(regions, config),
+    )
     sampler = RankBatchSampler(plan, start, processes.rank, processes.world_size)
     shard_cache = None
     if config.local_cache_dir is not None:
@@ -202,18 +227,25 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
     metrics = MetricsLog(run_dir_for(output), start, config.tensorboard) if processes.is_main else None
     started, loss_value, samples = time.perf_counter(), math.nan, 0
     try:
-        with progress_bar("train head", config.iterations, "loss {task.fields[loss]} {task.fields[rate]}",
-                          disable=not processes.is_main, completed=start) as (bar, task):
+        with progress_bar(
+            "train head",
+            config.iterations,
+            "loss {task.fields[loss]} {task.fields[rate]}",
+            disable=not processes.is_main,
+            completed=start,
+        ) as (bar, task):
             for step, batch in zip(range(start, config.iterations), loader):
                 if shard_cache is not None:
                     shard_cache.delivered(step)  # its reads are done: the shards it alone needed may go
                 lr = optimizer.param_groups[0]["lr"]
-                loss_value = train_step(model, optimizer, batch.to(device), texts[batch.source], logit_scale, config, processes,
-                                        logit_bias)
+                loss_value = train_step(
+                    model, optimizer, batch.to(device), texts[batch.source], logit_scale, config, processes, logit_bias
+                )
                 if not math.isfinite(loss_value):
                     kept = latest_train_state(state_dir)
-                    raise FloatingPointError(f"loss became {loss_value} at step {step}; stopped. Last good state: "
-                                             f"{kept or 'none saved yet'}")
+                    raise FloatingPointError(
+                        f"loss became {loss_value} at step {step}; stopped. Last good state: {kept or 'none saved yet'}"
+                    )
                 scheduler.step()
                 samples += config.batch_size
                 rate = samples / (time.perf_counter() - started)
@@ -236,31 +268,58 @@ def _train(sources: list[TrainSource], output: Path, config: TrainConfig, resume
     if recorded is not None:  # nothing trained now: report the finished run's last loss and rate
         loss_value, rate = recorded
     if processes.is_main:
-        save_head(head, output, {"train": asdict(config), "vocabularies": [s.vocabulary.name for s in sources],
-                                 "caches": [str(s.cache) for s in sources]})
+        save_head(
+            head,
+            output,
+            {
+                "train": asdict(config),
+                "vocabularies": [s.vocabulary.name for s in sources],
+                "caches": [str(s.cache) for s in sources],
+            },
+        )
     barrier(processes)
     local = shard_cache.stats if shard_cache is not None else None
     if local is not None:
-        logger.info("local shard cache: %d shards fetched (%.3g GB), peak %.3g GB on disk", local.fetches,
-                    local.fetched_bytes / 1e9, local.peak_disk_bytes / 1e9)
+        logger.info(
+            "local shard cache: %d shards fetched (%.3g GB), peak %.3g GB on disk",
+            local.fetches,
+            local.fetched_bytes / 1e9,
+            local.peak_disk_bytes / 1e9,
+        )
     return TrainSummary(config.iterations, loss_value, seconds, rate, output, start, local)
 
 
 def training_regions(sources: Sequence[TrainSource], config: TrainConfig) -> MultiSourceRegions:
-    return MultiSourceRegions([
-        CachedRegions(source.reader, source.vocabulary, config.max_boxes_per_image, config.seed, i, source.views)
-        for i, source in enumerate(sources)
-    ])
+    return MultiSourceRegions(
+        [
+            CachedRegions(source.reader, source.vocabulary, config.max_boxes_per_image, config.seed, i, source.views)
+            for i, source in enumerate(sources)
+        ]
+    )
 
 
 def dataset_orders(regions: MultiSourceRegions, config: TrainConfig) -> list[EpochOrder]:
     """Each dataset's epoch order (``train.order``): a function of the seed and the dataset alone."""
-    return [epoch_order(config.order, source.shards() if config.order.by_shards else range(len(source)), config.seed, i,
-                        config.resident_shards) for i, source in enumerate(regions.sources)]
+    return [
+        epoch_order(
+            config.order,
+            source.shards() if config.order.by_shards else range(len(source)),
+            config.seed,
+            i,
+            config.resident_shards,
+        )
+        for i, source in enumerate(regions.sources)
+    ]
 
 
-def local_shard_cache(regions: MultiSourceRegions, sampler: RankBatchSampler, sources: Sequence[TrainSource],
-                      config: TrainConfig, start: int, processes: Processes) -> ShardCache:
+def local_shard_cache(
+    regions: MultiSourceRegions,
+    sampler: RankBatchSampler,
+    sources: Sequence[TrainSource],
+    config: TrainConfig,
+    start: int,
+    processes: Processes,
+) -> ShardCache:
     """The local copy this process reads its shards from, fetched ahead along its own batches."""
     shards = [source.shards() for source in regions.sources]
     schedule = shard_schedule(itertools.islice(iter(sampler), config.iterations - start), shards, start)
@@ -271,9 +330,16 @@ def local_shard_cache(regions: MultiSourceRegions, sampler: RankBatchSampler, so
     return cache
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: RegionBatch, text: torch.Tensor,
-               logit_scale: float, config: TrainConfig, processes: Processes = Processes(),
-               logit_bias: float | None = None) -> float:
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: RegionBatch,
+    text: torch.Tensor,
+    logit_scale: float,
+    config: TrainConfig,
+    processes: Processes = Processes(),
+    logit_bias: float | None = None,
+) -> float:
     """One optimiser step; returns the loss of the global batch. A non-finite loss leaves the
     weights untouched.
 

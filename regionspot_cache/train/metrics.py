@@ -73,7 +73,6 @@ def _wait_past_event_files(directory: Path) -> None:
     was created in, then the pid: a resumed writer's file made in the same second as the killed
     run's could sort first, and its purge of the killed run's later steps would be read before
     them. Wait (at most a second) until the new file's second is later than every existing one."""
-    stamps = [int(part) for part in (p.name.split(".")[3] for p in directory.glob("events.out.tfevents.*"))
-              if part.isdigit()]
+    stamps = [int(part) for part in (p.name.split(".")[3] for p in directory.glob("events.out.tfevents.*")) if part.isdigit()]
     if stamps:
         time.sleep(max(0.0, max(stamps) + 1 - time.time()))

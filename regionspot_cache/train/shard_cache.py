@@ -97,8 +97,9 @@ class ShardCacheStats:
     wait_seconds: float = 0.0  # the fetching thread's time waiting for room (it is ahead of the readers)
 
 
-def shard_schedule(batches: Iterable[Sequence[tuple[int, int, int]]], shards: Sequence[np.ndarray],
-                   start: int) -> Iterator[tuple[int, list[ShardKey]]]:
+def shard_schedule(
+    batches: Iterable[Sequence[tuple[int, int, int]]], shards: Sequence[np.ndarray], start: int
+) -> Iterator[tuple[int, list[ShardKey]]]:
     """(step, the (source, shard) pairs the step's keys read) for each batch of ``batches``
     (keys ``(source, epoch, index)``, as ``RankBatchSampler`` yields them), counting from ``start``."""
     for step, keys in enumerate(batches, start):
@@ -117,8 +118,14 @@ class ShardCache:
       fetch: ``fetch_shard`` or another with its contract.
     """
 
-    def __init__(self, caches: Sequence[Path], local_root: Path, budget: int, schedule: Iterator[tuple[int, list[ShardKey]]],
-                 fetch: Fetcher = fetch_shard):
+    def __init__(
+        self,
+        caches: Sequence[Path],
+        local_root: Path,
+        budget: int,
+        schedule: Iterator[tuple[int, list[ShardKey]]],
+        fetch: Fetcher = fetch_shard,
+    ):
         self.caches, self.local_root, self.budget = [Path(c) for c in caches], Path(local_root), budget
         self.schedule, self.fetch = schedule, fetch
         self.stats = ShardCacheStats()
@@ -139,8 +146,10 @@ class ShardCache:
     def check_room(self, largest_step: int) -> None:
         """Refuse a budget that cannot hold the shards of one step (the fetcher would wait forever)."""
         if largest_step > self.budget:
-            raise ConfigError(f"train.local_cache_gb: {self.budget / 1e9:.3g} GB cannot hold the shards one step reads "
-                              f"({largest_step / 1e9:.3g} GB: up to twice train.resident_shards of the largest); raise it")
+            raise ConfigError(
+                f"train.local_cache_gb: {self.budget / 1e9:.3g} GB cannot hold the shards one step reads "
+                f"({largest_step / 1e9:.3g} GB: up to twice train.resident_shards of the largest); raise it"
+            )
 
     def shard_bytes(self, key: ShardKey) -> int:
         if key not in self._sizes:

@@ -31,8 +31,13 @@ def rng_state() -> dict[str, torch.Tensor]:
 
 
 def save_train_state(
-    directory: Path, step: int, head: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, identity: dict, rng_states: list[dict[str, torch.Tensor]],
+    directory: Path,
+    step: int,
+    head: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    identity: dict,
+    rng_states: list[dict[str, torch.Tensor]],
     keep: int = 2,
 ) -> Path:
     """``identity``: the settings a resumed run must share (checked by ``load_train_state``);
@@ -47,8 +52,12 @@ def save_train_state(
             tensors[f"optim.{param_id}.{key}"] = torch.as_tensor(value).contiguous()
     for rank, states in enumerate(rng_states):
         tensors.update({f"rng.{rank}.{name}": value for name, value in states.items()})
-    state = {"step": step, "param_groups": optimizer_state["param_groups"], "scheduler": scheduler.state_dict(),
-             "identity": identity}
+    state = {
+        "step": step,
+        "param_groups": optimizer_state["param_groups"],
+        "scheduler": scheduler.state_dict(),
+        "identity": identity,
+    }
     with atomic_path(final) as tmp:
         tmp.mkdir()
         save_file(tensors, str(tmp / "tensors.safetensors"))
@@ -66,8 +75,12 @@ def latest_train_state(directory: Path) -> Path | None:
 
 
 def load_train_state(
-    checkpoint: Path, head: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, identity: dict, rank: int = 0,
+    checkpoint: Path,
+    head: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    identity: dict,
+    rank: int = 0,
 ) -> int:
     """Restore everything saved at ``checkpoint`` (RNG: process ``rank``'s); returns the step to
     continue from. A state saved with other settings is refused, naming them. Resuming with
@@ -79,9 +92,12 @@ def load_train_state(
         raise ModelLoadError(f"{checkpoint}: unreadable training state: {err}") from None
     changed = differences(state.get("identity", {}), identity, "{key} was {old!r}, now {new!r}")
     if changed:
-        raise ConfigError(f"{checkpoint}: cannot resume: settings differ from the saved run: "
-                         + ", ".join(changed) + " (use another output, or --no-resume)")
-    head.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        raise ConfigError(
+            f"{checkpoint}: cannot resume: settings differ from the saved run: "
+            + ", ".join(changed)
+            + " (use another output, or --no-resume)"
+        )
+    head.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

@@ -33,10 +33,14 @@ def open_views(base: CacheReader, wanted: Sequence[str]) -> list[CachedView]:
     names = list(wanted) or [IDENTITY, *available]
     unknown = [name for name in names if name != IDENTITY and name not in available]
     if unknown:
-        raise CacheFormatError(f"{base.root}: train.views names {unknown}, but the cache has views "
-                         f"{[IDENTITY, *available]} (extract them with extract.views)")
-    return [CachedView(IDENTITY, base, base) if name == IDENTITY else _open_view(base, name, available[name])
-            for name in dict.fromkeys(names)]
+        raise CacheFormatError(
+            f"{base.root}: train.views names {unknown}, but the cache has views "
+            f"{[IDENTITY, *available]} (extract them with extract.views)"
+        )
+    return [
+        CachedView(IDENTITY, base, base) if name == IDENTITY else _open_view(base, name, available[name])
+        for name in dict.fromkeys(names)
+    ]
 
 
 def _open_view(base: CacheReader, name: str, root: Path) -> CachedView:

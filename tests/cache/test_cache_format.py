@@ -29,8 +29,16 @@ CLIP = ClipIdentity("RS-Tiny-ViT", None, "cd", [128, 128], 8, 5, 4, 14.3, "clip 
 
 
 def _provenance(**changes) -> Provenance:
-    fields = dict(dataset="toy", box_source="gt", shard_size=3, planned_shards=2, sam=SAM, clip=CLIP,
-                  package_version="0", weights=WeightFiles("/x"))
+    fields = dict(
+        dataset="toy",
+        box_source="gt",
+        shard_size=3,
+        planned_shards=2,
+        sam=SAM,
+        clip=CLIP,
+        package_version="0",
+        weights=WeightFiles("/x"),
+    )
     fields.update(changes)
     return Provenance(**fields)
 
@@ -38,7 +46,10 @@ def _provenance(**changes) -> Provenance:
 def _image(image_id: int, boxes: int) -> ImageFeatures:
     xyxy = np.sort(RNG.uniform(0, 50, size=(boxes, 4)).astype(np.float32).reshape(boxes, 2, 2), axis=1).reshape(boxes, 4)
     return ImageFeatures(
-        image_id, f"{image_id}.jpg", 64, 48,
+        image_id,
+        f"{image_id}.jpg",
+        64,
+        48,
         BoxSet(xyxy, RNG.integers(1, 5, boxes), RNG.uniform(size=boxes).astype(np.float32)),
         feature_map=RNG.normal(size=(5, 8)).astype(np.float32),
         box_tokens=RNG.normal(size=(boxes, 256)).astype(np.float32),
@@ -180,8 +191,11 @@ def test_arrays_that_do_not_match_the_manifest_are_refused_naming_them(tmp_path)
     provenance = json.loads((tmp_path / "cache.json").read_text())
     provenance["clip"]["num_tokens"] = 6  # the arrays hold 5 tokens per image
     (tmp_path / "cache.json").write_text(json.dumps(provenance))
-    with pytest.raises(CacheFormatError, match=r"000000/features.zarr/clip_maps: float16 array of shape \(2, 5, 8\), "
-                                               r"but the shard's manifest and cache.json call for float16 \(2, 6, 8\)"):
+    with pytest.raises(
+        CacheFormatError,
+        match=r"000000/features.zarr/clip_maps: float16 array of shape \(2, 5, 8\), "
+        r"but the shard's manifest and cache.json call for float16 \(2, 6, 8\)",
+    ):
         CacheReader(tmp_path).image(1)
 
 
@@ -229,9 +243,13 @@ def test_a_cache_json_of_the_released_format_reads_into_typed_identities_and_wri
     (tmp_path / "cache.json").write_text(CACHE_JSON_0_1_0)
     provenance = Provenance.read(tmp_path)
     assert provenance.sam == SamIdentity(
-        "tiny", "ed1539bfd401e1b11df7aa598d836d4379f603e3fa5ca9e9d014a831b1012b23", 1024, 256,
+        "tiny",
+        "ed1539bfd401e1b11df7aa598d836d4379f603e3fa5ca9e9d014a831b1012b23",
+        1024,
+        256,
         "ResizeLongestSide+pixel_mean_std+pad (SamPredictor.set_image)",
-        "mask_decoder.transformer output, mask token 0")
+        "mask_decoder.transformer output, mask token 0",
+    )
     clip = provenance.clip
     assert (clip.model, clip.pretrained, clip.image_size) == ("RS-Tiny-ViT", None, [128, 128])
     assert (clip.width, clip.num_tokens, clip.text_dim, clip.logit_scale) == (64, 257, 64, 14.285714149475098)
@@ -239,16 +257,22 @@ def test_a_cache_json_of_the_released_format_reads_into_typed_identities_and_wri
     # and CLIP's logit bias (none).
     released = json.loads(CACHE_JSON_0_1_0)
     assert clip.logit_bias is None
-    assert json.loads(provenance.to_json()) == {**released, "feature_dtype": "float16",
-                                                 "clip": {**released["clip"], "logit_bias": None}}
+    assert json.loads(provenance.to_json()) == {
+        **released,
+        "feature_dtype": "float16",
+        "clip": {**released["clip"], "logit_bias": None},
+    }
     assert provenance.differences(Provenance.read(tmp_path)) == []
 
 
-@pytest.mark.parametrize("part, change, message", [
-    ("sam", {"colour": "red"}, r"cache.json: sam: unknown key\(s\) \['colour'\]"),
-    ("clip", {"width": "wide"}, r"cache.json: clip.width: 'wide' is not a"),
-    ("clip", {"text_dim": None}, r"cache.json: clip.text_dim: None is not a"),
-])
+@pytest.mark.parametrize(
+    "part, change, message",
+    [
+        ("sam", {"colour": "red"}, r"cache.json: sam: unknown key\(s\) \['colour'\]"),
+        ("clip", {"width": "wide"}, r"cache.json: clip.width: 'wide' is not a"),
+        ("clip", {"text_dim": None}, r"cache.json: clip.text_dim: None is not a"),
+    ],
+)
 def test_a_cache_json_with_unknown_or_mistyped_identity_fields_is_refused_naming_them(tmp_path, part, change, message):
     data = json.loads(CACHE_JSON_0_1_0)
     data[part].update(change)
@@ -274,12 +298,18 @@ def _as_last_release_wrote(**changes) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
 
 
-@pytest.mark.parametrize("changes, kind", [
-    ({}, CacheKind()),
-    ({"feature_maps": "borrowed", "paths": {"feature_maps_cache": "../.."}}, CacheKind.proposals("../..")),
-    ({"view": {"id": "hflip", "seed": 3, "mode": "consistent"}, "paths": {"view_base_cache": "../.."}},
-     CacheKind.of_view(ViewIdentity("hflip", 3, "consistent"))),
-], ids=["plain", "proposals", "view"])
+@pytest.mark.parametrize(
+    "changes, kind",
+    [
+        ({}, CacheKind()),
+        ({"feature_maps": "borrowed", "paths": {"feature_maps_cache": "../.."}}, CacheKind.proposals("../..")),
+        (
+            {"view": {"id": "hflip", "seed": 3, "mode": "consistent"}, "paths": {"view_base_cache": "../.."}},
+            CacheKind.of_view(ViewIdentity("hflip", 3, "consistent")),
+        ),
+    ],
+    ids=["plain", "proposals", "view"],
+)
 def test_each_kind_of_cache_json_reads_into_its_kind_and_writes_back_byte_for_byte(tmp_path, changes, kind):
     text = _as_last_release_wrote(**changes)
     (tmp_path / "cache.json").write_text(text)

@@ -17,6 +17,7 @@ SAM = SamIdentity("tiny", "ab", 1024, 256, "sam preprocess", "mask token 0")
 def clip_identity(width: int) -> ClipIdentity:
     return ClipIdentity("RS-Tiny-ViT", None, "cd", [128, 128], width, 5, 4, 14.3, "clip preprocess", "before ln_post")
 
+
 RNG = np.random.default_rng(1)
 
 
@@ -30,11 +31,17 @@ def _images(count: int) -> list[ImageFeatures]:
     for image_id in range(count):
         boxes = int(RNG.integers(0, 4))
         xyxy = np.tile(np.asarray([[1, 2, 30, 40]], np.float32), (boxes, 1))
-        images.append(ImageFeatures(
-            image_id * 10, f"{image_id}.jpg", 64, 48, BoxSet(xyxy, np.arange(boxes) + 1, np.ones(boxes, np.float32)),
-            feature_map=RNG.normal(size=(5, 8)).astype(np.float32) * (image_id + 1),
-            box_tokens=RNG.normal(size=(boxes, 256)).astype(np.float32),
-        ))
+        images.append(
+            ImageFeatures(
+                image_id * 10,
+                f"{image_id}.jpg",
+                64,
+                48,
+                BoxSet(xyxy, np.arange(boxes) + 1, np.ones(boxes, np.float32)),
+                feature_map=RNG.normal(size=(5, 8)).astype(np.float32) * (image_id + 1),
+                box_tokens=RNG.normal(size=(boxes, 256)).astype(np.float32),
+            )
+        )
     return images
 
 
@@ -57,8 +64,9 @@ def test_arrays_are_memory_mapped_and_batched_gathers_cross_shards(tmp_path):
     for image in images:
         np.testing.assert_array_equal(reader.box_tokens(image.image_id), image.box_tokens.astype(np.float16))
         if len(image.boxes) > 1:
-            np.testing.assert_array_equal(reader.box_tokens(image.image_id, np.array([1, 0])),
-                                          image.box_tokens[[1, 0]].astype(np.float16))
+            np.testing.assert_array_equal(
+                reader.box_tokens(image.image_id, np.array([1, 0])), image.box_tokens[[1, 0]].astype(np.float16)
+            )
 
 
 def test_compressed_arrays_of_older_caches_are_read_through_zarr(tmp_path):

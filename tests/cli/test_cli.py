@@ -19,7 +19,19 @@ from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.progress import console, log_to_console
 
 runner = CliRunner()
-COMMANDS = ["extract", "propose", "train", "eval", "predict", "search", "demo", "inspect", "verify", "repair", "import-checkpoint"]
+COMMANDS = [
+    "extract",
+    "propose",
+    "train",
+    "eval",
+    "predict",
+    "search",
+    "demo",
+    "inspect",
+    "verify",
+    "repair",
+    "import-checkpoint",
+]
 
 
 def test_every_option_of_every_command_is_explained():
@@ -48,11 +60,27 @@ def toy(tmp_path_factory, tiny_models):
 def extracted(toy):
     root, manifest, annotations, models = toy
     common = ["--set", "extract.num_workers=0", "--set", "extract.shard_size=2"]
-    result = runner.invoke(app, [
-        "extract", "-m", str(manifest), "--data-root", str(root), "-c", str(root / "cache"),
-        "--sam-variant", "tiny", "--sam-checkpoint", models.sam.checkpoint,
-        "--clip-model", models.clip.model, "--clip-pretrained", models.clip.pretrained, *common,
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            "-m",
+            str(manifest),
+            "--data-root",
+            str(root),
+            "-c",
+            str(root / "cache"),
+            "--sam-variant",
+            "tiny",
+            "--sam-checkpoint",
+            models.sam.checkpoint,
+            "--clip-model",
+            models.clip.model,
+            "--clip-pretrained",
+            models.clip.pretrained,
+            *common,
+        ],
+    )
     return root, annotations, result
 
 
@@ -61,13 +89,35 @@ def test_extract_train_eval_from_the_command_line(extracted):
     assert result.exit_code == 0, result.output
     assert "extracted 4 images" in result.output
     head = root / "head.safetensors"
-    result = runner.invoke(app, [
-        "train", "-c", str(root / "cache"), "-o", str(head),
-        "--set", "train.iterations=3", "--set", "train.batch_size=2", "--set", "train.device=cpu",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "-c",
+            str(root / "cache"),
+            "-o",
+            str(head),
+            "--set",
+            "train.iterations=3",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "train.device=cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert head.is_file() and head.with_suffix(".json").is_file()
-    train_again = ["train", "-c", str(root / "cache"), "-o", str(head), "--set", "train.batch_size=2", "--set", "train.device=cpu"]
+    train_again = [
+        "train",
+        "-c",
+        str(root / "cache"),
+        "-o",
+        str(head),
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.device=cpu",
+    ]
     finished = runner.invoke(app, [*train_again, "--set", "train.iterations=3"])  # all steps are in the saved state
     said = " ".join(finished.output.split())  # rich wraps long lines
     assert finished.exit_code == 0 and "already trained: 3 steps" in said, said
@@ -75,8 +125,9 @@ def test_extract_train_eval_from_the_command_line(extracted):
     longer = runner.invoke(app, [*train_again, "--set", "train.iterations=4"])
     assert longer.exit_code == 0 and "resumed from step 3" in " ".join(longer.output.split()), longer.output
     output = root / "results" / "val.json"
-    result = runner.invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(head), "-a", str(annotations),
-                                 "-o", str(output)])
+    result = runner.invoke(
+        app, ["eval", "-c", str(root / "cache"), "--head", str(head), "-a", str(annotations), "-o", str(output)]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads(output.with_suffix(".metrics.json").read_text())
     assert set(metrics) >= {"AP", "APr", "APc", "APf"} and all(-1 <= metrics[k] <= 1 for k in ("AP", "APr", "APc", "APf"))
@@ -176,15 +227,30 @@ def test_eval_on_proposals_extracts_only_the_missing_sam_tokens(extracted, tmp_p
     result = runner.invoke(app, base)
     assert result.exit_code != 0 and "pass --manifest" in str(result.exception)
     output = tmp_path / "glip_results.json"
-    result = runner.invoke(app, [*base, "-m", str(root / "toy.toml"), "--data-root", str(root), "-o", str(output),
-                                 "--set", "extract.num_workers=0"])
+    result = runner.invoke(
+        app, [*base, "-m", str(root / "toy.toml"), "--data-root", str(root), "-o", str(output), "--set", "extract.num_workers=0"]
+    )
     assert result.exit_code == 0, result.output
     derived = next((cache / "proposals").iterdir())
     assert CacheReader(derived).provenance.kind.is_proposals
     boxes = {tuple(d["bbox"]) for d in json.loads(output.read_text())}
     assert boxes == {(0.0, 0.0, 25.0, 25.0), (5.0, 5.0, 35.0, 25.0)}
-    result = runner.invoke(app, ["eval", "-c", str(cache), "--head", str(head), "-m", str(root / "toy.toml"),
-                                 "--data-root", str(root), "--proposals", "glip"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "-c",
+            str(cache),
+            "--head",
+            str(head),
+            "-m",
+            str(root / "toy.toml"),
+            "--data-root",
+            str(root),
+            "--proposals",
+            "glip",
+        ],
+    )
     assert result.exit_code != 0 and "neither 'gt'" in str(result.exception)
 
 

@@ -50,7 +50,14 @@ def test_every_error_type_is_under_the_root(name):
 
 def test_value_errors_stay_value_errors_and_missing_files_file_not_found_errors():
     """Callers that caught the built-in types before the root existed keep working."""
-    for error in (errors.ConfigError, errors.DatasetError, errors.CacheFormatError, errors.ImageDecodeError,
-                  errors.ModelLoadError, errors.ExtractionError, errors.NonFiniteValueError):
+    for error in (
+        errors.ConfigError,
+        errors.DatasetError,
+        errors.CacheFormatError,
+        errors.ImageDecodeError,
+        errors.ModelLoadError,
+        errors.ExtractionError,
+        errors.NonFiniteValueError,
+    ):
         assert issubclass(error, ValueError)
     assert issubclass(errors.MissingFileError, FileNotFoundError)

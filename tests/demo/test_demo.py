@@ -12,9 +12,20 @@ from regionspot_cache.evaluate.lvis import METRICS
 
 def test_demo_runs_all_three_phases_and_training_helps(tmp_path):
     workdir = tmp_path / "demo"
-    result = CliRunner().invoke(app, [
-        "demo", "--workdir", str(workdir), "--train-images", "96", "--val-images", "24", "--iterations", "600",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--workdir",
+            str(workdir),
+            "--train-images",
+            "96",
+            "--val-images",
+            "24",
+            "--iterations",
+            "600",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "untrained" in result.output and "trained" in result.output
     metrics = json.loads((workdir / "demo_metrics.json").read_text())
@@ -23,30 +34,86 @@ def test_demo_runs_all_three_phases_and_training_helps(tmp_path):
         assert all(-1 <= metrics[name][m] <= 1 for m in METRICS)
     # The same seeds give the same data, weights and order, so this is deterministic.
     assert metrics["trained"]["AP"] > metrics["untrained"]["AP"] + 0.05
-    for path in ("models/sam_tiny.pth", "models/clip_tiny.pt", "head/head.safetensors", "head/head.json",
-                 "cache/train/cache.json", "cache/val/cache.json", "results/trained.json",
-                 "report/results.md", "report/ap_by_frequency.png"):
+    for path in (
+        "models/sam_tiny.pth",
+        "models/clip_tiny.pt",
+        "head/head.safetensors",
+        "head/head.json",
+        "cache/train/cache.json",
+        "cache/val/cache.json",
+        "results/trained.json",
+        "report/results.md",
+        "report/ap_by_frequency.png",
+    ):
         assert (workdir / path).is_file(), path
     assert list((workdir / "report" / "examples").glob("*.jpg"))  # predictions drawn on images
     assert str(workdir / "report" / "results.md") in result.output.replace("\n", "")
 
     # Run again: data, models and caches are reused and the head is not trained twice.
-    again = CliRunner().invoke(app, [
-        "demo", "--workdir", str(workdir), "--train-images", "96", "--val-images", "24", "--iterations", "600",
-    ])
+    again = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--workdir",
+            str(workdir),
+            "--train-images",
+            "96",
+            "--val-images",
+            "24",
+            "--iterations",
+            "600",
+        ],
+    )
     said = " ".join(again.output.split())  # rich wraps long lines
     assert again.exit_code == 0 and "already trained: 600 steps" in said, said
     assert "nan" not in said and "shards written 0, skipped 1" in said
 
     # The demo's manifests and proposals work with the other commands, as the README shows.
     manifest = workdir / "data" / "demo_val.toml"
-    models = ["--sam-variant", "tiny", "--sam-checkpoint", str(workdir / "models" / "sam_tiny.pth"),
-              "--clip-model", "RS-Tiny-ViT", "--clip-pretrained", str(workdir / "models" / "clip_tiny.pt")]
-    extracted = CliRunner().invoke(app, ["extract", "-m", str(manifest), "-c", str(workdir / "cache" / "val"), *models,
-                                         "--in-process", "--set", "extract.shard_size=32"])
-    assert extracted.exit_code == 0 and "skipped 1" in " ".join(extracted.output.split()), extracted.output  # same images and identity
-    scored = CliRunner().invoke(app, ["eval", "-c", str(workdir / "cache" / "val"), "--head", str(workdir / "head" / "head.safetensors"),
-                                      "-m", str(manifest), "--proposals", "jittered", "--set", "extract.num_workers=0",
-                                      "-o", str(workdir / "results" / "jittered.json")])
+    models = [
+        "--sam-variant",
+        "tiny",
+        "--sam-checkpoint",
+        str(workdir / "models" / "sam_tiny.pth"),
+        "--clip-model",
+        "RS-Tiny-ViT",
+        "--clip-pretrained",
+        str(workdir / "models" / "clip_tiny.pt"),
+    ]
+    extracted = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "-m",
+            str(manifest),
+            "-c",
+            str(workdir / "cache" / "val"),
+            *models,
+            "--in-process",
+            "--set",
+            "extract.shard_size=32",
+        ],
+    )
+    assert extracted.exit_code == 0 and "skipped 1" in " ".join(extracted.output.split()), (
+        extracted.output
+    )  # same images and identity
+    scored = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "-c",
+            str(workdir / "cache" / "val"),
+            "--head",
+            str(workdir / "head" / "head.safetensors"),
+            "-m",
+            str(manifest),
+            "--proposals",
+            "jittered",
+            "--set",
+            "extract.num_workers=0",
+            "-o",
+            str(workdir / "results" / "jittered.json"),
+        ],
+    )
     assert scored.exit_code == 0, scored.output
     assert json.loads((workdir / "results" / "jittered.metrics.json").read_text())["AP"] > 0

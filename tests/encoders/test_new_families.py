@@ -26,8 +26,9 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def new_models(tmp_path_factory):
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("new_families"), seed=0,
-                                  sam_variant="sam2_tiny", clip_model="RS-Tiny-Timm-ViT")
+    return write_tiny_checkpoints(
+        tmp_path_factory.mktemp("new_families"), seed=0, sam_variant="sam2_tiny", clip_model="RS-Tiny-Timm-ViT"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +72,11 @@ def test_logit_bias_is_recorded_and_added_to_every_logit(new_encoders):
 
 
 def test_a_tower_without_a_token_grid_is_refused_naming_the_model(tmp_path):
-    config = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "timm_model_name": "test_convnext", "timm_pool": "avg",
-                                              "timm_proj": "linear"},
-              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "timm_model_name": "test_convnext", "timm_pool": "avg", "timm_proj": "linear"},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     (tmp_path / "RS-Test-ConvNeXt.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path)
     with pytest.raises(NoTokenGridError, match="'RS-Test-ConvNeXt'.*ConvNeXt"):
@@ -113,10 +116,24 @@ def test_a_sam2_checkpoint_of_another_variant_is_one_clear_error(new_models, tmp
 
 def test_demo_runs_extract_train_eval_on_the_new_families(tmp_path):
     workdir = tmp_path / "demo"
-    result = CliRunner().invoke(app, [
-        "demo", "--workdir", str(workdir), "--train-images", "12", "--val-images", "6", "--iterations", "10",
-        "--sam-variant", "sam2_tiny", "--clip-model", "RS-Tiny-Timm-ViT",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--workdir",
+            str(workdir),
+            "--train-images",
+            "12",
+            "--val-images",
+            "6",
+            "--iterations",
+            "10",
+            "--sam-variant",
+            "sam2_tiny",
+            "--clip-model",
+            "RS-Tiny-Timm-ViT",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (workdir / "models" / "sam_sam2_tiny.pth").is_file() and (workdir / "models" / "clip_RS-Tiny-Timm-ViT.pt").is_file()
     provenance = json.loads((workdir / "cache" / "train" / "cache.json").read_text())
@@ -135,11 +152,31 @@ def test_the_new_recipes_extract_with_the_tiny_models_of_their_families(recipe, 
     manifest = tmp_path / "toy.toml"
     manifest.write_text(f'name = "toy"\nannotations = "{annotations.name}"\nimage_root = "images"\n')
     recipe_file = Path(__file__).resolve().parents[2] / "pipelines" / f"{recipe}.toml"
-    result = CliRunner().invoke(app, [
-        "extract", "-r", str(recipe_file), "-m", str(manifest), "--data-root", str(tmp_path), "-c", str(tmp_path / "cache"),
-        "--sam-variant", "sam2_tiny", "--sam-checkpoint", new_models.sam.checkpoint,
-        "--clip-model", new_models.clip.model, "--clip-pretrained", new_models.clip.pretrained,
-        "--set", "extract.num_workers=0", "--set", "extract.batch_size=2",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "-r",
+            str(recipe_file),
+            "-m",
+            str(manifest),
+            "--data-root",
+            str(tmp_path),
+            "-c",
+            str(tmp_path / "cache"),
+            "--sam-variant",
+            "sam2_tiny",
+            "--sam-checkpoint",
+            new_models.sam.checkpoint,
+            "--clip-model",
+            new_models.clip.model,
+            "--clip-pretrained",
+            new_models.clip.pretrained,
+            "--set",
+            "extract.num_workers=0",
+            "--set",
+            "extract.batch_size=2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "extracted 2 images" in result.output

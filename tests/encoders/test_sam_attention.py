@@ -25,8 +25,9 @@ def _small_encoder() -> ImageEncoderViT:
     """SAM's encoder class at a small size, with one global block (20x20 tokens, not a multiple of
     the 14-wide windows, so the windowed blocks pad) and one windowed block."""
     torch.manual_seed(0)
-    encoder = ImageEncoderViT(img_size=320, embed_dim=48, depth=2, num_heads=3, out_chans=32, use_rel_pos=True,
-                              window_size=14, global_attn_indexes=(1,)).eval()
+    encoder = ImageEncoderViT(
+        img_size=320, embed_dim=48, depth=2, num_heads=3, out_chans=32, use_rel_pos=True, window_size=14, global_attn_indexes=(1,)
+    ).eval()
     _randomise_rel_pos(encoder)
     return encoder
 

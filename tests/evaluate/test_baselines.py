@@ -140,9 +140,18 @@ def test_eval_command_takes_model_files_moved_since_extraction(toy, tiny_models,
     moved.mkdir()
     for name in (tiny_models.sam.checkpoint, tiny_models.clip.pretrained):
         (moved / Path(name).name).write_bytes(Path(name).read_bytes())
-    result = eval_cli(reader, annotations, "--method", "clip-box", "--image-root", str(root / "images"),
-                      "--sam-checkpoint", str(moved / Path(tiny_models.sam.checkpoint).name),
-                      "--clip-pretrained", str(moved / Path(tiny_models.clip.pretrained).name))
+    result = eval_cli(
+        reader,
+        annotations,
+        "--method",
+        "clip-box",
+        "--image-root",
+        str(root / "images"),
+        "--sam-checkpoint",
+        str(moved / Path(tiny_models.sam.checkpoint).name),
+        "--clip-pretrained",
+        str(moved / Path(tiny_models.clip.pretrained).name),
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     assert "clip-box" in result.output
 

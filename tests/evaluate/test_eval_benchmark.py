@@ -13,8 +13,9 @@ BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "eval.py"
 
 def test_eval_benchmark_smoke(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.json"
-    monkeypatch.setattr(sys, "argv", [str(BENCHMARK), "--images", "20", "--categories", "30", "--text-dim", "32",
-                                      "--compare", "--json", str(out)])
+    monkeypatch.setattr(
+        sys, "argv", [str(BENCHMARK), "--images", "20", "--categories", "30", "--text-dim", "32", "--compare", "--json", str(out)]
+    )
     runpy.run_path(str(BENCHMARK), run_name="__main__")
     printed = capsys.readouterr().out
     assert "x LVIS" in printed and "(c) LVISResults + LVISEval.run" in printed

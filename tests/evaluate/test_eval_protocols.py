@@ -111,9 +111,14 @@ def test_protocol_objects_come_from_the_config_string():
 
 def test_settings_name_every_limit():
     standard = protocol_for(EvalConfig(max_dets_per_image=-1)).settings()
-    assert standard == {"scoring": "softmax", "protocol": "standard", "top_k_per_image": 900, "max_dets_per_image": -1,
-                        "dets_per_class": None,
-                        "description": "softmax scoring; standard: top 900 (box, class) pairs per image, no LVIS per-image cap"}
+    assert standard == {
+        "scoring": "softmax",
+        "protocol": "standard",
+        "top_k_per_image": 900,
+        "max_dets_per_image": -1,
+        "dets_per_class": None,
+        "description": "softmax scoring; standard: top 900 (box, class) pairs per image, no LVIS per-image cap",
+    }
     fixed = protocol_for(EvalConfig(protocol="fixed", scoring="sigmoid", fixed_dets_per_class=20)).settings()
     assert (fixed["protocol"], fixed["scoring"], fixed["top_k_per_image"]) == ("fixed", "sigmoid", None)
     assert (fixed["max_dets_per_image"], fixed["dets_per_class"]) == (-1, 20)
@@ -134,7 +139,11 @@ def test_per_class_cap_streaming(budget):
         keep.add(ARRIVING.take(slice(start, start + 2)))
     kept = keep.result()
     assert list(zip(kept.box_rows.tolist(), kept.classes.tolist(), kept.scores.tolist())) == [
-        (0, 0, 0.9), (1, 1, 0.5), (2, 1, 0.7), (3, 0, 0.95)]
+        (0, 0, 0.9),
+        (1, 1, 0.5),
+        (2, 1, 0.7),
+        (3, 0, 0.95),
+    ]
     assert keep.threshold.tolist() == [0.9, 0.5]  # each class's 2nd best
 
 
@@ -160,8 +169,9 @@ def test_rank_within_groups_breaks_ties_by_position():
 
 
 def test_cap_per_image_is_lvis_semantics():
-    dets = Detections(np.array([1, 1, 2, 1, 2]), np.array([1, 2, 1, 3, 2]), np.zeros((5, 4), np.float32),
-                      np.array([0.5, 0.9, 0.1, 0.5, 0.2]))
+    dets = Detections(
+        np.array([1, 1, 2, 1, 2]), np.array([1, 2, 1, 3, 2]), np.zeros((5, 4), np.float32), np.array([0.5, 0.9, 0.1, 0.5, 0.2])
+    )
     # image 1 keeps .9 and the first .5; image 2 has two, both kept; order of arrival kept.
     assert cap_per_image(dets, 2).scores.tolist() == [0.5, 0.9, 0.1, 0.2]
     assert cap_per_image(dets, -1).scores.tolist() == dets.scores.tolist()
@@ -184,8 +194,11 @@ def gt_file(tmp_path, lvis_annotation):
             {"id": 2, "width": 100, "height": 100, "neg_category_ids": [DOG], "not_exhaustive_category_ids": []},
         ],
         "annotations": [ann(1, 1, CAT, A), ann(2, 1, DOG, B), ann(3, 2, CAT, C)],
-        "categories": [{"id": CAT, "name": "cat", "frequency": "f"}, {"id": DOG, "name": "dog", "frequency": "c"},
-                       {"id": EMU, "name": "emu", "frequency": "r"}],
+        "categories": [
+            {"id": CAT, "name": "cat", "frequency": "f"},
+            {"id": DOG, "name": "dog", "frequency": "c"},
+            {"id": EMU, "name": "emu", "frequency": "r"},
+        ],
     }
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(data))
@@ -206,8 +219,9 @@ def _ap(gt_file, config: EvalConfig) -> dict[str, float]:
     return lvis_ap(gt_file, _scored(config), protocol_for(config).lvis_max_dets)
 
 
-@pytest.mark.parametrize("config", [EvalConfig(scoring="sigmoid", top_k_per_image=1),
-                                    EvalConfig(scoring="sigmoid", max_dets_per_image=1)])
+@pytest.mark.parametrize(
+    "config", [EvalConfig(scoring="sigmoid", top_k_per_image=1), EvalConfig(scoring="sigmoid", max_dets_per_image=1)]
+)
 def test_standard_protocol_with_one_detection_per_image(gt_file, config):
     # Each image keeps its best pair: (A, cat) .9 and (C, cat) .8. Cat: both found -> AP 1;
     # dog: never detected -> 0. AP = 0.5, APf (cat) 1, APc (dog) 0, APr -1 (no emu ground truth).
@@ -242,6 +256,7 @@ def test_fixed_protocol_cap_per_class(gt_file):
 
 # --- LVIS sees the same detections however they reach it ----------------------------------------
 
+
 @pytest.fixture()
 def random_case(tmp_path):
     """12 images, 6 categories, boxes jittered around the ground truth, random classes and scores."""
@@ -250,23 +265,50 @@ def random_case(tmp_path):
     for image_id in range(1, 13):
         present = rng.choice(6, size=2, replace=False) + 1
         absent = [c for c in range(1, 7) if c not in present]
-        images.append({"id": image_id, "width": 200, "height": 200, "neg_category_ids": absent[:2],
-                       "not_exhaustive_category_ids": [int(present[0])] if image_id % 4 == 0 else []})
+        images.append(
+            {
+                "id": image_id,
+                "width": 200,
+                "height": 200,
+                "neg_category_ids": absent[:2],
+                "not_exhaustive_category_ids": [int(present[0])] if image_id % 4 == 0 else [],
+            }
+        )
         for category_id in present:
             x, y, w, h = (float(v) for v in rng.uniform(0, 100, 2).tolist() + rng.uniform(10, 90, 2).tolist())
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(category_id),
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
-                                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(category_id),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+                }
+            )
             for _ in range(4):
                 jitter = rng.normal(0, 6, 4)
-                dets.append((image_id, int(rng.integers(1, 7)), [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
-                             float(rng.integers(0, 20)) / 20))
+                dets.append(
+                    (
+                        image_id,
+                        int(rng.integers(1, 7)),
+                        [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
+                        float(rng.integers(0, 20)) / 20,
+                    )
+                )
     gt = tmp_path / "gt.json"
-    gt.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [
-        {"id": c, "name": f"c{c}", "frequency": "rcf"[c % 3]} for c in range(1, 7)]}))
+    gt.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": c, "name": f"c{c}", "frequency": "rcf"[c % 3]} for c in range(1, 7)],
+            }
+        )
+    )
     columns = list(zip(*dets))
-    detections = Detections(np.array(columns[0]), np.array(columns[1]), np.array(columns[2], np.float32),
-                            np.array(columns[3]))
+    detections = Detections(np.array(columns[0]), np.array(columns[1]), np.array(columns[2], np.float32), np.array(columns[3]))
     return gt, detections
 
 
@@ -294,6 +336,7 @@ def test_results_of_unknown_images_are_refused(random_case):
 
 # --- configuration --------------------------------------------------------------------------------
 
+
 def test_protocol_fields_are_validated_with_allowed_values():
     with pytest.raises(ConfigError, match="eval.scoring: 'softmx' is not one of softmax, sigmoid"):
         EvalConfig(scoring="softmx")
@@ -309,10 +352,12 @@ def test_protocol_from_overrides_and_recipes(tmp_path):
     settings = protocol_for(recipe.eval).settings()
     assert settings["max_dets_per_image"] == -1 and settings["top_k_per_image"] is None
     assert settings["description"] == (
-        "sigmoid scoring; fixed AP (Dave et al. 2021): no per-image cap, top 50 detections per class")
+        "sigmoid scoring; fixed AP (Dave et al. 2021): no per-image cap, top 50 detections per class"
+    )
     path = tmp_path / "r.toml"
     path.write_text('[eval]\nscoring = "sigmod"\n')
     with pytest.raises(ConfigError, match="sigmod"):
         load_recipe(path)
     assert protocol_for(EvalConfig()).settings()["description"] == (
-        "softmax scoring; standard: top 900 (box, class) pairs per image, LVIS max 300 per image")
+        "softmax scoring; standard: top 900 (box, class) pairs per image, LVIS max 300 per image"
+    )

@@ -24,8 +24,17 @@ from regionspot_cache.evaluate.scoring import Detections, protocol_for
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, save_head
 
-METRICS = {"AP": 0.4321, "AP50": 0.61, "AP75": 0.45, "APs": 0.2, "APm": 0.35, "APl": 0.5,
-           "APr": -1.0, "APc": 0.287, "APf": 0.5555}
+METRICS = {
+    "AP": 0.4321,
+    "AP50": 0.61,
+    "AP75": 0.45,
+    "APs": 0.2,
+    "APm": 0.35,
+    "APl": 0.5,
+    "APr": -1.0,
+    "APc": 0.287,
+    "APf": 0.5555,
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -43,17 +52,27 @@ def test_chart_is_a_png_of_plausible_size(tmp_path):
 
 def _predictions() -> Detections:
     # image 1: one box twice (cat .9, dog .3) and a second box; image 2: one box; image 3: missing file.
-    return Detections(np.array([1, 1, 1, 2, 3]), np.array([1, 2, 2, 1, 2]),
-                      np.array([[5, 5, 20, 20], [5, 5, 20, 20], [30, 10, 15, 25], [0, 0, 40, 40], [1, 1, 5, 5]], np.float32),
-                      np.array([0.9, 0.3, 0.6, 0.8, 0.7]))
+    return Detections(
+        np.array([1, 1, 1, 2, 3]),
+        np.array([1, 2, 2, 1, 2]),
+        np.array([[5, 5, 20, 20], [5, 5, 20, 20], [30, 10, 15, 25], [0, 0, 40, 40], [1, 1, 5, 5]], np.float32),
+        np.array([0.9, 0.3, 0.6, 0.8, 0.7]),
+    )
 
 
 def _data(tmp_path: Path, image_root: Path | None) -> ReportData:
     results = tmp_path / "results.json"
     results.write_text("[]")
-    return ReportData(METRICS, protocol_for(EvalConfig(scoring="sigmoid", protocol="fixed")).settings(), "toy AP",
-                      _predictions(), {1: "cat", 2: "dog"}, {1: "a/1.png", 2: "a/2.png", 3: "a/gone.png"}, image_root,
-                      {"results": results, "metrics": tmp_path / "not-written.json"})
+    return ReportData(
+        METRICS,
+        protocol_for(EvalConfig(scoring="sigmoid", protocol="fixed")).settings(),
+        "toy AP",
+        _predictions(),
+        {1: "cat", 2: "dog"},
+        {1: "a/1.png", 2: "a/2.png", 3: "a/gone.png"},
+        image_root,
+        {"results": results, "metrics": tmp_path / "not-written.json"},
+    )
 
 
 def test_page_has_the_numbers_the_chart_and_drawn_examples(tmp_path):
@@ -103,11 +122,31 @@ def test_eval_command_with_protocol_options_and_report(toy_cache):
     root, annotations = toy_cache
     output = root / "out" / "val.json"
     runner = CliRunner()
-    result = runner.invoke(app, [
-        "eval", "-c", str(root / "cache"), "--head", str(root / "head.safetensors"), "-a", str(annotations),
-        "-o", str(output), "--scoring", "sigmoid", "--fixed-ap", "--set", "eval.fixed_dets_per_class=3",
-        "--set", "eval.device=cpu", "--report", str(root / "report"), "--image-root", str(root / "images"),
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "-c",
+            str(root / "cache"),
+            "--head",
+            str(root / "head.safetensors"),
+            "-a",
+            str(annotations),
+            "-o",
+            str(output),
+            "--scoring",
+            "sigmoid",
+            "--fixed-ap",
+            "--set",
+            "eval.fixed_dets_per_class=3",
+            "--set",
+            "eval.device=cpu",
+            "--report",
+            str(root / "report"),
+            "--image-root",
+            str(root / "images"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "fixed AP" in result.output and "sigmoid" in result.output
     metrics = json.loads(output.with_suffix(".metrics.json").read_text())
@@ -124,8 +163,20 @@ def test_eval_command_with_protocol_options_and_report(toy_cache):
 
 def test_eval_command_refuses_unknown_scoring(toy_cache):
     root, annotations = toy_cache
-    result = CliRunner().invoke(app, ["eval", "-c", str(root / "cache"), "--head", str(root / "head.safetensors"),
-                                      "-a", str(annotations), "--scoring", "softmin"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "-c",
+            str(root / "cache"),
+            "--head",
+            str(root / "head.safetensors"),
+            "-a",
+            str(annotations),
+            "--scoring",
+            "softmin",
+        ],
+    )
     assert result.exit_code != 0 and "softmax, sigmoid" in str(result.exception)
 
 
@@ -141,12 +192,15 @@ def test_evaluate_scores_the_cache_with_the_head_and_names_the_protocol(toy_cach
     assert result.settings == protocol_for(config).settings() and set(result.metrics) >= {"AP", "APr"}
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"method": "clip-boxes", "image_root": "."}, "unknown method 'clip-boxes'; known: regionspot, clip-box, clip-mask"),
-    ({}, "method regionspot needs a head"),
-    ({"method": "clip-box"}, "method clip-box reads the original images: give their image_root"),
-    ({"head": object(), "masks": True}, "method regionspot with masks reads the original images"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "clip-boxes", "image_root": "."}, "unknown method 'clip-boxes'; known: regionspot, clip-box, clip-mask"),
+        ({}, "method regionspot needs a head"),
+        ({"method": "clip-box"}, "method clip-box reads the original images: give their image_root"),
+        ({"head": object(), "masks": True}, "method regionspot with masks reads the original images"),
+    ],
+)
 def test_evaluate_refuses_a_method_without_what_it_needs(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
         evaluate(tmp_path / "no-cache", tmp_path / "no.json", EvalConfig(device="cpu"), **kwargs)

@@ -23,12 +23,29 @@ def gt_file(tmp_path, lvis_annotation):
     ann = lvis_annotation
     data = {
         "images": [
-            {"id": 1, "width": 100, "height": 100, "file_name": "a.jpg", "neg_category_ids": [EMU], "not_exhaustive_category_ids": []},
-            {"id": 2, "width": 100, "height": 100, "file_name": "b.jpg", "neg_category_ids": [DOG, EMU], "not_exhaustive_category_ids": []},
+            {
+                "id": 1,
+                "width": 100,
+                "height": 100,
+                "file_name": "a.jpg",
+                "neg_category_ids": [EMU],
+                "not_exhaustive_category_ids": [],
+            },
+            {
+                "id": 2,
+                "width": 100,
+                "height": 100,
+                "file_name": "b.jpg",
+                "neg_category_ids": [DOG, EMU],
+                "not_exhaustive_category_ids": [],
+            },
         ],
         "annotations": [ann(1, 1, CAT, CAT_1), ann(2, 1, DOG, DOG_1), ann(3, 2, CAT, CAT_2)],
-        "categories": [{"id": CAT, "name": "cat", "frequency": "f"}, {"id": DOG, "name": "dog", "frequency": "c"},
-                       {"id": EMU, "name": "emu", "frequency": "r"}],
+        "categories": [
+            {"id": CAT, "name": "cat", "frequency": "f"},
+            {"id": DOG, "name": "dog", "frequency": "c"},
+            {"id": EMU, "name": "emu", "frequency": "r"},
+        ],
     }
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(data))
@@ -74,15 +91,24 @@ def test_score_image_is_top_k_of_softmax_times_box_score():
     head = RegionSpotHead(HeadConfig(clip_width=16, text_dim=8, num_heads=4, ffn_dim=32)).eval()
     rng = np.random.default_rng(0)
     item = CachedImage(
-        image_id=1, file_name="x", width=10, height=10, boxes=rng.uniform(size=(4, 4)).astype(np.float32),
-        category_ids=np.full(4, -1), scores=np.array([1.0, 0.5, 0.25, 0.9], np.float32),
-        tokens=rng.normal(size=(4, 256)).astype(np.float16), feature_map=rng.normal(size=(6, 16)).astype(np.float16),
+        image_id=1,
+        file_name="x",
+        width=10,
+        height=10,
+        boxes=rng.uniform(size=(4, 4)).astype(np.float32),
+        category_ids=np.full(4, -1),
+        scores=np.array([1.0, 0.5, 0.25, 0.9], np.float32),
+        tokens=rng.normal(size=(4, 256)).astype(np.float16),
+        feature_map=rng.normal(size=(6, 16)).astype(np.float16),
     )
     text = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
     with torch.no_grad():
-        embeddings = head(torch.tensor(item.tokens, dtype=torch.float32)[None], torch.tensor(item.feature_map, dtype=torch.float32)[None])[0]
+        embeddings = head(
+            torch.tensor(item.tokens, dtype=torch.float32)[None], torch.tensor(item.feature_map, dtype=torch.float32)[None]
+        )[0]
     probs = torch.softmax(30.0 * embeddings @ text.T, dim=-1).numpy() * item.scores[:, None]
     order = np.argsort(-probs.ravel(), kind="stable")[:7]
+
     def score_image(top_k):
         logits = image_logits(head, item, text, 30.0, torch.device("cpu"))
         return top_pairs(logits, torch.from_numpy(item.scores), "softmax", top_k)

@@ -62,9 +62,9 @@ def test_add_segmentations_gives_each_detection_its_boxs_mask(encoders, rgb_imag
     Image.fromarray(rgb_image).save(tmp_path / "a" / "x.png")
     images = ImageSource(tmp_path, {7: ImageEntry(7, "a/x.png", 140, 90)})
     x1, y1, x2, y2 = BOXES[1].tolist()
-    detections = [
-        {"image_id": 7, "category_id": c, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 0.5} for c in (1, 2)
-    ] + [{"image_id": 7, "category_id": 1, "bbox": [0.0, 0.0, 140.0, 90.0], "score": 0.4}]
+    detections = [{"image_id": 7, "category_id": c, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 0.5} for c in (1, 2)] + [
+        {"image_id": 7, "category_id": 1, "bbox": [0.0, 0.0, 140.0, 90.0], "score": 0.4}
+    ]
     calls = []
     original = encoders.sam.embed_images
     monkeypatch.setattr(encoders.sam, "embed_images", lambda batch: calls.append(1) or original(batch))
@@ -81,9 +81,20 @@ def square_gt(tmp_path):
     """One 40x30 image with one 10x10 square of category 1."""
     square = [[10, 10, 20, 10, 20, 20, 10, 20]]
     data = {
-        "images": [{"id": 1, "width": 40, "height": 30, "file_name": "a.jpg", "neg_category_ids": [], "not_exhaustive_category_ids": []}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 10, 10], "area": 100,
-                         "segmentation": square, "iscrowd": 0}],
+        "images": [
+            {"id": 1, "width": 40, "height": 30, "file_name": "a.jpg", "neg_category_ids": [], "not_exhaustive_category_ids": []}
+        ],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [10, 10, 10, 10],
+                "area": 100,
+                "segmentation": square,
+                "iscrowd": 0,
+            }
+        ],
         "categories": [{"id": 1, "name": "square", "frequency": "f"}],
     }
     path = tmp_path / "gt.json"

@@ -66,8 +66,12 @@ def test_eval_drops_the_boxes_the_rule_rejects(tmp_path_factory, tiny_models, en
 
     root = tmp_path_factory.mktemp("open_set")
     annotations = generate_split(root, "val", SyntheticSpec(images=3, seed=2, min_size=64, max_size=80))
-    run_extraction(load_coco_format(annotations, root / "images", name="toy"), CacheTarget(root / "cache"), encoders,
-                   ExtractConfig(shard_size=2, num_workers=0, device="cpu"))
+    run_extraction(
+        load_coco_format(annotations, root / "images", name="toy"),
+        CacheTarget(root / "cache"),
+        encoders,
+        ExtractConfig(shard_size=2, num_workers=0, device="cpu"),
+    )
     reader = CacheReader(root / "cache")
     torch.manual_seed(0)
     head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1, ffn_dim=64))
@@ -78,8 +82,9 @@ def test_eval_drops_the_boxes_the_rule_rejects(tmp_path_factory, tiny_models, en
     assert len(score_cache(reader, head, vocab, config)) == len(everything)
     with torch.no_grad():
         item = reader.image(reader.image_ids()[0])
-        regions = head(torch.from_numpy(item.tokens.astype(np.float32))[None],
-            torch.from_numpy(item.feature_map.astype(np.float32))[None])[0]
+        regions = head(
+            torch.from_numpy(item.tokens.astype(np.float32))[None], torch.from_numpy(item.feature_map.astype(np.float32))[None]
+        )[0]
         known = (reader.provenance.clip.logit_scale * regions @ torch.from_numpy(vocab.embeddings).T).softmax(-1).max(-1).values
     # Just below the median: scoring computes the same known scores, but not to the last bit.
     config.open_set.threshold = float(known.median()) - 1e-6

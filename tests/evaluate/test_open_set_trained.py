@@ -20,10 +20,14 @@ def _benchmark():
 
 
 def test_held_out_categories_leave_labels_names_and_negatives(tmp_path):
-    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 9, "height": 9, "neg_category_ids": [2, 3]}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2]},
-                            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [1, 1, 2, 2]}],
-            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]}
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 9, "height": 9, "neg_category_ids": [2, 3]}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2]},
+            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [1, 1, 2, 2]},
+        ],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}],
+    }
     path = tmp_path / "train.json"
     path.write_text(json.dumps(data))
     known = json.loads(_benchmark().without_categories(path, {3}).read_text())

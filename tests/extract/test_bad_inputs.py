@@ -35,9 +35,15 @@ def _write_images(root):
 
 
 CASES = {  # file -> (width, height, status)
-    "cmyk.jpg": (60, 40, "ok"), "gray.png": (60, 40, "ok"), "sixteen.png": (60, 40, "ok"),
-    "palette.png": (60, 40, "ok"), "rotated.jpg": (40, 60, "ok"), "truncated.jpg": (60, 40, "failed"),
-    "empty.jpg": (60, 40, "failed"), "noise.png": (60, 40, "failed"), "missing.jpg": (60, 40, "failed"),
+    "cmyk.jpg": (60, 40, "ok"),
+    "gray.png": (60, 40, "ok"),
+    "sixteen.png": (60, 40, "ok"),
+    "palette.png": (60, 40, "ok"),
+    "rotated.jpg": (40, 60, "ok"),
+    "truncated.jpg": (60, 40, "failed"),
+    "empty.jpg": (60, 40, "failed"),
+    "noise.png": (60, 40, "failed"),
+    "missing.jpg": (60, 40, "failed"),
     "../outside.jpg": (60, 40, "failed"),
 }
 
@@ -80,15 +86,23 @@ def test_inspect_failed_lists_every_failed_image_and_rejected_box_with_its_reaso
     first = awkward.images[0]
     boxes = awkward.boxes[first.id]
     odd = np.concatenate([boxes.xyxy, [[5, 5, 1, 9]]]).astype(np.float32)
-    dataset = replace(awkward, boxes={**awkward.boxes, first.id: replace(
-        boxes, xyxy=odd, category_ids=np.append(boxes.category_ids, 1), scores=np.append(boxes.scores, 1.0))})
+    dataset = replace(
+        awkward,
+        boxes={
+            **awkward.boxes,
+            first.id: replace(
+                boxes, xyxy=odd, category_ids=np.append(boxes.category_ids, 1), scores=np.append(boxes.scores, 1.0)
+            ),
+        },
+    )
     run_extraction(dataset, CacheTarget(tmp_path / "cache"), encoders, CONFIG)
     recorded = recorded_failures(tmp_path / "cache")
     failed = {name for name, (*_, status) in CASES.items() if status == "failed"}
     assert {row["file_name"] for row in recorded.images} == failed
     assert all(row["file_name"].split("/")[-1] in row["reason"] for row in recorded.images)
     assert [(row["image_id"], row["x1"], row["x2"], row["reason"]) for row in recorded.boxes] == [
-        (first.id, 5.0, 1.0, "zero or negative size")]
+        (first.id, 5.0, 1.0, "zero or negative size")
+    ]
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "cache"), "--failed"])
     assert result.exit_code == 0, result.output
     assert f"{len(failed)} failed images" in result.output and "1 rejected boxes" in result.output

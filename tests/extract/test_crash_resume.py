@@ -45,8 +45,14 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path, tiny_model
     run_extraction(dataset, CacheTarget(reference), encoders, CONFIG)
 
     killed = tmp_path / "killed"
-    args = [str(annotations), str(tmp_path / "images"), str(killed), tiny_models.sam.checkpoint,
-            tiny_models.clip.model, tiny_models.clip.pretrained]
+    args = [
+        str(annotations),
+        str(tmp_path / "images"),
+        str(killed),
+        tiny_models.sam.checkpoint,
+        tiny_models.clip.model,
+        tiny_models.clip.pretrained,
+    ]
     process = subprocess.Popen([sys.executable, "-c", WORKER, *args], stderr=subprocess.DEVNULL)
     shards = killed / "shards"
     deadline = time.monotonic() + 120

@@ -34,8 +34,9 @@ def _free_port() -> int:
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     environ = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     with open(log, "wb") as out:  # the child keeps its own handle
-        return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, env=environ,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, env=environ, start_new_session=True
+        )
 
 
 def _kill(process: subprocess.Popen) -> None:
@@ -49,10 +50,16 @@ def cluster(tmp_path):
     """A dask scheduler and two single-threaded workers (no nanny: a killed worker stays dead)."""
     address = f"tcp://127.0.0.1:{_free_port()}"
     port = address.rsplit(":", 1)[1]
-    scheduler = _start(["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"],
-                       tmp_path / "scheduler.log")
-    workers = {name: _start(["distributed.cli.dask_worker", address, "--name", name, "--nthreads", "1", "--no-nanny",
-                             "--no-dashboard"], tmp_path / f"{name}.log") for name in ("w0", "w1")}
+    scheduler = _start(
+        ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"], tmp_path / "scheduler.log"
+    )
+    workers = {
+        name: _start(
+            ["distributed.cli.dask_worker", address, "--name", name, "--nthreads", "1", "--no-nanny", "--no-dashboard"],
+            tmp_path / f"{name}.log",
+        )
+        for name in ("w0", "w1")
+    }
     from distributed import Client
 
     client = Client(address, timeout=HANG_GUARD_S)
@@ -66,12 +73,36 @@ def cluster(tmp_path):
 
 
 def _extract_command(manifest: Path, cache: Path, models, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "regionspot_cache", "extract", "-m", str(manifest), "-c", str(cache),
-            "--sam-variant", models.sam.variant, "--sam-checkpoint", models.sam.checkpoint,
-            "--clip-model", models.clip.model, "--clip-pretrained", models.clip.pretrained,
-            # one shard per image, one thread in every process: the same bits wherever a shard runs
-            "--set", "extract.shard_size=1", "--set", "extract.batch_size=1", "--set", "extract.num_workers=0",
-            "--set", "extract.device=cpu", "--set", "extract.threads=1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "regionspot_cache",
+        "extract",
+        "-m",
+        str(manifest),
+        "-c",
+        str(cache),
+        "--sam-variant",
+        models.sam.variant,
+        "--sam-checkpoint",
+        models.sam.checkpoint,
+        "--clip-model",
+        models.clip.model,
+        "--clip-pretrained",
+        models.clip.pretrained,
+        # one shard per image, one thread in every process: the same bits wherever a shard runs
+        "--set",
+        "extract.shard_size=1",
+        "--set",
+        "extract.batch_size=1",
+        "--set",
+        "extract.num_workers=0",
+        "--set",
+        "extract.device=cpu",
+        "--set",
+        "extract.threads=1",
+        *extra,
+    ]
 
 
 def _busy_worker(client, cache: Path) -> str | None:
@@ -84,19 +115,28 @@ def _busy_worker(client, cache: Path) -> str | None:
     return busy[0] if busy else None
 
 
-def test_worker_killed_mid_run_its_shards_run_on_the_other_and_the_cache_is_bit_identical(tmp_path, tiny_models, encoders, cluster):
+def test_worker_killed_mid_run_its_shards_run_on_the_other_and_the_cache_is_bit_identical(
+    tmp_path, tiny_models, encoders, cluster
+):
     address, client, workers = cluster
     annotations = generate_split(tmp_path, "val", SyntheticSpec(images=6, seed=5, min_size=64, max_size=96))
     manifest = tmp_path / "toy.toml"
     manifest.write_text(f'name = "toy"\nannotations = "{annotations}"\nimage_root = "{tmp_path / "images"}"\n')
     reference = tmp_path / "reference"
     dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
-    run_extraction(dataset, CacheTarget(reference), encoders,
-                   ExtractConfig(shard_size=1, batch_size=1, num_workers=0, device="cpu", threads=1))
+    run_extraction(
+        dataset,
+        CacheTarget(reference),
+        encoders,
+        ExtractConfig(shard_size=1, batch_size=1, num_workers=0, device="cpu", threads=1),
+    )
 
     cache = tmp_path / "cluster"
-    run = subprocess.Popen(_extract_command(manifest, cache, tiny_models, "--scheduler", address, "--retries", "2"),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run = subprocess.Popen(
+        _extract_command(manifest, cache, tiny_models, "--scheduler", address, "--retries", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline, killed = time.monotonic() + HANG_GUARD_S, None
     while killed is None and run.poll() is None and time.monotonic() < deadline:
         killed = _busy_worker(client, cache)

@@ -29,8 +29,9 @@ def _dataset(root: Path, files: dict[str, tuple[bytes | None, tuple[int, int]]],
     for image_id, (file_name, (content, (width, height))) in enumerate(files.items(), start=1):
         (images / file_name).mkdir() if content is None else (images / file_name).write_bytes(content)
         data["images"].append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        data["annotations"].append({"id": image_id, "image_id": image_id, "category_id": 1,
-                                    "bbox": [2, 3, width / 2, height / 2]})
+        data["annotations"].append(
+            {"id": image_id, "image_id": image_id, "category_id": 1, "bbox": [2, 3, width / 2, height / 2]}
+        )
     (root / "ann.json").write_text(json.dumps(data))
     return load_coco_format(root / "ann.json", images, name=name)
 
@@ -42,9 +43,12 @@ def _photos(root: Path) -> dict[str, tuple[bytes, tuple[int, int]]]:
         image.save(root / "tmp.jpg", "JPEG", quality=90)
         files[f"photo{i}.jpg"] = ((root / "tmp.jpg").read_bytes(), (width, height))
     image = Image.fromarray(photo_like(80, 110, seed=9))
-    for name, fmt, kwargs, size in [("photo.png", "PNG", {}, (110, 80)), ("cmyk.jpg", "JPEG", {}, (110, 80)),
-                                    ("rotated.jpg", "JPEG", {"exif": _exif(6)}, (80, 110)),
-                                    ("photo.webp", "WEBP", {"lossless": True}, (110, 80))]:
+    for name, fmt, kwargs, size in [
+        ("photo.png", "PNG", {}, (110, 80)),
+        ("cmyk.jpg", "JPEG", {}, (110, 80)),
+        ("rotated.jpg", "JPEG", {"exif": _exif(6)}, (80, 110)),
+        ("photo.webp", "WEBP", {"lossless": True}, (110, 80)),
+    ]:
         (image.convert("CMYK") if name == "cmyk.jpg" else image).save(root / "tmp", fmt, **kwargs)
         files[name] = ((root / "tmp").read_bytes(), size)
     return files

@@ -121,7 +121,10 @@ def test_bad_image_and_degenerate_box_do_not_stop_the_run(setup, tmp_path):
     (broken.image_root / victim.file_name).write_bytes(b"not a jpeg")
     other = dataset.images[2]
     boxes = broken.boxes[other.id]
-    broken.boxes = {**dataset.boxes, other.id: replace(boxes, xyxy=np.vstack([boxes.xyxy[:1] * 0 + [5, 5, 5, 9], boxes.xyxy[1:]]).astype(np.float32))}
+    broken.boxes = {
+        **dataset.boxes,
+        other.id: replace(boxes, xyxy=np.vstack([boxes.xyxy[:1] * 0 + [5, 5, 5, 9], boxes.xyxy[1:]]).astype(np.float32)),
+    }
     summary = run_extraction(broken, CacheTarget(tmp_path / "cache"), encoders, CONFIG)
     assert summary.failed == 1 and summary.dropped_boxes == 1
     reader = CacheReader(tmp_path / "cache")

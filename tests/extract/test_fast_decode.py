@@ -50,9 +50,15 @@ def photo() -> Image.Image:
     return Image.fromarray(photo_like(120, 160))
 
 
-@pytest.mark.parametrize("options", [
-    {"quality": 90}, {"quality": 90, "subsampling": "4:4:4"}, {"quality": 75, "progressive": True}, {"gray": True},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"quality": 90},
+        {"quality": 90, "subsampling": "4:4:4"},
+        {"quality": 75, "progressive": True},
+        {"gray": True},
+    ],
+)
 def test_plain_jpegs_decode_to_exactly_pils_pixels(tmp_path, photo, options):
     options = dict(options)
     image = photo.convert("L") if options.pop("gray", False) else photo
@@ -67,15 +73,18 @@ def _exif(orientation: int) -> Image.Exif:
     return exif
 
 
-@pytest.mark.parametrize("name,write", [
-    ("photo.png", lambda p, im: save(p, im, "PNG")),
-    ("photo.gif", lambda p, im: save(p, im.convert("P"), "GIF")),
-    ("photo.webp", lambda p, im: save(p, im, "WEBP", lossless=True)),
-    ("sixteen.png", lambda p, im: save(p, Image.fromarray(np.asarray(im.convert("L")).astype(np.uint16) * 257), "PNG")),
-    ("cmyk.jpg", lambda p, im: save(p, im.convert("CMYK"), "JPEG")),
-    ("rotated.jpg", lambda p, im: save(p, im, "JPEG", exif=_exif(6))),
-    ("trailing.jpg", lambda p, im: p.write_bytes(_jpeg_bytes(im) + b"trailing bytes") and p),
-])
+@pytest.mark.parametrize(
+    "name,write",
+    [
+        ("photo.png", lambda p, im: save(p, im, "PNG")),
+        ("photo.gif", lambda p, im: save(p, im.convert("P"), "GIF")),
+        ("photo.webp", lambda p, im: save(p, im, "WEBP", lossless=True)),
+        ("sixteen.png", lambda p, im: save(p, Image.fromarray(np.asarray(im.convert("L")).astype(np.uint16) * 257), "PNG")),
+        ("cmyk.jpg", lambda p, im: save(p, im.convert("CMYK"), "JPEG")),
+        ("rotated.jpg", lambda p, im: save(p, im, "JPEG", exif=_exif(6))),
+        ("trailing.jpg", lambda p, im: p.write_bytes(_jpeg_bytes(im) + b"trailing bytes") and p),
+    ],
+)
 def test_other_files_take_pils_path_with_todays_pixels(tmp_path, photo, name, write):
     path = write(tmp_path / name, photo)
     assert plain_jpeg(path, None) is None

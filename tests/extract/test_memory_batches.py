@@ -33,6 +33,7 @@ def _out_of_memory_above(limit: int, calls: list[int]):
         if len(chunk) > limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return [item * 10 for item in chunk]
+
     return run
 
 
@@ -48,10 +49,12 @@ def test_cpu_allocator_failure_counts_as_out_of_memory_but_other_errors_do_not()
         if len(chunk) > 1:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
         return list(chunk)
+
     assert FittingBatches(4, CPU).map([1, 2, 3], cpu_oom) == [1, 2, 3]
 
     def broken(chunk):
         raise RuntimeError("shape mismatch")
+
     with pytest.raises(RuntimeError, match="shape mismatch"):
         FittingBatches(4, CPU).map([1, 2], broken)
 

@@ -25,8 +25,14 @@ def test_glip_and_coco_results_formats(tmp_path):
     np.testing.assert_allclose(boxes.scores, [0.9, 0.2])
     assert boxes.category_ids.tolist() == [-1, -1]
     coco = tmp_path / "coco.json"
-    coco.write_text(json.dumps([{"image_id": 7, "bbox": [1, 2, 10, 20], "score": 0.9, "category_id": 3},
-                                {"image_id": 8, "bbox": [0, 0, 5, 5], "score": 0.1, "category_id": 1}]))
+    coco.write_text(
+        json.dumps(
+            [
+                {"image_id": 7, "bbox": [1, 2, 10, 20], "score": 0.9, "category_id": 3},
+                {"image_id": 8, "bbox": [0, 0, 5, 5], "score": 0.1, "category_id": 1},
+            ]
+        )
+    )
     proposals = load_proposals(coco)
     np.testing.assert_array_equal(proposals[7].xyxy, [[1, 2, 11, 22]])
     assert sorted(proposals) == [7, 8]
@@ -34,10 +40,13 @@ def test_glip_and_coco_results_formats(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [('{"3": {"boxes": [[0, 0, 1, 1]], "scores": []}}', "image '3': 1 boxes but 0 scores"),
-     ('{"x": {"boxes": [], "scores": []}}', "image 'x'"),
-     ('[{"image_id": 1, "bbox": [0, 0, 1, 1], "score": 1}, {"image_id": 2}]', "result #1"),
-     ('"text"', "expected a GLIP object"), ('{"1": ', "line 1 column")],
+    [
+        ('{"3": {"boxes": [[0, 0, 1, 1]], "scores": []}}', "image '3': 1 boxes but 0 scores"),
+        ('{"x": {"boxes": [], "scores": []}}', "image 'x'"),
+        ('[{"image_id": 1, "bbox": [0, 0, 1, 1], "score": 1}, {"image_id": 2}]', "result #1"),
+        ('"text"', "expected a GLIP object"),
+        ('{"1": ', "line 1 column"),
+    ],
 )
 def test_malformed_proposal_files_name_file_and_position(tmp_path, content, message):
     path = tmp_path / "p.json"
@@ -51,8 +60,14 @@ def test_extract_and_score_proposals(tmp_path, tiny_models, encoders):
     annotations = generate_split(tmp_path, "val", SyntheticSpec(images=3, seed=9, min_size=64, max_size=80))
     dataset = load_coco_format(annotations, tmp_path / "images", name="toy")
     glip = tmp_path / "glip.json"
-    glip.write_text(json.dumps({"1": {"boxes": [[0, 0, 30, 30], [10, 10, 60, 50]], "scores": [0.8, 0.5], "labels": [0, 0]},
-                                "3": {"boxes": [[5, 5, 20, 25]], "scores": [0.25], "labels": [0]}}))
+    glip.write_text(
+        json.dumps(
+            {
+                "1": {"boxes": [[0, 0, 30, 30], [10, 10, 60, 50]], "scores": [0.8, 0.5], "labels": [0, 0]},
+                "3": {"boxes": [[5, 5, 20, 25]], "scores": [0.25], "labels": [0]},
+            }
+        )
+    )
     manifest = Manifest("toy", annotations, tmp_path / "images", proposals={"glip": glip})
     with_proposals, source = with_box_source(dataset, manifest, "glip")
     assert source.startswith("proposals:glip.json:") and with_box_source(dataset, manifest, "gt")[1] == GROUND_TRUTH
@@ -95,8 +110,14 @@ def test_proposals_cache_reuses_the_feature_maps_and_computes_only_sam(tmp_path,
     config = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu")
     run_extraction(dataset, CacheTarget(tmp_path / "gt"), encoders, config)
     glip = tmp_path / "glip.json"
-    glip.write_text(json.dumps({"1": {"boxes": [[0, 0, 30, 30], [10, 10, 60, 50]], "scores": [0.8, 0.5], "labels": [0, 0]},
-                                "4": {"boxes": [[5, 5, 20, 25]], "scores": [0.25], "labels": [0]}}))
+    glip.write_text(
+        json.dumps(
+            {
+                "1": {"boxes": [[0, 0, 30, 30], [10, 10, 60, 50]], "scores": [0.8, 0.5], "labels": [0, 0]},
+                "4": {"boxes": [[5, 5, 20, 25]], "scores": [0.25], "labels": [0]},
+            }
+        )
+    )
     manifest = Manifest("toy", annotations, tmp_path / "images", proposals={"glip": glip})
     with_proposals, source = with_box_source(dataset, manifest, "glip")
     # The reference: a cache extracted from scratch for the proposals, CLIP included.
@@ -120,10 +141,10 @@ def test_proposals_cache_reuses_the_feature_maps_and_computes_only_sam(tmp_path,
         np.testing.assert_array_equal(b.feature_map, base.image(image_id).feature_map)
     # The proposals cache stores no feature maps of its own, and moves with its base cache.
     assert sum(p.stat().st_size for p in derived.rglob("*") if p.is_file()) < 0.5 * sum(
-        p.stat().st_size for p in (tmp_path / "full").rglob("*") if p.is_file())
+        p.stat().st_size for p in (tmp_path / "full").rglob("*") if p.is_file()
+    )
     moved = (tmp_path / "gt").rename(tmp_path / "moved")
-    np.testing.assert_array_equal(CacheReader(proposals_cache_dir(moved, source)).image(1).feature_map,
-                                  full.image(1).feature_map)
+    np.testing.assert_array_equal(CacheReader(proposals_cache_dir(moved, source)).image(1).feature_map, full.image(1).feature_map)
 
 
 def test_proposals_cache_needs_a_complete_base(tmp_path, tiny_models, encoders):
@@ -155,8 +176,9 @@ def test_a_damaged_proposals_cache_is_repaired_like_the_base_cache(tmp_path, tin
     run_extraction(dataset, CacheTarget(tmp_path / "gt"), encoders, config)
     glip = tmp_path / "glip.json"
     glip.write_text(json.dumps({"1": {"boxes": [[0, 0, 30, 30]], "scores": [0.8], "labels": [0]}}))
-    (tmp_path / "toy.toml").write_text(f'name = "toy"\nannotations = "{annotations.name}"\nimage_root = "images"\n'
-                                       '[proposals]\nglip = "glip.json"\n')
+    (tmp_path / "toy.toml").write_text(
+        f'name = "toy"\nannotations = "{annotations.name}"\nimage_root = "images"\n[proposals]\nglip = "glip.json"\n'
+    )
     manifest = Manifest("toy", annotations, tmp_path / "images", proposals={"glip": glip})
     derived = cache_with_boxes(tmp_path / "gt", *with_box_source(dataset, manifest, "glip"), config, encoders=encoders)
     tokens = next((derived / "shards" / "000000" / "features.zarr" / "box_tokens").rglob("c/*/*"))
@@ -164,7 +186,18 @@ def test_a_damaged_proposals_cache_is_repaired_like_the_base_cache(tmp_path, tin
     data[len(data) // 2] ^= 0x01
     tokens.write_bytes(bytes(data))
     assert [p.shard for p in verify_cache_tree(tmp_path / "gt")[derived]] == ["000000"]
-    result = CliRunner().invoke(app, ["repair", str(tmp_path / "gt"), "-m", str(tmp_path / "toy.toml"),
-                                      "--data-root", str(tmp_path), "--set", "extract.num_workers=0"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "repair",
+            str(tmp_path / "gt"),
+            "-m",
+            str(tmp_path / "toy.toml"),
+            "--data-root",
+            str(tmp_path),
+            "--set",
+            "extract.num_workers=0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert not any(verify_cache_tree(tmp_path / "gt").values())

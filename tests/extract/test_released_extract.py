@@ -19,8 +19,7 @@ from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from tests.encoders.test_encoders import _manual_vit_tokens
 from tests.encoders.test_released_preprocess import hand_released_text, released_clip_input
 
-RELEASED = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu", preprocess="released",
-                         text_recipe="released")
+RELEASED = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu", preprocess="released", text_recipe="released")
 
 
 def relative_error(ours: np.ndarray, expected: np.ndarray) -> float:
@@ -71,9 +70,15 @@ def test_vocabulary_without_recipe_reads_as_openclip(tmp_path):
 
     from regionspot_cache.cache.format import vocabulary_schema, vocabulary_text_recipe
 
-    table = pa.table({"category_id": [1], "name": ["cat"], "frequency": ["f"],
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array([1.0, 0.0], pa.float32()), 2)},
-                     schema=vocabulary_schema(2))
+    table = pa.table(
+        {
+            "category_id": [1],
+            "name": ["cat"],
+            "frequency": ["f"],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array([1.0, 0.0], pa.float32()), 2),
+        },
+        schema=vocabulary_schema(2),
+    )
     pq.write_table(table, tmp_path / "old.parquet")
     assert vocabulary_text_recipe(pq.read_schema(tmp_path / "old.parquet")) == "openclip"
 
@@ -93,8 +98,9 @@ def test_imported_head_on_a_direct_cache_is_warned(released_cache, tmp_path, cap
     vocabulary = CacheReader(cache).vocabulary("toy")
     from regionspot_cache.data.datasets import Category
 
-    writer.write_vocabulary("toy", [Category(i, n) for i, n in zip(vocabulary.category_ids, vocabulary.names)],
-                            vocabulary.embeddings)
+    writer.write_vocabulary(
+        "toy", [Category(i, n) for i, n in zip(vocabulary.category_ids, vocabulary.names)], vocabulary.embeddings
+    )
     with caplog.at_level("WARNING"):
         found = released_input_differences("regionspot_bl.pth", direct)
     assert found == ["extract.preprocess is 'direct', not 'released'", "extract.text_recipe is 'openclip', not 'released'"]

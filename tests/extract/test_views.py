@@ -32,8 +32,9 @@ def test_a_view_moves_boxes_with_the_pixels_and_drops_those_outside_with_a_reaso
     image = Image.new("RGB", (100, 60))
     image.paste((255, 0, 0), (10, 10, 30, 30))  # the pixels of box 0
     entry = ImageEntry(7, "x.jpg", 100, 60)
-    boxes = BoxSet(np.array([[10, 10, 30, 30], [90, 50, 99, 59], [5, 5, 5, 9]], np.float32),
-                   np.array([1, 2, 3]), np.ones(3, np.float32))
+    boxes = BoxSet(
+        np.array([[10, 10, 30, 30], [90, 50, 99, 59], [5, 5, 5, 9]], np.float32), np.array([1, 2, 3]), np.ones(3, np.float32)
+    )
     flipped = apply_view(view_by_id("hflip"), 0, image, entry, boxes)
     np.testing.assert_array_equal(flipped.boxes.xyxy[0], [70, 10, 90, 30])
     assert np.asarray(flipped.image)[20, 80].tolist() == [255, 0, 0]
@@ -85,8 +86,9 @@ def test_consistent_views_resume_verify_and_repair_per_view(toy, tiny_models, en
     crop = view_cache_dir(base, "crop-0.4-0.7-0")
     reader, original = CacheReader(crop), CacheReader(base)
     assert reader.provenance.kind.view.mode == "consistent"
-    assert len(reader.boxes) + sum(r.startswith("outside view") for r in reader.rejected_boxes["reason"].to_pylist()) \
-        == len(original.boxes)
+    assert len(reader.boxes) + sum(r.startswith("outside view") for r in reader.rejected_boxes["reason"].to_pylist()) == len(
+        original.boxes
+    )
     for image_id in reader.image_ids():  # boxes are inside the view, and the view's size is recorded
         item = reader.image(image_id)
         assert (item.boxes[:, 2] <= item.width).all() and (item.boxes[:, 3] <= item.height).all()

@@ -39,8 +39,9 @@ def work(tmp_path_factory, tiny_models, encoders):
     torch.manual_seed(0)
     head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1, ffn_dim=32))
     save_head(head, root / "head.safetensors")
-    wide = RegionSpotHead(HeadConfig(clip_width=2 * encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1,
-                                     ffn_dim=32))
+    wide = RegionSpotHead(
+        HeadConfig(clip_width=2 * encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1, ffn_dim=32)
+    )
     save_head(wide, root / "wide.safetensors")  # a head of another CLIP's width
     (root / "text.txt").write_text("hello, not weights\n")
     (root / "object.json").write_text('{"boxes": 1}')
@@ -67,16 +68,78 @@ def _commands(root, models) -> dict[str, list[str]]:
     clip = ["--clip-model", models.clip.model, "--clip-pretrained", models.clip.pretrained]
     image = str(root / "images" / "val" / "000001.jpg")
     return {
-        "predict": ["predict", image, "--head", str(root / "head.safetensors"), "--boxes", "2,2,30,30", "--vocab", "a,b",
-                    "--out", str(root / "out" / "p.png"), "--device", "cpu", *sam, *clip],
-        "search": ["search", "red", "-c", str(root / "cache"), "--head", str(root / "head.safetensors"),
-                   "-o", str(root / "out" / "search"), "--device", "cpu", "--clip-pretrained", models.clip.pretrained],
-        "train": ["train", "-c", str(root / "cache"), "-o", str(root / "out" / "h.safetensors"), "--set", "train.iterations=1",
-                  "--set", "train.batch_size=1", "--set", "train.device=cpu", "--set", "train.tensorboard=false"],
-        "eval": ["eval", "-c", str(root / "cache"), "--head", str(root / "head.safetensors"), "-a", str(root / "val.json"),
-                 "--set", "eval.device=cpu", "-o", str(root / "out" / "e.json")],
-        "extract": ["extract", "-m", str(root / "toy.toml"), "--data-root", str(root), "-c", str(root / "out" / "c"),
-                    "--in-process", "--set", "extract.num_workers=0", *sam, *clip],
+        "predict": [
+            "predict",
+            image,
+            "--head",
+            str(root / "head.safetensors"),
+            "--boxes",
+            "2,2,30,30",
+            "--vocab",
+            "a,b",
+            "--out",
+            str(root / "out" / "p.png"),
+            "--device",
+            "cpu",
+            *sam,
+            *clip,
+        ],
+        "search": [
+            "search",
+            "red",
+            "-c",
+            str(root / "cache"),
+            "--head",
+            str(root / "head.safetensors"),
+            "-o",
+            str(root / "out" / "search"),
+            "--device",
+            "cpu",
+            "--clip-pretrained",
+            models.clip.pretrained,
+        ],
+        "train": [
+            "train",
+            "-c",
+            str(root / "cache"),
+            "-o",
+            str(root / "out" / "h.safetensors"),
+            "--set",
+            "train.iterations=1",
+            "--set",
+            "train.batch_size=1",
+            "--set",
+            "train.device=cpu",
+            "--set",
+            "train.tensorboard=false",
+        ],
+        "eval": [
+            "eval",
+            "-c",
+            str(root / "cache"),
+            "--head",
+            str(root / "head.safetensors"),
+            "-a",
+            str(root / "val.json"),
+            "--set",
+            "eval.device=cpu",
+            "-o",
+            str(root / "out" / "e.json"),
+        ],
+        "extract": [
+            "extract",
+            "-m",
+            str(root / "toy.toml"),
+            "--data-root",
+            str(root),
+            "-c",
+            str(root / "out" / "c"),
+            "--in-process",
+            "--set",
+            "extract.num_workers=0",
+            *sam,
+            *clip,
+        ],
     }
 
 
@@ -107,8 +170,11 @@ def _bad(root, models) -> dict[str, tuple[str, object, str]]:
     cases["predict-out-dir"] = ("predict", ("--out", a_dir), "a-dir")
     cases["predict-out-under-file"] = ("predict", ("--out", f"{text}/p.png"), "text.txt")
     cases["predict-boxes-file-object"] = ("predict", ["--boxes", "--boxes-file", str(root / "object.json")], "object.json")
-    cases["predict-reject-vs-set"] = ("predict", [("--reject", "max-sigmoid"), ("--set", "eval.open_set.rule=max-softmax")],
-                                      "--reject")
+    cases["predict-reject-vs-set"] = (
+        "predict",
+        [("--reject", "max-sigmoid"), ("--set", "eval.open_set.rule=max-softmax")],
+        "--reject",
+    )
     cases["search-top-zero"] = ("search", ("--top", "0"), "--top 0")
     cases["search-out-under-file"] = ("search", ("-o", f"{text}/s"), "text.txt")
     cases["search-partial"] = ("search", ("-c", str(root / "partial")), "not committed")
@@ -117,7 +183,7 @@ def _bad(root, models) -> dict[str, tuple[str, object, str]]:
         cases[f"eval-{name}"] = ("eval", ("--set", f"eval.device={value}"), message)
     cases["train-out-dir"] = ("train", ("-o", a_dir), "a-dir")
     cases["train-init-text"] = ("train", ("--init-from", text), "text.txt")
-    cases["train-init-twice"] = ("train", [("--init-from", text), ("--set", f"train.init_from=\"{text}\"")], "--init-from")
+    cases["train-init-twice"] = ("train", [("--init-from", text), ("--set", f'train.init_from="{text}"')], "--init-from")
     cases["train-partial"] = ("train", ("-c", str(root / "partial")), "not committed")
     cases["train-cache-file"] = ("train", ("-c", text), "text.txt")
     cases["eval-head-text"] = ("eval", ("--head", text), "text.txt")
@@ -127,8 +193,11 @@ def _bad(root, models) -> dict[str, tuple[str, object, str]]:
     cases["eval-partial"] = ("eval", ("-c", str(root / "partial")), "--allow-partial")
     cases["eval-fixed-vs-tap"] = ("eval", [("--fixed-ap", None), ("--set", "eval.protocol=tap")], "--fixed-ap")
     cases["eval-scoring-vs-set"] = ("eval", [("--scoring", "sigmoid"), ("--set", "eval.scoring=softmax")], "--scoring")
-    cases["eval-clip-box-open-set"] = ("eval", [("--method", "clip-box"), ("--image-root", str(root / "images")),
-                                                ("--set", "eval.open_set.rule=max-softmax")], "eval.open_set")
+    cases["eval-clip-box-open-set"] = (
+        "eval",
+        [("--method", "clip-box"), ("--image-root", str(root / "images")), ("--set", "eval.open_set.rule=max-softmax")],
+        "eval.open_set",
+    )
     cases["eval-out-dir"] = ("eval", ("-o", f"{a_dir}/"), "a-dir")
     cases["extract-workers-negative"] = ("extract", [("--workers", "-1"), ("--in-process", None)], "--workers -1")
     cases["extract-views-unbounded"] = ("extract", ("--set", 'extract.views=["crop:0.5-1x99999999999999999999"]'), "at most")
@@ -145,7 +214,7 @@ def _apply(args: list[str], change) -> list[str]:
         *dropped, option, value = change
         for name in dropped:
             at = args.index(name)
-            args = args[:at] + args[at + 2:]
+            args = args[:at] + args[at + 2 :]
         return [*args, option, value]
     for option, value in change:
         if value is None:
@@ -176,7 +245,7 @@ def test_every_command_refuses_each_class_of_bad_value_in_one_line(work, monkeyp
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert "Traceback" not in err and err.count("error:") == 1, err
-    message = err[err.index("error:"):]  # progress bars of work done before may precede it
+    message = err[err.index("error:") :]  # progress bars of work done before may precede it
     assert named.replace(" ", "") in "".join(message.split()), err  # rich wraps long lines anywhere
 
 

@@ -66,7 +66,9 @@ def test_full_disk_during_a_commit_commits_nothing_and_a_later_run_completes(toy
         return real_write(table, where, *args, **kwargs)
 
     monkeypatch.setattr(pq, "write_table", write_until_full)
-    with pytest.raises(CacheFormatError, match=rf"{cache}: no space left on the device while writing shard 1: nothing of it was committed"):
+    with pytest.raises(
+        CacheFormatError, match=rf"{cache}: no space left on the device while writing shard 1: nothing of it was committed"
+    ):
         run_extraction(toy, CacheTarget(cache), encoders, CONFIG)
     monkeypatch.setattr(pq, "write_table", real_write)
     shards = sorted(p.name for p in (cache / "shards").iterdir())

@@ -34,10 +34,15 @@ NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf, 1e39, -1e300])
 
 # -- 1. Every file we write is valid for its format ------------------------------------------
 
+
 @FAST
-@given(data=st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
-                         max_leaves=8))
+@given(
+    data=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+        max_leaves=8,
+    )
+)
 def test_json_files_are_strict_json_or_not_written(tmp_path, data):
     path = tmp_path / "out.json"
     path.write_text('"previous"')
@@ -100,8 +105,13 @@ def test_every_numeric_and_choice_field_carries_a_constraint():
                 assert item.metadata, f"{cls.__name__}.{item.name} has no constraint"
 
 
-HOSTILE = st.one_of(st.integers(-3, 3), st.sampled_from([-(2**63), 2**64]), st.floats(allow_nan=True, allow_infinity=True),
-                    st.sampled_from(["", "cuda:x", "gpu", "[/b]", "vit_q", "true", "[]", "[1, 0]", "[3, 2]"]), st.booleans())
+HOSTILE = st.one_of(
+    st.integers(-3, 3),
+    st.sampled_from([-(2**63), 2**64]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", "cuda:x", "gpu", "[/b]", "vit_q", "true", "[]", "[1, 0]", "[3, 2]"]),
+    st.booleans(),
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -130,18 +140,21 @@ def test_any_override_is_accepted_within_its_constraints_or_refused_with_config_
             assert one in rules["choices"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("extract.shard_size=0", "extract.shard_size: 0 must be at least 1"),
-    ("extract.num_workers=-1", "extract.num_workers: -1 must be at least 0"),
-    ("train.iterations=0", "train.iterations: 0 must be at least 1"),
-    ("train.checkpoint_every=0", "train.checkpoint_every: 0 must be at least 1"),
-    ("train.batch_size=-2", "train.batch_size: -2 must be at least 1"),
-    ("train.lr=nan", "train.lr: nan is not a finite number"),
-    ("train.lr_steps=[5, 2]", "train.lr_steps: [5, 2] must be increasing"),
-    ("train.device=gpu", "train.device: 'gpu' is not a device"),
-    ("models.sam.variant=vit_q", "models.sam.variant: 'vit_q' is not one of vit_b"),
-    ("train.max_boxes_per_image=1.5", "train.max_boxes_per_image: 1.5 is not an int"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("extract.shard_size=0", "extract.shard_size: 0 must be at least 1"),
+        ("extract.num_workers=-1", "extract.num_workers: -1 must be at least 0"),
+        ("train.iterations=0", "train.iterations: 0 must be at least 1"),
+        ("train.checkpoint_every=0", "train.checkpoint_every: 0 must be at least 1"),
+        ("train.batch_size=-2", "train.batch_size: -2 must be at least 1"),
+        ("train.lr=nan", "train.lr: nan is not a finite number"),
+        ("train.lr_steps=[5, 2]", "train.lr_steps: [5, 2] must be increasing"),
+        ("train.device=gpu", "train.device: 'gpu' is not a device"),
+        ("models.sam.variant=vit_q", "models.sam.variant: 'vit_q' is not one of vit_b"),
+        ("train.max_boxes_per_image=1.5", "train.max_boxes_per_image: 1.5 is not an int"),
+    ],
+)
 def test_examples_of_the_issue_are_refused_in_one_line(override, message):
     with pytest.raises(ConfigError, match=re_escape(message)):
         apply_overrides(Recipe(), [override])
@@ -149,6 +162,7 @@ def test_examples_of_the_issue_are_refused_in_one_line(override, message):
 
 def re_escape(text: str) -> str:
     import re
+
     return re.escape(text)
 
 
@@ -161,6 +175,7 @@ def test_sam_variants_of_the_config_are_the_architectures():
 
 
 # -- 6. User text is never markup --------------------------------------------------------------
+
 
 @FAST
 @given(text=st.text(alphabet=st.sampled_from("[]/bold red copy=:\\ é"), max_size=30))
@@ -176,16 +191,24 @@ def test_say_prints_any_text_verbatim(monkeypatch, text):
 
 # -- 3. Evaluation checks what it compares -----------------------------------------------------
 
+
 def _vocabulary(names: dict[int, str]) -> Vocabulary:
-    return Vocabulary("toy", np.array(list(names), np.int64), list(names.values()), [None] * len(names),
-                      np.zeros((len(names), 4), np.float32))
+    return Vocabulary(
+        "toy", np.array(list(names), np.int64), list(names.values()), [None] * len(names), np.zeros((len(names), 4), np.float32)
+    )
 
 
-COCO = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100},
-                   {"id": 2, "file_name": "b.jpg", "width": 100, "height": 100}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "iscrowd": 0},
-                        {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 50, 30, 20], "iscrowd": 0}],
-        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}
+COCO = {
+    "images": [
+        {"id": 1, "file_name": "a.jpg", "width": 100, "height": 100},
+        {"id": 2, "file_name": "b.jpg", "width": 100, "height": 100},
+    ],
+    "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "iscrowd": 0},
+        {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 50, 30, 20], "iscrowd": 0},
+    ],
+    "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+}
 
 
 def test_coco_format_ground_truth_is_evaluated_with_lvis_fields_filled(tmp_path, caplog):
@@ -194,8 +217,9 @@ def test_coco_format_ground_truth_is_evaluated_with_lvis_fields_filled(tmp_path,
     data = load_ground_truth(path, _vocabulary({1: "cat", 2: "dog"}))
     assert data["images"][0]["neg_category_ids"] == [2] and data["categories"][0]["frequency"] == "f"
     assert "COCO-format annotations: filled in neg_category_ids" in caplog.text
-    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
-               for a in COCO["annotations"]]
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in COCO["annotations"]
+    ]
     wrong_class = [{**record, "category_id": 3 - record["category_id"]} for record in perfect]
     assert lvis_ap(data, perfect)["AP"] == pytest.approx(1.0)
     assert lvis_ap(load_ground_truth(path, _vocabulary({1: "cat", 2: "dog"})), wrong_class)["AP"] == pytest.approx(0.0)
@@ -221,13 +245,22 @@ def test_ground_truth_in_other_categories_than_the_vocabulary_is_refused(tmp_pat
 
 # -- No command prints a traceback for bad input -------------------------------------------------
 
+
 def _commands(tmp, models):
     text_file = tmp / "not-a-checkpoint[" / "b][copy].pth"  # the path shows as ...[/b][copy].pth
     text_file.parent.mkdir()
     text_file.write_text("hello")
     missing = str(tmp / "no[/b]such[copy]")
-    model = ["--sam-variant", "tiny", "--sam-checkpoint", models.sam.checkpoint, "--clip-model", models.clip.model,
-             "--clip-pretrained", models.clip.pretrained]
+    model = [
+        "--sam-variant",
+        "tiny",
+        "--sam-checkpoint",
+        models.sam.checkpoint,
+        "--clip-model",
+        models.clip.model,
+        "--clip-pretrained",
+        models.clip.pretrained,
+    ]
     return {
         "extract-config": (["extract", "-m", missing, "-c", missing, "--set", "extract.shard_size=0"], "shard_size"),
         "extract-manifest": (["extract", "-m", missing, "-c", str(tmp / "c")], "no[/b]such[copy]"),
@@ -243,14 +276,43 @@ def _commands(tmp, models):
         "verify": (["verify", missing], "no[/b]such[copy]"),
         "repair": (["repair", missing, "-m", missing], "no[/b]such[copy]"),
         "import-checkpoint": (["import-checkpoint", str(text_file), "-o", str(tmp / "o.safetensors")], "[/b][copy].pth"),
-        "sam-checkpoint-text": (["predict", str(text_file), "--head", str(text_file), "--boxes", "1,1,5,5", "--vocab", "a",
-                                 *model[:2], "--sam-checkpoint", str(text_file), *model[4:]], "[/b][copy].pth"),
+        "sam-checkpoint-text": (
+            [
+                "predict",
+                str(text_file),
+                "--head",
+                str(text_file),
+                "--boxes",
+                "1,1,5,5",
+                "--vocab",
+                "a",
+                *model[:2],
+                "--sam-checkpoint",
+                str(text_file),
+                *model[4:],
+            ],
+            "[/b][copy].pth",
+        ),
     }
 
 
-CASES = ["extract-config", "extract-manifest", "propose", "train", "train-cache", "eval", "predict", "demo", "inspect", "search",
-         "search-top", "verify",
-         "repair", "import-checkpoint", "sam-checkpoint-text"]
+CASES = [
+    "extract-config",
+    "extract-manifest",
+    "propose",
+    "train",
+    "train-cache",
+    "eval",
+    "predict",
+    "demo",
+    "inspect",
+    "search",
+    "search-top",
+    "verify",
+    "repair",
+    "import-checkpoint",
+    "sam-checkpoint-text",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -271,4 +333,5 @@ def test_every_command_is_driven_with_bad_input():
 
     commands = set(typer.main.get_command(cli.app).commands)
     assert commands <= {case.split("-config")[0].split("-manifest")[0].split("-cache")[0] for case in CASES} | {
-        "import-checkpoint"}
+        "import-checkpoint"
+    }

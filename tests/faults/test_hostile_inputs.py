@@ -88,9 +88,11 @@ def test_hostile_image_corpus_is_recorded_image_by_image(tmp_path, tiny_models, 
 
 
 def _coco(**changes) -> dict:
-    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5]}],
-            "categories": [{"id": 1, "name": "thing"}]}
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5]}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     data.update(changes)
     return data
 
@@ -98,15 +100,33 @@ def _coco(**changes) -> dict:
 BAD_ANNOTATIONS = {  # content -> the part of the message that names the problem
     "images-not-a-list": (_coco(images={"id": 1}), "images: expected a list"),
     "id-not-a-number": (_coco(images=[{"id": "one", "file_name": "a.jpg", "width": 1, "height": 1}]), "images[0]: malformed"),
-    "missing-width": (_coco(images=[{"id": 1, "file_name": "a.jpg", "height": 1}]), "images[0]: malformed entry: KeyError('width')"),
-    "missing-bbox": (_coco(annotations=[{"id": 1, "image_id": 1, "category_id": 1}]), "annotations[0]: malformed entry: KeyError('bbox')"),
-    "bbox-three-numbers": (_coco(annotations=[{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}]), "annotations[0]: malformed"),
+    "missing-width": (
+        _coco(images=[{"id": 1, "file_name": "a.jpg", "height": 1}]),
+        "images[0]: malformed entry: KeyError('width')",
+    ),
+    "missing-bbox": (
+        _coco(annotations=[{"id": 1, "image_id": 1, "category_id": 1}]),
+        "annotations[0]: malformed entry: KeyError('bbox')",
+    ),
+    "bbox-three-numbers": (
+        _coco(annotations=[{"image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}]),
+        "annotations[0]: malformed",
+    ),
     "bbox-a-string": (_coco(annotations=[{"image_id": 1, "category_id": 1, "bbox": "0 0 5 5"}]), "annotations[0]: malformed"),
     "huge-id": (_coco(images=[{"id": 1e400, "file_name": "a.jpg", "width": 1, "height": 1}]), "images[0]: malformed"),
-    "duplicate-image-id": (_coco(images=[{"id": 1, "file_name": "a.jpg", "width": 1, "height": 1}] * 2), "images: duplicate id 1"),
+    "duplicate-image-id": (
+        _coco(images=[{"id": 1, "file_name": "a.jpg", "width": 1, "height": 1}] * 2),
+        "images: duplicate id 1",
+    ),
     "duplicate-category-id": (_coco(categories=[{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]), "categories: duplicate id 1"),
-    "unknown-image-id": (_coco(annotations=[{"image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1]}]), "annotations[0]: image_id 9 is not in images"),
-    "unknown-category-id": (_coco(annotations=[{"image_id": 1, "category_id": 7, "bbox": [0, 0, 1, 1]}]), "annotations[0]: category_id 7 is not in categories"),
+    "unknown-image-id": (
+        _coco(annotations=[{"image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1]}]),
+        "annotations[0]: image_id 9 is not in images",
+    ),
+    "unknown-category-id": (
+        _coco(annotations=[{"image_id": 1, "category_id": 7, "bbox": [0, 0, 1, 1]}]),
+        "annotations[0]: category_id 7 is not in categories",
+    ),
     "top-level-list": ([1, 2, 3], "expected a JSON object"),
 }
 BAD_BYTES = {
@@ -134,20 +154,30 @@ def test_bad_annotation_files_name_file_and_entry(tmp_path, case):
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a huge box is rejected with a reason, not a NumPy warning
 def test_nan_negative_and_huge_boxes_are_rejected_with_reasons(tmp_path, tiny_models, encoders):
     Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "a.jpg")
-    boxes = {"nan": [float("nan"), 0, 5, 5], "negative": [10, 10, -5, 4], "huge": [0, 0, 1e39, 5],
-             "far": [0, 0, 1e6, 5], "fine": [1, 1, 20, 20]}
+    boxes = {
+        "nan": [float("nan"), 0, 5, 5],
+        "negative": [10, 10, -5, 4],
+        "huge": [0, 0, 1e39, 5],
+        "far": [0, 0, 1e6, 5],
+        "fine": [1, 1, 20, 20],
+    }
     annotations = [{"image_id": 1, "category_id": 1, "bbox": bbox} for bbox in boxes.values()]
     # json.dumps writes NaN, as many real annotation writers do; the reader must cope with it.
-    (tmp_path / "ann.json").write_text(json.dumps(_coco(annotations=annotations,
-                                                        images=[{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}])))
+    (tmp_path / "ann.json").write_text(
+        json.dumps(_coco(annotations=annotations, images=[{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}]))
+    )
     dataset = load_coco_format(tmp_path / "ann.json", tmp_path, name="boxes")
     config = ExtractConfig(num_workers=0, device="cpu")
     summary = run_extraction(dataset, CacheTarget(tmp_path / "cache"), encoders, config)
     reader = CacheReader(tmp_path / "cache")
     assert summary.dropped_boxes == 4 and len(reader.image(1).boxes) == 1
     reasons = reader.rejected_boxes.column("reason").to_pylist()
-    assert reasons == ["coordinates not finite", "zero or negative size", "coordinates not finite",
-                       "coordinates far outside the image"]
+    assert reasons == [
+        "coordinates not finite",
+        "zero or negative size",
+        "coordinates not finite",
+        "coordinates far outside the image",
+    ]
 
 
 BAD_PROPOSALS = {
@@ -176,13 +206,24 @@ JSON = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20,
 )
-ENTRY_VALUES = st.one_of(st.integers(-5, 2**70), st.floats(allow_nan=True), st.text(max_size=4), st.none(),
-                         st.lists(st.floats(allow_nan=True) | st.integers(), max_size=5))
-NEAR_VALID = st.fixed_dictionaries({
-    "images": st.lists(st.dictionaries(st.sampled_from(["id", "file_name", "width", "height", "coco_url"]), ENTRY_VALUES), max_size=3),
-    "annotations": st.lists(st.dictionaries(st.sampled_from(["id", "image_id", "category_id", "bbox"]), ENTRY_VALUES), max_size=3),
-    "categories": st.lists(st.dictionaries(st.sampled_from(["id", "name", "frequency"]), ENTRY_VALUES), max_size=3),
-})
+ENTRY_VALUES = st.one_of(
+    st.integers(-5, 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=4),
+    st.none(),
+    st.lists(st.floats(allow_nan=True) | st.integers(), max_size=5),
+)
+NEAR_VALID = st.fixed_dictionaries(
+    {
+        "images": st.lists(
+            st.dictionaries(st.sampled_from(["id", "file_name", "width", "height", "coco_url"]), ENTRY_VALUES), max_size=3
+        ),
+        "annotations": st.lists(
+            st.dictionaries(st.sampled_from(["id", "image_id", "category_id", "bbox"]), ENTRY_VALUES), max_size=3
+        ),
+        "categories": st.lists(st.dictionaries(st.sampled_from(["id", "name", "frequency"]), ENTRY_VALUES), max_size=3),
+    }
+)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -64,8 +64,21 @@ def test_repair_re_extracts_only_the_damaged_shards(pristine, tmp_path):
     _flip(cache / "shards" / "000002" / "images.parquet")
     intact = (cache / "shards" / "000001").stat().st_ino
     models = CacheReader(cache).provenance.weights
-    result = CliRunner().invoke(app, ["repair", str(cache), "-m", str(pristine / "toy.toml"), "--data-root", str(pristine),
-                                      "--set", "extract.num_workers=0", "--set", "extract.batch_size=2"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "repair",
+            str(cache),
+            "-m",
+            str(pristine / "toy.toml"),
+            "--data-root",
+            str(pristine),
+            "--set",
+            "extract.num_workers=0",
+            "--set",
+            "extract.batch_size=2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "shard 000000 re-extracted" in result.output and "shard 000002 re-extracted" in result.output
     assert "000001" not in result.output and (cache / "shards" / "000001").stat().st_ino == intact
@@ -88,8 +101,9 @@ def test_verify_also_checks_the_proposals_caches_inside(pristine, tiny_models, e
     cache = shutil.copytree(pristine / "cache", tmp_path / "cache")
     dataset = load_coco_format(pristine / "val.json", pristine / "images", name="toy")
     proposals = tmp_path / "boxes.json"
-    proposals.write_text(json.dumps([{"image_id": entry.id, "bbox": [2, 3, 30, 20], "score": 0.5, "category_id": 1}
-                                     for entry in dataset.images]))
+    proposals.write_text(
+        json.dumps([{"image_id": entry.id, "bbox": [2, 3, 30, 20], "score": 0.5, "category_id": 1} for entry in dataset.images])
+    )
     derived = cache_with_boxes(cache, *with_box_source(dataset, None, str(proposals)), CONFIG, encoders=encoders)
     clean = CliRunner().invoke(app, ["verify", str(cache)])
     assert clean.exit_code == 0 and _unwrapped("and 1 proposals cache(s)") in _unwrapped(clean.output), clean.output
@@ -105,8 +119,7 @@ def _unwrapped(text: str) -> str:
     return "".join(text.split())
 
 
-def test_any_damaged_file_is_an_error_naming_its_shard_on_read_and_repair_restores_it(pristine, tmp_path, tiny_models,
-                                                                                       encoders):
+def test_any_damaged_file_is_an_error_naming_its_shard_on_read_and_repair_restores_it(pristine, tmp_path, tiny_models, encoders):
     """Truncation (what a full disk or a copy cut short leaves) of each file of a shard: reading
     fails with an error naming the shard (or does not need the file), and repair restores the
     same values whatever the file was."""
@@ -163,12 +176,14 @@ def test_repair_refuses_a_replacement_less_complete_than_the_damaged_shard(prist
     _flip(next((cache / "shards" / "000000" / "features.zarr" / "clip_maps").rglob("c/*/*/*")))
     shutil.move(root / "images", root / "images-away")  # e.g. a network disk not mounted at the moment
     before = CacheReader(cache).status(1)
-    result = CliRunner().invoke(app, ["repair", str(cache), "-m", str(root / "toy.toml"), "--data-root", str(root),
-                                      "--set", "extract.num_workers=0"])
+    result = CliRunner().invoke(
+        app, ["repair", str(cache), "-m", str(root / "toy.toml"), "--data-root", str(root), "--set", "extract.num_workers=0"]
+    )
     assert result.exit_code != 0 and "repair refused for shard(s) 000000" in str(result.exception), result.output
     assert {p.shard for p in verify_cache(cache)} == {"000000"} and CacheReader(cache).status(1) == before
     shutil.move(root / "images-away", root / "images")
-    result = CliRunner().invoke(app, ["repair", str(cache), "-m", str(root / "toy.toml"), "--data-root", str(root),
-                                      "--set", "extract.num_workers=0"])
+    result = CliRunner().invoke(
+        app, ["repair", str(cache), "-m", str(root / "toy.toml"), "--data-root", str(root), "--set", "extract.num_workers=0"]
+    )
     assert result.exit_code == 0, result.output
     assert verify_cache(cache) == []

@@ -28,8 +28,9 @@ from regionspot_cache.train.loop import run_dir_for, train_head
 TRIALS = 20
 SEED = 20261124
 EXTRACT = ExtractConfig(shard_size=2, batch_size=1, num_workers=0, device="cpu")
-TRAIN = TrainConfig(iterations=40, batch_size=2, lr=1e-3, warmup_iters=4, lr_steps=[30], max_boxes_per_image=3,
-                    checkpoint_every=4, device="cpu")
+TRAIN = TrainConfig(
+    iterations=40, batch_size=2, lr=1e-3, warmup_iters=4, lr_steps=[30], max_boxes_per_image=3, checkpoint_every=4, device="cpu"
+)
 FORK = multiprocessing.get_context("fork")
 
 
@@ -68,19 +69,25 @@ def _kill_moments(duration: float, rng: np.random.Generator) -> list[float]:
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill_trials")
-    annotations = generate_split(root, "train", SyntheticSpec(images=6, seed=6, min_size=64, max_size=80, min_objects=1, max_objects=2))
+    annotations = generate_split(
+        root, "train", SyntheticSpec(images=6, seed=6, min_size=64, max_size=80, min_objects=1, max_objects=2)
+    )
     return root, load_coco_format(annotations, root / "images", name="toy")
 
 
 def _cache_values(cache: Path) -> dict:
     reader = CacheReader(cache)
-    return {i: [reader.image(i).boxes, reader.image(i).tokens, reader.image(i).feature_map] if reader.status(i)[0] == "ok"
-            else reader.status(i) for i in reader.image_ids(only_ok=False)}
+    return {
+        i: [reader.image(i).boxes, reader.image(i).tokens, reader.image(i).feature_map]
+        if reader.status(i)[0] == "ok"
+        else reader.status(i)
+        for i in reader.image_ids(only_ok=False)
+    }
 
 
 def test_extraction_killed_at_random_moments_resumes_identically(toy, tiny_models, encoders, tmp_path):
     root, dataset = toy
-    extract = lambda cache: (lambda: run_extraction(dataset, CacheTarget(cache), encoders, EXTRACT))  # noqa: E731
+    extract = lambda cache: lambda: run_extraction(dataset, CacheTarget(cache), encoders, EXTRACT)  # noqa: E731
     duration = _timed(extract(tmp_path / "reference"))
     expected = _cache_values(tmp_path / "reference")
     rng, landed = np.random.default_rng(SEED), 0
@@ -111,7 +118,7 @@ def test_training_killed_at_random_moments_resumes_identically(toy, tiny_models,
     cache = root / "cache"
     if not cache.is_dir():
         run_extraction(dataset, CacheTarget(cache), encoders, EXTRACT)
-    train = lambda output: (lambda: train_head(cache, output, TRAIN))  # noqa: E731
+    train = lambda output: lambda: train_head(cache, output, TRAIN)  # noqa: E731
     reference = tmp_path / "reference" / "head.safetensors"
     duration = _timed(train(reference))
     expected, (expected_head, _) = _losses(reference), load_head(reference)

@@ -38,17 +38,21 @@ def test_ids_that_lose_nothing_are_kept(value, expected):
 
 @pytest.mark.parametrize("field, value", [("category_id", 1.7), ("image_id", 2**63), ("category_id", "1")])
 def test_annotation_files_with_inexact_ids_are_refused_naming_the_entry(tmp_path, field, value):
-    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 9, "height": 9}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], field: value}],
-            "categories": [{"id": 1, "name": "a"}]}
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 9, "height": 9}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], field: value}],
+        "categories": [{"id": 1, "name": "a"}],
+    }
     path = tmp_path / "a.json"
     path.write_text(json.dumps(data))
     with pytest.raises(DatasetError, match=rf"annotations\[0\]: malformed entry: .*{field}"):
         load_coco_format(path, tmp_path)
 
 
-@pytest.mark.parametrize("name, message", [("gpu0", "not a torch device"), ("cuda:x", "not a torch device"),
-                                           ("meta", "not supported"), ("cuda:99", "cuda:99")])
+@pytest.mark.parametrize(
+    "name, message",
+    [("gpu0", "not a torch device"), ("cuda:x", "not a torch device"), ("meta", "not supported"), ("cuda:99", "cuda:99")],
+)
 def test_devices_are_checked_before_any_model_loads(name, message):
     if name == "cuda:99" and torch.cuda.device_count() > 99:
         pytest.skip("a machine with 100 GPUs")
@@ -97,20 +101,25 @@ class _RunsCode:
         return (print, ("ran",))
 
 
-@pytest.mark.parametrize("overrides, recipe_value, outcome", [
-    ([], "standard", "fixed"),  # the option alone
-    (["eval.protocol=fixed"], "fixed", "fixed"),  # both, agreeing
-    (["eval.protocol=tap"], "tap", None),  # both, contradicting
-    (["eval.protocol=standard"], "standard", None),  # contradicting, even with the default value
-    ([], "tap", None),  # a recipe's value
-])
+@pytest.mark.parametrize(
+    "overrides, recipe_value, outcome",
+    [
+        ([], "standard", "fixed"),  # the option alone
+        (["eval.protocol=fixed"], "fixed", "fixed"),  # both, agreeing
+        (["eval.protocol=tap"], "tap", None),  # both, contradicting
+        (["eval.protocol=standard"], "standard", None),  # contradicting, even with the default value
+        ([], "tap", None),  # a recipe's value
+    ],
+)
 def test_an_option_never_silently_overrides_the_recipe(overrides, recipe_value, outcome):
     if outcome is None:
         with pytest.raises(UserError, match="--fixed-ap sets eval.protocol=fixed"):
             option_over_recipe("--fixed-ap", True, "eval.protocol", recipe_value, "standard", overrides, meaning="fixed")
     else:
-        assert option_over_recipe("--fixed-ap", True, "eval.protocol", recipe_value, "standard", overrides,
-                                  meaning="fixed") == outcome
+        assert (
+            option_over_recipe("--fixed-ap", True, "eval.protocol", recipe_value, "standard", overrides, meaning="fixed")
+            == outcome
+        )
     assert option_over_recipe("--fixed-ap", False, "eval.protocol", recipe_value, "standard", overrides) == recipe_value
 
 
@@ -147,8 +156,11 @@ IMAGES = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}, {"id
 
 
 def _ground_truth():
-    return {"images": [dict(i) for i in IMAGES], "categories": [],
-            "annotations": [{"id": k, "image_id": k, "category_id": 1} for k in (1, 2, 3)]}
+    return {
+        "images": [dict(i) for i in IMAGES],
+        "categories": [],
+        "annotations": [{"id": k, "image_id": k, "category_id": 1} for k in (1, 2, 3)],
+    }
 
 
 def test_an_annotation_file_of_other_images_is_refused(tmp_path):

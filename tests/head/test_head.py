@@ -56,8 +56,15 @@ def test_head_ignores_padding_and_normalises():
 
 def test_head_uses_released_module_names():
     keys = set(RegionSpotHead(CONFIG).state_dict())
-    for key in ("to_clip.weight", "decoder.layers.0.self_attn.in_proj_weight", "decoder.layers.2.multihead_attn.out_proj.weight",
-                "decoder.layers.1.linear1.weight", "decoder.layers.0.norm3.weight", "decoder.norm.weight", "projector.weight"):
+    for key in (
+        "to_clip.weight",
+        "decoder.layers.0.self_attn.in_proj_weight",
+        "decoder.layers.2.multihead_attn.out_proj.weight",
+        "decoder.layers.1.linear1.weight",
+        "decoder.layers.0.norm3.weight",
+        "decoder.norm.weight",
+        "projector.weight",
+    ):
         assert key in keys, key
     assert not any(k.startswith("ln_clip") for k in keys)  # no affine parameters
     assert "decoder.layers.3.linear1.weight" not in keys
@@ -119,11 +126,15 @@ def test_epoch_sampler_is_seeded_and_resumable():
     assert full != take(EpochSampler(5, seed=4), 13)
 
 
-@pytest.mark.parametrize("recorded", [
-    {"imported_from": "/weights/regionspot_bl.pth"},
-    {"train": {"iterations": 3, "init_from": None}, "vocabularies": ["toy"], "caches": ["/caches/toy"]},
-    {"vocabulary": "toy"},
-], ids=["imported", "trained", "other keys"])
+@pytest.mark.parametrize(
+    "recorded",
+    [
+        {"imported_from": "/weights/regionspot_bl.pth"},
+        {"train": {"iterations": 3, "init_from": None}, "vocabularies": ["toy"], "caches": ["/caches/toy"]},
+        {"vocabulary": "toy"},
+    ],
+    ids=["imported", "trained", "other keys"],
+)
 def test_a_head_json_as_written_before_reads_into_metadata_and_writes_back_the_same(tmp_path, recorded):
     import json
 

@@ -15,8 +15,13 @@ CONFIG = HeadConfig(clip_width=32, text_dim=16, num_heads=8, ffn_dim=64, normali
 
 def _released_file(tmp_path, head: RegionSpotHead, edit=lambda state: state):
     state = {f"model.{k}": v for k, v in head.state_dict().items()}
-    state.update({"model.sam.image_encoder.pos_embed": torch.zeros(2), "model.clip_model.logit_scale": torch.tensor(4.6),
-                  "model.text_feats_objects365": torch.zeros(3, 16)})
+    state.update(
+        {
+            "model.sam.image_encoder.pos_embed": torch.zeros(2),
+            "model.clip_model.logit_scale": torch.tensor(4.6),
+            "model.text_feats_objects365": torch.zeros(3, 16),
+        }
+    )
     path = tmp_path / "model_final.pth"
     torch.save({"model": edit(state), "iteration": 450000}, path)
     return path
@@ -36,10 +41,18 @@ def test_import_gives_the_same_outputs(tmp_path):
 
 @pytest.mark.parametrize(
     "edit, message",
-    [(lambda s: {k: v for k, v in s.items() if k != "model.decoder.norm.weight"}, r"missing key\(s\) \['model.decoder.norm.weight'\]"),
-     (lambda s: {**s, "model.projector.bias": torch.zeros(5)}, r"'model.projector.bias' has shape \(5,\), the head expects \(16,\)"),
-     (lambda s: {**s, "model.extra.weight": torch.zeros(1)}, "unexpected key 'model.extra.weight'"),
-     (lambda s: {k: v for k, v in s.items() if not k.startswith("model.to_clip")}, "missing key 'model.to_clip.weight'")],
+    [
+        (
+            lambda s: {k: v for k, v in s.items() if k != "model.decoder.norm.weight"},
+            r"missing key\(s\) \['model.decoder.norm.weight'\]",
+        ),
+        (
+            lambda s: {**s, "model.projector.bias": torch.zeros(5)},
+            r"'model.projector.bias' has shape \(5,\), the head expects \(16,\)",
+        ),
+        (lambda s: {**s, "model.extra.weight": torch.zeros(1)}, "unexpected key 'model.extra.weight'"),
+        (lambda s: {k: v for k, v in s.items() if not k.startswith("model.to_clip")}, "missing key 'model.to_clip.weight'"),
+    ],
 )
 def test_bad_checkpoints_are_named(tmp_path, edit, message):
     path = _released_file(tmp_path, RegionSpotHead(CONFIG), edit)

@@ -41,8 +41,11 @@ def predictor(head_path, encoders, tmp_path_factory):
 def count_text_calls(monkeypatch, predictor: Predictor) -> list[list[str]]:
     calls: list[list[str]] = []
     original = predictor.encoders.clip.text_embeddings
-    monkeypatch.setattr(predictor.encoders.clip, "text_embeddings",
-                        lambda names, recipe="openclip": calls.append(list(names)) or original(names, recipe))
+    monkeypatch.setattr(
+        predictor.encoders.clip,
+        "text_embeddings",
+        lambda names, recipe="openclip": calls.append(list(names)) or original(names, recipe),
+    )
     return calls
 
 
@@ -106,7 +109,11 @@ def test_text_embeddings_are_computed_once_per_model_and_vocabulary(head_path, e
         (BOXES, [], "vocabulary is empty"),
         (BOXES, ["cat", " "], "class name 2 is empty"),
         (BOXES, ["cat", "dog", "cat"], "'cat' appears twice"),
-        ([[10, 10, 20, 20], [200, 10, 220, 20]], VOCAB, r"box 1 \[200.0, 10.0, 220.0, 20.0\]: .*outside the image; the image is 140x90"),
+        (
+            [[10, 10, 20, 20], [200, 10, 220, 20]],
+            VOCAB,
+            r"box 1 \[200.0, 10.0, 220.0, 20.0\]: .*outside the image; the image is 140x90",
+        ),
         ([[10, 10, 10, 20]], VOCAB, "box 0 .*zero or negative size"),
         ([[1, 2, 3]], VOCAB, "expected an \\(N, 4\\) array"),
     ],
@@ -127,8 +134,16 @@ def test_bad_images_are_named(predictor, rgb_image, tmp_path):
 
 
 def model_args(tiny_models) -> list[str]:
-    return ["--sam-variant", "tiny", "--sam-checkpoint", tiny_models.sam.checkpoint,
-            "--clip-model", tiny_models.clip.model, "--clip-pretrained", tiny_models.clip.pretrained]
+    return [
+        "--sam-variant",
+        "tiny",
+        "--sam-checkpoint",
+        tiny_models.sam.checkpoint,
+        "--clip-model",
+        tiny_models.clip.model,
+        "--clip-pretrained",
+        tiny_models.clip.pretrained,
+    ]
 
 
 def test_predict_command_prints_json_and_writes_png(tiny_models, head_path, rgb_image, tmp_path):
@@ -136,7 +151,9 @@ def test_predict_command_prints_json_and_writes_png(tiny_models, head_path, rgb_
     Image.fromarray(rgb_image).save(image, quality=95)
     common = ["predict", str(image), "--head", str(head_path), "--text-cache", str(tmp_path / "text"), *model_args(tiny_models)]
     out = tmp_path / "out" / "scene.png"
-    result = runner.invoke(cli.app, [*common, "--boxes", "10,5,60,40; 30,20,90,60", "--vocab", "red square, sky ,dog", "--masks", "--out", str(out)])
+    result = runner.invoke(
+        cli.app, [*common, "--boxes", "10,5,60,40; 30,20,90,60", "--vocab", "red square, sky ,dog", "--masks", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     regions = json.loads(result.stdout)
     assert [r["box"] for r in regions] == [[10, 5, 60, 40], [30, 20, 90, 60]]
@@ -148,8 +165,18 @@ def test_predict_command_prints_json_and_writes_png(tiny_models, head_path, rgb_
 
     (tmp_path / "boxes.json").write_text(json.dumps({"boxes": [[10, 5, 60, 40]]}))
     (tmp_path / "vocab.txt").write_text("red square\n\nsky\n")
-    result = runner.invoke(cli.app, [*common, "--boxes-file", str(tmp_path / "boxes.json"), "--vocab-file", str(tmp_path / "vocab.txt"),
-                                     "--out", str(tmp_path / "second.png")])
+    result = runner.invoke(
+        cli.app,
+        [
+            *common,
+            "--boxes-file",
+            str(tmp_path / "boxes.json"),
+            "--vocab-file",
+            str(tmp_path / "vocab.txt"),
+            "--out",
+            str(tmp_path / "second.png"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     second = json.loads(result.stdout)
     assert len(second) == 1 and second[0]["label"] in ("red square", "sky") and "mask" not in second[0]
@@ -167,13 +194,26 @@ def test_predict_command_prints_json_and_writes_png(tiny_models, head_path, rgb_
         (["--boxes", "200,5,600,40", "--vocab", "a"], r"box 0 \[200.0, 5.0, 600.0, 40.0\]: .*outside the image"),
     ],
 )
-def test_predict_command_errors_are_one_clear_line(tiny_models, head_path, rgb_image, tmp_path, monkeypatch, capsys, args, message):
+def test_predict_command_errors_are_one_clear_line(
+    tiny_models, head_path, rgb_image, tmp_path, monkeypatch, capsys, args, message
+):
     image = tmp_path / "scene.png"
     Image.fromarray(rgb_image).save(image)
     (tmp_path / "empty.txt").write_text("\n \n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    argv = ["rs-cache", "predict", str(image), "--head", str(head_path), "--text-cache", str(tmp_path / "text"),
-            "--out", str(tmp_path / "o.png"), *model_args(tiny_models), *args]
+    argv = [
+        "rs-cache",
+        "predict",
+        str(image),
+        "--head",
+        str(head_path),
+        "--text-cache",
+        str(tmp_path / "text"),
+        "--out",
+        str(tmp_path / "o.png"),
+        *model_args(tiny_models),
+        *args,
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
@@ -185,8 +225,22 @@ def test_predict_command_errors_are_one_clear_line(tiny_models, head_path, rgb_i
 
 def test_predict_command_names_an_unreadable_image(tiny_models, head_path, tmp_path, monkeypatch, capsys):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
-    monkeypatch.setattr(sys, "argv", ["rs-cache", "predict", str(tmp_path / "broken.jpg"), "--head", str(head_path),
-                                      "--boxes", "1,1,5,5", "--vocab", "a", *model_args(tiny_models)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "rs-cache",
+            "predict",
+            str(tmp_path / "broken.jpg"),
+            "--head",
+            str(head_path),
+            "--boxes",
+            "1,1,5,5",
+            "--vocab",
+            "a",
+            *model_args(tiny_models),
+        ],
+    )
     with pytest.raises(SystemExit):
         cli.main()
     assert "broken.jpg: cannot decode image" in " ".join(capsys.readouterr().err.split())
@@ -195,7 +249,9 @@ def test_predict_command_names_an_unreadable_image(tiny_models, head_path, tmp_p
 def test_text_recipe_and_preprocessing_follow_the_head(head_path, encoders, tmp_path):
     ours = Predictor.from_head_file(head_path, encoders, text_cache_dir=tmp_path / "text")
     assert ours.encoders.preprocess == "direct" and ours.text.recipe == "openclip"
-    released = Predictor.from_head_file(head_path, encoders, text_cache_dir=tmp_path / "text", preprocess="released", text_recipe="released")
+    released = Predictor.from_head_file(
+        head_path, encoders, text_cache_dir=tmp_path / "text", preprocess="released", text_recipe="released"
+    )
     assert released.encoders.preprocess == "released" and released.text.key(VOCAB) != ours.text.key(VOCAB)
     torch.testing.assert_close(released.text.get(VOCAB), encoders.clip.text_embeddings(VOCAB, "released"))
     # A head imported from a released checkpoint (its JSON records the origin) gets the released inputs.
@@ -246,10 +302,29 @@ def test_open_set_rules_reject_below_the_threshold(predictor, rgb_image, rule):
 def test_predict_command_draws_attention_and_rejects(tiny_models, head_path, rgb_image, tmp_path):
     Image.fromarray(rgb_image).save(tmp_path / "in.png")
     out = tmp_path / "in.regions.png"
-    result = runner.invoke(cli.app, ["predict", str(tmp_path / "in.png"), "--head", str(head_path), *model_args(tiny_models),
-                                     "--text-cache", str(tmp_path / "text"), "--boxes", "10,5,60,40; 30,20,90,60",
-                                     "--vocab", "red square,dog", "--attention",
-                                     "--reject", "max-sigmoid", "--set", "eval.open_set.threshold=1.0", "--out", str(out)])
+    result = runner.invoke(
+        cli.app,
+        [
+            "predict",
+            str(tmp_path / "in.png"),
+            "--head",
+            str(head_path),
+            *model_args(tiny_models),
+            "--text-cache",
+            str(tmp_path / "text"),
+            "--boxes",
+            "10,5,60,40; 30,20,90,60",
+            "--vocab",
+            "red square,dog",
+            "--attention",
+            "--reject",
+            "max-sigmoid",
+            "--set",
+            "eval.open_set.threshold=1.0",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     regions = json.loads(result.stdout)
     assert [r["label"] for r in regions] == [None, None]  # nothing reaches a known score of 1

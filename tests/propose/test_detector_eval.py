@@ -19,11 +19,29 @@ def cached(toy_split, tiny_models, tmp_path_factory):
     """A feature cache of the toy split (it supplies the vocabulary eval scores against)."""
     root, manifest, _ = toy_split
     cache = tmp_path_factory.mktemp("detector-eval") / "cache"
-    result = runner.invoke(app, [
-        "extract", "-m", str(manifest), "--data-root", str(root), "-c", str(cache), "--in-process",
-        "--sam-variant", "tiny", "--sam-checkpoint", tiny_models.sam.checkpoint, "--clip-model", tiny_models.clip.model,
-        "--clip-pretrained", tiny_models.clip.pretrained, "--set", "extract.num_workers=0",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            "-m",
+            str(manifest),
+            "--data-root",
+            str(root),
+            "-c",
+            str(cache),
+            "--in-process",
+            "--sam-variant",
+            "tiny",
+            "--sam-checkpoint",
+            tiny_models.sam.checkpoint,
+            "--clip-model",
+            tiny_models.clip.model,
+            "--clip-pretrained",
+            tiny_models.clip.pretrained,
+            "--set",
+            "extract.num_workers=0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return cache
 
@@ -36,8 +54,24 @@ def test_eval_method_detector_gives_the_lvis_ap_of_the_files_own_classes(toy_spl
     proposals = tmp_path / "owl.json"
     run_proposals(load_manifest(manifest, root).load(), proposals, str(tiny_owlv2), Selection(top_k=50), device="cpu")
     output = tmp_path / "detector.json"
-    result = runner.invoke(app, ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root),
-                                 "--proposals", str(proposals), "--method", "detector", "-o", str(output)])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "-c",
+            str(cached),
+            "-m",
+            str(manifest),
+            "--data-root",
+            str(root),
+            "--proposals",
+            str(proposals),
+            "--method",
+            "detector",
+            "-o",
+            str(output),
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads(output.with_suffix(".metrics.json").read_text())
     expected = lvis_ap(annotations, json.loads(proposals.read_text()))  # the official code on the file as written
@@ -49,11 +83,27 @@ def test_eval_method_detector_needs_proposals_and_refuses_an_edited_file(toy_spl
     from regionspot_cache.propose.runner import run_proposals
 
     root, manifest, _ = toy_split
-    result = runner.invoke(app, ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root), "--method", "detector"])
+    result = runner.invoke(
+        app, ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root), "--method", "detector"]
+    )
     assert result.exit_code != 0 and "pass --proposals" in str(result.exception)
     proposals = tmp_path / "owl.json"
     run_proposals(load_manifest(manifest, root).load(), proposals, str(tiny_owlv2), Selection(top_k=5), device="cpu")
     proposals.write_text(proposals.read_text() + "\n")
-    result = runner.invoke(app, ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root),
-                                 "--proposals", str(proposals), "--method", "detector"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "-c",
+            str(cached),
+            "-m",
+            str(manifest),
+            "--data-root",
+            str(root),
+            "--proposals",
+            str(proposals),
+            "--method",
+            "detector",
+        ],
+    )
     assert result.exit_code != 0 and "edited or replaced" in str(result.exception)

@@ -49,7 +49,9 @@ def test_owlv2_boxes_match_transformers_post_processing_on_a_resized_padded_imag
     inputs = detector.processor(text=[["cat"]], images=image, return_tensors="pt")
     with torch.no_grad():
         outputs = detector.model(**inputs)
-    expected = detector.processor.image_processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(50, 90)])[0]
+    expected = detector.processor.image_processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(50, 90)])[
+        0
+    ]
     reference = np.clip(expected["boxes"].numpy(), 0, [90, 50, 90, 50])
     np.testing.assert_allclose(np.sort(xyxy, axis=0), np.sort(reference, axis=0), atol=1e-3)
 
@@ -93,8 +95,11 @@ def test_grounding_dino_chunks_fit_its_text_length(tiny_grounding_dino):
 def test_class_agnostic_nms_keeps_the_best_of_overlapping_boxes_of_any_class():
     from regionspot_cache.propose.detectors import Detected
 
-    found = Detected(np.array([[0, 0, 10, 10], [0, 0, 10, 9.5], [20, 20, 30, 30]], np.float32),
-                     np.array([1, 2, 3]), np.array([0.5, 0.9, 0.4], np.float32))
+    found = Detected(
+        np.array([[0, 0, 10, 10], [0, 0, 10, 9.5], [20, 20, 30, 30]], np.float32),
+        np.array([1, 2, 3]),
+        np.array([0.5, 0.9, 0.4], np.float32),
+    )
     kept = class_agnostic_nms(found, 0.7, top_k=5)
     assert kept.classes.tolist() == [2, 3]
     assert class_agnostic_nms(found, 0.7, top_k=1).classes.tolist() == [2]

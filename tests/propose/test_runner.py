@@ -58,20 +58,36 @@ def test_a_run_stopped_after_one_shard_resumes_to_the_same_bytes(toy_dataset, ti
     assert rest.shards_skipped == 1 and rest.shards_written == 2
     assert resumed.read_bytes() == whole.read_bytes()
     with pytest.raises(DatasetError, match="other settings .*top_k"):
-        run_proposals(toy_dataset, resumed, str(tiny_owlv2), Selection(top_k=5, chunk_size=4), shard_size=2,
-                      device="cpu")
+        run_proposals(toy_dataset, resumed, str(tiny_owlv2), Selection(top_k=5, chunk_size=4), shard_size=2, device="cpu")
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_bytes(toy_split, tiny_owlv2, tmp_path):
     root, manifest, _ = toy_split
-    command = ["propose", "-m", str(manifest), "--data-root", str(root), "-d", str(tiny_owlv2), "--in-process",
-               "--top-k", "10", "--chunk-size", "4", "--shard-size", "1", "--device", "cpu"]
+    command = [
+        "propose",
+        "-m",
+        str(manifest),
+        "--data-root",
+        str(root),
+        "-d",
+        str(tiny_owlv2),
+        "--in-process",
+        "--top-k",
+        "10",
+        "--chunk-size",
+        "4",
+        "--shard-size",
+        "1",
+        "--device",
+        "cpu",
+    ]
     whole = tmp_path / "whole.json"
     assert CliRunner().invoke(app, [*command, "-o", str(whole)]).exit_code == 0
     killed = tmp_path / "killed.json"
     script = "import sys; from regionspot_cache.cli import main; sys.argv = ['rs-cache', *sys.argv[1:]]; main()"
-    process = subprocess.Popen([sys.executable, "-c", script, *command, "-o", str(killed)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *command, "-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first_shard = tmp_path / "killed.json.shards" / "000000.json"
     while process.poll() is None and not first_shard.exists():
         pass  # busy-waits only until the first shard file appears (no timing assumption)
@@ -111,8 +127,25 @@ def test_a_model_that_is_no_detector_is_one_error_line(case, toy_split, tmp_path
     monkeypatch.setenv("COLUMNS", "1000")  # rich wraps at the terminal's width: keep the message on its line
     model = "no-such-org/no-such-detector" if case == "missing id" else str(write_not_a_detector(tmp_path / "bert"))
     script = "import sys; from regionspot_cache.cli import main; sys.argv = ['rs-cache', *sys.argv[1:]]; main()"
-    result = subprocess.run([sys.executable, "-c", script, "propose", "-m", str(manifest), "--data-root", str(root),
-                             "-d", model, "-o", str(tmp_path / "p.json"), "--in-process"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "propose",
+            "-m",
+            str(manifest),
+            "--data-root",
+            str(root),
+            "-d",
+            model,
+            "-o",
+            str(tmp_path / "p.json"),
+            "--in-process",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error:") and "Traceback" not in result.stderr, result.stderr

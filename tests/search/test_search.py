@@ -67,8 +67,9 @@ def test_index_embeddings_are_the_heads_on_each_image(planted):
     index = open_region_index(reader, head, "cpu")
     item = reader.image(3)
     with torch.no_grad():
-        expected = head(torch.from_numpy(item.tokens.astype(np.float32))[None],
-            torch.from_numpy(item.feature_map.astype(np.float32))[None])[0]
+        expected = head(
+            torch.from_numpy(item.tokens.astype(np.float32))[None], torch.from_numpy(item.feature_map.astype(np.float32))[None]
+        )[0]
     rows = np.flatnonzero(index.image_ids == 3)
     np.testing.assert_allclose(index.embeddings[rows], expected.numpy(), atol=1e-5)
     np.testing.assert_array_equal(index.boxes[rows], item.boxes)
@@ -120,9 +121,27 @@ def test_like_syntax_errors_name_the_expected_form(text):
 def test_search_command_writes_hits_and_a_contact_sheet(planted, tmp_path):
     root, _ = planted
     out = tmp_path / "found"
-    result = runner.invoke(app, ["search", "red square", "-c", str(root / "cache"), "--head", str(root / "head.safetensors"),
-                                 "--like", "2:0", "--top", "4", "--out", str(out), "--image-root", str(root / "images"),
-                                 "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            "red square",
+            "-c",
+            str(root / "cache"),
+            "--head",
+            str(root / "head.safetensors"),
+            "--like",
+            "2:0",
+            "--top",
+            "4",
+            "--out",
+            str(out),
+            "--image-root",
+            str(root / "images"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     hits = json.loads((out / "hits.json").read_text())
     assert list(hits) == ["red square", "like 2:0"] and all(len(v) == 4 for v in hits.values())  # queries' order

@@ -32,8 +32,12 @@ class S3Server:
 
     def env(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY, endpoint: str | None = None) -> dict[str, str]:
         """The standard AWS variables a user would set for an S3-compatible server."""
-        return {"AWS_ENDPOINT_URL": endpoint or self.endpoint, "AWS_ACCESS_KEY_ID": access_key,
-                "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": endpoint or self.endpoint,
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
+            "AWS_REGION": "us-east-1",
+        }
 
     def filesystem(self):
         import s3fs
@@ -94,18 +98,46 @@ def s3_server(tmp_path_factory) -> S3Server:
     weed = _weed()
     directory = tmp_path_factory.mktemp("seaweedfs")
     config = directory / "s3.json"
-    config.write_text(json.dumps({"identities": [{"name": "tester", "credentials": [
-        {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tester",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                    }
+                ]
+            }
+        )
+    )
     s3, master, volume, filer = _free_ports(4)
     log = open(directory / "weed.log", "wb")
     process = subprocess.Popen(
-        [weed, "server", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.port={s3}",
-         f"-s3.config={config}",
-         # no listeners on fixed ports (Iceberg, Lance); a missing bucket stays missing
-         "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
-         # small volumes, enough of them: each bucket is a collection with volumes of its own
-         "-master.volumeSizeLimitMB=64", "-volume.max=64", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            weed,
+            "server",
+            f"-dir={directory}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-s3.config={config}",
+            # no listeners on fixed ports (Iceberg, Lance); a missing bucket stays missing
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-s3.autoCreateBucket=false",
+            # small volumes, enough of them: each bucket is a collection with volumes of its own
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=64",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     server = S3Server(f"http://127.0.0.1:{s3}")
     try:
         _wait_until_ready(server, process, directory / "weed.log")

@@ -26,10 +26,28 @@ def toy(tmp_path_factory, tiny_models):
 
 
 def extract_args(manifest, root, models, cache: str, *more: str) -> list[str]:
-    return ["extract", "-m", str(manifest), "--data-root", str(root), "-c", cache,
-            "--sam-variant", "tiny", "--sam-checkpoint", models.sam.checkpoint,
-            "--clip-model", models.clip.model, "--clip-pretrained", models.clip.pretrained,
-            "--set", "extract.num_workers=0", "--set", "extract.shard_size=2", *more]
+    return [
+        "extract",
+        "-m",
+        str(manifest),
+        "--data-root",
+        str(root),
+        "-c",
+        cache,
+        "--sam-variant",
+        "tiny",
+        "--sam-checkpoint",
+        models.sam.checkpoint,
+        "--clip-model",
+        models.clip.model,
+        "--clip-pretrained",
+        models.clip.pretrained,
+        "--set",
+        "extract.num_workers=0",
+        "--set",
+        "extract.shard_size=2",
+        *more,
+    ]
 
 
 def test_url_forms_parse_to_one_location(tmp_path):
@@ -57,8 +75,22 @@ def test_extract_train_eval_with_the_cache_on_s3(s3_env, toy):
     assert image.tokens.shape[0] == image.boxes.shape[0] and image.feature_map.ndim == 2
 
     head = root / "head.safetensors"
-    result = runner.invoke(app, ["train", "-c", cache, "-o", str(head), "--set", "train.iterations=3",
-                                 "--set", "train.batch_size=2", "--set", "train.device=cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "-c",
+            cache,
+            "-o",
+            str(head),
+            "--set",
+            "train.iterations=3",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "train.device=cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     output = root / "results" / "val.json"
     result = runner.invoke(app, ["eval", "-c", cache, "--head", str(head), "-a", str(annotations), "-o", str(output)])
@@ -86,7 +118,8 @@ def test_a_local_copy_of_the_same_extraction_reads_the_same(s3_env, toy, tmp_pat
     assert all(remote[name] == local[name] for name in remote)
     fetched = CacheLocation.parse(cache).fetch_shard(1, tmp_path / "fetched")
     assert {p.name for p in fetched.rglob("*") if p.is_file()} == {
-        p.name for p in (tmp_path / "local" / "shards" / "000001").rglob("*") if p.is_file()}
+        p.name for p in (tmp_path / "local" / "shards" / "000001").rglob("*") if p.is_file()
+    }
     assert isinstance(CacheWriter, type)
 
 
@@ -104,8 +137,9 @@ def test_inspect_verify_and_repair_a_cache_on_s3(s3_env, toy):
     result = runner.invoke(app, ["verify", cache])
     assert result.exit_code == 1 and "boxes.parquet" in result.output, result.output
 
-    result = runner.invoke(app, ["repair", cache, "-m", str(manifest), "--data-root", str(root),
-                                 "--set", "extract.num_workers=0"])
+    result = runner.invoke(
+        app, ["repair", cache, "-m", str(manifest), "--data-root", str(root), "--set", "extract.num_workers=0"]
+    )
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, ["verify", cache]).exit_code == 0
     assert len(CacheReader(cache)) == 4

@@ -32,10 +32,28 @@ def dataset(tmp_path_factory, tiny_models):
 
 def _extract(dataset, cache: str):
     root, manifest, models = dataset
-    return runner.invoke(app, ["extract", "-m", str(manifest), "--data-root", str(root), "-c", cache,
-                               "--sam-variant", "tiny", "--sam-checkpoint", models.sam.checkpoint,
-                               "--clip-model", models.clip.model, "--clip-pretrained", models.clip.pretrained,
-                               "--set", "extract.num_workers=0"])
+    return runner.invoke(
+        app,
+        [
+            "extract",
+            "-m",
+            str(manifest),
+            "--data-root",
+            str(root),
+            "-c",
+            cache,
+            "--sam-variant",
+            "tiny",
+            "--sam-checkpoint",
+            models.sam.checkpoint,
+            "--clip-model",
+            models.clip.model,
+            "--clip-pretrained",
+            models.clip.pretrained,
+            "--set",
+            "extract.num_workers=0",
+        ],
+    )
 
 
 def _closed_port() -> int:
@@ -79,8 +97,13 @@ def test_denied_credentials_write_nothing(s3_server, dataset, monkeypatch):
 
 def test_the_command_line_shows_one_error_line(s3_server, tmp_path):
     env = {**os.environ, **s3_server.env(endpoint=f"http://127.0.0.1:{_closed_port()}"), "AWS_MAX_ATTEMPTS": "1"}
-    result = subprocess.run([sys.executable, "-m", "regionspot_cache", "inspect", f"s3://{s3_server.bucket}/c"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "regionspot_cache", "inspect", f"s3://{s3_server.bucket}/c"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[0].startswith("error:") and "AWS_ENDPOINT_URL" in result.stderr, result.stderr

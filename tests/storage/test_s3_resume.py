@@ -32,10 +32,29 @@ def dataset(tmp_path_factory, tiny_models):
 
 def _args(dataset, cache: str) -> list[str]:
     root, manifest, models = dataset
-    return ["extract", "-m", str(manifest), "--data-root", str(root), "-c", cache,
-            "--sam-variant", "tiny", "--sam-checkpoint", models.sam.checkpoint,
-            "--clip-model", models.clip.model, "--clip-pretrained", models.clip.pretrained,
-            "--set", "extract.num_workers=0", "--set", "extract.shard_size=1", "--set", "extract.threads=1"]
+    return [
+        "extract",
+        "-m",
+        str(manifest),
+        "--data-root",
+        str(root),
+        "-c",
+        cache,
+        "--sam-variant",
+        "tiny",
+        "--sam-checkpoint",
+        models.sam.checkpoint,
+        "--clip-model",
+        models.clip.model,
+        "--clip-pretrained",
+        models.clip.pretrained,
+        "--set",
+        "extract.num_workers=0",
+        "--set",
+        "extract.shard_size=1",
+        "--set",
+        "extract.threads=1",
+    ]
 
 
 def _objects(fs, key: str) -> dict[str, bytes]:
@@ -56,8 +75,12 @@ def test_kill_9_during_extraction_then_resume_is_bit_identical(s3_env, dataset):
     cache = f"s3://{s3_env.new_prefix()}/killed"
     key, fs = cache.removeprefix("s3://"), s3_env.filesystem()
     env = {**os.environ, **s3_env.env()}
-    process = subprocess.Popen([sys.executable, "-m", "regionspot_cache", *_args(dataset, cache)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "regionspot_cache", *_args(dataset, cache)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + RUN_BOUND_SECONDS
     while not _committed(fs, key) and process.poll() is None and time.monotonic() < deadline:
         fs.invalidate_cache()

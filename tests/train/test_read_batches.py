@@ -13,9 +13,15 @@ from regionspot_cache.train.data import BatchPlan, CachedRegions, MultiSourceReg
 
 def _cache(root, images: int = 11, feature_dtype: str = "float16") -> CacheReader:
     rng = np.random.default_rng(0)
-    provenance = Provenance(dataset="toy", box_source="gt", shard_size=4, planned_shards=3, sam=SamIdentity("tiny", "ab", 1024, 256, "", ""),
-                            clip=ClipIdentity("tiny", None, "cd", [8, 8], 8, 5, 4, 14.3, "", ""),
-                            feature_dtype=feature_dtype)
+    provenance = Provenance(
+        dataset="toy",
+        box_source="gt",
+        shard_size=4,
+        planned_shards=3,
+        sam=SamIdentity("tiny", "ab", 1024, 256, "", ""),
+        clip=ClipIdentity("tiny", None, "cd", [8, 8], 8, 5, 4, 14.3, "", ""),
+        feature_dtype=feature_dtype,
+    )
     writer = CacheWriter(root, provenance)
     writer.write_vocabulary("toy", [Category(1, "a"), Category(2, "b")], np.eye(2, 6, dtype=np.float32))
     for shard, start in enumerate(range(0, images, 4)):
@@ -23,10 +29,17 @@ def _cache(root, images: int = 11, feature_dtype: str = "float16") -> CacheReade
         for image_id in range(start, min(start + 4, images)):
             count = 1 + image_id % 3
             xyxy = np.tile(np.asarray([[0, 0, 9, 9]], np.float32), (count, 1))
-            batch.append(ImageFeatures(image_id, f"{image_id}.jpg", 10, 10,
-                                       BoxSet(xyxy, 1 + np.arange(count) % 3, np.ones(count, np.float32)),
-                                       feature_map=np.full((5, 8), image_id, np.float32),
-                                       box_tokens=rng.normal(size=(count, 256)).astype(np.float32)))
+            batch.append(
+                ImageFeatures(
+                    image_id,
+                    f"{image_id}.jpg",
+                    10,
+                    10,
+                    BoxSet(xyxy, 1 + np.arange(count) % 3, np.ones(count, np.float32)),
+                    feature_map=np.full((5, 8), image_id, np.float32),
+                    box_tokens=rng.normal(size=(count, 256)).astype(np.float32),
+                )
+            )
         writer.write_shard(shard, batch)
     return CacheReader(root)
 

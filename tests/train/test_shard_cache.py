@@ -41,7 +41,9 @@ def test_fetch_shard_copies_the_shard_whole_and_counts_its_bytes(tmp_path):
     fetched = fetch_shard(source, 1, tmp_path / "local")
     copy = tmp_path / "local" / SHARDS_DIR / shard_name(1)
     assert fetched == 3000 == tree_bytes(copy)
-    assert (copy / "features.zarr" / "a").read_bytes() == (source / SHARDS_DIR / shard_name(1) / "features.zarr" / "a").read_bytes()
+    assert (copy / "features.zarr" / "a").read_bytes() == (
+        source / SHARDS_DIR / shard_name(1) / "features.zarr" / "a"
+    ).read_bytes()
     assert sorted(p.name for p in copy.parent.iterdir()) == [shard_name(1)]  # no staging left
 
 
@@ -110,8 +112,18 @@ def _budget_gb(cache, shards: int) -> float:
     return shards * largest / 1e9
 
 
-CONFIG = TrainConfig(iterations=16, batch_size=2, lr=1e-3, warmup_iters=4, lr_steps=[10], max_boxes_per_image=3,
-                     checkpoint_every=4, device="cpu", order=TrainOrder.SHARDS, resident_shards=1)
+CONFIG = TrainConfig(
+    iterations=16,
+    batch_size=2,
+    lr=1e-3,
+    warmup_iters=4,
+    lr_steps=[10],
+    max_boxes_per_image=3,
+    checkpoint_every=4,
+    device="cpu",
+    order=TrainOrder.SHARDS,
+    resident_shards=1,
+)
 
 
 def test_training_through_a_small_local_cache_sees_the_same_batches(cache, tmp_path, workers=2):
@@ -145,8 +157,9 @@ def test_sigkill_then_resume_through_the_local_cache_repeats_the_losses(cache, t
     reference = tmp_path / "reference" / "head.safetensors"
     train_head(cache, reference, CONFIG)
     output, local, budget = tmp_path / "killed" / "head.safetensors", tmp_path / "local", _budget_gb(cache, 3)
-    process = subprocess.Popen([sys.executable, "-c", WORKER, str(cache), str(output), str(local), repr(budget)],
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(cache), str(output), str(local), repr(budget)], stderr=subprocess.DEVNULL
+    )
     metrics = run_dir_for(output) / "metrics.csv"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:

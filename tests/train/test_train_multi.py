@@ -41,7 +41,9 @@ DATASETS = {"alpha": (range(1, 13), 0), "beta": (range(1, 7), 100), "gamma": (ra
 def _relabel(annotation_file: Path, keep: range, offset: int) -> None:
     data = json.loads(annotation_file.read_text())
     data["categories"] = [dict(c, id=c["id"] + offset) for c in data["categories"] if c["id"] in keep]
-    data["annotations"] = [dict(a, category_id=a["category_id"] + offset) for a in data["annotations"] if a["category_id"] in keep]
+    data["annotations"] = [
+        dict(a, category_id=a["category_id"] + offset) for a in data["annotations"] if a["category_id"] in keep
+    ]
     annotation_file.write_text(json.dumps(data))
 
 
@@ -119,19 +121,48 @@ def test_caches_from_other_models_are_refused(caches, tmp_path):
 def test_stage1_then_stage2_recipes_end_to_end(caches, tmp_path):
     """The shipped BL recipes, with the tiny caches and a short schedule."""
     runner = CliRunner()
-    short = ["--set", "train.iterations=12", "--set", "train.batch_size=2", "--set", "train.warmup_iters=2",
-             "--set", "train.lr_steps=[8]", "--set", "train.lr=1e-3", "--set", "train.num_workers=0",
-             "--set", "train.device=cpu", "--set", "train.checkpoint_every=6", "--set", "train.max_boxes_per_image=4"]
+    short = [
+        "--set",
+        "train.iterations=12",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.warmup_iters=2",
+        "--set",
+        "train.lr_steps=[8]",
+        "--set",
+        "train.lr=1e-3",
+        "--set",
+        "train.num_workers=0",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "train.checkpoint_every=6",
+        "--set",
+        "train.max_boxes_per_image=4",
+    ]
     stage1 = tmp_path / "heads" / "stage1.safetensors"
-    result = runner.invoke(app, ["train", "-r", str(REPO / "pipelines/regionspot_bl_stage1.toml"),
-                                 "-c", str(caches["alpha"]), "-o", str(stage1), *short])
+    result = runner.invoke(
+        app,
+        ["train", "-r", str(REPO / "pipelines/regionspot_bl_stage1.toml"), "-c", str(caches["alpha"]), "-o", str(stage1), *short],
+    )
     assert result.exit_code == 0, result.output
     assert {row["dataset"] for row in _metrics(stage1)} == {"alpha"}
 
     stage2 = tmp_path / "heads" / "stage2.safetensors"
-    args = ["train", "-r", str(REPO / "pipelines/regionspot_bl_stage2.toml"), "-o", str(stage2),
-            *(arg for name in DATASETS for arg in ("-c", str(caches[name]))), "--init-from", str(stage1), *short,
-            "--set", "train.dataset_weights=[1,1,2]"]
+    args = [
+        "train",
+        "-r",
+        str(REPO / "pipelines/regionspot_bl_stage2.toml"),
+        "-o",
+        str(stage2),
+        *(arg for name in DATASETS for arg in ("-c", str(caches[name]))),
+        "--init-from",
+        str(stage1),
+        *short,
+        "--set",
+        "train.dataset_weights=[1,1,2]",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = _metrics(stage2)
@@ -162,8 +193,11 @@ def test_tensorboard_events_hold_the_losses(caches, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output = tmp_path / "head.safetensors"
-    train_head([caches["alpha"], caches["gamma"]], output,
-               TrainConfig(iterations=6, batch_size=2, lr=1e-3, device="cpu", checkpoint_every=3))
+    train_head(
+        [caches["alpha"], caches["gamma"]],
+        output,
+        TrainConfig(iterations=6, batch_size=2, lr=1e-3, device="cpu", checkpoint_every=3),
+    )
     events = EventAccumulator(str(run_dir_for(output) / "tensorboard"))
     events.Reload()
     losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
@@ -174,11 +208,30 @@ def test_tensorboard_events_hold_the_losses(caches, tmp_path):
 
 
 def _torchrun(processes: int, caches: list[Path], output: Path) -> subprocess.CompletedProcess:
-    settings = ["train.iterations=8", "train.batch_size=4", "train.lr=1e-3", "train.warmup_iters=2",
-                "train.lr_steps=[6]", "train.dropout=0.0", "train.device=cpu", "train.max_boxes_per_image=3",
-                "train.checkpoint_every=4", "train.tensorboard=false"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "regionspot_cache", "train", "-o", str(output)]
+    settings = [
+        "train.iterations=8",
+        "train.batch_size=4",
+        "train.lr=1e-3",
+        "train.warmup_iters=2",
+        "train.lr_steps=[6]",
+        "train.dropout=0.0",
+        "train.device=cpu",
+        "train.max_boxes_per_image=3",
+        "train.checkpoint_every=4",
+        "train.tensorboard=false",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "regionspot_cache",
+        "train",
+        "-o",
+        str(output),
+    ]
     command += [arg for cache in caches for arg in ("-c", str(cache))]
     command += [arg for setting in settings for arg in ("--set", setting)]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -22,8 +22,16 @@ from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import load_head
 from regionspot_cache.train.loop import run_dir_for, train_head
 
-CONFIG = TrainConfig(iterations=120, batch_size=2, lr=1e-3, warmup_iters=10, lr_steps=[60, 100], max_boxes_per_image=3,
-                     checkpoint_every=10, device="cpu")
+CONFIG = TrainConfig(
+    iterations=120,
+    batch_size=2,
+    lr=1e-3,
+    warmup_iters=10,
+    lr_steps=[60, 100],
+    max_boxes_per_image=3,
+    checkpoint_every=10,
+    device="cpu",
+)
 WORKER = textwrap.dedent(
     """
     import sys
@@ -74,7 +82,8 @@ def test_sigkill_then_resume_repeats_the_losses_exactly(cache, tmp_path):
     events = EventAccumulator(str(run_dir_for(output) / "tensorboard"))
     events.Reload()  # the killed run's events past the resumed step are purged
     assert [(e.step, repr(e.value)) for e in events.Scalars("train/loss")] == [
-        (step, repr(float(np.float32(loss)))) for step, loss in expected]
+        (step, repr(float(np.float32(loss)))) for step, loss in expected
+    ]
     (head_a, _), (head_b, _) = load_head(reference), load_head(output)
     for key, value in head_a.state_dict().items():
         assert head_b.state_dict()[key].equal(value), key

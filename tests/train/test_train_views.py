@@ -21,8 +21,17 @@ from regionspot_cache.train.data import CachedRegions
 from regionspot_cache.train.loop import train_head
 from regionspot_cache.train.views import open_views
 
-CONFIG = TrainConfig(iterations=6, batch_size=2, lr=1e-3, warmup_iters=2, lr_steps=[4, 5], max_boxes_per_image=3,
-                     checkpoint_every=3, tensorboard=False, device="cpu")
+CONFIG = TrainConfig(
+    iterations=6,
+    batch_size=2,
+    lr=1e-3,
+    warmup_iters=2,
+    lr_steps=[4, 5],
+    max_boxes_per_image=3,
+    checkpoint_every=3,
+    tensorboard=False,
+    device="cpu",
+)
 
 
 @pytest.fixture(scope="module")
