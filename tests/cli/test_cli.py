@@ -17,6 +17,7 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.progress import console, log_to_console
+from tests.helpers import model_args
 
 runner = CliRunner()
 COMMANDS = [
@@ -70,14 +71,7 @@ def extracted(toy):
             str(root),
             "-c",
             str(root / "cache"),
-            "--sam-variant",
-            "tiny",
-            "--sam-checkpoint",
-            models.sam.checkpoint,
-            "--clip-model",
-            models.clip.model,
-            "--clip-pretrained",
-            models.clip.pretrained,
+            *model_args(models),
             *common,
         ],
     )

@@ -20,6 +20,7 @@ from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
+from tests.helpers import model_args
 
 # Only a guard against a hang (the test never depends on how fast the machine is).
 HANG_GUARD_S = 900
@@ -82,14 +83,7 @@ def _extract_command(manifest: Path, cache: Path, models, *extra: str) -> list[s
         str(manifest),
         "-c",
         str(cache),
-        "--sam-variant",
-        models.sam.variant,
-        "--sam-checkpoint",
-        models.sam.checkpoint,
-        "--clip-model",
-        models.clip.model,
-        "--clip-pretrained",
-        models.clip.pretrained,
+        *model_args(models),
         # one shard per image, one thread in every process: the same bits wherever a shard runs
         "--set",
         "extract.shard_size=1",

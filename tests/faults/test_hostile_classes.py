@@ -27,6 +27,7 @@ from regionspot_cache.evaluate.ground_truth import load_ground_truth
 from regionspot_cache.evaluate.lvis import lvis_ap
 from regionspot_cache.evaluate.scoring import Detections, write_results_json
 from regionspot_cache.runtime.files import NonFiniteValueError, write_json
+from tests.helpers import model_args
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf, 1e39, -1e300])
@@ -252,14 +253,7 @@ def _commands(tmp, models):
     text_file.write_text("hello")
     missing = str(tmp / "no[/b]such[copy]")
     model = [
-        "--sam-variant",
-        "tiny",
-        "--sam-checkpoint",
-        models.sam.checkpoint,
-        "--clip-model",
-        models.clip.model,
-        "--clip-pretrained",
-        models.clip.pretrained,
+        *model_args(models),
     ]
     return {
         "extract-config": (["extract", "-m", missing, "-c", missing, "--set", "extract.shard_size=0"], "shard_size"),

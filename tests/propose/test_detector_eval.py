@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from regionspot_cache.cli import app
 from regionspot_cache.evaluate.lvis import lvis_ap
 from regionspot_cache.propose.select import Selection
+from tests.helpers import model_args
 
 runner = CliRunner()
 
@@ -30,14 +31,7 @@ def cached(toy_split, tiny_models, tmp_path_factory):
             "-c",
             str(cache),
             "--in-process",
-            "--sam-variant",
-            "tiny",
-            "--sam-checkpoint",
-            tiny_models.sam.checkpoint,
-            "--clip-model",
-            tiny_models.clip.model,
-            "--clip-pretrained",
-            tiny_models.clip.pretrained,
+            *model_args(tiny_models),
             "--set",
             "extract.num_workers=0",
         ],

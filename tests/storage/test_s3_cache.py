@@ -12,6 +12,7 @@ from regionspot_cache.cache import CacheReader, CacheWriter
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
+from tests.helpers import model_args
 
 runner = CliRunner()
 
@@ -34,14 +35,7 @@ def extract_args(manifest, root, models, cache: str, *more: str) -> list[str]:
         str(root),
         "-c",
         cache,
-        "--sam-variant",
-        "tiny",
-        "--sam-checkpoint",
-        models.sam.checkpoint,
-        "--clip-model",
-        models.clip.model,
-        "--clip-pretrained",
-        models.clip.pretrained,
+        *model_args(models),
         "--set",
         "extract.num_workers=0",
         "--set",

@@ -17,6 +17,7 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.errors import CacheStorageError
+from tests.helpers import model_args
 
 runner = CliRunner()
 
@@ -42,14 +43,7 @@ def _extract(dataset, cache: str):
             str(root),
             "-c",
             cache,
-            "--sam-variant",
-            "tiny",
-            "--sam-checkpoint",
-            models.sam.checkpoint,
-            "--clip-model",
-            models.clip.model,
-            "--clip-pretrained",
-            models.clip.pretrained,
+            *model_args(models),
             "--set",
             "extract.num_workers=0",
         ],

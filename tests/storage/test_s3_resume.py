@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
+from tests.helpers import model_args
 
 runner = CliRunner()
 IMAGES = 12
@@ -40,14 +41,7 @@ def _args(dataset, cache: str) -> list[str]:
         str(root),
         "-c",
         cache,
-        "--sam-variant",
-        "tiny",
-        "--sam-checkpoint",
-        models.sam.checkpoint,
-        "--clip-model",
-        models.clip.model,
-        "--clip-pretrained",
-        models.clip.pretrained,
+        *model_args(models),
         "--set",
         "extract.num_workers=0",
         "--set",
