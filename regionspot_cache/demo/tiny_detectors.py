@@ -2,7 +2,7 @@
 (config, weights, processor, tokenizer files), for tests and the CPU benchmark: no download.
 
 The tokenizers are built from files written here: a BERT WordPiece vocabulary for Grounding
-DINO, a CLIP byte-level BPE vocabulary (every byte, no merges) for OWLv2.
+DINO, a CLIP byte-level BPE vocabulary (every byte, no merges) for OWLv2 and SAM 3.
 """
 
 from __future__ import annotations
@@ -114,6 +114,62 @@ def write_tiny_owlv2(directory: Path | str, seed: int = 0, image_size: int = 32)
     Owlv2ForObjectDetection(config).eval().save_pretrained(directory)
     images = Owlv2ImageProcessor(size={"height": image_size, "width": image_size})
     Owlv2Processor(image_processor=images, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
+def write_tiny_sam3(directory: Path | str, seed: int = 0, image_size: int = 56) -> Path:
+    """A SAM 3 detector (``Sam3Model``): a 2-layer ViT of 14x14 patches, a 1-layer CLIP text tower, one DETR
+    encoder and decoder layer, 10 queries, all 32 wide; ``image_size`` a multiple of 14."""
+    from transformers import CLIPTokenizer, Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = CLIPTokenizer(*_clip_bpe_files(directory))
+    width, patches = 32, image_size // 14
+    layers = {"hidden_size": width, "num_attention_heads": 2, "intermediate_size": width, "dropout": 0.0}
+    backbone = {
+        "model_type": "sam3_vit_model",
+        "hidden_size": width,
+        "intermediate_size": width,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "pretrain_image_size": image_size,
+        "window_size": patches,
+        "global_attn_indexes": [1],
+    }
+    # The FPN's levels are the ViT's grid scaled by 4, 2, 1 and 0.5 (the last one unused by the detector).
+    vision = {
+        "backbone_config": backbone,
+        "fpn_hidden_size": width,
+        "backbone_feature_sizes": [[patches * 4] * 2, [patches * 2] * 2, [patches] * 2],
+    }
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": width,
+        "intermediate_size": width,
+        "projection_dim": width,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 32,  # Sam3Processor pads prompts to 32 tokens
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": 0,
+    }
+    config = Sam3Config(
+        vision_config=vision,
+        text_config=text,
+        geometry_encoder_config={**layers, "num_layers": 1},
+        detr_encoder_config={**layers, "num_layers": 1},
+        detr_decoder_config={**layers, "num_layers": 1, "num_queries": 10},
+        mask_decoder_config={"hidden_size": width, "num_attention_heads": 2, "num_upsampling_stages": 2},
+    )
+    _seeded(seed)
+    Sam3Model(config).eval().save_pretrained(directory)
+    images = Sam3ImageProcessor(
+        size={"height": image_size, "width": image_size}, mask_size={"height": patches * 4, "width": patches * 4}
+    )
+    Sam3Processor(image_processor=images, tokenizer=tokenizer).save_pretrained(directory)
     return directory
 
 

@@ -214,6 +214,7 @@ class Sam3Detector:
 
     def __init__(self, family: str, model: Any, processor: Any, device: torch.device):
         self.family, self.model, self.processor, self.device = family, model, processor, device
+        self._text_length = int(model.config.text_config.max_position_embeddings)
 
     def chunks(self, names: Sequence[str], chunk_size: int) -> list[range]:
         return fixed_chunks(len(names), chunk_size)
@@ -229,7 +230,10 @@ class Sam3Detector:
         import torch
 
         image, vision = prepared
-        text = self.processor.tokenizer(list(names), padding=True, return_tensors="pt")
+        # A long name is cut to the text tower's positions (32), as ``Sam3Processor`` pads prompts to them.
+        text = self.processor.tokenizer(
+            list(names), padding=True, truncation=True, max_length=self._text_length, return_tensors="pt"
+        )
         count = len(names)
         with torch.inference_mode():
             out = self.model(

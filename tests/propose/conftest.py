@@ -6,7 +6,7 @@ import pytest
 
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.demo.tiny_detectors import write_tiny_grounding_dino, write_tiny_owlv2
+from regionspot_cache.demo.tiny_detectors import write_tiny_grounding_dino, write_tiny_owlv2, write_tiny_sam3
 
 pytest.importorskip("transformers")
 
@@ -19,6 +19,11 @@ def tiny_grounding_dino(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_owlv2(tmp_path_factory):
     return write_tiny_owlv2(tmp_path_factory.mktemp("owlv2"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sam3(tmp_path_factory):
+    return write_tiny_sam3(tmp_path_factory.mktemp("sam3"), seed=0)
 
 
 @pytest.fixture(scope="session")
