@@ -155,6 +155,15 @@ class CacheWriter:
             return vocabulary_text_recipe(self.location.read_table(f"{VOCAB_DIR}/{name}.parquet").schema)
         return vocabulary_text_recipe(pq.read_schema(self.root / VOCAB_DIR / f"{name}.parquet"))
 
+    def vocabulary_categories(self, name: str) -> list[tuple[int, str]]:
+        """(category id, name) of each class vocabulary ``name`` records (it must exist)."""
+        relative = f"{VOCAB_DIR}/{name}.parquet"
+        if self.location.remote:
+            table = self.location.read_table(relative).select(["category_id", "name"])
+        else:
+            table = pq.read_table(self.root / relative, columns=["category_id", "name"])
+        return list(zip(*table.to_pydict().values()))
+
     def write_vocabulary(
         self,
         name: str,

@@ -15,12 +15,11 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from regionspot_cache import __version__
 from regionspot_cache.cache import CacheFormatError, CacheWriter, Provenance, exclusive_extraction
-from regionspot_cache.cache.format import VOCAB_DIR, record_extraction_cost
+from regionspot_cache.cache.format import record_extraction_cost
 from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
@@ -167,8 +166,7 @@ def _categories_changed(writer: CacheWriter, dataset: DetectionDataset) -> bool:
     """Whether the dataset's categories (ids and names) differ from the vocabulary the cache
     recorded, e.g. a category renamed in the annotation file: the vocabulary (text embeddings only,
     no feature depends on it) is then written again rather than keeping the old names."""
-    recorded = pq.read_table(writer.root / VOCAB_DIR / f"{dataset.name}.parquet", columns=["category_id", "name"])
-    changed = list(zip(*recorded.to_pydict().values())) != [(c.id, c.name) for c in dataset.categories]
+    changed = writer.vocabulary_categories(dataset.name) != [(c.id, c.name) for c in dataset.categories]
     if changed:
         logger.warning(
             "%s: the categories of %r changed since its vocabulary was written; writing it again", writer.root, dataset.name

@@ -20,7 +20,7 @@ def load_torch_weights(path: Path | str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # not a pickle at all (a text file: an unknown opcode or load key)
+        if "Unsupported global" not in str(err) and not _looks_like_a_pickle(path):  # e.g. a text file
             raise ModelLoadError(
                 f"{path}: not a torch checkpoint (expected a file written by torch.save); "
                 "is it a text file or another kind of file?"
@@ -33,3 +33,11 @@ def load_torch_weights(path: Path | str) -> Any:
         raise ModelLoadError(
             f"{path}: not a readable torch checkpoint (expected a file written by torch.save): {err.__class__.__name__}: {err}"
         ) from None
+
+
+def _looks_like_a_pickle(path: Path) -> bool:
+    """A torch.save zip or a raw pickle (protocol 2 and up start with 0x80): a file that holds
+    objects, so a refusal of its objects is about what it could run, not about its format."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return head[:1] == b"\x80" or head == b"PK"

@@ -186,10 +186,10 @@ def test_completeness_fraction_and_record(tmp_path):
 
 
 def test_inspect_sizes_are_those_of_the_stored_dtype():
-    from regionspot_cache.cache.verify import _row_bytes
+    from regionspot_cache.cache.verify import stored_row_bytes
     from regionspot_cache.choices import FeatureDtype
 
-    assert _row_bytes(256, FeatureDtype.FLOAT16) == 512 and _row_bytes(256, FeatureDtype.INT8) == 256 + 4
+    assert stored_row_bytes(256, FeatureDtype.FLOAT16) == 512 and stored_row_bytes(256, FeatureDtype.INT8) == 256 + 4
 
 
 def test_max_softmax_over_one_name_says_it_never_rejects(caplog):
