@@ -17,3 +17,10 @@ def model_args(models: ModelsConfig) -> list[str]:
         "--clip-pretrained",
         str(models.clip.pretrained),
     ]
+
+
+def extract_args(manifest, data_root, cache: str, models: ModelsConfig, *settings: str) -> list[str]:
+    """``rs-cache extract`` of ``manifest`` into ``cache`` with ``models``, in-process loaders
+    (``extract.num_workers=0``) and each of ``settings`` as a ``--set``."""
+    sets = [arg for setting in ("extract.num_workers=0", *settings) for arg in ("--set", setting)]
+    return ["extract", "-m", str(manifest), "--data-root", str(data_root), "-c", cache, *model_args(models), *sets]

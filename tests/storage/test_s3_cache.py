@@ -12,7 +12,7 @@ from regionspot_cache.cache import CacheReader, CacheWriter
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from tests.helpers import model_args
+from tests import helpers
 
 runner = CliRunner()
 
@@ -27,21 +27,7 @@ def toy(tmp_path_factory, tiny_models):
 
 
 def extract_args(manifest, root, models, cache: str, *more: str) -> list[str]:
-    return [
-        "extract",
-        "-m",
-        str(manifest),
-        "--data-root",
-        str(root),
-        "-c",
-        cache,
-        *model_args(models),
-        "--set",
-        "extract.num_workers=0",
-        "--set",
-        "extract.shard_size=2",
-        *more,
-    ]
+    return helpers.extract_args(manifest, root, cache, models, "extract.shard_size=2", *more)
 
 
 def test_url_forms_parse_to_one_location(tmp_path):
@@ -101,7 +87,7 @@ def test_a_local_copy_of_the_same_extraction_reads_the_same(s3_env, toy, tmp_pat
     root, manifest, annotations, models = toy
     cache = f"s3://{s3_env.new_prefix()}/c"
     for target in (cache, str(tmp_path / "local")):
-        result = runner.invoke(app, extract_args(manifest, root, models, target, "--set", "extract.threads=1"))
+        result = runner.invoke(app, extract_args(manifest, root, models, target, "extract.threads=1"))
         assert result.exit_code == 0, result.output
     fs, key = s3_env.filesystem(), cache.removeprefix("s3://")
     remote = {p.removeprefix(key + "/"): fs.cat_file(p) for p in fs.find(key)}

@@ -17,7 +17,7 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.errors import CacheStorageError
-from tests.helpers import model_args
+from tests.helpers import extract_args
 
 runner = CliRunner()
 
@@ -33,21 +33,7 @@ def dataset(tmp_path_factory, tiny_models):
 
 def _extract(dataset, cache: str):
     root, manifest, models = dataset
-    return runner.invoke(
-        app,
-        [
-            "extract",
-            "-m",
-            str(manifest),
-            "--data-root",
-            str(root),
-            "-c",
-            cache,
-            *model_args(models),
-            "--set",
-            "extract.num_workers=0",
-        ],
-    )
+    return runner.invoke(app, extract_args(manifest, root, cache, models))
 
 
 def _closed_port() -> int:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from tests.helpers import model_args
+from tests.helpers import extract_args
 
 runner = CliRunner()
 IMAGES = 12
@@ -33,22 +33,7 @@ def dataset(tmp_path_factory, tiny_models):
 
 def _args(dataset, cache: str) -> list[str]:
     root, manifest, models = dataset
-    return [
-        "extract",
-        "-m",
-        str(manifest),
-        "--data-root",
-        str(root),
-        "-c",
-        cache,
-        *model_args(models),
-        "--set",
-        "extract.num_workers=0",
-        "--set",
-        "extract.shard_size=1",
-        "--set",
-        "extract.threads=1",
-    ]
+    return extract_args(manifest, root, cache, models, "extract.shard_size=1", "extract.threads=1")
 
 
 def _objects(fs, key: str) -> dict[str, bytes]:
