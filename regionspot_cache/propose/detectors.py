@@ -2,13 +2,14 @@
 
 Every adapter turns one image and one chunk of class names into ``Detected``: boxes in the
 image's original pixels (x1, y1, x2, y2), each with its best class in the chunk and its score.
-``prepare`` runs what depends on the image alone once (OWLv2's and SAM 3's vision towers), so
-that a vocabulary of many chunks pays for it once per image.
+``prepare`` runs what depends on the image alone once (OWLv2's and SAM 3's vision towers,
+Grounding DINO's backbone), so that a vocabulary of many chunks pays for it once per image.
 
 Families (by the model's ``config.model_type``):
 - ``grounding-dino`` / ``mm-grounding-dino`` (MM-Grounding-DINO, LLMDet's weights): the names of
   a chunk are one prompt ``"a . b . c ."`` of at most ``max_text_len`` tokens; a name's score for
-  a query is the highest sigmoid over its own tokens. Queries depend on the prompt.
+  a query is the highest sigmoid over its own tokens. Queries depend on the prompt: the image
+  backbone runs once per image, the text-fused encoder and the decoder once per chunk.
 - ``owlv2`` / ``owlvit``: each name is its own query against every patch's box; boxes do not
   depend on the names (``boxes_shared``), so chunking changes nothing.
 - ``sam3``: each name is its own prompt; each (name, query) pair is a candidate box scored
@@ -21,9 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -122,14 +124,23 @@ class GroundingDinoDetector:
             ranges.append(range(start, len(names)))
         return ranges
 
-    def prepare(self, image: Image.Image) -> tuple[Image.Image, dict]:
-        inputs = self.processor.image_processor(images=image, return_tensors="pt")
-        return image, {key: value.to(self.device) for key, value in inputs.items()}
-
-    def detect(self, prepared: tuple[Image.Image, dict], names: Sequence[str]) -> Detected:
+    def prepare(self, image: Image.Image) -> tuple[Image.Image, dict, tuple]:
+        """The image's pixels and its backbone's output (feature maps, position embeddings),
+        which depend on the image alone: every chunk's forward reuses them (``_reusing``)."""
         import torch
 
-        image, pixels = prepared
+        inputs = self.processor.image_processor(images=image, return_tensors="pt")
+        pixels = {key: value.to(self.device) for key, value in inputs.items()}
+        values = pixels["pixel_values"]
+        # As the model's forward does when given no mask.
+        mask = pixels.get("pixel_mask", torch.ones((len(values), *values.shape[-2:]), dtype=torch.long, device=self.device))
+        with torch.inference_mode():
+            return image, pixels, self.model.model.backbone(values, mask)
+
+    def detect(self, prepared: tuple[Image.Image, dict, tuple], names: Sequence[str]) -> Detected:
+        import torch
+
+        image, pixels, backbone_output = prepared
         ids, spans = [self._tokenizer.cls_token_id], []
         for name in names:
             tokens = self._tokens(name)
@@ -137,7 +148,7 @@ class GroundingDinoDetector:
             ids += tokens + [self._period]
         ids.append(self._tokenizer.sep_token_id)
         input_ids = torch.tensor([ids], device=self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), _reusing(self.model.model.backbone, pixels["pixel_values"], backbone_output):
             out = self.model(
                 **pixels,
                 input_ids=input_ids,
@@ -150,6 +161,27 @@ class GroundingDinoDetector:
         # DETR-style boxes are normalised to the resized image, which keeps the aspect ratio.
         xyxy = to_original_pixels(out.pred_boxes[0], image.width, image.height, image.size)
         return Detected(xyxy, classes.cpu().numpy().astype(np.int64), scores.cpu().numpy().astype(np.float32))
+
+
+@contextmanager
+def _reusing(backbone: Any, pixel_values: torch.Tensor, output: tuple) -> Iterator[None]:
+    """Within: ``backbone`` (Grounding DINO's ``model.model.backbone``) called on ``pixel_values``
+    returns ``output`` instead of running again. ``transformers`` has no argument to pass the
+    backbone's features to ``forward`` (only the text-fused encoder's), so the forward of this
+    instance is swapped for the span of one call; the rest of the model runs as it is."""
+    maps, positions = output
+    run = backbone.forward
+
+    def forward(values: torch.Tensor, mask: torch.Tensor) -> tuple[list, list]:
+        if values is not pixel_values:  # another image: compute it
+            return run(values, mask)
+        return list(maps), list(positions)  # fresh lists: the model appends its extra levels to them
+
+    backbone.forward = forward
+    try:
+        yield
+    finally:
+        del backbone.forward  # the class's forward again
 
 
 class OwlDetector:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -90,6 +92,26 @@ def test_grounding_dino_chunks_fit_its_text_length(tiny_grounding_dino):
         assert 2 + sum(len(detector._tokens(names[i])) + 1 for i in chunk) <= 32
     found = detect_image(detector, _image(80, 64), names, Selection(top_k=15, chunk_size=100))
     assert len(found) <= 15 and found.classes.max() < len(names)
+
+
+def test_grounding_dino_runs_its_backbone_once_per_image_and_finds_the_same_proposals(tiny_grounding_dino, monkeypatch):
+    from regionspot_cache.propose import detectors
+
+    detector = load_detector(tiny_grounding_dino, torch.device("cpu"))
+    runs = []
+    detector.model.model.backbone.conv_encoder.register_forward_hook(lambda *_: runs.append(1))
+    names, selection = NAMES * 4, Selection(top_k=15, chunk_size=100)
+    chunks = len(detector.chunks(names, selection.chunk_size))
+    image = _image(90, 70, seed=2)
+    reused = detect_image(detector, image, names, selection)
+    assert chunks > 2 and len(runs) == 1
+    # Before: every chunk's forward ran the backbone on the image itself.
+    monkeypatch.setattr(detectors, "_reusing", lambda *_: contextlib.nullcontext())
+    rerun = detect_image(detector, image, names, selection)
+    assert len(runs) == 1 + 1 + chunks  # prepare's run, then one per chunk
+    for field in ("xyxy", "classes", "scores"):
+        np.testing.assert_array_equal(getattr(reused, field), getattr(rerun, field))
+    assert len(reused) > 0
 
 
 def test_class_agnostic_nms_keeps_the_best_of_overlapping_boxes_of_any_class():
