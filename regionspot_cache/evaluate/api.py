@@ -94,7 +94,8 @@ def evaluate(
         encoders = with_images.load_cache_encoders(reader, models, config.device)
         images = with_images.cache_images(reader, image_root)
     if method.scores_proposal_classes:
-        detections = detector_detections(proposals_file, vocab)
+        # Its boxes did not come through the protocol's collector: the same cap across images here.
+        detections = protocol.cap_finished(detector_detections(proposals_file, vocab))
     elif method.needs_head:
         clip = reader.provenance.clip
         check_head_fits_cache(head, reader.root, clip.width, clip.text_dim, reader.provenance.sam.token_dim)

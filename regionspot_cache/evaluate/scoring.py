@@ -181,6 +181,12 @@ class ScoringProtocol(ABC):
         """(box index, class index, score) of the pairs one image contributes."""
         return top_pairs(logits, box_scores, self.scoring, self.per_image_limit)
 
+    def cap_finished(self, detections: Detections) -> Detections:
+        """What ``collector`` keeps across images, applied to a finished list that did not come
+        through it (a detector's own detections, ``eval --method detector``): nothing to drop here;
+        LVIS applies the per-image cap (``lvis_max_dets``)."""
+        return detections
+
     def settings(self) -> dict[str, Any]:
         """What produced a set of metrics, for results files, printed tables and reports."""
         return {
@@ -238,6 +244,10 @@ class FixedProtocol(ScoringProtocol):
 
     def rule(self) -> str:
         return f"fixed AP (Dave et al. 2021): no per-image cap, top {self.config.fixed_dets_per_class} detections per class"
+
+    def cap_finished(self, detections: Detections) -> Detections:
+        """The best ``fixed_dets_per_class`` of each class over the dataset, as ``PerClassTopK`` keeps them."""
+        return cap_per_class(detections, self.config.fixed_dets_per_class)
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "top_k_per_image": None, "dets_per_class": self.config.fixed_dets_per_class}
