@@ -284,3 +284,19 @@ class TrainOrder(Choice):
     @property
     def by_shards(self) -> bool:
         return self is TrainOrder.SHARDS
+
+
+class ProposalPrompt(Choice):
+    """What ``rs-cache propose`` prompts its detector with (``--prompt``; propose/worker.py):
+    ``vocabulary``: the dataset's class names in chunks, each box keeping its best class (what
+    ``eval --method detector`` scores); ``agnostic``: one generic prompt (``--agnostic-prompt``,
+    "object" by default), each box without a class (category id -1): boxes for RegionSpot to
+    recognise, which do not depend on the vocabulary."""
+
+    VOCABULARY = "vocabulary"
+    AGNOSTIC = "agnostic"
+
+    @property
+    def keeps_classes(self) -> bool:
+        """Whether each box records the detector's class (a vocabulary's id) rather than none."""
+        return self is ProposalPrompt.VOCABULARY

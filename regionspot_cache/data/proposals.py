@@ -10,8 +10,9 @@ class per box instead (``category_id``, or GLIP's ``labels``), for ``eval --meth
 
 A proposal file written by ``rs-cache propose`` has its provenance beside it
 (``<file>.provenance.json``, ``ProposalProvenance``): the detector, its weights, the selection
-settings, the vocabulary it was prompted with and the file's own hash. ``check_provenance``
-refuses a file that no longer matches its record or that was made for another vocabulary.
+settings, the vocabulary it was prompted with (or the generic prompt of a class-agnostic run)
+and the file's own hash. ``check_provenance`` refuses a file that no longer matches its record
+or, unless class-agnostic, that was made for another vocabulary.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from regionspot_cache.choices import ProposalPrompt
 from regionspot_cache.data.datasets import (
     BoxSet,
     Category,
@@ -34,9 +36,11 @@ from regionspot_cache.data.datasets import (
     read_json,
     xyxy_array,
 )
+from regionspot_cache.errors import ConfigError
 from regionspot_cache.runtime.files import sha256_file
 
 GROUND_TRUTH = "gt"
+NO_CLASS = -1  # the category id of a box without a class (class-agnostic proposals)
 
 
 def load_proposals(path: Path | str, with_classes: bool = False) -> dict[int, BoxSet]:
@@ -75,7 +79,8 @@ def _from_coco_results(path: Path, data: list[Any], with_classes: bool) -> dict[
     for index, entry in enumerate(data):
         try:
             x, y, w, h = (float(v) for v in entry["bbox"])
-            label = exact_int(entry["category_id"], "category_id") if with_classes else -1
+            # -1 (NO_CLASS): a box without a class (``propose --prompt agnostic``).
+            label = exact_int(entry["category_id"], "category_id", low=NO_CLASS) if with_classes else NO_CLASS
             grouped.setdefault(exact_int(entry["image_id"], "image_id"), []).append(
                 ([x, y, x + w, y + h], float(entry["score"]), label)
             )
@@ -147,6 +152,8 @@ class ProposalProvenance:
     shard_size: int
     package_version: str
     transformers_version: str
+    prompt: ProposalPrompt = ProposalPrompt.VOCABULARY  # older records have none: they were all prompted so
+    prompt_text: str = ""  # the generic prompt of ``agnostic``; empty for ``vocabulary``
     proposals_sha256: str = ""  # of the proposal file itself; empty while shards are pending
     images: int = 0
     failed_images: dict[str, str] = field(default_factory=dict)  # image id -> reason
@@ -167,8 +174,9 @@ class ProposalProvenance:
         if not isinstance(data, dict) or set(data) - names:
             raise DatasetError(f"{path}: not a proposal provenance record (fields {sorted(names)})")
         try:
-            return cls(**data)
-        except TypeError as err:
+            record = cls(**data)
+            return replace(record, prompt=ProposalPrompt.parse(record.prompt, "prompt"))
+        except (TypeError, ConfigError) as err:
             raise DatasetError(f"{path}: not a proposal provenance record: {err}") from None
 
 
@@ -210,7 +218,8 @@ def check_provenance(proposal_file: Path | str, categories: Sequence[Category]) 
             "`rs-cache propose`"
         )
     vocabulary = vocabulary_digest(categories)
-    if recorded.vocabulary_sha256 != vocabulary:
+    # Class-agnostic boxes were prompted with one generic word: any vocabulary can score them.
+    if recorded.prompt.keeps_classes and recorded.vocabulary_sha256 != vocabulary:
         raise DatasetError(
             f"{proposal_file}: made for vocabulary {recorded.vocabulary_sha256[:12]} ({recorded.dataset}, "
             f"{recorded.num_classes} classes), the dataset's is {vocabulary[:12]} ({len(categories)} classes)"

@@ -17,7 +17,7 @@ from regionspot_cache.cache.completeness import Completeness, check_complete
 from regionspot_cache.config import EvalConfig, EvalMethod, ModelsConfig, Preprocessing, TextRecipe
 from regionspot_cache.errors import InputError
 from regionspot_cache.evaluate.cached import score_cache
-from regionspot_cache.evaluate.detector import detector_detections
+from regionspot_cache.evaluate.detector import check_has_classes, detector_detections
 from regionspot_cache.evaluate.ground_truth import check_same_images, load_ground_truth
 from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
 from regionspot_cache.evaluate.masks import without_boxes
@@ -78,6 +78,8 @@ def evaluate(
     method = check_method(method, head, masks, image_root, config)
     if method.scores_proposal_classes and proposals_file is None:
         raise InputError(f"method {method} needs the proposal file whose classes it scores")
+    if method.scores_proposal_classes:
+        check_has_classes(proposals_file)  # before the cache and the ground truth are read
     protocol = protocol_for(config)
     reader = CacheReader(cache_dir)
     check_scorable(reader)

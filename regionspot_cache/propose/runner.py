@@ -5,7 +5,7 @@ a distributor (``InProcess`` or ``Dask``) runs ``worker.propose_shard`` on each 
 which writes the shard's file atomically; shard files already present (same identity) are
 skipped, so re-running after a kill resumes. When every shard is written, the proposal file (a
 COCO results list: ``image_id``, ``bbox`` x, y, w, h in original pixels, ``score``, and the
-detector's class as ``category_id``) is assembled from them and written atomically, with its
+detector's class as ``category_id``, -1 when prompted class-agnostic) is assembled from them and written atomically, with its
 ``ProposalProvenance`` beside it (``<file>.provenance.json``), which ``extract --boxes`` and
 ``eval --proposals`` check.
 """
@@ -25,7 +25,7 @@ from regionspot_cache.progress import progress_bar
 from regionspot_cache.propose.detectors import Detector, detector_family, load_detector, resolve_model_dir, weights_digest
 from regionspot_cache.propose.distribute import Distributor, InProcess
 from regionspot_cache.propose.select import Selection
-from regionspot_cache.propose.worker import ProposeWork, ShardOutcome, prompt_name
+from regionspot_cache.propose.worker import Prompting, ProposeWork, ShardOutcome
 from regionspot_cache.propose.writer import ProposalWriter
 from regionspot_cache.runtime.devices import resolve_device
 
@@ -62,6 +62,7 @@ def run_proposals(
     distributor: Distributor | None = None,
     max_shards: int | None = None,
     loaded: Detector | None = None,
+    prompting: Prompting = Prompting(),
 ) -> ProposeSummary:
     """Detect on every image of ``dataset`` and write the proposal file ``output``.
 
@@ -77,18 +78,21 @@ def run_proposals(
       max_shards: write at most this many pending shards, then stop without assembling (tests
         and partial runs; a later run resumes).
       loaded: a detector already loaded from ``detector`` (benchmarks reuse one), for ``InProcess``.
+      prompting: the dataset's names (``vocabulary``, each box with its class) or one generic
+        prompt (``agnostic``, each box with category id -1).
 
     Returns:
       A ``ProposeSummary``; its ``provenance`` is that of the file written, None when shards
       are still missing or failed.
     """
     selection.validate()
+    prompting = prompting.validate()
     if shard_size < 1:
         raise ConfigError(f"shard_size {shard_size} must be at least 1")
     started = time.perf_counter()
     output = Path(output)
     model_dir = resolve_model_dir(detector)
-    provenance = make_provenance(dataset, detector, model_dir, selection, shard_size)
+    provenance = make_provenance(dataset, detector, model_dir, selection, shard_size, prompting)
     writer = ProposalWriter(output, provenance).open()
     shards = list(shard_entries(dataset.images, shard_size))
     committed = writer.committed_shards()
@@ -96,8 +100,7 @@ def run_proposals(
     summary = ProposeSummary(output, shards_skipped=len(shards) - len(pending))
     work = ProposeWork(
         dataset.image_root,
-        [prompt_name(c.name) for c in dataset.categories],
-        [c.id for c in dataset.categories],
+        *prompting.prompts(dataset.categories),
         selection,
         output,
         provenance,
@@ -121,7 +124,12 @@ def run_proposals(
 
 
 def make_provenance(
-    dataset: DetectionDataset, detector: str, model_dir: Path, selection: Selection, shard_size: int
+    dataset: DetectionDataset,
+    detector: str,
+    model_dir: Path,
+    selection: Selection,
+    shard_size: int,
+    prompting: Prompting = Prompting(),
 ) -> ProposalProvenance:
     import transformers
 
@@ -140,4 +148,6 @@ def make_provenance(
         shard_size=shard_size,
         package_version=__version__,
         transformers_version=transformers.__version__,
+        prompt=prompting.mode,
+        prompt_text=prompting.recorded_text,
     )

@@ -9,9 +9,11 @@ from typing import Sequence
 
 import numpy as np
 
-from regionspot_cache.data.datasets import DatasetError, ImageEntry
+from regionspot_cache.choices import ProposalPrompt
+from regionspot_cache.data.datasets import Category, DatasetError, ImageEntry
 from regionspot_cache.data.images import ImageDecodeError, ImageSource
-from regionspot_cache.data.proposals import ProposalProvenance
+from regionspot_cache.data.proposals import NO_CLASS, ProposalProvenance
+from regionspot_cache.errors import ConfigError
 from regionspot_cache.propose.detectors import Detector
 from regionspot_cache.propose.select import Selection, detect_image
 from regionspot_cache.propose.writer import ProposalWriter, ShardRecord, records
@@ -26,8 +28,8 @@ class ProposeWork:
     """What every shard of one run shares; sent whole to remote workers (only its shard's images)."""
 
     image_root: Path
-    names: list[str]  # the prompts, one per class, in vocabulary order
-    category_ids: list[int]  # the dataset's id of each name
+    names: list[str]  # the prompts: one per class in vocabulary order, or the one generic prompt
+    category_ids: list[int]  # the id each prompt's boxes are written with (-1: no class)
     selection: Selection
     output: Path
     provenance: ProposalProvenance
@@ -47,6 +49,34 @@ class ShardOutcome:
 def prompt_name(name: str) -> str:
     """A category name as a detector reads it: LVIS's ``trash_can`` -> ``trash can``."""
     return " ".join(name.replace("_", " ").split())
+
+
+DEFAULT_AGNOSTIC_PROMPT = "object"  # a generic word the open detectors' papers prompt for any object
+
+
+@dataclass(frozen=True)
+class Prompting:
+    """What the detector is prompted with (``ProposalPrompt``): the vocabulary's names, or ``text`` alone."""
+
+    mode: ProposalPrompt = ProposalPrompt.VOCABULARY
+    text: str = DEFAULT_AGNOSTIC_PROMPT
+
+    def validate(self) -> Prompting:
+        mode = ProposalPrompt.parse(self.mode, "prompt")
+        if not mode.keeps_classes and not prompt_name(self.text):
+            raise ConfigError("the agnostic prompt is empty: give the detector a word such as 'object'")
+        return Prompting(mode, self.text)
+
+    @property
+    def recorded_text(self) -> str:
+        """The generic prompt as the provenance records it (none when prompting with the vocabulary)."""
+        return "" if self.mode.keeps_classes else prompt_name(self.text)
+
+    def prompts(self, categories: Sequence[Category]) -> tuple[list[str], list[int]]:
+        """The prompts, and the category id each box found with one is written with."""
+        if self.mode.keeps_classes:
+            return [prompt_name(c.name) for c in categories], [c.id for c in categories]
+        return [self.recorded_text], [NO_CLASS]
 
 
 def propose_shard(

@@ -67,7 +67,8 @@ class ProposalWriter:
         run_file = self.shard_dir / RUN_FILE
         wanted = self.provenance.identity()
         if run_file.is_file():
-            recorded = read_json(run_file, "proposal run record")
+            # Read as a record, so that a field added since (with its default) is no difference.
+            recorded = ProposalProvenance.from_json(run_file, read_json(run_file, "proposal run record")).identity()
             changed = differences(recorded, wanted, "{key}")
             if changed:
                 raise DatasetError(

@@ -101,3 +101,54 @@ def test_eval_method_detector_needs_proposals_and_refuses_an_edited_file(toy_spl
         ],
     )
     assert result.exit_code != 0 and "edited or replaced" in str(result.exception)
+
+
+def _eval_detector(cached, toy_split, proposals, *options):
+    root, manifest, _ = toy_split
+    command = ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root), "--proposals", str(proposals)]
+    return runner.invoke(app, [*command, "--method", "detector", *options])
+
+
+def test_eval_method_detector_refuses_class_agnostic_proposals(toy_split, cached, tiny_owlv2, tmp_path):
+    from regionspot_cache.data.datasets import load_manifest
+    from regionspot_cache.propose.runner import run_proposals
+    from regionspot_cache.propose.worker import Prompting
+
+    root, manifest, _ = toy_split
+    proposals = tmp_path / "agnostic.json"
+    prompting = Prompting("agnostic", "object")
+    run_proposals(
+        load_manifest(manifest, root).load(), proposals, str(tiny_owlv2), Selection(top_k=5), device="cpu", prompting=prompting
+    )
+    result = _eval_detector(cached, toy_split, proposals)
+    assert result.exit_code != 0
+    assert "class-agnostic proposals (rs-cache propose --prompt agnostic, prompt 'object'): no classes" in str(result.exception)
+    (tmp_path / "agnostic.json.provenance.json").unlink()  # a file without provenance: told by its classes
+    result = _eval_detector(cached, toy_split, proposals)
+    assert result.exit_code != 0 and "every box has category_id -1 (class-agnostic proposals)" in str(result.exception)
+
+
+def test_eval_method_detector_keeps_the_fixed_protocols_best_per_class(toy_split, cached, tiny_owlv2, tmp_path):
+    from regionspot_cache.data.datasets import load_manifest
+    from regionspot_cache.propose.runner import run_proposals
+
+    root, manifest, annotations = toy_split
+    proposals = tmp_path / "owl.json"
+    run_proposals(load_manifest(manifest, root).load(), proposals, str(tiny_owlv2), Selection(top_k=50), device="cpu")
+    output = tmp_path / "fixed.json"
+    result = _eval_detector(cached, toy_split, proposals, "--fixed-ap", "--set", "eval.fixed_dets_per_class=2", "-o", str(output))
+    assert result.exit_code == 0, result.output
+    written = json.loads(proposals.read_text())
+    # The expected list, by hand: each class's 2 best scores over the dataset, earlier first on ties.
+    by_class: dict[int, list[int]] = {}
+    for index in sorted(range(len(written)), key=lambda i: -written[i]["score"]):
+        by_class.setdefault(written[index]["category_id"], []).append(index)
+    kept = sorted(i for indices in by_class.values() for i in indices[:2])
+    assert max(len(v) for v in by_class.values()) > 2  # the cap drops something
+    scored = json.loads(output.read_text())
+    assert [(d["image_id"], d["category_id"], d["score"]) for d in scored] == [
+        (written[i]["image_id"], written[i]["category_id"], pytest.approx(written[i]["score"])) for i in kept
+    ]
+    metrics = json.loads(output.with_suffix(".metrics.json").read_text())
+    expected = lvis_ap(annotations, [written[i] for i in kept], max_dets=-1)
+    assert {name: metrics[name] for name in expected} == pytest.approx(expected)
