@@ -11,7 +11,11 @@ values), reads the files once (page cache warm), then measures side by side:
 - train: the same training steps fed from the cache loader and from batches already in memory,
   alternating step by step, in ``--repeats`` rounds of ``--steps`` steps each;
 - eval: ``CacheReader.image`` (the read of evaluation's scoring loop) vs the head's forward pass
-  per image.
+  per image;
+- checks: what the read path's crc32c check costs: a first pass over ``--check-batches`` batches
+  through freshly started loaders (nothing checked yet in their processes: the worst case; later
+  reads of a chunk in the same process are not checked again), checks on and off alternating,
+  ``--repeats`` rounds, for each of ``--workers``.
 
 Medians over the rounds, with the spread (min-max) in brackets. Only public APIs are used, so the
 same script measures an older checkout: ``PYTHONPATH=<checkout> python benchmarks/cache_read.py``.
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 
 from regionspot_cache.cache import CacheReader, CacheWriter, ImageFeatures, Provenance
+from regionspot_cache.cache.arrays import RowArray
 from regionspot_cache.config import TrainConfig
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, region_logits
@@ -208,6 +213,32 @@ def measure_eval(reader: CacheReader, args) -> dict:
     }
 
 
+def measure_checks(regions: CachedRegions, args) -> dict:
+    if not hasattr(RowArray, "check_reads"):
+        return {"skipped": "this checkout's read path has no crc32c check"}
+    rates: dict[str, list[float]] = {}
+    for workers in args.workers:
+        for _ in range(args.repeats):
+            for check in (True, False):
+                RowArray.check_reads = check
+                regions.reader._opened.clear()  # forked workers must not inherit checked chunks
+                iterator = loader_for(regions, args.batch_size, workers, start=0)
+                next(iterator)  # worker start-up, not timed (its chunks are checked too)
+                started, images = time.perf_counter(), 0
+                for _ in range(args.check_batches):
+                    images += len(next(iterator).labels)
+                rates.setdefault(f"workers_{workers}_{'checked' if check else 'unchecked'}", []).append(
+                    images / (time.perf_counter() - started)
+                )
+                del iterator
+    RowArray.check_reads = True
+    figures = {name: median_spread(values) for name, values in rates.items()}
+    for workers in args.workers:
+        checked, unchecked = rates[f"workers_{workers}_checked"], rates[f"workers_{workers}_unchecked"]
+        figures[f"workers_{workers}_checked_vs_unchecked"] = median_spread([c / u for c, u in zip(checked, unchecked)])
+    return figures
+
+
 def summary(figures: dict) -> dict:
     """The figures with each measurement shown as 'median [min-max]'."""
     if isinstance(figures, dict) and "median" in figures:
@@ -233,7 +264,8 @@ def main() -> None:
     parser.add_argument("--train-workers", type=int, default=1)
     parser.add_argument("--max-boxes", type=int, default=100)
     parser.add_argument("--eval-images", type=int, default=200)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: loader,train,eval")
+    parser.add_argument("--check-batches", type=int, default=40, help="timed batches per flow of the checks' first pass")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: loader,train,eval,checks")
     parser.add_argument("--cache", type=Path, help="write the cache here (default: a temporary folder)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -259,6 +291,8 @@ def main() -> None:
             figures["train"] = measure_training(regions, reader, args)
         if "eval" not in skip:
             figures["eval"] = measure_eval(reader, args)
+        if "checks" not in skip:
+            figures["checks"] = measure_checks(regions, args)
     print(json.dumps(summary(figures), indent=1))
     if args.output:
         args.output.write_text(json.dumps(figures, indent=2))

@@ -1,10 +1,13 @@
 """The feature arrays of one shard, read at memory speed.
 
-The writer stores each array uncompressed, as one zarr shard file whose chunks lie in row order.
-The reader then memory-maps the chunk data: reading an image is a copy of its rows out of the
-page cache, with no per-read call into zarr (about 1-4 ms each, which capped a worker at ~220
-images/s). A file laid out otherwise (e.g. the zstd-compressed arrays of caches written before)
-is read through zarr, one call per selection.
+The writer stores each array uncompressed, as one zarr shard file whose chunks lie in row order,
+each chunk followed by its crc32c (zarr v3's ``crc32c`` codec). The reader memory-maps the chunk
+data: reading an image is a copy of its rows out of the page cache, with no per-read call into
+zarr (about 1-4 ms each, which capped a worker at ~220 images/s). Before the first row of a chunk
+reaches a caller, the reader checks the chunk's crc32c, once per chunk and process, so a flipped
+byte is an error instead of a wrong value. A file laid out otherwise is read through zarr, one call
+per selection (zarr checks the crc32c itself); the files of caches written before chunks carried
+a crc32c have no read-path check (``rs-cache verify`` checks them whole).
 
 int8 caches store ``round(x / scale)`` with one float32 scale per row (per feature-map token,
 per box token): ``scale = max|x| / 127``. Both kinds are returned as float16.
@@ -15,8 +18,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import crc32c
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from regionspot_cache.cache.format import CacheFormatError
 
@@ -24,6 +29,7 @@ log = logging.getLogger(__name__)
 
 NO_CHUNK = 2**64 - 1  # a chunk missing from a zarr shard (all fill value)
 INDEX_TRAILER = 4  # crc32c of the shard index
+CRC_BYTES = 4  # crc32c after each chunk's data
 
 
 def quantize_rows(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,12 +45,19 @@ def dequantize_rows(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def write_rows(group: zarr.Group, name: str, data: np.ndarray, dtype: str, chunk_rows: int) -> None:
-    """``data`` stored uncompressed, ``chunk_rows`` rows per chunk, all chunks in one zarr shard file."""
+    """``data`` stored uncompressed, ``chunk_rows`` rows per chunk each followed by its crc32c, all
+    chunks in one zarr shard file."""
     chunks = (max(1, min(chunk_rows, len(data))), *data.shape[1:])
     shards = (_round_up(max(len(data), 1), chunks[0]), *data.shape[1:])
     # write_empty_chunks keeps all-zero rows in the file, so the chunks stay contiguous (mappable).
     array = group.create_array(
-        name, shape=data.shape, chunks=chunks, shards=shards, dtype=dtype, compressors=None, config={"write_empty_chunks": True}
+        name,
+        shape=data.shape,
+        chunks=chunks,
+        shards=shards,
+        dtype=dtype,
+        compressors=[Crc32cCodec()],
+        config={"write_empty_chunks": True},
     )
     if len(data):
         array[:] = data
@@ -57,17 +70,19 @@ def _round_up(value: int, multiple: int) -> int:
 class RowArray:
     """Rows of one stored array, by memory map when the layout allows it, else through zarr."""
 
+    check_reads = True  # False only to measure what the check costs (benchmarks/cache_read.py)
+
     def __init__(self, array: zarr.Array, directory: Path):
         self.array, self.directory = array, directory
         self.shape = tuple(array.shape)
         self.dtype = array.dtype
-        self.mapped = _memory_map(array, directory) if len(array.shape) and array.shape[0] else None
+        self.mapped = MappedChunks.open(array, directory) if len(array.shape) and array.shape[0] else None
         if self.mapped is None and self.shape and self.shape[0]:
             log.debug("%s: not laid out for memory mapping; reading through zarr", directory)
 
     def rows(self, rows: np.ndarray | slice) -> np.ndarray:
         if self.mapped is not None:
-            return np.asarray(self.mapped[rows])  # fancy index or slice copy: one memcpy per row
+            return self.mapped.rows(rows, self.check_reads)
         try:
             if isinstance(rows, slice):
                 return np.asarray(self.array[rows])
@@ -75,44 +90,86 @@ class RowArray:
             if not len(rows):
                 return np.zeros((0, *self.shape[1:]), self.dtype)
             return np.asarray(self.array.get_orthogonal_selection((rows,)))
-        except (OSError, ValueError, RuntimeError) as err:  # truncated or corrupt chunk data
+        except (OSError, ValueError, RuntimeError) as err:  # truncated or corrupt chunk data, a failed crc32c
             raise CacheFormatError(
                 f"{self.directory}: unreadable ({type(err).__name__}: {err}); run `rs-cache verify` and `rs-cache repair`"
             ) from None
 
 
-def _memory_map(array: zarr.Array, directory: Path) -> np.memmap | None:
-    """A memmap of all rows when the single shard file holds uncompressed chunks in row order."""
+class MappedChunks:
+    """The chunks of a single zarr shard file, memory-mapped: ``chunks[c, i]`` is row
+    ``c * chunk_rows + i``; with ``crc`` each chunk is checked once, before its first read."""
+
+    def __init__(self, path: Path, chunks: np.memmap, crc: np.memmap | None, length: int):
+        self.path, self.chunks, self.crc, self.length = path, chunks, crc, length
+        self.chunk_rows = chunks.shape[1]
+        self.checked = np.zeros(len(chunks), bool) if crc is not None else None
+
+    @classmethod
+    def open(cls, array: zarr.Array, directory: Path) -> "MappedChunks | None":
+        """The mapping when the single shard file holds uncompressed chunks in row order (each
+        followed by its crc32c, or not: caches written before), else None."""
+        layout = _contiguous_layout(array)
+        if layout is None:
+            return None
+        chunk_rows, with_crc = layout
+        path = directory / "c" / "/".join(["0"] * len(array.shape))
+        chunk_count = _round_up(array.shape[0], chunk_rows) // chunk_rows
+        data_bytes = chunk_rows * int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
+        stride = data_bytes + (CRC_BYTES if with_crc else 0)
+        index_bytes = chunk_count * 16 + INDEX_TRAILER
+        try:
+            with open(path, "rb") as handle:
+                data_end = handle.seek(-index_bytes, 2)
+                index = np.frombuffer(handle.read(chunk_count * 16), "<u8").reshape(chunk_count, 2)
+        except OSError:
+            return None
+        start = int(index[0, 0])
+        expected = start + np.arange(chunk_count, dtype=np.uint64) * np.uint64(stride)
+        in_order = (index[:, 0] == expected).all() and (index[:, 1] == stride).all()
+        if (index[:, 0] == NO_CHUNK).any() or not in_order or start + chunk_count * stride > data_end:
+            return None  # not this layout (or a damaged index: zarr's read checks the index's crc32c)
+        fields = [("rows", array.dtype.newbyteorder("<"), (chunk_rows, *array.shape[1:]))]
+        record = np.dtype(fields + ([("crc", "<u4")] if with_crc else []))
+        mapped = np.memmap(path, dtype=record, mode="r", offset=start, shape=(chunk_count,))
+        return cls(path, mapped["rows"], mapped["crc"] if with_crc else None, array.shape[0])
+
+    def rows(self, rows: np.ndarray | slice, check: bool) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(self.length)[rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        chunk, within = np.divmod(rows, self.chunk_rows)
+        if check and self.checked is not None:
+            self._check(chunk)
+        return np.asarray(self.chunks[chunk, within])  # fancy index: one memcpy per row
+
+    def _check(self, chunks: np.ndarray) -> None:
+        for chunk in np.unique(chunks[~self.checked[chunks]]).tolist():
+            data = self.chunks[chunk]
+            if crc32c.crc32c(data.view(np.uint8).reshape(-1)) != int(self.crc[chunk]):
+                first = chunk * self.chunk_rows
+                raise CacheFormatError(
+                    f"{self.path}: rows {first}-{min(first + self.chunk_rows, self.length) - 1} fail their crc32c "
+                    "check: the file is damaged; run `rs-cache verify` and `rs-cache repair` on the cache"
+                )
+            self.checked[chunk] = True
+
+
+def _contiguous_layout(array: zarr.Array) -> tuple[int, bool] | None:
+    """(rows per chunk, whether each chunk carries a crc32c) when the array is one shard file of
+    uncompressed little-endian chunks of whole rows, else None."""
     metadata = array.metadata.to_dict()
     codecs = metadata.get("codecs", [])
     if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
         return None
     sharding = codecs[0]["configuration"]
-    inner = sharding["codecs"]
-    if sharding.get("index_location", "end") != "end" or [c["name"] for c in inner] != ["bytes"]:
+    names = [c["name"] for c in sharding["codecs"]]
+    if sharding.get("index_location", "end") != "end" or names not in (["bytes"], ["bytes", "crc32c"]):
         return None
-    if inner[0].get("configuration", {}).get("endian", "little") != "little" and array.dtype.itemsize > 1:
+    if sharding["codecs"][0].get("configuration", {}).get("endian", "little") != "little" and array.dtype.itemsize > 1:
         return None
-    chunk_rows = int(sharding["chunk_shape"][0])
     if tuple(sharding["chunk_shape"][1:]) != array.shape[1:]:
         return None
     if int(metadata["chunk_grid"]["configuration"]["chunk_shape"][0]) < array.shape[0]:
         return None  # more than one shard file
-    path = directory / "c" / "/".join(["0"] * len(array.shape))
-    chunk_count = _round_up(array.shape[0], chunk_rows) // chunk_rows
-    row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(-(chunk_count * 16 + INDEX_TRAILER), 2)
-            index = np.frombuffer(handle.read(chunk_count * 16), "<u8").reshape(chunk_count, 2)
-    except OSError:
-        return None
-    start = int(index[0, 0])
-    expected = start + np.arange(chunk_count, dtype=np.uint64) * np.uint64(chunk_rows * row_bytes)
-    in_order = (index[:, 0] == expected).all() and (index[:, 1] == chunk_rows * row_bytes).all()
-    if (index[:, 0] == NO_CHUNK).any() or not in_order:
-        return None
-    mapped = np.memmap(
-        path, dtype=array.dtype.newbyteorder("<"), mode="r", offset=start, shape=(chunk_count * chunk_rows, *array.shape[1:])
-    )
-    return mapped[: array.shape[0]]
+    return int(sharding["chunk_shape"][0]), names[-1] == "crc32c"

@@ -42,11 +42,21 @@ def main() -> None:
     try:
         app()
     except RegionSpotCacheError as err:
-        _fail(str(err))
+        _fail(_raised_message(err))
     except OSError as err:
         if err.filename is None:  # an OSError that names no file is not the user's to fix
             raise
         _fail(file_error_message(err))
+
+
+def _raised_message(err: RegionSpotCacheError) -> str:
+    """The error's own message, also when a DataLoader worker raised it: torch re-raises it in the
+    main process wrapped in the worker's traceback text, which is not the user's to read."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    raised_as = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return text[text.rfind(raised_as) + len(raised_as) :].strip() if raised_as in text else text
 
 
 def file_error_message(err: OSError) -> str:

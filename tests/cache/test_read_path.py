@@ -151,3 +151,49 @@ def test_reader_pickles_without_its_memory_maps(tmp_path):
     clone = pickle.loads(pickle.dumps(reader))
     assert clone._opened == {}
     np.testing.assert_array_equal(clone.feature_map(0), reader.feature_map(0))
+
+
+def _everything(reader: CacheReader) -> list[np.ndarray]:
+    reader._opened.clear()  # reopen the arrays: their files changed
+    ids = reader.image_ids()
+    return [reader.feature_maps(ids), *(reader.box_tokens(i) for i in ids)]
+
+
+@pytest.mark.parametrize("feature_dtype", ["float16", "int8"])
+def test_a_flipped_bit_anywhere_in_a_feature_file_is_an_error_or_changes_nothing(tmp_path, feature_dtype):
+    """The read path never returns a wrong value: each chunk's crc32c is checked before its first
+    read, so a flipped bit in the data or its checksum is an error naming the file; one in the shard
+    index either breaks the layout (then zarr's own checks refuse it) or leaves the values right."""
+    reader = _write(tmp_path, _images(4), feature_dtype=feature_dtype, planned_shards=1)
+    expected = _everything(reader)
+    features = tmp_path / "shards" / "000000" / "features.zarr"
+    files = sorted(p for p in features.rglob("*") if p.is_file() and "c" in p.relative_to(features).parts)
+    assert len(files) == (4 if feature_dtype == "int8" else 2)
+    errors = 0
+    for path in files:
+        pristine = path.read_bytes()
+        step = max(1, len(pristine) // 150)  # about 150 positions per file, the last bytes all
+        for where in sorted({*range(0, len(pristine), step), *range(max(0, len(pristine) - 80), len(pristine))}):
+            damaged = bytearray(pristine)
+            damaged[where] ^= 0x10
+            path.write_bytes(bytes(damaged))
+            try:
+                got = _everything(reader)
+            except CacheFormatError as err:
+                assert str(path).split("/c/")[0] in str(err), err  # names the array's files
+                errors += 1
+            else:
+                for want, value in zip(expected, got):
+                    np.testing.assert_array_equal(value, want, err_msg=f"{path} byte {where}: a wrong value read")
+        path.write_bytes(pristine)
+    assert errors > 0
+
+
+def test_each_chunk_is_checked_once_per_process_and_before_its_first_read(tmp_path):
+    reader = _write(tmp_path, _images(4), planned_shards=1)
+    maps = reader._arrays(0).clip_maps.mapped
+    assert maps.crc is not None and not maps.checked.any()
+    reader.feature_maps([10])
+    assert maps.checked.tolist() == [False, True, False, False]
+    reader.feature_maps([10, 30])
+    assert maps.checked.tolist() == [False, True, False, True]

@@ -5,7 +5,8 @@ The classes: devices (unknown, absent), CLIP models and weights (unknown name, a
 model's weights, a directory), head files (a text file, a directory), outputs (a directory where a
 file goes, a file where a directory goes), JSON files of the wrong shape, counts and sizes, options
 that contradict the recipe or that the method would ignore, and artifacts that do not belong
-together (another dataset's annotations, a view cache, a cache with shards missing).
+together (another dataset's annotations, a view cache, a cache with shards missing), and a damaged
+feature file (a flipped bit, found on the read path by the chunk's crc32c).
 Run in-process through ``regionspot_cache.cli.main``, as a user runs ``rs-cache``.
 """
 
@@ -59,6 +60,15 @@ def work(tmp_path_factory, tiny_models, encoders):
     provenance["view"] = {"id": "hflip", "seed": 0, "mode": "consistent"}
     provenance.setdefault("paths", {})["view_base_cache"] = ".."
     (view / "cache.json").write_text(json.dumps(provenance))
+    damaged = root / "damaged"  # a flipped bit in every feature map: what verify finds, and reads must too
+    shutil.copytree(root / "cache", damaged)
+    for shard, maps in (("000000", 2), ("000001", 1)):
+        chunk_file = damaged / "shards" / shard / "features.zarr" / "clip_maps" / "c" / "0" / "0" / "0"
+        data = bytearray(chunk_file.read_bytes())
+        stride = (len(data) - 4) // maps - 16  # each map and its crc32c, then the shard index and its crc32c
+        for map_row in range(maps):
+            data[map_row * stride + 10] ^= 0x04
+        chunk_file.write_bytes(bytes(data))
     return root, tiny_models
 
 
@@ -178,6 +188,14 @@ def _bad(root, models) -> dict[str, tuple[str, object, str]]:
     cases["search-top-zero"] = ("search", ("--top", "0"), "--top 0")
     cases["search-out-under-file"] = ("search", ("-o", f"{text}/s"), "text.txt")
     cases["search-partial"] = ("search", ("-c", str(root / "partial")), "not committed")
+    for command in ("search", "train", "eval"):
+        cases[f"{command}-damaged-features"] = (command, ("-c", str(root / "damaged")), "crc32c")
+    # Raised in a loader worker: torch wraps it in the worker's traceback; still one line.
+    cases["train-damaged-features-workers"] = (
+        "train",
+        [("-c", str(root / "damaged")), ("--set", "train.num_workers=2")],
+        "clip_maps/c/0/0/0: rows",
+    )
     for name, value, message in (("device-bogus", "gpu0", "not a device"), ("device-absent", "cuda:7", "cuda:7")):
         cases[f"train-{name}"] = ("train", ("--set", f"train.device={value}"), message)
         cases[f"eval-{name}"] = ("eval", ("--set", f"eval.device={value}"), message)
