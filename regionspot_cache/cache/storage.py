@@ -221,6 +221,18 @@ class CacheLocation:
         skipped = tuple(self.path(p) + "/" for p in except_under)
         return sum(int(info.get("size") or 0) for path, info in sizes.items() if not path.startswith(skipped))
 
+    def shard_bytes(self) -> dict[int, int]:
+        """Bytes stored of each committed or uncommitted shard, by id (one listing)."""
+        with self.requests(f"list {SHARDS_DIR}"):
+            sizes = self.fs.find(self.path(SHARDS_DIR), detail=True)
+        found: dict[int, int] = {}
+        prefix = self.path(SHARDS_DIR) + "/"
+        for key, info in sizes.items():
+            name = key.removeprefix(prefix).split("/", 1)[0]
+            if name.isdigit():
+                found[int(name)] = found.get(int(name), 0) + int(info.get("size") or 0)
+        return found
+
     # Shards.
 
     def committed_shards(self, shards_dir: str) -> list[int]:

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.cache.format import SHARDS_DIR, shard_name
+from regionspot_cache.cache.format import FEATURES_DIR, SHARDS_DIR, shard_name
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.errors import CacheFormatError, ConfigError
 from regionspot_cache.train.data import TrainSource
@@ -116,6 +116,8 @@ class ShardCache:
       budget: bytes allowed on disk under ``local_root``.
       schedule: ``shard_schedule`` of this process's batches from the first step on.
       fetch: ``fetch_shard`` or another with its contract.
+      temporary: remove ``local_root`` on ``close`` (a cache on object storage read without
+        ``train.local_cache_dir``).
     """
 
     def __init__(
@@ -125,8 +127,10 @@ class ShardCache:
         budget: int,
         schedule: Iterator[tuple[int, list[ShardKey]]],
         fetch: Fetcher = fetch_shard,
+        temporary: bool = False,
     ):
         self.caches, self.local_root, self.budget = [Path(c) for c in caches], Path(local_root), budget
+        self.temporary = temporary  # removed on close
         self.schedule, self.fetch = schedule, fetch
         self.stats = ShardCacheStats()
         self._present: OrderedDict[ShardKey, int] = OrderedDict()  # bytes, least recently needed first
@@ -153,8 +157,12 @@ class ShardCache:
 
     def shard_bytes(self, key: ShardKey) -> int:
         if key not in self._sizes:
-            self._sizes[key] = tree_bytes(self.caches[key[0]] / SHARDS_DIR / shard_name(key[1]))
-        return self._sizes[key]
+            location = CacheLocation.parse(self.caches[key[0]])
+            if location.remote:  # every shard's size from one listing
+                self._sizes.update({(key[0], shard): size for shard, size in location.shard_bytes().items()})
+            else:
+                self._sizes[key] = tree_bytes(location.local / SHARDS_DIR / shard_name(key[1]))
+        return self._sizes.get(key, 0)
 
     def start(self) -> "ShardCache":
         self._thread.start()
@@ -174,6 +182,8 @@ class ShardCache:
             self._changed.notify_all()
         if self._thread.is_alive():
             self._thread.join()
+        if self.temporary:
+            shutil.rmtree(self.local_root, ignore_errors=True)
 
     def disk_bytes(self) -> int:
         return tree_bytes(self.local_root)
@@ -241,6 +251,9 @@ class LocalShardReader(CacheReader):
             time.sleep(WAIT_POLL_S)
             waited += WAIT_POLL_S
         return where
+
+    def features_dir(self, shard: int) -> Path:
+        return self.shard_dir(shard) / FEATURES_DIR  # the local copy, of a cache on object storage too
 
     def _arrays(self, shard: int):  # noqa: ANN202 - ShardFeatures
         if shard not in self._opened:

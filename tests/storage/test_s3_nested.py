@@ -180,3 +180,34 @@ def test_repair_on_the_store_never_leaves_a_shard_worse_than_it_found_it(s3_env,
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, ["verify", cache]).exit_code == 0
     assert objects(s3_env, cache, "shards/000000") == objects(s3_env, original, "shards/000000")
+
+
+def test_training_from_the_store_fetches_each_shard_ahead_once_for_all_loader_workers(s3_env, on_s3, tmp_path, monkeypatch):
+    """Shard order without train.local_cache_dir: the shards are fetched ahead by the training
+    process into a temporary directory, which its loader workers read (none fetches on its own),
+    and the run equals one on a local copy of the cache."""
+    from regionspot_cache.cache.reader import FetchedShards
+    from regionspot_cache.choices import TrainOrder
+    from regionspot_cache.config import TrainConfig
+    from regionspot_cache.train.loop import train_head
+
+    _, _, _, cache, _ = on_s3
+    local = tmp_path / "local"
+    s3_env.filesystem().get(cache.removeprefix("s3://"), str(local), recursive=True)
+    config = TrainConfig(iterations=6, batch_size=2, max_boxes_per_image=3, device="cpu", num_workers=2, views=["identity"])
+    config.order, config.resident_shards, config.checkpoint_every = TrainOrder.SHARDS, 1, 100
+    reference = train_head(local, tmp_path / "direct" / "head.safetensors", config)
+
+    def no_fetch_of_its_own(self, shard, relative):
+        raise AssertionError(f"shard {shard} fetched by a reader, not ahead by the training process")
+
+    monkeypatch.setattr(FetchedShards, "features", no_fetch_of_its_own)  # loader workers are forked: patched too
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    summary = train_head(cache, tmp_path / "remote" / "head.safetensors", config)
+    assert summary.final_loss == reference.final_loss
+    stored = sum(CacheLocation.parse(cache).shard_bytes().values())
+    assert (
+        summary.local_cache.fetches == 2 and summary.local_cache.fetched_bytes == stored
+    )  # the budget holds both shards: once each in 3 epochs
+    assert not list((tmp_path / "tmp").glob("rs-cache-shards-*"))  # removed when training ends
