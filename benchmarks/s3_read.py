@@ -13,7 +13,8 @@ after one untimed warm-up round:
   ``CacheReader.remote_shards_kept`` shards: a larger cache makes each process fetch shards again.
 - train: what ``rs-cache train`` reads through (``train.loop.training_loader``): shard order, the
   shards fetched ahead once by the training process into a temporary shard cache that its loader
-  workers read; the timed window starts before the shard cache is made.
+  workers read; one epoch (every fetched byte delivered), timed from before the shard cache is
+  made, for each of ``--resident`` resident shards.
 - local: the same loader on a local copy of the cache (the page cache warm), the loader's own
   ceiling on this machine.
 
@@ -57,23 +58,30 @@ def raw_get_rate(location: CacheLocation) -> tuple[float, int]:
 
 
 def train_loader_rates(cache_url: str, args, seed: int) -> dict:
-    """{"workers_<w>": MB/s} of ``training_loader`` for each of ``args.workers``, from a fresh start."""
+    """{"resident_<r>_workers_<w>": MB/s} of ``training_loader`` reading one epoch from a fresh
+    start, for each of ``args.resident`` and ``args.workers``."""
     sources = open_sources([cache_url], [], [])
+    batches_per_epoch = len(sources[0].reader) // args.batch_size
     rates = {}
-    for workers in args.workers:
-        config = TrainConfig(
-            iterations=args.batches, batch_size=args.batch_size, max_boxes_per_image=args.max_boxes, num_workers=workers
-        )
-        config.seed = seed
-        started, size = time.perf_counter(), 0
-        batches, shard_cache = training_loader(sources, config, 0, Processes(), pin_memory=False)
-        try:
-            for step, batch in zip(range(args.batches), batches):
-                shard_cache.delivered(step)
-                size += batch_bytes(batch)
-        finally:
-            shard_cache.close()
-        rates[f"workers_{workers}"] = size / (time.perf_counter() - started) / 1e6
+    for resident in args.resident:
+        for workers in args.workers:
+            config = TrainConfig(
+                iterations=batches_per_epoch,
+                batch_size=args.batch_size,
+                max_boxes_per_image=args.max_boxes,
+                num_workers=workers,
+                resident_shards=resident,
+            )
+            config.seed = seed
+            started, size = time.perf_counter(), 0
+            batches, shard_cache = training_loader(sources, config, 0, Processes(), pin_memory=False)
+            try:
+                for step, batch in zip(range(batches_per_epoch), batches):
+                    shard_cache.delivered(step)
+                    size += batch_bytes(batch)
+            finally:
+                shard_cache.close()
+            rates[f"resident_{resident}_workers_{workers}"] = size / (time.perf_counter() - started) / 1e6
     return rates
 
 
@@ -89,6 +97,13 @@ def main() -> None:
     parser.add_argument("--workers", type=lambda s: [int(w) for w in s.split(",")], default=[0, 2])
     parser.add_argument("--batches", type=int, default=12, help="timed batches per loader and round")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--resident",
+        type=lambda s: [int(r) for r in s.split(",")],
+        default=[8, 2],
+        help="train.resident_shards of the train flow: 8 (the default) holds a 4-shard cache whole; 2 makes "
+        "it span two windows, as a cache of many more shards than 8 does",
+    )
     parser.add_argument("--max-boxes", type=int, default=100)
     args = parser.parse_args()
     location = CacheLocation.parse(args.cache_url)
