@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from regionspot_cache.cache.format import CHECKSUMS_FILE
+from regionspot_cache.cache.format import CHECKSUMS_FILE, SHARDS_DIR, shard_name
 from regionspot_cache.cache.reader import CacheReader
 from regionspot_cache.errors import CacheFormatError
 
@@ -72,10 +72,11 @@ def check_complete(reader: CacheReader, allow_partial: bool, kind: str = "") -> 
 
 def content_digest(reader: CacheReader) -> str:
     """SHA-256 over the committed shards' names and recorded checksums (no feature byte is read:
-    each shard's checksums.json already hashes its files)."""
+    each shard's checksums.json already hashes its files; on object storage, fetched concurrently)."""
     digest = hashlib.sha256()
-    for shard_dir in reader.shard_dirs:
-        digest.update(shard_dir.name.encode())
-        checksums = shard_dir / CHECKSUMS_FILE
-        digest.update(checksums.read_bytes() if checksums.is_file() else b"-")
+    names = [shard_name(shard) for shard in reader.shard_ids]
+    recorded = reader.location.read_many([f"{SHARDS_DIR}/{name}/{CHECKSUMS_FILE}" for name in names])
+    for name, checksums in zip(names, recorded):
+        digest.update(name.encode())
+        digest.update(b"-" if checksums is None else checksums)
     return digest.hexdigest()

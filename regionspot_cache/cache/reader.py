@@ -336,7 +336,7 @@ class CacheReader:
         and checked against the shard's manifest and the provenance before any value is used."""
         if shard not in self._opened:
             self._opened[shard] = self._open_arrays(shard)
-            if self.location.remote and len(self._opened) > self.remote_shards_kept:
+            if self._fetched.directory is not None and len(self._opened) > self.remote_shards_kept:
                 self._fetched.forget(next(iter(self._opened)))  # the oldest: its rows were copied out
                 del self._opened[next(iter(self._opened))]
         return self._opened[shard]
@@ -345,9 +345,15 @@ class CacheReader:
         """Where the shard's files are read from (a local copy's reader overrides it: train/shard_cache.py)."""
         return self.root / SHARDS_DIR / shard_name(shard)
 
+    def features_dir(self, shard: int) -> Path:
+        """The local directory of the shard's feature arrays: fetched by this process from object
+        storage, or the cache's own (a local copy's reader overrides it: train/shard_cache.py)."""
+        if self.location.remote:
+            return self._fetched.features(shard, f"{SHARDS_DIR}/{shard_name(shard)}/{FEATURES_DIR}")
+        return self.shard_dir(shard) / FEATURES_DIR
+
     def _open_arrays(self, shard: int) -> ShardFeatures:
-        relative = f"{SHARDS_DIR}/{shard_name(shard)}/{FEATURES_DIR}"
-        where = self._fetched.features(shard, relative) if self.location.remote else self.shard_dir(shard) / FEATURES_DIR
+        where = self.features_dir(shard)
         in_shard = self._shard == shard
         maps = int((self._map_row[in_shard] >= 0).sum())
         boxes = int(self._box_count[in_shard].sum())

@@ -183,6 +183,28 @@ class CacheLocation:
             if paths:
                 self.fs.rm(paths)
 
+    def read_many(self, relatives: list[str]) -> list[bytes | None]:
+        """The bytes of each object (None where there is none), fetched concurrently when remote."""
+        if self.local is not None:
+            return [(self.local / r).read_bytes() if (self.local / r).is_file() else None for r in relatives]
+        if not relatives:
+            return []
+        with self.requests(f"read {len(relatives)} objects"):
+            found = self.fs.cat([self.path(r) for r in relatives], on_error="return")
+        return [None if isinstance(found.get(self.path(r)), Exception) else found.get(self.path(r)) for r in relatives]
+
+    def subdirectories(self, relative: str) -> list[str]:
+        """Names of the directories (prefixes) directly under ``relative``: nested caches."""
+        if self.local is not None:
+            directory = self.local / relative
+            return sorted(p.name for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+        with self.requests(f"list {relative}"):
+            try:
+                found = self.fs.ls(self.path(relative), detail=True, refresh=True)
+            except FileNotFoundError:
+                return []
+        return sorted(posixpath.basename(info["name"].rstrip("/")) for info in found if info.get("type") == "directory")
+
     def names(self, relative: str, suffix: str) -> list[str]:
         """Stems of the objects ``relative/<stem><suffix>`` (one level)."""
         if self.local is not None:
@@ -198,6 +220,18 @@ class CacheLocation:
             sizes = self.fs.find(self.key, detail=True)
         skipped = tuple(self.path(p) + "/" for p in except_under)
         return sum(int(info.get("size") or 0) for path, info in sizes.items() if not path.startswith(skipped))
+
+    def shard_bytes(self) -> dict[int, int]:
+        """Bytes stored of each committed or uncommitted shard, by id (one listing)."""
+        with self.requests(f"list {SHARDS_DIR}"):
+            sizes = self.fs.find(self.path(SHARDS_DIR), detail=True)
+        found: dict[int, int] = {}
+        prefix = self.path(SHARDS_DIR) + "/"
+        for key, info in sizes.items():
+            name = key.removeprefix(prefix).split("/", 1)[0]
+            if name.isdigit():
+                found[int(name)] = found.get(int(name), 0) + int(info.get("size") or 0)
+        return found
 
     # Shards.
 
@@ -233,18 +267,27 @@ class CacheLocation:
         self.delete(f"{relative}/{COMMIT_RECORD}")
         self.delete(relative)
 
-    def publish_dir(self, staged: Path, relative: str) -> None:
-        """Upload a staged shard directory to ``relative``: first remove what a killed writer left
-        there, then every file but the commit record, then the commit record (the commit)."""
+    def publish_dir(self, staged: Path, relative: str, record: str = COMMIT_RECORD) -> None:
+        """Upload a staged directory (a shard; a region index) to ``relative``: first remove what a
+        killed writer left there, then every file but ``record``, then ``record`` (the commit)."""
         files = sorted(p for p in staged.rglob("*") if p.is_file())
-        last = [p for p in files if p.relative_to(staged).as_posix() == COMMIT_RECORD]
+        last = [p for p in files if p.relative_to(staged).as_posix() == record]
         if not last:
-            raise ValueError(f"{staged}: no {COMMIT_RECORD} to commit the shard with")
+            raise ValueError(f"{staged}: no {record} to commit the directory with")
         self.delete(relative)
         with self.requests(f"upload {relative}"):
             rest = [p for p in files if p not in last]
             self.fs.put([str(p) for p in rest], [self.path(f"{relative}/{p.relative_to(staged).as_posix()}") for p in rest])
-            self.fs.put_file(str(last[0]), self.path(f"{relative}/{COMMIT_RECORD}"))
+            self.fs.put_file(str(last[0]), self.path(f"{relative}/{record}"))
+
+    def copy_dir(self, source: str, target: str) -> None:
+        """Copy every object under ``source`` to ``target`` on the store itself (no download), the
+        commit record last: a copy interrupted midway is not a committed shard."""
+        with self.requests(f"copy {source} to {target}"):
+            keys = sorted(self.fs.find(self.path(source)), key=lambda k: posixpath.basename(k) == COMMIT_RECORD)
+            prefix = self.path(source) + "/"
+            for key in keys:
+                self.fs.copy(key, self.path(f"{target}/{key.removeprefix(prefix)}"))
 
     def fetch_dir(self, relative: str, local_dir: Path) -> Path:
         """Copy every object under ``relative`` into ``local_dir`` (same relative layout)."""

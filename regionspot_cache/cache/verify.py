@@ -56,14 +56,22 @@ def _verify_remote(location: CacheLocation) -> list[ShardProblem]:
 
 def proposals_caches(root: Path | str) -> list[Path]:
     """The proposals caches kept inside ``root`` (they borrow its feature maps)."""
-    directory = Path(root) / PROPOSALS_DIR
-    return sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+    return list(_nested(root, PROPOSALS_DIR).values())
 
 
 def view_caches(root: Path | str) -> dict[str, Path]:
     """The view caches kept inside ``root`` (augmented views of its images), by view id."""
-    directory = Path(root) / VIEWS_DIR
-    return {p.name: p for p in sorted(directory.iterdir()) if p.is_dir()} if directory.is_dir() else {}
+    return _nested(root, VIEWS_DIR)
+
+
+def _nested(root: Path | str, directory: str) -> dict[str, Path]:
+    """The caches under ``root/directory`` by name; on object storage as ``Path(url)``, as
+    ``CacheReader.root`` names a remote cache (``CacheLocation.parse`` reads it back)."""
+    location = CacheLocation.parse(root)
+    names = location.subdirectories(directory)
+    if location.local is not None:
+        return {name: location.local / directory / name for name in names}
+    return {name: Path(location.child(f"{directory}/{name}").url) for name in names}
 
 
 def verify_cache_tree(root: Path | str) -> dict[Path, list[ShardProblem]]:
@@ -94,7 +102,7 @@ def inspect_cache(root: Path | str) -> dict[str, Any]:
     committed = {int(p.name) for p in reader.shard_dirs}
     status = reader.images.column("status").to_pylist()
     location = CacheLocation.parse(root)
-    on_disk = _bytes_on_disk(Path(root)) if not location.remote else location.bytes_stored((PROPOSALS_DIR, VIEWS_DIR))
+    on_disk = _bytes_stored(location)
     return {
         "dataset": provenance.dataset,
         "box_source": provenance.box_source,
@@ -124,6 +132,11 @@ def stored_row_bytes(width: int, feature_dtype: FeatureDtype | str) -> int:
     return FeatureDtype.parse(feature_dtype, "feature_dtype").row_bytes(width)
 
 
+def _bytes_stored(location: CacheLocation) -> int:
+    """Bytes of the cache's own files or objects (its proposals and view caches counted apart)."""
+    return _bytes_on_disk(location.local) if location.local is not None else location.bytes_stored((PROPOSALS_DIR, VIEWS_DIR))
+
+
 def _bytes_on_disk(root: Path) -> int:
     """Bytes of the cache's own files (its proposals and view caches are counted apart)."""
     nested = {root / PROPOSALS_DIR, root / VIEWS_DIR}
@@ -144,7 +157,7 @@ def _view_summary(root: Path) -> dict[str, Any]:
     """Mode, seed, images, bytes and extraction cost of one view cache."""
     reader = CacheReader(root)
     view = reader.provenance.kind.view
-    on_disk = _bytes_on_disk(root)
+    on_disk = _bytes_stored(reader.location)
     return {
         "mode": view.mode if view else "?",
         "seed": view.seed if view else None,
@@ -154,7 +167,7 @@ def _view_summary(root: Path) -> dict[str, Any]:
         "shards_missing": sorted(set(range(reader.provenance.planned_shards)) - {int(p.name) for p in reader.shard_dirs}),
         "bytes_on_disk": on_disk,
         "bytes_on_disk_per_image": round(on_disk / max(len(reader.images), 1)),
-        **_cost(root),
+        **_cost(reader.location),
     }
 
 

@@ -9,11 +9,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from regionspot_cache.cache import Provenance, exclusive_extraction, verify_cache
 from regionspot_cache.cache.format import IMAGES_FILE, SHARDS_DIR, STATUS_OK
-from regionspot_cache.cache.storage import CacheLocation
+from regionspot_cache.cache.storage import COMMIT_RECORD, CacheLocation
 from regionspot_cache.config import ExtractConfig, ModelsConfig, Preprocessing
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders
@@ -36,38 +35,81 @@ def damaged_shards(cache_dir: Path | str) -> dict[str, list[str]]:
     return problems
 
 
-def set_aside(cache_dir: Path, shard: str) -> Path:
-    """Hide the shard with one rename (a hidden name is never read); returns where it now lies."""
-    shards = cache_dir / SHARDS_DIR
-    aside = shards / f".removed-{shard}-{os.getpid()}-{time.time_ns()}"
-    os.rename(shards / shard, aside)
+def set_aside(location: CacheLocation, shard: str) -> str:
+    """Hide the shard under a name never read (``shards/.removed-...``); returns that name. Locally
+    one rename. On object storage (no rename) the shard is first copied there on the store, and
+    uncommitted only once the copy is whole: a failure before that leaves it as it was."""
+    aside = f"{SHARDS_DIR}/.removed-{shard}-{os.getpid()}-{time.time_ns()}"
+    if location.local is not None:
+        os.rename(location.local / SHARDS_DIR / shard, location.local / aside)
+        return aside
+    try:
+        location.copy_dir(f"{SHARDS_DIR}/{shard}", aside)
+    except BaseException:
+        location.delete(aside)
+        raise
+    location.uncommit_shard(int(shard))
     return aside
 
 
-def images_ok(shard_dir: Path) -> tuple[int, list[str]] | None:
-    """(images extracted, reasons of those that failed) by the shard's manifest; None if unreadable."""
+def put_back(location: CacheLocation, shard: str, aside: str) -> None:
+    """Make the shard set aside the committed one again, replacing whatever is there now."""
+    if location.local is not None:
+        if (location.local / SHARDS_DIR / shard).exists():
+            shutil.rmtree(location.local / set_aside(location, shard))
+        os.rename(location.local / aside, location.local / SHARDS_DIR / shard)
+        return
+    location.uncommit_shard(int(shard))
+    location.copy_dir(aside, f"{SHARDS_DIR}/{shard}")  # its commit record last
+    location.delete(aside)
+
+
+def drop(location: CacheLocation, aside: str) -> None:
+    if location.local is not None:
+        shutil.rmtree(location.local / aside)
+    else:
+        location.delete(aside)
+
+
+def images_ok(location: CacheLocation, relative: str) -> tuple[int, list[str]] | None:
+    """(images extracted, reasons of those that failed) by the manifest of the shard at
+    ``relative``; None if it is not committed or its manifest is unreadable."""
+    if location.remote and not location.exists(f"{relative}/{COMMIT_RECORD}"):
+        return None
     try:
-        rows = pq.read_table(shard_dir / IMAGES_FILE, columns=["status", "reason"]).to_pylist()
+        rows = location.read_table(f"{relative}/{IMAGES_FILE}").select(["status", "reason"]).to_pylist()
     except (OSError, pa.ArrowInvalid, KeyError):
         return None
     return sum(row["status"] == STATUS_OK for row in rows), [row["reason"] for row in rows if row["status"] != STATUS_OK]
 
 
-def keep_the_more_complete(cache_dir: Path, shard: str, aside: Path) -> str | None:
+def keep_the_more_complete(location: CacheLocation, shard: str, aside: str) -> str | None:
     """A replacement is kept only if it holds at least as many extracted images as the damaged
     shard it replaces (whose manifest may be readable though a feature byte is not): a repair at a
     moment the images cannot be read would otherwise swap good records for failed ones. Else the
     damaged shard is put back and the reasons the replacement failed are returned."""
-    before, now = images_ok(aside), images_ok(cache_dir / SHARDS_DIR / shard)
+    before, now = images_ok(location, aside), images_ok(location, f"{SHARDS_DIR}/{shard}")
     if now is None:  # not re-extracted at all (its task failed): put the damaged one back, as found
-        os.rename(aside, cache_dir / SHARDS_DIR / shard)
+        put_back(location, shard, aside)
         return "not extracted again"
     if before is not None and now[0] < before[0]:
-        shutil.rmtree(set_aside(cache_dir, shard))
-        os.rename(aside, cache_dir / SHARDS_DIR / shard)
+        put_back(location, shard, aside)
         return f"{now[0]} images extracted where the damaged shard had {before[0]}: {'; '.join(now[1][:3])}"
-    shutil.rmtree(aside)
+    drop(location, aside)
     return None
+
+
+def _set_aside_all(location: CacheLocation, shards: list[str]) -> dict[str, str]:
+    """Each damaged shard set aside; if one cannot be, those already set aside are put back."""
+    aside: dict[str, str] = {}
+    try:
+        for shard in shards:
+            aside[shard] = set_aside(location, shard)
+    except BaseException:
+        for shard, where in aside.items():
+            put_back(location, shard, where)
+        raise
+    return aside
 
 
 def repair_cache(
@@ -85,14 +127,11 @@ def repair_cache(
     refuses any others."""
     cache_dir = Path(cache_dir)
     provenance = Provenance.read(cache_dir)  # not CacheReader: the shards' manifests may be the damage
-    remote = CacheLocation.parse(cache_dir).remote
+    location = CacheLocation.parse(cache_dir)
     with exclusive_extraction(cache_dir):  # no extraction may run while shards are replaced
         damaged = damaged_shards(cache_dir)
-        # Local shards are kept aside until the replacement proves at least as complete; on object
-        # storage (no rename) a damaged shard is uncommitted, its commit record first.
-        aside = {} if remote else {shard: set_aside(cache_dir, shard) for shard in damaged}
-        for shard in damaged if remote else ():
-            CacheLocation.parse(cache_dir).uncommit_shard(int(shard))
+        # Kept aside until the replacement proves at least as complete (or the extraction fails).
+        aside = _set_aside_all(location, sorted(damaged))
     if not damaged:
         return RepairSummary()
     # The shards come back as the cache recorded them, whatever the recipe given says.
@@ -111,7 +150,7 @@ def repair_cache(
         extraction = run_extraction(dataset, target, encoders, config, distributor, only_shards=only)
     finally:
         with exclusive_extraction(cache_dir):
-            refused = {shard: why for shard in aside if (why := keep_the_more_complete(cache_dir, shard, aside[shard]))}
+            refused = {shard: why for shard in aside if (why := keep_the_more_complete(location, shard, aside[shard]))}
     if refused:
         raise ExtractionError(
             f"{cache_dir}: repair refused for shard(s) {', '.join(sorted(refused))}, kept as they were "

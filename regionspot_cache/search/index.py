@@ -4,7 +4,9 @@
 L2-normalised embeddings; ``index.json`` beside it records the file's SHA-256 (checked on every
 open: a damaged index is rebuilt, never trusted), the head's, and the cache's box count. The
 head's hash is over its config and weights, so the same head gives the same index whether it
-comes from a file or from Python.
+comes from a file or from Python. A cache on object storage keeps its index there too (uploaded
+with ``index.json`` last, as a shard's commit record), unless another place is given
+(``index_root``: a local directory or a URL, e.g. when the cache's bucket is read-only).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.completeness import content_digest
+from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.errors import CacheFormatError
 from regionspot_cache.head.model import RegionSpotHead, check_head_fits_cache
 from regionspot_cache.progress import progress_bar
@@ -65,18 +69,66 @@ def index_dir(cache: Path | str, head_hash: str) -> Path:
     return Path(cache) / REGIONS_DIR / head_hash
 
 
-def open_region_index(reader: CacheReader, head: RegionSpotHead, device: str = "auto", batch_images: int = 32) -> RegionIndex:
-    """The cache's region index for ``head``: read if built and intact, else built and written."""
+def index_place(reader: CacheReader, head_hash: str, index_root: Path | str | None = None) -> tuple[CacheLocation, str]:
+    """(store, directory in it) of the index of ``head_hash``: ``regions/<hash>`` beside the cache
+    (on its object store for a remote cache), or ``<hash>`` under ``index_root``."""
+    if index_root is None:
+        return reader.location, f"{REGIONS_DIR}/{head_hash}"
+    return CacheLocation.parse(index_root), head_hash
+
+
+def open_region_index(
+    reader: CacheReader,
+    head: RegionSpotHead,
+    device: str = "auto",
+    batch_images: int = 32,
+    index_root: Path | str | None = None,
+) -> RegionIndex:
+    """The cache's region index for ``head``: read if built and intact, else built and written
+    (beside the cache, or under ``index_root``)."""
     clip = reader.provenance.clip
-    check_head_fits_cache(head, reader.root, clip.width, clip.text_dim, reader.provenance.sam.token_dim)
+    check_head_fits_cache(head, str(reader.location), clip.width, clip.text_dim, reader.provenance.sam.token_dim)
     head_hash = head_sha256(head)
-    directory = index_dir(reader.root, head_hash)
+    store, relative = index_place(reader, head_hash, index_root)
     cache_digest = content_digest(reader)  # shards re-extracted with other boxes make the index stale
-    index = read_index(directory, head_hash, len(reader.boxes), cache_digest)
+    expected = (head_hash, len(reader.boxes), cache_digest)
+    if store.local is not None:
+        index = read_index(store.local / relative, *expected)
+    else:
+        index = _read_remote_index(store, relative, *expected)
     if index is None:
         index = build_index(reader, head, resolve_device(device), batch_images)
-        write_index(index, directory, head_hash, cache_digest)
+        if store.local is not None:
+            write_index(index, store.local / relative, head_hash, cache_digest)
+        else:
+            with tempfile.TemporaryDirectory(prefix="rs-cache-index-") as staged:
+                write_index(index, Path(staged), head_hash, cache_digest)
+                store.publish_dir(Path(staged), relative, record=META_FILE)
     return index
+
+
+def _read_remote_index(store: CacheLocation, relative: str, head_hash: str, regions: int, digest: str) -> RegionIndex | None:
+    """The index on object storage: its ``index.json`` first (a stale index is not downloaded),
+    then both files into a temporary directory, checked as a local one."""
+    try:
+        meta = json.loads(store.read_bytes(f"{relative}/{META_FILE}"))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        meta = {}
+    if not _meta_matches(meta, head_hash, regions, digest, f"{store}/{relative}"):
+        return None
+    with tempfile.TemporaryDirectory(prefix="rs-cache-index-") as local:
+        store.fetch_dir(relative, Path(local))
+        return read_index(Path(local), head_hash, regions, digest)
+
+
+def _meta_matches(meta: dict, head_hash: str, regions: int, digest: str | None, where: object) -> bool:
+    expected = {"version": INDEX_VERSION, "head_sha256": head_hash, "regions": regions, "cache_digest": digest}
+    if any(meta.get(k) != v for k, v in expected.items()):
+        logger.warning("%s: index made for another head, cache or version; rebuilding", where)
+        return False
+    return True
 
 
 @torch.no_grad()
@@ -93,7 +145,7 @@ def build_index(reader: CacheReader, head: RegionSpotHead, device: torch.device,
             parts.append(_embed_images(reader, head, batch, device))
             bar.update(task, advance=len(parts[-1]))
     if not parts:
-        raise CacheFormatError(f"{reader.root}: the cache has no extracted boxes to index")
+        raise CacheFormatError(f"{reader.location}: the cache has no extracted boxes to index")
     fields = ("image_ids", "box_index", "boxes", "embeddings")
     return RegionIndex(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
@@ -147,9 +199,7 @@ def read_index(directory: Path, head_hash: str, regions: int, cache_digest: str 
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        expected = {"version": INDEX_VERSION, "head_sha256": head_hash, "regions": regions, "cache_digest": cache_digest}
-        if any(meta.get(k) != v for k, v in expected.items()):
-            logger.warning("%s: index made for another head, cache or version; rebuilding", directory)
+        if not _meta_matches(meta, head_hash, regions, cache_digest, directory):
             return None
         if sha256_file(path) != meta.get("file_sha256"):
             logger.warning("%s: checksum mismatch (damaged file); rebuilding", path)

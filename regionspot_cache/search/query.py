@@ -138,7 +138,7 @@ def cache_clip(reader: CacheReader, pretrained: str | None = None, device: str =
         clip = load_clip(models.clip.model, models.clip.pretrained, resolve_device(device))
     except FileNotFoundError as err:
         raise MissingFileError(
-            f"{err} (recorded in {reader.root / 'cache.json'}; give the file with --clip-pretrained)"
+            f"{err} (recorded in {reader.location.path('cache.json')}; give the file with --clip-pretrained)"
         ) from None
     given = FrozenEncoders(None, clip, models).clip_provenance()
     found = differences(reader.provenance.clip, given, "{key}: cache has {old!r}, given {new!r}")

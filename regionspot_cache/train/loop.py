@@ -10,10 +10,11 @@ import itertools
 import logging
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import sigmoid_focal_loss
 
 from regionspot_cache.cache import CacheReader
+from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.config import TrainConfig
 from regionspot_cache.errors import ModelLoadError
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, region_logits, save_head
@@ -209,21 +211,7 @@ def _train(
     if start and processes.is_main:
         logger.info("resumed from step %d of %d (%s)", start, config.iterations, latest)
     model = DistributedDataParallel(head) if processes.distributed else head
-    regions = training_regions(sources, config)
-    plan = BatchPlan(
-        regions.sizes(),
-        config.dataset_weights or [1.0] * len(sources),
-        config.batch_size,
-        config.seed,
-        dataset_orders(regions, config),
-    )
-    sampler = RankBatchSampler(plan, start, processes.rank, processes.world_size)
-    shard_cache = None
-    if config.local_cache_dir is not None:
-        shard_cache = local_shard_cache(regions, sampler, sources, config, start, processes)
-        regions = training_regions(open_local_sources(sources, shard_cache, config.views), config)
-        shard_cache.start()
-    loader = region_loader(regions, sampler, config.num_workers, config.prefetch_batches, device.type == "cuda")
+    loader, shard_cache = training_loader(sources, config, start, processes, device.type == "cuda")
     metrics = MetricsLog(run_dir_for(output), start, config.tensorboard) if processes.is_main else None
     started, loss_value, samples = time.perf_counter(), math.nan, 0
     try:
@@ -312,21 +300,57 @@ def dataset_orders(regions: MultiSourceRegions, config: TrainConfig) -> list[Epo
     ]
 
 
-def local_shard_cache(
+def training_loader(
+    sources: Sequence[TrainSource], config: TrainConfig, start: int, processes: Processes, pin_memory: bool
+) -> tuple[Iterable[RegionBatch], ShardCache | None]:
+    """This process's batches from step ``start`` on, and the shard cache they are read through
+    (``shard_cache_for``; started here, closed by the caller)."""
+    regions = training_regions(sources, config)
+    plan = BatchPlan(
+        regions.sizes(),
+        config.dataset_weights or [1.0] * len(sources),
+        config.batch_size,
+        config.seed,
+        dataset_orders(regions, config),
+    )
+    sampler = RankBatchSampler(plan, start, processes.rank, processes.world_size)
+    shard_cache = shard_cache_for(regions, sampler, sources, config, start, processes)
+    if shard_cache is not None:
+        regions = training_regions(open_local_sources(sources, shard_cache, config.views), config)
+        shard_cache.start()
+    return region_loader(regions, sampler, config.num_workers, config.prefetch_batches, pin_memory), shard_cache
+
+
+def shard_cache_for(
     regions: MultiSourceRegions,
     sampler: RankBatchSampler,
     sources: Sequence[TrainSource],
     config: TrainConfig,
     start: int,
     processes: Processes,
-) -> ShardCache:
-    """The local copy this process reads its shards from, fetched ahead along its own batches."""
+) -> ShardCache | None:
+    """The local copy this process reads its shards from, fetched ahead along its own batches:
+    under ``train.local_cache_dir`` within ``train.local_cache_gb``; without it, for caches on
+    object storage read in shard order, in a temporary directory holding the shards of a step
+    and ``CacheReader.remote_shards_kept`` more. Fetched once by this process for all its loader
+    workers, ahead of their reads (each worker fetching the shard it touches, when it touches
+    it, kept the loader at about half the store's throughput). None: read the caches as they are."""
+    on_store = config.order.by_shards and all(CacheLocation.parse(source.cache).remote for source in sources)
+    if config.local_cache_dir is None and not on_store:
+        return None
     shards = [source.shards() for source in regions.sources]
     schedule = shard_schedule(itertools.islice(iter(sampler), config.iterations - start), shards, start)
-    local_root = Path(config.local_cache_dir) / f"rank-{processes.rank}"
-    cache = ShardCache([s.cache for s in sources], local_root, int(config.local_cache_gb * 1e9), schedule)
+    temporary = config.local_cache_dir is None
+    if temporary:
+        local_root = Path(tempfile.mkdtemp(prefix="rs-cache-shards-"))
+    else:
+        local_root = Path(config.local_cache_dir) / f"rank-{processes.rank}"
+    cache = ShardCache([s.cache for s in sources], local_root, int(config.local_cache_gb * 1e9), schedule, temporary=temporary)
     largest = max(cache.shard_bytes((i, int(s))) for i, per_source in enumerate(shards) for s in np.unique(per_source))
-    cache.check_room(min(2 * config.resident_shards, sampler.per_rank) * largest)
+    step_shards = min(2 * config.resident_shards, sampler.per_rank)
+    if temporary:
+        cache.budget = (step_shards + CacheReader.remote_shards_kept) * largest
+    cache.check_room(step_shards * largest)
     return cache
 
 

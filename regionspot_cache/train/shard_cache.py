@@ -19,7 +19,8 @@ import os
 import shutil
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -27,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.cache.format import SHARDS_DIR, shard_name
+from regionspot_cache.cache.format import FEATURES_DIR, SHARDS_DIR, shard_name
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.errors import CacheFormatError, ConfigError
 from regionspot_cache.train.data import TrainSource
@@ -39,6 +40,7 @@ FAILED_FILE = "FAILED"  # written by the fetching thread when it stops on an err
 FETCHING_SUFFIX = ".fetching"
 WAIT_POLL_S = 0.002
 WAIT_LIMIT_S = 1800.0
+FETCH_THREADS = 4  # shards fetched at once
 
 ShardKey = tuple[int, int]  # (source, shard)
 Fetcher = Callable[[Path, int, Path], int]
@@ -49,16 +51,24 @@ def open_local_sources(sources: Sequence[TrainSource], cache: "ShardCache", view
     still read where they are)."""
     local = []
     for i, source in enumerate(sources):
-        reader = LocalShardReader(source.cache, cache.local_dir(i))
+        reader = LocalShardReader.of(source.reader, cache.local_dir(i))
         local.append(replace(source, reader=reader, views=open_views(reader, views)))
     return local
 
 
 def tree_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (0 if it does not exist)."""
+    """Bytes of the files under ``path`` (0 if it does not exist). Files that vanish meanwhile (a
+    shard landing by rename, or evicted, while another is fetched) are not counted."""
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+    total = 0
+    for directory, _, files in os.walk(path):  # os.walk skips directories that vanish
+        for name in files:
+            try:
+                total += os.stat(os.path.join(directory, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def fetch_shard(source_cache: Path | str, shard_id: int, local_dir: Path | str) -> int:
@@ -116,6 +126,8 @@ class ShardCache:
       budget: bytes allowed on disk under ``local_root``.
       schedule: ``shard_schedule`` of this process's batches from the first step on.
       fetch: ``fetch_shard`` or another with its contract.
+      temporary: remove ``local_root`` on ``close`` (a cache on object storage read without
+        ``train.local_cache_dir``).
     """
 
     def __init__(
@@ -125,8 +137,10 @@ class ShardCache:
         budget: int,
         schedule: Iterator[tuple[int, list[ShardKey]]],
         fetch: Fetcher = fetch_shard,
+        temporary: bool = False,
     ):
         self.caches, self.local_root, self.budget = [Path(c) for c in caches], Path(local_root), budget
+        self.temporary = temporary  # removed on close
         self.schedule, self.fetch = schedule, fetch
         self.stats = ShardCacheStats()
         self._present: OrderedDict[ShardKey, int] = OrderedDict()  # bytes, least recently needed first
@@ -136,6 +150,7 @@ class ShardCache:
         self._error: BaseException | None = None
         self._changed = threading.Condition()
         self._sizes: dict[ShardKey, int] = {}
+        self._reserved: dict[ShardKey, int] = {}  # being fetched: bytes they will take
         shutil.rmtree(self.local_root, ignore_errors=True)
         self.local_root.mkdir(parents=True)
         self._thread = threading.Thread(target=self._run, name="shard-fetcher", daemon=True)
@@ -153,8 +168,12 @@ class ShardCache:
 
     def shard_bytes(self, key: ShardKey) -> int:
         if key not in self._sizes:
-            self._sizes[key] = tree_bytes(self.caches[key[0]] / SHARDS_DIR / shard_name(key[1]))
-        return self._sizes[key]
+            location = CacheLocation.parse(self.caches[key[0]])
+            if location.remote:  # every shard's size from one listing
+                self._sizes.update({(key[0], shard): size for shard, size in location.shard_bytes().items()})
+            else:
+                self._sizes[key] = tree_bytes(location.local / SHARDS_DIR / shard_name(key[1]))
+        return self._sizes.get(key, 0)
 
     def start(self) -> "ShardCache":
         self._thread.start()
@@ -174,32 +193,49 @@ class ShardCache:
             self._changed.notify_all()
         if self._thread.is_alive():
             self._thread.join()
+        if self.temporary:
+            shutil.rmtree(self.local_root, ignore_errors=True)
 
     def disk_bytes(self) -> int:
         return tree_bytes(self.local_root)
 
     def _run(self) -> None:
+        # Up to FETCH_THREADS shards in flight: one shard's few objects leave most of a link idle,
+        # and a step of shard order reads several shards at once.
+        in_flight: deque[Future] = deque()
         try:
-            for step, keys in self.schedule:
-                for key in keys:
-                    if not self._make_room_and_fetch(step, key):
-                        return
+            with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="shard-fetch") as pool:
+                for step, keys in self.schedule:
+                    for key in keys:
+                        size = self._make_room(step, key)
+                        if size is None:
+                            return
+                        if size:
+                            in_flight.append(pool.submit(self._fetch, key, size))
+                        while in_flight and (len(in_flight) >= FETCH_THREADS or in_flight[0].done()):
+                            in_flight.popleft().result()
+                while in_flight:
+                    in_flight.popleft().result()
         except BaseException as err:  # noqa: BLE001 - handed to the training loop and to the readers
             self._error = err
             (self.local_root / FAILED_FILE).write_text(f"{type(err).__name__}: {err}")
             log.error("local shard cache stopped: %s", err)
 
-    def _make_room_and_fetch(self, step: int, key: ShardKey) -> bool:
+    def _make_room(self, step: int, key: ShardKey) -> int | None:
+        """Reserve room for ``key`` (evicting shards no coming batch needs): its bytes, 0 when it
+        is there or on its way already, None when closing."""
         with self._changed:
             self._last_needed[key] = step
             if key in self._present:
                 self._present.move_to_end(key)
-                return True
-            size = self.shard_bytes(key)
+                return 0
+            if key in self._reserved:
+                return 0
+            size = max(self.shard_bytes(key), 1)
             waited = time.perf_counter()
-            while sum(self._present.values()) + size > self.budget:
+            while sum(self._present.values()) + sum(self._reserved.values()) + size > self.budget:
                 if self._stopping:
-                    return False
+                    return None
                 victim = next((k for k in self._present if self._last_needed[k] <= self._delivered), None)
                 if victim is None:
                     self._changed.wait(timeout=1.0)
@@ -209,14 +245,18 @@ class ShardCache:
                 self.stats.evictions += 1
             self.stats.wait_seconds += time.perf_counter() - waited
             if self._stopping:
-                return False
+                return None
+            self._reserved[key] = size
+            return size
+
+    def _fetch(self, key: ShardKey, size: int) -> None:
         fetched = self.fetch(self.caches[key[0]], key[1], self.local_dir(key[0]))
         with self._changed:
+            del self._reserved[key]
             self._present[key] = fetched
             self.stats.fetched_bytes += fetched
             self.stats.fetches += 1
             self.stats.peak_disk_bytes = max(self.stats.peak_disk_bytes, self.disk_bytes())
-        return True
 
 
 class LocalShardReader(CacheReader):
@@ -228,6 +268,14 @@ class LocalShardReader(CacheReader):
         super().__init__(root)
         self.local_dir = Path(local_dir)
         self._identities: dict[int, tuple[int, int]] = {}
+
+    @classmethod
+    def of(cls, reader: CacheReader, local_dir: Path) -> "LocalShardReader":
+        """``reader``'s manifests and identity as they are (on object storage, not read again)."""
+        local = cls.__new__(cls)
+        local.__dict__.update(reader.__getstate__())
+        local.local_dir, local._identities = Path(local_dir), {}
+        return local
 
     def shard_dir(self, shard: int) -> Path:
         where = self.local_dir / SHARDS_DIR / shard_name(shard)
@@ -241,6 +289,9 @@ class LocalShardReader(CacheReader):
             time.sleep(WAIT_POLL_S)
             waited += WAIT_POLL_S
         return where
+
+    def features_dir(self, shard: int) -> Path:
+        return self.shard_dir(shard) / FEATURES_DIR  # the local copy, of a cache on object storage too
 
     def _arrays(self, shard: int):  # noqa: ANN202 - ShardFeatures
         if shard not in self._opened:
