@@ -322,12 +322,12 @@ class EvalConfig(Validated):
 class AutoBoxesConfig(Validated):
     """``predict --boxes auto``: SAM's automatic mask generator (a grid of point prompts, masks
     filtered by predicted IoU and stability, then box NMS) gives the boxes. SAM's own defaults
-    except a 16x16 grid (SAM: 32x32) to stay quick on a CPU, and 16 points per batch (SAM: 64):
-    each point's 3 masks are upsampled to the image as floats, 64 of them take gigabytes for a
-    photo. At most ``max_boxes`` boxes, best first."""
+    except an 8x8 grid (SAM: 32x32; each point runs SAM's mask decoder, slow on a CPU) and 16
+    points per batch (SAM: 64: each point's 3 masks are upsampled to the image as floats, 64 of
+    them take gigabytes for a photo). At most ``max_boxes`` boxes, best first."""
 
     SECTION: ClassVar[str] = "predict.auto_boxes"
-    points_per_side: int = field(default=16, metadata=at_least(1))
+    points_per_side: int = field(default=8, metadata=at_least(1))
     points_per_batch: int = field(default=16, metadata=at_least(1))
     pred_iou_thresh: float = field(default=0.88, metadata=between(0, 1))
     stability_score_thresh: float = field(default=0.95, metadata=between(0, 1))

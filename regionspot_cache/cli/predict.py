@@ -121,7 +121,7 @@ def predict(
     given = predictor.auto_boxes(picture, config.predict.auto_boxes) if given is None else given
     if not len(given):
         print("[]")
-        say(f"no regions: {_no_boxes_reason(boxes)} found no boxes in {image}; nothing drawn")
+        say(f"no regions: {_no_boxes_source(boxes)} found no boxes in {image}; nothing drawn")
         return
     regions = predictor.predict(
         picture, given, names, masks=masks, attention=attention, open_set=config.eval.open_set, top_k=classes
@@ -161,9 +161,9 @@ def _given_boxes(image: Path, size, boxes, boxes_file, manifest, data_root, imag
     return given
 
 
-def _no_boxes_reason(boxes: Optional[str]) -> str:
+def _no_boxes_source(boxes: Optional[str]) -> str:
     from regionspot_cache.predict.io import AUTO_BOXES
 
-    if boxes == AUTO_BOXES:
-        return "SAM's automatic mask generator (lower predict.auto_boxes.pred_iou_thresh / stability_score_thresh to keep more)"
+    if boxes == AUTO_BOXES:  # a random-weight SAM seldom passes its thresholds: say which to lower
+        return "SAM's automatic mask generator (lower predict.auto_boxes.pred_iou_thresh, stability_score_thresh)"
     return f"the proposal file of --boxes {boxes}"

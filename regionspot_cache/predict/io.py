@@ -106,11 +106,11 @@ def read_vocabulary_file(path: Path) -> list[str]:
 
 
 def region_label(region: Region) -> str:
-    """The caption drawn at a predicted box: its label and score; when rejected, "none of these"
-    and the best guess it had."""
+    """The caption drawn at a predicted box: its label and score; when rejected, "none" and the
+    best guess it had (kept short: the tag must fit beside small boxes)."""
     if region.label is None:
         guess = region.best_guess
-        return "none of these" + (f" (best guess: {guess.label} {guess.score:.2f})" if guess else "")
+        return "none of these" if guess is None else f"none (best: {guess.label} {guess.score:.2f})"
     return f"{region.label} {region.score:.2f}"
 
 

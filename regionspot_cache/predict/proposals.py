@@ -31,7 +31,7 @@ def automatic_boxes(encoders: FrozenEncoders, pixels: np.ndarray, config: AutoBo
     scores = np.asarray([float(mask["predicted_iou"]) for mask in found], np.float32)
     keep = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
     xyxy, scores = xyxy[keep][: config.max_boxes], scores[keep][: config.max_boxes]
-    logger.info("automatic mask generator: %d masks, %d boxes kept", len(found), len(xyxy))
+    logger.debug("automatic mask generator: %d masks, %d boxes kept", len(found), len(xyxy))
     return BoxSet(xyxy, np.full(len(xyxy), -1, np.int64), scores)
 
 
@@ -47,7 +47,12 @@ def _generator(encoders: FrozenEncoders, config: AutoBoxesConfig):
     if encoders.is_sam2:
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
-        return SAM2AutomaticMaskGenerator(encoders.sam.model, **settings)
+        generator = SAM2AutomaticMaskGenerator(encoders.sam.model, **settings)
+        # Its predictor assumes a 1024-pixel input (feature maps 256, 128, 64 wide); other sizes
+        # (the tests' tiny SAM 2.1) need theirs: 1/4, 1/8 and 1/16 of the input.
+        side = encoders.sam.input_size
+        generator.predictor._bb_feat_sizes = [(side // 4, side // 4), (side // 8, side // 8), (side // 16, side // 16)]
+        return generator
     from segment_anything import SamAutomaticMaskGenerator
 
     return SamAutomaticMaskGenerator(encoders.sam.sam, **settings)

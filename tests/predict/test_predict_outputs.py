@@ -77,7 +77,7 @@ def test_a_rejected_region_keeps_its_best_guess(predictor, rgb_image):
             "category_id": VOCAB.index(one.label),
             "score": region.best_guess.score,
         }
-        assert region_label(region) == f"none of these (best guess: {one.label} {region.best_guess.score:.2f})"
+        assert region_label(region) == f"none (best: {one.label} {region.best_guess.score:.2f})"
     kept = predictor.predict(rgb_image, BOXES, VOCAB, open_set=OpenSetConfig("max-sigmoid", threshold=0.0))
     assert all(not r.rejected and "rejected" not in r.to_json() and "best_guess" not in r.to_json() for r in kept)
 
@@ -126,6 +126,18 @@ def test_auto_boxes_come_from_sams_automatic_mask_generator(predictor, rgb_image
     assert [r.box for r in regions] == found.xyxy.tolist()
     assert [r.proposal_score for r in regions] == pytest.approx(found.scores.tolist())
     assert all("proposal_score" in r.to_json() for r in regions)
+
+
+def test_auto_boxes_with_sam_2(tmp_path, rgb_image):
+    """SAM 2.1's own generator, with the loaded model (the tiny one's input is 256, not 1024)."""
+    from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
+    from regionspot_cache.encoders import load_frozen_encoders
+    from regionspot_cache.predict.proposals import automatic_boxes
+
+    encoders = load_frozen_encoders(write_tiny_checkpoints(tmp_path, sam_variant="sam2_tiny"), torch.device("cpu"))
+    found = automatic_boxes(encoders, rgb_image, LOW_THRESHOLDS)
+    assert len(found) >= 1 and (found.xyxy[:, 2:] > found.xyxy[:, :2]).all()
+    assert len(automatic_boxes(encoders, rgb_image, AutoBoxesConfig(points_per_side=1, pred_iou_thresh=1.0))) == 0
 
 
 def test_predict_with_given_scores_keeps_them(predictor, rgb_image):
