@@ -146,16 +146,17 @@ def _given_boxes(image: Path, size, boxes, boxes_file, manifest, data_root, imag
     from regionspot_cache.predict.proposals import proposal_boxes
 
     spec = load_manifest(manifest, data_root) if manifest else None
-    if boxes == AUTO_BOXES:
+    automatic = boxes == AUTO_BOXES
+    proposal_file = named_proposal_file(boxes, spec) if boxes is not None and not automatic else None
+    if image_id is not None and proposal_file is None:
+        raise UserError("--image-id picks the image in a proposal file: give one with --boxes FILE or NAME")
+    if automatic:
         return None
-    proposal_file = named_proposal_file(boxes, spec) if boxes is not None else None
     if proposal_file is not None:
         found, dropped = proposal_boxes(proposal_file, image, size, image_id, spec)
         if dropped:
             say(f"{proposal_file}: {dropped} of its boxes for {image.name} have no area inside the image; left out")
         return found
-    if image_id is not None:
-        raise UserError("--image-id picks the image in a proposal file: give one with --boxes FILE or NAME")
     given = parse_boxes(boxes) if boxes is not None else read_boxes_file(boxes_file)
     checked_boxes(given, *size)  # a bad box fails before the models load
     return given

@@ -64,11 +64,12 @@ def proposal_boxes(
     """The boxes of ``image`` ((width, height) ``size``) in the proposal file ``path`` (GLIP's
     object or COCO results), with their scores, best first, and how many of its boxes were
     dropped for having no area inside the image (a detector's, not the user's, so not an error).
-    The image is ``image_id``, else found by its file among the manifest's images, else the
-    file's only image."""
+    The image is ``image_id``, else found by its file among the manifest's images (which may
+    have no proposals: a detector found nothing), else the file's only image."""
     proposals = load_proposals(path)
     if image_id is None and manifest is not None:
         image_id = manifest_image_id(manifest, image)
+        proposals.setdefault(image_id, BoxSet.empty())
     if image_id is None:
         if len(proposals) != 1:
             raise InputError(

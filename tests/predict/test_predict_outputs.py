@@ -155,6 +155,8 @@ def scene(tmp_path, rgb_image, tiny_models, head_path):
     Image.fromarray(rgb_image).save(tmp_path / "images" / "scene.png")
     images = [{"id": 7, "file_name": "scene.png", "width": 140, "height": 90}]
     images.append({"id": 8, "file_name": "other.png", "width": 140, "height": 90})
+    images.append({"id": 9, "file_name": "empty.png", "width": 140, "height": 90})  # the detector found nothing
+    Image.fromarray(rgb_image).save(tmp_path / "images" / "empty.png")
     categories = [{"id": 1, "name": "thing"}]
     (tmp_path / "annotations.json").write_text(json.dumps({"images": images, "annotations": [], "categories": categories}))
     proposals = [
@@ -185,6 +187,15 @@ def test_predict_command_takes_a_manifests_proposal_set(scene):
     assert "1 of its boxes for scene.png have no area inside the image" in " ".join(result.stderr.split())
     assert "1 clipped to the image 140x90" in " ".join(result.stderr.split())
     assert (root / "scene.regions.png").is_file()
+
+    command[1] = str(root / "images" / "empty.png")
+    empty = runner.invoke(
+        cli.app, [*command, "--manifest", str(root / "scene.toml"), "--data-root", str(root), "--boxes", "detector"]
+    )
+    assert empty.exit_code == 0, empty.output
+    assert json.loads(empty.stdout) == [] and "no regions: the proposal file of --boxes detector" in " ".join(
+        empty.stderr.split()
+    )
 
 
 def test_predict_command_takes_a_proposal_file_for_one_image(scene):
@@ -224,6 +235,7 @@ def test_predict_command_auto_boxes(scene):
     [
         (["--boxes", "10,5,60,40", "--top-k", "two"], "--top-k: 'two' is not a count"),
         (["--boxes", "10,5,60,40", "--image-id", "3"], "--image-id picks the image in a proposal file"),
+        (["--boxes", "auto", "--image-id", "3"], "--image-id picks the image in a proposal file"),
         (["--boxes", "glip"], "--boxes: 'glip' is neither boxes"),
     ],
 )
