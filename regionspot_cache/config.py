@@ -1,7 +1,7 @@
 """Dataclass configs for the three phases, and recipe files (TOML) that fill them.
 
-A recipe is data: ``[models.sam]``, ``[models.clip]``, ``[extract]``, ``[train]`` and ``[eval]``
-tables whose keys are the fields below. Unknown keys are errors, so a typo never passes silently.
+A recipe is data: ``[models.sam]``, ``[models.clip]``, ``[extract]``, ``[train]``, ``[eval]`` and
+``[predict.auto_boxes]`` tables whose keys are the fields below. Unknown keys are errors, so a typo never passes silently.
 """
 
 from __future__ import annotations
@@ -319,12 +319,36 @@ class EvalConfig(Validated):
 
 
 @dataclass
+class AutoBoxesConfig(Validated):
+    """``predict --boxes auto``: SAM's automatic mask generator (a grid of point prompts, masks
+    filtered by predicted IoU and stability, then box NMS) gives the boxes. SAM's own defaults
+    except an 8x8 grid (SAM: 32x32; each point runs SAM's mask decoder, slow on a CPU) and 16
+    points per batch (SAM: 64: each point's 3 masks are upsampled to the image as floats, 64 of
+    them take gigabytes for a photo). At most ``max_boxes`` boxes, best first."""
+
+    SECTION: ClassVar[str] = "predict.auto_boxes"
+    points_per_side: int = field(default=8, metadata=at_least(1))
+    points_per_batch: int = field(default=16, metadata=at_least(1))
+    pred_iou_thresh: float = field(default=0.88, metadata=between(0, 1))
+    stability_score_thresh: float = field(default=0.95, metadata=between(0, 1))
+    box_nms_thresh: float = field(default=0.7, metadata=between(0, 1))
+    max_boxes: int = field(default=100, metadata=at_least(1))
+
+
+@dataclass
+class PredictConfig(Validated):
+    SECTION: ClassVar[str] = "predict"
+    auto_boxes: AutoBoxesConfig = field(default_factory=AutoBoxesConfig)
+
+
+@dataclass
 class Recipe(Validated):
     SECTION: ClassVar[str] = "recipe"
     models: ModelsConfig = field(default_factory=ModelsConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:

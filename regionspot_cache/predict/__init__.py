@@ -1,5 +1,6 @@
 """Regions of any image against any vocabulary, in memory: ``Predictor``, whose answers are ``Region``s."""
 
-from regionspot_cache.predict.predictor import Predictor, Region
+from regionspot_cache.predict.predictor import Predictor
+from regionspot_cache.predict.region import ClassScore, Region
 
-__all__ = ["Predictor", "Region"]
+__all__ = ["ClassScore", "Predictor", "Region"]

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from regionspot_cache.drawing import PALETTE, draw_labelled_box
 from regionspot_cache.predict.io import region_label
-from regionspot_cache.predict.predictor import Region
+from regionspot_cache.predict.region import Region
 
 TILE_SIDE = 256  # long side of each drawn image
 OVERLAY_ALPHA = 0.55

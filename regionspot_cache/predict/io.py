@@ -9,12 +9,41 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
+from regionspot_cache.data.datasets import Manifest
 from regionspot_cache.drawing import PALETTE, draw_labelled_box
 from regionspot_cache.errors import InputError, MissingFileError
-from regionspot_cache.predict.predictor import Region
+from regionspot_cache.predict.region import Region
 from regionspot_cache.regions.masks import decode_rle
 
 MASK_ALPHA = 0.45
+AUTO_BOXES = "auto"  # --boxes auto: SAM's automatic mask generator
+ALL_CLASSES = "all"  # --top-k all: the whole vocabulary
+
+
+def named_proposal_file(text: str, manifest: Manifest | None) -> Path | None:
+    """The proposal file ``--boxes`` names (a proposal set of the manifest, or a file); None when
+    it gives box coordinates. A word that is neither is an error listing what it could be."""
+    if manifest is not None and text in manifest.proposals:
+        return manifest.proposals[text]
+    if Path(text).is_file():
+        return Path(text)
+    if "," not in text:  # no coordinates: a name or a file that is not there
+        sets = f"a proposal set of {manifest.source} {sorted(manifest.proposals)}" if manifest else "a proposal set of --manifest"
+        raise InputError(f'--boxes: {text!r} is neither boxes "x1,y1,x2,y2;...", {AUTO_BOXES!r}, {sets}, nor a file')
+    return None
+
+
+def parse_top_k(text: str) -> int:
+    """``--top-k``: a count of classes, 0 or ``all`` for the whole vocabulary (0 for it)."""
+    if text.strip().lower() == ALL_CLASSES:
+        return 0
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise InputError(f"--top-k: {text!r} is not a count of classes (1, 2, ...; 0 or {ALL_CLASSES!r}: all)")
+    return count
 
 
 def parse_boxes(text: str, where: str = "--boxes") -> np.ndarray:
@@ -77,9 +106,12 @@ def read_vocabulary_file(path: Path) -> list[str]:
 
 
 def region_label(region: Region) -> str:
-    """The caption drawn at a predicted box: its label ("none of these" when rejected) and score."""
-    label = "none of these" if region.label is None else region.label
-    return f"{label} {region.score:.2f}"
+    """The caption drawn at a predicted box: its label and score; when rejected, "none" and the
+    best guess it had (kept short: the tag must fit beside small boxes)."""
+    if region.label is None:
+        guess = region.best_guess
+        return "none of these" if guess is None else f"none (best: {guess.label} {guess.score:.2f})"
+    return f"{region.label} {region.score:.2f}"
 
 
 def draw_regions(image: Image.Image, regions: list[Region], path: Path) -> None:

@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from regionspot_cache.config import ModelsConfig, OpenSetConfig, Preprocessing, TextRecipe
+from regionspot_cache.config import AutoBoxesConfig, ModelsConfig, OpenSetConfig, Preprocessing, TextRecipe
 from regionspot_cache.data.boxes import split_boxes
 from regionspot_cache.data.datasets import BoxSet, xyxy_array
 from regionspot_cache.data.images import load_rgb
@@ -34,6 +34,8 @@ from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_e
 from regionspot_cache.errors import InputError, ModelLoadError
 from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
 from regionspot_cache.identity import ClipIdentity
+from regionspot_cache.predict.proposals import automatic_boxes
+from regionspot_cache.predict.region import ClassScore, Region, ranked_classes
 from regionspot_cache.regions.masks import box_mask_rles
 from regionspot_cache.regions.open_set import kept_regions
 from regionspot_cache.runtime.devices import resolve_device
@@ -93,6 +95,24 @@ def checked_boxes(boxes: Any, width: int, height: int) -> np.ndarray:
 
 def _box_set(xyxy: np.ndarray) -> BoxSet:
     return BoxSet(xyxy, np.full(len(xyxy), -1, np.int64), np.ones(len(xyxy), np.float32))
+
+
+def _regions(xyxy: np.ndarray, given: np.ndarray, probabilities: np.ndarray, names: list[str], top_k: int) -> list[Region]:
+    """One region per box from its (C,) class probabilities; a clipped box keeps the box given."""
+    results = []
+    for box, given_box, row in zip(xyxy, given, probabilities):
+        classes = ranked_classes(row, names, top_k)
+        changed = bool((box != given_box).any())
+        results.append(
+            Region(
+                box.tolist(),
+                classes[0].label,
+                classes[0].score,
+                given_box=given_box.tolist() if changed else None,
+                classes=None if top_k == 1 else classes,
+            )
+        )
+    return results
 
 
 @dataclass
@@ -157,31 +177,6 @@ class TextEmbeddingCache:
                 save_file({"embeddings": embeddings.contiguous()}, str(tmp), metadata=metadata)
         except OSError as err:  # the disk cache only saves time
             logger.warning("cannot write the text embedding cache %s: %s", path, err)
-
-
-@dataclass
-class Region:
-    """What ``Predictor.predict`` says about one box; the optional fields are set when asked for."""
-
-    box: list[float]  # x1, y1, x2, y2 in original pixels, clipped to the image
-    label: str | None  # the most probable class name; None when the open-set rule rejects the box
-    score: float  # its softmax probability over the vocabulary
-    known: float | None = None  # with an open-set rule: the box's known score
-    # With ``attention``: the head's last-layer cross-attention over the CLIP grid (grid_h, grid_w)
-    # float32, mean over heads, and its share on the class token; together they sum to one.
-    attention: np.ndarray | None = field(default=None, compare=False, repr=False)
-    attention_class_token: float | None = None
-    mask: dict | None = field(default=None, repr=False)  # with ``masks``: COCO RLE {"size": [H, W], "counts": str}
-
-    def to_json(self) -> dict[str, Any]:
-        """The fields that are set, as JSON types; the attention map is drawn, not written."""
-        optional = {"known": self.known, "attention_class_token": self.attention_class_token, "mask": self.mask}
-        return {
-            "box": self.box,
-            "label": self.label,
-            "score": self.score,
-            **{key: value for key, value in optional.items() if value is not None},
-        }
 
 
 class Predictor:
@@ -261,32 +256,41 @@ class Predictor:
         masks: bool = False,
         attention: bool = False,
         open_set: OpenSetConfig | None = None,
+        top_k: int = 1,
     ) -> list[Region]:
         """Label each box of one image with the most probable class of ``vocabulary``.
 
         Arguments:
           image (np.ndarray, PIL.Image, Path or str): an (H, W, 3) uint8 RGB array (or
             (H, W) / (H, W, 4), converted to RGB), a PIL image, or an image file.
-          boxes (array-like): (N, 4) x1, y1, x2, y2 in original pixels; clipped to the image, a
-            box without area inside it is an error naming it.
+          boxes (array-like or BoxSet): (N, 4) x1, y1, x2, y2 in original pixels; clipped to the
+            image, a box without area inside it is an error naming it. A ``BoxSet`` (from
+            ``auto_boxes`` or a proposal file) also gives each region its ``proposal_score``.
           vocabulary (sequence of str): C distinct, non-empty class names.
           masks (bool): also return SAM's single mask for each box prompt.
           attention (bool): also return where the head looks: the last decoder layer's
             cross-attention over the CLIP grid, averaged over heads.
           open_set (OpenSetConfig or None): a rule that may reject a box as none of the
             vocabulary (``regions/open_set.py``); None or rule ``off``: never.
+          top_k (int): with other than 1, each region's ``classes``: its ``top_k`` most probable
+            classes, best first (0: the whole vocabulary).
 
         Returns:
-          (list of Region): N regions, in box order: ``box`` (4 floats, clipped), ``label``
-            (str; None when the open-set rule rejects the box), ``score`` (float, softmax
-            probability over the vocabulary); with ``masks`` ``mask``, with an open-set rule
+          (list of Region): N regions, in box order: ``box`` (4 floats, clipped; ``given_box``
+            when clipping changed it), ``label`` (str; None when the open-set rule rejects the
+            box, which then has ``best_guess``), ``score`` (float, softmax probability over the
+            vocabulary, of the best class); with ``masks`` ``mask``, with an open-set rule
             ``known``, with ``attention`` ``attention`` and ``attention_class_token``.
         """
         names = checked_vocabulary(vocabulary)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise InputError(f"top_k: {top_k!r} is not a count of classes (1, 2, ...; 0: all)")
         open_set = open_set or OpenSetConfig()
         open_set.validate()
         picture = to_rgb_image(image)
-        xyxy = checked_boxes(boxes, picture.width, picture.height)
+        proposal_scores = boxes.scores.tolist() if isinstance(boxes, BoxSet) else None
+        given = boxes.xyxy if isinstance(boxes, BoxSet) else boxes
+        xyxy = checked_boxes(given, picture.width, picture.height)
         if not len(xyxy):
             return []
         sam = self.encoders.sam
@@ -297,19 +301,28 @@ class Predictor:
         background = self.text.get(checked_vocabulary(open_set.background_prompts)) if rule.needs_background else text[:0]
         logits, weights = self.region_logits(picture, embedding, xyxy, torch.cat([text, background]), attention)
         logits, background_logits = logits[:, : len(names)], logits[:, len(names) :]
-        scores, labels = logits.softmax(dim=-1).max(dim=-1)
-        results = [Region(box, names[label], score) for box, label, score in zip(xyxy.tolist(), labels.tolist(), scores.tolist())]
+        results = _regions(xyxy, xyxy_array(given), logits.softmax(dim=-1).float().cpu().numpy(), names, top_k)
+        if proposal_scores is not None:
+            for result, score in zip(results, proposal_scores):
+                result.proposal_score = score
         if open_set.rule.rejects:
             known = open_set.rule.known_scores(logits, background_logits)
             for result, score, kept in zip(results, known.tolist(), kept_regions(known, open_set).tolist()):
                 result.known = score
-                result.label = result.label if kept else None
+                if not kept:  # the best guess stays beside the rejection
+                    result.best_guess = ClassScore(result.label, names.index(result.label), result.score)
+                    result.label = None
         if attention:
             self._add_attention(results, weights)
         if masks:
             for result, rle in zip(results, box_mask_rles(sam, embedding, xyxy, pixels.shape[:2])):
                 result.mask = rle
         return results
+
+    def auto_boxes(self, image: ImageInput, config: AutoBoxesConfig | None = None) -> BoxSet:
+        """Boxes for ``predict`` without giving any: SAM's automatic mask generator on the image
+        (``predict/proposals.py``); scores are SAM's predicted IoUs, best first. May be empty."""
+        return automatic_boxes(self.encoders, np.asarray(to_rgb_image(image)), config or AutoBoxesConfig())
 
     def _add_attention(self, results: list[Region], weights: torch.Tensor) -> None:
         # The tower says where the patch grid starts: towers without a class token (SigLIP) have no

@@ -5,6 +5,7 @@ evaluation checks its ground truth, and every command answers bad values with on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -19,7 +20,16 @@ from rich.console import Console
 
 from regionspot_cache import cli, progress
 from regionspot_cache.cache.reader import Vocabulary
-from regionspot_cache.config import ConfigError, EvalConfig, ExtractConfig, Recipe, SamSpec, TrainConfig, apply_overrides
+from regionspot_cache.config import (
+    AutoBoxesConfig,
+    ConfigError,
+    EvalConfig,
+    ExtractConfig,
+    Recipe,
+    SamSpec,
+    TrainConfig,
+    apply_overrides,
+)
 from regionspot_cache.data.datasets import DatasetError
 from regionspot_cache.data.proposals import load_proposals
 from regionspot_cache.demo.config import DemoConfig
@@ -86,7 +96,13 @@ def test_results_json_with_non_finite_detections_is_refused(tmp_path, bad, colum
 
 # -- 5. Every configuration value is validated ------------------------------------------------
 
-CONFIGS = {"extract": ExtractConfig, "train": TrainConfig, "eval": EvalConfig, "models.sam": SamSpec}
+CONFIGS = {
+    "extract": ExtractConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "models.sam": SamSpec,
+    "predict.auto_boxes": AutoBoxesConfig,
+}
 NUMERIC = (int, float)
 
 
@@ -127,7 +143,7 @@ def test_any_override_is_accepted_within_its_constraints_or_refused_with_config_
     except ConfigError as err:
         assert f"{section}.{item.name}" in str(err) or "override" in str(err)
         return
-    target = recipe.models.sam if section == "models.sam" else getattr(recipe, section)
+    target = functools.reduce(getattr, section.split("."), recipe)
     accepted = getattr(target, item.name)
     for one in accepted if isinstance(accepted, list) else [accepted]:
         if isinstance(one, float):
