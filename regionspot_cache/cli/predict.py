@@ -85,7 +85,6 @@ def predict(
     if (vocab is None) == (vocab_file is None):
         raise UserError("predict needs exactly one of --vocab and --vocab-file")
     config = recipe_from(recipe, overrides)
-    models = _models(head, config.models, (sam_variant, sam_checkpoint, clip_model, clip_pretrained))
     out = out or Path(f"{image.stem}.regions.png")
     check_writable(out, "--out")
     box_array = parse_boxes(boxes) if boxes is not None else read_boxes_file(boxes_file)
@@ -98,6 +97,7 @@ def predict(
     )
     config.eval.validate()
     warn_if_never_rejects(config.eval.open_set, len(names))
+    models = _models(head, config.models, (sam_variant, sam_checkpoint, clip_model, clip_pretrained))
     regions = Predictor.from_files(head, models, device, text_cache).predict(
         picture, box_array, names, masks=masks, attention=attention, open_set=config.eval.open_set
     )
