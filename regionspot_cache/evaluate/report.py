@@ -166,17 +166,18 @@ def _metrics_table(rows: Mapping[str, Metrics]) -> list[str]:
 
 
 def per_category_table(per_category: Mapping[str, list[CategoryAP]], shown: int = 15) -> list[str]:
-    """Categories with ground truth, by the first row's AP (best first), one AP column per row;
-    with more than 2 x ``shown`` of them, the best and the worst ``shown`` (the metrics file has all)."""
+    """Categories with ground truth, by the last row's AP (best first: the trained head, or the
+    last method named), one AP column per row; with more than 2 x ``shown`` of them, the best and
+    the worst ``shown`` (the metrics file has all)."""
     if not per_category:
         return []
     names = list(per_category)
     by_id = {name: {c.category_id: c for c in categories} for name, categories in per_category.items()}
-    scored = [c for c in per_category[names[0]] if c.gt_instances > 0]
+    scored = [c for c in per_category[names[-1]] if c.gt_instances > 0]
     scored.sort(key=lambda c: (-(c.ap if c.ap is not None else -1.0), c.name))
     lines = ["## AP per category (%)", ""]
-    left_out = len(per_category[names[0]]) - len(scored)
-    note = f"{len(scored)} categories with ground truth, by AP of {names[0]}"
+    left_out = len(per_category[names[-1]]) - len(scored)
+    note = f"{len(scored)} categories with ground truth, by AP of {names[-1]}"
     note += f"; {left_out} without ground truth in these images (AP n/a) left out" if left_out else ""
     lines += [note + ".", "", "| category | frequency | GT instances | " + " | ".join(f"AP {n}" for n in names) + " |"]
     lines.append("|---|---|---:|" + "---:|" * len(names))

@@ -142,10 +142,10 @@ def _category(category_id: int, ap: float | None, instances: int = 3) -> Categor
 def test_per_category_table_is_sorted_and_shows_the_best_and_the_worst():
     first = [_category(i, i / 100) for i in range(1, 41)] + [_category(99, None, instances=0)]
     second = [_category(i, 0.5) for i in range(1, 41)]
-    lines = per_category_table({"a": first, "b": second}, shown=5)
+    lines = per_category_table({"b": second, "a": first}, shown=5)  # sorted by the last
     rows = [line for line in lines if line.startswith("| class")]
     assert [row.split(" | ")[0] for row in rows] == [f"| class{i:02d}" for i in (40, 39, 38, 37, 36, 5, 4, 3, 2, 1)]
-    assert rows[0] == "| class40 | c | 3 | 40.0 | 50.0 |"
+    assert rows[0] == "| class40 | c | 3 | 50.0 | 40.0 |"
     assert any("30 more" in line for line in lines) and any("1 without ground truth" in line for line in lines)
     assert "class99" not in "\n".join(lines)  # no ground truth here: left out of the page
     short = per_category_table({"a": first[:3]})
