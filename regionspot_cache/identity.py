@@ -178,3 +178,42 @@ def models_recorded_in(provenance: RecordsModels) -> ModelsConfig:
         SamSpec(provenance.sam.variant, weights.sam_checkpoint),
         ClipSpec(provenance.clip.model, weights.clip_pretrained or provenance.clip.pretrained),
     )
+
+
+@dataclass
+class TrainedWith:
+    """The SAM and CLIP a head was trained with, as its training cache recorded them (identities
+    with their hashes, and the weight files they were read from), and the text recipe of its
+    vocabulary: what ``predict --head`` needs to load them again without model flags.
+    Recorded under ``encoders`` in the head's JSON file; heads written before it have none."""
+
+    sam: SamIdentity
+    clip: ClipIdentity
+    weights: WeightFiles
+    text_recipe: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        recipe = {} if self.text_recipe is None else {"text_recipe": self.text_recipe}
+        return {"sam": self.sam.to_dict(), "clip": self.clip.to_dict(), "paths": self.weights.to_paths(), **recipe}
+
+    @staticmethod
+    def from_dict(data: Any, where: str) -> TrainedWith:
+        """What does not fit is a ConfigError naming it (the head loader names the file)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected an object with sam, clip and paths")
+        unknown = sorted(set(data) - {"sam", "clip", "paths", "text_recipe"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {', '.join(unknown)}")
+        paths = data.get("paths")
+        if not isinstance(paths, dict):
+            raise ConfigError(f"{where}: paths: expected an object with sam_checkpoint and clip_pretrained")
+        return TrainedWith(
+            SamIdentity.from_dict(data.get("sam"), f"{where}: sam"),
+            ClipIdentity.from_dict(data.get("clip"), f"{where}: clip"),
+            WeightFiles.from_paths(paths),
+            data.get("text_recipe"),
+        )
+
+    def models(self) -> ModelsConfig:
+        """The models as the cache named them: variants, with the weight files (or CLIP tag)."""
+        return models_recorded_in(self)

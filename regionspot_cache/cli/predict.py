@@ -28,7 +28,12 @@ from regionspot_cache.runtime.files import check_writable
 
 def predict(
     image: Path = typer.Argument(..., help="Image file to recognise regions in (any format Pillow decodes)."),
-    head: Path = typer.Option(..., "--head", help="Head checkpoint (.safetensors) written by `rs-cache train`."),
+    head: Path = typer.Option(
+        ...,
+        "--head",
+        help="Head checkpoint (.safetensors) written by `rs-cache train`; it records the SAM and CLIP it was trained "
+        "with, so the model options are needed only to override them (or for heads that record none).",
+    ),
     boxes: Optional[str] = typer.Option(
         None,
         help='Boxes in original pixels: "x1,y1,x2,y2;x1,y1,x2,y2;...". Or `auto`: the boxes of the masks SAM\'s '
@@ -95,16 +100,7 @@ def predict(
         raise UserError("predict needs exactly one of --boxes and --boxes-file")
     if (vocab is None) == (vocab_file is None):
         raise UserError("predict needs exactly one of --vocab and --vocab-file")
-    config = recipe_from(
-        recipe,
-        overrides,
-        sam_variant=sam_variant,
-        sam_checkpoint=sam_checkpoint,
-        clip_model=clip_model,
-        clip_pretrained=clip_pretrained,
-    )
-    if config.models.sam.checkpoint is None:
-        raise UserError("predict needs the SAM weights: --sam-checkpoint (or models.sam.checkpoint in a recipe)")
+    config = recipe_from(recipe, overrides)
     out = out or Path(f"{image.stem}.regions.png")
     check_writable(out, "--out")
     classes = parse_top_k(top_k)
@@ -117,7 +113,8 @@ def predict(
     )
     config.eval.validate()
     warn_if_never_rejects(config.eval.open_set, len(names))
-    predictor = Predictor.from_files(head, config.models, device, text_cache)
+    models = _models(head, config.models, (sam_variant, sam_checkpoint, clip_model, clip_pretrained))
+    predictor = Predictor.from_files(head, models, device, text_cache)
     given = predictor.auto_boxes(picture, config.predict.auto_boxes) if given is None else given
     if not len(given):
         print("[]")
@@ -168,3 +165,21 @@ def _no_boxes_source(boxes: Optional[str]) -> str:
     if boxes == AUTO_BOXES:  # a random-weight SAM seldom passes its thresholds: say which to lower
         return "SAM's automatic mask generator (lower predict.auto_boxes.pred_iou_thresh, stability_score_thresh)"
     return f"the proposal file of --boxes {boxes}"
+
+
+def _models(head: Path, recipe_models, flags: tuple):
+    """The recipe's models if it names any, else those the head records (trained with), with the
+    model flags over either; a head that records none needs the SAM weights given."""
+    from regionspot_cache.config import ModelsConfig
+    from regionspot_cache.head.model import read_head_metadata
+    from regionspot_cache.head.recorded import models_of_head
+
+    if recipe_models == ModelsConfig() and read_head_metadata(head).encoders is not None:
+        return models_of_head(head, flags)
+    models = recipe_models.with_overrides(*flags)
+    if models.sam.checkpoint is None:
+        raise UserError(
+            f"predict needs the SAM weights: --sam-checkpoint (or models.sam.checkpoint in a recipe); "
+            f"{head} records no models (imported, or trained before heads recorded them)"
+        )
+    return models

@@ -18,6 +18,7 @@ from regionspot_cache.demo.tiny_models import write_tiny_checkpoints
 from regionspot_cache.encoders import load_frozen_encoders
 from regionspot_cache.evaluate import evaluate_head
 from regionspot_cache.evaluate.lvis import METRICS, EvalResult
+from regionspot_cache.evaluate.provenance import EvalProvenance, record_provenance
 from regionspot_cache.evaluate.report import ReportData, cache_labels, write_report
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import RegionSpotHead, load_head
@@ -79,25 +80,35 @@ def run_demo(workdir: Path | str, config: DemoConfig) -> DemoResult:
         evaluated[name] = evaluate_head(caches["val"], head, val_json, config.eval, workdir / "results" / f"{name}.json")
         results[name] = evaluated[name].metrics
     console.print(metrics_table("demo: LVIS box AP on demo_val (ground-truth boxes)", results, METRICS))
-    write_json(workdir / "demo_metrics.json", {**results, "config": _jsonable(config)}, indent=2)
-    page = write_demo_report(workdir, caches["val"], evaluated["trained"], data_dir / "images")
+    provenance = record_provenance(caches["val"], val_json, evaluated["trained"].settings, ["regionspot"], head_path)
+    recorded = {"config": _jsonable(config), "provenance": provenance.to_json()}
+    write_json(workdir / "demo_metrics.json", {**results, **recorded}, indent=2)
+    page = write_demo_report(workdir, caches["val"], evaluated, data_dir / "images", provenance)
     say(("report with the AP chart and drawn predictions: ", "bold"), str(page))
     return DemoResult(results["untrained"], results["trained"], workdir, page)
 
 
-def write_demo_report(workdir: Path, cache: Path, result: EvalResult, image_root: Path) -> Path:
-    """The page ``eval --report`` writes, for the trained head: a first-time user sees pictures."""
+def write_demo_report(
+    workdir: Path, cache: Path, evaluated: dict[str, EvalResult], image_root: Path, provenance: EvalProvenance
+) -> Path:
+    """The page ``eval --report`` writes, with a row per head (untrained, trained) and the trained
+    head's predictions drawn beside the ground truth: a first-time user sees what training gave."""
     names, file_names = cache_labels(cache)
-    results_file = workdir / "results" / "trained.json"
+    trained = evaluated["trained"]
+    files = {f"results ({name})": result.results_file for name, result in evaluated.items()}
+    files["metrics"] = workdir / "demo_metrics.json"
     data = ReportData(
-        result.metrics,
-        result.settings,
-        "demo: LVIS box AP of the trained head (ground-truth boxes)",
-        result.detections,
+        {name: result.metrics for name, result in evaluated.items()},
+        trained.settings,
+        "demo: LVIS box AP of the untrained and the trained head (ground-truth boxes)",
+        trained.detections,
         names,
         file_names,
         image_root,
-        {"results": results_file},
+        files,
+        {name: result.per_category for name, result in evaluated.items()},
+        trained.ground_truth,
+        provenance,
     )
     return write_report(workdir / "report", data)
 

@@ -18,8 +18,8 @@ from regionspot_cache.config import EvalConfig, EvalMethod, ModelsConfig, Prepro
 from regionspot_cache.errors import InputError
 from regionspot_cache.evaluate.cached import score_cache
 from regionspot_cache.evaluate.detector import check_has_classes, detector_detections
-from regionspot_cache.evaluate.ground_truth import check_same_images, load_ground_truth
-from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap
+from regionspot_cache.evaluate.ground_truth import GroundTruthBoxes, check_same_images, load_ground_truth
+from regionspot_cache.evaluate.lvis import EvalResult, lvis_ap, lvis_scores
 from regionspot_cache.evaluate.masks import without_boxes
 from regionspot_cache.evaluate.scoring import protocol_for, write_results_json
 from regionspot_cache.head.model import RegionSpotHead, check_head_fits_cache
@@ -68,11 +68,13 @@ def evaluate(
       proposals_file (Path, str or None): for ``detector``, the proposal file whose classes are scored.
 
     Returns:
-      (EvalResult): ``metrics`` (AP, AP50, AP75, APs/m/l, APr/c/f as floats in [0, 1], -1 where
-        LVIS has no ground truth), ``num_detections`` (D), ``results_file``, ``segm_metrics``
-        (mask AP, or None), ``settings`` (the protocol's description) and ``detections``: the D
+      (EvalResult): ``metrics`` (AP, AP50, AP75, APs/m/l, APr/c/f as floats in [0, 1], None where
+        there is no ground truth to score), ``num_detections`` (D), ``results_file``, ``segm_metrics``
+        (mask AP, or None), ``settings`` (the protocol's description), ``detections``: the D
         scored detections as columns (image_ids (D,) int64, category_ids (D,) int64, boxes
-        (D, 4) float32 x, y, w, h, scores (D,) float64).
+        (D, 4) float32 x, y, w, h, scores (D,) float64), ``per_category`` (each category's box AP,
+        None without ground truth, and its number of annotations) and ``ground_truth`` (the
+        annotated boxes, for drawing).
     """
     config.validate()
     method = check_method(method, head, masks, image_root, config)
@@ -114,9 +116,12 @@ def evaluate(
         segm_metrics = lvis_ap(copy.deepcopy(ground_truth), without_boxes(records), protocol.lvis_max_dets, iou_type="segm")
     elif results_file is not None:
         results_file = write_results_json(detections, results_file)
-    metrics = lvis_ap(ground_truth, detections, protocol.lvis_max_dets)
+    drawn = GroundTruthBoxes.of(ground_truth)  # before LVISEval changes the data
+    scores = lvis_scores(ground_truth, detections, protocol.lvis_max_dets)
     settings = run_settings(protocol, config, found)
-    return EvalResult(metrics, len(detections), results_file, segm_metrics, settings, detections)
+    return EvalResult(
+        scores.metrics, len(detections), results_file, segm_metrics, settings, detections, scores.per_category, drawn
+    )
 
 
 def run_settings(protocol, config: EvalConfig, found: Completeness) -> dict:

@@ -12,9 +12,11 @@ in as COCO means them: every category not annotated in an image is a verified ne
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from lvis import LVIS
 
 from regionspot_cache.cache.reader import Vocabulary
@@ -138,3 +140,43 @@ def check_same_images(path: Path, data: dict[str, Any], cached: dict[int, str], 
         "images": [image for image in data["images"] if image["id"] in kept],
         "annotations": [a for a in data["annotations"] if a.get("image_id") in kept],
     }
+
+
+@dataclass
+class GroundTruthBoxes:
+    """The annotated boxes, as columns: what drawn examples show beside each prediction."""
+
+    image_ids: np.ndarray  # (G,) int64
+    category_ids: np.ndarray  # (G,) int64
+    boxes: np.ndarray  # (G, 4) float32 x, y, w, h
+
+    @staticmethod
+    def of(data: dict[str, Any]) -> GroundTruthBoxes:
+        """From LVIS data (``load_ground_truth``), before ``lvis.LVISEval`` changes it."""
+        annotations = data["annotations"]
+        return GroundTruthBoxes(
+            np.array([a["image_id"] for a in annotations], np.int64),
+            np.array([a["category_id"] for a in annotations], np.int64),
+            np.array([a["bbox"] for a in annotations], np.float32).reshape(-1, 4),
+        )
+
+    def best_match(self, image_id: int, box: np.ndarray, min_iou: float = 0.5) -> int | None:
+        """The category of the image's annotated box overlapping ``box`` (x, y, w, h) most, if
+        their IoU reaches ``min_iou`` (a ground-truth box is its own match); else None."""
+        own = np.flatnonzero(self.image_ids == image_id)
+        if not len(own):
+            return None
+        ious = box_iou_xywh(np.asarray(box, np.float64), self.boxes[own].astype(np.float64))
+        best = int(np.argmax(ious))
+        return int(self.category_ids[own[best]]) if ious[best] >= min_iou else None
+
+
+def box_iou_xywh(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one (4,) box with each of (N, 4) boxes, all x, y, w, h."""
+    left = np.maximum(box[0], boxes[:, 0])
+    top = np.maximum(box[1], boxes[:, 1])
+    right = np.minimum(box[0] + box[2], boxes[:, 0] + boxes[:, 2])
+    bottom = np.minimum(box[1] + box[3], boxes[:, 1] + boxes[:, 3])
+    inter = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
+    union = box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from regionspot_cache.errors import MissingFileError, ModelLoadError
+from regionspot_cache.errors import ConfigError, MissingFileError, ModelLoadError
+from regionspot_cache.identity import TrainedWith
 from regionspot_cache.runtime.files import atomic_path, write_json
 
 
@@ -112,6 +113,7 @@ class HeadMetadata:
     train: dict[str, Any] | None = None  # the train recipe as written then (TrainConfig fields of that version)
     vocabularies: list[str] | None = None
     caches: list[str] | None = None
+    encoders: TrainedWith | None = None  # the SAM and CLIP of its training caches (None: imported, or older heads)
     # Keys this version does not know (``save_head``'s ``extra``), kept so the file writes back the same.
     other: dict[str, Any] = field(default_factory=dict)
 
@@ -123,13 +125,17 @@ class HeadMetadata:
     def to_json(self) -> dict[str, Any]:
         """As the file records it: ``head`` and the keys that are set."""
         known = {name: getattr(self, name) for name in _RECORDED if getattr(self, name) is not None}
-        return {"head": asdict(self.config), **known, **self.other}
+        encoders = {} if self.encoders is None else {"encoders": self.encoders.to_dict()}
+        return {"head": asdict(self.config), **known, **encoders, **self.other}
 
     @staticmethod
-    def from_json(data: dict[str, Any]) -> HeadMetadata:
-        """KeyError or TypeError when ``head`` is missing or does not fit ``HeadConfig``."""
-        other = {key: value for key, value in data.items() if key not in ("head", *_RECORDED)}
-        return HeadMetadata(HeadConfig(**data["head"]), **{name: data.get(name) for name in _RECORDED}, other=other)
+    def from_json(data: dict[str, Any], where: str = "head config") -> HeadMetadata:
+        """KeyError or TypeError when ``head`` is missing or does not fit ``HeadConfig``; ConfigError
+        when ``encoders`` does not fit ``TrainedWith``."""
+        other = {key: value for key, value in data.items() if key not in ("head", "encoders", *_RECORDED)}
+        encoders = TrainedWith.from_dict(data["encoders"], f"{where}: encoders") if "encoders" in data else None
+        recorded = {name: data.get(name) for name in _RECORDED}
+        return HeadMetadata(HeadConfig(**data["head"]), **recorded, encoders=encoders, other=other)
 
 
 _RECORDED = ("imported_from", "train", "vocabularies", "caches")  # HeadMetadata's optional keys, in its JSON
@@ -146,17 +152,27 @@ def save_head(head: RegionSpotHead, path: Path | str, extra: dict | None = None)
         write_json(path.with_suffix(CONFIG_SUFFIX), config, indent=2)
 
 
+def read_head_metadata(path: Path | str) -> HeadMetadata:
+    """What the JSON file beside the head at ``path`` records (the weights are not read)."""
+    config_path = Path(path).with_suffix(CONFIG_SUFFIX)
+    try:
+        return HeadMetadata.from_json(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
+    except FileNotFoundError:
+        raise MissingFileError(f"{config_path}: head config not found (expected beside {Path(path).name})") from None
+    except ConfigError as err:
+        raise ModelLoadError(str(err)) from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ModelLoadError(f"{config_path}: not a head config: {err!r}") from None
+
+
 def load_head(path: Path | str) -> tuple[RegionSpotHead, HeadMetadata]:
     """The head saved at ``path`` and what its JSON file records."""
     path = Path(path)
-    config_path = path.with_suffix(CONFIG_SUFFIX)
+    metadata = read_head_metadata(path)
     try:
-        metadata = HeadMetadata.from_json(json.loads(config_path.read_text(encoding="utf-8")))
         head = RegionSpotHead(metadata.config)
-    except FileNotFoundError:
-        raise MissingFileError(f"{config_path}: head config not found (expected beside {path.name})") from None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise ModelLoadError(f"{config_path}: not a head config: {err!r}") from None
+    except (TypeError, AttributeError) as err:
+        raise ModelLoadError(f"{path.with_suffix(CONFIG_SUFFIX)}: not a head config: {err!r}") from None
     try:
         state = load_file(str(path))
     except FileNotFoundError:
@@ -166,7 +182,7 @@ def load_head(path: Path | str) -> tuple[RegionSpotHead, HeadMetadata]:
     try:
         head.load_state_dict(state)
     except RuntimeError as err:
-        raise ModelLoadError(f"{path}: weights do not fit the config in {config_path.name}: {err}") from None
+        raise ModelLoadError(f"{path}: weights do not fit the config in {path.with_suffix(CONFIG_SUFFIX).name}: {err}") from None
     return head, metadata
 
 

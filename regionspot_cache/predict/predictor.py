@@ -33,6 +33,7 @@ from regionspot_cache.data.images import load_rgb
 from regionspot_cache.encoders import ClipEncoder, FrozenEncoders, load_frozen_encoders
 from regionspot_cache.errors import InputError, ModelLoadError
 from regionspot_cache.head.model import RegionSpotHead, load_head, region_logits
+from regionspot_cache.head.recorded import inputs_of_head, models_of_head
 from regionspot_cache.identity import ClipIdentity
 from regionspot_cache.predict.proposals import automatic_boxes
 from regionspot_cache.predict.region import ClassScore, Region, ranked_classes
@@ -205,7 +206,7 @@ class Predictor:
     def from_files(
         cls,
         head_file: Path | str,
-        models: ModelsConfig,
+        models: ModelsConfig | None = None,
         device: str | torch.device = "auto",
         text_cache_dir: Path | str | None = None,
         disk_cache: bool = True,
@@ -213,7 +214,9 @@ class Predictor:
         text_recipe: TextRecipe | str | None = None,
     ) -> Predictor:
         """Load the head checkpoint and the SAM and CLIP that ``models`` name onto ``device``
-        (``auto``: CUDA when present; ``cpu``, ``cuda:1``, ...); the other arguments as ``from_head_file``."""
+        (``auto``: CUDA when present; ``cpu``, ``cuda:1``, ...); the other arguments as ``from_head_file``.
+        ``models`` None: those the head records it was trained with (``models_of_head``)."""
+        models = models or models_of_head(head_file)
         encoders = load_frozen_encoders(models, resolve_device(device) if isinstance(device, str) else device)
         return cls.from_head_file(head_file, encoders, text_cache_dir, disk_cache, preprocess, text_recipe)
 
@@ -234,16 +237,16 @@ class Predictor:
             (default ``~/.cache/regionspot-cache/text-embeddings``).
           disk_cache (bool): False keeps text embeddings in memory only.
           preprocess, text_recipe (choice or its word, or None): as ``extract.preprocess`` /
-            ``extract.text_recipe``; None: ``released`` for a head imported from a released
-            checkpoint, else ``direct`` / ``openclip`` (the config defaults). Use what the head's
-            training cache was made with.
+            ``extract.text_recipe``; None: those of the head's training cache where the head
+            records them, ``released`` for a head imported from a released checkpoint, else
+            ``direct`` / ``openclip`` (the config defaults).
         """
         head, metadata = load_head(head_file)
-        imported = metadata.imported  # released checkpoints want the released inputs
-        encoders = encoders.with_preprocess(preprocess or (Preprocessing.RELEASED if imported else Preprocessing.DIRECT))
+        default_preprocess, default_recipe = inputs_of_head(metadata)
+        encoders = encoders.with_preprocess(preprocess or default_preprocess)
         check_head_fits(head, encoders.clip, str(head_file))
         directory = Path(text_cache_dir) if text_cache_dir else default_text_cache_dir()
-        recipe = TextRecipe.parse(text_recipe or (TextRecipe.RELEASED if imported else TextRecipe.OPENCLIP), "text recipe")
+        recipe = TextRecipe.parse(text_recipe or default_recipe, "text recipe")
         text = TextEmbeddingCache(encoders.clip, encoders.clip_provenance(), directory if disk_cache else None, recipe=recipe)
         return cls(head, encoders, text)
 

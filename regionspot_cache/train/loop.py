@@ -23,9 +23,10 @@ from torchvision.ops import sigmoid_focal_loss
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.storage import CacheLocation
-from regionspot_cache.config import TrainConfig
+from regionspot_cache.config import TextRecipe, TrainConfig
 from regionspot_cache.errors import ModelLoadError
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, region_logits, save_head
+from regionspot_cache.identity import TrainedWith
 from regionspot_cache.progress import progress_bar
 from regionspot_cache.runtime.files import sha256_file
 from regionspot_cache.runtime.records import differences
@@ -114,6 +115,14 @@ def initial_head(reader: CacheReader, config: TrainConfig) -> RegionSpotHead:
             raise ModelLoadError(f"{config.init_from}: head does not fit this training run: " + ", ".join(mismatched))
         head.load_state_dict(start.state_dict())
     return head
+
+
+def trained_with(source: TrainSource) -> TrainedWith:
+    """The SAM and CLIP of the training caches (all the same: ``open_sources`` checks) and their
+    text recipe, recorded in the head so that ``predict --head`` can load them alone."""
+    provenance = source.reader.provenance
+    recipe = TextRecipe.parse(source.vocabulary.text_recipe, "text recipe")
+    return TrainedWith(provenance.sam, provenance.clip, provenance.weights, recipe.value)
 
 
 def run_dir_for(output: Path) -> Path:
@@ -263,6 +272,7 @@ def _train(
                 "train": asdict(config),
                 "vocabularies": [s.vocabulary.name for s in sources],
                 "caches": [str(s.cache) for s in sources],
+                "encoders": trained_with(sources[0]).to_dict(),
             },
         )
     barrier(processes)

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from regionspot_cache.cli import app
 from regionspot_cache.evaluate.lvis import METRICS
+from regionspot_cache.progress import percent
 
 
 def test_demo_runs_all_three_phases_and_training_helps(tmp_path):
@@ -31,7 +32,7 @@ def test_demo_runs_all_three_phases_and_training_helps(tmp_path):
     metrics = json.loads((workdir / "demo_metrics.json").read_text())
     for name in ("untrained", "trained"):
         assert set(METRICS) <= set(metrics[name])
-        assert all(-1 <= metrics[name][m] <= 1 for m in METRICS)
+        assert all(metrics[name][m] is None or 0 <= metrics[name][m] <= 1 for m in METRICS)
     # The same seeds give the same data, weights and order, so this is deterministic.
     assert metrics["trained"]["AP"] > metrics["untrained"]["AP"] + 0.05
     for path in (
@@ -47,6 +48,14 @@ def test_demo_runs_all_three_phases_and_training_helps(tmp_path):
     ):
         assert (workdir / path).is_file(), path
     assert list((workdir / "report" / "examples").glob("*.jpg"))  # predictions drawn on images
+    # The report has the untrained-vs-trained table, AP per category, ground truth beside each
+    # prediction and what made it; demo_metrics.json records the same provenance.
+    page = (workdir / "report" / "results.md").read_text()
+    for name in ("untrained", "trained"):
+        assert f"| {name} | {percent(metrics[name]['AP'])} |" in page, name
+    assert "AP untrained | AP trained" in page and "| ground truth |" in page and "## Provenance" in page
+    assert metrics["provenance"]["head"]["path"] == str((workdir / "head" / "head.safetensors").resolve())
+    assert f"| head.sha256 | `{metrics['provenance']['head']['sha256']}` |" in page
     assert str(workdir / "report" / "results.md") in result.output.replace("\n", "")
 
     # Run again: data, models and caches are reused and the head is not trained twice.

@@ -224,11 +224,11 @@ def _ap(gt_file, config: EvalConfig) -> dict[str, float]:
 )
 def test_standard_protocol_with_one_detection_per_image(gt_file, config):
     # Each image keeps its best pair: (A, cat) .9 and (C, cat) .8. Cat: both found -> AP 1;
-    # dog: never detected -> 0. AP = 0.5, APf (cat) 1, APc (dog) 0, APr -1 (no emu ground truth).
+    # dog: never detected -> 0. AP = 0.5, APf (cat) 1, APc (dog) 0, APr n/a: None (no emu ground truth).
     assert _scored(config).scores.tolist() == pytest.approx([0.9, 0.8])
     metrics = _ap(gt_file, config)
     assert metrics["AP"] == pytest.approx(0.5) and metrics["APf"] == pytest.approx(1.0)
-    assert metrics["APc"] == pytest.approx(0.0) and metrics["APr"] == -1
+    assert metrics["APc"] == pytest.approx(0.0) and metrics["APr"] is None
 
 
 def test_fixed_protocol_keeps_every_pair(gt_file):

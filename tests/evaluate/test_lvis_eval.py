@@ -10,7 +10,7 @@ import torch
 
 from regionspot_cache.cache import CachedImage
 from regionspot_cache.evaluate.cached import image_logits
-from regionspot_cache.evaluate.lvis import lvis_ap, numpy_float_alias
+from regionspot_cache.evaluate.lvis import lvis_ap, lvis_scores, numpy_float_alias
 from regionspot_cache.evaluate.scoring import top_pairs
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead
 
@@ -60,7 +60,7 @@ def test_perfect_detections_score_one(gt_file):
     metrics = lvis_ap(gt_file, [det(1, CAT, CAT_1, 0.9), det(1, DOG, DOG_1, 0.8), det(2, CAT, CAT_2, 0.7)])
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
     assert metrics["APf"] == pytest.approx(1.0) and metrics["APc"] == pytest.approx(1.0)
-    assert metrics["APr"] == -1  # no rare category has ground truth: LVIS reports -1
+    assert metrics["APr"] is None  # no rare category has ground truth: n/a (LVIS says -1), not 0.0
 
 
 def test_wrong_classes_score_zero(gt_file):
@@ -78,6 +78,29 @@ def test_missing_category_and_ranking(gt_file):
     metrics = lvis_ap(gt_file, dets)
     assert metrics["APf"] == pytest.approx(2 / 3, abs=1e-6)
     assert metrics["AP"] == pytest.approx((2 / 3 + 1) / 2, abs=1e-6)
+
+
+def test_ap_per_category_from_the_precision_array(gt_file):
+    # As above: a false cat ranked first gives cat 2/3; dog found: 1; emu has no ground truth.
+    dets = [det(2, CAT, [60, 60, 30, 30], 0.95), det(1, CAT, CAT_1, 0.9), det(2, CAT, CAT_2, 0.5), det(1, DOG, DOG_1, 0.8)]
+    scores = lvis_scores(gt_file, dets)
+    by_id = {c.category_id: c for c in scores.per_category}
+    assert [c.category_id for c in scores.per_category] == [CAT, DOG, EMU]
+    assert by_id[CAT].ap == pytest.approx(2 / 3, abs=1e-6) and by_id[DOG].ap == pytest.approx(1.0)
+    assert (by_id[EMU].ap, by_id[EMU].gt_instances) == (None, 0)  # no ground truth: n/a, not 0.0
+    assert (by_id[CAT].name, by_id[CAT].frequency, by_id[CAT].gt_instances) == ("cat", "f", 2)
+    assert by_id[DOG].to_json() == {"name": "dog", "frequency": "c", "AP": pytest.approx(1.0), "gt_instances": 1}
+    # LVIS's AP is the mean of the categories' APs.
+    assert scores.metrics["AP"] == pytest.approx(np.mean([by_id[CAT].ap, by_id[DOG].ap]))
+
+
+def test_no_detections_score_zero_where_there_is_ground_truth_and_none_elsewhere(gt_file):
+    scores = lvis_scores(gt_file, [])
+    assert scores.metrics["AP"] == 0.0 and scores.metrics["APf"] == 0.0 and scores.metrics["APc"] == 0.0
+    assert scores.metrics["APr"] is None  # emu: nothing to miss
+    # Areas 400, 1600 and 2500 px: small and medium have ground truth, large has none.
+    assert (scores.metrics["APs"], scores.metrics["APm"], scores.metrics["APl"]) == (0.0, 0.0, None)
+    assert [c.ap for c in scores.per_category] == [0.0, 0.0, None]
 
 
 def test_numpy_float_alias_is_temporary():

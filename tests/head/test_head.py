@@ -148,3 +148,24 @@ def test_a_head_json_as_written_before_reads_into_metadata_and_writes_back_the_s
     assert metadata.imported == ("imported_from" in recorded)
     assert (metadata.imported_from, metadata.vocabularies) == (recorded.get("imported_from"), recorded.get("vocabularies"))
     assert metadata.to_json() == written
+
+
+def test_the_recorded_encoders_read_back_typed_and_write_back_the_same(tmp_path, encoders):
+    import json
+
+    from regionspot_cache.errors import ModelLoadError
+    from regionspot_cache.identity import TrainedWith, WeightFiles
+
+    recorded = TrainedWith(
+        encoders.sam_provenance(), encoders.clip_provenance(), WeightFiles("/w/sam.pth", "/w/clip.pt"), "openclip"
+    )
+    save_head(RegionSpotHead(CONFIG), tmp_path / "h.safetensors", {"encoders": recorded.to_dict()})
+    _, metadata = load_head(tmp_path / "h.safetensors")
+    assert metadata.encoders == recorded and metadata.other == {}
+    assert metadata.to_json()["encoders"] == json.loads((tmp_path / "h.json").read_text())["encoders"]
+    assert metadata.encoders.models().sam.checkpoint == "/w/sam.pth"
+    broken = json.loads((tmp_path / "h.json").read_text())
+    broken["encoders"]["sam"]["colour"] = "red"
+    (tmp_path / "h.json").write_text(json.dumps(broken))
+    with pytest.raises(ModelLoadError, match=r"h\.json: encoders: sam.*colour"):
+        load_head(tmp_path / "h.safetensors")

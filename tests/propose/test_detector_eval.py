@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from regionspot_cache.cli import app
 from regionspot_cache.evaluate.lvis import lvis_ap
 from regionspot_cache.propose.select import Selection
+from regionspot_cache.runtime.files import sha256_file
 from tests.helpers import model_args
 
 runner = CliRunner()
@@ -101,6 +103,86 @@ def test_eval_method_detector_needs_proposals_and_refuses_an_edited_file(toy_spl
         ],
     )
     assert result.exit_code != 0 and "edited or replaced" in str(result.exception)
+
+
+def test_detector_and_regionspot_side_by_side_in_one_table_file_and_page(toy_split, cached, tiny_owlv2, tmp_path):
+    from regionspot_cache.cache import CacheReader
+    from regionspot_cache.data.datasets import load_manifest
+    from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
+    from regionspot_cache.propose.runner import run_proposals
+
+    root, manifest, annotations = toy_split
+    proposals = tmp_path / "owl.json"
+    run_proposals(load_manifest(manifest, root).load(), proposals, str(tiny_owlv2), Selection(top_k=20), device="cpu")
+    clip = CacheReader(cached).provenance.clip
+    torch.manual_seed(0)
+    save_head(
+        RegionSpotHead(HeadConfig(clip_width=clip.width, text_dim=clip.text_dim, num_layers=1, ffn_dim=64)),
+        tmp_path / "h.safetensors",
+    )
+    output = tmp_path / "both.json"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "-c",
+            str(cached),
+            "-m",
+            str(manifest),
+            "--data-root",
+            str(root),
+            "--proposals",
+            str(proposals),
+            "--head",
+            str(tmp_path / "h.safetensors"),
+            "--method",
+            "detector,regionspot",
+            "--set",
+            "extract.num_workers=0",
+            "-o",
+            str(output),
+            "--report",
+            str(tmp_path / "report"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    table = " ".join(result.output.split())
+    assert table.count("│ detector") == 1 and table.count("│ regionspot") == 1, result.output  # one table, both rows
+    metrics = json.loads(output.with_suffix(".metrics.json").read_text())
+    assert list(metrics["methods"]) == ["detector", "regionspot (h.safetensors)"]
+    detector, regionspot = metrics["methods"].values()
+    expected = lvis_ap(annotations, json.loads(proposals.read_text()))
+    assert detector["metrics"] == pytest.approx(expected) and {k: metrics[k] for k in expected} == pytest.approx(expected)
+    # Each method's detections in a file of its own; the RegionSpot ones are the proposals' boxes.
+    assert detector["results_file"] == str(tmp_path / "both.detector.json")
+    scored = json.loads((tmp_path / "both.regionspot.json").read_text())
+    assert len(scored) == regionspot["detections"] > 0 and set(regionspot["metrics"]) >= {"AP", "APr", "APc", "APf"}
+    recorded = metrics["provenance"]
+    assert recorded["methods"] == ["detector", "regionspot"] and recorded["proposals"]["file"]["sha256"] == sha256_file(proposals)
+    page = (tmp_path / "report" / "results.md").read_text()
+    assert "| detector |" in page and "| regionspot (h.safetensors) |" in page
+    assert "AP detector | AP regionspot (h.safetensors)" in page  # per category, side by side
+
+
+def test_eval_refuses_a_method_given_twice(toy_split, cached):
+    root, manifest, _ = toy_split
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "-c",
+            str(cached),
+            "-m",
+            str(manifest),
+            "--data-root",
+            str(root),
+            "--method",
+            "clip-box",
+            "--method",
+            "clip-box",
+        ],
+    )
+    assert result.exit_code != 0 and "--method clip-box is given twice" in str(result.exception)
 
 
 def _eval_detector(cached, toy_split, proposals, *options):
