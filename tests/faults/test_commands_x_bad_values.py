@@ -284,3 +284,24 @@ def test_a_category_renamed_in_the_annotation_file_renames_the_cached_vocabulary
     run_extraction(dataset, CacheTarget(cache), encoders, ExtractConfig(shard_size=2, num_workers=0, device="cpu"))
     vocabulary = CacheReader(cache).vocabulary("toy")
     assert vocabulary.names[0] == "renamed thing" and vocabulary.names[1:] == [c["name"] for c in data["categories"][1:]]
+
+
+def test_train_allow_partial_records_the_fraction_with_the_head_and_in_its_summary(work, monkeypatch, capsys):
+    root, models = work
+    out = root / "out" / "partial-head.safetensors"
+    args = _with(_with(_commands(root, models)["train"], "-c", str(root / "partial")), "-o", str(out))
+    monkeypatch.setattr(sys, "argv", ["rs-cache", *args, "--allow-partial"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    printed = " ".join((captured.out + captured.err).split())
+    [recorded] = json.loads(out.with_suffix(".json").read_text())["partial_caches"]
+    assert recorded["cache"] == str(root / "partial") and recorded["shards_missing"] == [1]
+    assert recorded["fraction_of_shards"] == 0.5
+    assert "PARTIAL cache: trained on 50% of" in printed
+    complete = root / "out" / "complete-head.safetensors"
+    monkeypatch.setattr(sys, "argv", ["rs-cache", *_with(_commands(root, models)["train"], "-o", str(complete))])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 0 and "partial_caches" not in json.loads(complete.with_suffix(".json").read_text())
