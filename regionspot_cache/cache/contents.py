@@ -25,7 +25,7 @@ from regionspot_cache.runtime.devices import usable_cpus
 from regionspot_cache.runtime.files import CONTENT_DIGEST, file_content_digest
 
 IMAGE_BYTES_KEY = "image_bytes"
-MAX_READ_THREADS = 32  # file reads and BLAKE2b both release the GIL; network file systems like many readers
+MAX_READ_THREADS = 32  # file reads and hashing both release the GIL; network file systems like many readers
 
 
 @dataclass(frozen=True)

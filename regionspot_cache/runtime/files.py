@@ -27,13 +27,14 @@ def sha256_file(path: Path | str, block: int = 1 << 20) -> str:
 
 # How the bytes of each image file are digested at extraction (recorded in each shard's input.json),
 # so that an image replaced under the same name can be found later (``rs-cache verify --images``).
-# BLAKE2b: faster than SHA-256 without SHA instructions; 128 bits are plenty to notice an edit.
-CONTENT_DIGEST = "blake2b-128"
+# SHA-256: with the SHA instructions of current CPUs about 0.3 ms for a 150 kB JPEG, twice as fast
+# as BLAKE2b there and about 5% of decoding it (measured in the README's "What each command checks").
+CONTENT_DIGEST = "sha256"
 
 
 def content_digest(data: bytes) -> str:
     """The ``CONTENT_DIGEST`` of a file's bytes, as hex."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return hashlib.sha256(data).hexdigest()
 
 
 def file_content_digest(path: Path | str) -> str | None:

@@ -145,6 +145,16 @@ def test_shards_written_before_image_digests_are_named_not_failed(edited):
 def test_a_damaged_input_record_is_named(made, tmp_path):
     root, dataset = made
     cache = Path(shutil.copytree(root / "cache", tmp_path / "cache"))
-    (cache / "shards" / "000000" / "input.json").write_text('{"sha256": "x", "image_bytes": {"algorithm": "blake2b-128"}}')
+    (cache / "shards" / "000000" / "input.json").write_text('{"sha256": "x", "image_bytes": {"algorithm": "sha256"}}')
     with pytest.raises(CacheFormatError, match=r"000000/input.json: damaged"):
         check_image_contents(cache, ImageDigests(dataset))
+
+
+def test_resuming_with_other_preprocessing_is_refused_naming_it(made, encoders, tmp_path):
+    """Preprocessing is part of what the features were made from: the cache's identity records it."""
+    root, dataset = made
+    cache = shutil.copytree(root / "cache", tmp_path / "cache")
+    with pytest.raises(
+        CacheFormatError, match=r"(?s)clip.preprocess: cache has 'resize .*this run has 'detectron2 test resize.*sam.preprocess"
+    ):
+        run_extraction(dataset, CacheTarget(cache), encoders, replace(CONFIG, preprocess="released"))
