@@ -24,6 +24,7 @@ from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.train.loop import run_dir_for, train_head
 from regionspot_cache.train.order import ShardOrder
 from regionspot_cache.train.shard_cache import ShardCache, fetch_shard, shard_schedule, tree_bytes
+from tests.helpers import wait_until
 
 
 def fake_cache(root, sizes: list[int]):
@@ -168,11 +169,12 @@ def test_sigkill_then_resume_through_the_local_cache_repeats_the_losses(cache, t
         [sys.executable, "-c", WORKER, str(cache), str(output), str(local), repr(budget)], stderr=subprocess.DEVNULL
     )
     metrics = run_dir_for(output) / "metrics.csv"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) > 5:
-            break
-        time.sleep(0.01)
+    wait_until(  # no deadline: it fails if the run stalls, and ends the wait if the run ends
+        lambda: process.poll() is not None or (metrics.is_file() and len(metrics.read_text().splitlines()) > 5),
+        "5 steps",
+        watched=[process],
+        poll_s=0.01,
+    )
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert 4 < len(metrics.read_text().splitlines()) - 1 < 16, "the kill must land mid-run"
