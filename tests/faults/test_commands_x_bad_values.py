@@ -3,9 +3,12 @@
 
 The classes: devices (unknown, absent), CLIP models and weights (unknown name, a text file, another
 model's weights, a directory), head files (a text file, a directory), outputs (a directory where a
-file goes, a file where a directory goes), JSON files of the wrong shape, counts and sizes, options
-that contradict the recipe or that the method would ignore, and artifacts that do not belong
-together (another dataset's annotations, a view cache, a cache with shards missing).
+file goes, a file where a directory goes), JSON files of the wrong shape, counts and sizes, a
+boolean setting given as a number, options that contradict the recipe or that the method would
+ignore, options that need another (``verify --images`` without ``--manifest``), artifacts that do
+not belong together (another dataset's annotations, a view cache, a cache with shards missing), and
+stale inputs (other preprocessing on resume, an image file replaced since extraction with
+``--check-images``).
 Run in-process through ``regionspot_cache.cli.main``, as a user runs ``rs-cache``.
 """
 
@@ -17,8 +20,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from regionspot_cache import cli
 from regionspot_cache.config import ExtractConfig
@@ -59,6 +64,13 @@ def work(tmp_path_factory, tiny_models, encoders):
     provenance["view"] = {"id": "hflip", "seed": 0, "mode": "consistent"}
     provenance.setdefault("paths", {})["view_base_cache"] = ".."
     (view / "cache.json").write_text(json.dumps(provenance))
+    edited = root / "edited"  # the same dataset and cache, one image's pixels replaced since extraction
+    shutil.copytree(root / "images", edited / "images")
+    shutil.copy(annotations, edited)
+    shutil.copy(root / "toy.toml", edited)
+    shutil.copytree(root / "cache", edited / "cache")
+    victim = edited / "images" / dataset.images[-1].file_name
+    Image.fromarray(255 - np.asarray(Image.open(victim).convert("RGB"))).save(victim, quality=92)
     return root, tiny_models
 
 
@@ -126,6 +138,7 @@ def _commands(root, models) -> dict[str, list[str]]:
             "-o",
             str(root / "out" / "e.json"),
         ],
+        "verify": ["verify", str(root / "cache"), "--images", "-m", str(root / "toy.toml"), "--data-root", str(root)],
         "extract": [
             "extract",
             "-m",
@@ -204,6 +217,21 @@ def _bad(root, models) -> dict[str, tuple[str, object, str]]:
     cases["extract-clip-unknown"] = ("extract", ("--clip-model", "ViT-Q-99"), "not an open_clip model name")
     cases["extract-clip-text-file"] = ("extract", ("--clip-pretrained", text), "text.txt")
     cases["extract-proposals-object"] = ("extract", ("--boxes", str(root / "object.json")), "object.json")
+    cases["extract-flag-as-number"] = ("extract", ("--set", "extract.check_images=1"), "not a bool")
+    edited = root / "edited"
+    cases["extract-image-replaced"] = (  # stale inputs: an image file's bytes changed since extraction
+        "extract",
+        [("-m", str(edited / "toy.toml")), ("--data-root", str(edited)), ("-c", str(edited / "cache")), ("--check-images", None)]
+        + [("--set", "extract.shard_size=2")],
+        "replaced since their shards were extracted",
+    )
+    cases["extract-other-preprocessing"] = (
+        "extract",
+        [("-c", str(root / "cache")), ("--set", "extract.shard_size=2"), ("--set", "extract.preprocess=released")],
+        "preprocess: cache has",
+    )
+    cases["verify-images-without-manifest"] = ("verify", ["-m", "--data-root", str(root)], "--images needs --manifest")
+    cases["verify-manifest-object"] = ("verify", ("-m", str(root / "object.json")), "object.json")
     return cases
 
 
@@ -252,7 +280,7 @@ def test_every_command_refuses_each_class_of_bad_value_in_one_line(work, monkeyp
 def test_every_command_that_combines_artifacts_is_driven():
     """A command added later without cases here would escape the enumeration."""
     commands = {command for command, _, _ in _bad_listing().values()}
-    assert commands == {"predict", "search", "train", "eval", "extract"}
+    assert commands == {"predict", "search", "train", "eval", "extract", "verify"}
 
 
 def test_allow_partial_scores_the_committed_shards_and_records_the_fraction(work, monkeypatch, capsys):
