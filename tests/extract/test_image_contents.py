@@ -158,3 +158,12 @@ def test_resuming_with_other_preprocessing_is_refused_naming_it(made, encoders, 
         CacheFormatError, match=r"(?s)clip.preprocess: cache has 'resize .*this run has 'detectron2 test resize.*sam.preprocess"
     ):
         run_extraction(dataset, CacheTarget(cache), encoders, replace(CONFIG, preprocess="released"))
+
+
+def test_the_repair_command_with_images_re_extracts_and_verify_then_passes(edited, monkeypatch, capsys):
+    root, _, victim = edited
+    where = ["-m", str(root / "toy.toml"), "--data-root", str(root)]
+    code, printed = _run(monkeypatch, capsys, "repair", str(root / "cache"), *where, "--images", "--set", "extract.num_workers=0")
+    assert code == 0 and f"shard 000001 re-extracted: image {victim.id} ({victim.file_name}): bytes differ" in printed
+    code, printed = _run(monkeypatch, capsys, "verify", str(root / "cache"), "--images", *where)
+    assert code == 0 and "every file holds the bytes it was extracted from" in printed
