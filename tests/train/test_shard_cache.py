@@ -73,9 +73,7 @@ def test_a_budget_below_the_cache_holds_every_step_and_fetches_each_shard_about_
         for step, keys_of_step in enumerate(batches):
             for shard in {int(shards[index]) for _, _, index in keys_of_step}:
                 where = cache.local_dir(0) / SHARDS_DIR / shard_name(shard)
-                deadline = time.monotonic() + 30
-                while not where.is_dir() and time.monotonic() < deadline:
-                    time.sleep(0.001)
+                _wait_for_fetch(cache, where)
                 assert tree_bytes(where) == sizes[shard]  # there, whole, while its step is read
             cache.delivered(step)
     finally:
@@ -85,6 +83,20 @@ def test_a_budget_below_the_cache_holds_every_step_and_fetches_each_shard_about_
     assert cache.stats.fetched_bytes == sum(sizes[shard] for shard in fetched_shards)
     # Each epoch fetches every shard once, but for shards still there from the epoch before.
     assert sum(sizes) * epochs - budget <= cache.stats.fetched_bytes <= sum(sizes) * epochs
+
+
+def _wait_for_fetch(cache: ShardCache, where) -> None:
+    """Wait, with no deadline, for the fetcher to put a shard at ``where``. Fails at once if the
+    fetcher stopped, or if it waits for room: only a delivery frees room, and this thread, polling,
+    makes none, so that wait could never end (a deadlock, not a slow machine)."""
+    while not where.is_dir():
+        assert cache._thread.is_alive(), f"the fetcher stopped before fetching {where.name}"
+        frame, stack = sys._current_frames().get(cache._thread.ident), set()
+        while frame is not None:
+            stack.add(frame.f_code.co_name)
+            frame = frame.f_back
+        assert not {"wait", "_make_room_and_fetch"} <= stack, f"the fetcher waits for room before fetching {where.name}"
+        time.sleep(0.001)
 
 
 def test_a_budget_smaller_than_one_step_is_refused(tmp_path):
