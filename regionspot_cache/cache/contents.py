@@ -104,6 +104,7 @@ class ImageCheck:
     problems: list[ImageProblem] = field(default_factory=list)
     checked_images: int = 0
     unrecorded_shards: list[int] = field(default_factory=list)  # committed before digests were recorded
+    unreadable_shards: list[int] = field(default_factory=list)  # input.json damaged: verify names it, repair mends it
 
     @property
     def stale_shards(self) -> list[int]:
@@ -122,7 +123,11 @@ def check_image_contents(
         committed = sorted(set(committed) & set(only_shards))
     check = ImageCheck(str(location))
     for shard in committed:
-        record = ShardInput.read(location, shard)
+        try:
+            record = ShardInput.read(location, shard)
+        except CacheFormatError:  # damage the checksums find too: reported, the other shards still checked
+            check.unreadable_shards.append(shard)
+            continue
         if record is None or record.images is None:
             check.unrecorded_shards.append(shard)
             continue

@@ -124,6 +124,7 @@ def verify(
     problems = [(directory, problem) for directory, listed in found.items() for problem in listed]
     checks = _image_checks(cache, list(found), manifest, data_root) if images else []
     changed = [(check, problem) for check in checks for problem in check.problems]
+    changed += [(check, shard) for check in checks for shard in check.unreadable_shards]
     if as_json:
         print(
             json.dumps(
@@ -168,6 +169,7 @@ def _image_check_json(check) -> dict:
         "checked_images": check.checked_images,
         "changed": [asdict(problem) for problem in check.problems],
         "unrecorded_shards": check.unrecorded_shards,
+        "unreadable_shards": check.unreadable_shards,
     }
 
 
@@ -178,6 +180,8 @@ def _print_image_checks(cache: Path, checks: list, manifest: Path) -> None:
         where = "" if Path(check.cache) == cache else f"{Path(check.cache).relative_to(cache)} "
         for problem in check.problems:
             results.print(Text.assemble((f"{where}{describe(problem)}", "red")), soft_wrap=True)
+        for shard in check.unreadable_shards:
+            results.print(Text(f"{where}shard {shard:06d}: input.json unreadable: its images were not checked", "red"))
         if check.unrecorded_shards:
             results.print(
                 Text(
@@ -196,7 +200,7 @@ def _print_image_checks(cache: Path, checks: list, manifest: Path) -> None:
             ),
             soft_wrap=True,
         )
-    elif not any(check.problems for check in checks):
+    elif not any(check.problems or check.unreadable_shards for check in checks):
         checked = sum(check.checked_images for check in checks)
         results.print(Text(f"{cache}: {checked} image(s) checked: every file holds the bytes it was extracted from"))
 

@@ -28,7 +28,7 @@ class LoadedImage:
     error: str = ""
     dropped: BoxSet = field(default_factory=BoxSet.empty)  # boxes a view's crop left out, as given
     dropped_reasons: list[str] = field(default_factory=list)
-    content: str | None = None  # the file's content digest (data/images.py), recorded with its shard
+    content: str | None = None  # the file's content digest (runtime/files.py), recorded with its shard
 
 
 class ImageReader(Dataset):

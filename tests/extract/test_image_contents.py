@@ -142,12 +142,18 @@ def test_shards_written_before_image_digests_are_named_not_failed(edited):
     assert CacheReader(root / "cache").image(dataset.images[0].id) is not None
 
 
-def test_a_damaged_input_record_is_named(made, tmp_path):
+def test_a_damaged_input_record_is_named_and_the_other_shards_still_checked(made, tmp_path, monkeypatch, capsys):
     root, dataset = made
     cache = Path(shutil.copytree(root / "cache", tmp_path / "cache"))
     (cache / "shards" / "000000" / "input.json").write_text('{"sha256": "x", "image_bytes": {"algorithm": "sha256"}}')
     with pytest.raises(CacheFormatError, match=r"000000/input.json: damaged"):
-        check_image_contents(cache, ImageDigests(dataset))
+        ShardInput.read(CacheLocation.parse(cache), 0)
+    check = check_image_contents(cache, ImageDigests(dataset))
+    assert check.unreadable_shards == [0] and check.checked_images == 2 and check.problems == []
+    code, printed = _run(
+        monkeypatch, capsys, "verify", str(cache), "--images", "-m", str(root / "toy.toml"), "--data-root", str(root)
+    )
+    assert code == 1 and "shard 000000: input.json unreadable" in printed and "checksum differs" in printed
 
 
 def test_resuming_with_other_preprocessing_is_refused_naming_it(made, encoders, tmp_path):
