@@ -181,6 +181,9 @@ class ExtractConfig(Validated):
     # workers otherwise run single-threaded, so both distributors write bit-identical caches.
     threads: int | None = field(default=None, metadata=at_least(1))
     strict: bool = False  # bad images and degenerate boxes stop the run instead of being recorded
+    # On resume, read the images of the committed shards again and refuse if any file's bytes differ
+    # from those recorded at extraction (cache/contents.py); off by default: it reads every image.
+    check_images: bool = False
     # larger images (decompression bombs) are recorded as failed
     max_image_pixels: int = field(default=100_000_000, metadata=at_least(1))
     # How feature maps and box tokens are stored: "float16", or "int8" with one scale per token

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from regionspot_cache.cache.arrays import quantize_rows, write_rows
+from regionspot_cache.cache.contents import ShardInput
 from regionspot_cache.cache.format import (
     BOX_TOKENS,
     BOXES_FILE,
@@ -137,14 +138,8 @@ class CacheWriter:
     def recorded_input_digest(self, shard_id: int) -> str | None:
         """The digest of the inputs a committed shard was extracted from; None for shards written
         before digests were recorded (nothing to compare)."""
-        relative = f"{SHARDS_DIR}/{shard_name(shard_id)}/{INPUT_FILE}"
-        path = self.location.path(relative)
-        try:
-            return str(json.loads(self.location.read_bytes(relative).decode("utf-8"))["sha256"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CacheFormatError(f"{path}: damaged ({err}); run `rs-cache verify` and `rs-cache repair`") from None
+        record = ShardInput.read(self.location, shard_id)
+        return None if record is None else record.sha256
 
     def has_vocabulary(self, name: str) -> bool:
         return self.location.exists(f"{VOCAB_DIR}/{name}.parquet")
@@ -193,12 +188,16 @@ class CacheWriter:
         with atomic_path(directory / f"{name}.parquet") as tmp:
             pq.write_table(table, tmp)
 
-    def write_shard(self, shard_id: int, images: Sequence[ImageFeatures], input_digest: str | None = None) -> int:
+    def write_shard(
+        self, shard_id: int, images: Sequence[ImageFeatures], input_digest: str | None = None, image_bytes: dict | None = None
+    ) -> int:
         """Write one shard aside and commit it with a rename; returns bytes written. A shard
         that is already committed is never rewritten. ``input_digest``: of the images and boxes it
-        was extracted from (``recorded_input_digest`` gives it back)."""
+        was extracted from (``recorded_input_digest`` gives it back); ``image_bytes``: the content
+        digest of each image file by image id (cache/contents.py), recorded beside it."""
+        inputs = None if input_digest is None else ShardInput(input_digest, image_bytes)
         if self.location.remote:
-            return self._upload_shard(shard_id, images, input_digest)
+            return self._upload_shard(shard_id, images, inputs)
         final = self.shards_dir / shard_name(shard_id)
         if final.is_dir():
             raise CacheFormatError(f"{final}: shard {shard_id} is already committed")
@@ -207,7 +206,7 @@ class CacheWriter:
         try:
             with atomic_path(final) as tmp:
                 tmp.mkdir()
-                self._stage_shard(tmp, images, input_digest)
+                self._stage_shard(tmp, images, inputs)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFormatError(
@@ -217,13 +216,13 @@ class CacheWriter:
             raise
         return sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
 
-    def _stage_shard(self, directory: Path, images: Sequence[ImageFeatures], input_digest: str | None) -> None:
+    def _stage_shard(self, directory: Path, images: Sequence[ImageFeatures], inputs: ShardInput | None) -> None:
         self._write_shard_files(directory, images)
-        if input_digest is not None:
-            (directory / INPUT_FILE).write_text(json.dumps({"sha256": input_digest}))
+        if inputs is not None:
+            (directory / INPUT_FILE).write_text(inputs.to_json())
         write_checksums(directory)
 
-    def _upload_shard(self, shard_id: int, images: Sequence[ImageFeatures], input_digest: str | None) -> int:
+    def _upload_shard(self, shard_id: int, images: Sequence[ImageFeatures], inputs: ShardInput | None) -> int:
         """Object storage: stage the shard in a local temporary directory, then upload it with its
         commit record last (``CacheLocation.publish_dir``), replacing what a killed writer left."""
         if shard_id in self.committed_shards():
@@ -231,7 +230,7 @@ class CacheWriter:
         with tempfile.TemporaryDirectory(prefix="rs-cache-shard-") as tmp:
             staged = Path(tmp) / shard_name(shard_id)
             staged.mkdir()
-            self._stage_shard(staged, images, input_digest)
+            self._stage_shard(staged, images, inputs)
             self.location.publish_dir(staged, f"{SHARDS_DIR}/{shard_name(shard_id)}")
             return sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
 

@@ -19,6 +19,7 @@ from regionspot_cache.cli.options import (
     flag,
     recipe_from,
 )
+from regionspot_cache.errors import UserError
 from regionspot_cache.progress import plain, results, say
 
 
@@ -97,38 +98,111 @@ def human_bytes(count: float) -> str:
 def verify(
     cache: Path = typer.Argument(..., help="Cache directory to check."),
     as_json: bool = flag("--json", help="Print the result as one JSON object: cache, ok, and each damaged shard's problem."),
+    images: bool = flag(
+        "--images",
+        help="Also read the dataset's images (--manifest) and name each one whose bytes changed since its shard "
+        "was extracted (reads every image).",
+    ),
+    manifest: Optional[Path] = typer.Option(
+        None, "--manifest", "-m", help="With --images: the dataset manifest TOML the cache was extracted from."
+    ),
+    data_root: Path = DataRootOption,
 ) -> None:
     """Check every committed shard against the SHA-256 checksums recorded when it was committed,
-    also in the proposals caches inside CACHE. The result goes to stdout.
+    also in the proposals caches inside CACHE. The result goes to stdout. With --images, also
+    compare each image file of the dataset with the bytes its shard was extracted from.
 
-    Exits with status 1 and names each damaged shard and file if any differ.
+    Exits with status 1 and names each damaged shard and file (and each changed image) if any differ.
     """
     from regionspot_cache.cache import proposals_caches, verify_cache_tree, view_caches
 
+    if images and manifest is None:
+        raise UserError("--images needs --manifest: the dataset whose image files to compare with the cache")
+    if manifest is not None and not images:
+        raise UserError("--manifest is only read with --images")
     found = verify_cache_tree(cache)
     problems = [(directory, problem) for directory, listed in found.items() for problem in listed]
+    checks = _image_checks(cache, list(found), manifest, data_root) if images else []
+    changed = [(check, problem) for check in checks for problem in check.problems]
+    changed += [(check, shard) for check in checks for shard in check.unreadable_shards]
     if as_json:
         print(
             json.dumps(
                 {
                     "cache": str(cache),
-                    "ok": not problems,
+                    "ok": not problems and not changed,
                     "problems": [
                         {"cache": str(directory), "shard": problem.shard, "problem": problem.problem}
                         for directory, problem in problems
                     ],
+                    **({"images": [_image_check_json(check) for check in checks]} if images else {}),
                 }
             )
         )
     for directory, problem in [] if as_json else problems:
         where = "" if directory == cache else f"{directory.relative_to(cache)} "
         results.print(Text.assemble((f"{where}shard {problem.shard}", "red"), f": {problem.problem}"), soft_wrap=True)
-    if problems:
+    if not as_json and images:
+        _print_image_checks(cache, checks, manifest)
+    if problems or changed:
         raise typer.Exit(1)
     if not as_json:
         nested = {"proposals": len(proposals_caches(cache)), "view": len(view_caches(cache))}
         checked = "".join(f" and {count} {kind} cache(s)" for kind, count in nested.items() if count)
         results.print(Text(f"{cache}{checked}: every committed shard matches its checksums"), soft_wrap=True)
+
+
+def _image_checks(cache: Path, caches: list[Path], manifest: Path, data_root: Path) -> list:
+    """``check_image_contents`` of each cache of the tree, every image file read once."""
+    from regionspot_cache.cache.contents import ImageDigests, check_image_contents
+    from regionspot_cache.data.datasets import load_manifest
+
+    digests = ImageDigests(load_manifest(manifest, data_root).load())
+    return [check_image_contents(directory, digests) for directory in caches]
+
+
+def _image_check_json(check) -> dict:
+    from dataclasses import asdict
+
+    return {
+        "cache": check.cache,
+        "checked_images": check.checked_images,
+        "changed": [asdict(problem) for problem in check.problems],
+        "unrecorded_shards": check.unrecorded_shards,
+        "unreadable_shards": check.unreadable_shards,
+    }
+
+
+def _print_image_checks(cache: Path, checks: list, manifest: Path) -> None:
+    from regionspot_cache.cache.contents import describe
+
+    for check in checks:
+        where = "" if Path(check.cache) == cache else f"{Path(check.cache).relative_to(cache)} "
+        for problem in check.problems:
+            results.print(Text.assemble((f"{where}{describe(problem)}", "red")), soft_wrap=True)
+        for shard in check.unreadable_shards:
+            results.print(Text(f"{where}shard {shard:06d}: input.json unreadable: its images were not checked", "red"))
+        if check.unrecorded_shards:
+            results.print(
+                Text(
+                    f"{where or str(cache) + ' '}{len(check.unrecorded_shards)} shard(s) were extracted before image "
+                    "digests were recorded: their images were not checked",
+                    "yellow",
+                ),
+                soft_wrap=True,
+            )
+    stale = sum(problem.stale for check in checks for problem in check.problems)
+    if stale:
+        results.print(
+            Text(
+                f"{stale} image(s) changed since extraction: re-extract their shards with `rs-cache repair {cache} "
+                f"--manifest {manifest} --images`"
+            ),
+            soft_wrap=True,
+        )
+    elif not any(check.problems or check.unreadable_shards for check in checks):
+        checked = sum(check.checked_images for check in checks)
+        results.print(Text(f"{cache}: {checked} image(s) checked: every file holds the bytes it was extracted from"))
 
 
 def repair(
@@ -147,6 +221,10 @@ def repair(
     scheduler: Optional[str] = SchedulerOption,
     workers: Optional[int] = WorkersOption,
     retries: int = RetriesOption,
+    images: bool = flag(
+        "--images",
+        help="Also re-extract the shards one of whose image files changed since extraction (reads every image).",
+    ),
 ) -> None:
     """Check every shard against its checksums, then remove and re-extract only the damaged ones.
 
@@ -169,16 +247,20 @@ def repair(
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
     distributor = Dask(scheduler, workers, retries) if scheduler or workers is not None else InProcess()
     from regionspot_cache.cache import proposals_caches, view_caches
-    from regionspot_cache.extract.repair import damaged_shards
+    from regionspot_cache.cache.contents import ImageDigests
+    from regionspot_cache.extract.repair import damaged_shards, stale_shards
 
     targets = [cache, *view_caches(cache).values(), *proposals_caches(cache)]  # the cache, its views, its proposals
+    digests = ImageDigests(dataset) if images else None  # each image file read once for all of them
     for where in targets:
         data, source = dataset, box_source
-        if where in proposals_caches(cache) and damaged_shards(where):  # its boxes: the manifest's set it was made of
+        to_redo = damaged_shards(where) or (digests is not None and stale_shards(where, digests))
+        if where in proposals_caches(cache) and to_redo:  # its boxes: the manifest's set it was made of
             data, source = with_box_source(spec.load(), spec, _proposal_set_of(where, spec))
-        summary = repair_cache(where, data, source, config.extract, models, distributor=distributor)
+        summary = repair_cache(where, data, source, config.extract, models, distributor=distributor, image_digests=digests)
         if not summary.damaged:
-            say(f"{where}: every committed shard matches its checksums; nothing to repair")
+            unchanged = " and holds the images it was extracted from" if images else ""
+            say(f"{where}: every committed shard matches its checksums{unchanged}; nothing to repair")
             continue
         for shard, problems in summary.damaged.items():
             prefix = "" if where == cache else f"{where.relative_to(cache)} "

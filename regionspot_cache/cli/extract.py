@@ -40,6 +40,11 @@ def extract(
     clip_model: Optional[str] = ClipModelOption,
     clip_pretrained: Optional[str] = ClipPretrainedOption,
     strict: bool = flag("--strict", help="Stop at the first bad image or degenerate box instead of recording it."),
+    check_images: bool = flag(
+        "--check-images",
+        help="On resume, read the committed shards' images again and refuse if any file's bytes changed "
+        "since extraction (sets extract.check_images).",
+    ),
     scheduler: Optional[str] = SchedulerOption,
     workers: Optional[int] = WorkersOption,
     retries: int = RetriesOption,
@@ -66,6 +71,7 @@ def extract(
         clip_pretrained=clip_pretrained,
     )
     config.extract.strict = strict or config.extract.strict
+    config.extract.check_images = check_images or config.extract.check_images
     check_writable(cache, "--cache", directory=True)
     distributor = InProcess() if in_process else Dask(scheduler, workers, retries)  # counts checked before any work
     spec = load_manifest(manifest, data_root)

@@ -33,6 +33,11 @@ def print_extract_summary(summary: ExtractSummary) -> None:
 def print_train_summary(summary: TrainSummary) -> None:
     """One line: the steps trained now (and where a resumed run began), or that the saved state
     had them all, with the loss and rate recorded when they were trained."""
+    for found in summary.partial:
+        say(
+            (f"PARTIAL cache: trained on {found.fraction:.0%} of {found.cache}'s shards", "yellow"),
+            f" ({len(found.missing)} of {found.planned} missing; recorded in {summary.checkpoint.with_suffix('.json')})",
+        )
     if summary.already_trained:
         say(
             f"already trained: {summary.steps} steps in the saved state; wrote {summary.checkpoint} "

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import replace
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from regionspot_cache.cache import CacheFormatError, CacheWriter
+from regionspot_cache.cache.contents import ImageDigests, check_image_contents, describe
 from regionspot_cache.data.datasets import DetectionDataset, ImageEntry
+
+logger = logging.getLogger(__name__)
 
 Shard = tuple[int, list[ImageEntry]]  # (shard id, its images in id order)
 
@@ -58,6 +62,26 @@ def check_inputs_unchanged(writer: CacheWriter, dataset: DetectionDataset, commi
             f"{writer.root}: shards {names} were extracted from other images or boxes than {dataset.name!r} has now "
             "(an edited annotation or proposals file?), so their features would be stale. Extract into a new cache, "
             "or delete those shard directories under shards/ and re-run to extract only them again"
+        )
+
+
+def check_images_unchanged(writer: CacheWriter, dataset: DetectionDataset, committed: set[int]) -> None:
+    """``extract.check_images``: refuse to skip committed shards one of whose image files holds
+    other bytes than it was extracted from (an image replaced under the same name and size)."""
+    check = check_image_contents(writer.location, ImageDigests(dataset), committed)
+    stale = [problem for problem in check.problems if problem.stale]
+    if check.unrecorded_shards:
+        logger.warning(
+            "%s: %d committed shard(s) predate the recording of image digests: their images cannot be checked",
+            writer.root,
+            len(check.unrecorded_shards),
+        )
+    if stale:
+        shown = "; ".join(describe(problem) for problem in stale[:3]) + ("; ..." if len(stale) > 3 else "")
+        raise CacheFormatError(
+            f"{writer.root}: {len(stale)} image(s) replaced since their shards were extracted ({shown}): their "
+            f"features would be stale. Re-extract those shards with `rs-cache repair {writer.root} --manifest ... "
+            "--images`, or extract into a new cache"
         )
 
 

@@ -15,6 +15,7 @@ from regionspot_cache.data.images import ImageDecodeError
 from regionspot_cache.data.views import View, apply_view
 from regionspot_cache.encoders import FrozenEncoders
 from regionspot_cache.extract.decode import default_loader_workers, plain_jpeg, read_rgb, resolve_decode
+from regionspot_cache.runtime.files import content_digest, file_content_digest
 
 
 @dataclass
@@ -27,6 +28,7 @@ class LoadedImage:
     error: str = ""
     dropped: BoxSet = field(default_factory=BoxSet.empty)  # boxes a view's crop left out, as given
     dropped_reasons: list[str] = field(default_factory=list)
+    content: str | None = None  # the file's content digest (runtime/files.py), recorded with its shard
 
 
 class ImageReader(Dataset):
@@ -60,19 +62,25 @@ class ImageReader(Dataset):
         boxes = self.dataset.boxes_of(entry.id)
         try:
             path = self.dataset.image_path(entry)
+        except DatasetError as err:
+            return LoadedImage(entry, boxes, error=str(err))
+        try:
             jpeg = plain_jpeg(path, self.max_pixels) if self.device_decode and self.view is None else None
             image = self.load(path, self.max_pixels) if jpeg is None else None
-        except (ImageDecodeError, DatasetError) as err:
-            return LoadedImage(entry, boxes, error=str(err))
+        except ImageDecodeError as err:  # its bytes are recorded too: a file mended later is noticed
+            return LoadedImage(entry, boxes, error=str(err), content=file_content_digest(path))
+        # The bytes were just read: digesting them again from the page cache costs little next to decoding.
+        content = content_digest(jpeg.data) if jpeg is not None else file_content_digest(path)
         size = image.size if jpeg is None else jpeg.size
         if size != (entry.width, entry.height):
             return LoadedImage(
                 entry,
                 boxes,
                 error=f"{path}: decoded size {size[0]}x{size[1]} differs from the annotation's {entry.width}x{entry.height}",
+                content=content,
             )
         if jpeg is not None:
-            return LoadedImage(entry, boxes, jpeg=jpeg.tensor())
+            return LoadedImage(entry, boxes, jpeg=jpeg.tensor(), content=content)
         dropped, dropped_reasons = BoxSet.empty(), []
         if self.view is not None:
             viewed = apply_view(*self.view, image, entry, boxes)
@@ -85,7 +93,9 @@ class ImageReader(Dataset):
             )
         clip_pixels = self.clip_preprocess(image) if self.clip_preprocess else None
         sam_pixels = self.sam_resize(np.asarray(image)) if self.sam_resize else None
-        return LoadedImage(entry, boxes, sam_pixels, clip_pixels, dropped=dropped, dropped_reasons=dropped_reasons)
+        return LoadedImage(
+            entry, boxes, sam_pixels, clip_pixels, dropped=dropped, dropped_reasons=dropped_reasons, content=content
+        )
 
 
 def image_loader(

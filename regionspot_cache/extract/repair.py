@@ -11,8 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from regionspot_cache.cache import Provenance, exclusive_extraction, verify_cache
+from regionspot_cache.cache.contents import ImageDigests, check_image_contents
 from regionspot_cache.cache.format import IMAGES_FILE, SHARDS_DIR, STATUS_OK
-from regionspot_cache.cache.storage import COMMIT_RECORD, CacheLocation
+from regionspot_cache.cache.storage import COMMIT_RECORD, CacheLocation, shard_name
 from regionspot_cache.config import ExtractConfig, ModelsConfig, Preprocessing
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders
@@ -32,6 +33,17 @@ def damaged_shards(cache_dir: Path | str) -> dict[str, list[str]]:
     problems: dict[str, list[str]] = {}
     for problem in verify_cache(cache_dir):
         problems.setdefault(problem.shard, []).append(problem.problem)
+    return problems
+
+
+def stale_shards(cache_dir: Path | str, digests: ImageDigests) -> dict[str, list[str]]:
+    """The shards one of whose image files holds other bytes now than it was extracted from."""
+    problems: dict[str, list[str]] = {}
+    for problem in check_image_contents(cache_dir, digests).problems:
+        if problem.stale:
+            problems.setdefault(shard_name(problem.shard), []).append(
+                f"image {problem.image_id} ({problem.file_name}): {problem.problem}"
+            )
     return problems
 
 
@@ -120,16 +132,20 @@ def repair_cache(
     models: ModelsConfig | None = None,
     encoders: FrozenEncoders | None = None,
     distributor: Distributor | None = None,
+    image_digests: ImageDigests | None = None,
 ) -> RepairSummary:
     """Find damaged shards by their checksums, remove them and extract them again (on
     ``distributor``, default this process); shards that are intact, or were never extracted, are
     left as they are. ``models`` default to those the cache recorded; the cache's identity check
-    refuses any others."""
+    refuses any others. With ``image_digests`` (``repair --images``), shards whose image files
+    changed since extraction are extracted again too."""
     cache_dir = Path(cache_dir)
     provenance = Provenance.read(cache_dir)  # not CacheReader: the shards' manifests may be the damage
     location = CacheLocation.parse(cache_dir)
     with exclusive_extraction(cache_dir):  # no extraction may run while shards are replaced
         damaged = damaged_shards(cache_dir)
+        for shard, problems in (stale_shards(cache_dir, image_digests) if image_digests else {}).items():
+            damaged.setdefault(shard, []).extend(problems)
         # Kept aside until the replacement proves at least as complete (or the extraction fails).
         aside = _set_aside_all(location, sorted(damaged))
     if not damaged:

@@ -24,7 +24,13 @@ from regionspot_cache.config import ExtractConfig, ModelsConfig
 from regionspot_cache.data.datasets import DetectionDataset
 from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
 from regionspot_cache.extract.distribute import Distributor, ExtractionWork, InProcess, ShardOutcome
-from regionspot_cache.extract.plan import check_inputs_unchanged, pending_shards, planned_shards, shard_entries
+from regionspot_cache.extract.plan import (
+    check_images_unchanged,
+    check_inputs_unchanged,
+    pending_shards,
+    planned_shards,
+    shard_entries,
+)
 from regionspot_cache.extract.worker import ExtractCounts
 from regionspot_cache.identity import CacheKind
 from regionspot_cache.progress import progress_bar
@@ -97,6 +103,8 @@ def run_extraction(
         shards = list(shard_entries(dataset.images, config.shard_size))
         committed = writer.committed_shards()
         check_inputs_unchanged(writer, dataset, [shard for shard in shards if shard[0] in committed])
+        if config.check_images and committed:
+            check_images_unchanged(writer, dataset, committed)
         pending = pending_shards(shards, committed, only_shards)
         summary = ExtractSummary(shards_skipped=len(shards) - len(pending))
         work = ExtractionWork(dataset, target.root, encoders.spec, config, writer.provenance)

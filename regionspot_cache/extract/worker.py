@@ -88,12 +88,13 @@ def extract_shards(
     with torch_threads(config.threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="rs-cache-commit") as committer:
         pending: Future | None = None
         for shard_id, entries in shards:
-            result, features = ShardResult(shard_id=shard_id), []
+            result, features, contents = ShardResult(shard_id=shard_id), [], {}
             for _ in range(-(-len(entries) // config.batch_size)):
                 waited = time.perf_counter()
                 batch = next(batches)
                 result.loader_wait_seconds += time.perf_counter() - waited
                 result.batches += 1
+                contents.update((item.entry.id, item.content) for item in batch if item.content is not None)
                 images = mapper(pixels(batch))
                 if config.strict:
                     _raise_on_failure(images)
@@ -103,13 +104,16 @@ def extract_shards(
                 on_batch(counts.images, counts.boxes)
             if pending is not None:
                 yield pending.result()
-            pending = committer.submit(_commit, writer, result, features, shard_input_digest(dataset, entries))
+            digest = shard_input_digest(dataset, entries)
+            pending = committer.submit(_commit, writer, result, features, digest, contents)
         if pending is not None:
             yield pending.result()
 
 
-def _commit(writer: CacheWriter, result: ShardResult, features: list[ImageFeatures], input_digest: str) -> ShardResult:
-    result.bytes_written = writer.write_shard(result.shard_id, features, input_digest)
+def _commit(
+    writer: CacheWriter, result: ShardResult, features: list[ImageFeatures], input_digest: str, contents: dict[int, str]
+) -> ShardResult:
+    result.bytes_written = writer.write_shard(result.shard_id, features, input_digest, contents)
     return result
 
 

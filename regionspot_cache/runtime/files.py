@@ -25,6 +25,27 @@ def sha256_file(path: Path | str, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# How the bytes of each image file are digested at extraction (recorded in each shard's input.json),
+# so that an image replaced under the same name can be found later (``rs-cache verify --images``).
+# SHA-256: with the SHA instructions of current CPUs about 0.3 ms for a 150 kB JPEG, twice as fast
+# as BLAKE2b there and about 5% of decoding it (measured in the README's "What each command checks").
+CONTENT_DIGEST = "sha256"
+
+
+def content_digest(data: bytes) -> str:
+    """The ``CONTENT_DIGEST`` of a file's bytes, as hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_content_digest(path: Path | str) -> str | None:
+    """``content_digest`` of the file at ``path``; None when it cannot be read (then decoding the
+    image names the problem)."""
+    try:
+        return content_digest(Path(path).read_bytes())
+    except OSError:
+        return None
+
+
 def read_toml(path: Path, what: str, error: type[Exception]) -> dict[str, Any]:
     """Parse a TOML file; a missing or invalid file raises ``error`` naming the file."""
     try:

@@ -9,7 +9,7 @@ a resumed run can start at any step without replaying the earlier ones.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from regionspot_cache.cache import CacheReader, Vocabulary
-from regionspot_cache.cache.completeness import check_complete
+from regionspot_cache.cache.completeness import Completeness, check_complete
 from regionspot_cache.data.views import IDENTITY
 from regionspot_cache.errors import CacheFormatError, ConfigError, DatasetError
 from regionspot_cache.runtime.devices import usable_cpus
@@ -314,6 +314,8 @@ class TrainSource:
     reader: CacheReader
     vocabulary: Vocabulary
     views: list[CachedView] | None = None  # None: the identity alone
+    # With allow_partial: the cache and view caches with shards missing (recorded with the head).
+    partial: list[Completeness] = field(default_factory=list)
 
 
 def open_sources(
@@ -330,13 +332,14 @@ def open_sources(
     sources = []
     for i, cache in enumerate(caches):
         reader = CacheReader(cache)
-        check_complete(reader, allow_partial)
+        found = [check_complete(reader, allow_partial)]
         name = vocabularies[i] if vocabularies else reader.provenance.dataset
         opened = open_views(reader, views)
         for view in opened:  # a half-extracted view cache is as incomplete as a half-extracted cache
             if view.maps is not reader:
-                check_complete(view.maps, allow_partial, " with extract.views")
-        sources.append(TrainSource(Path(cache), reader, reader.vocabulary(name), opened))
+                found.append(check_complete(view.maps, allow_partial, " with extract.views"))
+        partial = [each for each in found if not each.complete]
+        sources.append(TrainSource(Path(cache), reader, reader.vocabulary(name), opened, partial))
     first = sources[0]
     for other in sources[1:]:
         for model in ("sam", "clip"):

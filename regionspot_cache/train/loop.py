@@ -12,7 +12,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import sigmoid_focal_loss
 
 from regionspot_cache.cache import CacheReader
+from regionspot_cache.cache.completeness import Completeness
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.config import TextRecipe, TrainConfig
 from regionspot_cache.errors import ModelLoadError
@@ -88,6 +89,7 @@ class TrainSummary:
     checkpoint: Path
     resumed_from: int = 0  # the step the run continued from (0: a fresh start)
     local_cache: ShardCacheStats | None = None  # with train.local_cache_dir: bytes fetched, peak on disk
+    partial: list[Completeness] = field(default_factory=list)  # --allow-partial: caches trained on in part
 
     @property
     def already_trained(self) -> bool:
@@ -264,7 +266,10 @@ def _train(
     recorded = recorded_last_step(run_dir_for(output)) if start >= config.iterations else None
     if recorded is not None:  # nothing trained now: report the finished run's last loss and rate
         loss_value, rate = recorded
+    partial = [found for source in sources for found in source.partial]
     if processes.is_main:
+        # A head trained on part of a cache says so where it is kept (eval's metrics file does too).
+        recorded = {"partial_caches": [found.to_dict() for found in partial]} if partial else {}
         save_head(
             head,
             output,
@@ -273,6 +278,7 @@ def _train(
                 "vocabularies": [s.vocabulary.name for s in sources],
                 "caches": [str(s.cache) for s in sources],
                 "encoders": trained_with(sources[0]).to_dict(),
+                **recorded,
             },
         )
     barrier(processes)
@@ -284,7 +290,7 @@ def _train(
             local.fetched_bytes / 1e9,
             local.peak_disk_bytes / 1e9,
         )
-    return TrainSummary(config.iterations, loss_value, seconds, rate, output, start, local)
+    return TrainSummary(config.iterations, loss_value, seconds, rate, output, start, local, partial)
 
 
 def training_regions(sources: Sequence[TrainSource], config: TrainConfig) -> MultiSourceRegions:

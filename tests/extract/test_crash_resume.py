@@ -16,6 +16,7 @@ from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
+from tests.helpers import wait_until
 
 CONFIG = ExtractConfig(shard_size=2, batch_size=1, num_workers=0, device="cpu")
 
@@ -55,11 +56,12 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path, tiny_model
     ]
     process = subprocess.Popen([sys.executable, "-c", WORKER, *args], stderr=subprocess.DEVNULL)
     shards = killed / "shards"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if shards.is_dir() and any(p.name.isdigit() for p in shards.iterdir()):
-            break
-        time.sleep(0.01)
+    wait_until(  # no deadline: it fails if the run stalls, and ends the wait if the run ends
+        lambda: process.poll() is not None or (shards.is_dir() and any(p.name.isdigit() for p in shards.iterdir())),
+        "a committed shard",
+        watched=[process],
+        poll_s=0.01,
+    )
     time.sleep(0.15)  # into the next shard
     os.kill(process.pid, signal.SIGKILL)
     process.wait()

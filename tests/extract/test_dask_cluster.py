@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,7 @@ from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
-from tests.helpers import model_args
-
-# Only a guard against a hang (the test never depends on how fast the machine is).
-HANG_GUARD_S = 900
+from tests.helpers import model_args, wait_until
 
 
 def _free_port() -> int:
@@ -63,10 +59,21 @@ def cluster(tmp_path):
     }
     from distributed import Client
 
-    client = Client(address, timeout=HANG_GUARD_S)
-    client.wait_for_workers(2, timeout=HANG_GUARD_S)
+    everyone, clients = [scheduler, *workers.values()], []
+
+    def connected() -> bool:  # retried while the scheduler lives: a slow start only takes longer
+        try:
+            clients.append(Client(address))
+        except (OSError, TimeoutError):
+            return False
+        return True
+
+    # No deadline: each wait fails as soon as the scheduler or a worker dies, or all of them stall.
+    wait_until(connected, "the dask scheduler", must_live=everyone)
+    client = clients[0]
+    wait_until(lambda: len(client.scheduler_info()["workers"]) >= 2, "two dask workers", must_live=everyone)
     try:
-        yield address, client, workers
+        yield address, client, workers, scheduler
     finally:
         client.close()
         for process in [*workers.values(), scheduler]:
@@ -112,7 +119,7 @@ def _busy_worker(client, cache: Path) -> str | None:
 def test_worker_killed_mid_run_its_shards_run_on_the_other_and_the_cache_is_bit_identical(
     tmp_path, tiny_models, encoders, cluster
 ):
-    address, client, workers = cluster
+    address, client, workers, scheduler = cluster
     annotations = generate_split(tmp_path, "val", SyntheticSpec(images=6, seed=5, min_size=64, max_size=96))
     manifest = tmp_path / "toy.toml"
     manifest.write_text(f'name = "toy"\nannotations = "{annotations}"\nimage_root = "{tmp_path / "images"}"\n')
@@ -126,20 +133,23 @@ def test_worker_killed_mid_run_its_shards_run_on_the_other_and_the_cache_is_bit_
     )
 
     cache = tmp_path / "cluster"
-    run = subprocess.Popen(
-        _extract_command(manifest, cache, tiny_models, "--scheduler", address, "--retries", "2"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline, killed = time.monotonic() + HANG_GUARD_S, None
-    while killed is None and run.poll() is None and time.monotonic() < deadline:
-        killed = _busy_worker(client, cache)
-        if killed is None:
-            time.sleep(0.05)
-    assert killed is not None, "the extraction ended before a worker could be killed mid-shard"
-    _kill(workers[killed])
-    output = run.communicate(timeout=HANG_GUARD_S)[0].decode()
-    assert run.returncode == 0, output
+    log = tmp_path / "extract.log"
+    with open(log, "wb") as out:  # a file, not a pipe: nobody reads a pipe while we poll
+        command = _extract_command(manifest, cache, tiny_models, "--scheduler", address, "--retries", "2")
+        run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    busy: list[str] = []
+
+    def busy_or_ended() -> bool:
+        busy.extend(filter(None, [_busy_worker(client, cache)]))
+        return bool(busy) or run.poll() is not None
+
+    everyone = [scheduler, *workers.values()]
+    wait_until(busy_or_ended, "a worker encoding a shard", must_live=everyone, watched=[run], poll_s=0.05)
+    assert busy, "the extraction ended before a worker could be killed mid-shard:\n" + log.read_text()
+    _kill(workers[busy[0]])
+    survivors = [scheduler, *(process for name, process in workers.items() if name != busy[0])]
+    wait_until(lambda: run.poll() is not None, "the extraction to end", must_live=survivors, watched=[run])
+    assert run.returncode == 0, log.read_text()
 
     assert verify_cache(cache) == []
     mine, theirs = CacheReader(cache), CacheReader(reference)

@@ -3,10 +3,13 @@
 
 The classes: devices (unknown, absent), CLIP models and weights (unknown name, a text file, another
 model's weights, a directory), head files (a text file, a directory), outputs (a directory where a
-file goes, a file where a directory goes), JSON files of the wrong shape, counts and sizes, options
-that contradict the recipe or that the method would ignore, and artifacts that do not belong
-together (another dataset's annotations, a view cache, a cache with shards missing), and a damaged
-feature file (a flipped bit, found on the read path by the chunk's crc32c).
+file goes, a file where a directory goes), JSON files of the wrong shape, counts and sizes, a
+boolean setting given as a number, options that contradict the recipe or that the method would
+ignore, options that need another (``verify --images`` without ``--manifest``), artifacts that do
+not belong together (another dataset's annotations, a view cache, a cache with shards missing),
+stale inputs (other preprocessing on resume, an image file replaced since extraction with
+``--check-images``), and a damaged feature file (a flipped bit, found on the read path by the
+chunk's crc32c).
 Run in-process through ``regionspot_cache.cli.main``, as a user runs ``rs-cache``.
 """
 
@@ -18,8 +21,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from regionspot_cache import cli
 from regionspot_cache.config import ExtractConfig
@@ -69,6 +74,13 @@ def work(tmp_path_factory, tiny_models, encoders):
         for map_row in range(maps):
             data[map_row * stride + 10] ^= 0x04
         chunk_file.write_bytes(bytes(data))
+    edited = root / "edited"  # the same dataset and cache, one image's pixels replaced since extraction
+    shutil.copytree(root / "images", edited / "images")
+    shutil.copy(annotations, edited)
+    shutil.copy(root / "toy.toml", edited)
+    shutil.copytree(root / "cache", edited / "cache")
+    victim = edited / "images" / dataset.images[-1].file_name
+    Image.fromarray(255 - np.asarray(Image.open(victim).convert("RGB"))).save(victim, quality=92)
     return root, tiny_models
 
 
@@ -136,6 +148,7 @@ def _commands(root, models) -> dict[str, list[str]]:
             "-o",
             str(root / "out" / "e.json"),
         ],
+        "verify": ["verify", str(root / "cache"), "--images", "-m", str(root / "toy.toml"), "--data-root", str(root)],
         "extract": [
             "extract",
             "-m",
@@ -222,6 +235,21 @@ def _bad(root, models) -> dict[str, tuple[str, object, str]]:
     cases["extract-clip-unknown"] = ("extract", ("--clip-model", "ViT-Q-99"), "not an open_clip model name")
     cases["extract-clip-text-file"] = ("extract", ("--clip-pretrained", text), "text.txt")
     cases["extract-proposals-object"] = ("extract", ("--boxes", str(root / "object.json")), "object.json")
+    cases["extract-flag-as-number"] = ("extract", ("--set", "extract.check_images=1"), "not a bool")
+    edited = root / "edited"
+    cases["extract-image-replaced"] = (  # stale inputs: an image file's bytes changed since extraction
+        "extract",
+        [("-m", str(edited / "toy.toml")), ("--data-root", str(edited)), ("-c", str(edited / "cache")), ("--check-images", None)]
+        + [("--set", "extract.shard_size=2")],
+        "replaced since their shards were extracted",
+    )
+    cases["extract-other-preprocessing"] = (
+        "extract",
+        [("-c", str(root / "cache")), ("--set", "extract.shard_size=2"), ("--set", "extract.preprocess=released")],
+        "preprocess: cache has",
+    )
+    cases["verify-images-without-manifest"] = ("verify", ["-m", "--data-root", str(root)], "--images needs --manifest")
+    cases["verify-manifest-object"] = ("verify", ("-m", str(root / "object.json")), "object.json")
     return cases
 
 
@@ -270,7 +298,7 @@ def test_every_command_refuses_each_class_of_bad_value_in_one_line(work, monkeyp
 def test_every_command_that_combines_artifacts_is_driven():
     """A command added later without cases here would escape the enumeration."""
     commands = {command for command, _, _ in _bad_listing().values()}
-    assert commands == {"predict", "search", "train", "eval", "extract"}
+    assert commands == {"predict", "search", "train", "eval", "extract", "verify"}
 
 
 def test_allow_partial_scores_the_committed_shards_and_records_the_fraction(work, monkeypatch, capsys):
@@ -302,3 +330,24 @@ def test_a_category_renamed_in_the_annotation_file_renames_the_cached_vocabulary
     run_extraction(dataset, CacheTarget(cache), encoders, ExtractConfig(shard_size=2, num_workers=0, device="cpu"))
     vocabulary = CacheReader(cache).vocabulary("toy")
     assert vocabulary.names[0] == "renamed thing" and vocabulary.names[1:] == [c["name"] for c in data["categories"][1:]]
+
+
+def test_train_allow_partial_records_the_fraction_with_the_head_and_in_its_summary(work, monkeypatch, capsys):
+    root, models = work
+    out = root / "out" / "partial-head.safetensors"
+    args = _with(_with(_commands(root, models)["train"], "-c", str(root / "partial")), "-o", str(out))
+    monkeypatch.setattr(sys, "argv", ["rs-cache", *args, "--allow-partial"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    printed = " ".join((captured.out + captured.err).split())
+    [recorded] = json.loads(out.with_suffix(".json").read_text())["partial_caches"]
+    assert recorded["cache"] == str(root / "partial") and recorded["shards_missing"] == [1]
+    assert recorded["fraction_of_shards"] == 0.5
+    assert "PARTIAL cache: trained on 50% of" in printed
+    complete = root / "out" / "complete-head.safetensors"
+    monkeypatch.setattr(sys, "argv", ["rs-cache", *_with(_commands(root, models)["train"], "-o", str(complete))])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 0 and "partial_caches" not in json.loads(complete.with_suffix(".json").read_text())

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -21,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
+
 ACCESS_KEY, SECRET_KEY = "rs-cache-tester", "rs-cache-secret"
-READY_BOUND_SECONDS = 180  # only guards against a hang: the server usually answers in about 10 s
 
 
 @dataclass
@@ -150,18 +150,22 @@ def s3_server(tmp_path_factory) -> S3Server:
 
 
 def _wait_until_ready(server: S3Server, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + READY_BOUND_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"weed server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        if _answers(server.endpoint):
-            try:
-                server.bucket = server.new_bucket()  # the filer behind the gateway is up too
-                return
-            except Exception:  # noqa: BLE001 - not ready yet
-                pass
-        time.sleep(0.5)
-    raise RuntimeError(f"weed server did not answer S3 within {READY_BOUND_SECONDS} s:\n{log.read_text()[-3000:]}")
+    """No deadline (the server usually answers in about 10 s, later on a loaded machine): the wait
+    fails as soon as the server exits, or stalls (``wait_until``)."""
+
+    def ready() -> bool:
+        if not _answers(server.endpoint):
+            return False
+        try:
+            server.bucket = server.new_bucket()  # the filer behind the gateway is up too
+        except Exception:  # noqa: BLE001 - not ready yet
+            return False
+        return True
+
+    try:
+        wait_until(ready, "the S3 server", must_live=[process], poll_s=0.5)
+    except AssertionError as err:
+        raise RuntimeError(f"{err}:\n{log.read_text()[-3000:]}") from None
 
 
 @pytest.fixture

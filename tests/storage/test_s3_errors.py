@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +16,7 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.errors import CacheStorageError
-from tests.helpers import extract_args
+from tests.helpers import extract_args, run_to_end
 
 runner = CliRunner()
 
@@ -77,13 +76,8 @@ def test_denied_credentials_write_nothing(s3_server, dataset, monkeypatch):
 
 def test_the_command_line_shows_one_error_line(s3_server, tmp_path):
     env = {**os.environ, **s3_server.env(endpoint=f"http://127.0.0.1:{_closed_port()}"), "AWS_MAX_ATTEMPTS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "regionspot_cache", "inspect", f"s3://{s3_server.bucket}/c"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [sys.executable, "-m", "regionspot_cache", "inspect", f"s3://{s3_server.bucket}/c"]
+    result = run_to_end(command, tmp_path / "inspect.log", env=env)  # no deadline; a stuck run fails
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[0].startswith("error:") and "AWS_ENDPOINT_URL" in result.stderr, result.stderr

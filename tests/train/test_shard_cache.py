@@ -24,6 +24,7 @@ from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.train.loop import run_dir_for, train_head
 from regionspot_cache.train.order import ShardOrder
 from regionspot_cache.train.shard_cache import ShardCache, fetch_shard, shard_schedule, tree_bytes
+from tests.helpers import wait_until
 
 
 def fake_cache(root, sizes: list[int]):
@@ -72,9 +73,7 @@ def test_a_budget_below_the_cache_holds_every_step_and_fetches_each_shard_about_
         for step, keys_of_step in enumerate(batches):
             for shard in {int(shards[index]) for _, _, index in keys_of_step}:
                 where = cache.local_dir(0) / SHARDS_DIR / shard_name(shard)
-                deadline = time.monotonic() + 30
-                while not where.is_dir() and time.monotonic() < deadline:
-                    time.sleep(0.001)
+                _wait_for_fetch(cache, where)
                 assert tree_bytes(where) == sizes[shard]  # there, whole, while its step is read
             cache.delivered(step)
     finally:
@@ -84,6 +83,20 @@ def test_a_budget_below_the_cache_holds_every_step_and_fetches_each_shard_about_
     assert cache.stats.fetched_bytes == sum(sizes[shard] for shard in fetched_shards)
     # Each epoch fetches every shard once, but for shards still there from the epoch before.
     assert sum(sizes) * epochs - budget <= cache.stats.fetched_bytes <= sum(sizes) * epochs
+
+
+def _wait_for_fetch(cache: ShardCache, where) -> None:
+    """Wait, with no deadline, for the fetcher to put a shard at ``where``. Fails at once if the
+    fetcher stopped, or if it waits for room: only a delivery frees room, and this thread, polling,
+    makes none, so that wait could never end (a deadlock, not a slow machine)."""
+    while not where.is_dir():
+        assert cache._thread.is_alive(), f"the fetcher stopped before fetching {where.name}"
+        frame, stack = sys._current_frames().get(cache._thread.ident), set()
+        while frame is not None:
+            stack.add(frame.f_code.co_name)
+            frame = frame.f_back
+        assert not {"wait", "_make_room_and_fetch"} <= stack, f"the fetcher waits for room before fetching {where.name}"
+        time.sleep(0.001)
 
 
 def test_a_budget_smaller_than_one_step_is_refused(tmp_path):
@@ -168,11 +181,12 @@ def test_sigkill_then_resume_through_the_local_cache_repeats_the_losses(cache, t
         [sys.executable, "-c", WORKER, str(cache), str(output), str(local), repr(budget)], stderr=subprocess.DEVNULL
     )
     metrics = run_dir_for(output) / "metrics.csv"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) > 5:
-            break
-        time.sleep(0.01)
+    wait_until(  # no deadline: it fails if the run stalls, and ends the wait if the run ends
+        lambda: process.poll() is not None or (metrics.is_file() and len(metrics.read_text().splitlines()) > 5),
+        "5 steps",
+        watched=[process],
+        poll_s=0.01,
+    )
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert 4 < len(metrics.read_text().splitlines()) - 1 < 16, "the kill must land mid-run"

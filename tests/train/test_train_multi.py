@@ -31,6 +31,7 @@ from regionspot_cache.train.data import (
     region_loader,
 )
 from regionspot_cache.train.loop import run_dir_for, train_head
+from tests.helpers import run_to_end
 
 REPO = Path(__file__).resolve().parents[2]
 # Dataset name -> (category ids kept from the synthetic set, offset added to ids): each dataset
@@ -235,7 +236,8 @@ def _torchrun(processes: int, caches: list[Path], output: Path) -> subprocess.Co
     command += [arg for cache in caches for arg in ("-c", str(cache))]
     command += [arg for setting in settings for arg in ("--set", setting)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return run_to_end(command, output.parent / "torchrun.log", env=env)  # no deadline; a stuck run fails
 
 
 def test_two_gloo_processes_train_exactly_like_one(caches, tmp_path):

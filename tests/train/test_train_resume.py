@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -20,6 +19,7 @@ from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import load_head
 from regionspot_cache.train.loop import run_dir_for, train_head
+from tests.helpers import wait_until
 
 CONFIG = TrainConfig(
     iterations=120,
@@ -64,11 +64,12 @@ def test_sigkill_then_resume_repeats_the_losses_exactly(cache, tmp_path):
     output = tmp_path / "killed" / "head.safetensors"
     process = subprocess.Popen([sys.executable, "-c", WORKER, str(cache), str(output)], stderr=subprocess.DEVNULL)
     metrics = run_dir_for(output) / "metrics.csv"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) > 35:
-            break
-        time.sleep(0.01)
+    wait_until(  # no deadline: it fails if the run stalls, and ends the wait if the run ends
+        lambda: process.poll() is not None or (metrics.is_file() and len(metrics.read_text().splitlines()) > 35),
+        "35 steps",
+        watched=[process],
+        poll_s=0.01,
+    )
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     done = len(metrics.read_text().splitlines()) - 1
