@@ -179,7 +179,7 @@ class ExtractConfig(Validated):
     # torch threads of the encoders, the same in every process (None: this process's torch default,
     # fixed by the runner before any shard runs): CPU results depend on the thread count, and dask
     # workers otherwise run single-threaded, so both distributors write bit-identical caches.
-    threads: int | None = field(default=None, metadata=at_least(1))
+    threads: int | None = field(default=None, metadata=between(1, 1024))
     strict: bool = False  # bad images and degenerate boxes stop the run instead of being recorded
     # On resume, read the images of the committed shards again and refuse if any file's bytes differ
     # from those recorded at extraction (cache/contents.py); off by default: it reads every image.
@@ -224,7 +224,8 @@ class TrainConfig(Validated):
     dataset_weights: list[float] = field(default_factory=list, metadata=above(0))  # empty: equal weights
     init_from: str | None = None  # head checkpoint to start from (stage 2 starts from stage 1)
     iterations: int = field(default=450_000, metadata=at_least(0))  # 0 only with init_from (see check_relations)
-    batch_size: int = field(default=16, metadata=at_least(1))
+    # Bounded: a global batch is materialised as keys before any read (1e11 would run until memory ends).
+    batch_size: int = field(default=16, metadata=between(1, 65_536))
     lr: float = field(default=2.5e-5, metadata=above(0))
     weight_decay: float = field(default=1e-4, metadata=at_least(0))
     warmup_iters: int = field(default=1000, metadata=at_least(0))
@@ -238,7 +239,7 @@ class TrainConfig(Validated):
     normalize_feature_map: bool = True
     dropout: float = field(default=0.1, metadata=between(0, 0.99))
     num_workers: int = field(default=0, metadata=at_least(0))
-    prefetch_batches: int = field(default=4, metadata=at_least(1))  # per loader worker
+    prefetch_batches: int = field(default=4, metadata=between(1, 64))  # per loader worker, held in memory
     # steps between training-state checkpoints (exact resume)
     checkpoint_every: int = field(default=5000, metadata=at_least(1))
     tensorboard: bool = True
@@ -330,8 +331,9 @@ class AutoBoxesConfig(Validated):
     them take gigabytes for a photo). At most ``max_boxes`` boxes, best first."""
 
     SECTION: ClassVar[str] = "predict.auto_boxes"
-    points_per_side: int = field(default=8, metadata=at_least(1))
-    points_per_batch: int = field(default=16, metadata=at_least(1))
+    # Bounded: the work grows with the square of the grid, the memory with the batch (SAM: 32, 64).
+    points_per_side: int = field(default=8, metadata=between(1, 128))
+    points_per_batch: int = field(default=16, metadata=between(1, 256))
     pred_iou_thresh: float = field(default=0.88, metadata=between(0, 1))
     stability_score_thresh: float = field(default=0.95, metadata=between(0, 1))
     box_nms_thresh: float = field(default=0.7, metadata=between(0, 1))

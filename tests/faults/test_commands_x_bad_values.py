@@ -230,6 +230,13 @@ def _bad(root, models) -> dict[str, tuple[str, object, str]]:
         "eval.open_set",
     )
     cases["eval-out-dir"] = ("eval", ("-o", f"{a_dir}/"), "a-dir")
+    # Counts whose work or memory grows with the value are bounded before any work starts.
+    cases["train-batch-unbounded"] = ("train", ("--set", "train.batch_size=100000000000"), "at most 65536")
+    cases["predict-auto-grid-unbounded"] = (
+        "predict",
+        [("--boxes", "auto"), ("--set", "predict.auto_boxes.points_per_side=100000")],
+        "at most 128",
+    )
     cases["extract-workers-negative"] = ("extract", [("--workers", "-1"), ("--in-process", None)], "--workers -1")
     cases["extract-views-unbounded"] = ("extract", ("--set", 'extract.views=["crop:0.5-1x99999999999999999999"]'), "at most")
     cases["extract-clip-unknown"] = ("extract", ("--clip-model", "ViT-Q-99"), "not an open_clip model name")
