@@ -115,7 +115,6 @@ def test_collate_pads_and_masks():
     assert batch.tokens[1, 1].abs().sum() == 0 and batch.tokens[1, 0, 0] == 2
 
 
-
 def test_collate_in_a_loader_worker_fills_shared_memory(monkeypatch):
     """In a worker the batch is built in shared memory: sending it to the training process
     then copies nothing more (a plain tensor is copied into shared memory on its way)."""
