@@ -153,14 +153,16 @@ def local_copy_regions(location: CacheLocation, args) -> CachedRegions:
     return CachedRegions(local_reader, local_reader.vocabulary("bench"), args.max_boxes, seed=0)
 
 
-def summary(rounds: list[dict], raw_median: float) -> dict:
-    """Median and range of each figure over the rounds; the steady rate's share of raw GET."""
+def summary(rounds: list[dict], raw: list[float]) -> dict:
+    """Median and range of each figure over the rounds; the steady and delivered rates' shares of
+    the raw GET rate of the same round (side by side), median and range."""
     out = {}
     for flow in rounds[0]:
         keys = [k for k in rounds[0][flow] if all(r[flow][k] is not None for r in rounds)]
         out[flow] = {k: median_spread([r[flow][k] for r in rounds]) for k in keys}
-        out[flow]["steady_of_raw_get"] = round(out[flow]["steady_MB_per_s"]["median"] / raw_median, 3)
-        out[flow]["delivered_of_raw_get"] = round(out[flow]["delivered_MB_per_s"]["median"] / raw_median, 3)
+        for rate in ("steady", "delivered"):
+            shares = [r[flow][f"{rate}_MB_per_s"] / get for r, get in zip(rounds, raw)]
+            out[flow][f"{rate}_of_raw_get"] = median_spread([round(share, 3) for share in shares])
     return out
 
 
@@ -209,7 +211,7 @@ def main() -> None:
                 loader_rounds.append(uniform)
                 local_rounds.append(local)
         load.append(os.getloadavg())
-    raw_median = median_spread(raw)["median"]
+    raw_median = median_spread(raw)["median"]  # the old flows' shares
     figures = {
         "cache_url": args.cache_url,
         "shape": args.shape,
@@ -217,7 +219,7 @@ def main() -> None:
         "stored_shard_bytes": stored,
         "load_average_1min": [round(a[0], 1) for a in load],
         "raw_get_MB_per_s": median_spread(raw),
-        "epoch": summary(epochs, raw_median),
+        "epoch": summary(epochs, raw),
     }
     if args.old_flows:
         uniform_rates = {flow: median_spread([r[flow]["MB_per_s"]["median"] for r in loader_rounds]) for flow in loader_rounds[0]}
