@@ -6,35 +6,41 @@ real writer (``benchmarks/cache_read.py``'s ``write_cache``), then takes turns, 
 after one untimed warm-up round:
 
 - raw GET: every object of the committed shards, fetched with s3fs's concurrent ``cat`` (bytes/s);
-- loader: the region loader on a fresh ``CacheReader`` in uniform order, each process fetching a
-  shard when it first touches it (nothing fetched yet: the timed window includes fetching the
-  shards it reads), ``--batches`` batches of ``--batch-size``, for each of ``--workers`` (payload
-  bytes delivered/s: feature maps and box tokens as float16). Keep ``--images`` within
-  ``CacheReader.remote_shards_kept`` shards: a larger cache makes each process fetch shards again.
-- train: what ``rs-cache train`` reads through (``train.loop.training_loader``): shard order, the
-  shards fetched ahead once by the training process into a temporary shard cache that its loader
-  workers read; one epoch (every fetched byte delivered), timed from before the shard cache is
-  made, for each of ``--resident`` resident shards.
-- local: the same loader on a local copy of the cache (the page cache warm), the loader's own
-  ceiling on this machine.
+- epoch (the steady state): what ``rs-cache train`` reads through (``train.loop.training_loader``:
+  shard order, the shards fetched ahead by the training process into a temporary shard cache that
+  its loader workers read), one epoch of a cache of many more shards than ``--resident`` (e.g.
+  2,048 images in 64 shards), for each of ``--resident`` and ``--workers``. Timed from the first
+  batch delivered (worker start-up and the first window's fetch excluded, as the other benchmarks
+  exclude warm-up) to the epoch's end. Reported: the payload delivered per second (feature maps
+  and box tokens as float16), the stored bytes fetched per second while the fetcher was busy
+  within that window (the fetcher may be ahead by up to the shard cache's budget when timing
+  starts: ``fetched_before_timing``), the steady-state rate (the smaller of the two: a long epoch
+  runs at the slower of fetching and reading), and the CPU seconds of the training process (its
+  fetch threads included), of its loader workers and of the server (``--server-pid``) per second.
+- with ``--old-flows``: the uniform flow (a fresh ``CacheReader``, each process fetching a shard
+  when it first touches it, ``--batches`` batches, start-up timed; keep ``--images`` within
+  ``CacheReader.remote_shards_kept`` shards for it) and the same loader on a local copy.
 
-Medians over the rounds, with the spread. The server and credentials come from the environment
+Medians over the rounds, with the range. The server and credentials come from the environment
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...). A SeaweedFS server on loopback, for example::
 
     weed server -dir=/tmp/weed -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3 -s3.port=8333 -s3.port.iceberg=0 -s3.port.lance=0
     curl -X PUT http://127.0.0.1:8333/bench
     AWS_ENDPOINT_URL=http://127.0.0.1:8333 AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=y AWS_REGION=us-east-1 \\
-        python benchmarks/s3_read.py --cache-url s3://bench/cache --shape bb --images 256
+        python benchmarks/s3_read.py --cache-url s3://bench/bb2048 --shape bb --images 2048 --shard-size 32
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -57,105 +63,172 @@ def raw_get_rate(location: CacheLocation) -> tuple[float, int]:
     return size / (time.perf_counter() - started), size
 
 
-def train_loader_rates(cache_url: str, args, seed: int) -> dict:
-    """{"resident_<r>_workers_<w>": MB/s} of ``training_loader`` reading one epoch from a fresh
-    start, for each of ``args.resident`` and ``args.workers``."""
+class Clock:
+    """CPU seconds of this process (all its threads), of its children (loader workers) and of
+    the server, at one instant."""
+
+    def __init__(self, server: psutil.Process | None):
+        me = psutil.Process()
+        self.wall = time.perf_counter()
+        self.main = _cpu(me)
+        self.workers = sum(_cpu(child) for child in me.children(recursive=True))
+        self.server = _cpu(server) + sum(_cpu(c) for c in server.children(recursive=True)) if server else 0.0
+
+
+def _cpu(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return times.user + times.system
+
+
+def epoch_figures(cache_url: str, args, seed: int, resident: int, workers: int, server: psutil.Process | None) -> dict:
+    """One epoch of ``training_loader`` (see the module's docstring), timed from its first batch."""
     sources = open_sources([cache_url], [], [])
     batches_per_epoch = len(sources[0].reader) // args.batch_size
-    rates = {}
-    for resident in args.resident:
-        for workers in args.workers:
-            config = TrainConfig(
-                iterations=batches_per_epoch,
-                batch_size=args.batch_size,
-                max_boxes_per_image=args.max_boxes,
-                num_workers=workers,
-                resident_shards=resident,
-            )
-            config.seed = seed
-            started, size = time.perf_counter(), 0
-            batches, shard_cache = training_loader(sources, config, 0, Processes(), pin_memory=False)
-            try:
-                for step, batch in zip(range(batches_per_epoch), batches):
-                    shard_cache.delivered(step)
-                    size += batch_bytes(batch)
-            finally:
-                shard_cache.close()
-            rates[f"resident_{resident}_workers_{workers}"] = size / (time.perf_counter() - started) / 1e6
-    return rates
+    config = TrainConfig(
+        iterations=batches_per_epoch,
+        batch_size=args.batch_size,
+        max_boxes_per_image=args.max_boxes,
+        num_workers=workers,
+        resident_shards=resident,
+    )
+    config.seed = seed
+    created = time.perf_counter()
+    batches, shard_cache = training_loader(sources, config, 0, Processes(), pin_memory=False)
+    landed: list[float] = []  # when each fetch finished
+    fetch = shard_cache.fetch
+
+    def timed_fetch(*fetch_args) -> int:
+        size = fetch(*fetch_args)
+        landed.append(time.perf_counter())
+        return size
+
+    shard_cache.fetch = timed_fetch
+    size = 0
+    try:
+        iterator = iter(batches)
+        next(iterator)
+        shard_cache.delivered(0)
+        before, fetched_before = Clock(server), shard_cache.stats.fetched_bytes
+        for step, batch in zip(range(1, batches_per_epoch), iterator):
+            shard_cache.delivered(step)
+            size += batch_bytes(batch)
+        after = Clock(server)
+        fetched = shard_cache.stats.fetched_bytes
+    finally:
+        shard_cache.close()
+    seconds = after.wall - before.wall
+    fetch_end = max([t for t in landed if t > before.wall], default=before.wall)
+    delivered = size / seconds / 1e6
+    fetch_rate = (fetched - fetched_before) / max(fetch_end - before.wall, 1e-9) / 1e6 if fetched > fetched_before else None
+    return {
+        "delivered_MB_per_s": delivered,
+        "fetched_MB_per_s": fetch_rate,
+        "steady_MB_per_s": min(delivered, fetch_rate) if fetch_rate else delivered,
+        "fetched_before_timing": fetched_before / max(fetched, 1),
+        "first_batch_s": before.wall - created,
+        "timed_s": seconds,
+        "cpu_main": (after.main - before.main) / seconds,
+        "cpu_workers": (after.workers - before.workers) / seconds,
+        "cpu_server": (after.server - before.server) / seconds,
+    }
+
+
+def old_flows(location: CacheLocation, args, local_regions, round_: int) -> tuple[dict, dict]:
+    """The uniform flow on a fresh reader and the same loader on a local copy (``--old-flows``)."""
+    one_round = argparse.Namespace(**{**vars(args), "repeats": 1, "warmup": 0})
+    reader = CacheReader(location)  # fresh: no shard fetched yet
+    figures = measure_loader(CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=round_), one_round)
+    return figures, measure_loader(local_regions, one_round)
+
+
+def local_copy_regions(location: CacheLocation, args) -> CachedRegions:
+    local_copy = Path(tempfile.mkdtemp(prefix="rs-cache-bench-"))
+    for part in (SHARDS_DIR, "vocabularies"):
+        location.fetch_dir(part, local_copy / part)
+    (local_copy / "cache.json").write_bytes(location.read_bytes("cache.json"))
+    local_reader = CacheReader(local_copy)
+    return CachedRegions(local_reader, local_reader.vocabulary("bench"), args.max_boxes, seed=0)
+
+
+def summary(rounds: list[dict], raw: list[float]) -> dict:
+    """Median and range of each figure over the rounds; the steady and delivered rates' shares of
+    the raw GET rate of the same round (side by side), median and range."""
+    out = {}
+    for flow in rounds[0]:
+        keys = [k for k in rounds[0][flow] if all(r[flow][k] is not None for r in rounds)]
+        out[flow] = {k: median_spread([r[flow][k] for r in rounds]) for k in keys}
+        for rate in ("steady", "delivered"):
+            shares = [r[flow][f"{rate}_MB_per_s"] / get for r, get in zip(rounds, raw)]
+            out[flow][f"{rate}_of_raw_get"] = median_spread([round(share, 3) for share in shares])
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-url", required=True, help="s3://bucket/prefix (written if it holds no cache)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="bb")
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--boxes", type=int, default=12)
-    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--feature-dtype", default="float16", choices=["float16", "int8"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=lambda s: [int(w) for w in s.split(",")], default=[0, 2])
-    parser.add_argument("--batches", type=int, default=12, help="timed batches per loader and round")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--resident",
         type=lambda s: [int(r) for r in s.split(",")],
         default=[8, 2],
-        help="train.resident_shards of the train flow: 8 (the default) holds a 4-shard cache whole; 2 makes "
-        "it span two windows, as a cache of many more shards than 8 does",
+        help="train.resident_shards of the epoch flow (8: the default)",
     )
     parser.add_argument("--max-boxes", type=int, default=100)
+    parser.add_argument("--server-pid", type=int, help="the server's process, for its CPU seconds")
+    parser.add_argument("--old-flows", action="store_true", help="also the uniform flow and the local copy's loader")
+    parser.add_argument("--batches", type=int, default=12, help="timed batches per round of the old flows")
     args = parser.parse_args()
     location = CacheLocation.parse(args.cache_url)
     if not location.exists("cache.json"):
         write_cache(args.cache_url, args.images, args.shape, args.boxes, args.shard_size, args.feature_dtype)
-    one_round = argparse.Namespace(**{**vars(args), "repeats": 1, "warmup": 0})
-    local_copy = Path(tempfile.mkdtemp(prefix="rs-cache-bench-"))
-    for part in (SHARDS_DIR, "vocabularies"):
-        location.fetch_dir(part, local_copy / part)
-    (local_copy / "cache.json").write_bytes(location.read_bytes("cache.json"))
-    local_reader = CacheReader(local_copy)
-    local_regions = CachedRegions(local_reader, local_reader.vocabulary("bench"), args.max_boxes, seed=0)
-    raw, loader_rounds, local_rounds, train_rounds = [], [], [], []
-    for round_ in range(args.repeats + 1):  # rounds take turns: each times both flows; the first is a warm-up
+    server = psutil.Process(args.server_pid) if args.server_pid else None
+    local_regions = local_copy_regions(location, args) if args.old_flows else None
+    load = [os.getloadavg()]
+    raw, epochs, loader_rounds, local_rounds = [], [], [], []
+    for round_ in range(args.repeats + 1):  # rounds take turns: each times every flow; the first is a warm-up
         rate, stored = raw_get_rate(location)
-        reader = CacheReader(location)  # fresh: no shard fetched yet
-        figures = measure_loader(CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=round_), one_round)
-        local = measure_loader(local_regions, one_round)
-        train = train_loader_rates(args.cache_url, args, seed=round_)
+        epoch = {
+            f"resident_{resident}_workers_{workers}": epoch_figures(args.cache_url, args, round_, resident, workers, server)
+            for resident in args.resident
+            for workers in args.workers
+        }
+        if args.old_flows:
+            uniform, local = old_flows(location, args, local_regions, round_)
         if round_:
             raw.append(rate / 1e6)
-            loader_rounds.append(figures)
-            local_rounds.append(local)
-            train_rounds.append(train)
-    loader = {flow: [round_[flow]["MB_per_s"]["median"] for round_ in loader_rounds] for flow in loader_rounds[0]}
-    images = {flow: [round_[flow]["images_per_s"]["median"] for round_ in loader_rounds] for flow in loader_rounds[0]}
-    raw_median = median_spread(raw)["median"]
+            epochs.append(epoch)
+            if args.old_flows:
+                loader_rounds.append(uniform)
+                local_rounds.append(local)
+        load.append(os.getloadavg())
+    raw_median = median_spread(raw)["median"]  # the old flows' shares
     figures = {
         "cache_url": args.cache_url,
         "shape": args.shape,
-        "images": len(reader),
+        "images": len(CacheReader(location)),
         "stored_shard_bytes": stored,
+        "load_average_1min": [round(a[0], 1) for a in load],
         "raw_get_MB_per_s": median_spread(raw),
-        "loader": {
-            flow: {
-                "MB_per_s": median_spread(loader[flow]),
-                "images_per_s": median_spread(images[flow]),
-                "of_raw_get": round(median_spread(loader[flow])["median"] / raw_median, 3),
-            }
-            for flow in loader
-        },
-        "train_loader": {
-            flow: {
-                "MB_per_s": median_spread([r[flow] for r in train_rounds]),
-                "of_raw_get": round(median_spread([r[flow] for r in train_rounds])["median"] / raw_median, 3),
-            }
-            for flow in train_rounds[0]
-        },
-        "local_copy_loader_MB_per_s": {
-            flow: median_spread([r[flow]["MB_per_s"]["median"] for r in local_rounds]) for flow in loader
-        },
+        "epoch": summary(epochs, raw),
     }
+    if args.old_flows:
+        uniform_rates = {flow: median_spread([r[flow]["MB_per_s"]["median"] for r in loader_rounds]) for flow in loader_rounds[0]}
+        figures["uniform_loader"] = {
+            flow: {"MB_per_s": rate, "of_raw_get": round(rate["median"] / raw_median, 3)} for flow, rate in uniform_rates.items()
+        }
+        figures["local_copy_loader_MB_per_s"] = {
+            flow: median_spread([r[flow]["MB_per_s"]["median"] for r in local_rounds]) for flow in uniform_rates
+        }
     print(json.dumps(figures, indent=1))
 
 

@@ -308,10 +308,14 @@ class CacheLocation:
             # Ranged GETs of every object's parts at once: a shard is a few large objects, and
             # one stream per object would leave the link mostly idle.
             data = self.fs.cat_ranges([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
-        for key in sizes:
+        chunks: dict[str, list[bytes]] = {key: [] for key in sizes}
+        for (key, _, _), chunk in zip(parts, data):
+            chunks[key].append(chunk)
+        for key, pieces in chunks.items():
             target = local_dir / key.removeprefix(prefix)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(b"".join(chunk for (k, _, _), chunk in zip(parts, data) if k == key))
+            with open(target, "wb") as handle:  # part by part: joining them first copied every byte once more
+                handle.writelines(pieces)
         return local_dir
 
     @contextmanager

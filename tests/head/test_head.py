@@ -115,6 +115,22 @@ def test_collate_pads_and_masks():
     assert batch.tokens[1, 1].abs().sum() == 0 and batch.tokens[1, 0, 0] == 2
 
 
+def test_collate_in_a_loader_worker_fills_shared_memory(monkeypatch):
+    """In a worker the batch is built in shared memory: sending it to the training process
+    then copies nothing more (a plain tensor is copied into shared memory on its way)."""
+    items = [
+        RegionItem(np.ones((2, 256), np.float16), np.zeros((5, 16), np.float16), np.array([3, 1])),
+        RegionItem(np.full((1, 256), 2, np.float16), np.arange(80, dtype=np.float16).reshape(5, 16), np.array([0])),
+    ]
+    plain = collate_regions(items)
+    assert not plain.feature_maps.is_shared()
+    monkeypatch.setattr("regionspot_cache.train.data.get_worker_info", lambda: object())
+    shared = collate_regions(items)
+    for field in ("tokens", "feature_maps", "box_mask", "labels"):
+        assert getattr(shared, field).is_shared(), field
+        assert torch.equal(getattr(shared, field), getattr(plain, field)), field
+
+
 def test_epoch_sampler_is_seeded_and_resumable():
     def take(sampler, count):
         return list(itertools.islice(iter(sampler), count))
