@@ -4,29 +4,26 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from regionspot_cache.cli import app
 from regionspot_cache.evaluate.lvis import METRICS
 from regionspot_cache.progress import percent
 
+DEMO = ["--train-images", "64", "--val-images", "16", "--iterations", "600"]
 
-def test_demo_runs_all_three_phases_and_training_helps(tmp_path):
-    workdir = tmp_path / "demo"
-    result = CliRunner().invoke(
-        app,
-        [
-            "demo",
-            "--workdir",
-            str(workdir),
-            "--train-images",
-            "96",
-            "--val-images",
-            "24",
-            "--iterations",
-            "600",
-        ],
-    )
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One demo run, shared: its outputs, a second run, and the README's commands on its data."""
+    workdir = tmp_path_factory.mktemp("demo") / "demo"
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), *DEMO])
+    return workdir, result
+
+
+def test_demo_runs_all_three_phases_and_training_helps(finished):
+    workdir, result = finished
     assert result.exit_code == 0, result.output
     assert "untrained" in result.output and "trained" in result.output
     metrics = json.loads((workdir / "demo_metrics.json").read_text())
@@ -58,26 +55,20 @@ def test_demo_runs_all_three_phases_and_training_helps(tmp_path):
     assert f"| head.sha256 | `{metrics['provenance']['head']['sha256']}` |" in page
     assert str(workdir / "report" / "results.md") in result.output.replace("\n", "")
 
-    # Run again: data, models and caches are reused and the head is not trained twice.
-    again = CliRunner().invoke(
-        app,
-        [
-            "demo",
-            "--workdir",
-            str(workdir),
-            "--train-images",
-            "96",
-            "--val-images",
-            "24",
-            "--iterations",
-            "600",
-        ],
-    )
+
+def test_a_second_run_reuses_everything_and_does_not_train_again(finished):
+    workdir, first = finished
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), *DEMO])
     said = " ".join(again.output.split())  # rich wraps long lines
     assert again.exit_code == 0 and "already trained: 600 steps" in said, said
     assert "nan" not in said and "shards written 0, skipped 1" in said
 
-    # The demo's manifests and proposals work with the other commands, as the README shows.
+
+def test_the_demos_manifests_and_proposals_work_with_the_other_commands(finished):
+    """As the README shows them."""
+    workdir, first = finished
+    assert first.exit_code == 0, first.output
     manifest = workdir / "data" / "demo_val.toml"
     models = [
         "--sam-variant",
