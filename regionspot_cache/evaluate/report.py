@@ -5,6 +5,7 @@ provenance and protocol) and a few images with their predictions drawn beside th
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -58,7 +59,7 @@ def ap_chart(runs: Mapping[str, Mapping[str, float]], path: Path | str, title: s
     axes.set_ylabel("AP (%)")
     scored = [100 * v for m in runs.values() for v in m.values() if v is not None and v > 0]
     axes.set_ylim(0, max(10.0, 1.15 * max(scored, default=0)))
-    axes.set_title(title)
+    axes.set_title(textwrap.fill(title, 60))  # a long title wraps instead of running off the figure
     if len(runs) > 1:
         axes.legend()
     figure.tight_layout()
