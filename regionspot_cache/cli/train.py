@@ -48,9 +48,6 @@ def train(
     metrics go to `<stem>.run/metrics.csv` and `<stem>.run/tensorboard`. Multi-GPU:
     `torchrun --nproc-per-node N -m regionspot_cache train ...` (train.batch_size stays the global batch).
     """
-    from regionspot_cache.demo.report import print_train_summary
-    from regionspot_cache.train.loop import train_head
-
     if init_from is not None and any(o.split("=", 1)[0].strip() == "train.init_from" for o in overrides):
         raise UserError("--init-from and --set train.init_from=... both given; give one of the two")
     check_writable(output, "--output")
@@ -61,5 +58,17 @@ def train(
     if vocabulary:
         config.train.vocabularies = list(vocabulary)
     config.train.allow_partial = allow_partial or config.train.allow_partial
+    _check_caches_exist(config.train.caches)
+    from regionspot_cache.demo.report import print_train_summary  # torch: only once the arguments hold
+    from regionspot_cache.train.loop import train_head
+
     summary = train_head(None, output, config.train, resume)
     print_train_summary(summary)
+
+
+def _check_caches_exist(caches: List[str]) -> None:
+    """A cache that is not one is refused before torch loads (seconds): its cache.json is read."""
+    from regionspot_cache.cache.format import Provenance
+
+    for cache in caches:
+        Provenance.read(cache)

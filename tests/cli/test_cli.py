@@ -177,7 +177,10 @@ def _heavy_modules_loaded(*arguments: str) -> tuple[list[str], str]:
     return report[-1].split()[1:], result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("arguments", [["--help"], ["eval", "--help"], ["predict", "x.jpg", "--boxes"]])
+@pytest.mark.parametrize(
+    "arguments",
+    [["--help"], ["eval", "--help"], ["predict", "x.jpg", "--boxes"], ["train", "-c", "/no/such/cache", "-o", "h.safetensors"]],
+)
 def test_help_and_argument_errors_load_no_torch(arguments):
     loaded, output = _heavy_modules_loaded(*arguments)
     assert loaded == [], output
