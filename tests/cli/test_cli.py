@@ -165,6 +165,8 @@ try:
     app(sys.argv[1:])
 except SystemExit:
     pass
+except Exception as err:  # a refusal of ours (main() would print it as one line)
+    print("refused:", err)
 print("loaded:", *sorted(name for name in ("torch", "open_clip", "segment_anything", "sam2") if name in sys.modules))
 """
 
