@@ -42,32 +42,29 @@ def cached(toy_split, tiny_models, tmp_path_factory):
     return cache
 
 
-def test_eval_method_detector_gives_the_lvis_ap_of_the_files_own_classes(toy_split, cached, tiny_owlv2, tmp_path):
+def _eval_detector(cached, toy_split, proposals, *options):
+    root, manifest, _ = toy_split
+    command = ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root), "--proposals", str(proposals)]
+    return runner.invoke(app, [*command, "--method", "detector", *options])
+
+
+def _owl_proposals(toy_split, tiny_owlv2, path, top_k: int):
+    """The tiny OWLv2's proposal file for the toy split, top ``top_k`` boxes per image."""
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.propose.runner import run_proposals
 
+    root, manifest, _ = toy_split
+    run_proposals(load_manifest(manifest, root).load(), path, str(tiny_owlv2), Selection(top_k=top_k), device="cpu")
+    return path
+
+
+def test_eval_method_detector_gives_the_lvis_ap_of_the_files_own_classes(toy_split, cached, tiny_owlv2, tmp_path):
+
     root, manifest, annotations = toy_split
     proposals = tmp_path / "owl.json"
-    run_proposals(load_manifest(manifest, root).load(), proposals, str(tiny_owlv2), Selection(top_k=50), device="cpu")
+    _owl_proposals(toy_split, tiny_owlv2, proposals, 50)
     output = tmp_path / "detector.json"
-    result = runner.invoke(
-        app,
-        [
-            "eval",
-            "-c",
-            str(cached),
-            "-m",
-            str(manifest),
-            "--data-root",
-            str(root),
-            "--proposals",
-            str(proposals),
-            "--method",
-            "detector",
-            "-o",
-            str(output),
-        ],
-    )
+    result = _eval_detector(cached, toy_split, proposals, "-o", str(output))
     assert result.exit_code == 0, result.output
     metrics = json.loads(output.with_suffix(".metrics.json").read_text())
     expected = lvis_ap(annotations, json.loads(proposals.read_text()))  # the official code on the file as written
@@ -75,8 +72,6 @@ def test_eval_method_detector_gives_the_lvis_ap_of_the_files_own_classes(toy_spl
 
 
 def test_eval_method_detector_needs_proposals_and_refuses_an_edited_file(toy_split, cached, tiny_owlv2, tmp_path):
-    from regionspot_cache.data.datasets import load_manifest
-    from regionspot_cache.propose.runner import run_proposals
 
     root, manifest, _ = toy_split
     result = runner.invoke(
@@ -84,36 +79,19 @@ def test_eval_method_detector_needs_proposals_and_refuses_an_edited_file(toy_spl
     )
     assert result.exit_code != 0 and "pass --proposals" in str(result.exception)
     proposals = tmp_path / "owl.json"
-    run_proposals(load_manifest(manifest, root).load(), proposals, str(tiny_owlv2), Selection(top_k=5), device="cpu")
+    _owl_proposals(toy_split, tiny_owlv2, proposals, 5)
     proposals.write_text(proposals.read_text() + "\n")
-    result = runner.invoke(
-        app,
-        [
-            "eval",
-            "-c",
-            str(cached),
-            "-m",
-            str(manifest),
-            "--data-root",
-            str(root),
-            "--proposals",
-            str(proposals),
-            "--method",
-            "detector",
-        ],
-    )
+    result = _eval_detector(cached, toy_split, proposals)
     assert result.exit_code != 0 and "edited or replaced" in str(result.exception)
 
 
 def test_detector_and_regionspot_side_by_side_in_one_table_file_and_page(toy_split, cached, tiny_owlv2, tmp_path):
     from regionspot_cache.cache import CacheReader
-    from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
-    from regionspot_cache.propose.runner import run_proposals
 
     root, manifest, annotations = toy_split
     proposals = tmp_path / "owl.json"
-    run_proposals(load_manifest(manifest, root).load(), proposals, str(tiny_owlv2), Selection(top_k=20), device="cpu")
+    _owl_proposals(toy_split, tiny_owlv2, proposals, 20)
     clip = CacheReader(cached).provenance.clip
     torch.manual_seed(0)
     save_head(
@@ -185,12 +163,6 @@ def test_eval_refuses_a_method_given_twice(toy_split, cached):
     assert result.exit_code != 0 and "--method clip-box is given twice" in str(result.exception)
 
 
-def _eval_detector(cached, toy_split, proposals, *options):
-    root, manifest, _ = toy_split
-    command = ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root), "--proposals", str(proposals)]
-    return runner.invoke(app, [*command, "--method", "detector", *options])
-
-
 def test_eval_method_detector_refuses_class_agnostic_proposals(toy_split, cached, tiny_owlv2, tmp_path):
     from regionspot_cache.data.datasets import load_manifest
     from regionspot_cache.propose.runner import run_proposals
@@ -211,12 +183,10 @@ def test_eval_method_detector_refuses_class_agnostic_proposals(toy_split, cached
 
 
 def test_eval_method_detector_keeps_the_fixed_protocols_best_per_class(toy_split, cached, tiny_owlv2, tmp_path):
-    from regionspot_cache.data.datasets import load_manifest
-    from regionspot_cache.propose.runner import run_proposals
 
     root, manifest, annotations = toy_split
     proposals = tmp_path / "owl.json"
-    run_proposals(load_manifest(manifest, root).load(), proposals, str(tiny_owlv2), Selection(top_k=50), device="cpu")
+    _owl_proposals(toy_split, tiny_owlv2, proposals, 50)
     output = tmp_path / "fixed.json"
     result = _eval_detector(cached, toy_split, proposals, "--fixed-ap", "--set", "eval.fixed_dets_per_class=2", "-o", str(output))
     assert result.exit_code == 0, result.output
