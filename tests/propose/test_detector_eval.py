@@ -42,10 +42,14 @@ def cached(toy_split, tiny_models, tmp_path_factory):
     return cache
 
 
-def _eval_detector(cached, toy_split, proposals, *options):
+def _eval(cached, toy_split, *options):
+    """``rs-cache eval`` of the cached toy split with ``options``."""
     root, manifest, _ = toy_split
-    command = ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root), "--proposals", str(proposals)]
-    return runner.invoke(app, [*command, "--method", "detector", *options])
+    return runner.invoke(app, ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root), *options])
+
+
+def _eval_detector(cached, toy_split, proposals, *options):
+    return _eval(cached, toy_split, "--proposals", str(proposals), "--method", "detector", *options)
 
 
 def _owl_proposals(toy_split, tiny_owlv2, path, top_k: int):
@@ -72,11 +76,7 @@ def test_eval_method_detector_gives_the_lvis_ap_of_the_files_own_classes(toy_spl
 
 
 def test_eval_method_detector_needs_proposals_and_refuses_an_edited_file(toy_split, cached, tiny_owlv2, tmp_path):
-
-    root, manifest, _ = toy_split
-    result = runner.invoke(
-        app, ["eval", "-c", str(cached), "-m", str(manifest), "--data-root", str(root), "--method", "detector"]
-    )
+    result = _eval(cached, toy_split, "--method", "detector")
     assert result.exit_code != 0 and "pass --proposals" in str(result.exception)
     proposals = tmp_path / "owl.json"
     _owl_proposals(toy_split, tiny_owlv2, proposals, 5)
@@ -99,29 +99,11 @@ def test_detector_and_regionspot_side_by_side_in_one_table_file_and_page(toy_spl
         tmp_path / "h.safetensors",
     )
     output = tmp_path / "both.json"
-    result = runner.invoke(
-        app,
-        [
-            "eval",
-            "-c",
-            str(cached),
-            "-m",
-            str(manifest),
-            "--data-root",
-            str(root),
-            "--proposals",
-            str(proposals),
-            "--head",
-            str(tmp_path / "h.safetensors"),
-            "--method",
-            "detector,regionspot",
-            "--set",
-            "extract.num_workers=0",
-            "-o",
-            str(output),
-            "--report",
-            str(tmp_path / "report"),
-        ],
+    result = _eval(
+        cached,
+        toy_split,
+        *("--proposals", str(proposals), "--head", str(tmp_path / "h.safetensors"), "--method", "detector,regionspot"),
+        *("--set", "extract.num_workers=0", "-o", str(output), "--report", str(tmp_path / "report")),
     )
     assert result.exit_code == 0, result.output
     table = " ".join(result.output.split())
@@ -143,23 +125,7 @@ def test_detector_and_regionspot_side_by_side_in_one_table_file_and_page(toy_spl
 
 
 def test_eval_refuses_a_method_given_twice(toy_split, cached):
-    root, manifest, _ = toy_split
-    result = runner.invoke(
-        app,
-        [
-            "eval",
-            "-c",
-            str(cached),
-            "-m",
-            str(manifest),
-            "--data-root",
-            str(root),
-            "--method",
-            "clip-box",
-            "--method",
-            "clip-box",
-        ],
-    )
+    result = _eval(cached, toy_split, "--method", "clip-box", "--method", "clip-box")
     assert result.exit_code != 0 and "--method clip-box is given twice" in str(result.exception)
 
 
