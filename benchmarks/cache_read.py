@@ -13,8 +13,9 @@ values), reads the files once (page cache warm), then measures side by side:
 - eval: ``CacheReader.image`` (the read of evaluation's scoring loop) vs the head's forward pass
   per image;
 - checks: what the read path's crc32c check costs: a first pass over ``--check-batches`` batches
-  through freshly started loaders (nothing checked yet in their processes: the worst case; later
-  reads of a chunk in the same process are not checked again), checks on and off alternating,
+  through freshly started loaders in the training order, nothing checked yet (an empty ledger:
+  the worst case; a chunk once checked is not checked again on the machine), with no check, with
+  the check made by the read, and with the check made ahead by training's checker process,
   ``--repeats`` rounds, for each of ``--workers``.
 
 Medians over the rounds, with the spread (min-max) in brackets. Only public APIs are used, so the
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -43,6 +45,14 @@ from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, region_logits
 from regionspot_cache.train.data import BatchPlan, CachedRegions, MultiSourceRegions, RankBatchSampler, region_loader
 from regionspot_cache.train.loop import train_step
+
+try:  # older checkouts: no checks shared between processes, none made ahead
+    from regionspot_cache.cache.ledger import LEDGER_ENV, SETTLED_S
+    from regionspot_cache.choices import TrainOrder
+    from regionspot_cache.train.checks_ahead import CheckedAheadSampler
+    from regionspot_cache.train.order import epoch_order
+except ImportError:
+    LEDGER_ENV, SETTLED_S, CheckedAheadSampler = "RS_CACHE_CHECKED_DIR", 0.0, None
 
 SHAPES = {"bb": (197, 768, 512), "bl": (257, 1024, 768)}  # tokens, width, text dim
 CLASSES = 100
@@ -214,29 +224,58 @@ def measure_eval(reader: CacheReader, args) -> dict:
 
 
 def measure_checks(regions: CachedRegions, args) -> dict:
+    """Each flow's first pass through a fresh loader in the training order (shards, 2 resident),
+    nothing checked yet: no check; the check made by the read; the check made ahead by the
+    checker process (timed once it is running: its start-up, like a worker's, is not timed)."""
     if not hasattr(RowArray, "check_reads"):
         return {"skipped": "this checkout's read path has no crc32c check"}
+    flows = ["unchecked", "checked"] + (["ahead"] if CheckedAheadSampler is not None else [])
+    settle(regions.reader.root)
     rates: dict[str, list[float]] = {}
     for workers in args.workers:
         for _ in range(args.repeats):
-            for check in (True, False):
-                RowArray.check_reads = check
-                regions.reader._opened.clear()  # forked workers must not inherit checked chunks
-                iterator = loader_for(regions, args.batch_size, workers, start=0)
-                next(iterator)  # worker start-up, not timed (its chunks are checked too)
-                started, images = time.perf_counter(), 0
-                for _ in range(args.check_batches):
-                    images += len(next(iterator).labels)
-                rates.setdefault(f"workers_{workers}_{'checked' if check else 'unchecked'}", []).append(
-                    images / (time.perf_counter() - started)
-                )
-                del iterator
+            for flow in flows:
+                with tempfile.TemporaryDirectory() as ledger:
+                    os.environ[LEDGER_ENV] = ledger  # nothing flagged by an earlier flow
+                    RowArray.check_reads = flow != "unchecked"
+                    regions.reader._opened.clear()  # forked workers must not inherit checked chunks
+                    iterator = shard_order_loader(regions, args.batch_size, workers, ahead=flow == "ahead")
+                    next(iterator)  # worker start-up, not timed (its chunks are checked too)
+                    while flow == "ahead" and not any_flagged(Path(ledger)):
+                        time.sleep(0.01)  # the checker's start-up
+                    started, images = time.perf_counter(), 0
+                    for _ in range(args.check_batches):
+                        images += len(next(iterator).labels)
+                    rates.setdefault(f"workers_{workers}_{flow}", []).append(images / (time.perf_counter() - started))
+                    del iterator
     RowArray.check_reads = True
     figures = {name: median_spread(values) for name, values in rates.items()}
     for workers in args.workers:
-        checked, unchecked = rates[f"workers_{workers}_checked"], rates[f"workers_{workers}_unchecked"]
-        figures[f"workers_{workers}_checked_vs_unchecked"] = median_spread([c / u for c, u in zip(checked, unchecked)])
+        unchecked = rates[f"workers_{workers}_unchecked"]
+        for flow in flows[1:]:
+            checked = rates[f"workers_{workers}_{flow}"]
+            figures[f"workers_{workers}_{flow}_vs_unchecked"] = median_spread([c / u for c, u in zip(checked, unchecked)])
     return figures
+
+
+def shard_order_loader(regions: CachedRegions, batch_size: int, workers: int, ahead: bool):
+    sources = MultiSourceRegions([regions])
+    order = epoch_order(TrainOrder.SHARDS, regions.shards(), 0, 0, 2)
+    sampler = RankBatchSampler(BatchPlan(sources.sizes(), [1.0], batch_size, seed=0, orders=[order]), 0)
+    if ahead:
+        sampler = CheckedAheadSampler(sampler, sources)
+    return iter(region_loader(sources, sampler, workers, 4, pin_memory=False))
+
+
+def settle(root: Path) -> None:
+    """Wait until the cache's files are older than the ledger's SETTLED_S: flags of files written
+    moments ago are not shared between processes (cache/ledger.py)."""
+    newest = max(p.stat().st_ctime for p in root.rglob("*"))
+    time.sleep(max(0.0, newest + SETTLED_S + 0.1 - time.time()))
+
+
+def any_flagged(ledger: Path) -> bool:
+    return any(np.fromfile(p, np.uint8).any() for p in ledger.rglob("*") if p.is_file())
 
 
 def summary(figures: dict) -> dict:

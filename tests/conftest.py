@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -46,3 +48,20 @@ def lvis_annotation():
         }
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_crc32c_ledger(tmp_path_factory):
+    """The tests' crc32c flags (cache/ledger.py) in a directory of their own, not the user's
+    /dev/shm one; set in the environment so the processes the tests start use it too."""
+    from regionspot_cache.cache.ledger import LEDGER_ENV
+
+    before = os.environ.get(LEDGER_ENV)
+    directory = tmp_path_factory.mktemp("crc32c_ledger")
+    directory.chmod(0o700)
+    os.environ[LEDGER_ENV] = str(directory)
+    yield directory
+    if before is None:
+        os.environ.pop(LEDGER_ENV, None)
+    else:
+        os.environ[LEDGER_ENV] = before

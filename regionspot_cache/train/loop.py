@@ -31,6 +31,7 @@ from regionspot_cache.identity import TrainedWith
 from regionspot_cache.progress import progress_bar
 from regionspot_cache.runtime.files import sha256_file
 from regionspot_cache.runtime.records import differences
+from regionspot_cache.train.checks_ahead import CheckedAheadSampler
 from regionspot_cache.train.data import (
     BatchPlan,
     CachedRegions,
@@ -334,7 +335,8 @@ def training_loader(
     if shard_cache is not None:
         regions = training_regions(open_local_sources(sources, shard_cache, config.views), config)
         shard_cache.start()
-    return region_loader(regions, sampler, config.num_workers, config.prefetch_batches, pin_memory), shard_cache
+    checked_ahead = CheckedAheadSampler(sampler, regions)
+    return region_loader(regions, checked_ahead, config.num_workers, config.prefetch_batches, pin_memory), shard_cache
 
 
 def shard_cache_for(
