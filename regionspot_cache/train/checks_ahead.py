@@ -13,9 +13,17 @@ from torch.utils.data import Sampler
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.checks_ahead import ChecksAhead
+from regionspot_cache.runtime.devices import usable_cpus
 from regionspot_cache.train.data import Key, MultiSourceRegions
 
 LEAD_BATCHES = 64  # how far ahead of the loader the checker is told: ~1,000 images at batch 16
+
+
+def checks_ahead_have_a_core(num_workers: int) -> bool:
+    """Whether the checker gets a core of its own beside the training process and its loader
+    workers; else the reads check (on a copy still in the CPU's cache: less work in all than the
+    checker's second pass over the bytes, which would take from the workers' cores)."""
+    return min(num_workers, usable_cpus()) + 2 <= usable_cpus()
 
 
 class CheckedAheadSampler(Sampler):

@@ -31,7 +31,7 @@ from regionspot_cache.identity import TrainedWith
 from regionspot_cache.progress import progress_bar
 from regionspot_cache.runtime.files import sha256_file
 from regionspot_cache.runtime.records import differences
-from regionspot_cache.train.checks_ahead import CheckedAheadSampler
+from regionspot_cache.train.checks_ahead import CheckedAheadSampler, checks_ahead_have_a_core
 from regionspot_cache.train.data import (
     BatchPlan,
     CachedRegions,
@@ -335,8 +335,9 @@ def training_loader(
     if shard_cache is not None:
         regions = training_regions(open_local_sources(sources, shard_cache, config.views), config)
         shard_cache.start()
-    checked_ahead = CheckedAheadSampler(sampler, regions)
-    return region_loader(regions, checked_ahead, config.num_workers, config.prefetch_batches, pin_memory), shard_cache
+    if checks_ahead_have_a_core(config.num_workers):
+        sampler = CheckedAheadSampler(sampler, regions)
+    return region_loader(regions, sampler, config.num_workers, config.prefetch_batches, pin_memory), shard_cache
 
 
 def shard_cache_for(

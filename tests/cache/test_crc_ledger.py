@@ -160,3 +160,13 @@ def test_the_sampler_hands_on_the_same_batches_and_the_shards_they_read(settled_
     process = checker.process
     ahead.close()  # the iteration's end stops its checker
     assert process.poll() is not None
+
+
+def test_the_checker_runs_only_where_it_has_a_core_of_its_own(monkeypatch):
+    import regionspot_cache.train.checks_ahead as ahead
+
+    monkeypatch.setattr(ahead, "usable_cpus", lambda: 2)
+    assert ahead.checks_ahead_have_a_core(0) and not ahead.checks_ahead_have_a_core(1)
+    monkeypatch.setattr(ahead, "usable_cpus", lambda: 16)
+    assert ahead.checks_ahead_have_a_core(14) and not ahead.checks_ahead_have_a_core(15)
+    assert not ahead.checks_ahead_have_a_core(64)  # more workers asked than cores: capped, still no core
