@@ -13,8 +13,8 @@ on its standard input and ends when that closes (its parent ended, even by ``kil
 
 from __future__ import annotations
 
-import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +23,6 @@ import zarr
 
 from regionspot_cache.cache.arrays import MappedChunks
 from regionspot_cache.cache.ledger import ledger_directory
-
-log = logging.getLogger(__name__)
 
 
 class ChecksAhead:
@@ -94,6 +92,7 @@ def check_directory(directory: Path) -> int:
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; its end closes our stdin
     for line in sys.stdin:
         check_directory(Path(line.rstrip("\n")))
 
