@@ -5,8 +5,13 @@ dependency: ``pip install scikit-image``), tiled 2x2 at their native scale into 
 of the target datasets (COCO/LVIS 640x480, Objects365 1024x768, OpenImages 1024x683) and saved as
 JPEG quality 90; deterministic. Preprocessing of SAM ViT-B (long side 1024) and CLIP ViT-L/14
 (224), built without models. Paths, each through ``ImageReader.__getitem__``:
-- ``today``: PIL decode (``load_rgb``), PIL resizes;
-- ``cpu``: libjpeg-turbo decode (``extract/decode.read_rgb``), PIL resizes (``extract.decode = "cpu"``);
+- ``today``: the loader before issue 26: PIL decode (``load_rgb``), then the preprocessing of
+  that time, kept verbatim in ``benchmarks/feeder_today.py`` (``released`` ran the test resize
+  twice; numpy <-> PIL copies between steps);
+- ``pil``: PIL decode, the current preprocessing (the ``cpu`` path for files it hands to PIL);
+- ``cpu``: libjpeg-turbo decode (``extract/decode.read_rgb``), the current preprocessing, PIL
+  resizes as before (``extract.decode = "cpu"``); ``pil`` and ``cpu`` are checked to give today's
+  inputs bit for bit on these photos before they are timed;
 - ``device``: the workers' side of ``extract.decode = "device"``: read the bytes, parse the header.
 Per image in this process (warm-up excluded; median and p25-p75 over repeats), then the
 throughput of a DataLoader with 1 and 2 workers (core-ms per image = workers x wall / images).
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from feeder_today import TodayReader  # benchmarks/feeder_today.py, next to this script
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -42,6 +48,7 @@ SIZES = {"coco 640x480": (640, 480), "o365 1024x768": (1024, 768), "oi 1024x683"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 TARGET = 400  # images/s per GPU
+PATHS = ("today", "pil", "cpu", "device")
 
 
 def photographs() -> list[Image.Image]:
@@ -85,15 +92,24 @@ def preprocessors(preprocess: str) -> tuple[SamResize, ClipPreprocess]:
 
 def reader_for(path: str, dataset, preprocess: str) -> ImageReader:
     sam, clip = preprocessors(preprocess)
-    return ImageReader(
+    return (TodayReader if path == "today" else ImageReader)(
         dataset,
         dataset.images,
         sam,
         clip,
         100_000_000,
-        load=load_rgb if path == "today" else read_rgb,
+        load=load_rgb if path in ("today", "pil") else read_rgb,
         device_decode=path == "device",
     )
+
+
+def same_inputs(reader: ImageReader, baseline: ImageReader) -> bool:
+    """Whether ``reader`` gives ``baseline``'s SAM and CLIP inputs bit for bit on every image."""
+    for index in range(len(reader)):
+        ours, theirs = reader[index], baseline[index]
+        if not (torch.equal(ours.sam_pixels, theirs.sam_pixels) and torch.equal(ours.clip_pixels, theirs.clip_pixels)):
+            return False
+    return True
 
 
 def per_image_ms(reader: ImageReader, repeats: int) -> np.ndarray:
@@ -131,8 +147,10 @@ def cpu_table(images: int, repeats: int, epochs: int) -> None:
             dataset = write_dataset(Path(tmp) / label.split()[0], size, images)
             for preprocess in ("direct", "released"):
                 today = None
-                for path in ("today", "cpu", "device"):
+                for path in PATHS:
                     reader = reader_for(path, dataset, preprocess)
+                    if path in ("pil", "cpu") and not same_inputs(reader, reader_for("today", dataset, preprocess)):
+                        raise SystemExit(f"{label} {preprocess}: the {path} path's inputs differ from today's")
                     times = per_image_ms(reader, repeats)
                     median = float(np.median(times))
                     today = today or median
