@@ -5,14 +5,22 @@ dependency: ``pip install scikit-image``), tiled 2x2 at their native scale into 
 of the target datasets (COCO/LVIS 640x480, Objects365 1024x768, OpenImages 1024x683) and saved as
 JPEG quality 90; deterministic. Preprocessing of SAM ViT-B (long side 1024) and CLIP ViT-L/14
 (224), built without models. Paths, each through ``ImageReader.__getitem__``:
-- ``today``: PIL decode (``load_rgb``), PIL resizes;
-- ``cpu``: libjpeg-turbo decode (``extract/decode.read_rgb``), PIL resizes (``extract.decode = "cpu"``);
+- ``today``: the loader before issue 26: PIL decode (``load_rgb``), then the preprocessing of
+  that time, kept verbatim in ``benchmarks/feeder_today.py`` (``released`` ran the test resize
+  twice; numpy <-> PIL copies between steps);
+- ``pil``: PIL decode, the current preprocessing (the ``cpu`` path for files it hands to PIL);
+- ``cpu``: libjpeg-turbo decode (``extract/decode.read_rgb``), the current preprocessing, PIL
+  resizes as before (``extract.decode = "cpu"``); ``pil`` and ``cpu`` are checked to give today's
+  inputs bit for bit on these photos before they are timed;
 - ``device``: the workers' side of ``extract.decode = "device"``: read the bytes, parse the header.
-Per image in this process (warm-up excluded; median and p25-p75 over repeats), then the
-throughput of a DataLoader with 1 and 2 workers (core-ms per image = workers x wall / images).
-"cores for 400/s": the cores a GPU extracting 400 images/s needs for its loader.
+Per image in this process, the paths taking turns image by image (warm-up excluded; median and
+p25-p75 over repeats; "vs today": median and p25-p75 of each image's time over today's, timed back
+to back), then the throughput of a DataLoader with 1 and 2 workers (core-ms per image = workers x
+wall / images). "cores for 400/s": the cores a GPU extracting 400 images/s needs for its loader.
+``--steps``: the ``cpu`` path step by step against its floor, decode + resizes (feeder_steps.py).
 
     python benchmarks/feeder.py                      # the CPU table
+    python benchmarks/feeder.py --steps              # also the cpu path's steps against its floor
     python benchmarks/feeder.py --gpu                # also: the device path on CUDA with real-size
                                                      # SAM ViT-B + CLIP ViT-L/14 (random weights)
 """
@@ -27,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from feeder_steps import cpu_steps, print_steps
+from feeder_today import TodayReader  # benchmarks/feeder_today.py, next to this script
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -42,6 +52,7 @@ SIZES = {"coco 640x480": (640, 480), "o365 1024x768": (1024, 768), "oi 1024x683"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 TARGET = 400  # images/s per GPU
+PATHS = ("today", "pil", "cpu", "device")
 
 
 def photographs() -> list[Image.Image]:
@@ -85,27 +96,40 @@ def preprocessors(preprocess: str) -> tuple[SamResize, ClipPreprocess]:
 
 def reader_for(path: str, dataset, preprocess: str) -> ImageReader:
     sam, clip = preprocessors(preprocess)
-    return ImageReader(
+    return (TodayReader if path == "today" else ImageReader)(
         dataset,
         dataset.images,
         sam,
         clip,
         100_000_000,
-        load=load_rgb if path == "today" else read_rgb,
+        load=load_rgb if path in ("today", "pil") else read_rgb,
         device_decode=path == "device",
     )
 
 
-def per_image_ms(reader: ImageReader, repeats: int) -> np.ndarray:
-    for index in range(len(reader)):  # warm-up: page cache, lazy imports
-        reader[index]
-    times = []
-    for _ in range(repeats):
+def same_inputs(reader: ImageReader, baseline: ImageReader) -> bool:
+    """Whether ``reader`` gives ``baseline``'s SAM and CLIP inputs bit for bit on every image."""
+    for index in range(len(reader)):
+        ours, theirs = reader[index], baseline[index]
+        if not (torch.equal(ours.sam_pixels, theirs.sam_pixels) and torch.equal(ours.clip_pixels, theirs.clip_pixels)):
+            return False
+    return True
+
+
+def per_image_ms(readers: dict[str, ImageReader], repeats: int) -> dict[str, np.ndarray]:
+    """Milliseconds per image of each path, the paths taking turns on each image (a machine's load
+    weighs on all of them alike), after a warm-up pass (page cache, lazy imports)."""
+    for reader in readers.values():
         for index in range(len(reader)):
-            started = time.perf_counter()
             reader[index]
-            times.append((time.perf_counter() - started) * 1e3)
-    return np.array(times)
+    times = {path: [] for path in readers}
+    for _ in range(repeats):
+        for index in range(len(next(iter(readers.values())))):
+            for path, reader in readers.items():
+                started = time.perf_counter()
+                reader[index]
+                times[path].append((time.perf_counter() - started) * 1e3)
+    return {path: np.array(values) for path, values in times.items()}
 
 
 def loader_core_ms(reader: ImageReader, workers: int, epochs: int) -> float:
@@ -124,24 +148,37 @@ def cpu_table(images: int, repeats: int, epochs: int) -> None:
     print(f"torch threads {torch.get_num_threads()}; {images} images per size, {repeats} repeats; ms per image per core")
     print(
         f"{'size':<15} {'preprocess':<9} {'path':<7} {'median':>7} {'p25-p75':>13} {'cores@400/s':>11} "
-        f"{'1 worker':>9} {'2 workers':>9} {'vs today':>8}"
+        f"{'1 worker':>9} {'2 workers':>9} {'vs today':>8} {'p25-p75':>9}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for label, size in SIZES.items():
             dataset = write_dataset(Path(tmp) / label.split()[0], size, images)
             for preprocess in ("direct", "released"):
-                today = None
-                for path in ("today", "cpu", "device"):
-                    reader = reader_for(path, dataset, preprocess)
-                    times = per_image_ms(reader, repeats)
-                    median = float(np.median(times))
-                    today = today or median
+                readers = {path: reader_for(path, dataset, preprocess) for path in PATHS}
+                for path in ("pil", "cpu"):
+                    if not same_inputs(readers[path], readers["today"]):
+                        raise SystemExit(f"{label} {preprocess}: the {path} path's inputs differ from today's")
+                times = per_image_ms(readers, repeats)
+                for path, reader in readers.items():
+                    median = float(np.median(times[path]))
+                    ratio = times[path] / times["today"]  # image by image, each pair timed back to back
                     workers = [loader_core_ms(reader, n, epochs) for n in (1, 2)]
                     print(
                         f"{label:<15} {preprocess:<9} {path:<7} {median:7.2f} "
-                        f"{np.percentile(times, 25):6.2f}-{np.percentile(times, 75):6.2f} "
-                        f"{TARGET * median / 1e3:11.2f} {workers[0]:9.2f} {workers[1]:9.2f} {median / today:8.2f}"
+                        f"{np.percentile(times[path], 25):6.2f}-{np.percentile(times[path], 75):6.2f} "
+                        f"{TARGET * median / 1e3:11.2f} {workers[0]:9.2f} {workers[1]:9.2f} {np.median(ratio):8.2f} "
+                        f"{np.percentile(ratio, 25):4.2f}-{np.percentile(ratio, 75):4.2f}"
                     )
+
+
+def step_profile(repeats: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, size in SIZES.items():
+            dataset = write_dataset(Path(tmp) / label.split()[0], size, 1)
+            path = dataset.image_path(dataset.images[0])
+            for preprocess in ("direct", "released"):
+                readers = {name: reader_for(name, dataset, preprocess) for name in ("today", "cpu")}
+                print_steps(label, preprocess, cpu_steps(path, preprocess), readers, repeats)
 
 
 def gpu_throughput(images: int, batch_size: int, batches: int, tiny: bool) -> None:
@@ -197,10 +234,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--steps", action="store_true", help="also the cpu path step by step against its floor")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader process = one core
     if not args.skip_cpu:
         cpu_table(args.images, args.repeats, args.epochs)
+    if args.steps:
+        step_profile(max(args.repeats * 4, 20))
     if args.gpu:
         torch.set_num_threads(torch.get_num_threads() if torch.cuda.is_available() else 2)
         gpu_throughput(args.images, args.batch_size, args.batches, args.tiny)

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from regionspot_cache.config import ModelsConfig
 
 
@@ -85,3 +87,13 @@ def run_to_end(command: Sequence[str], log: Path, **popen) -> subprocess.Complet
     wait_until(lambda: process.poll() is not None, f"{command[:4]} to exit", watched=[process])
     output = log.read_text(errors="replace")
     return subprocess.CompletedProcess(process.args, process.returncode, output, output)
+
+
+def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth shapes, edges and sensor-like noise: what a JPEG of a photograph holds."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    image = np.stack([128 + 100 * np.sin(6 * x + c) * np.cos(4 * y - c) for c in (0.0, 1.0, 2.0)], axis=-1)
+    image[height // 4 : height // 2, width // 3 : 2 * width // 3] = (220, 60, 40)
+    image += rng.normal(0, 12, image.shape)
+    return image.clip(0, 255).astype(np.uint8)

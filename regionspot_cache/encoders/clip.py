@@ -24,7 +24,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
 from regionspot_cache.choices import Preprocessing, TextRecipe
-from regionspot_cache.encoders.preprocess import clip_pixels
+from regionspot_cache.encoders.preprocess import TestResize, clip_pixels, released_clip_of_test_resized, test_resize_for
 from regionspot_cache.encoders.tower import TokenTower, register_tiny_timm_tower, token_tower
 from regionspot_cache.errors import MissingFileError, ModelLoadError
 from regionspot_cache.progress import progress_bar
@@ -93,8 +93,18 @@ class ClipPreprocess:
     preprocess: Preprocessing = Preprocessing.DIRECT
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
-        return clip_pixels(self.preprocess, image, self.size, mean, std, self.interpolation)
+        return clip_pixels(self.preprocess, image, self.size, *self._mean_std(), self.interpolation)
+
+    @property
+    def test_resize(self) -> TestResize | None:
+        return test_resize_for(self.preprocess)
+
+    def of_test_resized(self, image: Image.Image) -> torch.Tensor:
+        """``released``: the input from the image ``test_resize`` already made (RGB)."""
+        return released_clip_of_test_resized(image, self.size, *self._mean_std())
+
+    def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
 
 
 @dataclass

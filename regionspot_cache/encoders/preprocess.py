@@ -81,7 +81,7 @@ def direct_clip_pixels(
 ) -> torch.Tensor:
     """The ``direct`` CLIP input: a PIL resize of the image to ``size`` (no crop) -> [0, 1] -> mean/std."""
     height, width = size
-    resized = image.convert("RGB").resize((width, height), resample=_INTERPOLATION[interpolation])
+    resized = rgb(image).resize((width, height), resample=_INTERPOLATION[interpolation])
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (pixels - mean) / std
 
@@ -89,10 +89,32 @@ def direct_clip_pixels(
 def released_clip_pixels(image: Image.Image, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """The released CLIP input: test-resized uint8 -> float in [0, 1] -> bilinear tensor resize
     (antialias off) -> mean/std."""
+    return released_clip_of_test_resized(TestResize().image(rgb(image)), size, mean, std)
+
+
+def released_clip_of_test_resized(
+    image: Image.Image, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """``released_clip_pixels`` after its test resize (the loader runs that resize once for SAM
+    and CLIP). The float image keeps the HWC memory order of the uint8 one, as it always had:
+    torch's bilinear kernel for that order is the one whose rounding the cached features carry."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.functional import resize
 
-    resized = TestResize().array(np.asarray(image.convert("RGB")))
-    pixels = torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255.0
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).div_(255.0)
     pixels = resize(pixels, list(size), interpolation=InterpolationMode.BILINEAR, antialias=False)
     return (pixels - mean) / std
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB mode, without the copy ``convert`` makes of an image already in it."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def chw_uint8(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) contiguous uint8 tensor of an RGB image: PIL writes each band's plane itself,
+    about a third of the cost of HWC array -> permute -> contiguous (same bytes)."""
+    if image.mode != "RGB":
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+    planes = [np.frombuffer(image.tobytes("raw", band), np.uint8) for band in "RGB"]
+    return torch.from_numpy(np.concatenate(planes).reshape(3, image.height, image.width))

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from regionspot_cache.choices import Preprocessing
 from regionspot_cache.encoders.memory import FittingBatches, sam_image_bytes
-from regionspot_cache.encoders.preprocess import TestResize, test_resize_for
+from regionspot_cache.encoders.preprocess import TestResize, chw_uint8, test_resize_for
 from regionspot_cache.encoders.sam_attention import use_fused_attention
 from regionspot_cache.errors import ModelLoadError
 from regionspot_cache.runtime.weights import load_torch_weights
@@ -77,18 +78,24 @@ def build_sam(variant: str, checkpoint: Path | str | None, attention: str = "sdp
 
 @dataclass(frozen=True)
 class SamResize:
-    """HWC uint8 RGB -> (3, h, w) uint8 with the long side at ``long_side``, as
-    ``SamPredictor.set_image`` resizes (after ``test_resize``, if given). Holds no model, so
+    """HWC uint8 RGB (array or PIL image) -> (3, h, w) uint8 with the long side at ``long_side``,
+    as ``SamPredictor.set_image`` resizes (after ``test_resize``, if given). Holds no model, so
     data-loading workers can run it."""
 
     long_side: int = 1024
     test_resize: TestResize | None = None
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        if self.test_resize is not None:
-            image = self.test_resize.array(image)
-        resized = ResizeLongestSide(self.long_side).apply_image(image)
-        return torch.as_tensor(resized).permute(2, 0, 1).contiguous()
+    def __call__(self, image: np.ndarray | Image.Image) -> torch.Tensor:
+        image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        return self.of_test_resized(self.test_resize.image(image) if self.test_resize is not None else image)
+
+    def of_test_resized(self, image: Image.Image) -> torch.Tensor:
+        """After ``test_resize`` (or of the image, without one). ``ResizeLongestSide.apply_image``
+        is torchvision's resize of a PIL image, i.e. PIL's bilinear one: run here on the PIL image,
+        without its array -> PIL -> array round trip."""
+        height, width = ResizeLongestSide.get_preprocess_shape(image.height, image.width, self.long_side)
+        resized = image if (width, height) == image.size else image.resize((width, height), Image.BILINEAR)
+        return chw_uint8(resized)
 
 
 class SamBoxEncoder:

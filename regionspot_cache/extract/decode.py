@@ -1,8 +1,9 @@
 """Image decoding at a GPU's pace (``extract.decode``): libjpeg-turbo for plain JPEGs, on the CPU or on the device.
 
 ``cpu``: loader workers decode plain JPEGs with ``torchvision.io.decode_jpeg`` (libjpeg-turbo,
-about 3x faster than PIL's decoder and bit-identical to it: same library, same IDCT, same
-upsampling; tests/extract/test_fast_decode.py checks it); the resizes stay PIL's, since
+bit-identical to PIL's decoder: same library, same IDCT, same upsampling;
+tests/extract/test_fast_decode.py checks it; with Pillow 13, itself on libjpeg-turbo, about as
+fast: benchmarks/RESULTS.md); the resizes stay PIL's, since
 torchvision's uint8 resizes differ from PIL's by a level or two on a few pixels in a thousand (a
 few in a hundred when upsampling). ``device``: workers only read the bytes of plain JPEGs;
 ``DevicePixels`` decodes them in batches on the encoders' device, then resizes and normalises

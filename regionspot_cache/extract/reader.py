@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from regionspot_cache.config import ExtractConfig
@@ -14,6 +14,8 @@ from regionspot_cache.data.datasets import BoxSet, DatasetError, DetectionDatase
 from regionspot_cache.data.images import ImageDecodeError
 from regionspot_cache.data.views import View, apply_view
 from regionspot_cache.encoders import FrozenEncoders
+from regionspot_cache.encoders.clip import ClipPreprocess
+from regionspot_cache.encoders.sam import SamResize
 from regionspot_cache.extract.decode import default_loader_workers, plain_jpeg, read_rgb, resolve_decode
 from regionspot_cache.runtime.files import content_digest, file_content_digest
 
@@ -38,8 +40,8 @@ class ImageReader(Dataset):
         self,
         dataset: DetectionDataset,
         entries: Sequence[ImageEntry],
-        sam_resize: Callable,
-        clip_preprocess: Callable | None,
+        sam_resize: SamResize | None,
+        clip_preprocess: Callable | None,  # ClipPreprocess, or any image -> tensor
         max_pixels: int | None = None,
         view: tuple[View, int] | None = None,
         load: Callable = read_rgb,
@@ -91,11 +93,19 @@ class ImageReader(Dataset):
                 viewed.dropped,
                 viewed.dropped_reasons,
             )
-        clip_pixels = self.clip_preprocess(image) if self.clip_preprocess else None
-        sam_pixels = self.sam_resize(np.asarray(image)) if self.sam_resize else None
+        sam_pixels, clip_pixels = self.encoder_inputs(image)
         return LoadedImage(
             entry, boxes, sam_pixels, clip_pixels, dropped=dropped, dropped_reasons=dropped_reasons, content=content
         )
+
+    def encoder_inputs(self, image: Image.Image) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """SAM's and CLIP's inputs of a decoded RGB image; a test resize they share (``released``)
+        runs once for both."""
+        sam, clip = self.sam_resize, self.clip_preprocess
+        if isinstance(clip, ClipPreprocess) and sam and sam.test_resize is not None and sam.test_resize == clip.test_resize:
+            resized = sam.test_resize.image(image)
+            return sam.of_test_resized(resized), clip.of_test_resized(resized)
+        return (sam(image) if sam else None), (clip(image) if clip else None)
 
 
 def image_loader(

@@ -26,18 +26,9 @@ from regionspot_cache.extract.decode import (
     read_rgb,
     resolve_decode,
 )
+from tests.helpers import photo_like
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """Smooth shapes, edges and sensor-like noise: what a JPEG of a photograph holds."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(height, width)
-    image = np.stack([128 + 100 * np.sin(6 * x + c) * np.cos(4 * y - c) for c in (0.0, 1.0, 2.0)], axis=-1)
-    image[height // 4 : height // 2, width // 3 : 2 * width // 3] = (220, 60, 40)
-    image += rng.normal(0, 12, image.shape)
-    return image.clip(0, 255).astype(np.uint8)
 
 
 def save(path: Path, image: Image.Image, fmt: str, **kwargs) -> Path:
