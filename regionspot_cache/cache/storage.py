@@ -45,7 +45,8 @@ REMOTE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "memory")
 LEASE_SECONDS = 120.0  # a lease not renewed for this long belongs to a dead run
 COMMIT_RECORD = "checksums.json"  # written last: a shard without it is not committed
 SHARDS_DIR = "shards"
-_CONFIG_VARS = ("AWS_", "GOOGLE_", "GCS", "AZURE_")  # environment variables the clients read their configuration from
+# Environment variables the clients read their configuration from.
+_CONFIG_VARS = ("AWS_", "GOOGLE_", "GCS", "AZURE_", "STORAGE_EMULATOR_HOST", "FSSPEC_")
 _FILESYSTEMS: dict[tuple, Any] = {}
 DOWNLOAD_PART = 8 << 20  # bytes per ranged GET when a shard is fetched
 
@@ -118,7 +119,7 @@ class CacheLocation:
         except ImportError as err:
             raise CacheStorageError(
                 f"{self.url}: no client for {self.protocol}:// installed ({err}); "
-                "install regionspot-cache[s3] (s3fs), gcsfs or adlfs"
+                "install regionspot-cache[s3] (s3fs), [gcs] (gcsfs) or [azure] (adlfs)"
             ) from None
 
     def child(self, relative: str) -> "CacheLocation":
@@ -325,23 +326,79 @@ class CacheLocation:
         try:
             yield
         except FileNotFoundError as err:
-            if "bucket" in str(err).lower():
-                raise CacheStorageError(f"{self.url}: bucket {self.bucket!r} does not exist ({what})") from None
+            if self._bucket_missing(err):
+                raise self._no_bucket(what) from None
             raise
         except PermissionError as err:
-            raise CacheStorageError(
-                f"{self.url}: access denied ({what}): {err}; check the credentials "
-                "(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) and their rights on the bucket"
-            ) from None
+            raise self._denied(what, err) from None
         except CacheStorageError:
             raise
         except Exception as err:
             if not _is_store_failure(err):
                 raise
+            if _status(err) in (401, 403) or str(err).startswith("Forbidden"):  # Azure's and gcsfs's refusals
+                raise self._denied(what, err) from None
+            if _status(err) == 404 and self._bucket_missing(err):  # Azure: ContainerNotFound on a write
+                raise self._no_bucket(what) from None
             raise CacheStorageError(
-                f"{self.url}: the object store failed ({what}): {type(err).__name__}: {err}; "
-                "check the endpoint (AWS_ENDPOINT_URL), the network and the bucket"
+                f"{self.url}: the object store failed ({what}): {type(err).__name__}: {_first_line(err)}; "
+                f"check {self._hint(0)}, the network and the {self.bucket_word}"
             ) from None
+
+    @property
+    def family(self) -> str:
+        """``s3``, ``gs`` or ``az`` (``gcs`` and ``abfs`` are other names of the last two)."""
+        return {"gcs": "gs", "abfs": "az"}.get(self.protocol, self.protocol)
+
+    @property
+    def bucket_word(self) -> str:
+        return "container" if self.family == "az" else "bucket"
+
+    def _bucket_missing(self, err: Exception) -> bool:
+        """s3fs says so in its message; gcsfs and adlfs raise the same error for a missing object
+        and a missing bucket, so the bucket is looked up (on this error path only)."""
+        if self.family == "s3":
+            return "bucket" in str(err).lower()
+        if self.family not in _HINTS:  # memory://: no buckets
+            return False
+        try:
+            return not self.fs.exists(self.bucket)
+        except Exception:  # noqa: BLE001 - cannot tell: the original error stands
+            return False
+
+    def _hint(self, which: int) -> str:
+        return _HINTS[self.family][which] if self.family in _HINTS else ("the URL", "the credentials")[which]
+
+    def _no_bucket(self, what: str) -> CacheStorageError:
+        return CacheStorageError(f"{self.url}: {self.bucket_word} {self.bucket!r} does not exist ({what})")
+
+    def _denied(self, what: str, err: Exception) -> CacheStorageError:
+        return CacheStorageError(
+            f"{self.url}: access denied ({what}): {_first_line(err)}; check the credentials "
+            f"({self._hint(1)}) and their rights on the {self.bucket_word}"
+        )
+
+
+# What a user sets for each store: (its endpoint, its credentials), named in error messages.
+_HINTS = {
+    "s3": ("the endpoint (AWS_ENDPOINT_URL)", "AWS_ACCESS_KEY_ID, AWS_PROFILE, ..."),
+    "gs": ("the endpoint (STORAGE_EMULATOR_HOST for an emulator)", "GOOGLE_APPLICATION_CREDENTIALS, gcloud auth ..."),
+    "az": (
+        "the account (AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT_NAME)",
+        "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_KEY, ...",
+    ),
+}
+
+
+def _status(err: Exception) -> int | None:
+    """The HTTP status of an Azure (``status_code``) or gcsfs (``code``) error, if it has one."""
+    status = getattr(err, "status_code", None) or getattr(err, "code", None)
+    return status if isinstance(status, int) else None
+
+
+def _first_line(err: Exception) -> str:
+    """Azure's errors carry the whole XML error document: its first line says what happened."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
 
 
 def _is_store_failure(err: Exception) -> bool:
