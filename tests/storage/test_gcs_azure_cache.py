@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from regionspot_cache.cache import CacheReader
-from regionspot_cache.cache.storage import CacheLocation, extraction_lease
+from regionspot_cache.cache.lease import extraction_lease
+from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.cli import app
 from regionspot_cache.errors import CacheBusyError, CacheStorageError
 from tests.helpers import run_to_end
