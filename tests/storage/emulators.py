@@ -87,6 +87,12 @@ def _answers(url: str) -> bool:
     return True
 
 
+def _require(module: str, package: str) -> None:
+    """Skip (not hang waiting for a server no client can reach) where the test extra is not installed."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{package} is not installed (pip install -e '.[test]')")
+
+
 def _azurite() -> str:
     """Azurite's blob server: installed by the README's test command under .ci/node, else on PATH."""
     local = REPO / ".ci" / "node" / "node_modules" / ".bin" / "azurite-blob"
@@ -97,8 +103,8 @@ def _azurite() -> str:
 
 
 def start_gcs(directory: Path) -> tuple[subprocess.Popen, EmulatedStore]:
-    if importlib.util.find_spec("gcp_storage_emulator") is None:
-        pytest.skip("gcp-storage-emulator is not installed (pip install gcp-storage-emulator, in the test extra)")
+    _require("gcp_storage_emulator", "gcp-storage-emulator")
+    _require("gcsfs", "gcsfs")
     port = free_port()
     command = [
         sys.executable,
@@ -119,6 +125,7 @@ def start_gcs(directory: Path) -> tuple[subprocess.Popen, EmulatedStore]:
 
 
 def start_azurite(directory: Path) -> tuple[subprocess.Popen, EmulatedStore]:
+    _require("adlfs", "adlfs")
     azurite, port = _azurite(), free_port()
     command = [azurite, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(directory), "--silent"]
     # No telemetry from a test run; the Azure SDK may be newer than the emulator's API version.
