@@ -12,40 +12,34 @@ Object storage has neither rename nor flock, so there:
   deletes what a killed writer left under the shard's prefix and uploads it again.
 * One writer per shard: the runner hands each pending shard to exactly one task (in-process or
   one dask task), so two writers of one shard exist only if two extractions run at once.
-* One extraction per cache: instead of flock, a lease object (``.extract.lock``) created with a
-  conditional write (S3 ``If-None-Match: *``, fsspec ``mode="create"``): of two runs, the second
-  is refused. Its holder renews it (``LEASE_SECONDS``); a lease that is no longer renewed, or
-  whose holder on this machine is dead (``kill -9``), is taken over by the next run.
+* One extraction per cache: instead of flock, a lease object created with a conditional write
+  (``create_bytes``; the lease itself is in ``lease.py``).
 
 Credentials and endpoints are configured the way fsspec's backends (s3fs, gcsfs, adlfs) read
 them: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``,
-``AWS_PROFILE`` and ``~/.aws`` for S3 and S3-compatible servers.
+``AWS_PROFILE`` and ``~/.aws`` for S3 and S3-compatible servers; Google's application default
+credentials and ``STORAGE_EMULATOR_HOST`` for GCS; ``AZURE_STORAGE_CONNECTION_STRING`` or
+``AZURE_STORAGE_ACCOUNT_NAME`` with a key, SAS token or service principal for Azure.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import posixpath
-import socket
-import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from regionspot_cache.errors import CacheBusyError, CacheStorageError
-from regionspot_cache.runtime.files import atomic_path, atomic_write_bytes, process_alive
-
-log = logging.getLogger(__name__)
+from regionspot_cache.errors import CacheStorageError
+from regionspot_cache.runtime.files import atomic_path, atomic_write_bytes
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "memory")
 LEASE_SECONDS = 120.0  # a lease not renewed for this long belongs to a dead run
 COMMIT_RECORD = "checksums.json"  # written last: a shard without it is not committed
 SHARDS_DIR = "shards"
-_CONFIG_VARS = ("AWS_", "GOOGLE_", "GCS", "AZURE_")  # environment variables the clients read their configuration from
+# Environment variables the clients read their configuration from.
+_CONFIG_VARS = ("AWS_", "GOOGLE_", "GCS", "AZURE_", "STORAGE_EMULATOR_HOST", "FSSPEC_")
 _FILESYSTEMS: dict[tuple, Any] = {}
 DOWNLOAD_PART = 8 << 20  # bytes per ranged GET when a shard is fetched
 
@@ -118,7 +112,7 @@ class CacheLocation:
         except ImportError as err:
             raise CacheStorageError(
                 f"{self.url}: no client for {self.protocol}:// installed ({err}); "
-                "install regionspot-cache[s3] (s3fs), gcsfs or adlfs"
+                "install regionspot-cache[s3] (s3fs), [gcs] (gcsfs) or [azure] (adlfs)"
             ) from None
 
     def child(self, relative: str) -> "CacheLocation":
@@ -325,23 +319,79 @@ class CacheLocation:
         try:
             yield
         except FileNotFoundError as err:
-            if "bucket" in str(err).lower():
-                raise CacheStorageError(f"{self.url}: bucket {self.bucket!r} does not exist ({what})") from None
+            if self._bucket_missing(err):
+                raise self._no_bucket(what) from None
             raise
         except PermissionError as err:
-            raise CacheStorageError(
-                f"{self.url}: access denied ({what}): {err}; check the credentials "
-                "(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) and their rights on the bucket"
-            ) from None
+            raise self._denied(what, err) from None
         except CacheStorageError:
             raise
         except Exception as err:
             if not _is_store_failure(err):
                 raise
+            if _status(err) in (401, 403) or str(err).startswith("Forbidden"):  # Azure's and gcsfs's refusals
+                raise self._denied(what, err) from None
+            if _status(err) == 404 and self._bucket_missing(err):  # Azure: ContainerNotFound on a write
+                raise self._no_bucket(what) from None
             raise CacheStorageError(
-                f"{self.url}: the object store failed ({what}): {type(err).__name__}: {err}; "
-                "check the endpoint (AWS_ENDPOINT_URL), the network and the bucket"
+                f"{self.url}: the object store failed ({what}): {type(err).__name__}: {_first_line(err)}; "
+                f"check {self._hint(0)}, the network and the {self.bucket_word}"
             ) from None
+
+    @property
+    def family(self) -> str:
+        """``s3``, ``gs`` or ``az`` (``gcs`` and ``abfs`` are other names of the last two)."""
+        return {"gcs": "gs", "abfs": "az"}.get(self.protocol, self.protocol)
+
+    @property
+    def bucket_word(self) -> str:
+        return "container" if self.family == "az" else "bucket"
+
+    def _bucket_missing(self, err: Exception) -> bool:
+        """s3fs says so in its message; gcsfs and adlfs raise the same error for a missing object
+        and a missing bucket, so the bucket is looked up (on this error path only)."""
+        if self.family == "s3":
+            return "bucket" in str(err).lower()
+        if self.family not in _HINTS:  # memory://: no buckets
+            return False
+        try:
+            return not self.fs.exists(self.bucket)
+        except Exception:  # noqa: BLE001 - cannot tell: the original error stands
+            return False
+
+    def _hint(self, which: int) -> str:
+        return _HINTS[self.family][which] if self.family in _HINTS else ("the URL", "the credentials")[which]
+
+    def _no_bucket(self, what: str) -> CacheStorageError:
+        return CacheStorageError(f"{self.url}: {self.bucket_word} {self.bucket!r} does not exist ({what})")
+
+    def _denied(self, what: str, err: Exception) -> CacheStorageError:
+        return CacheStorageError(
+            f"{self.url}: access denied ({what}): {_first_line(err)}; check the credentials "
+            f"({self._hint(1)}) and their rights on the {self.bucket_word}"
+        )
+
+
+# What a user sets for each store: (its endpoint, its credentials), named in error messages.
+_HINTS = {
+    "s3": ("the endpoint (AWS_ENDPOINT_URL)", "AWS_ACCESS_KEY_ID, AWS_PROFILE, ..."),
+    "gs": ("the endpoint (STORAGE_EMULATOR_HOST for an emulator)", "GOOGLE_APPLICATION_CREDENTIALS, gcloud auth ..."),
+    "az": (
+        "the account (AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT_NAME)",
+        "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_KEY, ...",
+    ),
+}
+
+
+def _status(err: Exception) -> int | None:
+    """The HTTP status of an Azure (``status_code``) or gcsfs (``code``) error, if it has one."""
+    status = getattr(err, "status_code", None) or getattr(err, "code", None)
+    return status if isinstance(status, int) else None
+
+
+def _first_line(err: Exception) -> str:
+    """Azure's errors carry the whole XML error document: its first line says what happened."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
 
 
 def _is_store_failure(err: Exception) -> bool:
@@ -350,65 +400,3 @@ def _is_store_failure(err: Exception) -> bool:
         return True
     module = type(err).__module__ or ""
     return module.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "google", "azure")
-
-
-LEASE_FILE = ".extract.lock"
-
-
-@contextmanager
-def extraction_lease(location: CacheLocation) -> Iterator[None]:
-    """Held by the one extraction writing a cache on object storage (the flock of a local cache):
-    a lease object created with a conditional write and renewed by a thread until released."""
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex()}
-    _take_lease(location, holder)
-    stop = threading.Event()
-    renewer = threading.Thread(target=_renew_lease, args=(location, holder, stop), daemon=True, name="cache-lease")
-    renewer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        renewer.join()
-        try:
-            location.delete(LEASE_FILE)
-        except CacheStorageError as err:  # it expires on its own
-            log.warning("%s: lease not released: %s", location, err)
-
-
-def _lease_bytes(holder: dict) -> bytes:
-    return json.dumps({**holder, "expires": time.time() + LEASE_SECONDS}).encode()
-
-
-def _take_lease(location: CacheLocation, holder: dict) -> None:
-    if location.create_bytes(LEASE_FILE, _lease_bytes(holder)):
-        return
-    try:
-        current = json.loads(location.read_bytes(LEASE_FILE))
-    except FileNotFoundError:  # released in between
-        current = {}
-    except ValueError:
-        current = {"expires": 0}
-    if current and not _lease_stale(current):
-        raise CacheBusyError(
-            f"{location}: another rs-cache extract (pid {current.get('pid')} on {current.get('host')}) "
-            "is writing this cache; wait for it to finish or stop it, then re-run to resume"
-        )
-    log.info("%s: taking over the lease of a run that is gone (%s)", location, current)
-    location.delete(LEASE_FILE)
-    if not location.create_bytes(LEASE_FILE, _lease_bytes(holder)):
-        raise CacheBusyError(f"{location}: another rs-cache extract took the cache's lease just now; re-run to resume")
-
-
-def _lease_stale(lease: dict) -> bool:
-    """Expired, or held by a process of this machine that no longer exists (``kill -9``)."""
-    if float(lease.get("expires", 0)) < time.time():
-        return True
-    return lease.get("host") == socket.gethostname() and not process_alive(int(lease.get("pid", -1)))
-
-
-def _renew_lease(location: CacheLocation, holder: dict, stop: threading.Event) -> None:
-    while not stop.wait(LEASE_SECONDS / 4):
-        try:
-            location.write_bytes(LEASE_FILE, _lease_bytes(holder))
-        except CacheStorageError as err:
-            log.warning("%s: lease not renewed: %s", location, err)

@@ -50,7 +50,8 @@ from regionspot_cache.cache.format import (
     vocabulary_schema,
     vocabulary_text_recipe,
 )
-from regionspot_cache.cache.storage import CacheLocation, extraction_lease
+from regionspot_cache.cache.lease import extraction_lease
+from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.choices import FeatureDtype, TextRecipe
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.errors import CacheBusyError

