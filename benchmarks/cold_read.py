@@ -49,6 +49,7 @@ from regionspot_cache.train.data import (  # noqa: E402
 )
 from regionspot_cache.train.loop import train_step  # noqa: E402
 from regionspot_cache.train.order import ShardOrder, UniformOrder  # noqa: E402
+from regionspot_cache.train.read_ahead import ReadAheadSampler, shard_directories  # noqa: E402
 from regionspot_cache.train.shard_cache import LocalShardReader, ShardCache, shard_schedule, tree_bytes  # noqa: E402
 
 BLOCK = 8 << 20
@@ -79,17 +80,25 @@ def sequential_mb_per_s(root: Path) -> float:
     return total / (time.perf_counter() - started) / 1e6
 
 
-def ordered_read_mb_per_s(root: Path, order, args) -> float:
-    """Cold reads of ``--batches`` batches in ``order``, by the training dataset's batched read."""
+def ordered_read_mb_per_s(root: Path, order, args, read_ahead: int = 0) -> float:
+    """Cold reads of ``--batches`` batches in ``order``, by the training dataset's batched read, the
+    batches handed out by ``rs-cache train``'s sampler (with ``read_ahead``: wrapped in its
+    ``ReadAheadSampler``, reading that many shards ahead; timed from its start)."""
     evict(root)
     reader = CacheReader(root)
     regions = CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=0)
-    keys = [(0, int(i)) for i in order.permutation(0)[: args.batches * args.batch_size]]
+    sampler = RankBatchSampler(BatchPlan([len(regions)], [1.0], args.batch_size, 0, [order]), 0)
+    if read_ahead:
+        directories = shard_directories([[reader]])
+        sampler = ReadAheadSampler(sampler, [regions.shards()], directories, read_ahead, steps=args.batches)
     started, total = time.perf_counter(), 0
-    for i in range(0, len(keys), args.batch_size):
-        for item in regions.read(keys[i : i + args.batch_size]):
+    for keys in itertools.islice(iter(sampler), args.batches):
+        for item in regions.read([key[1:] for key in keys]):
             total += item.feature_map.nbytes + item.tokens.nbytes
-    return total / (time.perf_counter() - started) / 1e6
+    seconds = time.perf_counter() - started
+    if read_ahead:
+        sampler.close()
+    return total / seconds / 1e6
 
 
 def local_cache_training(root: Path, local: Path, args) -> dict:
@@ -199,6 +208,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=24, help="cold-read batches per order and round")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--read-ahead",
+        type=lambda text: [int(n) for n in text.split(",") if n],
+        default=[1, 2, 4],
+        help="comma-separated train.read_ahead_shards values, each a flow of its own beside the plain shard order",
+    )
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per flow and round")
     parser.add_argument("--warmup", type=int, default=6, help="untimed training steps per flow")
     parser.add_argument("--train-workers", type=int, default=1)
@@ -228,14 +243,16 @@ def main() -> None:
         }
         if "read" not in skip:
             orders = {"uniform": UniformOrder(len(shards), 0), "shards": ShardOrder(shards, 0, args.resident)}
-            rates: dict[str, list[float]] = {"sequential": [], "uniform": [], "shards": []}
+            flows = {name: (order, 0) for name, order in orders.items()}
+            flows.update({f"shards_read_ahead_{n}": (orders["shards"], n) for n in args.read_ahead})
+            rates: dict[str, list[float]] = {"sequential": [], **{name: [] for name in flows}}
             for _ in range(args.repeats):
                 rates["sequential"].append(sequential_mb_per_s(root))
-                for name, order in orders.items():
-                    rates[name].append(ordered_read_mb_per_s(root, order, args))
+                for name, (order, read_ahead) in flows.items():
+                    rates[name].append(ordered_read_mb_per_s(root, order, args, read_ahead))
             figures["cold_read_MB_per_s"] = {name: median_spread(values) for name, values in rates.items()}
             figures["cold_read_vs_sequential"] = {
-                name: median_spread([r / s for r, s in zip(rates[name], rates["sequential"])]) for name in orders
+                name: median_spread([r / s for r, s in zip(rates[name], rates["sequential"])]) for name in flows
             }
         if "fetch" not in skip:
             figures["fetch"] = fetch_epochs(root, Path(tmp) / "fetch", args)
