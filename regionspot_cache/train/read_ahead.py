@@ -40,8 +40,17 @@ BLOCK_BYTES = 8 << 20  # one read: large enough for the kernel to read at the di
 ARRIVAL_POLL_S = 0.01  # waiting for a shard the local shard cache has not fetched yet
 RECENT_SHARDS = 64  # shards read lately, not read again while the order still needs them
 
+
+@dataclass(frozen=True)
+class ShardDir:
+    """A directory of a shard's files to read ahead."""
+
+    path: Path
+    fetched: bool = False  # by the local shard cache: it may not have landed yet (waited for)
+
+
 # The directories to read for a (source, shard); empty: nothing to read ahead for it.
-ShardDirs = Callable[[ShardKey], Sequence[Path]]
+ShardDirs = Callable[[ShardKey], Sequence[ShardDir]]
 
 
 @dataclass
@@ -136,9 +145,9 @@ class ShardReadAhead:
     def _read_shard(self, key: ShardKey, sink: "PageSink") -> bool:
         """Read every file of the shard once; False when closing."""
         for directory in self.directories(key):
-            if not self._arrived(directory):
+            if directory.fetched and not self._arrived(directory.path):
                 return False
-            for path in _files_under(directory):
+            for path in _files_under(directory.path):  # none when missing: the loader's read reports it
                 try:
                     with open(path, "rb", buffering=0) as handle:
                         for read in sink.read(handle, self.block_bytes):
@@ -209,15 +218,15 @@ def shard_directories(readers: Sequence[Sequence[CacheReader]]) -> ShardDirs:
     local cache, and those of the cache it borrows feature maps from; nothing for a cache on object
     storage read without a local shard cache (its reader fetches the shard itself)."""
 
-    def directories(key: ShardKey) -> list[Path]:
+    def directories(key: ShardKey) -> list[ShardDir]:
         source, shard = key
-        found: list[Path] = []
+        found: list[ShardDir] = []
         for reader in readers[source]:
             while reader is not None:
                 if isinstance(reader, LocalShardReader):
-                    found.append(reader.local_dir / SHARDS_DIR / shard_name(shard) / FEATURES_DIR)
+                    found.append(ShardDir(reader.local_dir / SHARDS_DIR / shard_name(shard) / FEATURES_DIR, fetched=True))
                 elif not reader.location.remote:
-                    found.append(reader.root / SHARDS_DIR / shard_name(shard) / FEATURES_DIR)
+                    found.append(ShardDir(reader.root / SHARDS_DIR / shard_name(shard) / FEATURES_DIR))
                 reader = reader.maps_borrowed_from
         return list(dict.fromkeys(found))
 

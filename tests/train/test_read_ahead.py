@@ -22,7 +22,7 @@ from regionspot_cache.train.distributed import Processes
 from regionspot_cache.train.loader import training_loader
 from regionspot_cache.train.loop import resume_identity
 from regionspot_cache.train.order import ShardOrder
-from regionspot_cache.train.read_ahead import ReadAheadSampler, ShardReadAhead, shard_directories
+from regionspot_cache.train.read_ahead import ReadAheadSampler, ShardDir, ShardReadAhead, shard_directories
 from regionspot_cache.train.shard_cache import LocalShardReader, shard_schedule, tree_bytes
 from tests.helpers import wait_until
 
@@ -39,12 +39,12 @@ def fake_shards(root, sizes: list[int]):
     return root
 
 
-def recording(root, read: list[int]):
+def recording(root, read: list[int], fetched: bool = False):
     """``directories`` for the shards under ``root``, recording each shard it is asked for (just before its read)."""
 
     def directories(key):
         read.append(key[1])
-        return [root / SHARDS_DIR / shard_name(key[1]) / FEATURES_DIR]
+        return [ShardDir(root / SHARDS_DIR / shard_name(key[1]) / FEATURES_DIR, fetched)]
 
     return directories
 
@@ -83,7 +83,7 @@ def test_reads_each_shard_once_in_order_of_first_use_never_more_than_ahead_beyon
                 wait_until(lambda: not read_ahead_threads(), "the read-ahead to finish the schedule", poll_s=0.01)
             else:
                 expected_waits += 1
-                wait_until(lambda: read_ahead.stats.waits == expected_waits, "the read-ahead to wait", poll_s=0.01)
+                wait_until(lambda n=expected_waits: read_ahead.stats.waits == n, "the read-ahead to wait", poll_s=0.01)
             assert read == expected  # exactly these: never more than ``ahead`` beyond the loader
             assert read_ahead.stats.bytes == sum(sizes[shard] for shard in read)  # every file, whole
             assert read_ahead.stats.shards == len(read)
@@ -107,15 +107,23 @@ def test_closing_stops_it_while_it_waits_for_the_loader_or_for_a_shard_to_arrive
     # lands holds the thread only until it is closed.
     local = tmp_path / "local"
     read = []
-    arriving = ShardReadAhead(shard_schedule(batches, [shards], 0), recording(local, read), ahead=3).start()
-    wait_until(lambda: read == [0], "the read-ahead to look for shard 0", poll_s=0.01)
-    assert arriving.stats.shards == 0
+    arriving = ShardReadAhead(shard_schedule(batches, [shards], 0), recording(local, read, fetched=True), ahead=3)
+    arriving.start()
+    wait_until(lambda: read, "the read-ahead to look for shard 0", poll_s=0.01)
+    assert read == [0] and arriving.stats.shards == 0
     (local / SHARDS_DIR).mkdir(parents=True)
     os.rename(root / SHARDS_DIR / shard_name(0), local / SHARDS_DIR / shard_name(0))
-    wait_until(lambda: read == [0, 1], "the read-ahead to read shard 0 and look for shard 1", poll_s=0.01)
+    wait_until(lambda: len(read) > 1, "the read-ahead to read shard 0 and look for shard 1", poll_s=0.01)
+    assert read == [0, 1]  # waiting for shard 1 to land
     assert arriving.stats.shards == 1 and arriving.stats.bytes == 1000
     arriving.close()
     assert not read_ahead_threads()
+
+    # A shard missing from a cache read in place is not waited for (the loader's read reports it).
+    read = []
+    missing = ShardReadAhead(shard_schedule(batches, [shards], 0), recording(root, read), ahead=3).start()
+    wait_until(lambda: not read_ahead_threads(), "the read-ahead to finish the schedule", poll_s=0.01)
+    assert read == [0, 1, 2] and missing.stats.shards == 3 and missing.stats.bytes == 2000
 
 
 def toy_cache(root, images: int = 24, per_shard: int = 4) -> CacheReader:
@@ -144,16 +152,15 @@ def toy_cache(root, images: int = 24, per_shard: int = 4) -> CacheReader:
 def test_shard_directories_are_the_feature_arrays_of_the_cache_or_of_its_local_copy(tmp_path):
     reader = toy_cache(tmp_path / "cache")
     where = shard_directories([[reader]])((0, 2))
-    assert where == [tmp_path / "cache" / SHARDS_DIR / shard_name(2) / FEATURES_DIR]
-    assert tree_bytes(where[0]) > 5 * 8 * 2 * 4  # the feature maps of its 4 images are there
+    assert where == [ShardDir(tmp_path / "cache" / SHARDS_DIR / shard_name(2) / FEATURES_DIR)]
+    assert tree_bytes(where[0].path) > 5 * 8 * 2 * 4  # the feature maps of its 4 images are there
     local = LocalShardReader.of(reader, tmp_path / "local" / "0")
-    assert shard_directories([[], [local]])((1, 2)) == [tmp_path / "local" / "0" / SHARDS_DIR / shard_name(2) / FEATURES_DIR]
+    copy = tmp_path / "local" / "0" / SHARDS_DIR / shard_name(2) / FEATURES_DIR
+    assert shard_directories([[], [local]])((1, 2)) == [ShardDir(copy, fetched=True)]
     assert shard_directories([[], [local]])((0, 2)) == []  # a source with nothing to read ahead
 
 
-CONFIG = TrainConfig(
-    iterations=9, batch_size=4, max_boxes_per_image=3, order=TrainOrder.SHARDS, resident_shards=2, device="cpu"
-)
+CONFIG = TrainConfig(iterations=9, batch_size=4, max_boxes_per_image=3, order=TrainOrder.SHARDS, resident_shards=2, device="cpu")
 
 
 def loader_batches(cache, config: TrainConfig, start: int, count: int) -> tuple[list, object]:
