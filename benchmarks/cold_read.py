@@ -108,7 +108,9 @@ def ordered_read(root: Path, order, args, read_ahead: int = 0, warm: bool = Fals
 
     Returns (MB/s, why): the reading thread's CPU seconds per second (1: CPU-bound; less: waiting
     for the disk, or for a core on a loaded machine), the major page faults per GB it read (its
-    memory maps touching pages not read yet), and how often the read-ahead waited for the reader."""
+    memory maps touching pages no read had asked for yet); with the read-ahead, how often it waited
+    for the reader (it was ahead), the share of the time it was reading (1: the disk never idled)
+    and its rate while reading (the disk's, against the sequential flows)."""
     evict(root)
     if warm:
         sequential_no_copy_mb_per_s(root, evict_first=False)
@@ -130,7 +132,10 @@ def ordered_read(root: Path, order, args, read_ahead: int = 0, warm: bool = Fals
     }
     if read_ahead:
         sampler.close()
-        why["read_ahead_waits"] = sampler.last.stats.waits
+        stats = sampler.last.stats
+        why["read_ahead_waits"] = stats.waits
+        why["read_ahead_busy_per_s"] = stats.reading_seconds / seconds  # 1: the disk never idled
+        why["read_ahead_MB_per_s_while_busy"] = stats.bytes / max(stats.reading_seconds, 1e-9) / 1e6
     return total / seconds / 1e6, why
 
 
@@ -138,7 +143,8 @@ def cold_reads(root: Path, shards: np.ndarray, args) -> dict:
     """The read flows of the module's docstring, ``--repeats`` rounds taking turns."""
     orders = {"uniform": UniformOrder(len(shards), 0), "shards": ShardOrder(shards, 0, args.resident)}
     flows = {name: (order, 0, False) for name, order in orders.items()}
-    flows.update({f"shards_read_ahead_{n}": (orders["shards"], n, False) for n in args.read_ahead})
+    ahead = args.read_ahead or [args.resident]
+    flows.update({f"shards_read_ahead_{n}": (orders["shards"], n, False) for n in ahead})
     flows["shards_warm"] = (orders["shards"], 0, True)
     rates: dict[str, list[float]] = {"sequential": [], "sequential_no_copy": [], **{name: [] for name in flows}}
     why: dict[str, list[dict]] = {name: [] for name in flows}
@@ -270,8 +276,8 @@ def main() -> None:
     parser.add_argument(
         "--read-ahead",
         type=lambda text: [int(n) for n in text.split(",") if n],
-        default=[1, 2, 4],
-        help="comma-separated train.read_ahead_shards values, each a flow of its own beside the plain shard order",
+        help="comma-separated train.read_ahead_shards values, each a flow of its own beside the plain shard "
+        "order (default: --resident, as training reads by default)",
     )
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per flow and round")
     parser.add_argument("--warmup", type=int, default=6, help="untimed training steps per flow")

@@ -259,9 +259,9 @@ class TrainConfig(Validated):
     resident_shards: int = field(default=8, metadata=at_least(1))
     # Order "shards": a thread of the training process reads the shards the coming batches need into
     # the page cache, at most this many beyond those of the batches handed out, so the disk reads
-    # while batches are assembled (a cold local cache: 0.57 -> ~1.0 of the disk's sequential rate,
-    # benchmarks/cold_read.py). 0: off. Ignored in order "uniform".
-    read_ahead_shards: int = field(default=2, metadata=at_least(0))
+    # while batches are assembled (benchmarks/cold_read.py). None: resident_shards (the next window
+    # is read while this one is); 0: off. Ignored in order "uniform".
+    read_ahead_shards: int | None = field(default=None, metadata=at_least(0))
     # A local copy of the shards being read (order "shards" only): whole shards are fetched ahead
     # into ``local_cache_dir`` and evicted when read, keeping at most ``local_cache_gb`` there
     # (per training process). None: read the cache where it is.

@@ -97,16 +97,15 @@ def read_ahead_for(
     """``sampler`` with its shards read ahead into the page cache (``train.read_ahead_shards``, shard
     order only: a uniform order touches most shards every step). A source read through several views
     is not read ahead: each image reads one of them, so whole shards of each would be read for a part."""
-    if not config.order.by_shards or not config.read_ahead_shards:
+    ahead = config.resident_shards if config.read_ahead_shards is None else config.read_ahead_shards
+    if not config.order.by_shards or not ahead:
         return None
     readers = [
         list(dict.fromkeys([source.views[0].maps, source.views[0].boxes])) if len(source.views) == 1 else []
         for source in regions.sources
     ]
     shards = [source.shards() for source in regions.sources]
-    return ReadAheadSampler(
-        sampler, shards, shard_directories(readers), config.read_ahead_shards, steps=max(0, config.iterations - start)
-    )
+    return ReadAheadSampler(sampler, shards, shard_directories(readers), ahead, steps=max(0, config.iterations - start))
 
 
 def shard_cache_for(

@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class ReadAheadStats:
     bytes: int = 0
     skipped_files: int = 0  # unreadable here (the loader reports them)
     waits: int = 0  # times it was ``ahead`` shards ahead and waited for the loader (it was not the bottleneck)
+    reading_seconds: float = 0.0  # time spent reading (the disk busy for the loader)
 
 
 class ShardReadAhead:
@@ -148,16 +150,24 @@ class ShardReadAhead:
             if directory.fetched and not self._arrived(directory.path):
                 return False
             for path in _files_under(directory.path):  # none when missing: the loader's read reports it
-                try:
-                    with open(path, "rb", buffering=0) as handle:
-                        for read in sink.read(handle, self.block_bytes):
-                            self.stats.bytes += read
-                            if self._stopping:
-                                return False
-                except OSError as err:  # evicted meanwhile, or damaged: the loader's read reports it
-                    self.stats.skipped_files += 1
-                    log.debug("read-ahead skipped %s: %s", path, err)
+                if not self._read_file(path, sink):
+                    return False
         self.stats.shards += 1
+        return True
+
+    def _read_file(self, path: Path, sink: "PageSink") -> bool:
+        started = time.perf_counter()
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                for read in sink.read(handle, self.block_bytes):
+                    self.stats.bytes += read
+                    if self._stopping:
+                        return False
+        except OSError as err:  # evicted meanwhile, or damaged: the loader's read reports it
+            self.stats.skipped_files += 1
+            log.debug("read-ahead skipped %s: %s", path, err)
+        finally:
+            self.stats.reading_seconds += time.perf_counter() - started
         return True
 
     def _arrived(self, directory: Path) -> bool:

@@ -186,9 +186,13 @@ def test_training_reads_the_same_batches_with_read_ahead_and_leaves_no_thread(tm
         assert not read_ahead_threads()
 
 
-def test_read_ahead_is_for_the_shard_order_alone_and_not_part_of_a_run_s_identity(tmp_path):
+def test_read_ahead_is_the_next_window_by_default_for_the_shard_order_alone_and_not_part_of_a_run_s_identity(tmp_path):
     toy_cache(tmp_path / "cache")
     _, feed = loader_batches(tmp_path / "cache", replace(CONFIG, order=TrainOrder.UNIFORM), 0, 1)
     assert feed.read_ahead is None
+    _, feed = loader_batches(tmp_path / "cache", CONFIG, 0, 1)
+    assert feed.read_ahead.ahead == CONFIG.resident_shards  # by default: the next window
+    _, feed = loader_batches(tmp_path / "cache", replace(CONFIG, read_ahead_shards=1), 0, 1)
+    assert feed.read_ahead.ahead == 1
     sources = open_sources([tmp_path / "cache"], [], [])
     assert resume_identity(CONFIG, sources) == resume_identity(replace(CONFIG, read_ahead_shards=0), sources)
