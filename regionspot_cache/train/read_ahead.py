@@ -10,9 +10,10 @@ system allows it (``PageSink``; the GIL is released during each read), before th
 maps touch them. The page cache is the machine's, so loader workers find the pages too.
 
 It only reads: the batches, their order and resume are untouched. It stays at most ``ahead``
-shards beyond the ones the batches handed out so far read, so what it adds to the page cache is
-a few shards (clean pages the kernel may drop). Errors are the loader's to report: a file that
-cannot be read here is skipped, and the loader's own read raises the clear error.
+shards beyond the ones the batches handed out so far read (by default ``resident_shards``: the
+next window), so what it adds to the page cache is a few shards (clean pages the kernel may
+drop). Errors are the loader's to report: a file that cannot be read here is skipped, and the
+loader's own read raises the clear error.
 """
 
 from __future__ import annotations
