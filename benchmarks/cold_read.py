@@ -4,10 +4,17 @@ disk's sequential bandwidth, and training steps fed through a small local shard 
 Writes a cache of ``--images`` images at BB or BL shapes (``cache_read.py``'s writer), then, in
 ``--repeats`` rounds that take turns (a change of load on a shared machine hits every flow):
 
-- sequential: every cache file read in order in 8 MiB blocks, pages evicted first (the physical limit);
+- sequential: every cache file read in order in 8 MiB blocks, pages evicted first (the physical
+  limit); sequential_no_copy: the same by ``sendfile`` to /dev/null (no copy into the process, as
+  the read-ahead reads; the higher of the two on a loaded machine);
 - uniform / shards: ``--batches`` batches of ``--batch-size`` images read by the training dataset
   (``CachedRegions.read``) in ``train.order`` uniform and shards (``--resident`` shards at a
-  time), pages evicted first; MB/s of the shard files' bytes touched per second;
+  time), handed out by the training sampler, pages evicted first; MB/s of the images' feature
+  bytes read per second;
+- shards_read_ahead_N, for each N of ``--read-ahead``: the shard order with the sampler of
+  ``train.read_ahead_shards = N`` (a thread reading the coming shards into the page cache);
+- shards_warm: the shard order with every page in memory: the reader's own (CPU-bound) rate,
+  the other limit of an overlapped read; with each read flow, why it took its time (``ordered_read``);
 - fetch: the shard cache alone over whole epochs: bytes fetched per epoch vs the cache's size;
 - train: training steps fed by the loader reading through a ``ShardCache`` (budget
   ``--budget-fraction`` of the cache, fetched cold from the cache) vs steps fed from batches
@@ -26,6 +33,7 @@ import argparse
 import itertools
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -49,6 +57,7 @@ from regionspot_cache.train.data import (  # noqa: E402
 )
 from regionspot_cache.train.loop import train_step  # noqa: E402
 from regionspot_cache.train.order import ShardOrder, UniformOrder  # noqa: E402
+from regionspot_cache.train.read_ahead import PageSink, ReadAheadSampler, shard_directories  # noqa: E402
 from regionspot_cache.train.shard_cache import LocalShardReader, ShardCache, shard_schedule, tree_bytes  # noqa: E402
 
 BLOCK = 8 << 20
@@ -79,17 +88,82 @@ def sequential_mb_per_s(root: Path) -> float:
     return total / (time.perf_counter() - started) / 1e6
 
 
-def ordered_read_mb_per_s(root: Path, order, args) -> float:
-    """Cold reads of ``--batches`` batches in ``order``, by the training dataset's batched read."""
+def sequential_no_copy_mb_per_s(root: Path, evict_first: bool = True) -> float:
+    """The same read without the copy into this process (``sendfile`` to /dev/null, as the
+    read-ahead reads): the disk's rate with less CPU per byte, on a loaded machine the higher one."""
     evict(root)
+    started, total = time.perf_counter(), 0
+    with PageSink() as sink:
+        for path in cache_files(root / "shards"):
+            with open(path, "rb", buffering=0) as handle:
+                total += sum(sink.read(handle, BLOCK))
+    return total / (time.perf_counter() - started) / 1e6
+
+
+def ordered_read(root: Path, order, args, read_ahead: int = 0, warm: bool = False) -> tuple[float, dict]:
+    """Cold reads of ``--batches`` batches in ``order``, by the training dataset's batched read, the
+    batches handed out by ``rs-cache train``'s sampler (with ``read_ahead``: wrapped in its
+    ``ReadAheadSampler``, reading that many shards ahead; timed from its start); with ``warm``, the
+    files are read into the page cache first (the reader's own CPU-bound rate).
+
+    Returns (MB/s, why): the reading thread's CPU seconds per second (1: CPU-bound; less: waiting
+    for the disk, or for a core on a loaded machine), the major page faults per GB it read (its
+    memory maps touching pages no read had asked for yet); with the read-ahead, how often it waited
+    for the reader (it was ahead), the share of the time it was reading (1: the disk never idled)
+    and its rate while reading (the disk's, against the sequential flows)."""
+    evict(root)
+    if warm:
+        sequential_no_copy_mb_per_s(root, evict_first=False)
     reader = CacheReader(root)
     regions = CachedRegions(reader, reader.vocabulary("bench"), args.max_boxes, seed=0)
-    keys = [(0, int(i)) for i in order.permutation(0)[: args.batches * args.batch_size]]
+    sampler = RankBatchSampler(BatchPlan([len(regions)], [1.0], args.batch_size, 0, [order]), 0)
+    if read_ahead:
+        directories = shard_directories([[reader]])
+        sampler = ReadAheadSampler(sampler, [regions.shards()], directories, read_ahead, steps=args.batches)
+    faults, cpu = resource.getrusage(resource.RUSAGE_SELF).ru_majflt, time.thread_time()
     started, total = time.perf_counter(), 0
-    for i in range(0, len(keys), args.batch_size):
-        for item in regions.read(keys[i : i + args.batch_size]):
+    for keys in itertools.islice(iter(sampler), args.batches):
+        for item in regions.read([key[1:] for key in keys]):
             total += item.feature_map.nbytes + item.tokens.nbytes
-    return total / (time.perf_counter() - started) / 1e6
+    seconds = time.perf_counter() - started
+    why = {
+        "reader_cpu_per_s": (time.thread_time() - cpu) / seconds,
+        "major_faults_per_GB": (resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults) / (total / 1e9),
+    }
+    if read_ahead:
+        sampler.close()
+        stats = sampler.last.stats
+        why["read_ahead_waits"] = stats.waits
+        why["read_ahead_busy_per_s"] = stats.reading_seconds / seconds  # 1: the disk never idled
+        why["read_ahead_MB_per_s_while_busy"] = stats.bytes / max(stats.reading_seconds, 1e-9) / 1e6
+    return total / seconds / 1e6, why
+
+
+def cold_reads(root: Path, shards: np.ndarray, args) -> dict:
+    """The read flows of the module's docstring, ``--repeats`` rounds taking turns."""
+    orders = {"uniform": UniformOrder(len(shards), 0), "shards": ShardOrder(shards, 0, args.resident)}
+    flows = {name: (order, 0, False) for name, order in orders.items()}
+    ahead = args.read_ahead or [args.resident]
+    flows.update({f"shards_read_ahead_{n}": (orders["shards"], n, False) for n in ahead})
+    flows["shards_warm"] = (orders["shards"], 0, True)
+    rates: dict[str, list[float]] = {"sequential": [], "sequential_no_copy": [], **{name: [] for name in flows}}
+    why: dict[str, list[dict]] = {name: [] for name in flows}
+    for _ in range(args.repeats):
+        rates["sequential"].append(sequential_mb_per_s(root))
+        rates["sequential_no_copy"].append(sequential_no_copy_mb_per_s(root))
+        for name, (order, read_ahead, warm) in flows.items():
+            rate, reasons = ordered_read(root, order, args, read_ahead, warm)
+            rates[name].append(rate)
+            why[name].append(reasons)
+    figures = {"cold_read_MB_per_s": {name: median_spread(values) for name, values in rates.items()}}
+    for baseline in ("sequential", "sequential_no_copy"):
+        figures[f"cold_read_vs_{baseline}"] = {
+            name: median_spread([r / s for r, s in zip(rates[name], rates[baseline])]) for name in flows
+        }
+    figures["cold_read_why"] = {
+        name: {key: median_spread([r[key] for r in rounds]) for key in rounds[0]} for name, rounds in why.items()
+    }
+    return figures
 
 
 def local_cache_training(root: Path, local: Path, args) -> dict:
@@ -199,6 +273,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=24, help="cold-read batches per order and round")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--read-ahead",
+        type=lambda text: [int(n) for n in text.split(",") if n],
+        help="comma-separated train.read_ahead_shards values, each a flow of its own beside the plain shard "
+        "order (default: --resident, as training reads by default)",
+    )
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per flow and round")
     parser.add_argument("--warmup", type=int, default=6, help="untimed training steps per flow")
     parser.add_argument("--train-workers", type=int, default=1)
@@ -227,16 +307,7 @@ def main() -> None:
             "load_average": os.getloadavg(),
         }
         if "read" not in skip:
-            orders = {"uniform": UniformOrder(len(shards), 0), "shards": ShardOrder(shards, 0, args.resident)}
-            rates: dict[str, list[float]] = {"sequential": [], "uniform": [], "shards": []}
-            for _ in range(args.repeats):
-                rates["sequential"].append(sequential_mb_per_s(root))
-                for name, order in orders.items():
-                    rates[name].append(ordered_read_mb_per_s(root, order, args))
-            figures["cold_read_MB_per_s"] = {name: median_spread(values) for name, values in rates.items()}
-            figures["cold_read_vs_sequential"] = {
-                name: median_spread([r / s for r, s in zip(rates[name], rates["sequential"])]) for name in orders
-            }
+            figures.update(cold_reads(root, shards, args))
         if "fetch" not in skip:
             figures["fetch"] = fetch_epochs(root, Path(tmp) / "fetch", args)
         if "train" not in skip:

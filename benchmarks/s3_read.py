@@ -6,7 +6,7 @@ real writer (``benchmarks/cache_read.py``'s ``write_cache``), then takes turns, 
 after one untimed warm-up round:
 
 - raw GET: every object of the committed shards, fetched with s3fs's concurrent ``cat`` (bytes/s);
-- epoch (the steady state): what ``rs-cache train`` reads through (``train.loop.training_loader``:
+- epoch (the steady state): what ``rs-cache train`` reads through (``train.loader.training_loader``:
   shard order, the shards fetched ahead by the training process into a temporary shard cache that
   its loader workers read), one epoch of a cache of many more shards than ``--resident`` (e.g.
   2,048 images in 64 shards), for each of ``--resident`` and ``--workers``. Timed from the first
@@ -51,7 +51,7 @@ from regionspot_cache.cache.storage import SHARDS_DIR, CacheLocation  # noqa: E4
 from regionspot_cache.config import TrainConfig  # noqa: E402
 from regionspot_cache.train.data import CachedRegions, open_sources  # noqa: E402
 from regionspot_cache.train.distributed import Processes  # noqa: E402
-from regionspot_cache.train.loop import training_loader  # noqa: E402
+from regionspot_cache.train.loader import training_loader  # noqa: E402
 
 
 def raw_get_rate(location: CacheLocation) -> tuple[float, int]:
@@ -96,7 +96,8 @@ def epoch_figures(cache_url: str, args, seed: int, resident: int, workers: int, 
     )
     config.seed = seed
     created = time.perf_counter()
-    batches, shard_cache = training_loader(sources, config, 0, Processes(), pin_memory=False)
+    feed = training_loader(sources, config, 0, Processes(), pin_memory=False)
+    batches, shard_cache = feed.batches, feed.shard_cache
     landed: list[float] = []  # when each fetch finished
     fetch = shard_cache.fetch
 
@@ -118,7 +119,7 @@ def epoch_figures(cache_url: str, args, seed: int, resident: int, workers: int, 
         after = Clock(server)
         fetched = shard_cache.stats.fetched_bytes
     finally:
-        shard_cache.close()
+        feed.close()
     seconds = after.wall - before.wall
     fetch_end = max([t for t in landed if t > before.wall], default=before.wall)
     delivered = size / seconds / 1e6

@@ -6,24 +6,20 @@ several, each with its own vocabulary (see ``train_data``).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.ops import sigmoid_focal_loss
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.completeness import Completeness
-from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.config import TextRecipe, TrainConfig
 from regionspot_cache.errors import ModelLoadError
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, region_logits, save_head
@@ -31,17 +27,7 @@ from regionspot_cache.identity import TrainedWith
 from regionspot_cache.progress import progress_bar
 from regionspot_cache.runtime.files import sha256_file
 from regionspot_cache.runtime.records import differences
-from regionspot_cache.train.checks_ahead import CheckedAheadSampler, checks_ahead_have_a_core
-from regionspot_cache.train.data import (
-    BatchPlan,
-    CachedRegions,
-    MultiSourceRegions,
-    RankBatchSampler,
-    RegionBatch,
-    TrainSource,
-    open_sources,
-    region_loader,
-)
+from regionspot_cache.train.data import RegionBatch, TrainSource, open_sources
 from regionspot_cache.train.distributed import (
     Processes,
     barrier,
@@ -50,9 +36,9 @@ from regionspot_cache.train.distributed import (
     join_process_group,
     leave_process_group,
 )
+from regionspot_cache.train.loader import training_loader
 from regionspot_cache.train.metrics import MetricsLog, recorded_last_step
-from regionspot_cache.train.order import EpochOrder, epoch_order
-from regionspot_cache.train.shard_cache import ShardCache, ShardCacheStats, open_local_sources, shard_schedule
+from regionspot_cache.train.shard_cache import ShardCacheStats
 from regionspot_cache.train.state import latest_train_state, load_train_state, rng_state, save_train_state
 
 logger = logging.getLogger(__name__)
@@ -147,6 +133,7 @@ def resume_identity(config: TrainConfig, sources: Sequence[TrainSource]) -> dict
         "views",
         "local_cache_dir",
         "local_cache_gb",
+        "read_ahead_shards",
     )
     if not config.order.by_shards:  # the order of earlier versions: their saved states resume
         machinery += ("order", "resident_shards")
@@ -223,7 +210,7 @@ def _train(
     if start and processes.is_main:
         logger.info("resumed from step %d of %d (%s)", start, config.iterations, latest)
     model = DistributedDataParallel(head) if processes.distributed else head
-    loader, shard_cache = training_loader(sources, config, start, processes, device.type == "cuda")
+    feed = training_loader(sources, config, start, processes, device.type == "cuda")
     metrics = MetricsLog(run_dir_for(output), start, config.tensorboard) if processes.is_main else None
     started, loss_value, samples = time.perf_counter(), math.nan, 0
     try:
@@ -234,9 +221,9 @@ def _train(
             disable=not processes.is_main,
             completed=start,
         ) as (bar, task):
-            for step, batch in zip(range(start, config.iterations), loader):
-                if shard_cache is not None:
-                    shard_cache.delivered(step)  # its reads are done: the shards it alone needed may go
+            for step, batch in zip(range(start, config.iterations), feed.batches):
+                if feed.shard_cache is not None:
+                    feed.shard_cache.delivered(step)  # its reads are done: the shards it alone needed may go
                 lr = optimizer.param_groups[0]["lr"]
                 loss_value = train_step(
                     model, optimizer, batch.to(device), texts[batch.source], logit_scale, config, processes, logit_bias
@@ -260,8 +247,7 @@ def _train(
     finally:
         if metrics is not None:
             metrics.close()
-        if shard_cache is not None:
-            shard_cache.close()
+        feed.close()
     seconds = time.perf_counter() - started
     rate = samples / max(seconds, 1e-9)
     recorded = recorded_last_step(run_dir_for(output)) if start >= config.iterations else None
@@ -283,7 +269,7 @@ def _train(
             },
         )
     barrier(processes)
-    local = shard_cache.stats if shard_cache is not None else None
+    local = feed.shard_cache.stats if feed.shard_cache is not None else None
     if local is not None:
         logger.info(
             "local shard cache: %d shards fetched (%.3g GB), peak %.3g GB on disk",
@@ -292,85 +278,6 @@ def _train(
             local.peak_disk_bytes / 1e9,
         )
     return TrainSummary(config.iterations, loss_value, seconds, rate, output, start, local, partial)
-
-
-def training_regions(sources: Sequence[TrainSource], config: TrainConfig) -> MultiSourceRegions:
-    return MultiSourceRegions(
-        [
-            CachedRegions(source.reader, source.vocabulary, config.max_boxes_per_image, config.seed, i, source.views)
-            for i, source in enumerate(sources)
-        ]
-    )
-
-
-def dataset_orders(regions: MultiSourceRegions, config: TrainConfig) -> list[EpochOrder]:
-    """Each dataset's epoch order (``train.order``): a function of the seed and the dataset alone."""
-    return [
-        epoch_order(
-            config.order,
-            source.shards() if config.order.by_shards else range(len(source)),
-            config.seed,
-            i,
-            config.resident_shards,
-        )
-        for i, source in enumerate(regions.sources)
-    ]
-
-
-def training_loader(
-    sources: Sequence[TrainSource], config: TrainConfig, start: int, processes: Processes, pin_memory: bool
-) -> tuple[Iterable[RegionBatch], ShardCache | None]:
-    """This process's batches from step ``start`` on, and the shard cache they are read through
-    (``shard_cache_for``; started here, closed by the caller)."""
-    regions = training_regions(sources, config)
-    plan = BatchPlan(
-        regions.sizes(),
-        config.dataset_weights or [1.0] * len(sources),
-        config.batch_size,
-        config.seed,
-        dataset_orders(regions, config),
-    )
-    sampler = RankBatchSampler(plan, start, processes.rank, processes.world_size)
-    shard_cache = shard_cache_for(regions, sampler, sources, config, start, processes)
-    if shard_cache is not None:
-        regions = training_regions(open_local_sources(sources, shard_cache, config.views), config)
-        shard_cache.start()
-    if checks_ahead_have_a_core(config.num_workers):
-        sampler = CheckedAheadSampler(sampler, regions)
-    return region_loader(regions, sampler, config.num_workers, config.prefetch_batches, pin_memory), shard_cache
-
-
-def shard_cache_for(
-    regions: MultiSourceRegions,
-    sampler: RankBatchSampler,
-    sources: Sequence[TrainSource],
-    config: TrainConfig,
-    start: int,
-    processes: Processes,
-) -> ShardCache | None:
-    """The local copy this process reads its shards from, fetched ahead along its own batches:
-    under ``train.local_cache_dir`` within ``train.local_cache_gb``; without it, for caches on
-    object storage read in shard order, in a temporary directory holding the shards of a step
-    and ``CacheReader.remote_shards_kept`` more. Fetched once by this process for all its loader
-    workers, ahead of their reads (each worker fetching the shard it touches, when it touches
-    it, kept the loader at about half the store's throughput). None: read the caches as they are."""
-    on_store = config.order.by_shards and all(CacheLocation.parse(source.cache).remote for source in sources)
-    if config.local_cache_dir is None and not on_store:
-        return None
-    shards = [source.shards() for source in regions.sources]
-    schedule = shard_schedule(itertools.islice(iter(sampler), config.iterations - start), shards, start)
-    temporary = config.local_cache_dir is None
-    if temporary:
-        local_root = Path(tempfile.mkdtemp(prefix="rs-cache-shards-"))
-    else:
-        local_root = Path(config.local_cache_dir) / f"rank-{processes.rank}"
-    cache = ShardCache([s.cache for s in sources], local_root, int(config.local_cache_gb * 1e9), schedule, temporary=temporary)
-    largest = max(cache.shard_bytes((i, int(s))) for i, per_source in enumerate(shards) for s in np.unique(per_source))
-    step_shards = min(2 * config.resident_shards, sampler.per_rank)
-    if temporary:
-        cache.budget = (step_shards + CacheReader.remote_shards_kept) * largest
-    cache.check_room(step_shards * largest)
-    return cache
 
 
 def train_step(

@@ -1,0 +1,146 @@
+"""What training reads: the datasets, their orders, and the loader with its shard cache and read-ahead."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from regionspot_cache.cache import CacheReader
+from regionspot_cache.cache.storage import CacheLocation
+from regionspot_cache.config import TrainConfig
+from regionspot_cache.train.checks_ahead import CheckedAheadSampler, checks_ahead_have_a_core
+from regionspot_cache.train.data import (
+    BatchPlan,
+    CachedRegions,
+    MultiSourceRegions,
+    RankBatchSampler,
+    RegionBatch,
+    TrainSource,
+    region_loader,
+)
+from regionspot_cache.train.distributed import Processes
+from regionspot_cache.train.order import EpochOrder, epoch_order
+from regionspot_cache.train.read_ahead import ReadAheadSampler, shard_directories
+from regionspot_cache.train.shard_cache import ShardCache, open_local_sources, shard_schedule
+
+
+@dataclass
+class TrainingLoader:
+    """This process's batches, and what feeds them: the local shard cache (``train.local_cache_dir``,
+    or a cache on object storage; its ``delivered`` is the training loop's to call) and the
+    read-ahead of the shards into the page cache; ``close`` stops both."""
+
+    batches: Iterable[RegionBatch]
+    shard_cache: ShardCache | None = None
+    read_ahead: ReadAheadSampler | None = None
+
+    def close(self) -> None:
+        if self.read_ahead is not None:
+            self.read_ahead.close()
+        if self.shard_cache is not None:
+            self.shard_cache.close()
+
+
+def training_regions(sources: Sequence[TrainSource], config: TrainConfig) -> MultiSourceRegions:
+    return MultiSourceRegions(
+        [
+            CachedRegions(source.reader, source.vocabulary, config.max_boxes_per_image, config.seed, i, source.views)
+            for i, source in enumerate(sources)
+        ]
+    )
+
+
+def dataset_orders(regions: MultiSourceRegions, config: TrainConfig) -> list[EpochOrder]:
+    """Each dataset's epoch order (``train.order``): a function of the seed and the dataset alone."""
+    return [
+        epoch_order(
+            config.order,
+            source.shards() if config.order.by_shards else range(len(source)),
+            config.seed,
+            i,
+            config.resident_shards,
+        )
+        for i, source in enumerate(regions.sources)
+    ]
+
+
+def training_loader(
+    sources: Sequence[TrainSource], config: TrainConfig, start: int, processes: Processes, pin_memory: bool
+) -> TrainingLoader:
+    """This process's batches from step ``start`` on, with the shard cache they are read through
+    (``shard_cache_for``) and their read-ahead (``read_ahead_for``); started here, closed by the caller."""
+    regions = training_regions(sources, config)
+    plan = BatchPlan(
+        regions.sizes(),
+        config.dataset_weights or [1.0] * len(sources),
+        config.batch_size,
+        config.seed,
+        dataset_orders(regions, config),
+    )
+    sampler = RankBatchSampler(plan, start, processes.rank, processes.world_size)
+    shard_cache = shard_cache_for(regions, sampler, sources, config, start, processes)
+    if shard_cache is not None:
+        regions = training_regions(open_local_sources(sources, shard_cache, config.views), config)
+        shard_cache.start()
+    read_ahead = read_ahead_for(regions, sampler, config, start)
+    handed_on = read_ahead or sampler
+    if checks_ahead_have_a_core(config.num_workers):
+        # Outermost: the read-ahead walks its sampler twice, and one checker is enough.
+        handed_on = CheckedAheadSampler(handed_on, regions)
+    batches = region_loader(regions, handed_on, config.num_workers, config.prefetch_batches, pin_memory)
+    return TrainingLoader(batches, shard_cache, read_ahead)
+
+
+def read_ahead_for(
+    regions: MultiSourceRegions, sampler: RankBatchSampler, config: TrainConfig, start: int
+) -> ReadAheadSampler | None:
+    """``sampler`` with its shards read ahead into the page cache (``train.read_ahead_shards``, shard
+    order only: a uniform order touches most shards every step). A source read through several views
+    is not read ahead: each image reads one of them, so whole shards of each would be read for a part."""
+    ahead = config.resident_shards if config.read_ahead_shards is None else config.read_ahead_shards
+    if not config.order.by_shards or not ahead:
+        return None
+    readers = [
+        list(dict.fromkeys([source.views[0].maps, source.views[0].boxes])) if len(source.views) == 1 else []
+        for source in regions.sources
+    ]
+    shards = [source.shards() for source in regions.sources]
+    return ReadAheadSampler(sampler, shards, shard_directories(readers), ahead, steps=max(0, config.iterations - start))
+
+
+def shard_cache_for(
+    regions: MultiSourceRegions,
+    sampler: RankBatchSampler,
+    sources: Sequence[TrainSource],
+    config: TrainConfig,
+    start: int,
+    processes: Processes,
+) -> ShardCache | None:
+    """The local copy this process reads its shards from, fetched ahead along its own batches:
+    under ``train.local_cache_dir`` within ``train.local_cache_gb``; without it, for caches on
+    object storage read in shard order, in a temporary directory holding the shards of a step
+    and ``CacheReader.remote_shards_kept`` more. Fetched once by this process for all its loader
+    workers, ahead of their reads (each worker fetching the shard it touches, when it touches
+    it, kept the loader at about half the store's throughput). None: read the caches as they are."""
+    on_store = config.order.by_shards and all(CacheLocation.parse(source.cache).remote for source in sources)
+    if config.local_cache_dir is None and not on_store:
+        return None
+    shards = [source.shards() for source in regions.sources]
+    schedule = shard_schedule(itertools.islice(iter(sampler), config.iterations - start), shards, start)
+    temporary = config.local_cache_dir is None
+    if temporary:
+        local_root = Path(tempfile.mkdtemp(prefix="rs-cache-shards-"))
+    else:
+        local_root = Path(config.local_cache_dir) / f"rank-{processes.rank}"
+    cache = ShardCache([s.cache for s in sources], local_root, int(config.local_cache_gb * 1e9), schedule, temporary=temporary)
+    largest = max(cache.shard_bytes((i, int(s))) for i, per_source in enumerate(shards) for s in np.unique(per_source))
+    step_shards = min(2 * config.resident_shards, sampler.per_rank)
+    if temporary:
+        cache.budget = (step_shards + CacheReader.remote_shards_kept) * largest
+    cache.check_room(step_shards * largest)
+    return cache
