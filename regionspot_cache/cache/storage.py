@@ -47,7 +47,7 @@ COMMIT_RECORD = "checksums.json"  # written last: a shard without it is not comm
 SHARDS_DIR = "shards"
 _CONFIG_VARS = ("AWS_", "GOOGLE_", "GCS", "AZURE_")  # environment variables the clients read their configuration from
 _FILESYSTEMS: dict[tuple, Any] = {}
-DOWNLOAD_PART = 8 << 20  # bytes per ranged GET when a shard is fetched
+DOWNLOAD_PART = 16 << 20  # bytes per ranged GET when a shard is fetched (each GET costs about 1.5 ms of CPU)
 
 
 def shard_name(shard_id: int) -> str:
@@ -325,7 +325,12 @@ class CacheLocation:
             # one stream per object would leave the link mostly idle.
             data = self.fs.cat_ranges([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
         chunks: dict[str, list[bytes]] = {key: [] for key in sizes}
-        for (key, _, _), chunk in zip(parts, data):
+        for (key, start, end), chunk in zip(parts, data):
+            if isinstance(chunk, Exception) and not isinstance(chunk, FileNotFoundError):
+                with self.requests(f"download {key}"):
+                    raise chunk
+            if isinstance(chunk, Exception) or len(chunk) != end - start:  # gone or changed since listed
+                raise FileNotFoundError(f"{self.url}: {key.removeprefix(prefix)} of {relative} is gone or changed")
             chunks[key].append(chunk)
         for key, pieces in chunks.items():
             target = local_dir / key.removeprefix(prefix)
