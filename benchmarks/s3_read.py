@@ -8,7 +8,8 @@ after one untimed warm-up round:
 - raw GET: every object of the committed shards, fetched with s3fs's concurrent ``cat`` (bytes/s);
 - epoch (the steady state): what ``rs-cache train`` reads through (``train.loader.training_loader``:
   shard order, the shards fetched ahead by the training process into a temporary shard cache that
-  its loader workers read), one epoch of a cache of many more shards than ``--resident`` (e.g.
+  its loader workers read; up to 8 shards at once, each by its GETs alone, its objects known from
+  the one listing of ``shards/`` taken when the loader starts), one epoch of a cache of many more shards than ``--resident`` (e.g.
   2,048 images in 64 shards), for each of ``--resident`` and ``--workers``. Timed from the first
   batch delivered (worker start-up and the first window's fetch excluded, as the other benchmarks
   exclude warm-up) to the epoch's end. Reported: the payload delivered per second (feature maps

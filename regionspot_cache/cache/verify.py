@@ -47,9 +47,10 @@ def verify_cache(root: Path | str) -> list[ShardProblem]:
 def _verify_remote(location: CacheLocation) -> list[ShardProblem]:
     Provenance.read(location)
     problems = []
+    listed = location.shard_objects()  # one listing: each shard then costs its GETs alone
     for shard in location.committed_shards(SHARDS_DIR):
         with tempfile.TemporaryDirectory(prefix="rs-cache-verify-") as tmp:
-            shard_dir = location.fetch_shard(shard, Path(tmp))
+            shard_dir = location.fetch_shard(shard, Path(tmp), listed.get(shard))
             problems.extend(ShardProblem(shard_dir.name, p) for p in _shard_problems(shard_dir))
     return problems
 

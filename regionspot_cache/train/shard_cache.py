@@ -4,7 +4,8 @@ For a cache larger than the node's disk and memory (read from a shared filesyste
 storage): a background thread walks the shards the coming steps read (the batch plan is a pure
 function of the step, so the walk is known in advance), fetches each whole shard into the local
 directory before its first read, and evicts the least recently needed shard that no batch still
-to be delivered needs, whenever the next fetch would overflow the budget. Readers
+to be delivered needs, whenever the next fetch would overflow the budget. From object storage a
+shard is fetched by its GETs alone: its objects come from the one listing taken for the budget. Readers
 (``LocalShardReader``, in the loader workers too) wait for a shard's directory to appear; a
 fetch lands by one rename, so a directory that exists is complete.
 
@@ -19,8 +20,8 @@ import os
 import shutil
 import threading
 import time
-from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -40,7 +41,7 @@ FAILED_FILE = "FAILED"  # written by the fetching thread when it stops on an err
 FETCHING_SUFFIX = ".fetching"
 WAIT_POLL_S = 0.002
 WAIT_LIMIT_S = 1800.0
-FETCH_THREADS = 4  # shards fetched at once
+FETCH_THREADS = 8  # shards fetched at once (the budget permitting)
 
 ShardKey = tuple[int, int]  # (source, shard)
 Fetcher = Callable[[Path, int, Path], int]
@@ -71,18 +72,19 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
-def fetch_shard(source_cache: Path | str, shard_id: int, local_dir: Path | str) -> int:
+def fetch_shard(source_cache: Path | str, shard_id: int, local_dir: Path | str, objects: dict[str, int] | None = None) -> int:
     """Copy committed shard ``shard_id`` of the cache at ``source_cache`` to
     ``local_dir/shards/<name>``, landing by one rename; returns the bytes copied.
 
     The one place a shard is fetched: from a cache on object storage, the storage layer's own
-    fetch (GETs of the committed shard's objects, landing by one rename too)."""
+    fetch (GETs of the committed shard's objects, landing by one rename too; ``objects``, the
+    shard's objects from ``CacheLocation.shard_objects``, spares a lookup and a listing)."""
     final = Path(local_dir) / SHARDS_DIR / shard_name(shard_id)
     location = CacheLocation.parse(source_cache)
     if location.remote:
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            return tree_bytes(location.fetch_shard(shard_id, final.parent))
+            return tree_bytes(location.fetch_shard(shard_id, final.parent, objects))
         except FileNotFoundError as err:
             raise CacheFormatError(f"{err}; cannot fetch it into {final.parent}") from None
     source = Path(source_cache) / SHARDS_DIR / shard_name(shard_id)
@@ -103,7 +105,10 @@ class ShardCacheStats:
     fetched_bytes: int = 0
     fetches: int = 0
     evictions: int = 0
-    peak_disk_bytes: int = 0  # the local directory's size, measured on disk after each fetch
+    # the local directory's size after each fetch: the landed shards' bytes as measured on disk
+    # when each landed, and the full size of those still in flight (a walk of the directory after
+    # every fetch cost a third of a millisecond per MB, in the thread the fetches need)
+    peak_disk_bytes: int = 0
     wait_seconds: float = 0.0  # the fetching thread's time waiting for room (it is ahead of the readers)
 
 
@@ -125,7 +130,8 @@ class ShardCache:
       local_root: this process's local directory (emptied first: what a killed run left is not trusted).
       budget: bytes allowed on disk under ``local_root``.
       schedule: ``shard_schedule`` of this process's batches from the first step on.
-      fetch: ``fetch_shard`` or another with its contract.
+      fetch: ``fetch_shard`` or another with its contract; by default ``fetch_shard`` with the
+        objects the listing of ``shard_bytes`` found (on object storage: GETs alone).
       temporary: remove ``local_root`` on ``close`` (a cache on object storage read without
         ``train.local_cache_dir``).
     """
@@ -136,12 +142,12 @@ class ShardCache:
         local_root: Path,
         budget: int,
         schedule: Iterator[tuple[int, list[ShardKey]]],
-        fetch: Fetcher = fetch_shard,
+        fetch: Fetcher | None = None,
         temporary: bool = False,
     ):
         self.caches, self.local_root, self.budget = [Path(c) for c in caches], Path(local_root), budget
         self.temporary = temporary  # removed on close
-        self.schedule, self.fetch = schedule, fetch
+        self.schedule, self.fetch = schedule, fetch or self._fetch_listed
         self.stats = ShardCacheStats()
         self._present: OrderedDict[ShardKey, int] = OrderedDict()  # bytes, least recently needed first
         self._last_needed: dict[ShardKey, int] = {}
@@ -150,6 +156,7 @@ class ShardCache:
         self._error: BaseException | None = None
         self._changed = threading.Condition()
         self._sizes: dict[ShardKey, int] = {}
+        self._objects: dict[tuple[str, int], dict[str, int]] = {}  # (cache, shard): its objects, on object storage
         self._reserved: dict[ShardKey, int] = {}  # being fetched: bytes they will take
         shutil.rmtree(self.local_root, ignore_errors=True)
         self.local_root.mkdir(parents=True)
@@ -169,8 +176,10 @@ class ShardCache:
     def shard_bytes(self, key: ShardKey) -> int:
         if key not in self._sizes:
             location = CacheLocation.parse(self.caches[key[0]])
-            if location.remote:  # every shard's size from one listing
-                self._sizes.update({(key[0], shard): size for shard, size in location.shard_bytes().items()})
+            if location.remote:  # every shard's objects and size from one listing
+                listed = location.shard_objects()
+                self._objects.update({(str(self.caches[key[0]]), shard): objects for shard, objects in listed.items()})
+                self._sizes.update({(key[0], shard): sum(objects.values()) for shard, objects in listed.items()})
             else:
                 self._sizes[key] = tree_bytes(location.local / SHARDS_DIR / shard_name(key[1]))
         return self._sizes.get(key, 0)
@@ -196,13 +205,11 @@ class ShardCache:
         if self.temporary:
             shutil.rmtree(self.local_root, ignore_errors=True)
 
-    def disk_bytes(self) -> int:
-        return tree_bytes(self.local_root)
-
     def _run(self) -> None:
-        # Up to FETCH_THREADS shards in flight: one shard's few objects leave most of a link idle,
-        # and a step of shard order reads several shards at once.
-        in_flight: deque[Future] = deque()
+        # Up to FETCH_THREADS shards in flight, the next one started as soon as any has landed:
+        # one shard's few objects leave most of a link idle, and a step of shard order reads
+        # several shards at once.
+        in_flight: set[Future] = set()
         try:
             with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="shard-fetch") as pool:
                 for step, keys in self.schedule:
@@ -211,11 +218,9 @@ class ShardCache:
                         if size is None:
                             return
                         if size:
-                            in_flight.append(pool.submit(self._fetch, key, size))
-                        while in_flight and (len(in_flight) >= FETCH_THREADS or in_flight[0].done()):
-                            in_flight.popleft().result()
-                while in_flight:
-                    in_flight.popleft().result()
+                            in_flight.add(pool.submit(self._fetch, key, size))
+                        in_flight = _landed(in_flight, FETCH_THREADS - 1)
+                _landed(in_flight, 0)
         except BaseException as err:  # noqa: BLE001 - handed to the training loop and to the readers
             self._error = err
             (self.local_root / FAILED_FILE).write_text(f"{type(err).__name__}: {err}")
@@ -249,6 +254,9 @@ class ShardCache:
             self._reserved[key] = size
             return size
 
+    def _fetch_listed(self, cache: Path, shard: int, local_dir: Path) -> int:
+        return fetch_shard(cache, shard, local_dir, self._objects.get((str(cache), shard)))
+
     def _fetch(self, key: ShardKey, size: int) -> None:
         fetched = self.fetch(self.caches[key[0]], key[1], self.local_dir(key[0]))
         with self._changed:
@@ -256,7 +264,20 @@ class ShardCache:
             self._present[key] = fetched
             self.stats.fetched_bytes += fetched
             self.stats.fetches += 1
-            self.stats.peak_disk_bytes = max(self.stats.peak_disk_bytes, self.disk_bytes())
+            on_disk = sum(self._present.values()) + sum(self._reserved.values())
+            self.stats.peak_disk_bytes = max(self.stats.peak_disk_bytes, on_disk)
+
+
+def _landed(in_flight: set[Future], most: int) -> set[Future]:
+    """Wait until at most ``most`` fetches are in flight (raising a failed one's error); those left."""
+    while in_flight:
+        done, pending = wait(in_flight, timeout=0 if len(in_flight) <= most else None, return_when=FIRST_COMPLETED)
+        for future in done:
+            future.result()
+        in_flight = pending
+        if len(in_flight) <= most:
+            break
+    return in_flight
 
 
 class LocalShardReader(CacheReader):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from regionspot_cache.cache import CacheReader, CacheWriter
-from regionspot_cache.cache.storage import CacheLocation
+from regionspot_cache.cache.storage import COMMIT_RECORD, SHARDS_DIR, CacheLocation, shard_name
 from regionspot_cache.cli import app
 from tests.storage.roundtrip import extract_args, extract_train_eval, make_toy, runner
 
@@ -48,6 +49,41 @@ def test_a_local_copy_of_the_same_extraction_reads_the_same(s3_env, toy, tmp_pat
         p.name for p in (tmp_path / "local" / "shards" / "000001").rglob("*") if p.is_file()
     }
     assert isinstance(CacheWriter, type)
+
+
+def test_a_shard_fetched_from_the_listing_costs_its_gets_alone(s3_env, tmp_path, monkeypatch):
+    """``shard_objects`` lists every shard's objects at once; ``fetch_shard`` given them makes no
+    lookup and no listing, and falls back to the lookup when the listing lacks the commit record."""
+    location = CacheLocation.parse(f"s3://{s3_env.new_prefix()}/c")
+    staged = {}
+    for shard in (0, 1):
+        staged[shard] = tmp_path / f"staged-{shard}"
+        (staged[shard] / "features.zarr").mkdir(parents=True)
+        (staged[shard] / "features.zarr" / "a").write_bytes(os.urandom(100 + shard))
+        (staged[shard] / COMMIT_RECORD).write_text("{}")
+        location.publish_dir(staged[shard], f"{SHARDS_DIR}/{shard_name(shard)}")
+    listed = location.shard_objects()
+    assert listed == {shard: {"features.zarr/a": 100 + shard, COMMIT_RECORD: 2} for shard in (0, 1)}
+    assert location.shard_bytes() == {0: 102, 1: 103}
+
+    looked_up = []
+    for name in ("find", "exists", "info", "ls", "glob"):
+        original = getattr(location.fs, name)
+        monkeypatch.setattr(location.fs, name, lambda *a, _o=original, _n=name, **k: looked_up.append(_n) or _o(*a, **k))
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    fetched = location.fetch_shard(1, tmp_path / "listed", listed[1])
+    assert looked_up == [] and files(fetched) == files(staged[1])
+    before_commit = {"features.zarr/a": 100}  # listed while the shard was being uploaded
+    assert files(location.fetch_shard(0, tmp_path / "looked-up", before_commit)) == files(staged[0])
+    assert "exists" in looked_up
+
+    location.uncommit_shard(0)  # after the listing: its GETs fail, nothing lands
+    with pytest.raises(FileNotFoundError):
+        location.fetch_shard(0, tmp_path / "gone", listed[0])
+    assert not (tmp_path / "gone").exists() or not any((tmp_path / "gone").iterdir())
 
 
 def test_inspect_verify_and_repair_a_cache_on_s3(s3_env, toy):
