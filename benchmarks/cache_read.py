@@ -14,9 +14,8 @@ values), reads the files once (page cache warm), then measures side by side:
   per image;
 - checks: what the read path's crc32c check costs: a first pass over ``--check-batches`` batches
   through freshly started loaders in the training order, nothing checked yet (an empty ledger:
-  the worst case; a chunk once checked is not checked again on the machine), with no check, with
-  the check made by the read, and with the check made ahead by training's checker process,
-  ``--repeats`` rounds, for each of ``--workers``.
+  the worst case; a chunk once checked is not checked again on the machine), with and without the
+  check, ``--repeats`` rounds, for each of ``--workers``.
 
 Medians over the rounds, with the spread (min-max) in brackets. Only public APIs are used, so the
 same script measures an older checkout: ``PYTHONPATH=<checkout> python benchmarks/cache_read.py``.
@@ -46,13 +45,12 @@ from regionspot_cache.head.model import HeadConfig, RegionSpotHead, region_logit
 from regionspot_cache.train.data import BatchPlan, CachedRegions, MultiSourceRegions, RankBatchSampler, region_loader
 from regionspot_cache.train.loop import train_step
 
-try:  # older checkouts: no checks shared between processes, none made ahead
+try:  # older checkouts: no checks shared between processes, no shard order
     from regionspot_cache.cache.ledger import LEDGER_ENV, SETTLED_S
     from regionspot_cache.choices import TrainOrder
-    from regionspot_cache.train.checks_ahead import CheckedAheadSampler
     from regionspot_cache.train.order import epoch_order
 except ImportError:
-    LEDGER_ENV, SETTLED_S, CheckedAheadSampler = "RS_CACHE_CHECKED_DIR", 0.0, None
+    LEDGER_ENV, SETTLED_S, epoch_order = "RS_CACHE_CHECKED_DIR", 0.0, None
 
 SHAPES = {"bb": (197, 768, 512), "bl": (257, 1024, 768)}  # tokens, width, text dim
 CLASSES = 100
@@ -225,11 +223,10 @@ def measure_eval(reader: CacheReader, args) -> dict:
 
 def measure_checks(regions: CachedRegions, args) -> dict:
     """Each flow's first pass through a fresh loader in the training order (shards, 2 resident),
-    nothing checked yet: no check; the check made by the read; the check made ahead by the
-    checker process (timed once it is running: its start-up, like a worker's, is not timed)."""
+    nothing checked yet (an empty ledger): with the check, and without."""
     if not hasattr(RowArray, "check_reads"):
         return {"skipped": "this checkout's read path has no crc32c check"}
-    flows = ["unchecked", "checked"] + (["ahead"] if CheckedAheadSampler is not None else [])
+    flows = ["unchecked", "checked"]
     settle(regions.reader.root)
     rates: dict[str, list[float]] = {}
     for workers in args.workers:
@@ -239,10 +236,8 @@ def measure_checks(regions: CachedRegions, args) -> dict:
                     os.environ[LEDGER_ENV] = ledger  # nothing flagged by an earlier flow
                     RowArray.check_reads = flow != "unchecked"
                     regions.reader._opened.clear()  # forked workers must not inherit checked chunks
-                    iterator = shard_order_loader(regions, args.batch_size, workers, ahead=flow == "ahead")
+                    iterator = shard_order_loader(regions, args.batch_size, workers)
                     next(iterator)  # worker start-up, not timed (its chunks are checked too)
-                    while flow == "ahead" and not any_flagged(Path(ledger)):
-                        time.sleep(0.01)  # the checker's start-up
                     started, images = time.perf_counter(), 0
                     for _ in range(args.check_batches):
                         images += len(next(iterator).labels)
@@ -258,12 +253,10 @@ def measure_checks(regions: CachedRegions, args) -> dict:
     return figures
 
 
-def shard_order_loader(regions: CachedRegions, batch_size: int, workers: int, ahead: bool):
+def shard_order_loader(regions: CachedRegions, batch_size: int, workers: int):
     sources = MultiSourceRegions([regions])
-    order = epoch_order(TrainOrder.SHARDS, regions.shards(), 0, 0, 2)
-    sampler = RankBatchSampler(BatchPlan(sources.sizes(), [1.0], batch_size, seed=0, orders=[order]), 0)
-    if ahead:
-        sampler = CheckedAheadSampler(sampler, sources)
+    order = epoch_order(TrainOrder.SHARDS, regions.shards(), 0, 0, 2) if epoch_order else None
+    sampler = RankBatchSampler(BatchPlan(sources.sizes(), [1.0], batch_size, seed=0, orders=order and [order]), 0)
     return iter(region_loader(sources, sampler, workers, 4, pin_memory=False))
 
 
@@ -272,10 +265,6 @@ def settle(root: Path) -> None:
     moments ago are not shared between processes (cache/ledger.py)."""
     newest = max(p.stat().st_ctime for p in root.rglob("*"))
     time.sleep(max(0.0, newest + SETTLED_S + 0.1 - time.time()))
-
-
-def any_flagged(ledger: Path) -> bool:
-    return any(np.fromfile(p, np.uint8).any() for p in ledger.rglob("*") if p.is_file())
 
 
 def summary(figures: dict) -> dict:

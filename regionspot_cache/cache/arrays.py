@@ -5,10 +5,10 @@ each chunk followed by its crc32c (zarr v3's ``crc32c`` codec). The reader memor
 data: reading an image is a copy of its rows out of the page cache, with no per-read call into
 zarr (about 1-4 ms each, which capped a worker at ~220 images/s). Before the first row of a chunk
 reaches a caller, the reader checks the chunk's crc32c, once per chunk and file version on the
-machine (``cache/ledger.py``; training has them checked ahead: ``cache/checks_ahead.py``), so a
-flipped byte is an error instead of a wrong value. A file laid out otherwise is read through zarr,
-one call per selection (zarr checks the crc32c itself); the files of caches written before chunks
-carried a crc32c have no read-path check (``rs-cache verify`` checks them whole).
+machine (``cache/ledger.py``), so a flipped byte is an error instead of a wrong value. A file laid
+out otherwise is read through zarr, one call per selection (zarr checks the crc32c itself); the
+files of caches written before chunks carried a crc32c have no read-path check (``rs-cache
+verify`` checks them whole).
 
 int8 caches store ``round(x / scale)`` with one float32 scale per row (per feature-map token,
 per box token): ``scale = max|x| / 127``. Both kinds are returned as float16.
@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import crc32c
 import numpy as np
 import zarr
+from fastcrc import crc32 as fast_crc32
 from zarr.codecs import Crc32cCodec
 
 from regionspot_cache.cache.format import CacheFormatError
@@ -135,7 +135,8 @@ class MappedChunks:
         fields = [("rows", array.dtype.newbyteorder("<"), (chunk_rows, *array.shape[1:]))]
         record = np.dtype(fields + ([("crc", "<u4")] if with_crc else []))
         mapped = np.memmap(path, dtype=record, mode="r", offset=start, shape=(chunk_count,))
-        return cls(path, mapped["rows"], mapped["crc"] if with_crc else None, array.shape[0])
+        plain = np.asarray  # views of the same pages without np.memmap's per-index Python code
+        return cls(path, plain(mapped["rows"]), plain(mapped["crc"]) if with_crc else None, array.shape[0])
 
     def rows(self, rows: np.ndarray | slice, check: bool) -> np.ndarray:
         if isinstance(rows, slice):
@@ -143,33 +144,36 @@ class MappedChunks:
         rows = np.asarray(rows, dtype=np.int64)
         chunk, within = np.divmod(rows, self.chunk_rows)
         if not check or self.checked is None or self.checked[chunk].all():  # the usual case: checked before
-            return np.asarray(self.chunks[chunk, within])  # fancy index: one memcpy per row
+            return self.chunks[chunk, within]  # fancy index: one memcpy per row
         if self.chunk_rows > 1:  # a chunk shared by many selections: checked whole, once
             self._check_mapped(chunk)
-            return np.asarray(self.chunks[chunk, within])
-        # One row per chunk (a feature map): check the copy while it is still in the CPU's cache
-        # instead of reading the mapped pages twice (a third of the check's cost at warm pages).
-        out = np.asarray(self.chunks[chunk, within])
-        for position in np.flatnonzero(self.checked[chunk] == 0).tolist():
-            self._verify(int(chunk[position]), out[position])
+            return self.chunks[chunk, within]
+        # One row per chunk (a feature map): each row checked right after its copy, while it is
+        # still in the CPU's cache (a second pass over the pages, or over a whole batch's copy,
+        # reads memory again: about three times the check's own cost).
+        out = np.empty((len(rows), *self.chunks.shape[2:]), self.chunks.dtype)
+        chunks, checked, crc = self.chunks, self.checked, self.crc  # the loop is the check's overhead: kept bare
+        for position, chunk_index in enumerate(chunk.tolist()):
+            row = out[position]
+            row[...] = chunks[chunk_index, 0]
+            if not checked[chunk_index]:
+                if fast_crc32.iscsi(row) != int(crc[chunk_index]):
+                    self._fail(chunk_index)
+                checked[chunk_index] = 1
         return out
 
     def _check_mapped(self, chunks: np.ndarray) -> None:
         for chunk in np.unique(chunks[self.checked[chunks] == 0]).tolist():
-            self._verify(chunk, self.chunks[chunk])
+            if fast_crc32.iscsi(np.ascontiguousarray(self.chunks[chunk])) != int(self.crc[chunk]):
+                self._fail(chunk)
+            self.checked[chunk] = 1
 
-    def passes(self, chunk: int, data: np.ndarray) -> bool:
-        """Whether ``data``, the chunk's rows as read, matches the chunk's stored crc32c."""
-        return crc32c.crc32c(np.ascontiguousarray(data).view(np.uint8).reshape(-1)) == int(self.crc[chunk])
-
-    def _verify(self, chunk: int, data: np.ndarray) -> None:
-        if not self.passes(chunk, data):
-            first = chunk * self.chunk_rows
-            raise CacheFormatError(
-                f"{self.path}: rows {first}-{min(first + self.chunk_rows, self.length) - 1} fail their crc32c "
-                "check: the file is damaged; run `rs-cache verify` and `rs-cache repair` on the cache"
-            )
-        self.checked[chunk] = 1
+    def _fail(self, chunk: int) -> None:
+        first = chunk * self.chunk_rows
+        raise CacheFormatError(
+            f"{self.path}: rows {first}-{min(first + self.chunk_rows, self.length) - 1} fail their crc32c "
+            "check: the file is damaged; run `rs-cache verify` and `rs-cache repair` on the cache"
+        )
 
 
 def _contiguous_layout(array: zarr.Array) -> tuple[int, bool] | None:

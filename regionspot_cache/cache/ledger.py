@@ -1,7 +1,6 @@
 """Which chunks of a feature file have passed their crc32c on this machine, shared by the user's
 processes: a chunk is checked once per machine and file version instead of once per process, so
-loader workers, DDP ranks, a later ``eval`` and the checker that runs ahead of training
-(``cache/checks_ahead.py``) share one another's checks.
+loader workers started again, DDP ranks and a later ``eval`` or ``search`` share one another's checks.
 
 One small file of flags per feature file, in a directory of the user's alone (``/dev/shm`` when
 the machine has it; ``RS_CACHE_CHECKED_DIR`` elsewhere, ``off`` to keep every check private).
@@ -87,4 +86,4 @@ def _shared_flags(directory: Path, path: Path, version: os.stat_result, count: i
             os.ftruncate(descriptor, count)  # zeros; another process doing the same changes nothing
     finally:
         os.close(descriptor)
-    return np.memmap(flags, np.uint8, "r+", shape=(count,))
+    return np.asarray(np.memmap(flags, np.uint8, "r+", shape=(count,)))  # a plain view: memmap's indexing costs more

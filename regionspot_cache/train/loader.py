@@ -13,7 +13,6 @@ import numpy as np
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.config import TrainConfig
-from regionspot_cache.train.checks_ahead import CheckedAheadSampler, checks_ahead_have_a_core
 from regionspot_cache.train.data import (
     BatchPlan,
     CachedRegions,
@@ -88,11 +87,7 @@ def training_loader(
         regions = training_regions(open_local_sources(sources, shard_cache, config.views), config)
         shard_cache.start()
     read_ahead = read_ahead_for(regions, sampler, config, start)
-    handed_on = read_ahead or sampler
-    if checks_ahead_have_a_core(config.num_workers):
-        # Outermost: the read-ahead walks its sampler twice, and one checker is enough.
-        handed_on = CheckedAheadSampler(handed_on, regions)
-    batches = region_loader(regions, handed_on, config.num_workers, config.prefetch_batches, pin_memory)
+    batches = region_loader(regions, read_ahead or sampler, config.num_workers, config.prefetch_batches, pin_memory)
     return TrainingLoader(batches, shard_cache, read_ahead)
 
 

@@ -197,3 +197,13 @@ def test_each_chunk_is_checked_once_per_process_and_before_its_first_read(tmp_pa
     assert maps.checked.tolist() == [False, True, False, False]
     reader.feature_maps([10, 30])
     assert maps.checked.tolist() == [False, True, False, True]
+
+
+def test_the_read_paths_crc_is_the_one_zarr_writes():
+    """fastcrc's iscsi (the read path's) and the crc32c package (zarr's codec) are one CRC."""
+    import crc32c
+    from fastcrc import crc32
+
+    data = np.random.default_rng(5).integers(0, 256, 70_000, dtype=np.uint8)
+    for start, stop in [(0, 0), (0, 1), (3, 64), (1, 4097), (7, 70_000)]:  # empty, tiny, unaligned, large
+        assert crc32.iscsi(data[start:stop]) == crc32c.crc32c(data[start:stop])
