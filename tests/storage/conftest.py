@@ -15,20 +15,19 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import wait_until
-from tests.storage.emulators import serve, start_azurite, start_gcs
+from tests.storage.emulators import Buckets, serve, start_azurite, start_gcs
 
 ACCESS_KEY, SECRET_KEY = "rs-cache-tester", "rs-cache-secret"
 
 
 @dataclass
-class S3Server:
+class S3Server(Buckets):
     endpoint: str
     bucket: str = ""  # the session's bucket: tests take prefixes in it (``new_prefix``)
 
@@ -45,15 +44,6 @@ class S3Server:
         import s3fs
 
         return s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, endpoint_url=self.endpoint, skip_instance_cache=True)
-
-    def new_bucket(self) -> str:
-        name = f"rs-{uuid.uuid4().hex[:12]}"
-        self.filesystem().mkdir(name)
-        return name
-
-    def new_prefix(self) -> str:
-        """``bucket/<unique>``: where one test puts its caches."""
-        return f"{self.bucket}/{uuid.uuid4().hex[:12]}"
 
 
 def _weed() -> str:

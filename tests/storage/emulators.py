@@ -28,8 +28,22 @@ AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
+class Buckets:
+    """Fresh buckets and prefixes, for a server class with ``bucket`` (the session's) and
+    ``filesystem()`` (a client of the tests' own)."""
+
+    def new_bucket(self) -> str:
+        name = f"rs-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        return name
+
+    def new_prefix(self) -> str:
+        """``bucket/<unique>``: where one test puts its caches."""
+        return f"{self.bucket}/{uuid.uuid4().hex[:12]}"
+
+
 @dataclass
-class EmulatedStore:
+class EmulatedStore(Buckets):
     """A running server: its URL scheme, the variables a user sets for it, a client of the tests' own."""
 
     scheme: str  # gs or az
@@ -50,15 +64,6 @@ class EmulatedStore:
         return fsspec.filesystem(
             "az", connection_string=self.variables["AZURE_STORAGE_CONNECTION_STRING"], skip_instance_cache=True
         )
-
-    def new_bucket(self) -> str:
-        name = f"rs-{uuid.uuid4().hex[:12]}"
-        self.filesystem().mkdir(name)
-        return name
-
-    def new_prefix(self) -> str:
-        """``bucket/<unique>``: where one test puts its caches."""
-        return f"{self.bucket}/{uuid.uuid4().hex[:12]}"
 
     def url(self, relative: str = "") -> str:
         """A fresh cache URL in the session's bucket."""
