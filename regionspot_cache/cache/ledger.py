@@ -26,6 +26,7 @@ import numpy as np
 
 LEDGER_ENV = "RS_CACHE_CHECKED_DIR"
 SETTLED_S = 2.0  # far above any file system's timestamp resolution
+TURNED_OFF = frozenset({"off", "0", "false", "no"})  # values of LEDGER_ENV that keep checks private
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def checked_flags(path: Path, count: int) -> np.ndarray:
 def ledger_directory() -> Path | None:
     """The user's flag directory, created private; None when turned off or not private."""
     configured = os.environ.get(LEDGER_ENV, "")
-    if configured.lower() == "off":
+    if configured.lower() in TURNED_OFF:
         return None
     if configured:
         directory = Path(configured)
