@@ -5,7 +5,10 @@ Writes a cache of ``--images`` random images with BB or BL shapes to ``--cache-u
 real writer (``benchmarks/cache_read.py``'s ``write_cache``), then takes turns, ``--repeats`` rounds
 after one untimed warm-up round:
 
-- raw GET: every object of the committed shards, fetched with s3fs's concurrent ``cat`` (bytes/s);
+- raw GET: every object of the committed shards, fetched with s3fs's concurrent ``cat`` (bytes/s),
+  and, when obstore is installed, the same GETs all at once through obstore (the server's rate
+  without s3fs's Python CPU; the shares of both are reported). ``RS_CACHE_S3_CLIENT=s3fs`` keeps
+  the loader's GETs in s3fs (the comparison of the two clients);
 - epoch (the steady state): what ``rs-cache train`` reads through (``train.loader.training_loader``:
   shard order, the shards fetched ahead by the training process into a temporary shard cache that
   its loader workers read; up to 8 shards at once, each by its GETs alone, its objects known from
@@ -62,6 +65,20 @@ def raw_get_rate(location: CacheLocation) -> tuple[float, int]:
     started = time.perf_counter()
     size = sum(len(data) for data in fs.cat(keys).values())
     return size / (time.perf_counter() - started), size
+
+
+def raw_get_rate_obstore(location: CacheLocation) -> float | None:
+    """Bytes/s of the same GETs through obstore (all objects at once), or None without it: the
+    server's raw rate without s3fs's Python CPU in the way."""
+    from regionspot_cache.cache.s3_get import get_parts
+
+    fs = location.fs
+    parts = [
+        (key.partition("/")[2], 0, int(info["size"])) for key, info in fs.find(location.path(SHARDS_DIR), detail=True).items()
+    ]
+    started = time.perf_counter()
+    found = get_parts(location.bucket, parts)
+    return sum(len(data) for data in found) / (time.perf_counter() - started) if found is not None else None
 
 
 class Clock:
@@ -196,9 +213,10 @@ def main() -> None:
     server = psutil.Process(args.server_pid) if args.server_pid else None
     local_regions = local_copy_regions(location, args) if args.old_flows else None
     load = [os.getloadavg()]
-    raw, epochs, loader_rounds, local_rounds = [], [], [], []
+    raw, raw_obstore, epochs, loader_rounds, local_rounds = [], [], [], [], []
     for round_ in range(args.repeats + 1):  # rounds take turns: each times every flow; the first is a warm-up
         rate, stored = raw_get_rate(location)
+        rate_obstore = raw_get_rate_obstore(location)
         epoch = {
             f"resident_{resident}_workers_{workers}": epoch_figures(args.cache_url, args, round_, resident, workers, server)
             for resident in args.resident
@@ -208,6 +226,7 @@ def main() -> None:
             uniform, local = old_flows(location, args, local_regions, round_)
         if round_:
             raw.append(rate / 1e6)
+            raw_obstore.append(rate_obstore / 1e6 if rate_obstore else None)
             epochs.append(epoch)
             if args.old_flows:
                 loader_rounds.append(uniform)
@@ -223,6 +242,12 @@ def main() -> None:
         "raw_get_MB_per_s": median_spread(raw),
         "epoch": summary(epochs, raw),
     }
+    if all(raw_obstore):  # the shares of the raw GET through obstore, the larger of the two
+        figures["raw_get_obstore_MB_per_s"] = median_spread(raw_obstore)
+        figures["epoch_of_raw_get_obstore"] = {
+            flow: {rate: shares[f"{rate}_of_raw_get"] for rate in ("steady", "delivered")}
+            for flow, shares in summary(epochs, raw_obstore).items()
+        }
     if args.old_flows:
         uniform_rates = {flow: median_spread([r[flow]["MB_per_s"]["median"] for r in loader_rounds]) for flow in loader_rounds[0]}
         figures["uniform_loader"] = {
