@@ -17,6 +17,7 @@ per box token): ``scale = max|x| / 127``. Both kinds are returned as float16.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +103,11 @@ class MappedChunks:
     """The chunks of a single zarr shard file, memory-mapped: ``chunks[c, i]`` is row
     ``c * chunk_rows + i``; with ``crc`` each chunk is checked once, before its first read."""
 
-    def __init__(self, path: Path, chunks: np.memmap, crc: np.memmap | None, length: int):
+    def __init__(self, path: Path, chunks: np.ndarray, crc: np.ndarray | None, length: int, version: os.stat_result):
         self.path, self.chunks, self.crc, self.length = path, chunks, crc, length
         self.chunk_rows = chunks.shape[1]
         # 1 where the chunk's crc32c has passed, in this process or another of the user's (cache/ledger.py)
-        self.checked = checked_flags(path, len(chunks)) if crc is not None else None
+        self.checked = checked_flags(path, version, len(chunks)) if crc is not None else None
 
     @classmethod
     def open(cls, array: zarr.Array, directory: Path) -> "MappedChunks | None":
@@ -122,21 +123,23 @@ class MappedChunks:
         stride = data_bytes + (CRC_BYTES if with_crc else 0)
         index_bytes = chunk_count * 16 + INDEX_TRAILER
         try:
-            with open(path, "rb") as handle:
+            with open(path, "rb") as handle:  # one open: the map, its index and its version are one file's
                 data_end = handle.seek(-index_bytes, 2)
                 index = np.frombuffer(handle.read(chunk_count * 16), "<u8").reshape(chunk_count, 2)
+                start = int(index[0, 0])
+                expected = start + np.arange(chunk_count, dtype=np.uint64) * np.uint64(stride)
+                in_order = (index[:, 0] == expected).all() and (index[:, 1] == stride).all()
+                if (index[:, 0] == NO_CHUNK).any() or not in_order or start + chunk_count * stride > data_end:
+                    return None  # not this layout (or a damaged index: zarr's read checks the index's crc32c)
+                fields = [("rows", array.dtype.newbyteorder("<"), (chunk_rows, *array.shape[1:]))]
+                record = np.dtype(fields + ([("crc", "<u4")] if with_crc else []))
+                mapped = np.memmap(handle, dtype=record, mode="r", offset=start, shape=(chunk_count,))
+                version = os.fstat(handle.fileno())  # of the file mapped, even if the path is replaced meanwhile
         except OSError:
             return None
-        start = int(index[0, 0])
-        expected = start + np.arange(chunk_count, dtype=np.uint64) * np.uint64(stride)
-        in_order = (index[:, 0] == expected).all() and (index[:, 1] == stride).all()
-        if (index[:, 0] == NO_CHUNK).any() or not in_order or start + chunk_count * stride > data_end:
-            return None  # not this layout (or a damaged index: zarr's read checks the index's crc32c)
-        fields = [("rows", array.dtype.newbyteorder("<"), (chunk_rows, *array.shape[1:]))]
-        record = np.dtype(fields + ([("crc", "<u4")] if with_crc else []))
-        mapped = np.memmap(path, dtype=record, mode="r", offset=start, shape=(chunk_count,))
         plain = np.asarray  # views of the same pages without np.memmap's per-index Python code
-        return cls(path, plain(mapped["rows"]), plain(mapped["crc"]) if with_crc else None, array.shape[0])
+        crc = plain(mapped["crc"]) if with_crc else None
+        return cls(path, plain(mapped["rows"]), crc, array.shape[0], version)
 
     def rows(self, rows: np.ndarray | slice, check: bool) -> np.ndarray:
         if isinstance(rows, slice):

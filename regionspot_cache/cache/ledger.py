@@ -31,14 +31,11 @@ TURNED_OFF = frozenset({"off", "0", "false", "no"})  # values of LEDGER_ENV that
 log = logging.getLogger(__name__)
 
 
-def checked_flags(path: Path, count: int) -> np.ndarray:
-    """(count,) uint8 flags of ``path``'s chunks, 1 once a chunk's crc32c has passed: shared with
-    the user's other processes when the file has settled, else this process's own."""
+def checked_flags(path: Path, version: os.stat_result, count: int) -> np.ndarray:
+    """(count,) uint8 flags of the chunks of ``path`` as it was when ``version`` (its ``fstat``)
+    was taken, 1 once a chunk's crc32c has passed: shared with the user's other processes when the
+    file has settled, else this process's own."""
     directory = ledger_directory()
-    try:
-        version = os.stat(path)
-    except OSError:
-        return np.zeros(count, np.uint8)
     if directory is None or not count or time.time_ns() - version.st_ctime_ns < SETTLED_S * 1e9:
         return np.zeros(count, np.uint8)
     try:

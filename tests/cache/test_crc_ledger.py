@@ -89,10 +89,10 @@ def test_a_ledger_directory_others_can_write_is_not_used(tmp_path, monkeypatch):
 def test_flags_of_a_file_of_another_chunk_count_are_not_trusted(settled_cache):
     root, _ = settled_cache
     path = _maps_file(root, 0)
-    flags = checked_flags(path, 4)
+    flags = checked_flags(path, os.stat(path), 4)
     flags[:] = 1
-    assert checked_flags(path, 4).all()
-    assert not checked_flags(path, 5).any()  # a stale or foreign flag file: checks stay private
+    assert checked_flags(path, os.stat(path), 4).all()
+    assert not checked_flags(path, os.stat(path), 5).any()  # a stale or foreign flag file: checks stay private
 
 
 def test_a_check_made_in_another_process_is_not_made_again(settled_cache):
