@@ -102,7 +102,8 @@ class ImageReader(Dataset):
         """SAM's and CLIP's inputs of a decoded RGB image; a test resize they share (``released``)
         runs once for both."""
         sam, clip = self.sam_resize, self.clip_preprocess
-        if isinstance(clip, ClipPreprocess) and sam and sam.test_resize is not None and sam.test_resize == clip.test_resize:
+        shared = isinstance(sam, SamResize) and isinstance(clip, ClipPreprocess)  # SAM 2's resize has no test resize
+        if shared and sam.test_resize is not None and sam.test_resize == clip.test_resize:
             resized = sam.test_resize.image(image)
             return sam.of_test_resized(resized), clip.of_test_resized(resized)
         return (sam(image) if sam else None), (clip(image) if clip else None)
