@@ -87,18 +87,11 @@ def test_a_budget_below_the_cache_holds_every_step_and_fetches_each_shard_about_
 
 
 def _wait_for_fetch(cache: ShardCache, where) -> None:
-    """Wait, with no deadline, for the fetcher to put a shard at ``where``. Fails at once if the
-    fetcher stopped, or if it waits for room with no shard in flight: only a delivery frees room,
-    and this thread, polling, makes none, so that wait could never end (a deadlock, not a slow
-    machine)."""
+    """Wait, with no deadline, for the fetcher to put a shard at ``where``; fails at once if the
+    fetcher stopped. (A fetcher waiting for room with nothing in flight is not a deadlock by
+    itself: a landing that fetched fewer bytes than reserved frees room, seen at its next wake-up.)"""
     while not where.is_dir():
         assert cache._thread.is_alive(), f"the fetcher stopped before fetching {where.name}"
-        frame, stack = sys._current_frames().get(cache._thread.ident), set()
-        while frame is not None:
-            stack.add(frame.f_code.co_name)
-            frame = frame.f_back
-        stuck = {"wait", "_make_room"} <= stack and not cache._reserved  # waits for room, nothing in flight
-        assert where.is_dir() or not stuck, f"the fetcher waits for room before fetching {where.name}"
         time.sleep(0.001)
 
 
