@@ -18,19 +18,9 @@ from regionspot_cache import cli
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
 from regionspot_cache.predict.predictor import Predictor
 from regionspot_cache.regions.masks import decode_rle
+from tests.predict.conftest import BOXES, VOCAB
 
 runner = CliRunner()
-VOCAB = ["red square", "blue triangle", "traffic light"]
-BOXES = [[10, 5, 60, 40], [30.5, 20, 90, 60], [-5, 0, 150, 95]]  # the last one is clipped to 140x90
-
-
-@pytest.fixture(scope="module")
-def head_path(tmp_path_factory, encoders):
-    torch.manual_seed(0)
-    head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1, ffn_dim=64))
-    path = tmp_path_factory.mktemp("head") / "head.safetensors"
-    save_head(head, path)
-    return path
 
 
 @pytest.fixture(scope="module")

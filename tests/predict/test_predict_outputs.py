@@ -17,25 +17,14 @@ from regionspot_cache.config import AutoBoxesConfig, OpenSetConfig
 from regionspot_cache.data.datasets import BoxSet
 from regionspot_cache.drawing import draw_labelled_box
 from regionspot_cache.errors import InputError
-from regionspot_cache.head.model import HeadConfig, RegionSpotHead, save_head
 from regionspot_cache.predict.io import region_label
 from regionspot_cache.predict.predictor import Predictor
 from tests.helpers import model_args
+from tests.predict.conftest import BOXES, VOCAB
 
 runner = CliRunner()
-VOCAB = ["red square", "blue triangle", "traffic light"]
-BOXES = [[10, 5, 60, 40], [30.5, 20, 90, 60], [-5, 0, 150, 95]]  # the last one is clipped to 140x90
 # Thresholds low enough that the tiny random SAM's masks pass (not a statement on their quality).
 LOW_THRESHOLDS = AutoBoxesConfig(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-
-
-@pytest.fixture(scope="module")
-def head_path(tmp_path_factory, encoders):
-    torch.manual_seed(0)
-    head = RegionSpotHead(HeadConfig(clip_width=encoders.clip.width, text_dim=encoders.clip.text_dim, num_layers=1, ffn_dim=64))
-    path = tmp_path_factory.mktemp("head") / "head.safetensors"
-    save_head(head, path)
-    return path
 
 
 @pytest.fixture(scope="module")
