@@ -266,6 +266,7 @@ class ShardCache:
             self.stats.fetches += 1
             on_disk = sum(self._present.values()) + sum(self._reserved.values())
             self.stats.peak_disk_bytes = max(self.stats.peak_disk_bytes, on_disk)
+            self._changed.notify_all()  # a shard smaller than reserved frees room for a waiting fetch
 
 
 def _landed(in_flight: set[Future], most: int) -> set[Future]:
