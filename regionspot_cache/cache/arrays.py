@@ -16,6 +16,7 @@ per box token): ``scale = max|x| / 127``. Both kinds are returned as float16.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 NO_CHUNK = 2**64 - 1  # a chunk missing from a zarr shard (all fill value)
 INDEX_TRAILER = 4  # crc32c of the shard index
 CRC_BYTES = 4  # crc32c after each chunk's data
+NUMERIC_TYPES = frozenset(
+    {"int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32", "float64"}
+)
 
 
 def quantize_rows(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,28 +79,62 @@ class RowArray:
 
     check_reads = True  # False only to measure what the check costs (benchmarks/cache_read.py)
 
-    def __init__(self, array: zarr.Array, directory: Path):
-        self.array, self.directory = array, directory
-        self.shape = tuple(array.shape)
-        self.dtype = array.dtype
-        self.mapped = MappedChunks.open(array, directory) if len(array.shape) and array.shape[0] else None
-        if self.mapped is None and self.shape and self.shape[0]:
-            log.debug("%s: not laid out for memory mapping; reading through zarr", directory)
+    def __init__(self, directory: Path, shape: tuple, dtype: np.dtype, mapped: "MappedChunks | None", array: zarr.Array | None):
+        self.directory, self.shape, self.dtype, self.mapped, self.array = directory, shape, dtype, mapped, array
 
-    def rows(self, rows: np.ndarray | slice) -> np.ndarray:
+    @classmethod
+    def open(cls, directory: Path) -> "RowArray":
+        """The array stored at ``directory``. Its metadata is read here, without zarr, when it is a
+        plain zarr v3 array document: opening through zarr cost 2-3 ms per array (its event loop),
+        as much as reading a shard's worth of rows when a training window moves on."""
+        metadata = _array_metadata(directory)
+        if metadata is None:  # another zarr layout or version: zarr reads it (and raises what is wrong)
+            array = zarr.open_array(directory, mode="r")
+            return cls(directory, tuple(array.shape), array.dtype, None, array)
+        shape, dtype = tuple(int(n) for n in metadata["shape"]), np.dtype(metadata["data_type"])
+        mapped = MappedChunks.open(metadata, shape, dtype, directory) if shape and shape[0] else None
+        if mapped is None and shape and shape[0]:
+            log.debug("%s: not laid out for memory mapping; reading through zarr", directory)
+        return cls(directory, shape, dtype, mapped, None if mapped else zarr.open_array(directory, mode="r"))
+
+    def rows(self, rows: np.ndarray | slice, out: np.ndarray | None = None, at: np.ndarray | None = None) -> np.ndarray:
+        """The rows; with ``out``, written into ``out[at]`` (default ``at``: 0, 1, ...) and ``out`` returned."""
         if self.mapped is not None:
-            return self.mapped.rows(rows, self.check_reads)
+            return self.mapped.rows(rows, self.check_reads, out, at)
         try:
             if isinstance(rows, slice):
-                return np.asarray(self.array[rows])
-            rows = np.asarray(rows, dtype=np.int64)
-            if not len(rows):
-                return np.zeros((0, *self.shape[1:]), self.dtype)
-            return np.asarray(self.array.get_orthogonal_selection((rows,)))
+                found = np.asarray(self.array[rows])
+            else:
+                rows = np.asarray(rows, dtype=np.int64)
+                found = (
+                    np.asarray(self.array.get_orthogonal_selection((rows,)))
+                    if len(rows)
+                    else np.zeros((0, *self.shape[1:]), self.dtype)
+                )
         except (OSError, ValueError, RuntimeError) as err:  # truncated or corrupt chunk data, a failed crc32c
             raise CacheFormatError(
                 f"{self.directory}: unreadable ({type(err).__name__}: {err}); run `rs-cache verify` and `rs-cache repair`"
             ) from None
+        return found if out is None else place_rows(found, out, at)
+
+
+def place_rows(found: np.ndarray, out: np.ndarray, at: np.ndarray | None) -> np.ndarray:
+    """``out`` with ``found[k]`` written into ``out[at[k]]`` (default ``at``: 0, 1, ...)."""
+    out[np.arange(len(found)) if at is None else at] = found
+    return out
+
+
+def _array_metadata(directory: Path) -> dict | None:
+    """The array's ``zarr.json`` when it is a zarr v3 array of a plain numeric type, else None."""
+    try:
+        metadata = json.loads((directory / "zarr.json").read_bytes())
+    except FileNotFoundError:
+        return None
+    if not isinstance(metadata, dict) or metadata.get("zarr_format") != 3 or metadata.get("node_type") != "array":
+        return None
+    if not isinstance(metadata.get("data_type"), str) or metadata["data_type"] not in NUMERIC_TYPES:
+        return None
+    return metadata
 
 
 class MappedChunks:
@@ -110,16 +148,16 @@ class MappedChunks:
         self.checked = checked_flags(path, version, len(chunks)) if crc is not None else None
 
     @classmethod
-    def open(cls, array: zarr.Array, directory: Path) -> "MappedChunks | None":
+    def open(cls, metadata: dict, shape: tuple, dtype: np.dtype, directory: Path) -> "MappedChunks | None":
         """The mapping when the single shard file holds uncompressed chunks in row order (each
         followed by its crc32c, or not: caches written before), else None."""
-        layout = _contiguous_layout(array)
+        layout = _contiguous_layout(metadata, shape, dtype)
         if layout is None:
             return None
         chunk_rows, with_crc = layout
-        path = directory / "c" / "/".join(["0"] * len(array.shape))
-        chunk_count = _round_up(array.shape[0], chunk_rows) // chunk_rows
-        data_bytes = chunk_rows * int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
+        path = directory / "c" / "/".join(["0"] * len(shape))
+        chunk_count = _round_up(shape[0], chunk_rows) // chunk_rows
+        data_bytes = chunk_rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         stride = data_bytes + (CRC_BYTES if with_crc else 0)
         index_bytes = chunk_count * 16 + INDEX_TRAILER
         try:
@@ -131,7 +169,7 @@ class MappedChunks:
                 in_order = (index[:, 0] == expected).all() and (index[:, 1] == stride).all()
                 if (index[:, 0] == NO_CHUNK).any() or not in_order or start + chunk_count * stride > data_end:
                     return None  # not this layout (or a damaged index: zarr's read checks the index's crc32c)
-                fields = [("rows", array.dtype.newbyteorder("<"), (chunk_rows, *array.shape[1:]))]
+                fields = [("rows", dtype.newbyteorder("<"), (chunk_rows, *shape[1:]))]
                 record = np.dtype(fields + ([("crc", "<u4")] if with_crc else []))
                 mapped = np.memmap(handle, dtype=record, mode="r", offset=start, shape=(chunk_count,))
                 version = os.fstat(handle.fileno())  # of the file mapped, even if the path is replaced meanwhile
@@ -139,28 +177,36 @@ class MappedChunks:
             return None
         plain = np.asarray  # views of the same pages without np.memmap's per-index Python code
         crc = plain(mapped["crc"]) if with_crc else None
-        return cls(path, plain(mapped["rows"]), crc, array.shape[0], version)
+        return cls(path, plain(mapped["rows"]), crc, shape[0], version)
 
-    def rows(self, rows: np.ndarray | slice, check: bool) -> np.ndarray:
+    def rows(
+        self, rows: np.ndarray | slice, check: bool, out: np.ndarray | None = None, at: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The rows (see ``RowArray.rows``), each chunk's crc32c checked before its first read when ``check``."""
         if isinstance(rows, slice):
             rows = np.arange(self.length)[rows]
         rows = np.asarray(rows, dtype=np.int64)
         chunk, within = np.divmod(rows, self.chunk_rows)
-        if not check or self.checked is None or self.checked[chunk].all():  # the usual case: checked before
+        unchecked = check and self.checked is not None and not self.checked[chunk].all()
+        if out is None and not unchecked:  # the usual case: checked before
             return self.chunks[chunk, within]  # fancy index: one memcpy per row
-        if self.chunk_rows > 1:  # a chunk shared by many selections: checked whole, once
+        if unchecked and self.chunk_rows > 1:  # a chunk shared by many selections: checked whole, once
             self._check_mapped(chunk)
-            return self.chunks[chunk, within]
-        # One row per chunk (a feature map): each row checked right after its copy, while it is
-        # still in the CPU's cache (a second pass over the pages, or over a whole batch's copy,
-        # reads memory again: about three times the check's own cost).
-        out = np.empty((len(rows), *self.chunks.shape[2:]), self.chunks.dtype)
-        chunks, checked, crc = self.chunks, self.checked, self.crc  # the loop is the check's overhead: kept bare
-        for position, chunk_index in enumerate(chunk.tolist()):
-            row = out[position]
-            row[...] = chunks[chunk_index, 0]
-            if not checked[chunk_index]:
-                if fast_crc32.iscsi(row) != int(crc[chunk_index]):
+            if out is None:
+                return self.chunks[chunk, within]
+            unchecked = False
+        if out is None:
+            out = np.empty((len(rows), *self.chunks.shape[2:]), self.chunks.dtype)
+        # Row by row into its place (a batch's own buffer: no copy of the gather afterwards). One
+        # row per chunk (a feature map) is checked right after its copy, while it is still in the
+        # CPU's cache (a second pass over the pages, or over a whole batch's copy, reads memory
+        # again: about three times the check's own cost).
+        chunks, checked, crc = self.chunks, self.checked, self.crc  # the loop is the read's overhead: kept bare
+        places = range(len(rows)) if at is None else np.asarray(at).tolist()
+        for place, chunk_index, row_index in zip(places, chunk.tolist(), within.tolist()):
+            out[place] = chunks[chunk_index, row_index]
+            if unchecked and not checked[chunk_index]:
+                if fast_crc32.iscsi(out[place : place + 1]) != int(crc[chunk_index]):
                     self._fail(chunk_index)
                 checked[chunk_index] = 1
         return out
@@ -179,10 +225,9 @@ class MappedChunks:
         )
 
 
-def _contiguous_layout(array: zarr.Array) -> tuple[int, bool] | None:
-    """(rows per chunk, whether each chunk carries a crc32c) when the array is one shard file of
-    uncompressed little-endian chunks of whole rows, else None."""
-    metadata = array.metadata.to_dict()
+def _contiguous_layout(metadata: dict, shape: tuple, dtype: np.dtype) -> tuple[int, bool] | None:
+    """(rows per chunk, whether each chunk carries a crc32c) when the array (its ``zarr.json``) is
+    one shard file of uncompressed little-endian chunks of whole rows, else None."""
     codecs = metadata.get("codecs", [])
     if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
         return None
@@ -190,10 +235,12 @@ def _contiguous_layout(array: zarr.Array) -> tuple[int, bool] | None:
     names = [c["name"] for c in sharding["codecs"]]
     if sharding.get("index_location", "end") != "end" or names not in (["bytes"], ["bytes", "crc32c"]):
         return None
-    if sharding["codecs"][0].get("configuration", {}).get("endian", "little") != "little" and array.dtype.itemsize > 1:
+    if sharding["codecs"][0].get("configuration", {}).get("endian", "little") != "little" and dtype.itemsize > 1:
         return None
-    if tuple(sharding["chunk_shape"][1:]) != array.shape[1:]:
+    if tuple(sharding["chunk_shape"][1:]) != shape[1:]:
         return None
-    if int(metadata["chunk_grid"]["configuration"]["chunk_shape"][0]) < array.shape[0]:
+    if metadata.get("chunk_grid", {}).get("name") != "regular" or metadata.get("storage_transformers"):
+        return None
+    if int(metadata["chunk_grid"]["configuration"]["chunk_shape"][0]) < shape[0]:
         return None  # more than one shard file
     return int(sharding["chunk_shape"][0]), names[-1] == "crc32c"

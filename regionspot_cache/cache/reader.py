@@ -18,9 +18,8 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import zarr
 
-from regionspot_cache.cache.arrays import RowArray, dequantize_rows
+from regionspot_cache.cache.arrays import RowArray, dequantize_rows, place_rows
 from regionspot_cache.cache.format import (
     BOX_TOKENS,
     BOXES_FILE,
@@ -66,8 +65,12 @@ class ShardFeatures:
     clip_maps_scale: RowArray | None = None
     box_tokens_scale: RowArray | None = None
 
-    def maps(self, rows: np.ndarray | slice) -> np.ndarray:
-        return self._read(self.clip_maps, self.clip_maps_scale, rows)
+    def maps(self, rows: np.ndarray | slice, out: np.ndarray | None = None, at: np.ndarray | None = None) -> np.ndarray:
+        """The rows' maps; with ``out``, written into ``out[at]`` (see ``RowArray.rows``)."""
+        if self.clip_maps_scale is None:
+            return self.clip_maps.rows(rows, out, at)
+        found = self._read(self.clip_maps, self.clip_maps_scale, rows)
+        return found if out is None else place_rows(found, out, at)
 
     def tokens(self, rows: np.ndarray | slice) -> np.ndarray:
         return self._read(self.box_tokens, self.box_tokens_scale, rows)
@@ -83,9 +86,8 @@ class ShardFeatures:
         if dtype.scaled:
             names += [CLIP_MAPS + SCALE_SUFFIX, BOX_TOKENS + SCALE_SUFFIX]
         try:
-            group = zarr.open_group(where, mode="r")
-            arrays = {name: group[name] for name in names}
-        except (OSError, KeyError, ValueError) as err:
+            arrays = {name: RowArray.open(Path(where) / name) for name in names}
+        except (OSError, KeyError, ValueError, TypeError) as err:
             raise CacheFormatError(f"{where}: unreadable feature arrays: {err}") from None
         for name in names:
             shape = expected[name.removesuffix(SCALE_SUFFIX)]
@@ -97,9 +99,8 @@ class ShardFeatures:
                     f"{where}/{name}: {array.dtype} array of shape {tuple(array.shape)}, but the "
                     f"shard's manifest and cache.json call for {np.dtype(want_dtype)} {shape}"
                 )
-        rows = {name: RowArray(array, Path(where) / name) for name, array in arrays.items()}
         return ShardFeatures(
-            rows[CLIP_MAPS], rows[BOX_TOKENS], rows.get(CLIP_MAPS + SCALE_SUFFIX), rows.get(BOX_TOKENS + SCALE_SUFFIX)
+            arrays[CLIP_MAPS], arrays[BOX_TOKENS], arrays.get(CLIP_MAPS + SCALE_SUFFIX), arrays.get(BOX_TOKENS + SCALE_SUFFIX)
         )
 
 
@@ -307,20 +308,24 @@ class CacheReader:
             return features.tokens(slice(start, start + count))
         return features.tokens(start + np.asarray(boxes, dtype=np.int64))
 
-    def feature_maps(self, image_ids: Sequence[int]) -> np.ndarray:
+    def feature_maps(self, image_ids: Sequence[int], out: np.ndarray | None = None, at: np.ndarray | None = None) -> np.ndarray:
         """(len(image_ids), 1 + grid^2, width) float16 CLIP feature maps, gathered shard by shard
-        (one memory-mapped fancy-index copy per shard)."""
+        (one memory-mapped fancy-index copy per shard). With ``out`` (float16, of that row shape),
+        image ``k``'s map is written straight into ``out[at[k]]`` (default ``at``: 0, 1, ...) and
+        ``out`` returned: a training batch's maps copied once, into the batch itself."""
         if self.maps_borrowed_from is not None:
-            return self.maps_borrowed_from.feature_maps(image_ids)
+            return self.maps_borrowed_from.feature_maps(image_ids, out, at)
         rows = np.asarray([self._ok_row(i) for i in image_ids], dtype=np.int64)
         shards = self._shard[rows]
-        if len(rows) and (shards == shards[0]).all():
+        if out is None and len(rows) and (shards == shards[0]).all():
             return self._arrays(int(shards[0])).maps(self._map_row[rows])
         clip = self.provenance.clip
-        out = np.empty((len(rows), clip.num_tokens, clip.width), np.float16)
+        if out is None:
+            out = np.empty((len(rows), clip.num_tokens, clip.width), np.float16)
+        at = np.arange(len(rows)) if at is None else np.asarray(at, dtype=np.int64)
         for shard in np.unique(shards).tolist():
             where = np.flatnonzero(shards == shard)
-            out[where] = self._arrays(shard).maps(self._map_row[rows[where]])
+            self._arrays(shard).maps(self._map_row[rows[where]], out, at[where])
         return out
 
     def feature_map(self, image_id: int) -> np.ndarray:

@@ -18,15 +18,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 
 _STORES: dict[tuple, Any] = {}
+_STORES_LOCK = threading.Lock()  # a shard cache's fetch threads start at once: one store, made once
 # obstore's defaults retry for up to 3 minutes; a failing GET is redone through s3fs anyway.
 _RETRY = {"max_retries": 3, "retry_timeout": timedelta(seconds=30)}
 _CONFIG_VARS = ("AWS_", "FSSPEC_")
+
+
+def _new_lock_in_child() -> None:
+    global _STORES_LOCK  # a loader worker forked while a fetch thread held the lock would wait forever
+    _STORES_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def _disabled() -> bool:
@@ -41,13 +51,14 @@ def s3_store(bucket: str) -> Any | None:
         return None
     config = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CONFIG_VARS)))
     key = (os.getpid(), bucket, config)
-    if key not in _STORES:
-        try:
-            _STORES[key] = _new_store(bucket)
-        except Exception as err:  # noqa: BLE001 - a configuration obstore cannot take: s3fs fetches
-            log.debug("obstore not used for %s: %s", bucket, err)
-            _STORES[key] = None
-    return _STORES[key]
+    with _STORES_LOCK:
+        if key not in _STORES:
+            try:
+                _STORES[key] = _new_store(bucket)
+            except Exception as err:  # noqa: BLE001 - a configuration obstore cannot take: s3fs fetches
+                log.debug("obstore not used for %s: %s", bucket, err)
+                _STORES[key] = None
+        return _STORES[key]
 
 
 def _new_store(bucket: str) -> Any | None:

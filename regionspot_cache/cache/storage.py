@@ -264,7 +264,7 @@ class CacheLocation:
             objects = None
         if final.is_dir():
             return final
-        with atomic_path(final) as tmp:
+        with atomic_path(final, durable=False) as tmp:  # a copy for this process's life (see the callers)
             self.fetch_dir(relative, tmp, objects)
         return final
 

@@ -71,22 +71,28 @@ os.umask(_UMASK)
 
 
 @contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
+def atomic_path(final: Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``final`` for the caller (or a library such as
     ``pq.write_table`` / safetensors ``save_file``) to write a file or a directory at; on success it
     is synced to disk and renamed to ``final``, so readers see the old one or the new one, never a
-    partial one. On any error the temporary is removed and ``final`` is left as it was."""
+    partial one. On any error the temporary is removed and ``final`` is left as it was.
+
+    ``durable=False`` skips the syncs: for copies no later process trusts (a shard fetched into a
+    directory emptied when its owner starts), where a crash loses nothing and the syncs cost more
+    than the fetch (they wait for the disk, and make it write what is deleted moments later)."""
     tmp = temp_sibling(final)
     try:
         yield tmp
         if tmp.is_file():  # safetensors writes 0600: a head would be unreadable to others beside its 0644 JSON
             os.chmod(tmp, 0o666 & ~_UMASK)
-        fsync_tree(tmp)
+        if durable:
+            fsync_tree(tmp)
         os.replace(tmp, final)
     except BaseException:
         remove_path(tmp)
         raise
-    fsync_dir(final.parent)
+    if durable:
+        fsync_dir(final.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

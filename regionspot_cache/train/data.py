@@ -120,18 +120,29 @@ class CachedRegions(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> RegionItem:
         return self.read([key])[0]
 
-    def read(self, keys: Sequence[tuple[int, int]]) -> list[RegionItem]:
-        """The item of each key; the feature maps of each view gathered in one call."""
+    def map_shape(self) -> tuple[int, int]:
+        """(tokens, width) of a feature map (every view's: they share the CLIP)."""
+        clip = self.reader.provenance.clip
+        return clip.num_tokens, clip.width
+
+    def read(
+        self, keys: Sequence[tuple[int, int]], maps: np.ndarray | None = None, at: Sequence[int] | None = None
+    ) -> list[RegionItem]:
+        """The item of each key; the feature maps of each view gathered in one call, straight
+        into ``maps[at[k]]`` when ``maps`` is given (the batch's own buffer), else a new array."""
         image_ids = [self.image_ids[index] for _, index in keys]
         picked = [self.view_of(key) for key in keys]
+        if maps is None:
+            maps, at = np.empty((len(keys), *self.map_shape()), np.float16), None
+        at = np.arange(len(keys)) if at is None else np.asarray(at, dtype=np.int64)
         items: dict[int, RegionItem] = {}  # by position in keys
         for view in sorted(set(picked)):
             where = [i for i, v in enumerate(picked) if v == view]
-            maps = self.views[view].maps.feature_maps([image_ids[i] for i in where])
-            for i, feature_map in zip(where, maps):
+            self.views[view].maps.feature_maps([image_ids[i] for i in where], maps, at[where])
+            for i in where:
                 keep, labels = self.boxes_of(keys[i], view)
                 tokens = self.views[view].boxes.box_tokens(image_ids[i], keep)
-                items[i] = RegionItem(tokens, feature_map, labels, self.source)
+                items[i] = RegionItem(tokens, maps[at[i]], labels, self.source)
         return [items[i] for i in range(len(keys))]
 
 
@@ -159,13 +170,30 @@ class MultiSourceRegions(Dataset):
 
     def __getitems__(self, keys: Sequence[Key]) -> list[RegionItem]:
         """A batch's items, read source by source in one batched read each (the DataLoader calls
-        this with the whole batch instead of one ``__getitem__`` per image)."""
+        this with the whole batch instead of one ``__getitem__`` per image). A batch of one
+        source (every batch the plan makes) is a ``ReadBatch``: its maps read into the batch tensor."""
+        sources = sorted({key[0] for key in keys})
+        batch = None
+        if len(sources) == 1:
+            batch = batch_tensor((len(keys), *self.sources[sources[0]].map_shape()), torch.float16)
         items: dict[int, RegionItem] = {}  # by position in keys
-        for source in sorted({key[0] for key in keys}):
+        for source in sources:
             where = [i for i, key in enumerate(keys) if key[0] == source]
-            for i, item in zip(where, self.sources[source].read([keys[i][1:] for i in where])):
+            read = self.sources[source].read([keys[i][1:] for i in where], None if batch is None else batch.numpy(), where)
+            for i, item in zip(where, read):
                 items[i] = replace(item, source=source)  # the index here picks the vocabulary in the loss
-        return [items[i] for i in range(len(keys))]
+        ordered = [items[i] for i in range(len(keys))]
+        return ordered if batch is None else ReadBatch(ordered, batch)
+
+
+class ReadBatch(list):
+    """A batch's items as ``MultiSourceRegions`` reads them, their feature maps the rows of
+    ``maps``: the batch tensor itself (in shared memory in a loader worker), which
+    ``collate_regions`` takes as it is instead of stacking a copy of it."""
+
+    def __init__(self, items: Sequence[RegionItem], maps: torch.Tensor):
+        super().__init__(items)
+        self.maps = maps
 
 
 class EpochSampler(Sampler):
@@ -280,8 +308,11 @@ def collate_regions(items: list[RegionItem]) -> RegionBatch:
     for row, item in enumerate(items):
         tokens[row, : len(item.labels)] = torch.from_numpy(np.asarray(item.tokens, dtype=np.float16))
         labels[row, : len(item.labels)] = torch.from_numpy(np.asarray(item.labels, dtype=np.int64))
-    maps = batch_tensor((batch, *items[0].feature_map.shape), torch.float16)
-    np.stack([np.asarray(item.feature_map, dtype=np.float16) for item in items], out=maps.numpy())
+    if isinstance(items, ReadBatch):
+        maps = items.maps
+    else:
+        maps = batch_tensor((batch, *items[0].feature_map.shape), torch.float16)
+        np.stack([np.asarray(item.feature_map, dtype=np.float16) for item in items], out=maps.numpy())
     box_mask = torch.ge(labels, 0, out=batch_tensor(labels.shape, torch.bool))
     return RegionBatch(tokens, maps, box_mask, labels, sources.pop())
 

@@ -69,6 +69,24 @@ def test_arrays_are_memory_mapped_and_batched_gathers_cross_shards(tmp_path):
             )
 
 
+@pytest.mark.parametrize("feature_dtype", ["float16", "int8"])
+def test_maps_read_into_a_given_buffer_land_at_their_places_checked_or_not(tmp_path, feature_dtype):
+    """A training batch's maps are written straight into its buffer (``out[at[k]]``), from several
+    shards at once, on the first read (crc32c checked) and later ones, as the plain gather reads them."""
+    images = _images(10)
+    reader = _write(tmp_path, images, feature_dtype=feature_dtype)
+    ids, at = [90, 0, 50, 10, 30], np.array([3, 0, 6, 1, 4])  # shards 2, 0, 1, 0, 0; places out of order
+    for _ in range(2):  # the second read finds the chunks checked
+        out = np.full((7, 5, 8), -1, np.float16)
+        assert reader.feature_maps(ids, out, at) is out
+        np.testing.assert_array_equal(out[at], reader.feature_maps(ids))
+        np.testing.assert_array_equal(out[[2, 5]], -1)  # places not named are left as they were
+        want = np.stack([images[i // 10].feature_map for i in ids]).astype(np.float16)
+        if feature_dtype == "float16":
+            np.testing.assert_array_equal(out[at], want)
+    assert reader._arrays(0).clip_maps.mapped.checked.tolist() == [1, 1, 0, 1]  # images 0, 10, 30 read; 20 not
+
+
 def test_compressed_arrays_of_older_caches_are_read_through_zarr(tmp_path):
     """Caches written before stored zstd-compressed chunks: no memory map, same values."""
     images = _images(4)
@@ -87,6 +105,23 @@ def test_compressed_arrays_of_older_caches_are_read_through_zarr(tmp_path):
         np.testing.assert_array_equal(item.feature_map, image.feature_map.astype(np.float16))
         np.testing.assert_array_equal(item.tokens, image.box_tokens.astype(np.float16))
     np.testing.assert_array_equal(reader.feature_maps([30, 0])[0], images[3].feature_map.astype(np.float16))
+
+
+@pytest.mark.parametrize("damage", ["missing", "not json", "a group", "another type"])
+def test_damaged_array_metadata_is_one_error_naming_the_shard(tmp_path, damage):
+    """The arrays' metadata is read without zarr on the fast path: what zarr would refuse is refused."""
+    _write(tmp_path, _images(4))
+    metadata = tmp_path / "shards/000000/features.zarr/clip_maps/zarr.json"
+    if damage == "missing":
+        metadata.unlink()
+    elif damage == "not json":
+        metadata.write_bytes(b"\x00{")
+    elif damage == "a group":
+        metadata.write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    else:
+        metadata.write_text(metadata.read_text().replace('"float16"', '"complex128"'))
+    with pytest.raises(CacheFormatError, match="shards/000000/features.zarr"):
+        CacheReader(tmp_path).feature_map(0)
 
 
 def test_all_zero_rows_keep_the_file_mappable(tmp_path):

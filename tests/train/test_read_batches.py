@@ -8,7 +8,15 @@ import torch
 from regionspot_cache.cache import CacheReader, CacheWriter, ImageFeatures, Provenance
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.identity import ClipIdentity, SamIdentity
-from regionspot_cache.train.data import BatchPlan, CachedRegions, MultiSourceRegions, RankBatchSampler, region_loader
+from regionspot_cache.train.data import (
+    BatchPlan,
+    CachedRegions,
+    MultiSourceRegions,
+    RankBatchSampler,
+    ReadBatch,
+    collate_regions,
+    region_loader,
+)
 
 
 def _cache(root, images: int = 11, feature_dtype: str = "float16") -> CacheReader:
@@ -58,6 +66,21 @@ def test_batched_reads_equal_single_reads_and_labels_skip_unknown_classes(tmp_pa
         np.testing.assert_array_equal(feature_map, item.feature_map)
         single = regions[key]
         np.testing.assert_array_equal(single.tokens, tokens)
+
+
+def test_a_batch_is_read_into_its_tensor_and_collates_as_stacked_items_do(tmp_path):
+    reader = _cache(tmp_path)
+    sources = MultiSourceRegions([CachedRegions(reader, reader.vocabulary("toy"), 100, seed=0)])
+    keys = [(0, 0, i) for i in (9, 2, 5, 0, 7)]  # across the three shards, out of order
+    read = sources.__getitems__(keys)
+    assert isinstance(read, ReadBatch) and read.maps.shape == (5, 5, 8)
+    batch = collate_regions(read)
+    assert batch.feature_maps is read.maps  # taken as read, not copied
+    stacked = collate_regions(list(read))  # a plain list of the same items: stacked into a new tensor
+    for name in ("tokens", "feature_maps", "box_mask", "labels"):
+        assert torch.equal(getattr(batch, name), getattr(stacked, name))
+    ids = [sources.sources[0].image_ids[i] for *_, i in keys]
+    assert batch.feature_maps[:, 0, 0].long().tolist() == ids  # the image id is the map's value
 
 
 def test_every_image_once_per_epoch_whatever_the_workers(tmp_path):
