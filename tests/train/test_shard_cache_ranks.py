@@ -29,6 +29,7 @@ from regionspot_cache.train.distributed import Processes
 from regionspot_cache.train.loader import dataset_orders, training_loader, training_regions
 from regionspot_cache.train.node_share import PROGRESS_FILE, NodeShare, node_root
 from regionspot_cache.train.shard_cache import ShardCache, shard_schedule, tree_bytes
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]  # for the rank processes to import tests.*
 IMAGES, SHARD_SIZE, BATCH, RANKS = 12, 2, 4, 2
@@ -111,8 +112,17 @@ def start_ranks(cache, local, budget_gb, start, iterations, tmp_path, name, die_
 
 
 def finish(ranks: list[subprocess.Popen], tmp_path, name) -> list[dict]:
+    """Wait for the ranks to end, with no deadline (a stuck rank fails the run, not a timer); one
+    that fails ends the wait (the other may wait for it forever) and the test."""
+    ended = lambda: all(p.poll() is not None for p in ranks) or any(p.poll() not in (None, 0) for p in ranks)  # noqa: E731
+    try:
+        wait_until(ended, "the ranks to end", watched=ranks, poll_s=0.01)
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
     for rank, process in enumerate(ranks):
-        process.wait()  # no deadline: a stuck rank fails the run, not a timer
         assert process.returncode == 0, f"rank {rank}: {(tmp_path / f'{name}-{rank}.log').read_text()[-3000:]}"
     return [json.loads((tmp_path / f"{name}-{rank}.json").read_text()) for rank in range(RANKS)]
 
@@ -164,7 +174,7 @@ def test_ranks_killed_mid_run_restart_on_what_they_left(cache, tmp_path):
     budget = 5 * _largest(cache)
     local = tmp_path / "local"
     ranks = start_ranks(cache, local, budget / 1e9, 0, iterations, tmp_path, "killed", die_at=killed_at)
-    ranks[1].wait()  # it kills itself at step killed_at
+    wait_until(lambda: ranks[1].poll() is not None, "rank 1 to kill itself", watched=ranks, poll_s=0.01)
     assert ranks[1].returncode == -signal.SIGKILL
     ranks[0].kill()  # as torchrun stops the others when one dies
     ranks[0].wait()
