@@ -219,6 +219,9 @@ class ShardCache:
             raise self._error
 
     def close(self) -> None:
+        """Stop fetching (and remove a temporary directory once the node's last process closes).
+        The fetching process closes after the others' last reads: in training, DDP's last step
+        waits for every process, which has read its last batch by then."""
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
