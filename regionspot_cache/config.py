@@ -264,7 +264,7 @@ class TrainConfig(Validated):
     read_ahead_shards: int | None = field(default=None, metadata=at_least(0))
     # A local copy of the shards being read (order "shards" only): whole shards are fetched ahead
     # into ``local_cache_dir`` and evicted when read, keeping at most ``local_cache_gb`` there
-    # (per training process). None: read the cache where it is.
+    # (per node: the training processes of a node share one copy). None: read the cache where it is.
     local_cache_dir: str | None = None
     local_cache_gb: float = field(default=50.0, metadata=above(0))
 

@@ -279,8 +279,13 @@ class RankBatchSampler(Sampler):
         self.per_rank = plan.batch_size // world_size
 
     def __iter__(self) -> Iterator[list[Key]]:
+        return self.shares(range(self.rank, self.rank + 1))
+
+    def shares(self, ranks: range) -> Iterator[list[Key]]:
+        """The shares of the consecutive processes ``ranks`` of each global batch, together (what
+        the processes of one node read: each process can tell every other's)."""
         for keys in self.plan.global_batches(self.start):
-            yield keys[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+            yield keys[ranks.start * self.per_rank : ranks.stop * self.per_rank]
 
 
 def batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Multi-process training with ``torchrun`` and DistributedDataParallel.
 
 ``torchrun --nproc-per-node N -m regionspot_cache train ...`` sets ``WORLD_SIZE``/``RANK``/
-``LOCAL_RANK``; each process then trains on its share of every global batch (see
+``LOCAL_RANK``/``LOCAL_WORLD_SIZE``; each process then trains on its share of every global batch (see
 ``train_data.RankBatchSampler``). The loss of each process is normalised by the box count of the
 whole global batch, so the averaged gradients equal those of one process taking the global
 batch: N processes follow the same trajectory as one.
@@ -23,6 +23,7 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # the processes on this node (they share its local shard cache)
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +47,8 @@ def join_process_group(device_name: str) -> tuple[Processes, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(dist.get_rank(), dist.get_world_size(), local_rank), device
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return Processes(dist.get_rank(), dist.get_world_size(), local_rank, local_world_size), device
 
 
 def leave_process_group(processes: Processes) -> None:

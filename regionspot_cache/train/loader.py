@@ -22,7 +22,8 @@ from regionspot_cache.train.data import (
     TrainSource,
     region_loader,
 )
-from regionspot_cache.train.distributed import Processes
+from regionspot_cache.train.distributed import Processes, gather_objects
+from regionspot_cache.train.node_share import NodeShare, node_root
 from regionspot_cache.train.order import EpochOrder, epoch_order
 from regionspot_cache.train.read_ahead import ReadAheadSampler, shard_directories
 from regionspot_cache.train.shard_cache import ShardCache, open_local_sources, shard_schedule
@@ -116,25 +117,39 @@ def shard_cache_for(
     start: int,
     processes: Processes,
 ) -> ShardCache | None:
-    """The local copy this process reads its shards from, fetched ahead along its own batches:
-    under ``train.local_cache_dir`` within ``train.local_cache_gb``; without it, for caches on
-    object storage read in shard order, in a temporary directory holding the shards of a step
-    and ``CacheReader.remote_shards_kept`` more. Fetched once by this process for all its loader
-    workers, ahead of their reads (each worker fetching the shard it touches, when it touches
-    it, kept the loader at about half the store's throughput). None: read the caches as they are."""
+    """The local copy this process reads its shards from, shared by the processes of its node and
+    fetched ahead along their batches: under ``train.local_cache_dir/node-<first rank of the
+    node>`` within ``train.local_cache_gb`` (for the node); without it, for caches on object
+    storage read in shard order, in a private temporary directory holding the shards of a step
+    and ``CacheReader.remote_shards_kept`` more. Fetched once for the node, by its first process,
+    for all the loader workers, ahead of their reads (each worker fetching the shard it touches,
+    when it touches it, kept the loader at about half the store's throughput). None: read the
+    caches as they are. Every process must call this (it gathers the node's directory)."""
     on_store = config.order.by_shards and all(CacheLocation.parse(source.cache).remote for source in sources)
     if config.local_cache_dir is None and not on_store:
         return None
     shards = [source.shards() for source in regions.sources]
-    schedule = shard_schedule(itertools.islice(iter(sampler), config.iterations - start), shards, start)
+    node = NodeShare.of(processes)
+    steps = itertools.islice(sampler.shares(node.ranks), config.iterations - start)
     temporary = config.local_cache_dir is None
-    if temporary:
-        local_root = Path(tempfile.mkdtemp(prefix="rs-cache-shards-"))
-    else:
-        local_root = Path(config.local_cache_dir) / f"rank-{processes.rank}"
-    cache = ShardCache([s.cache for s in sources], local_root, int(config.local_cache_gb * 1e9), schedule, temporary=temporary)
+
+    def node_cache(root: Path) -> ShardCache:
+        budget = int(config.local_cache_gb * 1e9)
+        schedule = shard_schedule(steps, shards, start)
+        return ShardCache([s.cache for s in sources], root, budget, schedule, temporary=temporary, node=node)
+
+    cache, root = None, None
+    if node.fetches:  # makes the node's directory (emptied) before the others open it
+        if temporary:
+            root = Path(tempfile.mkdtemp(prefix="rs-cache-shards-"))
+        else:
+            root = Path(config.local_cache_dir) / f"node-{node.first}"
+        cache = node_cache(root)
+    shared = node_root(gather_objects((node, None if root is None else str(root)), processes), node)
+    if cache is None:
+        cache = node_cache(shared)
     largest = max(cache.shard_bytes((i, int(s))) for i, per_source in enumerate(shards) for s in np.unique(per_source))
-    step_shards = min(2 * config.resident_shards, sampler.per_rank)
+    step_shards = min(2 * config.resident_shards, sampler.per_rank * node.size)
     if temporary:
         cache.budget = (step_shards + CacheReader.remote_shards_kept) * largest
     cache.check_room(step_shards * largest)

@@ -11,6 +11,9 @@ fetch lands by one rename, so a directory that exists is complete.
 
 With ``train.order = "shards"`` every shard is needed during one window per epoch, so an epoch
 fetches each shard once (plus the few that straddle the budget at epoch boundaries).
+
+With several processes on a node (DDP), they share one directory: the first fetches and evicts
+along the node's schedule, the others only read and publish their progress (``node_share.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from regionspot_cache.cache.format import FEATURES_DIR, SHARDS_DIR, shard_name
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.errors import CacheFormatError, ConfigError
 from regionspot_cache.train.data import TrainSource
+from regionspot_cache.train.node_share import NodeProgress, NodeShare, leave_node
 from regionspot_cache.train.views import open_views
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ FETCHING_SUFFIX = ".fetching"
 WAIT_POLL_S = 0.002
 WAIT_LIMIT_S = 1800.0
 FETCH_THREADS = 8  # shards fetched at once (the budget permitting)
+PROGRESS_POLL_S = 0.005  # a fetch waiting for room re-reads the other processes' progress this often
 
 ShardKey = tuple[int, int]  # (source, shard)
 Fetcher = Callable[[Path, int, Path], int]
@@ -127,13 +132,24 @@ class ShardCache:
 
     Arguments:
       caches: the training caches, by source.
-      local_root: this process's local directory (emptied first: what a killed run left is not trusted).
-      budget: bytes allowed on disk under ``local_root``.
-      schedule: ``shard_schedule`` of this process's batches from the first step on.
+      local_root: the node's local directory (emptied first by the node's fetching process: what a
+        killed run left, shards, staging and progress alike, is not trusted).
+      budget: bytes allowed on disk under ``local_root``, for the whole node.
+      schedule: ``shard_schedule`` of the node's batches (``RankBatchSampler.shares`` of its
+        processes) from the first step on; only the fetching process walks it.
       fetch: ``fetch_shard`` or another with its contract; by default ``fetch_shard`` with the
         objects the listing of ``shard_bytes`` found (on object storage: GETs alone).
       temporary: remove ``local_root`` on ``close`` (a cache on object storage read without
-        ``train.local_cache_dir``).
+        ``train.local_cache_dir``): the last process of the node to close removes it.
+      node: the processes sharing ``local_root``; with more than one, the one that does not fetch
+        is built after the fetching one (which makes the directory and its progress file).
+
+    Why a node cannot deadlock: only the fetching process fetches, walking the node's steps in
+    order, and it evicts a shard once every process has delivered the last step seen so far to
+    need it. While it waits for room at step t, every shard of a step before t is on disk or on
+    its way (one evicted had its last need at or before every process's delivered step), so every
+    process can deliver up to t - 1; then every shard but those of step t may go, and one step's
+    shards fit the budget (``check_room``). Each process's progress depends on its own reads alone.
     """
 
     def __init__(
@@ -144,9 +160,10 @@ class ShardCache:
         schedule: Iterator[tuple[int, list[ShardKey]]],
         fetch: Fetcher | None = None,
         temporary: bool = False,
+        node: NodeShare = NodeShare(),
     ):
         self.caches, self.local_root, self.budget = [Path(c) for c in caches], Path(local_root), budget
-        self.temporary = temporary  # removed on close
+        self.temporary, self.node = temporary, node  # removed on close; the processes sharing it
         self.schedule, self.fetch = schedule, fetch or self._fetch_listed
         self.stats = ShardCacheStats()
         self._present: OrderedDict[ShardKey, int] = OrderedDict()  # bytes, least recently needed first
@@ -158,8 +175,10 @@ class ShardCache:
         self._sizes: dict[ShardKey, int] = {}
         self._objects: dict[tuple[str, int], dict[str, int]] = {}  # (cache, shard): its objects, on object storage
         self._reserved: dict[ShardKey, int] = {}  # being fetched: bytes they will take
-        shutil.rmtree(self.local_root, ignore_errors=True)
-        self.local_root.mkdir(parents=True)
+        if node.fetches:
+            shutil.rmtree(self.local_root, ignore_errors=True)
+            self.local_root.mkdir(parents=True, mode=0o700 if temporary else 0o777)
+        self._progress = NodeProgress(self.local_root, node) if node.size > 1 else None
         self._thread = threading.Thread(target=self._run, name="shard-fetcher", daemon=True)
 
     def local_dir(self, source: int) -> Path:
@@ -185,11 +204,14 @@ class ShardCache:
         return self._sizes.get(key, 0)
 
     def start(self) -> "ShardCache":
-        self._thread.start()
+        if self.node.fetches:
+            self._thread.start()
         return self
 
     def delivered(self, step: int) -> None:
         """Every batch up to ``step`` is read: shards no later batch needs may be evicted."""
+        if self._progress is not None:
+            self._progress.delivered(step)
         with self._changed:
             self._delivered = step
             self._changed.notify_all()
@@ -197,13 +219,22 @@ class ShardCache:
             raise self._error
 
     def close(self) -> None:
+        """Stop fetching (and remove a temporary directory once the node's last process closes).
+        The fetching process closes after the others' last reads: in training, DDP's last step
+        waits for every process, which has read its last batch by then."""
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
         if self._thread.is_alive():
             self._thread.join()
-        if self.temporary:
+        if self.temporary and self._progress is not None:
+            leave_node(self.local_root, self.node)
+        elif self.temporary:
             shutil.rmtree(self.local_root, ignore_errors=True)
+
+    def _node_delivered(self) -> int:
+        """The last step every process of the node has delivered."""
+        return self._delivered if self._progress is None else min(self._delivered, self._progress.least())
 
     def _run(self) -> None:
         # Up to FETCH_THREADS shards in flight, the next one started as soon as any has landed:
@@ -241,9 +272,10 @@ class ShardCache:
             while sum(self._present.values()) + sum(self._reserved.values()) + size > self.budget:
                 if self._stopping:
                     return None
-                victim = next((k for k in self._present if self._last_needed[k] <= self._delivered), None)
-                if victim is None:
-                    self._changed.wait(timeout=1.0)
+                delivered = self._node_delivered()
+                victim = next((k for k in self._present if self._last_needed[k] <= delivered), None)
+                if victim is None:  # the other processes' progress is seen by polling it
+                    self._changed.wait(timeout=1.0 if self._progress is None else PROGRESS_POLL_S)
                     continue
                 shutil.rmtree(self.local_dir(victim[0]) / SHARDS_DIR / shard_name(victim[1]))
                 del self._present[victim]

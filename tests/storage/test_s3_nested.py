@@ -4,7 +4,10 @@ index of `rs-cache search`, proposals and view caches, and `repair`'s replacemen
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -211,3 +214,22 @@ def test_training_from_the_store_fetches_each_shard_ahead_once_for_all_loader_wo
         summary.local_cache.fetches == 2 and summary.local_cache.fetched_bytes == stored
     )  # the budget holds both shards: once each in 3 epochs
     assert not list((tmp_path / "tmp").glob("rs-cache-shards-*"))  # removed when training ends
+
+
+def test_two_processes_of_a_node_fetch_each_shard_from_the_store_once(s3_env, on_s3, tmp_path):
+    """torchrun with two processes training from the store: the node's first process fetches each
+    shard once into the node's one temporary directory, which the last process to finish removes."""
+    _, _, _, cache, _ = on_s3
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    settings = ["iterations=4", "batch_size=2", "max_boxes_per_image=3", "device=cpu", "resident_shards=1"]
+    settings += ["checkpoint_every=100", "tensorboard=false", 'views=["identity"]']
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += ["-m", "regionspot_cache", "train", "-c", cache, "-o", str(tmp_path / "out" / "head.safetensors")]
+    command += [arg for setting in settings for arg in ("--set", f"train.{setting}")]
+    env = dict(os.environ, **s3_env.env(), TMPDIR=str(temporary), OMP_NUM_THREADS="1", COLUMNS="400")
+    done = helpers.run_to_end(command, tmp_path / "torchrun.log", env=env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    fetched = sorted(int(n) for n in re.findall(r"local shard cache: (\d+) shards fetched", done.stdout))
+    assert fetched == [0, 2]  # the first process fetched the two shards for both; separately: [2, 2]
+    assert not list(temporary.glob("rs-cache-shards-*"))

@@ -186,7 +186,7 @@ def test_sigkill_then_resume_through_the_local_cache_repeats_the_losses(cache, t
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert 4 < len(metrics.read_text().splitlines()) - 1 < 16, "the kill must land mid-run"
-    (local / "rank-0" / "0" / SHARDS_DIR / "999999.fetching").mkdir(parents=True)  # as a killed fetch leaves it
+    (local / "node-0" / "0" / SHARDS_DIR / "999999.fetching").mkdir(parents=True)  # as a killed fetch leaves it
     again = subprocess.run(
         [sys.executable, "-c", WORKER, str(cache), str(output), str(local), repr(budget)],
         check=True,
@@ -196,4 +196,4 @@ def test_sigkill_then_resume_through_the_local_cache_repeats_the_losses(cache, t
     assert _losses(output) == _losses(reference)
     peak = int(again.stdout.split("PEAK")[-1])
     assert 0 < peak <= budget * 1e9
-    assert not (local / "rank-0" / "0" / SHARDS_DIR / "999999.fetching").exists()
+    assert not (local / "node-0" / "0" / SHARDS_DIR / "999999.fetching").exists()

@@ -208,8 +208,9 @@ def test_tensorboard_events_hold_the_losses(caches, tmp_path):
     assert "train/lr" in events.Tags()["scalars"]
 
 
-def _torchrun(processes: int, caches: list[Path], output: Path) -> subprocess.CompletedProcess:
+def _torchrun(processes: int, caches: list[Path], output: Path, *more: str) -> subprocess.CompletedProcess:
     settings = [
+        *more,
         "train.iterations=8",
         "train.batch_size=4",
         "train.lr=1e-3",
@@ -242,12 +243,15 @@ def _torchrun(processes: int, caches: list[Path], output: Path) -> subprocess.Co
 
 def test_two_gloo_processes_train_exactly_like_one(caches, tmp_path):
     """DDP over two CPU processes, each with half of every batch, equals one process with the
-    whole batch (dropout off: each process draws its own masks)."""
+    whole batch (dropout off: each process draws its own masks); the two read through the node's
+    one local shard cache (train.local_cache_dir), the one process reads the caches themselves."""
     pair = [caches["alpha"], caches["beta"]]
     one, two = tmp_path / "one" / "head.safetensors", tmp_path / "two" / "head.safetensors"
-    for count, output in ((1, one), (2, two)):
-        done = _torchrun(count, pair, output)
+    local = tmp_path / "local"
+    for count, output, more in ((1, one, []), (2, two, [f"train.local_cache_dir={local}"])):
+        done = _torchrun(count, pair, output, *more)
         assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in local.iterdir()) == ["node-0"]  # one directory for the node's two processes
     single, double = _metrics(one), _metrics(two)
     assert [r["dataset"] for r in single] == [r["dataset"] for r in double]
     assert np.allclose([float(r["loss"]) for r in single], [float(r["loss"]) for r in double], rtol=1e-5, atol=1e-6)
