@@ -35,8 +35,10 @@ def checked_flags(path: Path, version: os.stat_result, count: int) -> np.ndarray
     """(count,) uint8 flags of the chunks of ``path`` as it was when ``version`` (its ``fstat``)
     was taken, 1 once a chunk's crc32c has passed: shared with the user's other processes when the
     file has settled, else this process's own."""
+    if not count or time.time_ns() - version.st_ctime_ns < SETTLED_S * 1e9:
+        return np.zeros(count, np.uint8)
     directory = ledger_directory()
-    if directory is None or not count or time.time_ns() - version.st_ctime_ns < SETTLED_S * 1e9:
+    if directory is None:
         return np.zeros(count, np.uint8)
     try:
         return _shared_flags(directory, path, version, count)

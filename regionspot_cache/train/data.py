@@ -310,9 +310,10 @@ def collate_regions(items: list[RegionItem]) -> RegionBatch:
     batch, token_dim = len(items), items[0].tokens.shape[1]
     tokens = batch_tensor((batch, count, token_dim), torch.float16).zero_()
     labels = batch_tensor((batch, count), torch.long).fill_(-1)
+    token_rows, label_rows = tokens.numpy(), labels.numpy()  # the same memory; numpy's row writes cost less
     for row, item in enumerate(items):
-        tokens[row, : len(item.labels)] = torch.from_numpy(np.asarray(item.tokens, dtype=np.float16))
-        labels[row, : len(item.labels)] = torch.from_numpy(np.asarray(item.labels, dtype=np.int64))
+        token_rows[row, : len(item.labels)] = item.tokens
+        label_rows[row, : len(item.labels)] = item.labels
     if isinstance(items, ReadBatch):
         maps = items.maps
     else:
