@@ -51,6 +51,10 @@ try:  # older checkouts: no checks shared between processes, no shard order
     from regionspot_cache.train.order import epoch_order
 except ImportError:
     LEDGER_ENV, SETTLED_S, epoch_order = "RS_CACHE_CHECKED_DIR", 0.0, None
+try:  # older checkouts: no read-ahead
+    from regionspot_cache.train.read_ahead import ReadAheadSampler, shard_directories
+except ImportError:
+    ReadAheadSampler = shard_directories = None
 
 SHAPES = {"bb": (197, 768, 512), "bl": (257, 1024, 768)}  # tokens, width, text dim
 CLASSES = 100
@@ -254,9 +258,12 @@ def measure_checks(regions: CachedRegions, args) -> dict:
 
 
 def shard_order_loader(regions: CachedRegions, batch_size: int, workers: int):
+    """``rs-cache train``'s loader in shard order (2 resident), with its read-ahead where the checkout has one."""
     sources = MultiSourceRegions([regions])
     order = epoch_order(TrainOrder.SHARDS, regions.shards(), 0, 0, 2) if epoch_order else None
     sampler = RankBatchSampler(BatchPlan(sources.sizes(), [1.0], batch_size, seed=0, orders=order and [order]), 0)
+    if ReadAheadSampler is not None:
+        sampler = ReadAheadSampler(sampler, [regions.shards()], shard_directories([[regions.reader]]), ahead=2)
     return iter(region_loader(sources, sampler, workers, 4, pin_memory=False))
 
 

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 BLOCK_BYTES = 8 << 20  # one read: large enough for the kernel to read at the disk's sequential rate
 ARRIVAL_POLL_S = 0.01  # waiting for a shard the local shard cache has not fetched yet
 RECENT_SHARDS = 64  # shards read lately, not read again while the order still needs them
+STEPS_AHEAD = 64  # the walk's least lead over the loader in steps (ReadAheadSampler: two windows' worth)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ReadAheadStats:
     skipped_files: int = 0  # unreadable here (the loader reports them)
     waits: int = 0  # times it was ``ahead`` shards ahead and waited for the loader (it was not the bottleneck)
     reading_seconds: float = 0.0  # time spent reading (the disk busy for the loader)
+    step_waits: int = 0  # times it was ``steps_ahead`` steps ahead and waited
 
 
 class ShardReadAhead:
@@ -72,6 +74,8 @@ class ShardReadAhead:
       schedule: ``shard_schedule`` of this process's batches, from the loader's first step on.
       directories: where each (source, shard)'s files are (``shard_directories``).
       ahead: shards read beyond those of the steps reached (at least 1).
+      steps_ahead: steps the walk may lead the loader by (default ``STEPS_AHEAD``): steps whose
+        shards were read lately read nothing, and walking them costs the loader's CPU.
     """
 
     def __init__(
@@ -80,10 +84,12 @@ class ShardReadAhead:
         directories: ShardDirs,
         ahead: int,
         block_bytes: int = BLOCK_BYTES,
+        steps_ahead: int | None = None,
     ):
         if ahead < 1:
             raise ValueError(f"ahead must be at least 1, not {ahead}")
         self.schedule, self.directories, self.ahead, self.block_bytes = schedule, directories, ahead, block_bytes
+        self.steps_ahead = max(STEPS_AHEAD, steps_ahead or 0)
         self.stats = ReadAheadStats()
         self._reached = -1
         self._stopping = False
@@ -119,6 +125,8 @@ class ShardReadAhead:
         recent: OrderedDict[ShardKey, None] = OrderedDict()  # not read again while the order needs them
         pending: deque[int] = deque()  # first steps of the shards read, for the bound
         for step, keys in self.schedule:
+            if not self._wait_for_step(step):
+                return
             for key in keys:
                 if key in recent:
                     recent.move_to_end(key)
@@ -129,6 +137,18 @@ class ShardReadAhead:
                 recent[key] = None
                 if len(recent) > max(RECENT_SHARDS, 4 * self.ahead):
                     recent.popitem(last=False)
+
+    def _wait_for_step(self, step: int) -> bool:
+        """Wait until ``step`` is at most ``steps_ahead`` beyond the step reached; False when
+        closing. Steps whose shards were all read lately read nothing: without this bound a small
+        cache (every shard recent) sent the walk through the whole plan at once, past ``close``,
+        holding the GIL the loader needs."""
+        with self._changed:
+            if step > self._reached + self.steps_ahead:
+                self.stats.step_waits += 1
+            while not self._stopping and step > self._reached + self.steps_ahead:
+                self._changed.wait()
+            return not self._stopping
 
     def _wait_for_room(self, step: int, pending: deque[int]) -> bool:
         """Wait until fewer than ``ahead`` shards read lie beyond the step reached (or the shard
@@ -267,13 +287,23 @@ class ReadAheadSampler(Sampler):
         self._live: set[ShardReadAhead] = set()
         self.last: ShardReadAhead | None = None  # the latest iteration's (its stats)
 
+    def window_steps(self) -> int:
+        """About the steps two windows of ``ahead`` shards last (each source's largest shard, at
+        its share of the steps): the walk's lead, enough to find the next window's shards early."""
+        plan, steps = self.sampler.plan, 1.0
+        for shards, share in zip(self.shards, plan.probabilities):
+            if len(shards) and share > 0:
+                largest = int(np.unique(shards, return_counts=True)[1].max())
+                steps = max(steps, 2 * self.ahead * largest / (plan.batch_size * share))
+        return int(np.ceil(min(steps, 1e9)))
+
     def _batches(self) -> Iterable[list[Key]]:
         batches = iter(self.sampler)
         return batches if self.steps is None else itertools.islice(batches, self.steps)
 
     def __iter__(self) -> Iterator[list[Key]]:
         schedule = shard_schedule(self._batches(), self.shards, self.sampler.start)
-        read_ahead = ShardReadAhead(schedule, self.directories, self.ahead)
+        read_ahead = ShardReadAhead(schedule, self.directories, self.ahead, steps_ahead=self.window_steps())
         self._live.add(read_ahead)
         self.last = read_ahead
         read_ahead.start()

@@ -17,7 +17,8 @@ from regionspot_cache.choices import TrainOrder
 from regionspot_cache.config import TrainConfig
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.identity import ClipIdentity, SamIdentity
-from regionspot_cache.train.data import open_sources
+from regionspot_cache.train import read_ahead
+from regionspot_cache.train.data import BatchPlan, RankBatchSampler, open_sources
 from regionspot_cache.train.distributed import Processes
 from regionspot_cache.train.loader import training_loader
 from regionspot_cache.train.loop import resume_identity
@@ -124,6 +125,37 @@ def test_closing_stops_it_while_it_waits_for_the_loader_or_for_a_shard_to_arrive
     missing = ShardReadAhead(shard_schedule(batches, [shards], 0), recording(root, read), ahead=3).start()
     wait_until(lambda: not read_ahead_threads(), "the read-ahead to finish the schedule", poll_s=0.01)
     assert read == [0, 1, 2] and missing.stats.shards == 3 and missing.stats.bytes == 2000
+
+
+def test_an_endless_plan_over_a_few_shards_is_walked_only_so_far_ahead_and_closes(tmp_path, monkeypatch):
+    """Once every shard is recent the steps read nothing: the walk still waits for the loader."""
+    monkeypatch.setattr(read_ahead, "STEPS_AHEAD", 5)
+    root = fake_shards(tmp_path / "cache", [1000, 1000])
+    drawn: list[int] = []
+
+    def endless():
+        step = 0
+        while True:
+            drawn.append(step)
+            yield step, [(0, step % 2)]
+            step += 1
+
+    walker = ShardReadAhead(endless(), recording(root, []), ahead=2).start()
+    wait_until(lambda: walker.stats.step_waits == 1, "the walk to wait for the loader", poll_s=0.01)
+    assert drawn[-1] == 5 and walker.stats.shards == 2  # step 5 waits for the loader to reach step 0
+    walker.reached(3)
+    wait_until(lambda: walker.stats.step_waits == 2, "the walk to wait again", poll_s=0.01)
+    assert drawn[-1] == 9
+    walker.close()
+    assert not read_ahead_threads()
+
+
+def test_the_walk_leads_by_two_windows_of_the_source_slowest_through_its_shards():
+    shards = [np.repeat(np.arange(4), 8), np.repeat(np.arange(3), 4)]  # 8 and 4 images a shard
+    plan = BatchPlan([32, 12], [3.0, 1.0], batch_size=8, seed=0)
+    sampler = ReadAheadSampler(RankBatchSampler(plan, 0), shards, lambda key: [], ahead=2)
+    # source 0: 2 windows x 2 shards x 8 images / (8 images a step x 3/4 of the steps) = 5.3 steps; source 1: 8
+    assert sampler.window_steps() == 8
 
 
 def toy_cache(root, images: int = 24, per_shard: int = 4) -> CacheReader:
