@@ -328,10 +328,11 @@ class CacheLocation:
             if isinstance(chunk, Exception) or len(chunk) != end - start:  # gone or changed since listed
                 raise FileNotFoundError(f"{self.url}: {key.removeprefix(prefix)} of {relative} is gone or changed")
             chunks[key].append(chunk)
+        targets = {key: local_dir / key.removeprefix(prefix) for key in chunks}
+        for directory in sorted({target.parent for target in targets.values()}):  # each made once
+            directory.mkdir(parents=True, exist_ok=True)
         for key, pieces in chunks.items():
-            target = local_dir / key.removeprefix(prefix)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as handle:  # part by part: joining them first copied every byte once more
+            with open(targets[key], "wb") as handle:  # part by part: joining them first copied every byte once more
                 handle.writelines(pieces)
         return local_dir
 
