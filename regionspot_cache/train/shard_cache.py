@@ -175,11 +175,22 @@ class ShardCache:
         self._sizes: dict[ShardKey, int] = {}
         self._objects: dict[tuple[str, int], dict[str, int]] = {}  # (cache, shard): its objects, on object storage
         self._reserved: dict[ShardKey, int] = {}  # being fetched: bytes they will take
-        if node.fetches:
-            shutil.rmtree(self.local_root, ignore_errors=True)
-            self.local_root.mkdir(parents=True, mode=0o700 if temporary else 0o777)
-        self._progress = NodeProgress(self.local_root, node) if node.size > 1 else None
+        self._progress: NodeProgress | None = None
+        self._make_root()
         self._thread = threading.Thread(target=self._run, name="shard-fetcher", daemon=True)
+
+    def _make_root(self) -> None:
+        if self.node.fetches:
+            shutil.rmtree(self.local_root, ignore_errors=True)
+            self.local_root.mkdir(parents=True, mode=0o700 if self.temporary else 0o777)
+        self._progress = NodeProgress(self.local_root, self.node) if self.node.size > 1 else None
+
+    def relocate(self, local_root: Path) -> None:
+        """Use ``local_root`` instead, before ``start`` and before the node's other processes open
+        it: the loader places a temporary directory once the listing has given the shards' sizes."""
+        shutil.rmtree(self.local_root, ignore_errors=True)
+        self.local_root = Path(local_root)
+        self._make_root()
 
     def local_dir(self, source: int) -> Path:
         return self.local_root / str(source)

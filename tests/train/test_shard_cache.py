@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import replace
@@ -21,6 +22,7 @@ from regionspot_cache.config import ConfigError, ExtractConfig, TrainConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
+from regionspot_cache.train import loader
 from regionspot_cache.train.loop import run_dir_for, train_head
 from regionspot_cache.train.order import ShardOrder
 from regionspot_cache.train.shard_cache import ShardCache, fetch_shard, shard_schedule, tree_bytes
@@ -197,3 +199,23 @@ def test_sigkill_then_resume_through_the_local_cache_repeats_the_losses(cache, t
     peak = int(again.stdout.split("PEAK")[-1])
     assert 0 < peak <= budget * 1e9
     assert not (local / "node-0" / "0" / SHARDS_DIR / "999999.fetching").exists()
+
+
+def test_a_temporary_shard_cache_goes_in_memory_when_it_fits_and_takes_what_killed_runs_left(tmp_path, monkeypatch):
+    memory, disk = tmp_path / "shm", tmp_path / "tmp"
+    memory.mkdir(), disk.mkdir()
+    monkeypatch.setattr(loader, "MEMORY_DIR", memory)
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    monkeypatch.delenv("TMPDIR", raising=False)
+    small = loader.temporary_shard_dir(1)
+    assert small.parent == memory and small.name.startswith(f"rs-cache-shards-{os.getpid()}-")
+    assert os.stat(small).st_mode & 0o077 == 0  # private
+    assert loader.temporary_shard_dir(10**18).parent == disk  # far more than a quarter of what is free
+    monkeypatch.setenv("TMPDIR", str(disk))
+    mine = loader.temporary_shard_dir(1)
+    assert mine.parent == disk  # the user's choice of place wins
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = disk / f"rs-cache-shards-{int(gone.stdout)}-x"  # a killed run's: its process is gone
+    (left / "0").mkdir(parents=True)
+    loader.temporary_shard_dir(1)
+    assert not left.exists() and mine.exists()  # ours (a live process's) stays
