@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from regionspot_cache.cache.arrays import RowArray, dequantize_rows, place_rows
+from regionspot_cache.cache.arrays import RowArray, dequantize_rows, open_group, place_rows
 from regionspot_cache.cache.format import (
     BOX_TOKENS,
     BOXES_FILE,
@@ -86,7 +86,7 @@ class ShardFeatures:
         if dtype.scaled:
             names += [CLIP_MAPS + SCALE_SUFFIX, BOX_TOKENS + SCALE_SUFFIX]
         try:
-            arrays = {name: RowArray.open(Path(where) / name) for name in names}
+            arrays = open_group(Path(where), names)
         except (OSError, KeyError, ValueError, TypeError) as err:
             raise CacheFormatError(f"{where}: unreadable feature arrays: {err}") from None
         for name in names:

@@ -107,7 +107,7 @@ def test_compressed_arrays_of_older_caches_are_read_through_zarr(tmp_path):
     np.testing.assert_array_equal(reader.feature_maps([30, 0])[0], images[3].feature_map.astype(np.float16))
 
 
-@pytest.mark.parametrize("damage", ["missing", "not json", "a group", "another type"])
+@pytest.mark.parametrize("damage", ["missing", "not json", "a group", "another type", "the group's truncated"])
 def test_damaged_array_metadata_is_one_error_naming_the_shard(tmp_path, damage):
     """The arrays' metadata is read without zarr on the fast path: what zarr would refuse is refused."""
     _write(tmp_path, _images(4))
@@ -118,8 +118,11 @@ def test_damaged_array_metadata_is_one_error_naming_the_shard(tmp_path, damage):
         metadata.write_bytes(b"\x00{")
     elif damage == "a group":
         metadata.write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
-    else:
+    elif damage == "another type":
         metadata.write_text(metadata.read_text().replace('"float16"', '"complex128"'))
+    else:
+        group = metadata.parents[1] / "zarr.json"
+        group.write_bytes(group.read_bytes()[:7])
     with pytest.raises(CacheFormatError, match="shards/000000/features.zarr"):
         CacheReader(tmp_path).feature_map(0)
 
