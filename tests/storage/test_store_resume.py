@@ -4,11 +4,13 @@ byte."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from regionspot_cache.cache import CacheReader
@@ -17,7 +19,7 @@ from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from tests.helpers import extract_args, wait_until
 from tests.storage.roundtrip import objects, runner
 
-IMAGES = 12
+IMAGES = 6  # one shard each: the kill lands with shards still to write, and three stores stay quick
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,16 @@ def _committed(fs, key: str) -> list[str]:
     return fs.glob(f"{key}/shards/*/checksums.json")
 
 
-def _extract_until_killed(dataset, store, cache: str, log) -> list[str]:
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _extract_until_killed(dataset, store, cache: str, log) -> tuple[list[str], int]:
     """Run the extraction in a subprocess, SIGKILL it once a shard is committed; the commit records
-    it left. The trigger is the store's own listing, not a clock."""
+    it left and its pid. The trigger is the store's own listing, not a clock."""
     key, fs = cache.partition("://")[2], store.filesystem()
     with open(log, "wb") as err:  # a file, not a pipe: nobody reads a pipe while we poll
         command = [sys.executable, "-m", "regionspot_cache", *_args(dataset, cache)]
@@ -51,27 +60,34 @@ def _extract_until_killed(dataset, store, cache: str, log) -> list[str]:
         return bool(_committed(fs, key)) or process.poll() is not None
 
     wait_until(committed_or_ended, "a committed shard", watched=[process], poll_s=0.1)
+    try:
+        workers = psutil.Process(process.pid).children(recursive=True)  # the local dask cluster's processes
+    except psutil.Error:  # it ended on its own (the assertion on the shards says so)
+        workers = []
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    # They exit with it (distributed watches its parent); none may write while the resume runs.
+    wait_until(lambda: all(map(_gone, workers)), "the dead run's workers")
     fs.invalidate_cache()
-    return _committed(fs, key)
+    return _committed(fs, key), process.pid
 
 
 def test_kill_9_during_extraction_then_resume_is_bit_identical(store, dataset, tmp_path):
+    # The reference without dask (a worker process less to start): both distributors write the same bytes.
     reference = store.url("reference")
-    result = runner.invoke(app, _args(dataset, reference))
+    result = runner.invoke(app, [*_args(dataset, reference), "--in-process"])
     assert result.exit_code == 0, result.output
 
     cache = store.url("killed")
     log = tmp_path / "extract.log"
-    committed = _extract_until_killed(dataset, store, cache, log)
+    committed, pid = _extract_until_killed(dataset, store, cache, log)
     assert 1 <= len(committed) < IMAGES, f"the kill did not land during the extraction: {log.read_text()[-2000:]}"
     key, fs = cache.partition("://")[2], store.filesystem()
-    # The dead run's lease, which the resume below must take over rather than wait for: on S3 and
-    # Azure its creation is conditional, so the resume goes through the takeover (a dead holder on
-    # this machine). The GCS emulator ignores ifGenerationMatch=0 (GCS honours it), so there the
-    # resume overwrites the lease without the takeover: only the cache's bytes are checked on GCS.
-    assert fs.exists(f"{key}/.extract.lock")
+    # The dead run's lease, which the resume below must take over rather than wait for. SeaweedFS
+    # and Azurite honour the conditional create, so there the resume succeeds only through the
+    # takeover (a dead holder on this machine). The GCS emulator ignores ifGenerationMatch=0 (GCS
+    # honours it): there the resume overwrites the lease, and only the cache's bytes are checked.
+    assert json.loads(fs.cat_file(f"{key}/.extract.lock"))["pid"] == pid
 
     # What a writer killed mid-upload leaves: objects of a shard without its commit record.
     fs.pipe_file(f"{key}/shards/{IMAGES - 1:06d}/images.parquet", b"half-written")
