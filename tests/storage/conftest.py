@@ -30,6 +30,7 @@ ACCESS_KEY, SECRET_KEY = "rs-cache-tester", "rs-cache-secret"
 class S3Server(Buckets):
     endpoint: str
     bucket: str = ""  # the session's bucket: tests take prefixes in it (``new_prefix``)
+    scheme: str = "s3"
 
     def env(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY, endpoint: str | None = None) -> dict[str, str]:
         """The standard AWS variables a user would set for an S3-compatible server."""
@@ -185,3 +186,16 @@ def azure_server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("azurite")
     process, store = start_azurite(directory)
     yield from serve(process, store, directory)
+
+
+SERVERS = {"s3": "s3_server", "gs": "gcs_server", "az": "azure_server"}
+
+
+@pytest.fixture(params=list(SERVERS))
+def store(request, monkeypatch):
+    """Each object store in turn (narrow it with ``@pytest.mark.parametrize("store", [...],
+    indirect=True)``), its variables set in this process and its subprocesses, as a user sets them."""
+    server = request.getfixturevalue(SERVERS[request.param])
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    return server

@@ -29,8 +29,8 @@ AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 
 
 class Buckets:
-    """Fresh buckets and prefixes, for a server class with ``bucket`` (the session's) and
-    ``filesystem()`` (a client of the tests' own)."""
+    """Fresh buckets, prefixes and cache URLs, for a server class with ``scheme`` (s3, gs or az),
+    ``bucket`` (the session's) and ``filesystem()`` (a client of the tests' own)."""
 
     def new_bucket(self) -> str:
         name = f"rs-{uuid.uuid4().hex[:12]}"
@@ -40,6 +40,10 @@ class Buckets:
     def new_prefix(self) -> str:
         """``bucket/<unique>``: where one test puts its caches."""
         return f"{self.bucket}/{uuid.uuid4().hex[:12]}"
+
+    def url(self, relative: str = "") -> str:
+        """A fresh cache URL in the session's bucket."""
+        return f"{self.scheme}://{self.new_prefix()}{'/' + relative if relative else ''}"
 
 
 @dataclass
@@ -64,10 +68,6 @@ class EmulatedStore(Buckets):
         return fsspec.filesystem(
             "az", connection_string=self.variables["AZURE_STORAGE_CONNECTION_STRING"], skip_instance_cache=True
         )
-
-    def url(self, relative: str = "") -> str:
-        """A fresh cache URL in the session's bucket."""
-        return f"{self.scheme}://{self.new_prefix()}{'/' + relative if relative else ''}"
 
 
 def azurite_connection_string(endpoint: str, key: str = AZURITE_KEY) -> str:

@@ -28,15 +28,11 @@ def toy(tmp_path_factory, tiny_models):
     return make_toy(tmp_path_factory.mktemp("emulated_toy"), tiny_models)
 
 
-@pytest.fixture(params=["gs", "az"])
-def store(request, monkeypatch):
-    """The emulator's variables set in this process (and its subprocesses), as a user sets them."""
-    server = request.getfixturevalue({"gs": "gcs_server", "az": "azure_server"}[request.param])
-    for name, value in server.env().items():
-        monkeypatch.setenv(name, value)
-    return server
+# conftest's ``store``, narrowed to the emulators (S3 has test modules of its own)
+emulated = pytest.mark.parametrize("store", ["gs", "az"], indirect=True)
 
 
+@emulated
 def test_extract_train_eval_then_a_half_written_shard_is_never_read_and_is_rewritten(store, toy):
     """The round trip, then on the same cache (one extraction less than two tests): what a
     writer killed mid-upload leaves, a shard's objects, one cut short, and no commit record."""
@@ -54,6 +50,7 @@ def test_extract_train_eval_then_a_half_written_shard_is_never_read_and_is_rewri
     assert objects(store.filesystem(), cache) == whole
 
 
+@emulated
 def test_a_missing_bucket_is_one_error_line_and_creates_nothing(store, toy):
     result = runner.invoke(app, extract_args(toy, f"{store.scheme}://{MISSING}/c"))
     assert isinstance(result.exception, CacheStorageError), result.output
@@ -62,6 +59,7 @@ def test_a_missing_bucket_is_one_error_line_and_creates_nothing(store, toy):
     assert not store.filesystem().exists(MISSING)
 
 
+@emulated
 def test_the_command_line_shows_one_error_line(store, tmp_path):
     command = [sys.executable, "-m", "regionspot_cache", "inspect", f"{store.scheme}://{MISSING}/c"]
     result = run_to_end(command, tmp_path / "inspect.log", env={**os.environ, **store.env()})
