@@ -255,6 +255,8 @@ class ShardCache:
         try:
             with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="shard-fetch") as pool:
                 for step, keys in self.schedule:
+                    with self._changed:  # a step's own shards are never evicted to make room for one another
+                        self._last_needed.update(dict.fromkeys(keys, step))
                     for key in keys:
                         size = self._make_room(step, key)
                         if size is None:

@@ -97,6 +97,30 @@ def _wait_for_fetch(cache: ShardCache, where) -> None:
         time.sleep(0.001)
 
 
+def test_making_room_for_a_step_never_evicts_another_shard_of_the_same_step(tmp_path):
+    """Step 1 reads shards 2 and 0 with room for two: shard 1 goes, not shard 0 (read again at once)."""
+    source = fake_cache(tmp_path / "cache", [1000, 1000, 1000])
+    fetched: list[int] = []
+
+    def fetch(cache, shard, local):
+        fetched.append(shard)
+        return fetch_shard(cache, shard, local)
+
+    batches = [[(0, 0, 0), (0, 0, 1)], [(0, 0, 2), (0, 0, 0)]]  # one image per shard
+    schedule = shard_schedule(batches, [np.arange(3)], 0)
+    cache = ShardCache([source], tmp_path / "local", 2000, schedule, fetch).start()
+    try:
+        for shard in (0, 1):
+            _wait_for_fetch(cache, cache.local_dir(0) / SHARDS_DIR / shard_name(shard))
+        cache.delivered(0)  # the fetcher, waiting for room for shard 2, may now evict
+        _wait_for_fetch(cache, cache.local_dir(0) / SHARDS_DIR / shard_name(2))
+        cache.delivered(1)
+    finally:
+        cache.close()
+    assert fetched == [0, 1, 2] and cache.stats.evictions == 1
+    assert not (cache.local_dir(0) / SHARDS_DIR / shard_name(1)).exists()
+
+
 def test_a_budget_smaller_than_one_step_is_refused(tmp_path):
     source = fake_cache(tmp_path / "cache", [1000, 1000])
     cache = ShardCache([source], tmp_path / "local", 1500, iter([]))
