@@ -127,24 +127,27 @@ def place_rows(found: np.ndarray, out: np.ndarray, at: np.ndarray | None) -> np.
 def open_group(directory: Path, names: list[str]) -> dict[str, "RowArray"]:
     """The arrays ``names`` of the zarr v3 group at ``directory``, whose own ``zarr.json`` must say
     it is one (a damaged group document is an error even though the arrays can be read without it)."""
-    try:
-        metadata = json.loads((directory / "zarr.json").read_bytes())
-    except FileNotFoundError:
-        metadata = None
-    if not isinstance(metadata, dict) or metadata.get("zarr_format") != 3 or metadata.get("node_type") != "group":
+    if _zarr_document(directory, "group") is None:
         raise ValueError(f"{directory / 'zarr.json'}: not a zarr v3 group document")
     return {name: RowArray.open(directory / name) for name in names}
 
 
 def _array_metadata(directory: Path) -> dict | None:
     """The array's ``zarr.json`` when it is a zarr v3 array of a plain numeric type, else None."""
+    metadata = _zarr_document(directory, "array")
+    if metadata is None or not isinstance(metadata.get("data_type"), str) or metadata["data_type"] not in NUMERIC_TYPES:
+        return None
+    return metadata
+
+
+def _zarr_document(directory: Path, node_type: str) -> dict | None:
+    """``directory/zarr.json`` when it is a zarr v3 document of a ``node_type`` node, else None
+    (missing too; text that is not JSON raises ValueError)."""
     try:
         metadata = json.loads((directory / "zarr.json").read_bytes())
     except FileNotFoundError:
         return None
-    if not isinstance(metadata, dict) or metadata.get("zarr_format") != 3 or metadata.get("node_type") != "array":
-        return None
-    if not isinstance(metadata.get("data_type"), str) or metadata["data_type"] not in NUMERIC_TYPES:
+    if not isinstance(metadata, dict) or metadata.get("zarr_format") != 3 or metadata.get("node_type") != node_type:
         return None
     return metadata
 

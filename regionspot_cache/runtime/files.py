@@ -120,11 +120,12 @@ def write_json(path: Path | str, data: Any, indent: int | None = None) -> Path:
     return path
 
 
-def remove_abandoned_temps(directory: Path, final_names: str) -> None:
+def remove_abandoned_temps(directory: Path, final_names: str, prefix: str = TEMP_PREFIX) -> None:
     """Remove what killed writers left in ``directory``: ``temp_sibling``s of finals whose name
-    matches the regular expression ``final_names``, when no process has their pid any more."""
-    pattern = re.compile(rf"{re.escape(TEMP_PREFIX)}(?:{final_names})-(\d+)(?:-.*)?")
-    for entry in directory.glob(f"{TEMP_PREFIX}*"):
+    matches the regular expression ``final_names``, when no process has their pid any more (and
+    other entries named ``<prefix><final name>-<pid>-...`` the same way)."""
+    pattern = re.compile(rf"{re.escape(prefix)}(?:{final_names})-(\d+)(?:-.*)?")
+    for entry in directory.glob(f"{prefix}*"):
         match = pattern.fullmatch(entry.name)
         if match and not process_alive(int(match[1])):
             remove_path(entry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import numpy as np
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.config import TrainConfig
-from regionspot_cache.runtime.files import process_alive
+from regionspot_cache.runtime.files import remove_abandoned_temps
 from regionspot_cache.train.data import (
     BatchPlan,
     CachedRegions,
@@ -33,7 +34,7 @@ from regionspot_cache.train.shard_cache import ShardCache, open_local_sources, s
 
 MEMORY_DIR = Path("/dev/shm")
 MEMORY_SHARE = 4  # a temporary shard cache goes in memory when it takes at most a quarter of what is free there
-TEMPORARY_PREFIX = "rs-cache-shards-"
+TEMPORARY_NAME = "rs-cache-shards"
 
 
 @dataclass
@@ -128,11 +129,8 @@ def temporary_shard_dir(budget: int | None = None) -> Path:
         except OSError:
             base = None
     base = Path(base or tempfile.gettempdir())
-    for left in base.glob(f"{TEMPORARY_PREFIX}*-*"):
-        pid = left.name.removeprefix(TEMPORARY_PREFIX).partition("-")[0]
-        if pid.isdigit() and not process_alive(int(pid)) and left.is_dir() and left.stat().st_uid == os.getuid():
-            shutil.rmtree(left, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", dir=base))
+    remove_abandoned_temps(base, re.escape(TEMPORARY_NAME), prefix="")  # another user's stays: not theirs to remove
+    return Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_NAME}-{os.getpid()}-", dir=base))
 
 
 def shard_cache_for(

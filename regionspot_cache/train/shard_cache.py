@@ -255,10 +255,10 @@ class ShardCache:
         try:
             with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="shard-fetch") as pool:
                 for step, keys in self.schedule:
-                    with self._changed:  # a step's own shards are never evicted to make room for one another
+                    with self._changed:  # all of a step's shards first: none is evicted to make room for another
                         self._last_needed.update(dict.fromkeys(keys, step))
                     for key in keys:
-                        size = self._make_room(step, key)
+                        size = self._make_room(key)
                         if size is None:
                             return
                         if size:
@@ -270,11 +270,10 @@ class ShardCache:
             (self.local_root / FAILED_FILE).write_text(f"{type(err).__name__}: {err}")
             log.error("local shard cache stopped: %s", err)
 
-    def _make_room(self, step: int, key: ShardKey) -> int | None:
+    def _make_room(self, key: ShardKey) -> int | None:
         """Reserve room for ``key`` (evicting shards no coming batch needs): its bytes, 0 when it
         is there or on its way already, None when closing."""
         with self._changed:
-            self._last_needed[key] = step
             if key in self._present:
                 self._present.move_to_end(key)
                 return 0
