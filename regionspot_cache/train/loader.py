@@ -16,6 +16,7 @@ import numpy as np
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.config import TrainConfig
+from regionspot_cache.errors import ConfigError
 from regionspot_cache.runtime.files import remove_abandoned_temps
 from regionspot_cache.train.data import (
     BatchPlan,
@@ -176,7 +177,10 @@ def shard_cache_for(
             root = cache.local_root
         else:
             root = Path(config.local_cache_dir) / f"node-{node.first}"
-            cache = node_cache(root)
+            try:
+                cache = node_cache(root)
+            except OSError as err:  # a file in its place, no permission, a read-only disk
+                raise ConfigError(f"train.local_cache_dir: cannot make {root}: {err.strerror or err}") from None
     shared = node_root(gather_objects((node, None if root is None else str(root)), processes), node)
     if cache is None:
         cache = node_cache(shared)

@@ -175,6 +175,15 @@ def test_training_through_a_small_local_cache_sees_the_same_batches(cache, tmp_p
     assert stats.fetched_bytes <= cache_bytes * (epochs + 1)  # each shard about once per epoch begun
 
 
+def test_a_local_cache_dir_that_is_a_file_is_refused_naming_the_setting(cache, tmp_path):
+    occupied = tmp_path / "afile"
+    occupied.write_text("the user's")
+    config = replace(CONFIG, local_cache_dir=str(occupied), local_cache_gb=1.0)
+    with pytest.raises(ConfigError, match=f"train.local_cache_dir: cannot make {occupied}/node-0: Not a directory"):
+        train_head(cache, tmp_path / "out" / "head.safetensors", config)
+    assert occupied.read_text() == "the user's"
+
+
 WORKER = textwrap.dedent(
     """
     import sys
