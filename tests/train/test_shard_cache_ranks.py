@@ -92,20 +92,23 @@ RANK = textwrap.dedent(
 )
 
 
-def start_ranks(cache, local, budget_gb, start, iterations, tmp_path, name, die_at=-1) -> list[subprocess.Popen]:
+def start_ranks(cache, local, budget_gb, start, iterations, tmp_path, name, die_at=-1, nodes=1) -> list[subprocess.Popen]:
+    """RANKS processes per node, ``nodes`` nodes, as torchrun numbers them; node n's local
+    directory is ``local`` on node 0, ``local-<n>`` on the others (each node its own disk)."""
     store = tmp_path / f"{name}.store"
     ranks = []
-    for rank in range(RANKS):
+    for rank in range(RANKS * nodes):
         env = dict(
             os.environ,
             OMP_NUM_THREADS="1",
             RANK=str(rank),
-            WORLD_SIZE=str(RANKS),
-            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(RANKS * nodes),
+            LOCAL_RANK=str(rank % RANKS),
             LOCAL_WORLD_SIZE=str(RANKS),
             PYTHONPATH=str(ROOT),
         )
-        args = [cache, local, budget_gb, start, iterations, die_at if rank == 1 else -1, tmp_path / f"{name}-{rank}.json", store]
+        node_local = f"{local}-{rank // RANKS}" if rank >= RANKS else local
+        args = [cache, node_local, budget_gb, start, iterations, die_at if rank == 1 else -1, tmp_path / f"{name}-{rank}.json", store]
         with open(tmp_path / f"{name}-{rank}.log", "w") as log:
             ranks.append(subprocess.Popen([sys.executable, "-c", RANK, *map(str, args)], env=env, stderr=log))
     return ranks
@@ -124,21 +127,21 @@ def finish(ranks: list[subprocess.Popen], tmp_path, name) -> list[dict]:
             process.wait()
     for rank, process in enumerate(ranks):
         assert process.returncode == 0, f"rank {rank}: {(tmp_path / f'{name}-{rank}.log').read_text()[-3000:]}"
-    return [json.loads((tmp_path / f"{name}-{rank}.json").read_text()) for rank in range(RANKS)]
+    return [json.loads((tmp_path / f"{name}-{rank}.json").read_text()) for rank in range(len(ranks))]
 
 
-def direct_batches(cache, iterations: int, start: int = 0) -> tuple[list[list[str]], list[list], np.ndarray]:
-    """Each rank's batch digests read from the cache itself (no local cache), its keys, and the
-    shard of each image."""
+def direct_batches(cache, iterations: int, start: int = 0, world: int = RANKS) -> tuple[list[list[str]], list[list], np.ndarray]:
+    """Each of ``world`` ranks' batch digests read from the cache itself (no local cache), its
+    keys, and the shard of each image."""
     sources = open_sources([cache], [], [])
     config = replace(CONFIG, iterations=iterations)
     plan = BatchPlan([IMAGES], [1.0], BATCH, config.seed, dataset_orders(training_regions(sources, config), config))
     digests, keys = [], []
-    for rank in range(RANKS):
-        feed = training_loader(sources, config, start, Processes(rank, RANKS, rank, 1), pin_memory=False)
+    for rank in range(world):
+        feed = training_loader(sources, config, start, Processes(rank, world, rank, 1), pin_memory=False)
         digests.append([digest(batch) for _, batch in zip(range(start, iterations), feed.batches)])
         feed.close()
-        keys.append(list(zip(range(start, iterations), RankBatchSampler(plan, start, rank, RANKS))))
+        keys.append(list(zip(range(start, iterations), RankBatchSampler(plan, start, rank, world))))
     return digests, keys, training_regions(sources, config).sources[0].shards()
 
 
@@ -166,6 +169,25 @@ def test_the_ranks_of_a_node_fetch_each_shard_once_per_epoch_and_read_the_same_b
     # Separate caches would have fetched every shard each rank's own slices touch, each.
     alone = sum(len({shard_of[i] for _, step_keys in rank_keys for _, _, i in step_keys}) for rank_keys in keys)
     assert alone > IMAGES // SHARD_SIZE
+
+
+def test_two_nodes_each_fetch_the_shards_of_their_own_ranks_once_into_their_own_directory(cache, tmp_path):
+    epoch, nodes = IMAGES // BATCH, 2
+    reference, keys, shard_of = direct_batches(cache, epoch, world=RANKS * nodes)
+    budget = 5 * _largest(cache)
+    local = tmp_path / "local"
+    results = finish(start_ranks(cache, local, budget / 1e9, 0, epoch, tmp_path, "nodes", nodes=nodes), tmp_path, "nodes")
+    assert [r["digests"] for r in results] == reference
+    images = sorted(index for rank_keys in keys for _, step_keys in rank_keys for _, _, index in step_keys)
+    assert images == list(range(IMAGES))
+    for node, (fetcher, reader) in enumerate(zip(results[::RANKS], results[1::RANKS])):
+        first = node * RANKS
+        read = {shard_of[i] for rank_keys in keys[first : first + RANKS] for _, step_keys in rank_keys for _, _, i in step_keys}
+        node_bytes = sum(tree_bytes(cache / SHARDS_DIR / shard_name(int(shard))) for shard in read)
+        assert fetcher["fetches"] == len(read) and fetcher["fetched_bytes"] == node_bytes  # each once, no other
+        assert reader["fetches"] == 0
+        assert fetcher["root"] == reader["root"] == str((local if node == 0 else tmp_path / f"local-{node}") / f"node-{first}")
+        assert 0 < fetcher["peak_stats"] <= budget
 
 
 def test_ranks_killed_mid_run_restart_on_what_they_left(cache, tmp_path):
