@@ -108,7 +108,8 @@ def start_ranks(cache, local, budget_gb, start, iterations, tmp_path, name, die_
             PYTHONPATH=str(ROOT),
         )
         node_local = f"{local}-{rank // RANKS}" if rank >= RANKS else local
-        args = [cache, node_local, budget_gb, start, iterations, die_at if rank == 1 else -1, tmp_path / f"{name}-{rank}.json", store]
+        out = tmp_path / f"{name}-{rank}.json"
+        args = [cache, node_local, budget_gb, start, iterations, die_at if rank == 1 else -1, out, store]
         with open(tmp_path / f"{name}-{rank}.log", "w") as log:
             ranks.append(subprocess.Popen([sys.executable, "-c", RANK, *map(str, args)], env=env, stderr=log))
     return ranks
