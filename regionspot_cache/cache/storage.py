@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import os
 import posixpath
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager
 
+from regionspot_cache.cache.store_errors import store_failures
 from regionspot_cache.errors import CacheStorageError
 from regionspot_cache.runtime.files import atomic_path, atomic_write_bytes
 
@@ -345,31 +345,10 @@ class CacheLocation:
                 return found
         return self.fs.cat_ranges([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
 
-    @contextmanager
-    def requests(self, what: str) -> Iterator[None]:
-        """Failures of the store itself as one CacheStorageError naming the URL; a missing object
-        stays a FileNotFoundError (the caller knows what its absence means), a missing bucket not."""
-        try:
-            yield
-        except FileNotFoundError as err:
-            if self._bucket_missing(err):
-                raise self._no_bucket(what) from None
-            raise
-        except PermissionError as err:
-            raise self._denied(what, err) from None
-        except CacheStorageError:
-            raise
-        except Exception as err:
-            if not _is_store_failure(err):
-                raise
-            if _status(err) in (401, 403) or str(err).startswith("Forbidden"):  # Azure's and gcsfs's refusals
-                raise self._denied(what, err) from None
-            if _status(err) == 404 and self._bucket_missing(err):  # Azure: ContainerNotFound on a write
-                raise self._no_bucket(what) from None
-            raise CacheStorageError(
-                f"{self.url}: the object store failed ({what}): {type(err).__name__}: {_first_line(err)}; "
-                f"check {self._hint(0)}, the network and the {self.bucket_word}"
-            ) from None
+    def requests(self, what: str) -> ContextManager[None]:
+        """Failures of the store itself as one CacheStorageError naming the URL (``store_errors``);
+        a missing object stays a FileNotFoundError, a missing bucket not."""
+        return store_failures(self, what)
 
     @property
     def family(self) -> str:
@@ -379,57 +358,3 @@ class CacheLocation:
     @property
     def bucket_word(self) -> str:
         return "container" if self.family == "az" else "bucket"
-
-    def _bucket_missing(self, err: Exception) -> bool:
-        """s3fs says so in its message; gcsfs and adlfs raise the same error for a missing object
-        and a missing bucket, so the bucket is looked up (on this error path only)."""
-        if self.family == "s3":
-            return "bucket" in str(err).lower()
-        if self.family not in _HINTS:  # memory://: no buckets
-            return False
-        try:
-            return not self.fs.exists(self.bucket)
-        except Exception:  # noqa: BLE001 - cannot tell: the original error stands
-            return False
-
-    def _hint(self, which: int) -> str:
-        return _HINTS[self.family][which] if self.family in _HINTS else ("the URL", "the credentials")[which]
-
-    def _no_bucket(self, what: str) -> CacheStorageError:
-        return CacheStorageError(f"{self.url}: {self.bucket_word} {self.bucket!r} does not exist ({what})")
-
-    def _denied(self, what: str, err: Exception) -> CacheStorageError:
-        return CacheStorageError(
-            f"{self.url}: access denied ({what}): {_first_line(err)}; check the credentials "
-            f"({self._hint(1)}) and their rights on the {self.bucket_word}"
-        )
-
-
-# What a user sets for each store: (its endpoint, its credentials), named in error messages.
-_HINTS = {
-    "s3": ("the endpoint (AWS_ENDPOINT_URL)", "AWS_ACCESS_KEY_ID, AWS_PROFILE, ..."),
-    "gs": ("the endpoint (STORAGE_EMULATOR_HOST for an emulator)", "GOOGLE_APPLICATION_CREDENTIALS, gcloud auth ..."),
-    "az": (
-        "the account (AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT_NAME)",
-        "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_KEY, ...",
-    ),
-}
-
-
-def _status(err: Exception) -> int | None:
-    """The HTTP status of an Azure (``status_code``) or gcsfs (``code``) error, if it has one."""
-    status = getattr(err, "status_code", None) or getattr(err, "code", None)
-    return status if isinstance(status, int) else None
-
-
-def _first_line(err: Exception) -> str:
-    """Azure's errors carry the whole XML error document: its first line says what happened."""
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-
-
-def _is_store_failure(err: Exception) -> bool:
-    """Errors of the storage clients (OSError, botocore's and aiohttp's), not bugs of ours."""
-    if isinstance(err, OSError):
-        return True
-    module = type(err).__module__ or ""
-    return module.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "google", "azure")
