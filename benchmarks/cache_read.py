@@ -42,8 +42,9 @@ from regionspot_cache.cache.arrays import RowArray
 from regionspot_cache.config import TrainConfig
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, region_logits
-from regionspot_cache.train.data import BatchPlan, CachedRegions, MultiSourceRegions, RankBatchSampler, region_loader
+from regionspot_cache.train.data import CachedRegions, MultiSourceRegions, region_loader
 from regionspot_cache.train.loop import train_step
+from regionspot_cache.train.order import BatchPlan, RankBatchSampler
 
 try:  # older checkouts: no checks shared between processes, no shard order
     from regionspot_cache.cache.ledger import LEDGER_ENV, SETTLED_S

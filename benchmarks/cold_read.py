@@ -48,15 +48,9 @@ from cache_read import SHAPES, median_spread, summary, write_cache  # noqa: E402
 from regionspot_cache.cache import CacheReader  # noqa: E402
 from regionspot_cache.config import TrainConfig  # noqa: E402
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead  # noqa: E402
-from regionspot_cache.train.data import (  # noqa: E402
-    BatchPlan,
-    CachedRegions,
-    MultiSourceRegions,
-    RankBatchSampler,
-    region_loader,
-)
+from regionspot_cache.train.data import CachedRegions, MultiSourceRegions, region_loader  # noqa: E402
 from regionspot_cache.train.loop import train_step  # noqa: E402
-from regionspot_cache.train.order import ShardOrder, UniformOrder  # noqa: E402
+from regionspot_cache.train.order import BatchPlan, RankBatchSampler, ShardOrder, UniformOrder  # noqa: E402
 from regionspot_cache.train.read_ahead import PageSink, ReadAheadSampler, shard_directories  # noqa: E402
 from regionspot_cache.train.shard_cache import LocalShardReader, ShardCache, shard_schedule, tree_bytes  # noqa: E402
 

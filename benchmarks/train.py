@@ -30,16 +30,9 @@ from regionspot_cache.encoders import FrozenEncoders, SamBoxEncoder, build_sam, 
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import RegionSpotHead
 from regionspot_cache.runtime.devices import resolve_device
-from regionspot_cache.train.data import (
-    BatchPlan,
-    CachedRegions,
-    EpochSampler,
-    MultiSourceRegions,
-    RankBatchSampler,
-    collate_regions,
-    region_loader,
-)
+from regionspot_cache.train.data import CachedRegions, MultiSourceRegions, collate_regions, region_loader
 from regionspot_cache.train.loop import head_config_for, train_step
+from regionspot_cache.train.order import BatchPlan, EpochSampler, RankBatchSampler
 
 
 def timed_steps(batches, steps: int, head, optimizer, text, logit_scale, config, device) -> float:

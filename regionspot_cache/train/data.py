@@ -1,4 +1,4 @@
-"""Training data from one or more feature caches: seeded batch plans, box capping, collation.
+"""Training data from one or more feature caches: reading, box capping, collation.
 
 Every batch comes from one dataset (a cache with its own vocabulary), chosen per step with the
 configured sampling weights. The plan is a pure function of (seed, step), so the order of
@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from regionspot_cache.cache import CacheReader, Vocabulary
 from regionspot_cache.cache.completeness import Completeness, check_complete
@@ -23,14 +23,8 @@ from regionspot_cache.data.views import IDENTITY
 from regionspot_cache.errors import CacheFormatError, ConfigError, DatasetError
 from regionspot_cache.runtime.devices import usable_cpus
 from regionspot_cache.runtime.records import differences
-from regionspot_cache.train.order import EpochOrder, UniformOrder
+from regionspot_cache.train.order import Key, RankBatchSampler
 from regionspot_cache.train.views import CachedView, open_views, pick_view
-
-# Steps whose dataset choices are drawn from one seeded generator; resuming at step s replays
-# only s / CHOICE_BLOCK small draws.
-CHOICE_BLOCK = 4096
-
-Key = tuple[int, int, int]  # (source, epoch, index within the source)
 
 
 @dataclass(frozen=True)
@@ -194,98 +188,6 @@ class ReadBatch(list):
     def __init__(self, items: Sequence[RegionItem], maps: torch.Tensor):
         super().__init__(items)
         self.maps = maps
-
-
-class EpochSampler(Sampler):
-    """Endless epochs of one dataset in ``order`` (default: uniform seeded shuffles), yielding
-    ``(epoch, index)``; can start anywhere."""
-
-    def __init__(self, size: int, seed: int, start: int = 0, source: int = 0, order: EpochOrder | None = None):
-        self.size, self.seed, self.start, self.source = size, seed, start, source
-        self.epoch_order = order or UniformOrder(size, seed, source)
-
-    def order(self, epoch: int) -> np.ndarray:
-        return self.epoch_order.permutation(epoch)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, offset = divmod(self.start, self.size)
-        while True:
-            for index in self.order(epoch)[offset:].tolist():
-                yield epoch, index
-            epoch, offset = epoch + 1, 0
-
-
-class BatchPlan:
-    """Which dataset and which images make the global batch of each step.
-
-    The dataset of step ``s`` is drawn with probability proportional to ``weights``; each dataset
-    walks its own endless sequence of epochs in its ``orders`` entry (default: uniform seeded
-    shuffles; see ``train/order.py``), ``batch_size`` images per batch it serves.
-    """
-
-    def __init__(
-        self,
-        sizes: Sequence[int],
-        weights: Sequence[float],
-        batch_size: int,
-        seed: int,
-        orders: Sequence[EpochOrder] | None = None,
-    ):
-        if len(weights) != len(sizes) or any(w < 0 for w in weights) or not sum(weights) > 0:
-            raise ConfigError(f"dataset weights {list(weights)} must be {len(sizes)} non-negative numbers, not all zero")
-        self.sizes, self.batch_size, self.seed = list(sizes), batch_size, seed
-        self.orders = list(orders) if orders is not None else [UniformOrder(n, seed, i) for i, n in enumerate(sizes)]
-        if [order.size for order in self.orders] != self.sizes:
-            raise ValueError(f"orders of sizes {[o.size for o in self.orders]} for datasets of sizes {self.sizes}")
-        self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
-
-    def sources(self, block: int) -> np.ndarray:
-        """The dataset of each step in ``[block * CHOICE_BLOCK, (block + 1) * CHOICE_BLOCK)``."""
-        if len(self.sizes) == 1:
-            return np.zeros(CHOICE_BLOCK, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, 0x5EED, block])
-        return rng.choice(len(self.sizes), CHOICE_BLOCK, p=self.probabilities)
-
-    def batches_before(self, step: int) -> np.ndarray:
-        """How many batches each dataset has served before ``step``."""
-        counts = np.zeros(len(self.sizes), dtype=np.int64)
-        full, partial = divmod(step, CHOICE_BLOCK)
-        for block in range(full):
-            counts += np.bincount(self.sources(block), minlength=len(self.sizes))
-        counts += np.bincount(self.sources(full)[:partial], minlength=len(self.sizes))
-        return counts
-
-    def global_batches(self, start: int) -> Iterator[list[Key]]:
-        """The keys of the global batch of every step from ``start`` on."""
-        streams = [
-            iter(EpochSampler(size, self.seed, int(served) * self.batch_size, source, self.orders[source]))
-            for source, (size, served) in enumerate(zip(self.sizes, self.batches_before(start)))
-        ]
-        step = start
-        while True:
-            block, offset = divmod(step, CHOICE_BLOCK)
-            for source in self.sources(block)[offset:].tolist():
-                yield [(source, *next(streams[source])) for _ in range(self.batch_size)]
-            step = (block + 1) * CHOICE_BLOCK
-
-
-class RankBatchSampler(Sampler):
-    """This process's contiguous share of each global batch (all of it without DDP)."""
-
-    def __init__(self, plan: BatchPlan, start: int, rank: int = 0, world_size: int = 1):
-        if plan.batch_size % world_size:
-            raise ConfigError(f"batch size {plan.batch_size} is not divisible by the {world_size} training processes")
-        self.plan, self.start, self.rank = plan, start, rank
-        self.per_rank = plan.batch_size // world_size
-
-    def __iter__(self) -> Iterator[list[Key]]:
-        return self.shares(range(self.rank, self.rank + 1))
-
-    def shares(self, ranks: range) -> Iterator[list[Key]]:
-        """The shares of the consecutive processes ``ranks`` of each global batch, together (what
-        the processes of one node read: each process can tell every other's)."""
-        for keys in self.plan.global_batches(self.start):
-            yield keys[ranks.start * self.per_rank : ranks.stop * self.per_rank]
 
 
 def batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

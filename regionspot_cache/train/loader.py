@@ -18,18 +18,10 @@ from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.config import TrainConfig
 from regionspot_cache.errors import ConfigError
 from regionspot_cache.runtime.files import remove_abandoned_temps
-from regionspot_cache.train.data import (
-    BatchPlan,
-    CachedRegions,
-    MultiSourceRegions,
-    RankBatchSampler,
-    RegionBatch,
-    TrainSource,
-    region_loader,
-)
+from regionspot_cache.train.data import CachedRegions, MultiSourceRegions, RegionBatch, TrainSource, region_loader
 from regionspot_cache.train.distributed import Processes, gather_objects
 from regionspot_cache.train.node_share import NodeShare, node_root
-from regionspot_cache.train.order import EpochOrder, epoch_order
+from regionspot_cache.train.order import BatchPlan, EpochOrder, RankBatchSampler, epoch_order
 from regionspot_cache.train.read_ahead import ReadAheadSampler, shard_directories
 from regionspot_cache.train.shard_cache import ShardCache, open_local_sources, shard_schedule
 

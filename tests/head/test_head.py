@@ -12,8 +12,9 @@ import torch
 
 from regionspot_cache.config import TrainConfig
 from regionspot_cache.head.model import HeadConfig, RegionSpotHead, load_head, region_logits, save_head
-from regionspot_cache.train.data import EpochSampler, RegionItem, collate_regions
+from regionspot_cache.train.data import RegionItem, collate_regions
 from regionspot_cache.train.loop import focal_loss, lr_factor
+from regionspot_cache.train.order import EpochSampler
 
 CONFIG = HeadConfig(clip_width=16, text_dim=8, num_heads=8, ffn_dim=32)
 

@@ -10,8 +10,7 @@ import pytest
 
 from regionspot_cache.choices import TrainOrder
 from regionspot_cache.config import ConfigError, Recipe, TrainConfig, apply_overrides
-from regionspot_cache.train.data import BatchPlan, EpochSampler, RankBatchSampler
-from regionspot_cache.train.order import ShardOrder, UniformOrder, epoch_order
+from regionspot_cache.train.order import BatchPlan, EpochSampler, RankBatchSampler, ShardOrder, UniformOrder, epoch_order
 
 
 def uneven_shards(count: int, seed: int) -> np.ndarray:

@@ -18,11 +18,11 @@ from regionspot_cache.config import TrainConfig
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.identity import ClipIdentity, SamIdentity
 from regionspot_cache.train import read_ahead
-from regionspot_cache.train.data import BatchPlan, RankBatchSampler, open_sources
+from regionspot_cache.train.data import open_sources
 from regionspot_cache.train.distributed import Processes
 from regionspot_cache.train.loader import training_loader
 from regionspot_cache.train.loop import resume_identity
-from regionspot_cache.train.order import ShardOrder
+from regionspot_cache.train.order import BatchPlan, RankBatchSampler, ShardOrder
 from regionspot_cache.train.read_ahead import ReadAheadSampler, ShardDir, ShardReadAhead, shard_directories
 from regionspot_cache.train.shard_cache import LocalShardReader, shard_schedule, tree_bytes
 from tests.helpers import wait_until

@@ -8,15 +8,8 @@ import torch
 from regionspot_cache.cache import CacheReader, CacheWriter, ImageFeatures, Provenance
 from regionspot_cache.data.datasets import BoxSet, Category
 from regionspot_cache.identity import ClipIdentity, SamIdentity
-from regionspot_cache.train.data import (
-    BatchPlan,
-    CachedRegions,
-    MultiSourceRegions,
-    RankBatchSampler,
-    ReadBatch,
-    collate_regions,
-    region_loader,
-)
+from regionspot_cache.train.data import CachedRegions, MultiSourceRegions, ReadBatch, collate_regions, region_loader
+from regionspot_cache.train.order import BatchPlan, RankBatchSampler
 
 
 def _cache(root, images: int = 11, feature_dtype: str = "float16") -> CacheReader:

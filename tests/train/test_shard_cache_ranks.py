@@ -24,10 +24,11 @@ from regionspot_cache.config import ConfigError, ExtractConfig, TrainConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
-from regionspot_cache.train.data import BatchPlan, RankBatchSampler, open_sources
+from regionspot_cache.train.data import open_sources
 from regionspot_cache.train.distributed import Processes
 from regionspot_cache.train.loader import dataset_orders, training_loader, training_regions
 from regionspot_cache.train.node_share import PROGRESS_FILE, NodeShare, node_root
+from regionspot_cache.train.order import BatchPlan, RankBatchSampler
 from regionspot_cache.train.shard_cache import ShardCache, shard_schedule, tree_bytes
 from tests.helpers import wait_until
 

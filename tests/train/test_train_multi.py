@@ -21,16 +21,9 @@ from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import load_head
-from regionspot_cache.train.data import (
-    CHOICE_BLOCK,
-    BatchPlan,
-    CachedRegions,
-    MultiSourceRegions,
-    RankBatchSampler,
-    open_sources,
-    region_loader,
-)
+from regionspot_cache.train.data import CachedRegions, MultiSourceRegions, open_sources, region_loader
 from regionspot_cache.train.loop import run_dir_for, train_head
+from regionspot_cache.train.order import CHOICE_BLOCK, BatchPlan, RankBatchSampler
 from tests.helpers import run_to_end
 
 REPO = Path(__file__).resolve().parents[2]
