@@ -1,7 +1,7 @@
 """The project's choices as small typed objects, each owning what it decides.
 
 A word that picks a behaviour (in a recipe, a ``--set``, a command-line option or a cache file) is
-parsed once into a member of one of these enums (``config._coerce`` for recipes), and code asks the
+parsed once into a member of one of these enums (``validated.coerce`` for recipes), and code asks the
 member what to do instead of comparing words. Members are ``str`` subclasses whose value is the
 word, so TOML, ``--set`` and the CLI take the same words as before, members compare equal to their
 words, and ``cache.json``, vocabulary metadata and head JSON get byte for byte the same strings.

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
-from regionspot_cache.config import ClipSpec, ConfigError, ModelsConfig, SamSpec, ViewMode, from_dict
+from regionspot_cache.config import ClipSpec, ConfigError, ModelsConfig, SamSpec, ViewMode
+from regionspot_cache.validated import from_dict
 
 IdentityT = TypeVar("IdentityT", bound="ModelIdentity")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from regionspot_cache.config import EvalConfig, ExtractConfig, ModelsConfig, TrainConfig, Validated, at_least, one_of
+from regionspot_cache.config import EvalConfig, ExtractConfig, ModelsConfig, TrainConfig
+from regionspot_cache.validated import Validated, at_least, one_of
 
 ITERATIONS = 800
 
