@@ -16,11 +16,13 @@ after one untimed warm-up round:
   2,048 images in 64 shards), for each of ``--resident`` and ``--workers``. Timed from the first
   batch delivered (worker start-up and the first window's fetch excluded, as the other benchmarks
   exclude warm-up) to the epoch's end. Reported: the payload delivered per second (feature maps
-  and box tokens as float16), the stored bytes fetched per second while the fetcher was busy
-  within that window (the fetcher may be ahead by up to the shard cache's budget when timing
-  starts: ``fetched_before_timing``), the steady-state rate (the smaller of the two: a long epoch
-  runs at the slower of fetching and reading), and the CPU seconds of the training process (its
-  fetch threads included), of its loader workers and of the server (``--server-pid``) per second.
+  and box tokens as float16), the stored bytes fetched per second from the start of timing to
+  the last shard's landing (the fetcher may be ahead by up to the shard cache's budget when timing
+  starts: ``fetched_before_timing``; it waits for room when the reader is behind it, for
+  ``fetcher_waiting_share`` of the window), the steady-state rate (the smaller of the two: a long
+  epoch runs at the slower of fetching and reading; both converge to it as the epoch grows
+  against the budget), and the CPU seconds of the training process (its fetch threads included),
+  of its loader workers and of the server (``--server-pid``) per second.
 - with ``--old-flows``: the uniform flow (a fresh ``CacheReader``, each process fetching a shard
   when it first touches it, ``--batches`` batches, start-up timed; keep ``--images`` within
   ``CacheReader.remote_shards_kept`` shards for it) and the same loader on a local copy.
@@ -130,12 +132,12 @@ def epoch_figures(cache_url: str, args, seed: int, resident: int, workers: int, 
         iterator = iter(batches)
         next(iterator)
         shard_cache.delivered(0)
-        before, fetched_before = Clock(server), shard_cache.stats.fetched_bytes
+        before, fetched_before, waited_before = Clock(server), shard_cache.stats.fetched_bytes, shard_cache.stats.wait_seconds
         for step, batch in zip(range(1, batches_per_epoch), iterator):
             shard_cache.delivered(step)
             size += batch_bytes(batch)
         after = Clock(server)
-        fetched = shard_cache.stats.fetched_bytes
+        fetched, waited = shard_cache.stats.fetched_bytes, shard_cache.stats.wait_seconds
     finally:
         feed.close()
     seconds = after.wall - before.wall
@@ -147,6 +149,8 @@ def epoch_figures(cache_url: str, args, seed: int, resident: int, workers: int, 
         "fetched_MB_per_s": fetch_rate,
         "steady_MB_per_s": min(delivered, fetch_rate) if fetch_rate else delivered,
         "fetched_before_timing": fetched_before / max(fetched, 1),
+        # the fetcher's share of the window spent waiting for room (the reader is behind it)
+        "fetcher_waiting_share": (waited - waited_before) / seconds,
         "first_batch_s": before.wall - created,
         "timed_s": seconds,
         "cpu_main": (after.main - before.main) / seconds,
