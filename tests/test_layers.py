@@ -20,7 +20,16 @@ ROOT = "__init__"  # the package's own __init__ (it holds __version__)
 # Bottom to top.
 LAYERS: list[set[str]] = [
     {ROOT, "errors"},  # import nothing of the package
-    {"choices", "config", "view_specs", "identity", "runtime", "progress", "drawing"},  # leaves: settings and helpers
+    {
+        "choices",
+        "validated",
+        "config",
+        "view_specs",
+        "identity",
+        "runtime",
+        "progress",
+        "drawing",
+    },  # leaves: settings and helpers
     {"data"},  # datasets, boxes, images, views
     {"encoders", "cache"},  # the frozen models; the cache format (neither imports the other)
     {"head", "regions"},  # the trained head; masks and open-set rules on regions
