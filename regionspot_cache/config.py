@@ -193,7 +193,8 @@ class TrainConfig(Validated):
     # Order "shards": a thread of the training process reads the shards the coming batches need into
     # the page cache, at most this many beyond those of the batches handed out, so the disk reads
     # while batches are assembled (benchmarks/cold_read.py). None: resident_shards (the next window
-    # is read while this one is); 0: off. Ignored in order "uniform".
+    # is read while this one is); 0: off. Ignored in order "uniform", and for a cache on object
+    # storage read without local_cache_dir (its shards are fetched moments before they are read).
     read_ahead_shards: int | None = field(default=None, metadata=at_least(0))
     # A local copy of the shards being read (order "shards" only): whole shards are fetched ahead
     # into ``local_cache_dir`` and evicted when read, keeping at most ``local_cache_gb`` there

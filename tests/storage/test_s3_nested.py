@@ -185,6 +185,28 @@ def test_repair_on_the_store_never_leaves_a_shard_worse_than_it_found_it(s3_env,
     assert objects(s3_env, cache, "shards/000000") == objects(s3_env, original, "shards/000000")
 
 
+def test_the_shards_of_a_temporary_shard_cache_are_not_read_ahead_those_of_a_local_cache_dir_are(s3_env, on_s3, tmp_path):
+    """A temporary shard cache's shards were fetched moments before they are read: their pages
+    are in memory, so nothing reads them ahead; a user's local_cache_dir may hold far more."""
+    from regionspot_cache.choices import TrainOrder
+    from regionspot_cache.config import TrainConfig
+    from regionspot_cache.train.data import open_sources
+    from regionspot_cache.train.distributed import Processes
+    from regionspot_cache.train.loader import training_loader
+
+    cache = on_s3[3]
+    config = TrainConfig(iterations=4, batch_size=2, max_boxes_per_image=3, order=TrainOrder.SHARDS, resident_shards=1)
+    for local_cache_dir, read_ahead in ((None, False), (str(tmp_path / "local"), True)):
+        config.local_cache_dir = local_cache_dir
+        feed = training_loader(open_sources([cache], [], []), config, 0, Processes(), pin_memory=False)
+        try:
+            assert len([batch for _, batch in zip(range(4), feed.batches)]) == 4
+            assert feed.shard_cache.temporary == (local_cache_dir is None)
+            assert (feed.read_ahead is not None) == read_ahead
+        finally:
+            feed.close()
+
+
 def test_training_from_the_store_fetches_each_shard_ahead_once_for_all_loader_workers(s3_env, on_s3, tmp_path, monkeypatch):
     """Shard order without train.local_cache_dir: the shards are fetched ahead by the training
     process into a temporary directory, which its loader workers read (none fetches on its own),
