@@ -63,10 +63,10 @@ def check_complete(reader: CacheReader, allow_partial: bool, kind: str = "") -> 
     what = f"{len(found.missing)} of its {found.planned} planned shards are not committed ({shown})"
     if not allow_partial:
         raise CacheFormatError(
-            f"{reader.root}: {what}; complete it by running the same `rs-cache extract`{kind} again (it resumes "
+            f"{reader.location}: {what}; complete it by running the same `rs-cache extract`{kind} again (it resumes "
             "and extracts only those), or pass --allow-partial to use the committed shards alone"
         )
-    logger.warning("%s: %s; --allow-partial: using %.1f%% of the planned shards", reader.root, what, 100 * found.fraction)
+    logger.warning("%s: %s; --allow-partial: using %.1f%% of the planned shards", reader.location, what, 100 * found.fraction)
     return found
 
 

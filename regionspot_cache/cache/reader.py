@@ -176,10 +176,10 @@ class CacheReader:
         try:
             base = CacheReader(source)
         except CacheFormatError as err:
-            raise CacheFormatError(f"{self.root}: its feature maps come from {source}, which is unusable: {err}") from None
+            raise CacheFormatError(f"{self.location}: its feature maps come from {source}, which is unusable: {err}") from None
         if (base.provenance.dataset, base.provenance.clip) != (self.provenance.dataset, self.provenance.clip):
             raise CacheFormatError(
-                f"{self.root}: the cache it borrows feature maps from ({source}) holds another dataset or CLIP model"
+                f"{self.location}: the cache it borrows feature maps from ({source}) holds another dataset or CLIP model"
             )
         return base
 

@@ -211,7 +211,7 @@ class CacheWriter:
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFormatError(
-                    f"{self.root}: no space left on the device while writing shard {shard_id}: nothing of "
+                    f"{self.location}: no space left on the device while writing shard {shard_id}: nothing of "
                     "it was committed (committed shards are intact); free space and re-run to resume"
                 ) from None
             raise

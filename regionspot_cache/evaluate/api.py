@@ -102,7 +102,7 @@ def evaluate(
         detections = protocol.cap_finished(detector_detections(proposals_file, vocab))
     elif method.needs_head:
         clip = reader.provenance.clip
-        check_head_fits_cache(head, reader.root, clip.width, clip.text_dim, reader.provenance.sam.token_dim)
+        check_head_fits_cache(head, str(reader.location), clip.width, clip.text_dim, reader.provenance.sam.token_dim)
         detections = score_cache(reader, head, vocab, config, background_embeddings(reader, models, config))
     else:
         from regionspot_cache.evaluate.baselines import score_cache_with_baseline
@@ -144,7 +144,7 @@ def check_scorable(reader: CacheReader) -> None:
     view = reader.provenance.kind.view
     if view is not None:
         raise InputError(
-            f"{reader.root}: a view cache ({view.id}): its boxes are in the coordinates of transformed "
+            f"{reader.location}: a view cache ({view.id}): its boxes are in the coordinates of transformed "
             "images, not the annotation file's; evaluate the cache it was made from"
         )
 

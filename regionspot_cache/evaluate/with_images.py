@@ -37,7 +37,8 @@ def load_cache_encoders(reader: CacheReader, models: ModelsConfig | None, device
         ) from None
     differences = model_differences(encoders, reader.provenance)
     if differences:
-        raise CacheFormatError(f"{reader.root}: these are not the models the cache was extracted with: " + "; ".join(differences))
+        found = "; ".join(differences)
+        raise CacheFormatError(f"{reader.location}: these are not the models the cache was extracted with: {found}")
     return encoders
 
 

@@ -59,7 +59,7 @@ def check_inputs_unchanged(writer: CacheWriter, dataset: DetectionDataset, commi
     if changed:
         names = ", ".join(f"{shard_id:06d}" for shard_id in changed[:8]) + (" ..." if len(changed) > 8 else "")
         raise CacheFormatError(
-            f"{writer.root}: shards {names} were extracted from other images or boxes than {dataset.name!r} has now "
+            f"{writer.location}: shards {names} were extracted from other images or boxes than {dataset.name!r} has now "
             "(an edited annotation or proposals file?), so their features would be stale. Extract into a new cache, "
             "or delete those shard directories under shards/ and re-run to extract only them again"
         )
@@ -79,8 +79,8 @@ def check_images_unchanged(writer: CacheWriter, dataset: DetectionDataset, commi
     if stale:
         shown = "; ".join(describe(problem) for problem in stale[:3]) + ("; ..." if len(stale) > 3 else "")
         raise CacheFormatError(
-            f"{writer.root}: {len(stale)} image(s) replaced since their shards were extracted ({shown}): their "
-            f"features would be stale. Re-extract those shards with `rs-cache repair {writer.root} --manifest ... "
+            f"{writer.location}: {len(stale)} image(s) replaced since their shards were extracted ({shown}): their "
+            f"features would be stale. Re-extract those shards with `rs-cache repair {writer.location} --manifest ... "
             "--images`, or extract into a new cache"
         )
 

@@ -88,13 +88,13 @@ def _text_recipe_of(base: CacheReader, vocabulary: str, default: TextRecipe) -> 
 def _check_maps_can_be_borrowed(base: CacheReader, dataset: DetectionDataset) -> None:
     provenance = base.provenance
     if not provenance.kind.owns_feature_maps:
-        raise CacheFormatError(f"{base.root}: borrows its feature maps itself; use the cache it borrows them from")
+        raise CacheFormatError(f"{base.location}: borrows its feature maps itself; use the cache it borrows them from")
     if provenance.dataset != dataset.name:
-        raise CacheFormatError(f"{base.root}: holds dataset {provenance.dataset!r}, not {dataset.name!r}")
+        raise CacheFormatError(f"{base.location}: holds dataset {provenance.dataset!r}, not {dataset.name!r}")
     committed = {int(p.name) for p in base.shard_dirs}
     missing = sorted(set(range(provenance.planned_shards)) - committed)
     if missing:
         raise CacheFormatError(
-            f"{base.root}: shards {missing[:8]} are not extracted yet; finish `rs-cache extract` "
+            f"{base.location}: shards {missing[:8]} are not extracted yet; finish `rs-cache extract` "
             "first (its feature maps are reused for the proposals)"
         )

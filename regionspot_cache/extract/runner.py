@@ -164,7 +164,7 @@ def prepare_cache(dataset: DetectionDataset, target: CacheTarget, encoders: Froz
     recorded = writer.vocabulary_text_recipe(dataset.name)
     if recorded != config.text_recipe:
         raise CacheFormatError(
-            f"{target.root}: vocabulary {dataset.name!r} was built with text recipe {recorded!r}, "
+            f"{writer.location}: vocabulary {dataset.name!r} was built with text recipe {recorded!r}, "
             f"this run asks for {config.text_recipe!r} (extract.text_recipe)"
         )
     return writer

@@ -79,13 +79,13 @@ def extract_views(
 def _check_base(base: CacheReader, dataset: DetectionDataset, box_source: str) -> None:
     provenance = base.provenance
     if not provenance.kind.is_plain:
-        raise CacheFormatError(f"{base.root}: is itself a proposals or view cache; extract views of the cache it belongs to")
+        raise CacheFormatError(f"{base.location}: is itself a proposals or view cache; extract views of the cache it belongs to")
     if (provenance.dataset, provenance.box_source) != (dataset.name, box_source):
         raise CacheFormatError(
-            f"{base.root}: holds {provenance.dataset!r} with boxes {provenance.box_source!r}, "
+            f"{base.location}: holds {provenance.dataset!r} with boxes {provenance.box_source!r}, "
             f"not {dataset.name!r} with {box_source!r}"
         )
     committed = {int(p.name) for p in base.shard_dirs}
     missing = sorted(set(range(provenance.planned_shards)) - committed)
     if missing:
-        raise CacheFormatError(f"{base.root}: shards {missing[:8]} are not extracted yet; finish the cache before its views")
+        raise CacheFormatError(f"{base.location}: shards {missing[:8]} are not extracted yet; finish the cache before its views")

@@ -143,7 +143,7 @@ def cache_clip(reader: CacheReader, pretrained: str | None = None, device: str =
     given = FrozenEncoders(None, clip, models).clip_provenance()
     found = differences(reader.provenance.clip, given, "{key}: cache has {old!r}, given {new!r}")
     if found:
-        raise CacheFormatError(f"{reader.root}: not the CLIP the cache was extracted with: " + "; ".join(found))
+        raise CacheFormatError(f"{reader.location}: not the CLIP the cache was extracted with: " + "; ".join(found))
     return clip
 
 

@@ -80,7 +80,7 @@ class CachedRegions(Dataset):
         self.image_ids = [i for i, views_of_image in candidates.items() if views_of_image]
         self.candidates = [candidates[i] for i in self.image_ids]
         if not self.image_ids:
-            raise DatasetError(f"{reader.root}: no image has a box labelled with vocabulary {vocabulary.name!r}")
+            raise DatasetError(f"{reader.location}: no image has a box labelled with vocabulary {vocabulary.name!r}")
 
     @staticmethod
     def _usable_images(view: CachedView, labels: np.ndarray) -> set[int]:

@@ -34,7 +34,7 @@ def open_views(base: CacheReader, wanted: Sequence[str]) -> list[CachedView]:
     unknown = [name for name in names if name != IDENTITY and name not in available]
     if unknown:
         raise CacheFormatError(
-            f"{base.root}: train.views names {unknown}, but the cache has views "
+            f"{base.location}: train.views names {unknown}, but the cache has views "
             f"{[IDENTITY, *available]} (extract them with extract.views)"
         )
     return [
@@ -47,7 +47,9 @@ def _open_view(base: CacheReader, name: str, root: Path) -> CachedView:
     reader = CacheReader(root)
     view, provenance = reader.provenance.kind.view, base.provenance
     if view is None or (reader.provenance.dataset, reader.provenance.clip) != (provenance.dataset, provenance.clip):
-        raise CacheFormatError(f"{root}: not a view cache of {base.root} (another dataset or CLIP, or no view recorded)")
+        raise CacheFormatError(
+            f"{reader.location}: not a view cache of {base.location} (another dataset or CLIP, or no view recorded)"
+        )
     return CachedView(name, reader, reader if view.mode.has_own_boxes else base)
 
 

@@ -185,6 +185,17 @@ def test_repair_on_the_store_never_leaves_a_shard_worse_than_it_found_it(s3_env,
     assert objects(s3_env, cache, "shards/000000") == objects(s3_env, original, "shards/000000")
 
 
+def test_errors_about_a_cache_on_the_store_name_it_by_its_url(s3_env, on_s3):
+    """Not as a path (``s3:/bucket/...``: a URL through pathlib loses a slash)."""
+    from regionspot_cache.cache.completeness import check_complete
+    from regionspot_cache.errors import CacheFormatError
+
+    copy = copy_of(s3_env, on_s3[3])
+    CacheLocation.parse(copy).uncommit_shard(1)
+    with pytest.raises(CacheFormatError, match=f"^{re.escape(copy)}: 1 of its 2 planned shards are not committed"):
+        check_complete(CacheReader(copy), allow_partial=False)
+
+
 def test_the_shards_of_a_temporary_shard_cache_are_not_read_ahead_those_of_a_local_cache_dir_are(s3_env, on_s3, tmp_path):
     """A temporary shard cache's shards were fetched moments before they are read: their pages
     are in memory, so nothing reads them ahead; a user's local_cache_dir may hold far more."""
