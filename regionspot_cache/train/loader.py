@@ -89,8 +89,9 @@ def training_loader(
         regions = training_regions(open_local_sources(sources, shard_cache, config.views), config)
         shard_cache.start()
     # A temporary shard cache holds the coming steps' shards alone, fetched moments before they
-    # are read: their pages are in memory, and reading them ahead only copied them once more
-    # (1.1x the loader from object storage without it, benchmarks/RESULTS.md).
+    # are read: their pages are in memory, and reading them ahead only walked them once more
+    # (without it 1.10x the loader from object storage with no workers, in one process taking
+    # turns; within the spread in the benchmark's own runs: benchmarks/RESULTS.md, run 10).
     temporary = shard_cache is not None and shard_cache.temporary
     read_ahead = None if temporary else read_ahead_for(regions, sampler, config, start)
     batches = region_loader(regions, read_ahead or sampler, config.num_workers, config.prefetch_batches, pin_memory)
