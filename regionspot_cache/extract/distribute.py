@@ -19,7 +19,8 @@ from typing import Iterator, Protocol, Sequence
 
 import dask
 import torch
-from distributed import Client, LocalCluster, as_completed, get_worker
+from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
+from distributed.utils import get_mp_context
 
 from regionspot_cache.cache import CacheWriter, Provenance
 from regionspot_cache.config import ExtractConfig, ModelsConfig
@@ -128,12 +129,8 @@ def dask_client(scheduler: str | None, workers: int | None) -> Iterator[Client]:
         with Client(scheduler) as client:
             yield client
         return
-    cluster = local_cluster(workers or default_workers())
-    try:
-        with Client(cluster) as client:
-            yield client
-    finally:
-        close_quietly(cluster)
+    with local_cluster(workers or default_workers()) as cluster, Client(cluster) as client:
+        yield client
 
 
 def _task_work(work: ExtractionWork, entries: list[ImageEntry]) -> ExtractionWork:
@@ -165,17 +162,56 @@ def worker_device(name: str) -> torch.device:
     return torch.device(f"cuda:{index % torch.cuda.device_count()}")
 
 
-def local_cluster(workers: int) -> LocalCluster:
-    # Worker processes must not be daemonic, or DataLoader workers cannot start inside them.
+# What the local cluster's fork server imports once, so that its workers start with it loaded.
+WORKER_PRELOAD = ["distributed", __name__]
+
+
+@contextmanager
+def local_cluster(workers: int) -> Iterator[LocalCluster]:
+    """A cluster of ``workers`` processes on this machine, closed on exit. Its workers are forked
+    from a server process that has imported this module (multiprocessing's forkserver, started by
+    the first local cluster of the process): spawned instead, each worker imported torch, open_clip
+    and segment-anything on its own, 5 s or more per worker and per cluster, where a forked one
+    starts in about 0.1 s. They run in the caller's environment as it is now (``CallerEnvironment``),
+    as spawned workers would, not in the one the server started with."""
     environ = dict(os.environ)
-    try:
-        with dask.config.set({"distributed.worker.daemon": False}):
-            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-    finally:
-        # Starting workers sets OMP_NUM_THREADS=1 and the like in this process too; put back
-        # the caller's environment (it changes the thread count of later subprocesses).
-        os.environ.clear()
-        os.environ.update(environ)
+    # Held while the cluster lives: a worker its nanny restarts is made the same way. Not daemonic,
+    # or DataLoader workers cannot start inside them.
+    settings = {"distributed.worker.daemon": False, "distributed.worker.multiprocessing-method": "forkserver"}
+    with dask.config.set(settings):
+        get_mp_context().set_forkserver_preload(WORKER_PRELOAD)  # once the server runs, this changes nothing
+        try:
+            plugins = (CallerEnvironment(environ, nanny_settings()),)
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, plugins=plugins)
+        finally:
+            # Starting workers sets OMP_NUM_THREADS=1 and the like in this process too; put back
+            # the caller's environment (it changes the thread count of later subprocesses).
+            os.environ.clear()
+            os.environ.update(environ)
+        try:
+            yield cluster
+        finally:
+            close_quietly(cluster)
+
+
+def nanny_settings() -> set[str]:
+    """The variables dask's nanny sets for its workers (OMP_NUM_THREADS and the like)."""
+    return {*dask.config.get("distributed.nanny.pre-spawn-environ"), *dask.config.get("distributed.nanny.environ")}
+
+
+class CallerEnvironment(WorkerPlugin):
+    """Makes a local worker's environment the caller's (``environ``) with the nanny's settings on
+    top. A worker forked from the fork server inherits the server's environment, taken when the
+    process started its first local cluster: without this, a variable set or removed since (a
+    credential, an endpoint) would be missing or still there."""
+
+    def __init__(self, environ: dict[str, str], keep: set[str]):
+        self.environ, self.keep = environ, keep
+
+    def setup(self, worker) -> None:  # noqa: ANN001 - distributed's Worker
+        for name in [name for name in os.environ if name not in self.environ and name not in self.keep]:
+            del os.environ[name]
+        os.environ.update({name: value for name, value in self.environ.items() if name not in self.keep})
 
 
 class _KillAtTeardown(logging.Filter):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
+import psutil
 
 from regionspot_cache.cache import CacheReader, verify_cache
 from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from regionspot_cache.extract.distribute import Dask
+from regionspot_cache.extract.distribute import Dask, dask_client
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 
 CONFIG = ExtractConfig(shard_size=2, batch_size=2, num_workers=0, device="cpu")
@@ -73,8 +75,11 @@ def test_a_local_cluster_is_closed_when_the_run_fails(monkeypatch):
 
     closed = []
 
-    class Cluster:
-        def close(self):
+    @contextmanager
+    def cluster(workers):
+        try:
+            yield None
+        finally:
             closed.append(True)
 
     class BrokenClient:
@@ -90,10 +95,26 @@ def test_a_local_cluster_is_closed_when_the_run_fails(monkeypatch):
         def submit(self, *args, **kwargs):
             raise RuntimeError("scheduler went away")
 
-    monkeypatch.setattr(distribute, "local_cluster", lambda workers: Cluster())
+    monkeypatch.setattr(distribute, "local_cluster", cluster)
     monkeypatch.setattr(distribute, "Client", BrokenClient)
     work = distribute.ExtractionWork(None, None, None, CONFIG, None)
     monkeypatch.setattr(distribute, "_task_work", lambda work, entries: work)
     with pytest.raises(RuntimeError, match="went away"):
         list(Dask(workers=1).run(work, [(0, [])], None, None, lambda images, boxes: None))
     assert closed == [True]
+
+
+def test_local_workers_start_from_the_preloaded_server_in_the_callers_environment_of_now(monkeypatch):
+    """Workers are forked from a server that imported the extraction code once, and run in the
+    caller's environment as it is when the cluster starts, not the one the server started with."""
+    monkeypatch.setenv("RS_CACHE_PROBE_GONE", "set before the first cluster")
+    with dask_client(None, 1) as client:
+        assert client.submit(os.getenv, "RS_CACHE_PROBE_GONE", pure=False).result() == "set before the first cluster"
+    monkeypatch.delenv("RS_CACHE_PROBE_GONE")
+    monkeypatch.setenv("RS_CACHE_PROBE_NEW", "set since")
+    with dask_client(None, 1) as client:
+        assert client.submit(os.getenv, "RS_CACHE_PROBE_GONE", pure=False).result() is None
+        assert client.submit(os.getenv, "RS_CACHE_PROBE_NEW", pure=False).result() == "set since"
+        assert client.submit(os.getenv, "OMP_NUM_THREADS", pure=False).result() == "1"  # the nanny's settings stay
+        server = psutil.Process(client.submit(os.getppid, pure=False).result()).cmdline()
+    assert "multiprocessing.forkserver" in " ".join(server) and "regionspot_cache.extract.distribute" in " ".join(server)
