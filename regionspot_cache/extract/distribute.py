@@ -29,7 +29,7 @@ from regionspot_cache.encoders import FrozenEncoders, load_frozen_encoders
 from regionspot_cache.errors import InputError
 from regionspot_cache.extract.plan import Shard, shard_dataset
 from regionspot_cache.extract.worker import OnBatch, ShardResult, extract_shards
-from regionspot_cache.runtime.devices import resolve_device
+from regionspot_cache.runtime.devices import resolve_device, unix_sockets_fit
 
 
 @dataclass
@@ -177,9 +177,10 @@ def local_cluster(workers: int) -> Iterator[LocalCluster]:
     environ = dict(os.environ)
     # Held while the cluster lives: a worker its nanny restarts is made the same way. Not daemonic,
     # or DataLoader workers cannot start inside them.
-    settings = {"distributed.worker.daemon": False, "distributed.worker.multiprocessing-method": "forkserver"}
+    settings = {"distributed.worker.daemon": False, "distributed.worker.multiprocessing-method": worker_start_method()}
     with dask.config.set(settings):
-        get_mp_context().set_forkserver_preload(WORKER_PRELOAD)  # once the server runs, this changes nothing
+        if settings["distributed.worker.multiprocessing-method"] == "forkserver":
+            get_mp_context().set_forkserver_preload(WORKER_PRELOAD)  # once the server runs, this changes nothing
         try:
             plugins = (CallerEnvironment(environ, nanny_settings()),)
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, plugins=plugins)
@@ -192,6 +193,12 @@ def local_cluster(workers: int) -> Iterator[LocalCluster]:
             yield cluster
         finally:
             close_quietly(cluster)
+
+
+def worker_start_method() -> str:
+    """``forkserver``; ``spawn`` where the server's Unix socket cannot be made (a TMPDIR too long
+    for one, before Python 3.13): slower to start, but the workers run."""
+    return "forkserver" if unix_sockets_fit() else "spawn"
 
 
 def nanny_settings() -> set[str]:

@@ -17,6 +17,7 @@ from regionspot_cache.encoders import FrozenEncoders
 from regionspot_cache.encoders.clip import ClipPreprocess
 from regionspot_cache.encoders.sam import SamResize
 from regionspot_cache.extract.decode import default_loader_workers, plain_jpeg, read_rgb, resolve_decode
+from regionspot_cache.runtime.devices import check_worker_sockets
 from regionspot_cache.runtime.files import content_digest, file_content_digest
 
 
@@ -138,10 +139,13 @@ def image_loader(
         view,
         device_decode=device_decode,
     )
+    workers = default_loader_workers() if config.num_workers is None else config.num_workers
+    if workers:
+        check_worker_sockets("extract.num_workers")
     return DataLoader(
         reader,
         batch_sampler=batches,
-        num_workers=default_loader_workers() if config.num_workers is None else config.num_workers,
+        num_workers=workers,
         collate_fn=list,
         pin_memory=encoders.sam.device.type == "cuda",
     )

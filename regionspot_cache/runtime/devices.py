@@ -7,7 +7,7 @@ import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
-from regionspot_cache.errors import InputError
+from regionspot_cache.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     import torch
@@ -58,3 +58,35 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity on macOS and Windows
         return os.cpu_count() or 1
+
+
+SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path on Linux (sun_path, less its terminating NUL)
+LISTENER_NAME = len("/listener-") + 8  # multiprocessing's socket name under its temporary directory
+
+
+def unix_sockets_fit() -> bool:
+    """Whether a Unix socket's path fits under multiprocessing's temporary directory: Python before
+    3.13 makes it under TMPDIR however long its path, and a socket path over 107 bytes fails."""
+    import multiprocessing.util
+
+    directory = multiprocessing.util.get_temp_dir()  # made once per process; its children inherit it
+    return len(os.fsencode(directory)) + LISTENER_NAME <= SOCKET_PATH_MAX
+
+
+def check_worker_sockets(setting: str) -> None:
+    """Refuse loader workers that could not hand over a batch. Their tensors travel in shared
+    memory whose file descriptors pass through a Unix socket under multiprocessing's temporary
+    directory (torch's ``file_descriptor`` sharing); where that cannot be made (``unix_sockets_fit``),
+    the worker's queue thread prints the error and drops the batch, and the loader waits forever."""
+    import multiprocessing.util
+
+    import torch.multiprocessing
+
+    if torch.multiprocessing.get_sharing_strategy() != "file_descriptor" or unix_sockets_fit():
+        return
+    directory = multiprocessing.util.get_temp_dir()
+    raise ConfigError(
+        f"{setting}: loader workers hand batches over through Unix sockets under {directory}, too long "
+        f"a path for one ({len(os.fsencode(directory))} bytes, at most {SOCKET_PATH_MAX - LISTENER_NAME}): "
+        f"set TMPDIR to a shorter directory, or {setting}=0"
+    )

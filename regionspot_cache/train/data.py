@@ -21,7 +21,7 @@ from regionspot_cache.cache import CacheReader, Vocabulary
 from regionspot_cache.cache.completeness import Completeness, check_complete
 from regionspot_cache.data.views import IDENTITY
 from regionspot_cache.errors import CacheFormatError, ConfigError, DatasetError
-from regionspot_cache.runtime.devices import usable_cpus
+from regionspot_cache.runtime.devices import check_worker_sockets, usable_cpus
 from regionspot_cache.runtime.records import differences
 from regionspot_cache.train.order import Key, RankBatchSampler
 from regionspot_cache.train.views import CachedView, open_views, pick_view
@@ -241,6 +241,8 @@ def region_loader(
     memory on CUDA so host-to-device copies overlap compute. ``num_workers`` is capped at the CPUs
     this process may use (a recipe's 8 on a 2-core machine only adds processes and a torch warning)."""
     num_workers = fitted_workers(num_workers)
+    if num_workers:
+        check_worker_sockets("train.num_workers")
     return DataLoader(
         dataset,
         batch_sampler=sampler,

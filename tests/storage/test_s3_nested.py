@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,15 +240,20 @@ def test_training_from_the_store_fetches_each_shard_ahead_once_for_all_loader_wo
         raise AssertionError(f"shard {shard} fetched by a reader, not ahead by the training process")
 
     monkeypatch.setattr(FetchedShards, "features", no_fetch_of_its_own)  # loader workers are forked: patched too
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    summary = train_head(cache, tmp_path / "remote" / "head.safetensors", config)
+    # Short: the loader workers' sockets go under it too (a path over 107 bytes cannot be one)
+    temporary = Path(tempfile.mkdtemp(prefix="rs-t-"))
+    monkeypatch.setattr("tempfile.tempdir", str(temporary))
+    try:
+        summary = train_head(cache, tmp_path / "remote" / "head.safetensors", config)
+        left = list(temporary.glob("rs-cache-shards-*"))
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
     assert summary.final_loss == reference.final_loss
     stored = sum(CacheLocation.parse(cache).shard_bytes().values())
     assert (
         summary.local_cache.fetches == 2 and summary.local_cache.fetched_bytes == stored
     )  # the budget holds both shards: once each in 3 epochs
-    assert not list((tmp_path / "tmp").glob("rs-cache-shards-*"))  # removed when training ends
+    assert not left  # removed when training ends
 
 
 def test_two_processes_of_a_node_fetch_each_shard_from_the_store_once(s3_env, on_s3, tmp_path):
