@@ -182,8 +182,13 @@ def local_cluster(workers: int) -> Iterator[LocalCluster]:
         if settings["distributed.worker.multiprocessing-method"] == "forkserver":
             get_mp_context().set_forkserver_preload(WORKER_PRELOAD)  # once the server runs, this changes nothing
         try:
-            plugins = (CallerEnvironment(environ, nanny_settings()),)
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, plugins=plugins)
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                plugins=(CallerEnvironment(environ, nanny_settings()),),
+            )
         finally:
             # Starting workers sets OMP_NUM_THREADS=1 and the like in this process too; put back
             # the caller's environment (it changes the thread count of later subprocesses).

@@ -124,7 +124,8 @@ def test_loader_workers_under_a_too_long_tmpdir_are_one_error_not_a_hang(tmp_pat
     monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
     # multiprocessing's temporary directory is made once per process: this one made afresh, under long_dir
     monkeypatch.setitem(multiprocessing.current_process()._config, "tempdir", None)
-    with pytest.raises(ConfigError, match=r"train.num_workers: loader workers .* too long .* set TMPDIR to a shorter directory, or train.num_workers=0"):
+    refused = r"train.num_workers: loader workers .* too long .* set TMPDIR to a shorter directory, or train.num_workers=0"
+    with pytest.raises(ConfigError, match=refused):
         region_loader(sources, RankBatchSampler(plan, 0), 1, 2, pin_memory=False)
     loader = region_loader(sources, RankBatchSampler(plan, 0), 0, 2, pin_memory=False)  # without workers: no socket
     assert next(iter(loader)).feature_maps.shape[0] == 4
