@@ -65,3 +65,16 @@ def private_crc32c_ledger(tmp_path_factory):
         os.environ.pop(LEDGER_ENV, None)
     else:
         os.environ[LEDGER_ENV] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fork_server(private_crc32c_ledger):
+    """The server ``helpers.python`` and local dask clusters fork their processes from, started
+    before any test runs: what its imports read from the environment is then the session's, never
+    a test's monkeypatched value, whichever test needs the server first."""
+    from multiprocessing import forkserver
+
+    from tests.helpers import fork_server as context
+
+    context()
+    forkserver.ensure_running()

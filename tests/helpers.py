@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import runpy
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -87,6 +91,98 @@ def run_to_end(command: Sequence[str], log: Path, **popen) -> subprocess.Complet
     wait_until(lambda: process.poll() is not None, f"{command[:4]} to exit", watched=[process])
     output = log.read_text(errors="replace")
     return subprocess.CompletedProcess(process.args, process.returncode, output, output)
+
+
+# What the fork server of ``python`` has imported before it forks a test's process; the product's
+# local dask clusters fork their workers from the same server (extract/distribute.py).
+FORK_SERVER_PRELOAD = ["distributed", "regionspot_cache.extract.distribute", "regionspot_cache.train.loop"]
+
+
+def fork_server() -> multiprocessing.context.ForkServerContext:
+    """multiprocessing's forkserver context, its server importing ``FORK_SERVER_PRELOAD`` when it
+    starts (on first use; once it runs, the preload changes nothing)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    return context
+
+
+class ForkedPython:
+    """A ``python -c``/``-m`` process forked from the test session's fork server, with the part of
+    ``subprocess.Popen``'s interface the tests use (``pid``, ``poll``, ``wait``, ``returncode``)."""
+
+    def __init__(self, process: multiprocessing.Process, args: Sequence[str]):
+        self.process, self.args = process, list(args)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self) -> int:
+        self.process.join()
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+def python(args: Sequence[str], env: dict | None = None, stdout=None, stderr=None) -> ForkedPython:
+    """``python ARGS`` (``-c CODE ...`` or ``-m MODULE ...``) as a process of its own, forked from a
+    server that has imported torch, open_clip, segment-anything and the package once
+    (multiprocessing's forkserver): a fresh interpreter spends 5-8 s of CPU importing them before
+    it runs a line. The server only imports, so each process starts from the same state, as a
+    fresh one would: the environment ``env`` (default ours), torch's threads as ``OMP_NUM_THREADS``
+    would set them, stdout and stderr to files (a path, an open file or ``subprocess.DEVNULL``).
+    Not for a variable a library reads when it is imported (``HF_HUB_OFFLINE``): the server's
+    imports read the environment it started with; such a test needs a fresh interpreter."""
+    where = [_output_path(stdout), _output_path(stderr)]
+    process = fork_server().Process(target=_run_python, args=(list(args), dict(os.environ if env is None else env), where))
+    process.start()
+    return ForkedPython(process, args)
+
+
+def run_python(args: Sequence[str], log: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python(args)`` run to its end as ``run_to_end`` runs a command, its output through ``log``."""
+    Path(log).write_bytes(b"")
+    process = python(args, env, stdout=log, stderr=log)
+    wait_until(lambda: process.poll() is not None, f"python {args[:2]} to exit", watched=[process])
+    output = Path(log).read_text(errors="replace")
+    return subprocess.CompletedProcess(process.args, process.returncode, output, output)
+
+
+def _output_path(output) -> str | None:
+    if output is None:
+        return None
+    if output == subprocess.DEVNULL:
+        return os.devnull
+    return os.fspath(output) if isinstance(output, (str, os.PathLike)) else output.name  # a path, or an open file
+
+
+def _run_python(args: list[str], env: dict, outputs: list[str | None]) -> None:
+    import torch
+
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0)))
+    for fd, path in zip((1, 2), outputs):
+        if path is not None:
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(target, fd)
+            os.close(target)
+    if args[0] == "-c":
+        sys.argv = ["-c", *args[2:]]
+        exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+    elif args[0] == "-m":
+        sys.argv = [args[1], *args[2:]]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+        raise ValueError(f"python {args[0]}: only -c and -m")
 
 
 def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:

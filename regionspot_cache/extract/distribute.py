@@ -173,7 +173,8 @@ def local_cluster(workers: int) -> Iterator[LocalCluster]:
     the first local cluster of the process): spawned instead, each worker imported torch, open_clip
     and segment-anything on its own, 5 s or more per worker and per cluster, where a forked one
     starts in about 0.1 s. They run in the caller's environment as it is now (``CallerEnvironment``),
-    as spawned workers would, not in the one the server started with."""
+    as spawned workers would, not in the one the server started with (though what a library read
+    when the server imported it came from the server's: in the CLI, the caller's)."""
     environ = dict(os.environ)
     # Held while the cluster lives: a worker its nanny restarts is made the same way. Not daemonic,
     # or DataLoader workers cannot start inside them.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -16,7 +15,7 @@ from regionspot_cache.config import ExtractConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
-from tests.helpers import wait_until
+from tests.helpers import python, wait_until
 
 CONFIG = ExtractConfig(shard_size=2, batch_size=1, num_workers=0, device="cpu")
 
@@ -54,7 +53,7 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(tmp_path, tiny_model
         tiny_models.clip.model,
         tiny_models.clip.pretrained,
     ]
-    process = subprocess.Popen([sys.executable, "-c", WORKER, *args], stderr=subprocess.DEVNULL)
+    process = python(["-c", WORKER, *args], stderr=subprocess.DEVNULL)
     shards = killed / "shards"
     wait_until(  # no deadline: it fails if the run stalls, and ends the wait if the run ends
         lambda: process.poll() is not None or (shards.is_dir() and any(p.name.isdigit() for p in shards.iterdir())),

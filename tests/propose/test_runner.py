@@ -15,6 +15,7 @@ from regionspot_cache.data.proposals import check_provenance, load_proposals, pr
 from regionspot_cache.demo.tiny_detectors import write_not_a_detector
 from regionspot_cache.propose.runner import run_proposals
 from regionspot_cache.propose.select import Selection
+from tests.helpers import python
 
 SELECTION = Selection(top_k=10, chunk_size=4)
 
@@ -85,9 +86,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_bytes(toy_split, tiny_owl
     assert CliRunner().invoke(app, [*command, "-o", str(whole)]).exit_code == 0
     killed = tmp_path / "killed.json"
     script = "import sys; from regionspot_cache.cli import main; sys.argv = ['rs-cache', *sys.argv[1:]]; main()"
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, *command, "-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = python(["-c", script, *command, "-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_shard = tmp_path / "killed.json.shards" / "000000.json"
     while process.poll() is None and not first_shard.exists():
         pass  # busy-waits only until the first shard file appears (no timing assumption)
@@ -127,6 +126,8 @@ def test_a_model_that_is_no_detector_is_one_error_line(case, toy_split, tmp_path
     monkeypatch.setenv("COLUMNS", "1000")  # rich wraps at the terminal's width: keep the message on its line
     model = "no-such-org/no-such-detector" if case == "missing id" else str(write_not_a_detector(tmp_path / "bert"))
     script = "import sys; from regionspot_cache.cli import main; sys.argv = ['rs-cache', *sys.argv[1:]]; main()"
+    # A fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE when it is imported (helpers.python's
+    # processes imported it before the variable was set).
     result = subprocess.run(
         [
             sys.executable,

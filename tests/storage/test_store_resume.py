@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import psutil
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cli import app
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
-from tests.helpers import extract_args, wait_until
+from tests.helpers import extract_args, python, wait_until
 from tests.storage.roundtrip import objects, runner
 
 IMAGES = 6  # one shard each: the kill lands with shards still to write, and three stores stay quick
@@ -51,9 +50,8 @@ def _extract_until_killed(dataset, store, cache: str, log) -> tuple[list[str], i
     """Run the extraction in a subprocess, SIGKILL it once a shard is committed; the commit records
     it left and its pid. The trigger is the store's own listing, not a clock."""
     key, fs = cache.partition("://")[2], store.filesystem()
-    with open(log, "wb") as err:  # a file, not a pipe: nobody reads a pipe while we poll
-        command = [sys.executable, "-m", "regionspot_cache", *_args(dataset, cache)]
-        process = subprocess.Popen(command, env={**os.environ, **store.env()}, stdout=subprocess.DEVNULL, stderr=err)
+    # stderr to a file, not a pipe: nobody reads a pipe while we poll
+    process = python(["-m", "regionspot_cache", *_args(dataset, cache)], {**os.environ, **store.env()}, subprocess.DEVNULL, log)
 
     def committed_or_ended() -> bool:
         fs.invalidate_cache()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from regionspot_cache.train import loader
 from regionspot_cache.train.loop import run_dir_for, train_head
 from regionspot_cache.train.order import ShardOrder
 from regionspot_cache.train.shard_cache import ShardCache, fetch_shard, shard_schedule, tree_bytes
-from tests.helpers import wait_until
+from tests.helpers import python, run_python, wait_until
 
 
 def fake_cache(root, sizes: list[int]):
@@ -199,18 +200,13 @@ WORKER = textwrap.dedent(
 
 
 def test_sigkill_then_resume_through_the_local_cache_repeats_the_losses(cache, tmp_path):
-    # Every run a fresh process, as a user's runs are: the comparison then cannot depend on what
-    # earlier tests left in this one (bit-for-bit float results depend on process-wide settings).
+    # Every run a process of its own, as a user's runs are (forked from a server that only imported
+    # the package): the comparison then cannot depend on what earlier tests left in this one.
     reference = tmp_path / "reference" / "head.safetensors"
     output, local, budget = tmp_path / "killed" / "head.safetensors", tmp_path / "local", _budget_gb(cache, 3)
-    subprocess.run(
-        [sys.executable, "-c", WORKER, str(cache), str(reference), str(tmp_path / "ref-local"), repr(budget)],
-        check=True,
-        capture_output=True,
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(cache), str(output), str(local), repr(budget)], stderr=subprocess.DEVNULL
-    )
+    done = run_python(["-c", WORKER, str(cache), str(reference), str(tmp_path / "ref-local"), repr(budget)], tmp_path / "ref.log")
+    assert done.returncode == 0, done.stdout[-3000:]
+    process = python(["-c", WORKER, str(cache), str(output), str(local), repr(budget)], stderr=subprocess.DEVNULL)
     metrics = run_dir_for(output) / "metrics.csv"
     wait_until(  # no deadline: it fails if the run stalls, and ends the wait if the run ends
         lambda: process.poll() is not None or (metrics.is_file() and len(metrics.read_text().splitlines()) > 5),
@@ -222,14 +218,10 @@ def test_sigkill_then_resume_through_the_local_cache_repeats_the_losses(cache, t
     process.wait()
     assert 4 < len(metrics.read_text().splitlines()) - 1 < 16, "the kill must land mid-run"
     (local / "node-0" / "0" / SHARDS_DIR / "999999.fetching").mkdir(parents=True)  # as a killed fetch leaves it
-    again = subprocess.run(
-        [sys.executable, "-c", WORKER, str(cache), str(output), str(local), repr(budget)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    again = run_python(["-c", WORKER, str(cache), str(output), str(local), repr(budget)], tmp_path / "again.log")
+    assert again.returncode == 0, again.stdout[-3000:]
     assert _losses(output) == _losses(reference)
-    peak = int(again.stdout.split("PEAK")[-1])
+    peak = int(re.findall(r"^PEAK (-?\d+)$", again.stdout, re.MULTILINE)[-1])
     assert 0 < peak <= budget * 1e9
     assert not (local / "node-0" / "0" / SHARDS_DIR / "999999.fetching").exists()
 

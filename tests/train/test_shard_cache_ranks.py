@@ -8,8 +8,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from dataclasses import replace
@@ -30,7 +28,7 @@ from regionspot_cache.train.loader import dataset_orders, training_loader, train
 from regionspot_cache.train.node_share import PROGRESS_FILE, NodeShare, node_root
 from regionspot_cache.train.order import BatchPlan, RankBatchSampler
 from regionspot_cache.train.shard_cache import ShardCache, shard_schedule, tree_bytes
-from tests.helpers import wait_until
+from tests.helpers import ForkedPython, python, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]  # for the rank processes to import tests.*
 IMAGES, SHARD_SIZE, BATCH, RANKS = 12, 2, 4, 2
@@ -93,7 +91,7 @@ RANK = textwrap.dedent(
 )
 
 
-def start_ranks(cache, local, budget_gb, start, iterations, tmp_path, name, die_at=-1, nodes=1) -> list[subprocess.Popen]:
+def start_ranks(cache, local, budget_gb, start, iterations, tmp_path, name, die_at=-1, nodes=1) -> list[ForkedPython]:
     """RANKS processes per node, ``nodes`` nodes, as torchrun numbers them; node n's local
     directory is ``local`` on node 0, ``local-<n>`` on the others (each node its own disk)."""
     store = tmp_path / f"{name}.store"
@@ -112,11 +110,11 @@ def start_ranks(cache, local, budget_gb, start, iterations, tmp_path, name, die_
         out = tmp_path / f"{name}-{rank}.json"
         args = [cache, node_local, budget_gb, start, iterations, die_at if rank == 1 else -1, out, store]
         with open(tmp_path / f"{name}-{rank}.log", "w") as log:
-            ranks.append(subprocess.Popen([sys.executable, "-c", RANK, *map(str, args)], env=env, stderr=log))
+            ranks.append(python(["-c", RANK, *map(str, args)], env=env, stderr=log))
     return ranks
 
 
-def finish(ranks: list[subprocess.Popen], tmp_path, name) -> list[dict]:
+def finish(ranks: list[ForkedPython], tmp_path, name) -> list[dict]:
     """Wait for the ranks to end, with no deadline (a stuck rank fails the run, not a timer); one
     that fails ends the wait (the other may wait for it forever) and the test."""
     ended = lambda: all(p.poll() is not None for p in ranks) or any(p.poll() not in (None, 0) for p in ranks)  # noqa: E731
@@ -271,7 +269,7 @@ def test_a_temporary_node_cache_is_removed_by_the_last_process_to_close(tmp_path
     cache = ShardCache([source], root, budget, schedule, temporary=True, node=NodeShare(0, 0, 2))
     assert root.stat().st_mode & 0o777 == 0o700
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(root), ",".join(map(str, SIZES))], env=env)
+    reader = python(["-c", READER, str(root), ",".join(map(str, SIZES))], env=env)
     cache.start()
     try:
         for step, shards in temporary_steps(0):

@@ -6,7 +6,6 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 from dataclasses import replace
 
@@ -19,7 +18,7 @@ from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.head.model import load_head
 from regionspot_cache.train.loop import run_dir_for, train_head
-from tests.helpers import wait_until
+from tests.helpers import python, run_python, wait_until
 
 CONFIG = TrainConfig(
     iterations=120,
@@ -57,12 +56,14 @@ def _losses(output) -> list[tuple[int, str]]:
 
 
 def test_sigkill_then_resume_repeats_the_losses_exactly(cache, tmp_path):
-    # Every run a fresh process, as a user's runs are: the comparison then cannot depend on what
-    # earlier tests left in this one (bit-for-bit float results depend on process-wide settings).
+    # Every run a process of its own, as a user's runs are (forked from a server that only imported
+    # the package): the comparison then cannot depend on what earlier tests left in this one
+    # (bit-for-bit float results depend on process-wide settings).
     reference = tmp_path / "reference" / "head.safetensors"
-    subprocess.run([sys.executable, "-c", WORKER, str(cache), str(reference)], check=True, capture_output=True)
+    done = run_python(["-c", WORKER, str(cache), str(reference)], tmp_path / "reference.log")
+    assert done.returncode == 0, done.stdout[-3000:]
     output = tmp_path / "killed" / "head.safetensors"
-    process = subprocess.Popen([sys.executable, "-c", WORKER, str(cache), str(output)], stderr=subprocess.DEVNULL)
+    process = python(["-c", WORKER, str(cache), str(output)], stderr=subprocess.DEVNULL)
     metrics = run_dir_for(output) / "metrics.csv"
     wait_until(  # no deadline: it fails if the run stalls, and ends the wait if the run ends
         lambda: process.poll() is not None or (metrics.is_file() and len(metrics.read_text().splitlines()) > 35),
@@ -75,7 +76,8 @@ def test_sigkill_then_resume_repeats_the_losses_exactly(cache, tmp_path):
     done = len(metrics.read_text().splitlines()) - 1
     assert 10 < done < 120, "the kill must land mid-run"
     assert not output.exists()
-    subprocess.run([sys.executable, "-c", WORKER, str(cache), str(output)], check=True, capture_output=True)
+    done = run_python(["-c", WORKER, str(cache), str(output)], tmp_path / "resume.log")
+    assert done.returncode == 0, done.stdout[-3000:]
     expected, resumed = _losses(reference), _losses(output)
     assert [step for step, _ in resumed] == list(range(120))
     assert resumed == expected  # same loss, bit for bit, at every step
