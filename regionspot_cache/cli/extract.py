@@ -57,10 +57,6 @@ def extract(
     each augmented view is then cached under CACHE/views/<view id>/.
     """
     from regionspot_cache.data.datasets import load_manifest
-    from regionspot_cache.data.proposals import with_box_source
-    from regionspot_cache.demo.report import print_extract_summary
-    from regionspot_cache.extract.distribute import Dask, InProcess
-    from regionspot_cache.extract.runner import CacheTarget, load_encoders, run_extraction
 
     config = recipe_from(
         recipe,
@@ -73,8 +69,13 @@ def extract(
     config.extract.strict = strict or config.extract.strict
     config.extract.check_images = check_images or config.extract.check_images
     check_writable(cache, "--cache", directory=True)
+    spec = load_manifest(manifest, data_root)  # a wrong path is told before the models' libraries load (5-8 s)
+    from regionspot_cache.data.proposals import with_box_source
+    from regionspot_cache.demo.report import print_extract_summary
+    from regionspot_cache.extract.distribute import Dask, InProcess
+    from regionspot_cache.extract.runner import CacheTarget, load_encoders, run_extraction
+
     distributor = InProcess() if in_process else Dask(scheduler, workers, retries)  # counts checked before any work
-    spec = load_manifest(manifest, data_root)
     dataset, box_source = with_box_source(spec.load(), spec, boxes)
     encoders = load_encoders(config.models, config.extract, distributor)  # for the cache and its views
     summary = run_extraction(dataset, CacheTarget(cache, box_source=box_source), encoders, config.extract, distributor)

@@ -24,7 +24,7 @@ from regionspot_cache.head.model import load_head
 from regionspot_cache.train.data import CachedRegions, MultiSourceRegions, open_sources, region_loader
 from regionspot_cache.train.loop import run_dir_for, train_head
 from regionspot_cache.train.order import CHOICE_BLOCK, BatchPlan, RankBatchSampler
-from tests.helpers import run_to_end
+from tests.helpers import run_python, run_to_end
 
 REPO = Path(__file__).resolve().parents[2]
 # Dataset name -> (category ids kept from the synthetic set, offset added to ids): each dataset
@@ -201,7 +201,8 @@ def test_tensorboard_events_hold_the_losses(caches, tmp_path):
     assert "train/lr" in events.Tags()["scalars"]
 
 
-def _torchrun(processes: int, caches: list[Path], output: Path, *more: str) -> subprocess.CompletedProcess:
+def _train(processes: int, caches: list[Path], output: Path, *more: str) -> subprocess.CompletedProcess:
+    """`rs-cache train` in ``processes`` processes: torchrun's for more than one."""
     settings = [
         *more,
         "train.iterations=8",
@@ -215,23 +216,15 @@ def _torchrun(processes: int, caches: list[Path], output: Path, *more: str) -> s
         "train.checkpoint_every=4",
         "train.tensorboard=false",
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={processes}",
-        "-m",
-        "regionspot_cache",
-        "train",
-        "-o",
-        str(output),
-    ]
-    command += [arg for cache in caches for arg in ("-c", str(cache))]
-    command += [arg for setting in settings for arg in ("--set", setting)]
+    train = ["-m", "regionspot_cache", "train", "-o", str(output)]
+    train += [arg for cache in caches for arg in ("-c", str(cache))]
+    train += [arg for setting in settings for arg in ("--set", setting)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     output.parent.mkdir(parents=True, exist_ok=True)
-    return run_to_end(command, output.parent / "torchrun.log", env=env)  # no deadline; a stuck run fails
+    if processes == 1:  # one process, as a user runs it without torchrun
+        return run_python(train, output.parent / "train.log", env=env)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    return run_to_end([*launcher, *train], output.parent / "torchrun.log", env=env)  # no deadline; a stuck run fails
 
 
 def test_two_gloo_processes_train_exactly_like_one(caches, tmp_path):
@@ -242,7 +235,7 @@ def test_two_gloo_processes_train_exactly_like_one(caches, tmp_path):
     one, two = tmp_path / "one" / "head.safetensors", tmp_path / "two" / "head.safetensors"
     local = tmp_path / "local"
     for count, output, more in ((1, one, []), (2, two, [f"train.local_cache_dir={local}"])):
-        done = _torchrun(count, pair, output, *more)
+        done = _train(count, pair, output, *more)
         assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in local.iterdir()) == ["node-0"]  # one directory for the node's two processes
     single, double = _metrics(one), _metrics(two)
