@@ -71,21 +71,10 @@ def private_crc32c_ledger(tmp_path_factory):
 def fork_server(private_crc32c_ledger):
     """The server ``helpers.python`` and local dask clusters fork their processes from, started
     before any test runs: what its imports read from the environment is then the session's, never
-    a test's monkeypatched value, whichever test needs the server first. Started, as a local
-    cluster starts it in the CLI, with the variables dask's nanny sets before it starts a worker
-    (OMP_NUM_THREADS=1 and the like: torch reads them when imported)."""
+    a test's monkeypatched value, whichever test needs the server first."""
     from multiprocessing import forkserver
-
-    import dask
-    import distributed  # noqa: F401 - its configuration, the nanny's variables
 
     from tests.helpers import fork_server as context
 
-    before = dict(os.environ)
-    os.environ.update({name: str(value) for name, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()})
-    try:
-        context()
-        forkserver.ensure_running()
-    finally:
-        os.environ.clear()
-        os.environ.update(before)
+    context()
+    forkserver.ensure_running()
