@@ -50,7 +50,7 @@ def _gone(process: psutil.Process) -> bool:
 
 
 def _extract_until_killed(dataset, store, cache: str, log) -> tuple[list[str], int]:
-    """Run the extraction in a subprocess, SIGKILL it once a shard is committed; the commit records
+    """Run the extraction in a process of its own, SIGKILL it once a shard is committed; the commit records
     it left and its pid. The trigger is the store's own listing, not a clock."""
     key, fs = cache.partition("://")[2], store.filesystem()
     # stderr to a file, not a pipe: nobody reads a pipe while we poll
