@@ -78,3 +78,17 @@ def fork_server(private_crc32c_ledger):
 
     context()
     forkserver.ensure_running()
+
+
+@pytest.fixture
+def too_long_tmpdir(tmp_path, monkeypatch):
+    """A TMPDIR too long a path for a Unix socket under it (Python < 3.13), multiprocessing's
+    temporary directory made afresh under it (it is made once per process)."""
+    import multiprocessing
+    import tempfile
+
+    long_dir = tmp_path / ("t" * 90)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    monkeypatch.setitem(multiprocessing.current_process()._config, "tempdir", None)
+    return long_dir

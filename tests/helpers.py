@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from regionspot_cache.config import ModelsConfig
+from regionspot_cache.runtime.devices import usable_cpus
 
 
 def model_args(models: ModelsConfig) -> list[str]:
@@ -88,21 +89,24 @@ def run_to_end(command: Sequence[str], log: Path, **popen) -> subprocess.Complet
     fails), its output (stdout and stderr together) through ``log`` so no pipe can fill up."""
     with open(log, "wb") as out:
         process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, **popen)
-    wait_until(lambda: process.poll() is not None, f"{command[:4]} to exit", watched=[process])
-    output = log.read_text(errors="replace")
+    return _ended(process, log, f"{command[:4]} to exit")
+
+
+def _ended(process, log: Path, what: str) -> subprocess.CompletedProcess:
+    """``process`` waited for (``wait_until``: no deadline), with its output, written to ``log``."""
+    wait_until(lambda: process.poll() is not None, what, watched=[process])
+    output = Path(log).read_text(errors="replace")
     return subprocess.CompletedProcess(process.args, process.returncode, output, output)
 
 
-# What the fork server of ``python`` has imported before it forks a test's process; the product's
-# local dask clusters fork their workers from the same server (extract/distribute.py).
-FORK_SERVER_PRELOAD = ["distributed", "regionspot_cache.extract.distribute", "regionspot_cache.train.loop"]
-
-
 def fork_server() -> multiprocessing.context.ForkServerContext:
-    """multiprocessing's forkserver context, its server importing ``FORK_SERVER_PRELOAD`` when it
-    starts (on first use; once it runs, the preload changes nothing)."""
+    """multiprocessing's forkserver context, its server importing, when it starts (on first use;
+    once it runs, the preload changes nothing), what a local dask cluster's imports and training's:
+    the product's local clusters fork their workers from the same server (extract/distribute.py)."""
+    from regionspot_cache.extract.distribute import WORKER_PRELOAD
+
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    context.set_forkserver_preload([*WORKER_PRELOAD, "regionspot_cache.train.loop"])
     return context
 
 
@@ -150,10 +154,7 @@ def python(args: Sequence[str], env: dict | None = None, stdout=None, stderr=Non
 def run_python(args: Sequence[str], log: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python(args)`` run to its end as ``run_to_end`` runs a command, its output through ``log``."""
     Path(log).write_bytes(b"")
-    process = python(args, env, stdout=log, stderr=log)
-    wait_until(lambda: process.poll() is not None, f"python {args[:2]} to exit", watched=[process])
-    output = Path(log).read_text(errors="replace")
-    return subprocess.CompletedProcess(process.args, process.returncode, output, output)
+    return _ended(python(args, env, stdout=log, stderr=log), log, f"python {args[:2]} to exit")
 
 
 def _output_path(output) -> str | None:
@@ -169,7 +170,7 @@ def _run_python(args: list[str], env: dict, outputs: list[str | None]) -> None:
 
     os.environ.clear()
     os.environ.update(env)
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or 0) or usable_cpus())
     for fd, path in zip((1, 2), outputs):
         if path is not None:
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)

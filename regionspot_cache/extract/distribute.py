@@ -178,9 +178,9 @@ def local_cluster(workers: int) -> Iterator[LocalCluster]:
     environ = dict(os.environ)
     # Held while the cluster lives: a worker its nanny restarts is made the same way. Not daemonic,
     # or DataLoader workers cannot start inside them.
-    settings = {"distributed.worker.daemon": False, "distributed.worker.multiprocessing-method": worker_start_method()}
-    with dask.config.set(settings):
-        if settings["distributed.worker.multiprocessing-method"] == "forkserver":
+    method = worker_start_method()
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.worker.multiprocessing-method": method}):
+        if method == "forkserver":
             get_mp_context().set_forkserver_preload(WORKER_PRELOAD)  # once the server runs, this changes nothing
         try:
             cluster = LocalCluster(

@@ -120,15 +120,9 @@ def test_local_workers_start_from_the_preloaded_server_in_the_callers_environmen
     assert "multiprocessing.forkserver" in " ".join(server) and "regionspot_cache.extract.distribute" in " ".join(server)
 
 
-def test_workers_are_spawned_where_a_too_long_tmpdir_leaves_no_room_for_the_servers_socket(tmp_path, monkeypatch):
-    import multiprocessing
-    import tempfile
-
+def test_workers_are_spawned_where_a_too_long_tmpdir_leaves_no_room_for_the_servers_socket(request):
     from regionspot_cache.extract.distribute import worker_start_method
 
     assert worker_start_method() == "forkserver"
-    long_dir = tmp_path / ("t" * 90)
-    long_dir.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
-    monkeypatch.setitem(multiprocessing.current_process()._config, "tempdir", None)  # made afresh, under long_dir
+    request.getfixturevalue("too_long_tmpdir")
     assert worker_start_method() == "spawn"

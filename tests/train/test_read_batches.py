@@ -106,12 +106,9 @@ def test_int8_cache_trains_from_the_same_keys(tmp_path):
         assert np.linalg.norm(tb.astype(np.float32) - ta) / np.linalg.norm(ta.astype(np.float32)) < 0.02
 
 
-def test_loader_workers_under_a_too_long_tmpdir_are_one_error_not_a_hang(tmp_path, monkeypatch):
+def test_loader_workers_under_a_too_long_tmpdir_are_one_error_not_a_hang(tmp_path, too_long_tmpdir):
     """Python before 3.13 puts the sockets workers hand batches over through under TMPDIR: a path
     too long for one made the worker drop its batch and the loader wait forever."""
-    import multiprocessing
-    import tempfile
-
     import pytest
 
     from regionspot_cache.errors import ConfigError
@@ -119,11 +116,6 @@ def test_loader_workers_under_a_too_long_tmpdir_are_one_error_not_a_hang(tmp_pat
     reader = _cache(tmp_path / "cache")
     sources = MultiSourceRegions([CachedRegions(reader, reader.vocabulary("toy"), 100, seed=0)])
     plan = BatchPlan(sources.sizes(), [1.0], batch_size=4, seed=3)
-    long_dir = tmp_path / ("t" * 90)
-    long_dir.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
-    # multiprocessing's temporary directory is made once per process: this one made afresh, under long_dir
-    monkeypatch.setitem(multiprocessing.current_process()._config, "tempdir", None)
     refused = r"train.num_workers: loader workers .* too long .* set TMPDIR to a shorter directory, or train.num_workers=0"
     with pytest.raises(ConfigError, match=refused):
         region_loader(sources, RankBatchSampler(plan, 0), 1, 2, pin_memory=False)
