@@ -30,7 +30,7 @@ def demo_train_config(iterations: int = ITERATIONS) -> TrainConfig:
 @dataclass
 class DemoConfig(Validated):
     SECTION: ClassVar[str] = "demo"
-    # Sized for a few CPU minutes: extraction (tiny SAM still runs at 1024 px) is most of the demo's time.
+    # Sized for about a CPU minute: training is most of the demo's time, then extraction.
     train_images: int = field(default=160, metadata=at_least(1))
     val_images: int = field(default=48, metadata=at_least(1))
     seed: int = field(default=0, metadata=at_least(0))

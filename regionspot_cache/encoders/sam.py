@@ -1,7 +1,7 @@
 """SAM as a frozen box encoder: one position-aware token (256 values) per box prompt.
 
-Architectures are data (as in segment-anything's ``build_sam.py``); building goes through the
-library's own builder, and weights are loaded with ``weights_only=True``. Image preprocessing is
+Architectures are data (as in segment-anything's ``build_sam.py``); the released ones are built by
+the library's own builder, and weights are loaded with ``weights_only=True``. Image preprocessing is
 exactly ``SamPredictor.set_image``'s: ``ResizeLongestSide`` to 1024, pixel mean/std, pad; with
 ``released`` preprocessing, of detectron2's test-resized image (``encoders/preprocess.py``).
 The image encoder's attention runs through fused SDPA (``sam_attention.py``), the same function
@@ -11,13 +11,14 @@ within float rounding without the per-image gigabytes of the eager attention mat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from segment_anything.build_sam import _build_sam
-from segment_anything.modeling import Sam
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from regionspot_cache.choices import Preprocessing
@@ -27,6 +28,8 @@ from regionspot_cache.encoders.sam_attention import use_fused_attention
 from regionspot_cache.errors import ModelLoadError
 from regionspot_cache.runtime.weights import load_torch_weights
 
+SAM_INPUT_SIZE = 1024  # every released SAM's input side; segment-anything's builder fixes it
+
 
 @dataclass(frozen=True)
 class SamArchitecture:
@@ -34,17 +37,21 @@ class SamArchitecture:
     depth: int
     num_heads: int
     global_attn_indexes: tuple[int, ...]
+    image_size: int = SAM_INPUT_SIZE
 
 
 SAM_ARCHITECTURES: dict[str, SamArchitecture] = {
     "vit_b": SamArchitecture(768, 12, 12, (2, 5, 8, 11)),
     "vit_l": SamArchitecture(1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": SamArchitecture(1280, 32, 16, (7, 15, 23, 31)),
-    # Same classes with a small image encoder: used by the demo and the tests (random weights).
-    "tiny": SamArchitecture(32, 2, 2, ()),
+    # Same classes with a small image encoder at a quarter of the input side: used by the demo and
+    # the tests (random weights). At 1024 px its full-size mask decoder over 64x64 embeddings was
+    # most of every tiny extraction's CPU time; the code paths are the same at any side.
+    "tiny": SamArchitecture(32, 2, 2, (), image_size=256),
 }
 
 TOKEN_DIM = 256
+PATCH_SIZE = 16
 
 
 SAM_ATTENTIONS = ("sdpa", "eager")
@@ -57,14 +64,7 @@ def build_sam(variant: str, checkpoint: Path | str | None, attention: str = "sdp
         raise ModelLoadError(f"unknown SAM attention {attention!r}; known: {', '.join(SAM_ATTENTIONS)}")
     if variant not in SAM_ARCHITECTURES:
         raise ModelLoadError(f"unknown SAM variant {variant!r}; known: {sorted(SAM_ARCHITECTURES)}")
-    arch = SAM_ARCHITECTURES[variant]
-    sam = _build_sam(
-        encoder_embed_dim=arch.embed_dim,
-        encoder_depth=arch.depth,
-        encoder_num_heads=arch.num_heads,
-        encoder_global_attn_indexes=list(arch.global_attn_indexes),
-        checkpoint=None,
-    )
+    sam = _sam_of(SAM_ARCHITECTURES[variant])
     if checkpoint is not None:
         state = load_torch_weights(checkpoint)
         try:
@@ -74,6 +74,45 @@ def build_sam(variant: str, checkpoint: Path | str | None, attention: str = "sdp
     if attention == "sdpa":
         use_fused_attention(sam.image_encoder)
     return sam.eval().requires_grad_(False)
+
+
+def _sam_of(arch: SamArchitecture) -> Sam:
+    """A randomly initialised SAM of ``arch``: the library's builder for SAM's own input side, else
+    the same classes with the same settings at ``arch.image_size`` (its builder fixes 1024)."""
+    layers = dict(
+        encoder_embed_dim=arch.embed_dim,
+        encoder_depth=arch.depth,
+        encoder_num_heads=arch.num_heads,
+        encoder_global_attn_indexes=list(arch.global_attn_indexes),
+    )
+    if arch.image_size == SAM_INPUT_SIZE:
+        return _build_sam(**layers, checkpoint=None)
+    size, grid = arch.image_size, arch.image_size // PATCH_SIZE
+    encoder = ImageEncoderViT(
+        depth=arch.depth,
+        embed_dim=arch.embed_dim,
+        img_size=size,
+        mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=arch.num_heads,
+        patch_size=PATCH_SIZE,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=list(arch.global_attn_indexes),
+        window_size=14,
+        out_chans=TOKEN_DIM,
+    )
+    prompts = PromptEncoder(
+        embed_dim=TOKEN_DIM, image_embedding_size=(grid, grid), input_image_size=(size, size), mask_in_chans=16
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=TOKEN_DIM, mlp_dim=2048, num_heads=8),
+        transformer_dim=TOKEN_DIM,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return Sam(encoder, prompts, decoder, pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375]).eval()
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def test_released_boxes_are_scaled_to_test_resized_image_then_sam_transform(enco
     boxes = np.array([[10.0, 5.0, 60.0, 80.0], [0.0, 0.0, 140.0, 90.0]], np.float32)
     ours, frame = sam.prompt_boxes(boxes, (90, 140))
     assert frame == (800, 1244)
-    # Original -> test-resized: x by 1244/140, y by 800/90; -> SAM: long side 1244 to 1024.
+    # Original -> test-resized: x by 1244/140, y by 800/90; -> SAM: long side 1244 to its input side.
     scale = sam.input_size / 1244
     sam_h, sam_w = int(800 * scale + 0.5), int(1244 * scale + 0.5)
     expected = boxes * np.array([1244 / 140, 800 / 90] * 2) * np.array([sam_w / 1244, sam_h / 800] * 2)

@@ -8,6 +8,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import torch
+
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "eval.py"
 
 
@@ -16,7 +18,11 @@ def test_eval_benchmark_smoke(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
         sys, "argv", [str(BENCHMARK), "--images", "20", "--categories", "30", "--text-dim", "32", "--compare", "--json", str(out)]
     )
-    runpy.run_path(str(BENCHMARK), run_name="__main__")
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(BENCHMARK), run_name="__main__")
+    finally:  # its --threads would stay set for the tests after this one
+        torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "x LVIS" in printed and "(c) LVISResults + LVISEval.run" in printed
     rows = {row["protocol"]: row for row in json.loads(out.read_text())["rows"]}

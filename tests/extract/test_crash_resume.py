@@ -17,7 +17,8 @@ from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from tests.helpers import python, wait_until
 
-CONFIG = ExtractConfig(shard_size=2, batch_size=1, num_workers=0, device="cpu")
+# One intra-op thread in both processes: CPU results in the last float16 bit depend on the count.
+CONFIG = ExtractConfig(shard_size=2, batch_size=1, num_workers=0, device="cpu", threads=1)
 
 WORKER = textwrap.dedent(
     """
@@ -27,7 +28,7 @@ WORKER = textwrap.dedent(
     from regionspot_cache.extract.runner import CacheTarget, extract_dataset
     annotations, images, cache, sam, clip_model, clip = sys.argv[1:]
     models = ModelsConfig(SamSpec("tiny", sam), ClipSpec(clip_model, clip))
-    config = ExtractConfig(shard_size=2, batch_size=1, num_workers=0, device="cpu")
+    config = ExtractConfig(shard_size=2, batch_size=1, num_workers=0, device="cpu", threads=1)
     extract_dataset(load_coco_format(annotations, images, name="toy"), CacheTarget(cache), models, config)
     """
 )
