@@ -22,7 +22,9 @@ after one untimed warm-up round:
   ``fetcher_waiting_share`` of the window), the steady-state rate (the smaller of the two: a long
   epoch runs at the slower of fetching and reading; both converge to it as the epoch grows
   against the budget), and the CPU seconds of the training process (its fetch threads included),
-  of its loader workers and of the server (``--server-pid``) per second.
+  of its loader workers and of the server (``--server-pid``) per second. With no loader workers
+  the fetched shards stay in the training process's memory; ``--files-too`` adds that flow with
+  them in files (``/dev/shm`` or the temporary directory), as when memory is short.
 - with ``--old-flows``: the uniform flow (a fresh ``CacheReader``, each process fetching a shard
   when it first touches it, ``--batches`` batches, start-up timed; keep ``--images`` within
   ``CacheReader.remote_shards_kept`` shards for it) and the same loader on a local copy.
@@ -45,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import psutil
 
@@ -55,6 +58,7 @@ from cache_read import SHAPES, batch_bytes, measure_loader, median_spread, write
 from regionspot_cache.cache import CacheReader  # noqa: E402
 from regionspot_cache.cache.storage import SHARDS_DIR, CacheLocation  # noqa: E402
 from regionspot_cache.config import TrainConfig  # noqa: E402
+from regionspot_cache.train import loader  # noqa: E402
 from regionspot_cache.train.data import CachedRegions, open_sources  # noqa: E402
 from regionspot_cache.train.distributed import Processes  # noqa: E402
 from regionspot_cache.train.loader import training_loader  # noqa: E402
@@ -209,6 +213,11 @@ def main() -> None:
     parser.add_argument("--max-boxes", type=int, default=100)
     parser.add_argument("--server-pid", type=int, help="the server's process, for its CPU seconds")
     parser.add_argument("--old-flows", action="store_true", help="also the uniform flow and the local copy's loader")
+    parser.add_argument(
+        "--files-too",
+        action="store_true",
+        help="also the default flow (resident 8, 0 workers) with the shards fetched into files instead of memory",
+    )
     parser.add_argument("--batches", type=int, default=12, help="timed batches per round of the old flows")
     args = parser.parse_args()
     location = CacheLocation.parse(args.cache_url)
@@ -226,6 +235,9 @@ def main() -> None:
             for resident in args.resident
             for workers in args.workers
         }
+        if args.files_too:  # the same flow with the fetched shards in files, as when memory is short
+            with mock.patch.object(loader, "host_available_bytes", lambda: 0):
+                epoch["resident_8_workers_0_files"] = epoch_figures(args.cache_url, args, round_, 8, 0, server)
         if args.old_flows:
             uniform, local = old_flows(location, args, local_regions, round_)
         if round_:

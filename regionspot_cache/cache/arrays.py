@@ -20,6 +20,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import zarr
@@ -97,6 +98,23 @@ class RowArray:
             log.debug("%s: not laid out for memory mapping; reading through zarr", directory)
         return cls(directory, shape, dtype, mapped, None if mapped else zarr.open_array(directory, mode="r"))
 
+    @classmethod
+    def in_memory(cls, files: Mapping[str, Any], name: str, label: Path) -> "RowArray":
+        """Array ``name`` of a zarr v3 group held in memory (``files``: each path under the group,
+        ``<name>/zarr.json`` and its shard file ``<name>/c/0/...``, to its bytes), read as a mapped
+        one is. Only the layout the writer makes can be read so; another is a ValueError."""
+        metadata = _numeric_array(_document(files.get(f"{name}/zarr.json"), "array"))
+        if metadata is None:
+            raise ValueError(f"{label}: not a zarr v3 array of a numeric type")
+        shape, dtype = tuple(int(n) for n in metadata["shape"]), np.dtype(metadata["data_type"])
+        mapped = None
+        if shape and shape[0]:
+            data = files.get(f"{name}/c/" + "/".join(["0"] * len(shape)))
+            mapped = None if data is None else MappedChunks.of_buffer(metadata, shape, dtype, data, label / "c")
+            if mapped is None:
+                raise ValueError(f"{label}: not one file of uncompressed chunks in row order")
+        return cls(label, shape, dtype, mapped, None)
+
     def rows(self, rows: np.ndarray | slice, out: np.ndarray | None = None, at: np.ndarray | None = None) -> np.ndarray:
         """The rows; with ``out``, written into ``out[at]`` (default ``at``: 0, 1, ...) and ``out`` returned."""
         if self.mapped is not None:
@@ -132,9 +150,20 @@ def open_group(directory: Path, names: list[str]) -> dict[str, "RowArray"]:
     return {name: RowArray.open(directory / name) for name in names}
 
 
+def open_group_in_memory(files: Mapping[str, Any], names: list[str], label: Path) -> dict[str, "RowArray"]:
+    """``open_group`` of a group held in memory (``RowArray.in_memory``'s ``files``); ``label``
+    names it in errors."""
+    if _document(files.get("zarr.json"), "group") is None:
+        raise ValueError(f"{label / 'zarr.json'}: not a zarr v3 group document")
+    return {name: RowArray.in_memory(files, name, label / name) for name in names}
+
+
 def _array_metadata(directory: Path) -> dict | None:
     """The array's ``zarr.json`` when it is a zarr v3 array of a plain numeric type, else None."""
-    metadata = _zarr_document(directory, "array")
+    return _numeric_array(_zarr_document(directory, "array"))
+
+
+def _numeric_array(metadata: dict | None) -> dict | None:
     if metadata is None or not isinstance(metadata.get("data_type"), str) or metadata["data_type"] not in NUMERIC_TYPES:
         return None
     return metadata
@@ -144,9 +173,17 @@ def _zarr_document(directory: Path, node_type: str) -> dict | None:
     """``directory/zarr.json`` when it is a zarr v3 document of a ``node_type`` node, else None
     (missing too; text that is not JSON raises ValueError)."""
     try:
-        metadata = json.loads((directory / "zarr.json").read_bytes())
+        return _document((directory / "zarr.json").read_bytes(), node_type)
     except FileNotFoundError:
         return None
+
+
+def _document(text: Any, node_type: str) -> dict | None:
+    """``text`` (bytes of a ``zarr.json``; None: missing) when it is a zarr v3 document of a
+    ``node_type`` node, else None (text that is not JSON raises ValueError)."""
+    if text is None:
+        return None
+    metadata = json.loads(bytes(text))
     if not isinstance(metadata, dict) or metadata.get("zarr_format") != 3 or metadata.get("node_type") != node_type:
         return None
     return metadata
@@ -156,11 +193,15 @@ class MappedChunks:
     """The chunks of a single zarr shard file, memory-mapped: ``chunks[c, i]`` is row
     ``c * chunk_rows + i``; with ``crc`` each chunk is checked once, before its first read."""
 
-    def __init__(self, path: Path, chunks: np.ndarray, crc: np.ndarray | None, length: int, version: os.stat_result):
+    def __init__(self, path: Path, chunks: np.ndarray, crc: np.ndarray | None, length: int, version: os.stat_result | None):
         self.path, self.chunks, self.crc, self.length = path, chunks, crc, length
         self.chunk_rows = chunks.shape[1]
-        # 1 where the chunk's crc32c has passed, in this process or another of the user's (cache/ledger.py)
-        self.checked = checked_flags(path, version, len(chunks)) if crc is not None else None
+        # 1 where the chunk's crc32c has passed, in this process or another of the user's (cache/ledger.py);
+        # bytes in memory (no file version) are this process's alone
+        if crc is None:
+            self.checked = None
+        else:
+            self.checked = checked_flags(path, version, len(chunks)) if version is not None else np.zeros(len(chunks), np.uint8)
 
     @classmethod
     def open(cls, metadata: dict, shape: tuple, dtype: np.dtype, directory: Path) -> "MappedChunks | None":
@@ -169,30 +210,38 @@ class MappedChunks:
         layout = _contiguous_layout(metadata, shape, dtype)
         if layout is None:
             return None
-        chunk_rows, with_crc = layout
         path = directory / "c" / "/".join(["0"] * len(shape))
-        chunk_count = _round_up(shape[0], chunk_rows) // chunk_rows
-        data_bytes = chunk_rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        stride = data_bytes + (CRC_BYTES if with_crc else 0)
-        index_bytes = chunk_count * 16 + INDEX_TRAILER
+        record, count, index_bytes = _chunk_record(shape, dtype, *layout)
         try:
             with open(path, "rb") as handle:  # one open: the map, its index and its version are one file's
                 data_end = handle.seek(-index_bytes, 2)
-                index = np.frombuffer(handle.read(chunk_count * 16), "<u8").reshape(chunk_count, 2)
-                start = int(index[0, 0])
-                expected = start + np.arange(chunk_count, dtype=np.uint64) * np.uint64(stride)
-                in_order = (index[:, 0] == expected).all() and (index[:, 1] == stride).all()
-                if (index[:, 0] == NO_CHUNK).any() or not in_order or start + chunk_count * stride > data_end:
-                    return None  # not this layout (or a damaged index: zarr's read checks the index's crc32c)
-                fields = [("rows", dtype.newbyteorder("<"), (chunk_rows, *shape[1:]))]
-                record = np.dtype(fields + ([("crc", "<u4")] if with_crc else []))
-                mapped = np.memmap(handle, dtype=record, mode="r", offset=start, shape=(chunk_count,))
+                start = _first_chunk(handle.read(index_bytes - INDEX_TRAILER), record, count, data_end)
+                if start is None:
+                    return None
+                mapped = np.memmap(handle, dtype=record, mode="r", offset=start, shape=(count,))
                 version = os.fstat(handle.fileno())  # of the file mapped, even if the path is replaced meanwhile
         except OSError:
             return None
-        plain = np.asarray  # views of the same pages without np.memmap's per-index Python code
-        crc = plain(mapped["crc"]) if with_crc else None
-        return cls(path, plain(mapped["rows"]), crc, shape[0], version)
+        return cls._of_records(path, np.asarray(mapped), shape[0], version)  # without np.memmap's per-index Python code
+
+    @classmethod
+    def of_buffer(cls, metadata: dict, shape: tuple, dtype: np.dtype, data: Any, path: Path) -> "MappedChunks | None":
+        """``open`` of the shard file's bytes held in memory (``path`` names them in errors)."""
+        layout = _contiguous_layout(metadata, shape, dtype)
+        if layout is None:
+            return None
+        record, count, index_bytes = _chunk_record(shape, dtype, *layout)
+        data = np.frombuffer(data, np.uint8)
+        data_end = len(data) - index_bytes
+        start = _first_chunk(data[data_end : len(data) - INDEX_TRAILER], record, count, data_end) if data_end >= 0 else None
+        if start is None:
+            return None
+        return cls._of_records(path, np.frombuffer(data, record, count, start), shape[0], None)
+
+    @classmethod
+    def _of_records(cls, path: Path, records: np.ndarray, length: int, version: os.stat_result | None) -> "MappedChunks":
+        crc = records["crc"] if "crc" in records.dtype.names else None
+        return cls(path, records["rows"], crc, length, version)
 
     def rows(
         self, rows: np.ndarray | slice, check: bool, out: np.ndarray | None = None, at: np.ndarray | None = None
@@ -238,6 +287,27 @@ class MappedChunks:
             f"{self.path}: rows {first}-{min(first + self.chunk_rows, self.length) - 1} fail their crc32c "
             "check: the file is damaged; run `rs-cache verify` and `rs-cache repair` on the cache"
         )
+
+
+def _chunk_record(shape: tuple, dtype: np.dtype, chunk_rows: int, with_crc: bool) -> tuple[np.dtype, int, int]:
+    """(one chunk's record: its rows, then its crc32c if it has one; the chunk count; the bytes of
+    the shard index at the file's end)."""
+    fields = [("rows", dtype.newbyteorder("<"), (chunk_rows, *shape[1:]))]
+    count = _round_up(shape[0], chunk_rows) // chunk_rows
+    return np.dtype(fields + ([("crc", "<u4")] if with_crc else [])), count, count * 16 + INDEX_TRAILER
+
+
+def _first_chunk(index_data: bytes | np.ndarray, record: np.dtype, count: int, data_end: int) -> int | None:
+    """Offset of the first chunk when the shard index puts all ``count`` chunks in row order, one
+    record apart, before ``data_end``; else None (not this layout, or a damaged index: zarr's read
+    checks the index's crc32c)."""
+    index = np.frombuffer(index_data, "<u8").reshape(count, 2)
+    start = int(index[0, 0])
+    expected = start + np.arange(count, dtype=np.uint64) * np.uint64(record.itemsize)
+    in_order = (index[:, 0] == expected).all() and (index[:, 1] == record.itemsize).all()
+    if (index[:, 0] == NO_CHUNK).any() or not in_order or start + count * record.itemsize > data_end:
+        return None
+    return start
 
 
 def _contiguous_layout(metadata: dict, shape: tuple, dtype: np.dtype) -> tuple[int, bool] | None:

@@ -14,12 +14,12 @@ import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from regionspot_cache.cache.arrays import RowArray, dequantize_rows, open_group, place_rows
+from regionspot_cache.cache.arrays import RowArray, dequantize_rows, open_group, open_group_in_memory, place_rows
 from regionspot_cache.cache.format import (
     BOX_TOKENS,
     BOXES_FILE,
@@ -80,13 +80,16 @@ class ShardFeatures:
         return values.rows(rows) if scale is None else dequantize_rows(values.rows(rows), scale.rows(rows))
 
     @staticmethod
-    def open(where: Path | str, expected: dict[str, tuple | None], dtype: FeatureDtype) -> "ShardFeatures":
-        """Open and check the arrays against the shapes the manifest and cache.json call for."""
+    def open(
+        where: Path | str, expected: dict[str, tuple | None], dtype: FeatureDtype, files: Mapping[str, Any] | None = None
+    ) -> "ShardFeatures":
+        """Open and check the arrays against the shapes the manifest and cache.json call for; with
+        ``files``, the group's files held in memory (``where`` then only names them)."""
         names = [CLIP_MAPS, BOX_TOKENS]
         if dtype.scaled:
             names += [CLIP_MAPS + SCALE_SUFFIX, BOX_TOKENS + SCALE_SUFFIX]
         try:
-            arrays = open_group(Path(where), names)
+            arrays = open_group(Path(where), names) if files is None else open_group_in_memory(files, names, Path(where))
         except (OSError, KeyError, ValueError, TypeError) as err:
             raise CacheFormatError(f"{where}: unreadable feature arrays: {err}") from None
         for name in names:
@@ -358,16 +361,18 @@ class CacheReader:
         return self.shard_dir(shard) / FEATURES_DIR
 
     def _open_arrays(self, shard: int) -> ShardFeatures:
-        where = self.features_dir(shard)
+        return ShardFeatures.open(self.features_dir(shard), self.expected_shapes(shard), self.provenance.feature_dtype)
+
+    def expected_shapes(self, shard: int) -> dict[str, tuple | None]:
+        """The shapes of the shard's arrays that its manifest and cache.json call for (None: empty)."""
         in_shard = self._shard == shard
         maps = int((self._map_row[in_shard] >= 0).sum())
         boxes = int(self._box_count[in_shard].sum())
         clip = self.provenance.clip
-        expected = {
+        return {
             CLIP_MAPS: (maps, clip.num_tokens, clip.width) if maps else None,
             BOX_TOKENS: (boxes, self.provenance.sam.token_dim) if boxes else None,
         }
-        return ShardFeatures.open(where, expected, self.provenance.feature_dtype)
 
     def vocabulary_names(self) -> list[str]:
         return self.location.names(VOCAB_DIR, ".parquet")

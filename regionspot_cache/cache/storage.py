@@ -256,17 +256,33 @@ class CacheLocation:
         among them, the shard is fetched by GETs alone (no lookup of the record, no listing of the
         shard: two requests of the dozen a shard costs). The listing must be newer than the
         shard's commit: one taken before training starts, as ``ShardCache`` takes it."""
-        relative = f"{SHARDS_DIR}/{shard_name(shard_id)}"
+        relative, objects = self._committed_shard(shard_id, objects)
         final = Path(local_dir) / shard_name(shard_id)
-        if objects is None or COMMIT_RECORD not in objects:  # not listed, or listed before its commit
-            if not self.exists(f"{relative}/{COMMIT_RECORD}"):
-                raise FileNotFoundError(f"{self.url}: shard {shard_id} is not committed")
-            objects = None
         if final.is_dir():
             return final
         with atomic_path(final, durable=False) as tmp:  # a copy for this process's life (see the callers)
             self.fetch_dir(relative, tmp, objects)
         return final
+
+    def shard_in_memory(self, shard_id: int, objects: dict[str, int] | None = None) -> dict[str, Any]:
+        """``fetch_shard`` into memory: each of the committed shard's files (its path within the
+        shard) to its bytes, with no local file written."""
+        relative, objects = self._committed_shard(shard_id, objects)
+        if self.local is not None:
+            root = self.local / relative
+            return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        downloaded = self._download(relative, objects)
+        return {name: pieces[0] if len(pieces) == 1 else b"".join(pieces) for name, pieces in downloaded.items()}
+
+    def _committed_shard(self, shard_id: int, objects: dict[str, int] | None) -> tuple[str, dict[str, int] | None]:
+        """(the shard's path, ``objects`` when they can be trusted): a shard that is not committed
+        is a FileNotFoundError."""
+        relative = f"{SHARDS_DIR}/{shard_name(shard_id)}"
+        if objects is None or COMMIT_RECORD not in objects:  # not listed, or listed before its commit
+            if not self.exists(f"{relative}/{COMMIT_RECORD}"):
+                raise FileNotFoundError(f"{self.url}: shard {shard_id} is not committed")
+            objects = None
+        return relative, objects
 
     def uncommit_shard(self, shard_id: int) -> None:
         """Remove a committed shard: its commit record first, so no reader sees half of it."""
@@ -305,6 +321,18 @@ class CacheLocation:
 
             shutil.copytree(self.local / relative, local_dir, dirs_exist_ok=True)
             return local_dir
+        chunks = self._download(relative, objects)
+        targets = {name: local_dir / name for name in chunks}
+        for directory in sorted({target.parent for target in targets.values()}):  # each made once
+            directory.mkdir(parents=True, exist_ok=True)
+        for name, pieces in chunks.items():
+            with open(targets[name], "wb") as handle:  # part by part: joining them first copied every byte once more
+                handle.writelines(pieces)
+        return local_dir
+
+    def _download(self, relative: str, objects: dict[str, int] | None) -> dict[str, list[Any]]:
+        """Each object under ``relative`` (remote; ``objects`` as in ``fetch_dir``): its path
+        under ``relative`` to its bytes, in parts."""
         with self.requests(f"download {relative}"):
             prefix = self.path(relative) + "/"
             if objects is None:
@@ -320,21 +348,15 @@ class CacheLocation:
             # one stream per object would leave the link mostly idle. On S3 through obstore when
             # it is installed (the GIL released during the GETs), else or on its failure s3fs.
             data = self._get_parts(parts)
-        chunks: dict[str, list[bytes]] = {key: [] for key in sizes}
+        chunks: dict[str, list[Any]] = {key.removeprefix(prefix): [] for key in sizes}
         for (key, start, end), chunk in zip(parts, data):
             if isinstance(chunk, Exception) and not isinstance(chunk, FileNotFoundError):
                 with self.requests(f"download {key}"):
                     raise chunk
             if isinstance(chunk, Exception) or len(chunk) != end - start:  # gone or changed since listed
                 raise FileNotFoundError(f"{self.url}: {key.removeprefix(prefix)} of {relative} is gone or changed")
-            chunks[key].append(chunk)
-        targets = {key: local_dir / key.removeprefix(prefix) for key in chunks}
-        for directory in sorted({target.parent for target in targets.values()}):  # each made once
-            directory.mkdir(parents=True, exist_ok=True)
-        for key, pieces in chunks.items():
-            with open(targets[key], "wb") as handle:  # part by part: joining them first copied every byte once more
-                handle.writelines(pieces)
-        return local_dir
+            chunks[key.removeprefix(prefix)].append(chunk)
+        return chunks
 
     def _get_parts(self, parts: list[tuple[str, int, int]]) -> list[Any]:
         if self.family == "s3":

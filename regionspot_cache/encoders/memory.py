@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
 import torch
 
 from regionspot_cache.encoders.sam_attention import BIAS_BYTES_PER_CALL
+from regionspot_cache.runtime.devices import host_available_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,7 @@ def available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host_available_bytes()
 
 
 def memory_budget_bytes(budget_gb: float | None, device: torch.device) -> int:

@@ -52,6 +52,19 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def host_available_bytes() -> int:
+    """The host's MemAvailable (free plus reclaimable page cache), else its free pages where
+    /proc is absent."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on: its affinity (a SLURM or taskset share), else all."""
     try:

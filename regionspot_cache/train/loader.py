@@ -17,16 +17,25 @@ from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.config import TrainConfig
 from regionspot_cache.errors import ConfigError
+from regionspot_cache.runtime.devices import host_available_bytes
 from regionspot_cache.runtime.files import remove_abandoned_temps
-from regionspot_cache.train.data import CachedRegions, MultiSourceRegions, RegionBatch, TrainSource, region_loader
+from regionspot_cache.train.data import (
+    CachedRegions,
+    MultiSourceRegions,
+    RegionBatch,
+    TrainSource,
+    fitted_workers,
+    region_loader,
+)
 from regionspot_cache.train.distributed import Processes, gather_objects
+from regionspot_cache.train.local_reader import open_local_sources
 from regionspot_cache.train.node_share import NodeShare, node_root
 from regionspot_cache.train.order import BatchPlan, EpochOrder, RankBatchSampler, epoch_order
 from regionspot_cache.train.read_ahead import ReadAheadSampler, shard_directories
-from regionspot_cache.train.shard_cache import ShardCache, open_local_sources, shard_schedule
+from regionspot_cache.train.shard_cache import ShardCache, shard_schedule
 
 MEMORY_DIR = Path("/dev/shm")
-MEMORY_SHARE = 4  # a temporary shard cache goes in memory when it takes at most a quarter of what is free there
+MEMORY_SHARE = 4  # a temporary shard cache goes in memory (or /dev/shm) when it takes at most a quarter of what is free there
 TEMPORARY_NAME = "rs-cache-shards"
 
 
@@ -184,5 +193,10 @@ def shard_cache_for(
     largest, step_shards = sizes(cache)
     if temporary:
         cache.budget = (step_shards + CacheReader.remote_shards_kept) * largest
+        # One process reading (no loader workers, none beside it on the node) keeps the shards in
+        # its memory when they fit: not written to files and read back (1.51x the loader's rate
+        # from object storage, side by side: benchmarks/RESULTS.md, run 13).
+        alone = fitted_workers(config.num_workers) == 0
+        cache.hold_in_memory(alone and host_available_bytes() >= MEMORY_SHARE * cache.budget)
     cache.check_room(step_shards * largest)
     return cache

@@ -33,8 +33,9 @@ from torch.utils.data import Sampler
 
 from regionspot_cache.cache import CacheReader
 from regionspot_cache.cache.format import FEATURES_DIR, SHARDS_DIR, shard_name
+from regionspot_cache.train.local_reader import LocalShardReader
 from regionspot_cache.train.order import Key, RankBatchSampler
-from regionspot_cache.train.shard_cache import LocalShardReader, ShardKey, shard_schedule
+from regionspot_cache.train.shard_cache import ShardKey, shard_schedule
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,10 @@ function of the step, so the walk is known in advance), fetches each whole shard
 directory before its first read, and evicts the least recently needed shard that no batch still
 to be delivered needs, whenever the next fetch would overflow the budget. From object storage a
 shard is fetched by its GETs alone: its objects come from the one listing taken for the budget. Readers
-(``LocalShardReader``, in the loader workers too) wait for a shard's directory to appear; a
-fetch lands by one rename, so a directory that exists is complete.
+(``local_reader.LocalShardReader``, in the loader workers too) wait for a shard's directory to
+appear; a fetch lands by one rename, so a directory that exists is complete. A process reading
+alone (no loader workers, no other process on the node) may keep the shards in its memory
+instead (``hold_in_memory``): nothing is written to a file and read back.
 
 With ``train.order = "shards"`` every shard is needed during one window per epoch, so an epoch
 fetches each shard once (plus the few that straddle the budget at epoch boundaries).
@@ -25,19 +27,16 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from regionspot_cache.cache import CacheReader
-from regionspot_cache.cache.format import FEATURES_DIR, SHARDS_DIR, shard_name
+from regionspot_cache.cache.format import SHARDS_DIR, shard_name
 from regionspot_cache.cache.storage import CacheLocation
 from regionspot_cache.errors import CacheFormatError, ConfigError
-from regionspot_cache.train.data import TrainSource
 from regionspot_cache.train.node_share import NodeProgress, NodeShare, leave_node
-from regionspot_cache.train.views import open_views
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +49,6 @@ PROGRESS_POLL_S = 0.005  # a fetch waiting for room re-reads the other processes
 
 ShardKey = tuple[int, int]  # (source, shard)
 Fetcher = Callable[[Path, int, Path], int]
-
-
-def open_local_sources(sources: Sequence[TrainSource], cache: "ShardCache", views: Sequence[str]) -> list[TrainSource]:
-    """``sources`` read through ``cache``'s local copies (view caches other than the identity are
-    still read where they are)."""
-    local = []
-    for i, source in enumerate(sources):
-        reader = LocalShardReader.of(source.reader, cache.local_dir(i))
-        local.append(replace(source, reader=reader, views=open_views(reader, views)))
-    return local
 
 
 def tree_bytes(path: Path) -> int:
@@ -130,6 +119,10 @@ class ShardCache:
     """Fetches the shards of ``schedule`` ahead into ``local_root/<source>/``, at most ``budget``
     bytes there; ``delivered(step)`` tells it which batches are read (their shards may go).
 
+    With ``in_memory`` (one process reading, no loader workers: ``LocalShardReader.of(...,
+    memory=cache)``), the fetched shards' files stay in this process's memory instead of landing
+    in ``local_root``: no copy written to a file and read back through a map.
+
     Arguments:
       caches: the training caches, by source.
       local_root: the node's local directory (emptied first by the node's fetching process: what a
@@ -161,10 +154,13 @@ class ShardCache:
         fetch: Fetcher | None = None,
         temporary: bool = False,
         node: NodeShare = NodeShare(),
+        in_memory: bool = False,
     ):
         self.caches, self.local_root, self.budget = [Path(c) for c in caches], Path(local_root), budget
         self.temporary, self.node = temporary, node  # removed on close; the processes sharing it
-        self.schedule, self.fetch = schedule, fetch or self._fetch_listed
+        self.schedule, self._fetch_given = schedule, fetch
+        self.hold_in_memory(in_memory)
+        self._files: dict[tuple[str, int], dict[str, Any]] = {}  # in memory: (local_dir, shard) -> its files
         self.stats = ShardCacheStats()
         self._present: OrderedDict[ShardKey, int] = OrderedDict()  # bytes, least recently needed first
         self._last_needed: dict[ShardKey, int] = {}
@@ -191,6 +187,12 @@ class ShardCache:
         shutil.rmtree(self.local_root, ignore_errors=True)
         self.local_root = Path(local_root)
         self._make_root()
+
+    def hold_in_memory(self, enabled: bool) -> None:
+        """Keep the fetched shards in memory (one process of the node alone), or land them in
+        files; before ``start`` and before any reader opens this cache."""
+        self.in_memory = enabled and self.node.size == 1
+        self.fetch = self._fetch_given or (self._fetch_into_memory if self.in_memory else self._fetch_listed)
 
     def local_dir(self, source: int) -> Path:
         return self.local_root / str(source)
@@ -238,6 +240,8 @@ class ShardCache:
             self._changed.notify_all()
         if self._thread.is_alive():
             self._thread.join()
+        with self._changed:
+            self._files.clear()
         if self.temporary and self._progress is not None:
             leave_node(self.local_root, self.node)
         elif self.temporary:
@@ -266,7 +270,9 @@ class ShardCache:
                         in_flight = _landed(in_flight, FETCH_THREADS - 1)
                 _landed(in_flight, 0)
         except BaseException as err:  # noqa: BLE001 - handed to the training loop and to the readers
-            self._error = err
+            with self._changed:
+                self._error = err
+                self._changed.notify_all()
             (self.local_root / FAILED_FILE).write_text(f"{type(err).__name__}: {err}")
             log.error("local shard cache stopped: %s", err)
 
@@ -289,7 +295,10 @@ class ShardCache:
                 if victim is None:  # the other processes' progress is seen by polling it
                     self._changed.wait(timeout=1.0 if self._progress is None else PROGRESS_POLL_S)
                     continue
-                shutil.rmtree(self.local_dir(victim[0]) / SHARDS_DIR / shard_name(victim[1]))
+                if self.in_memory:
+                    del self._files[(str(self.local_dir(victim[0])), victim[1])]
+                else:
+                    shutil.rmtree(self.local_dir(victim[0]) / SHARDS_DIR / shard_name(victim[1]))
                 del self._present[victim]
                 self.stats.evictions += 1
             self.stats.wait_seconds += time.perf_counter() - waited
@@ -300,6 +309,35 @@ class ShardCache:
 
     def _fetch_listed(self, cache: Path, shard: int, local_dir: Path) -> int:
         return fetch_shard(cache, shard, local_dir, self._objects.get((str(cache), shard)))
+
+    def _fetch_into_memory(self, cache: Path, shard: int, local_dir: Path) -> int:
+        """``fetch``'s contract with the files kept in ``_files`` under ``local_dir``'s name."""
+        try:
+            files = CacheLocation.parse(cache).shard_in_memory(shard, self._objects.get((str(cache), shard)))
+        except FileNotFoundError as err:
+            raise CacheFormatError(f"{err}; cannot fetch it into memory") from None
+        with self._changed:
+            self._files[(str(local_dir), shard)] = files
+            self._changed.notify_all()
+        return sum(len(memoryview(data).cast("B")) for data in files.values())
+
+    def present_files(self, local_dir: Path, shard: int) -> dict[str, Any] | None:
+        """The files of a shard in memory, None when it is not (yet, or any more)."""
+        with self._changed:
+            return self._files.get((str(local_dir), shard))
+
+    def files_of(self, local_dir: Path, shard: int) -> dict[str, Any]:
+        """The files of a shard fetched into memory, once it is there (``in_memory``)."""
+        key = (str(local_dir), shard)
+        with self._changed:
+            waited = time.perf_counter()
+            while key not in self._files:
+                if self._error is not None:
+                    raise CacheFormatError(f"shard {shard} of {local_dir}: never fetched: {self._error}")
+                if time.perf_counter() - waited > WAIT_LIMIT_S:
+                    raise CacheFormatError(f"shard {shard} of {local_dir}: not fetched after {WAIT_LIMIT_S:.0f} s")
+                self._changed.wait(timeout=1.0)
+            return self._files[key]
 
     def _fetch(self, key: ShardKey, size: int) -> None:
         fetched = self.fetch(self.caches[key[0]], key[1], self.local_dir(key[0]))
@@ -323,64 +361,3 @@ def _landed(in_flight: set[Future], most: int) -> set[Future]:
         if len(in_flight) <= most:
             break
     return in_flight
-
-
-class LocalShardReader(CacheReader):
-    """A ``CacheReader`` of ``root`` whose shard files are read from ``local_dir`` (a ``ShardCache``'s
-    ``local_dir(source)``), waiting for each shard to be fetched there. The maps of shards evicted
-    meanwhile are closed whenever it opens another shard (once per window), freeing their blocks."""
-
-    def __init__(self, root: Path | str, local_dir: Path):
-        super().__init__(root)
-        self.local_dir = Path(local_dir)
-        self._identities: dict[int, tuple[int, int]] = {}
-
-    @classmethod
-    def of(cls, reader: CacheReader, local_dir: Path) -> "LocalShardReader":
-        """``reader``'s manifests and identity as they are (on object storage, not read again)."""
-        local = cls.__new__(cls)
-        local.__dict__.update(reader.__getstate__())
-        local.local_dir, local._identities = Path(local_dir), {}
-        return local
-
-    def shard_dir(self, shard: int) -> Path:
-        where = self.local_dir / SHARDS_DIR / shard_name(shard)
-        waited = 0.0
-        while not where.is_dir():
-            failed = self.local_dir.parent / FAILED_FILE
-            if failed.is_file():
-                raise CacheFormatError(f"{where}: never fetched: {failed.read_text()}")
-            if waited > WAIT_LIMIT_S:
-                raise CacheFormatError(f"{where}: not fetched after {WAIT_LIMIT_S:.0f} s")
-            time.sleep(WAIT_POLL_S)
-            waited += WAIT_POLL_S
-        return where
-
-    def features_dir(self, shard: int) -> Path:
-        return self.shard_dir(shard) / FEATURES_DIR  # the local copy, of a cache on object storage too
-
-    def _arrays(self, shard: int):  # noqa: ANN202 - ShardFeatures
-        if shard not in self._opened:
-            self._close_evicted()
-            features = super()._arrays(shard)
-            self._identities[shard] = _identity(self.local_dir / SHARDS_DIR / shard_name(shard))
-            return features
-        return self._opened[shard]
-
-    def _close_evicted(self) -> None:
-        """Drop the maps of shards evicted (or evicted and fetched again) since they were opened."""
-        for shard in list(self._opened):
-            if _identity(self.local_dir / SHARDS_DIR / shard_name(shard)) != self._identities.get(shard):
-                del self._opened[shard]
-                self._identities.pop(shard, None)
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_identities": {}}
-
-
-def _identity(path: Path) -> tuple[int, int]:
-    try:
-        status = path.stat()
-    except FileNotFoundError:
-        return (-1, -1)
-    return (status.st_ino, status.st_ctime_ns)

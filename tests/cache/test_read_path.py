@@ -127,6 +127,36 @@ def test_damaged_array_metadata_is_one_error_naming_the_shard(tmp_path, damage):
         CacheReader(tmp_path).feature_map(0)
 
 
+def _features_in_memory(root, shard: int = 0) -> dict[str, bytes]:
+    features = root / f"shards/{shard:06d}/features.zarr"
+    return {p.relative_to(features).as_posix(): p.read_bytes() for p in features.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("feature_dtype", ["float16", "int8"])
+def test_a_shards_arrays_held_in_memory_read_as_the_mapped_files_do(tmp_path, feature_dtype):
+    """What a shard cache in memory reads (no file): the same rows, checked by the same crc32c."""
+    from regionspot_cache.cache.reader import ShardFeatures
+
+    reader = _write(tmp_path, _images(4), feature_dtype=feature_dtype)
+    dtype, expected = reader.provenance.feature_dtype, reader.expected_shapes(0)
+    files = _features_in_memory(tmp_path)
+    in_memory = ShardFeatures.open(tmp_path / "in-memory", expected, dtype, files)
+    mapped = reader._arrays(0)
+    rows = np.asarray([2, 0, 3])
+    np.testing.assert_array_equal(in_memory.maps(rows), mapped.maps(rows))
+    all_boxes = slice(0, mapped.box_tokens.shape[0])
+    np.testing.assert_array_equal(in_memory.tokens(all_boxes), mapped.tokens(all_boxes))
+    assert in_memory.clip_maps.mapped.checked.tolist() == [1, 0, 1, 1]  # this process's own flags: rows 2, 0, 3 read
+    # A flipped byte in a map's data fails that chunk's crc32c; a layout it cannot read is refused.
+    data = bytearray(files["clip_maps/c/0/0/0"])
+    data[10] ^= 0xFF
+    damaged = ShardFeatures.open(tmp_path / "in-memory", expected, dtype, {**files, "clip_maps/c/0/0/0": bytes(data)})
+    with pytest.raises(CacheFormatError, match="in-memory/clip_maps/c: rows 0-0 fail their crc32c"):
+        damaged.maps(np.asarray([0]), np.empty((1, *damaged.clip_maps.shape[1:]), np.float16))
+    with pytest.raises(CacheFormatError, match="in-memory: unreadable feature arrays: .*not one file of uncompressed chunks"):
+        ShardFeatures.open(tmp_path / "in-memory", expected, dtype, {**files, "clip_maps/c/0/0/0": b"short"})
+
+
 def test_all_zero_rows_keep_the_file_mappable(tmp_path):
     images = _images(3)
     images[1].feature_map = np.zeros((5, 8), np.float32)

@@ -220,10 +220,14 @@ def test_the_shards_of_a_temporary_shard_cache_are_not_read_ahead_those_of_a_loc
             feed.close()
 
 
-def test_training_from_the_store_fetches_each_shard_ahead_once_for_all_loader_workers(s3_env, on_s3, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [2, 0])
+def test_training_from_the_store_fetches_each_shard_ahead_once_for_all_loader_workers(
+    s3_env, on_s3, tmp_path, monkeypatch, workers
+):
     """Shard order without train.local_cache_dir: the shards are fetched ahead by the training
-    process into a temporary directory, which its loader workers read (none fetches on its own),
-    and the run equals one on a local copy of the cache."""
+    process, into a temporary directory which its loader workers read (none fetches on its own),
+    or with no workers into its own memory (no file written); the run equals one on a local copy
+    of the cache."""
     from regionspot_cache.cache.reader import FetchedShards
     from regionspot_cache.choices import TrainOrder
     from regionspot_cache.config import TrainConfig
@@ -232,14 +236,15 @@ def test_training_from_the_store_fetches_each_shard_ahead_once_for_all_loader_wo
     _, _, _, cache, _ = on_s3
     local = tmp_path / "local"
     s3_env.filesystem().get(cache.removeprefix("s3://"), str(local), recursive=True)
-    config = TrainConfig(iterations=6, batch_size=2, max_boxes_per_image=3, device="cpu", num_workers=2, views=["identity"])
+    config = TrainConfig(iterations=6, batch_size=2, max_boxes_per_image=3, device="cpu", num_workers=workers, views=["identity"])
     config.order, config.resident_shards, config.checkpoint_every = TrainOrder.SHARDS, 1, 100
     reference = train_head(local, tmp_path / "direct" / "head.safetensors", config)
 
-    def no_fetch_of_its_own(self, shard, relative):
-        raise AssertionError(f"shard {shard} fetched by a reader, not ahead by the training process")
+    def not_this_way(*args, **kwargs):
+        raise AssertionError(f"fetched the wrong way for {workers} loader workers: {args[1:]}")
 
-    monkeypatch.setattr(FetchedShards, "features", no_fetch_of_its_own)  # loader workers are forked: patched too
+    monkeypatch.setattr(FetchedShards, "features", not_this_way)  # loader workers are forked: patched too
+    monkeypatch.setattr(CacheLocation, "shard_in_memory" if workers else "fetch_dir", not_this_way)
     # Short: the loader workers' sockets go under it too (a path over 107 bytes cannot be one)
     temporary = Path(tempfile.mkdtemp(prefix="rs-t-"))
     monkeypatch.setattr("tempfile.tempdir", str(temporary))

@@ -21,10 +21,11 @@ from regionspot_cache.train import read_ahead
 from regionspot_cache.train.data import open_sources
 from regionspot_cache.train.distributed import Processes
 from regionspot_cache.train.loader import training_loader
+from regionspot_cache.train.local_reader import LocalShardReader
 from regionspot_cache.train.loop import resume_identity
 from regionspot_cache.train.order import BatchPlan, RankBatchSampler, ShardOrder
 from regionspot_cache.train.read_ahead import ReadAheadSampler, ShardDir, ShardReadAhead, shard_directories
-from regionspot_cache.train.shard_cache import LocalShardReader, shard_schedule, tree_bytes
+from regionspot_cache.train.shard_cache import shard_schedule, tree_bytes
 from tests.helpers import wait_until
 
 THREAD = "shard-read-ahead"
