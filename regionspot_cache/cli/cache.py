@@ -121,6 +121,7 @@ def verify(
     if manifest is not None and not images:
         raise UserError("--manifest is only read with --images")
     found = verify_cache_tree(cache)
+    shown = _shown(cache)
     problems = [(directory, problem) for directory, listed in found.items() for problem in listed]
     checks = _image_checks(cache, list(found), manifest, data_root) if images else []
     changed = [(check, problem) for check in checks for problem in check.problems]
@@ -129,7 +130,7 @@ def verify(
         print(
             json.dumps(
                 {
-                    "cache": str(cache),
+                    "cache": shown,
                     "ok": not problems and not changed,
                     "problems": [
                         {"cache": str(directory), "shard": problem.shard, "problem": problem.problem}
@@ -149,7 +150,14 @@ def verify(
     if not as_json:
         nested = {"proposals": len(proposals_caches(cache)), "view": len(view_caches(cache))}
         checked = "".join(f" and {count} {kind} cache(s)" for kind, count in nested.items() if count)
-        results.print(Text(f"{cache}{checked}: every committed shard matches its checksums"), soft_wrap=True)
+        results.print(Text(f"{shown}{checked}: every committed shard matches its checksums"), soft_wrap=True)
+
+
+def _shown(cache: Path | str) -> str:
+    """A cache as the user wrote it: a URL that went through ``Path`` gets its ``//`` back."""
+    from regionspot_cache.cache.storage import CacheLocation
+
+    return CacheLocation.parse(cache).url
 
 
 def _image_checks(cache: Path, caches: list[Path], manifest: Path, data_root: Path) -> list:
@@ -260,7 +268,7 @@ def repair(
         summary = repair_cache(where, data, source, config.extract, models, distributor=distributor, image_digests=digests)
         if not summary.damaged:
             unchanged = " and holds the images it was extracted from" if images else ""
-            say(f"{where}: every committed shard matches its checksums{unchanged}; nothing to repair")
+            say(f"{_shown(where)}: every committed shard matches its checksums{unchanged}; nothing to repair")
             continue
         for shard, problems in summary.damaged.items():
             prefix = "" if where == cache else f"{where.relative_to(cache)} "

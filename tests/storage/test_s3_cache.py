@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -93,7 +94,10 @@ def test_inspect_verify_and_repair_a_cache_on_s3(s3_env, toy):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["inspect", cache])
     assert result.exit_code == 0 and "shards_committed" in result.output, result.output
-    assert runner.invoke(app, ["verify", cache]).exit_code == 0
+    result = runner.invoke(app, ["verify", cache])
+    said = "".join(result.output.split())  # rich may wrap the line
+    assert result.exit_code == 0 and f"{cache}:everycommittedshardmatches" in said, result.output  # the URL as given
+    assert json.loads(runner.invoke(app, ["verify", cache, "--json"]).output)["cache"] == cache
 
     fs, key = s3_env.filesystem(), cache.removeprefix("s3://")
     fs.pipe_file(f"{key}/shards/000001/boxes.parquet", b"damaged")
