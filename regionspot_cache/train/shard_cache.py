@@ -119,9 +119,9 @@ class ShardCache:
     """Fetches the shards of ``schedule`` ahead into ``local_root/<source>/``, at most ``budget``
     bytes there; ``delivered(step)`` tells it which batches are read (their shards may go).
 
-    With ``in_memory`` (one process reading, no loader workers: ``LocalShardReader.of(...,
-    memory=cache)``), the fetched shards' files stay in this process's memory instead of landing
-    in ``local_root``: no copy written to a file and read back through a map.
+    After ``hold_in_memory(True)`` (one process reading, no loader workers: its readers are
+    ``LocalShardReader.of(..., memory=cache)``), the fetched shards' files stay in this process's
+    memory instead of landing in ``local_root``: no copy written to a file and read back.
 
     Arguments:
       caches: the training caches, by source.
@@ -154,12 +154,11 @@ class ShardCache:
         fetch: Fetcher | None = None,
         temporary: bool = False,
         node: NodeShare = NodeShare(),
-        in_memory: bool = False,
     ):
         self.caches, self.local_root, self.budget = [Path(c) for c in caches], Path(local_root), budget
         self.temporary, self.node = temporary, node  # removed on close; the processes sharing it
         self.schedule, self._fetch_given = schedule, fetch
-        self.hold_in_memory(in_memory)
+        self.hold_in_memory(False)
         self._files: dict[tuple[str, int], dict[str, Any]] = {}  # in memory: (local_dir, shard) -> its files
         self.stats = ShardCacheStats()
         self._present: OrderedDict[ShardKey, int] = OrderedDict()  # bytes, least recently needed first

@@ -22,6 +22,7 @@ from regionspot_cache.choices import TrainOrder
 from regionspot_cache.config import ConfigError, ExtractConfig, TrainConfig
 from regionspot_cache.data.datasets import load_coco_format
 from regionspot_cache.demo.synthetic import SyntheticSpec, generate_split
+from regionspot_cache.errors import CacheFormatError
 from regionspot_cache.extract.runner import CacheTarget, run_extraction
 from regionspot_cache.train import loader
 from regionspot_cache.train.loop import run_dir_for, train_head
@@ -174,6 +175,49 @@ def test_training_through_a_small_local_cache_sees_the_same_batches(cache, tmp_p
     cache_bytes = tree_bytes(cache / SHARDS_DIR)
     epochs = 16 * 2 / 12
     assert stats.fetched_bytes <= cache_bytes * (epochs + 1)  # each shard about once per epoch begun
+
+
+def test_a_shard_cache_held_in_memory_evicts_within_its_budget_and_reads_what_the_cache_holds(cache, tmp_path):
+    """``hold_in_memory``: shards fetched into this process's memory, half the cache's bytes at
+    most, evicted once read and fetched again the next epoch; no file lands under its directory,
+    and the maps read through it are the cache's. A failed fetch is the readers' error."""
+    from regionspot_cache.cache import CacheReader
+    from regionspot_cache.train.local_reader import LocalShardReader
+
+    reader = CacheReader(cache)
+    image_ids = reader.image_ids()
+    shards = reader.images.column("shard").to_numpy()[[reader.row_of(i) for i in image_ids]].astype(np.int64)
+    order = ShardOrder(shards, seed=2, resident=1)
+    keys = [(0, epoch, int(i)) for epoch in range(2) for i in order.permutation(epoch)]
+    batches = [keys[i : i + 2] for i in range(0, len(keys), 2)]
+    budget = int(_budget_gb(cache, 3) * 1e9)
+    local = ShardCache([cache], tmp_path / "local", budget, shard_schedule(batches, [shards], 0))
+    local.hold_in_memory(True)
+    through = LocalShardReader.of(reader, local.local_dir(0), memory=local)
+    local.start()
+    try:
+        for step, keys_of_step in enumerate(batches):
+            ids = [image_ids[index] for _, _, index in keys_of_step]
+            np.testing.assert_array_equal(through.feature_maps(ids), reader.feature_maps(ids))
+            local.delivered(step)
+    finally:
+        local.close()
+    assert local.stats.evictions > 0 and 0 < local.stats.peak_disk_bytes <= budget
+    total = tree_bytes(cache / SHARDS_DIR)  # every shard in each of 2 epochs, but those kept over the boundary
+    assert 2 * total - budget <= local.stats.fetched_bytes <= 2 * total
+    assert not [p for p in (tmp_path / "local").rglob("*") if p.is_file()]  # nothing written
+
+    def failing(*args):
+        raise OSError("the store is gone")
+
+    broken = ShardCache([cache], tmp_path / "broken", budget, shard_schedule(batches, [shards], 0), failing)
+    broken.hold_in_memory(True)
+    try:
+        broken.start()
+        with pytest.raises(CacheFormatError, match="never fetched: the store is gone"):
+            LocalShardReader.of(reader, broken.local_dir(0), memory=broken).feature_maps(image_ids[:1])
+    finally:
+        broken.close()
 
 
 def test_a_local_cache_dir_that_is_a_file_is_refused_naming_the_setting(cache, tmp_path):
