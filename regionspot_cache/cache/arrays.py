@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 NO_CHUNK = 2**64 - 1  # a chunk missing from a zarr shard (all fill value)
 INDEX_TRAILER = 4  # crc32c of the shard index
-CRC_BYTES = 4  # crc32c after each chunk's data
 NUMERIC_TYPES = frozenset(
     {"int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32", "float64"}
 )

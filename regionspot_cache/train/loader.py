@@ -19,14 +19,7 @@ from regionspot_cache.config import TrainConfig
 from regionspot_cache.errors import ConfigError
 from regionspot_cache.runtime.devices import host_available_bytes
 from regionspot_cache.runtime.files import remove_abandoned_temps
-from regionspot_cache.train.data import (
-    CachedRegions,
-    MultiSourceRegions,
-    RegionBatch,
-    TrainSource,
-    fitted_workers,
-    region_loader,
-)
+from regionspot_cache.train.data import CachedRegions, MultiSourceRegions, RegionBatch, TrainSource, region_loader
 from regionspot_cache.train.distributed import Processes, gather_objects
 from regionspot_cache.train.local_reader import open_local_sources
 from regionspot_cache.train.node_share import NodeShare, node_root
@@ -196,7 +189,7 @@ def shard_cache_for(
         # One process reading (no loader workers, none beside it on the node) keeps the shards in
         # its memory when they fit: not written to files and read back (1.51x the loader's rate
         # from object storage, side by side: benchmarks/RESULTS.md, run 13).
-        alone = fitted_workers(config.num_workers) == 0
+        alone = config.num_workers == 0  # any other count keeps at least one worker (fitted_workers)
         cache.hold_in_memory(alone and host_available_bytes() >= MEMORY_SHARE * cache.budget)
     cache.check_room(step_shards * largest)
     return cache

@@ -318,7 +318,7 @@ class ShardCache:
         with self._changed:
             self._files[(str(local_dir), shard)] = files
             self._changed.notify_all()
-        return sum(len(memoryview(data).cast("B")) for data in files.values())
+        return sum(memoryview(data).nbytes for data in files.values())
 
     def present_files(self, local_dir: Path, shard: int) -> dict[str, Any] | None:
         """The files of a shard in memory, None when it is not (yet, or any more)."""
