@@ -52,10 +52,12 @@ def store_failures(location: "CacheLocation", what: str) -> Iterator[None]:
 
 
 def _bucket_missing(location: "CacheLocation", err: Exception) -> bool:
-    """s3fs says so in its message; gcsfs and adlfs raise the same error for a missing object and
-    a missing bucket, so the bucket is looked up (on this error path only)."""
+    """s3fs says so in its message (S3's own words, or its error code; a missing object's message is
+    its path, which may hold the word "bucket" too); gcsfs and adlfs raise the same error for a
+    missing object and a missing bucket, so the bucket is looked up (on this error path only)."""
     if location.family == "s3":
-        return "bucket" in str(err).lower()
+        said = str(err).lower()
+        return "specified bucket does not exist" in said or "nosuchbucket" in said
     if location.family not in _HINTS:  # memory://: no buckets
         return False
     try:

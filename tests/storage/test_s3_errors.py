@@ -64,6 +64,15 @@ def test_a_missing_bucket(s3_env, dataset):
     assert not s3_env.filesystem().exists("no-such-bucket-rs")
 
 
+def test_no_cache_under_a_prefix_of_a_bucket_named_bucket_is_not_a_missing_bucket(s3_env):
+    """A missing object's message from s3fs is its path: a bucket called "bucket" (as in the
+    README) made a missing prefix read as a missing bucket."""
+    s3_env.filesystem().mkdir("bucket")
+    result = runner.invoke(app, ["verify", "s3://bucket/no-cache-here"])
+    assert result.exit_code != 0 and "does not exist" not in str(result.exception), result.output
+    assert "s3://bucket/no-cache-here" in str(result.exception), result.output
+
+
 def test_denied_credentials_write_nothing(s3_server, dataset, monkeypatch):
     prefix = s3_server.new_prefix()
     _setenv(monkeypatch, s3_server.env(secret_key="not-the-secret"))
